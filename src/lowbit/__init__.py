@@ -1,0 +1,3 @@
+"""lowbit: low-bit vision-language models on ordinary CPUs."""
+
+__version__ = "0.1.0"

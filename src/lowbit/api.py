@@ -1,0 +1,129 @@
+"""The verbs users call: ``load``, ``evaluate``, ``quantize``, ``save``, ``sweep``, ``build``, ``demo``.
+
+Each is a plain function over the rooms (models, data, quant, eval, kernels); the CLI only parses arguments.
+Heavy rooms are imported inside the functions so ``import lowbit`` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from lowbit.models.base import DualEncoder
+    from lowbit.quant.report import QuantReport
+
+
+def load(name_or_path: str, **options: Any) -> DualEncoder:
+    """Load a model: built-in name (``lit-fashion``), CLIP/SigLIP directory, or lowbit quantized directory.
+
+    Example:
+        >>> import lowbit
+        >>> model = lowbit.load("lit-fashion")  # doctest: +SKIP
+    """
+    from lowbit.models import load_model
+
+    return load_model(name_or_path, **options)
+
+
+def evaluate(model: DualEncoder, task: str, **options: Any) -> dict[str, Any]:
+    """Evaluate ``model`` on a registered task; returns the JSON-ready result (see ``lowbit.eval``).
+
+    Example:
+        >>> result = lowbit.evaluate(model, "fashion-mnist", limit=1000)  # doctest: +SKIP
+        >>> result["metrics"]["top1"]  # doctest: +SKIP
+    """
+    from lowbit.eval import evaluate as run
+
+    return run(model, task, **options)
+
+
+def quantize(
+    model: DualEncoder,
+    recipe: str,
+    calib_data: str = "fashion-mnist",
+    calib_samples: int = 128,
+    strict: bool = False,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place with a recipe (preset, YAML path or short string); returns the report.
+
+    Calibration data (images for the vision tower, captions for the text tower) is drawn from ``calib_data``
+    only when a rule's method needs it (GPTQ, AWQ).
+
+    Example:
+        >>> report = lowbit.quantize(model, "vision=w4g64:gptq,text=w4g64:gptq,projector=w8")  # doctest: +SKIP
+    """
+    from lowbit.quant.apply import quantize_
+    from lowbit.quant.methods import METHODS
+    from lowbit.quant.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    calibration = None
+    if any(rule.spec is not None and METHODS.get(rule.method).needs_calibration for rule in parsed.rules):
+        from lowbit.quant.calibration import calibration_from_dataset
+
+        calibration = calibration_from_dataset(model, calib_data, n_samples=calib_samples)
+    report = quantize_(model, parsed, calibration=calibration, strict=strict, progress=progress)
+    model.source = {**model.source, "recipe_text": recipe}
+    return report
+
+
+def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
+    """Write a packed checkpoint (safetensors + manifest.json) atomically; returns its directory."""
+    from lowbit.checkpoint import save_quantized
+
+    if report is None:
+        raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
+    save_quantized(model, report, report.recipe, out_dir)
+    return Path(out_dir)
+
+
+def build(
+    name: str = "lit-fashion",
+    out: str | os.PathLike[str] | None = None,
+    n_train: int = 60000,
+    n_test: int = 10000,
+    steps: int = 3000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Re-train the heads of a built-in model from its packaged towers; returns the build log."""
+    from lowbit.models import builtin_models
+
+    if builtin_models().get(name) != "lit":
+        raise LowbitError(f"unknown buildable model {name!r}; choose one of: lit-fashion")
+    from lowbit.models.lit_build import HeadTraining, build_lit_heads
+    from lowbit.paths import lowbit_home
+
+    target = Path(out) if out else lowbit_home() / "models" / name / "heads.safetensors"
+    log = build_lit_heads(target, n_train=n_train, n_test=n_test, hp=HeadTraining(seed=seed, steps=steps))
+    return {"heads": str(target), **log}
+
+
+def list_models() -> list[dict[str, str]]:
+    """Built-in models, quantized checkpoints cached under ``$LOWBIT_HOME/models``, and families."""
+    from lowbit.models import FAMILIES, builtin_models
+    from lowbit.paths import lowbit_home
+
+    rows = [{"name": n, "kind": "built-in", "description": FAMILIES.get(f).description}
+            for n, f in sorted(builtin_models().items())]
+    for manifest in sorted((lowbit_home() / "models").glob("*/manifest.json")):
+        rows.append({"name": str(manifest.parent), "kind": "cached", "description": "lowbit packed checkpoint"})
+    rows += [{"name": f"{f}:<name or dir>", "kind": "family", "description": FAMILIES.get(f).description}
+             for f in FAMILIES]
+    return rows
+
+
+def demo(limit: int | None = None, out_dir: str | None = None) -> list[dict[str, Any]]:
+    """The main job: the default model on Fashion-MNIST (zero-shot) and shapes (retrieval)."""
+    model = load("lit-fashion")
+    results = [evaluate(model, "fashion-mnist", limit=limit), evaluate(model, "shapes", limit=limit,
+                                                                        footprint=False)]
+    if out_dir:
+        from lowbit.eval.report import write_report
+
+        write_report(results, Path(out_dir) / "demo")
+    return results

@@ -1,0 +1,181 @@
+"""The ``lowbit`` command line: a thin layer over the Python API (``lowbit.api``).
+
+Every verb maps to one API function; a user error prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lowbit.errors import LowbitError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (problem + accepted form) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _print_json_or_table(result: dict[str, Any] | list[dict[str, Any]], json_path: str | None) -> None:
+    from lowbit.eval.report import format_table
+    from lowbit.io import write_json
+
+    if json_path:
+        write_json(json_path, result)
+    for row in result if isinstance(result, list) else [result]:
+        print(format_table(row))
+    if json_path:
+        print(f"wrote {json_path}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    """List built-in models, models cached under $LOWBIT_HOME/models, and registered families."""
+    from lowbit import api
+
+    for row in api.list_models():
+        print(f"{row['name']:<28} {row['kind']:<10} {row['description']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate MODEL on a task: accuracy (or recall), footprint and, with --reference, fidelity."""
+    from lowbit import api
+
+    model = api.load(args.model)
+    reference = api.load(args.reference) if args.reference else None
+    result = api.evaluate(
+        model, args.task, limit=args.limit, data=args.data, reference=reference,
+        footprint=not args.no_footprint, checkpoint_dir=args.model if Path(args.model).is_dir() else None,
+    )
+    _print_json_or_table(result, args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job: load (or build) the default model, evaluate it on Fashion-MNIST and shapes, print a table."""
+    from lowbit import api
+
+    results = api.demo(limit=args.limit, out_dir=args.out)
+    _print_json_or_table(results, None)
+    if args.out:
+        print(f"wrote {args.out}/demo.json and {args.out}/demo.md")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    """Train the heads of a built-in model (lit-fashion) from its packaged towers; prints the build log."""
+    from lowbit import api
+
+    log = api.build(args.model, out=args.out, n_train=args.n_train, n_test=args.n_test, steps=args.steps,
+                    seed=args.seed)
+    print(json.dumps(log, indent=2))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Quantize MODEL with a recipe (preset, YAML file or short string) and save a packed checkpoint to OUT."""
+    from lowbit import api
+
+    model = api.load(args.model)
+    report = api.quantize(model, args.recipe, calib_data=args.calib_data, calib_samples=args.calib_samples,
+                          strict=args.strict)
+    api.save(model, args.out, report=report)
+    print(report.markdown())
+    print(f"wrote {args.out}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Evaluate every recipe x method on a task; write JSON, Markdown and an accuracy-vs-bytes PNG."""
+    from lowbit import api
+
+    rows = api.sweep(args.model, recipes=args.recipes.split(","), methods=args.methods.split(","),
+                     task=args.task, out_dir=args.out, limit=args.limit, calib_samples=args.calib_samples)
+    print(f"{len(rows)} rows; wrote {args.out}/sweep.json, sweep.md, sweep.png")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Benchmarks: `bench kernels` (packed matmul vs torch/ONNX Runtime) or `bench model MODEL`."""
+    from lowbit import api
+
+    if args.what == "kernels":
+        api.bench_kernels(json_path=args.json, quick=args.quick)
+    else:
+        if not args.model:
+            raise LowbitError("`lowbit bench model` needs a MODEL argument (a built-in name or a directory)")
+        _print_json_or_table(api.bench_model(args.model), args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lowbit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def verb(name: str, fn: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], description=fn.__doc__)
+        p.set_defaults(func=fn)
+        return p
+
+    verb("models", cmd_models)
+
+    p = verb("eval", cmd_eval)
+    p.add_argument("model", help="built-in name (lit-fashion), CLIP/SigLIP dir, or lowbit quantized dir")
+    p.add_argument("--task", required=True, help="fashion-mnist, shapes, zeroshot, retrieval (see --help)")
+    p.add_argument("--data", help="dataset for zeroshot/retrieval: a name or a folder with captions.csv")
+    p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
+    p.add_argument("--reference", help="model to measure fidelity against (e.g. the float original)")
+    p.add_argument("--json", help="write the result JSON here")
+    p.add_argument("--no-footprint", action="store_true", help="skip latency/size measurement")
+
+    p = verb("demo", cmd_demo)
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--out", help="also write demo.json / demo.md here")
+
+    p = verb("build", cmd_build)
+    p.add_argument("model", help="built-in model to build (lit-fashion)")
+    p.add_argument("--out", help="heads file to write (default: under $LOWBIT_HOME/models)")
+    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--n-test", type=int, default=10000)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verb("quantize", cmd_quantize)
+    p.add_argument("model")
+    p.add_argument("--recipe", required=True, help="preset (w8,w4,w3,w2), YAML path, or 'vision=w4g64:gptq,...'")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--calib-data", default="fashion-mnist", help="calibration dataset (name or folder)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--strict", action="store_true", help="fail if any weight layer stays in float")
+
+    p = verb("sweep", cmd_sweep)
+    p.add_argument("model")
+    p.add_argument("--recipes", default="w8,w4,w3,w2")
+    p.add_argument("--methods", default="rtn,gptq,awq")
+    p.add_argument("--task", default="fashion-mnist")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
+    p.add_argument("--calib-samples", type=int, default=128)
+
+    p = verb("bench", cmd_bench)
+    p.add_argument("what", choices=["kernels", "model"])
+    p.add_argument("model", nargs="?")
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Model families behind one interface. ``load_model(name_or_path)`` picks the family by registry:
+a built-in name (``lit-fashion``), a local directory a family claims (CLIP/SigLIP, packed lowbit checkpoints),
+or ``family:name`` to force a family (``clip:openai/clip-vit-base-patch32`` when online).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.models import clip, lit  # noqa: F401  (registers the families)
+from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+
+__all__ = ["DualEncoder", "FAMILIES", "ModelFamily", "builtin_models", "load_model", "resolve_family"]
+
+
+def builtin_models() -> dict[str, str]:
+    """Built-in model name -> family name."""
+    return {n: FAMILIES.get(f).name for f in FAMILIES for n in FAMILIES.get(f).builtin_names}
+
+
+def resolve_family(name_or_path: str) -> tuple[ModelFamily, str]:
+    """Which family loads ``name_or_path``, and the name to hand it."""
+    family_name, sep, rest = name_or_path.partition(":")
+    if sep and family_name in FAMILIES and not Path(name_or_path).exists():
+        return FAMILIES.get(family_name), rest
+    builtins = builtin_models()
+    if name_or_path in builtins:
+        return FAMILIES.get(builtins[name_or_path]), name_or_path
+    for fam in FAMILIES:
+        if FAMILIES.get(fam).claims_path(name_or_path):
+            return FAMILIES.get(fam), name_or_path
+    accepted = sorted(builtins) + ["a CLIP/SigLIP checkpoint directory", "a lowbit quantized directory",
+                                   "family:name (e.g. clip:openai/clip-vit-base-patch32)"]
+    what = "directory" if Path(name_or_path).is_dir() else "model"
+    raise LowbitError(f"unknown {what} {name_or_path!r}; choose one of: {', '.join(accepted)}")
+
+
+def load_model(name_or_path: str, **options: Any) -> DualEncoder:
+    """Load any supported model in eval mode.
+
+    Example:
+        >>> model = load_model("lit-fashion")  # doctest: +SKIP
+    """
+    family, name = resolve_family(name_or_path)
+    return family.load(name, **options)

@@ -1,0 +1,142 @@
+"""``clip``: Hugging Face ``CLIPModel`` and ``SiglipModel`` checkpoints (Radford et al., 2021, "Learning
+Transferable Visual Models From Natural Language Supervision"; Zhai et al., 2023, "Sigmoid Loss for Language
+Image Pre-Training"), from a local directory or, when online, a hub id.
+
+The model math is transformers'; this module maps it onto lowbit's DualEncoder interface and names the towers.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+
+SUPPORTED_TYPES = ("clip", "siglip")
+
+
+class HFDualEncoder(DualEncoder):
+    """A transformers CLIPModel/SiglipModel behind the DualEncoder interface.
+
+    Towers: ``vision`` = ``model.vision_model`` (for SigLIP without its pooling head), ``text`` =
+    ``model.text_model`` (for SigLIP without its head), ``projector`` = the projections (CLIP:
+    ``visual_projection``/``text_projection``; SigLIP: the attention-pooling head and the text head).
+    """
+
+    family = "clip"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, max_text_tokens: int) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_text_tokens = max_text_tokens
+        self.model_type: str = model.config.model_type
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        rgb = [img.convert("RGB") for img in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        # SigLIP was trained with max-length padding and no attention mask; CLIP with a mask.
+        padding = "max_length" if self.model_type == "siglip" else True
+        enc = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+        tokens = {"input_ids": enc["input_ids"]}
+        if self.model_type != "siglip" and "attention_mask" in enc:
+            tokens["attention_mask"] = enc["attention_mask"]
+        return tokens
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixels)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model.get_text_features(**tokens)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def towers(self) -> dict[str, nn.Module]:
+        m = self.model
+        if self.model_type == "siglip":
+            vision = nn.ModuleDict({k: v for k, v in m.vision_model.named_children() if k != "head"})
+            text = nn.ModuleDict({k: v for k, v in m.text_model.named_children() if k != "head"})
+            heads = {"image": m.vision_model.head, "text": m.text_model.head}
+            projector = nn.ModuleDict({k: v for k, v in heads.items() if v is not None})
+            return {"vision": vision, "text": text, "projector": projector}
+        projector = nn.ModuleDict({"image": m.visual_projection, "text": m.text_projection})
+        return {"vision": m.vision_model, "text": m.text_model, "projector": projector}
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+
+def _model_type(path: Path) -> str | None:
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_hf_dual_encoder_dir(path: str) -> bool:
+    """True for a local directory holding a transformers CLIP or SigLIP checkpoint."""
+    return Path(path).is_dir() and _model_type(Path(path)) in SUPPORTED_TYPES
+
+
+def load_clip(name_or_path: str, max_text_tokens: int | None = None, **_: Any) -> HFDualEncoder:
+    """Load a CLIP/SigLIP checkpoint (local dir, or hub id when online) with its tokenizer and image processor.
+
+    Example:
+        >>> model = load_clip("/models/clip-vit-base-patch32")  # doctest: +SKIP
+    """
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    local = Path(name_or_path).is_dir()
+    if local and _model_type(Path(name_or_path)) not in SUPPORTED_TYPES:
+        found = _model_type(Path(name_or_path))
+        raise LowbitError(
+            f"{name_or_path} holds a {found!r} checkpoint; the clip family accepts model_type "
+            f"{' or '.join(SUPPORTED_TYPES)}"
+        )
+    try:
+        model = AutoModel.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        with warnings.catch_warnings():  # "requires torchvision, falling back to the PIL processor": fine here
+            warnings.simplefilter("ignore")
+            image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError as exc:
+        where = "directory" if local else "hub id (needs network access)"
+        raise LowbitError(f"could not load CLIP/SigLIP {where} {name_or_path!r}: {exc}") from exc
+    if model.config.model_type not in SUPPORTED_TYPES:
+        raise LowbitError(f"{name_or_path!r} is a {model.config.model_type!r} model; accepted: {SUPPORTED_TYPES}")
+    limit = max_text_tokens or model.config.text_config.max_position_embeddings
+    wrapper = HFDualEncoder(model.eval(), tokenizer, image_processor, limit)
+    wrapper.requires_grad_(False)
+    wrapper.source = {"family": "clip", "name": str(name_or_path), "options": {}}
+    return wrapper
+
+
+FAMILIES.register("clip")(
+    ModelFamily(
+        name="clip",
+        load=load_clip,
+        claims_path=is_hf_dual_encoder_dir,
+        description="Hugging Face CLIPModel / SiglipModel (local directory or hub id)",
+    )
+)

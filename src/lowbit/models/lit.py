@@ -1,0 +1,151 @@
+"""``lit``: LiT-style dual encoder from packaged pretrained towers (Zhai et al., 2022, "LiT: Zero-Shot
+Transfer with Locked-image text Tuning"), here with BOTH towers locked and only linear projection heads trained.
+
+The built-in ``lit-fashion`` = EfficientNet-Lite0 (ImageNet) image tower + all-MiniLM-L6-v2 text tower, both
+frozen, with heads trained contrastively on Fashion-MNIST train images and caption templates
+(see ``lit_build.py`` and ``assets/lit-fashion/BUILD.md`` for the exact command, seed and log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+from lowbit.models.preprocess import images_to_tensor
+from lowbit.models.towers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EfficientNetLite0Features,
+    MeanPooledEncoder,
+    minilm_dir,
+)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_NAME = "lit-fashion"
+
+
+@dataclass(frozen=True)
+class LitConfig:
+    """Shape of a LiT dual encoder; saved beside its heads."""
+
+    image_size: int = 96
+    embed_dim: int = 256
+    max_text_tokens: int = 64
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class LitDualEncoder(DualEncoder):
+    """Frozen EfficientNet-Lite0 + frozen MiniLM + linear heads.
+
+    Towers: ``vision`` (EfficientNet-Lite0 trunk, [B,3,S,S] -> [B,1280]), ``text`` (BERT encoder + mean
+    pooling, tokens -> [B,384]), ``projector`` (``image``: Linear 1280->D, ``text``: Linear 384->D).
+    """
+
+    family = "lit"
+
+    def __init__(self, config: LitConfig = LitConfig(), pretrained_towers: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.vision = EfficientNetLite0Features(pretrained=pretrained_towers)
+        self.text = MeanPooledEncoder(minilm_dir())
+        self.projector = nn.ModuleDict(
+            {
+                "image": nn.Linear(self.vision.out_dim, config.embed_dim),
+                "text": nn.Linear(self.text.out_dim, config.embed_dim),
+            }
+        )
+        self.log_scale = nn.Parameter(torch.tensor(2.6592))  # log(1/0.07), CLIP's initial temperature
+        self.tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+    # --- DualEncoder interface ---
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return images_to_tensor(images, self.config.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projector["image"](self.vision(pixels))
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.projector["text"](self.text(**tokens))
+
+    def towers(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "text": self.text, "projector": self.projector}
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale
+
+    # --- heads I/O ---
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The trained part: projector weights and the temperature."""
+        state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        state["log_scale"] = self.log_scale.detach().reshape(1)
+        return state
+
+    def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items() if k != "log_scale"})
+        with torch.no_grad():
+            self.log_scale.copy_(state["log_scale"].reshape(()))
+
+
+def packaged_heads_path(name: str = DEFAULT_NAME) -> Path:
+    return ASSETS / name / "heads.safetensors"
+
+
+def load_lit(name: str = DEFAULT_NAME, heads: str | Path | None = None, **_: Any) -> LitDualEncoder:
+    """Load the built-in LiT model: packaged towers + trained heads (packaged, or ``heads=`` a built file).
+
+    Example:
+        >>> model = load_lit("lit-fashion")  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    path = Path(heads) if heads is not None else packaged_heads_path(name)
+    if not path.exists():
+        raise LowbitError(
+            f"trained heads for {name!r} not found at {path}; build them with `lowbit build {name}`"
+        )
+    meta = _read_meta(path)
+    config = LitConfig(**meta.get("config", {}))
+    model = LitDualEncoder(config)
+    model.load_head_state(load_file(str(path)))
+    model.eval().requires_grad_(False)
+    model.source = {"family": "lit", "name": name, "options": {} if heads is None else {"heads": str(path)}}
+    return model
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("lowbit", "{}"))
+
+
+FAMILIES.register("lit")(
+    ModelFamily(
+        name="lit",
+        load=load_lit,
+        builtin_names=(DEFAULT_NAME,),
+        description="LiT dual encoder: frozen EfficientNet-Lite0 + MiniLM towers, trained linear heads",
+    )
+)

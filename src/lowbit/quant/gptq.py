@@ -1,0 +1,229 @@
+"""GPTQ: second-order, error-compensating weight quantization of one [N, K] weight.
+
+Frantar, Ashkboos, Hoefler, Alistarh (2022), "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv:2210.17323.
+
+Columns of W are quantized one at a time (in order, or by descending Hessian diagonal with ``act_order``);
+after each column the quantization error is spread over the not-yet-quantized columns through the
+Cholesky factor of the inverse Hessian H = 2/S XᵀX of the layer's calibration inputs, so the layer output
+XWᵀ is preserved much better than by round-to-nearest. Updates are applied lazily per block of columns
+(``block_size``) as in the paper.
+
+Scales and codes come from :mod:`lowbit.quant.primitives`, so the packed weight dequantizes to exactly the
+matrix GPTQ produced. With ``act_order`` and groups, all group scales are computed up front from the
+unpermuted weight on the ORIGINAL group indices ("static groups"), so the result is stored in the standard
+packed format with no permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.quant.methods import METHODS, QuantContext, QuantResult
+from lowbit.quant.primitives import (
+    QuantSpec,
+    compute_scales,
+    dequantize_codes,
+    packed_from_codes,
+    quantize_codes,
+)
+
+_OPTIONS = {"percdamp", "block_size", "act_order", "static_groups"}
+_MAX_DAMP_RETRIES = 6  # each retry multiplies the dampening by 10 when Cholesky fails
+
+
+@dataclass
+class GPTQOutput:
+    """What :func:`gptq_quantize` returns: integer codes, their scales/zeros and the dequantized weight."""
+
+    codes: torch.Tensor  # uint8 [N, K], original column order
+    scales: torch.Tensor  # float32 [N, G] (fp16-representable)
+    zeros: torch.Tensor  # float32 [N, G]
+    weight: torch.Tensor  # float32 [N, K] = dequantize(codes), the matrix GPTQ settled on
+    perm: torch.Tensor | None  # column order used with act_order, else None
+
+
+def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """H = 2/S XᵀX (float64 [K, K]) from calibration rows X [S, K]."""
+    x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)  # [S, K]
+    return (2.0 / max(x.shape[0], 1)) * (x.T @ x)
+
+
+def _column_spec(spec: QuantSpec) -> QuantSpec:
+    """The per-channel version of ``spec``: used on single columns / single groups, whose one scale is given."""
+    return dataclasses.replace(spec, group_size=None)
+
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp * mean(diag H), in float64.
+
+    If H is too ill-conditioned for the factorisation (few calibration rows, float error), λ grows 10x per
+    retry rather than failing the whole model.
+    """
+    k = hessian.shape[0]
+    mean_diag = torch.diagonal(hessian).mean().item()
+    damp = percdamp * mean_diag if mean_diag > 0 else 1.0
+    eye = torch.eye(k, dtype=hessian.dtype)
+    for _ in range(_MAX_DAMP_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper
+        damp *= 10.0
+    raise LowbitError(
+        f"GPTQ: the calibration Hessian ({k}x{k}) is not positive definite even with dampening {damp:.3g}; "
+        "use more calibration samples or a larger 'percdamp'"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQOutput:
+    """Quantize ``weight`` [N, K] with GPTQ given the layer Hessian [K, K] (any positive multiple of XᵀX).
+
+    ``act_order`` visits columns by descending diag(H); ``static_groups`` (implied by ``act_order`` when
+    grouped) computes every group's scales up front from the unpermuted weight instead of when the group
+    starts.
+    """
+    if weight.dim() != 2:
+        raise LowbitError(f"GPTQ expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise LowbitError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match weight K={k}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise LowbitError("GPTQ: the calibration Hessian has non-finite entries (NaN/inf activations?)")
+    if block_size < 1 or percdamp < 0:
+        raise LowbitError(f"GPTQ: need block_size >= 1 and percdamp >= 0, got {block_size}, {percdamp}")
+
+    w = weight.detach().to(torch.float32).clone()  # [N, K]
+    h = hessian.detach().to(torch.float64).clone()  # [K, K]
+
+    # Inputs that were always zero carry no information: pin their Hessian diagonal and drop the weight.
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    gs = spec.group_size if spec.group_size is not None and spec.group_size < k else None
+    n_groups = 1 if gs is None else -(-k // gs)
+    col_spec = _column_spec(spec)
+    scales = torch.empty(n, n_groups, dtype=torch.float32)
+    zeros = torch.empty(n, n_groups, dtype=torch.float32)
+    dynamic_groups = gs is not None and not (static_groups or act_order)
+    if gs is None:
+        scales[:], zeros[:] = compute_scales(w, col_spec)  # per-channel: one scale from the whole row
+    elif not dynamic_groups:
+        for g in range(n_groups):  # static: all groups from the (unpermuted) weight before any update
+            scales[:, g : g + 1], zeros[:, g : g + 1] = compute_scales(w[:, g * gs : (g + 1) * gs], col_spec)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    hinv = _inverse_hessian_cholesky(h, percdamp).to(torch.float32)  # upper [K, K]
+
+    # A dynamic group must lie inside one block so its scales see all earlier in-block updates.
+    if dynamic_groups:
+        assert gs is not None
+        block_size = max(gs, block_size // gs * gs)
+
+    codes = torch.empty(n, k, dtype=torch.uint8)  # in visiting order; un-permuted at the end
+    q_all = torch.empty(n, k, dtype=torch.float32)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()  # [N, B]
+        err1 = torch.empty_like(w1)  # [N, B]
+        hinv1 = hinv[i1:i2, i1:i2]  # [B, B]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col]) if perm is not None else col
+            g = 0 if gs is None else orig // gs
+            if dynamic_groups and col % gs == 0:  # type: ignore[operator]
+                scales[:, g : g + 1], zeros[:, g : g + 1] = compute_scales(w1[:, i : i + gs], col_spec)
+            s, z = scales[:, g : g + 1], zeros[:, g : g + 1]  # [N, 1]
+            c = quantize_codes(w1[:, i : i + 1], s, z, col_spec)  # [N, 1]
+            q = dequantize_codes(c, s, z, col_spec)[:, 0].to(torch.float32)  # [N]
+            codes[:, col] = c[:, 0]
+            q_all[:, col] = q
+            e = (w1[:, i] - q) / hinv1[i, i]  # [N]
+            # why: compensate the rounding error on the remaining columns of this block (OBS update)
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        # lazy batch update: the columns after this block receive the whole block's error at once
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        q_all = q_all[:, inv]
+    return GPTQOutput(codes=codes, scales=scales, zeros=zeros, weight=q_all, perm=perm)
+
+
+def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    opts = dict(options or {})
+    unknown = set(opts) - _OPTIONS
+    if unknown:
+        raise LowbitError(
+            f"unknown gptq option(s) {sorted(unknown)}; accepted: {', '.join(sorted(_OPTIONS))}"
+        )
+    out: dict[str, Any] = {}
+    try:
+        if "percdamp" in opts:
+            out["percdamp"] = float(opts["percdamp"])
+        if "block_size" in opts:
+            out["block_size"] = int(opts["block_size"])
+    except (TypeError, ValueError) as exc:
+        raise LowbitError(f"gptq options: {exc}") from exc
+    for key in ("act_order", "static_groups"):
+        if key in opts:
+            if not isinstance(opts[key], bool):
+                raise LowbitError(f"gptq option {key!r} must be true/false, got {opts[key]!r}")
+            out[key] = opts[key]
+    return out
+
+
+class GPTQMethod:
+    """The ``gptq`` entry of :data:`lowbit.quant.methods.METHODS`.
+
+    Options: ``percdamp`` (0.01), ``block_size`` (128), ``act_order`` (False), ``static_groups`` (False).
+    """
+
+    name = "gptq"
+    needs_calibration = True
+
+    def quantize_weight(
+        self,
+        weight: torch.Tensor,
+        spec: QuantSpec,
+        ctx: QuantContext | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> QuantResult:
+        """GPTQ-quantize ``weight`` [N, K] using the Hessian (or inputs) in ``ctx``."""
+        opts = _parse_options(options)
+        hessian = None if ctx is None else ctx.hessian
+        if hessian is None and ctx is not None and ctx.inputs is not None:
+            hessian = hessian_from_inputs(ctx.inputs)
+        if hessian is None:
+            raise LowbitError("method 'gptq' needs calibration data (a Hessian or input rows); none was given")
+        w2 = weight.detach().reshape(weight.shape[0], -1)  # [N, K]
+        out = gptq_quantize(w2, hessian, spec, **opts)
+        packed = packed_from_codes(out.codes, out.scales, out.zeros, spec, tuple(weight.shape))
+        return QuantResult(packed=packed, input_scale=None)
+
+
+GPTQ = METHODS.register("gptq")(GPTQMethod())
