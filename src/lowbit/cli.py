@@ -45,7 +45,13 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate MODEL on a task: accuracy (or recall), footprint and, with --reference, fidelity."""
     from lowbit import api
+    from lowbit.data import DATASETS
+    from lowbit.eval.tasks import TASKS
 
+    TASKS.get(args.task)  # fail on a bad task or data path before spending seconds loading the model
+    if args.data and args.data not in DATASETS and not Path(args.data).exists():
+        raise LowbitError(f"data {args.data!r} is neither a dataset ({', '.join(DATASETS.names())}) nor an "
+                          "existing folder/index file (a folder with captions.csv, labels.csv or .jsonl)")
     model = api.load(args.model)
     reference = api.load(args.reference) if args.reference else None
     result = api.evaluate(

@@ -76,13 +76,13 @@ def accuracy_kept(reference_metrics: dict[str, Any], candidate_metrics: dict[str
 
     Example:
         >>> accuracy_kept({"top1": 0.8}, {"top1": 0.76})
-        {'metric': 'top1', 'reference': 0.8, 'candidate': 0.76, 'accuracy_kept': 0.95}
+        {'metric': 'top1', 'reference_accuracy': 0.8, 'candidate_accuracy': 0.76, 'accuracy_kept': 0.95}
     """
     ref, cand = headline(reference_metrics), headline(candidate_metrics)
     if ref is None or cand is None:
-        return {"metric": None, "reference": None, "candidate": None, "accuracy_kept": None}
+        return {"metric": None, "reference_accuracy": None, "candidate_accuracy": None, "accuracy_kept": None}
     kept = round(cand[1] / ref[1], 6) if ref[1] > 0 else None
-    return {"metric": ref[0], "reference": ref[1], "candidate": cand[1], "accuracy_kept": kept}
+    return {"metric": ref[0], "reference_accuracy": ref[1], "candidate_accuracy": cand[1], "accuracy_kept": kept}
 
 
 def compare_models(

@@ -176,7 +176,7 @@ def evaluate(
         with _eval_mode(reference):
             ref = spec.run(reference, dataset, batch_size, progress)
         out["fidelity"] = {
-            "reference": getattr(reference, "source", {}).get("name"),
+            "reference_model": getattr(reference, "source", {}).get("name"),
             **fidelity(ref, result),
             **accuracy_kept(ref, result),
         }

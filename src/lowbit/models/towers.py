@@ -71,7 +71,9 @@ class MeanPooledEncoder(nn.Module):
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per load of a 90 MB model is noise on the CLI
         self.encoder = AutoModel.from_pretrained(str(path))
         self.out_dim = self.encoder.config.hidden_size
 

@@ -24,8 +24,15 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.methods import METHODS, QuantContext, QuantResult
-from lowbit.quant.primitives import QuantSpec, compute_scales, fake_quantize, to_packed
+from lowbit.quant.methods import METHODS, QuantContext, QuantResult, check_options
+from lowbit.quant.primitives import (
+    QuantSpec,
+    compute_scales,
+    fake_quantize,
+    packed_from_codes,
+    quantize_codes,
+    to_packed,
+)
 
 _OPTIONS = {"n_grid", "alpha", "clip", "clip_grid", "max_shrink", "max_rows"}
 
@@ -98,12 +105,14 @@ def awq_search(
     clip_grid: int = 20,
     max_shrink: float = 0.5,
     max_rows: int = 4096,
+    act_abs_mean: torch.Tensor | None = None,
 ) -> AWQOutput:
     """Search the AWQ input-channel scale (and clipping) for ``weight`` [N, K].
 
     ``inputs`` [S, K] are calibration rows (≤ ``max_rows`` are used); ``hessian`` (any positive multiple of
     XᵀX over all calibration rows) makes error evaluation cheaper and is required for the clip search when
     no rows are given. ``alpha`` fixes the exponent instead of searching ``n_grid`` points in [0, 1].
+    ``act_abs_mean`` [K] (mean |x| over all calibration rows) overrides the estimate from ``inputs``.
     """
     if weight.dim() != 2:
         raise LowbitError(f"AWQ expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
@@ -125,7 +134,12 @@ def awq_search(
         raise LowbitError("method 'awq' needs calibration data (input rows or a Hessian); none was given")
 
     # Activation magnitude per input channel; the RMS from diag(H) stands in when only H is known.
-    s_x = x.abs().mean(dim=0) if x is not None else torch.diagonal(h).clamp(min=0).sqrt()  # type: ignore[arg-type]
+    if act_abs_mean is not None:
+        s_x = act_abs_mean.detach().to(torch.float32).reshape(k)
+    elif x is not None:
+        s_x = x.abs().mean(dim=0)  # [K]
+    else:
+        s_x = torch.diagonal(h).clamp(min=0).sqrt()  # type: ignore[arg-type]
     s_x = s_x.clamp(min=1e-8)
 
     alphas = [float(alpha)] if alpha is not None else torch.linspace(0.0, 1.0, max(n_grid, 1)).tolist()
@@ -158,9 +172,7 @@ def awq_search(
 
 def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     opts = dict(options or {})
-    unknown = set(opts) - _OPTIONS
-    if unknown:
-        raise LowbitError(f"unknown awq option(s) {sorted(unknown)}; accepted: {', '.join(sorted(_OPTIONS))}")
+    check_options("awq", opts, _OPTIONS)
     out: dict[str, Any] = {}
     try:
         for key in ("n_grid", "clip_grid", "max_rows"):
@@ -203,11 +215,15 @@ class AWQMethod:
     ) -> QuantResult:
         """AWQ-quantize ``weight`` [N, K]; the chosen per-input-channel scale is ``input_scale``."""
         opts = _parse_options(options)
+        if ctx is not None and ctx.extra.get("n_rows") == 0:  # layer never ran on calibration data
+            return QuantResult(packed=to_packed(weight, spec), input_scale=None)
         inputs = None if ctx is None else ctx.inputs
         hessian = None if ctx is None else ctx.hessian
         w2 = weight.detach().reshape(weight.shape[0], -1)  # [N, K]
-        out = awq_search(w2, spec, inputs, hessian, **opts)
-        packed = to_packed(out.scaled_weight, spec, out.scales, out.zeros)
+        act = None if ctx is None else ctx.extra.get("act_abs_mean")
+        out = awq_search(w2, spec, inputs, hessian, act_abs_mean=act, **opts)
+        codes = quantize_codes(out.scaled_weight, out.scales, out.zeros, spec)  # [N, K]
+        packed = packed_from_codes(codes, out.scales, out.zeros, spec, tuple(weight.shape))
         identity = bool((out.input_scale == 1).all())  # α = 0: nothing to divide by
         return QuantResult(packed=packed, input_scale=None if identity else out.input_scale)
 

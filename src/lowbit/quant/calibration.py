@@ -15,6 +15,7 @@ most ``max_rows`` input rows. Padding positions of the text tokens are left out.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,15 +31,35 @@ _IMAGE_TOWERS = {"vision"}
 _TEXT_TOWERS = {"text"}
 
 
+class CalibrationWarning(UserWarning):
+    """A module saw no calibration input (it is not on the encode paths)."""
+
+
 class _Captured(Exception):
     """Raised from the forward hook to stop the forward once the target module's input is recorded."""
+
+
+def _tf_same_pad(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply the input padding of EfficientNet's TF-'same' conv subclasses, which pad inside ``forward``."""
+    static = getattr(module, "static_padding", None)
+    if isinstance(static, nn.Module):
+        return static(x)
+    ih, iw = x.shape[-2:]
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    pad_h = max((-(-ih // sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
+    pad_w = max((-(-iw // sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
+    return nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows X [S, K] a module's weight [N, K] multiplies, from its input tensor ``x``.
 
     Linear: [..., K] -> [S, K]. Conv2d (groups=1): 1x1 input [B, C, H, W] -> [B*H*W, C]; k x k convs are
-    unfolded to [B*L, C*kh*kw], matching the weight viewed as [N, C*kh*kw].
+    unfolded to [B*L, C*kh*kw], matching the weight viewed as [N, C*kh*kw]. EfficientNet's TF-"same" conv
+    subclasses (padding computed in ``forward``) are padded the same way first; other Conv2d subclasses
+    with their own ``forward`` are refused for k x k kernels, as their patches cannot be known here.
     """
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -46,15 +67,27 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 f"calibration of grouped/depthwise convs (groups={module.groups}) is not supported; "
                 "quantize them with a method that needs no calibration (e.g. rtn)"
             )
-        if module.kernel_size == (1, 1) and module.padding in ((0, 0), 0) and module.stride == (1, 1):
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and tuple(module.padding) == (0, 0):
             b, c, h, w = x.shape
             return x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # [B*H*W, C]
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             raise LowbitError(f"calibration of a conv with padding={module.padding!r}, "
                               f"padding_mode={module.padding_mode!r} is not supported")
+        if type(module).forward is not nn.Conv2d.forward:
+            if "SamePadding" not in type(module).__name__:
+                raise LowbitError(f"calibration of {type(module).__name__} (a Conv2d with its own forward) "
+                                  "is not supported for k x k kernels")
+            x = _tf_same_pad(module, x)
         cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B, C*kh*kw, L] -> [B*L, C*kh*kw]
     return x.reshape(-1, x.shape[-1])  # [..., K] -> [S, K]
+
+
+def module_kind(module: nn.Module) -> str:
+    """``linear``, ``conv1x1`` or ``conv`` (the manifest's ``kind``)."""
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if module.kernel_size == (1, 1) else "conv"
+    return "linear"
 
 
 class _RowStats:
@@ -64,6 +97,7 @@ class _RowStats:
         self.max_rows = max_rows
         self.gen = generator
         self.gram: torch.Tensor | None = None  # float64 [K, K]
+        self.abs_sum: torch.Tensor | None = None  # float64 [K], for AWQ's mean |x|
         self.n_rows = 0
         self.rows: torch.Tensor | None = None  # float32 [<=max_rows, K]
         self.keys: torch.Tensor | None = None  # float32 [<=max_rows]
@@ -75,6 +109,8 @@ class _RowStats:
         x64 = x.to(torch.float64)
         part = x64.T @ x64  # [K, K]
         self.gram = part if self.gram is None else self.gram + part
+        abs_part = x64.abs().sum(dim=0)  # [K]
+        self.abs_sum = abs_part if self.abs_sum is None else self.abs_sum + abs_part
         self.n_rows += x.shape[0]
         if self.max_rows <= 0:
             return
@@ -177,13 +213,21 @@ class ActivationCalibrator:
         finally:
             handle.remove()
             self.model.train(was_training)
-        if stats.gram is None:
-            raise LowbitError(
+        kind = module_kind(module)
+        if stats.gram is None or stats.abs_sum is None:
+            # A layer the encode paths never run (e.g. an unused pooler) cannot matter for the embeddings;
+            # say so and let the method fall back to its calibration-free grid instead of failing the model.
+            warnings.warn(
                 f"module {module_name!r} of tower {tower!r} saw no input while running the calibration data; "
-                "is it part of the model's encode_image/encode_text path?"
+                "it is quantized without calibration statistics", CalibrationWarning, stacklevel=2,
             )
+            return QuantContext(tower=tower, name=module_name, kind=kind, extra={"n_rows": 0})
         hessian = stats.gram * (2.0 / stats.n_rows)  # H = 2/S XᵀX as in GPTQ
-        return QuantContext(inputs=stats.rows, hessian=hessian)
+        act_abs_mean = (stats.abs_sum / stats.n_rows).to(torch.float32)  # [K]
+        return QuantContext(
+            inputs=stats.rows, hessian=hessian, tower=tower, name=module_name, kind=kind,
+            extra={"act_abs_mean": act_abs_mean, "n_rows": stats.n_rows},
+        )
 
 
 def calibration_texts(captions: Sequence[str] | None, classnames: Sequence[str] | None,

@@ -17,7 +17,6 @@ packed format with no permutation.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,14 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.methods import METHODS, QuantContext, QuantResult
+from lowbit.quant.methods import METHODS, QuantContext, QuantResult, check_options
 from lowbit.quant.primitives import (
     QuantSpec,
+    codes_to_weights,
     compute_scales,
-    dequantize_codes,
     packed_from_codes,
-    quantize_codes,
+    round_to_codes,
+    to_packed,
 )
 
 _OPTIONS = {"percdamp", "block_size", "act_order", "static_groups"}
@@ -55,11 +55,6 @@ def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
     return (2.0 / max(x.shape[0], 1)) * (x.T @ x)
 
 
-def _column_spec(spec: QuantSpec) -> QuantSpec:
-    """The per-channel version of ``spec``: used on single columns / single groups, whose one scale is given."""
-    return dataclasses.replace(spec, group_size=None)
-
-
 def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp * mean(diag H), in float64.
 
@@ -68,7 +63,8 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.T
     """
     k = hessian.shape[0]
     mean_diag = torch.diagonal(hessian).mean().item()
-    damp = percdamp * mean_diag if mean_diag > 0 else 1.0
+    unit = mean_diag if mean_diag > 0 else 1.0
+    damp = percdamp * unit
     eye = torch.eye(k, dtype=hessian.dtype)
     for _ in range(_MAX_DAMP_RETRIES):
         lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
@@ -77,7 +73,7 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.T
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return upper
-        damp *= 10.0
+        damp = max(damp * 10.0, 1e-4 * unit)  # also escapes percdamp = 0
     raise LowbitError(
         f"GPTQ: the calibration Hessian ({k}x{k}) is not positive definite even with dampening {damp:.3g}; "
         "use more calibration samples or a larger 'percdamp'"
@@ -119,16 +115,16 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     gs = spec.group_size if spec.group_size is not None and spec.group_size < k else None
-    n_groups = 1 if gs is None else -(-k // gs)
-    col_spec = _column_spec(spec)
+    n_groups = spec.num_groups(k)
     scales = torch.empty(n, n_groups, dtype=torch.float32)
     zeros = torch.empty(n, n_groups, dtype=torch.float32)
     dynamic_groups = gs is not None and not (static_groups or act_order)
     if gs is None:
-        scales[:], zeros[:] = compute_scales(w, col_spec)  # per-channel: one scale from the whole row
+        scales[:], zeros[:] = compute_scales(w, spec)  # per-channel: one scale from the whole row
     elif not dynamic_groups:
         for g in range(n_groups):  # static: all groups from the (unpermuted) weight before any update
-            scales[:, g : g + 1], zeros[:, g : g + 1] = compute_scales(w[:, g * gs : (g + 1) * gs], col_spec)
+            # a slice no wider than the group size is one group for compute_scales -> [N, 1]
+            scales[:, g : g + 1], zeros[:, g : g + 1] = compute_scales(w[:, g * gs : (g + 1) * gs], spec)
 
     perm = None
     if act_order:
@@ -154,11 +150,12 @@ def gptq_quantize(
             orig = int(perm[col]) if perm is not None else col
             g = 0 if gs is None else orig // gs
             if dynamic_groups and col % gs == 0:  # type: ignore[operator]
-                scales[:, g : g + 1], zeros[:, g : g + 1] = compute_scales(w1[:, i : i + gs], col_spec)
-            s, z = scales[:, g : g + 1], zeros[:, g : g + 1]  # [N, 1]
-            c = quantize_codes(w1[:, i : i + 1], s, z, col_spec)  # [N, 1]
-            q = dequantize_codes(c, s, z, col_spec)[:, 0].to(torch.float32)  # [N]
-            codes[:, col] = c[:, 0]
+                scales[:, g : g + 1], zeros[:, g : g + 1] = compute_scales(w1[:, i : i + gs], spec)
+            s, z = scales[:, g], zeros[:, g]  # [N]
+            # the packed format's own elementwise rounding/dequantization, so packing reproduces q exactly
+            c = round_to_codes(w1[:, i], s, z, spec)  # [N] uint8
+            q = codes_to_weights(c, s, z, spec)  # [N] float32
+            codes[:, col] = c
             q_all[:, col] = q
             e = (w1[:, i] - q) / hinv1[i, i]  # [N]
             # why: compensate the rounding error on the remaining columns of this block (OBS update)
@@ -176,19 +173,14 @@ def gptq_quantize(
 
 def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     opts = dict(options or {})
-    unknown = set(opts) - _OPTIONS
-    if unknown:
-        raise LowbitError(
-            f"unknown gptq option(s) {sorted(unknown)}; accepted: {', '.join(sorted(_OPTIONS))}"
-        )
+    check_options("gptq", opts, _OPTIONS)
     out: dict[str, Any] = {}
-    try:
-        if "percdamp" in opts:
-            out["percdamp"] = float(opts["percdamp"])
-        if "block_size" in opts:
-            out["block_size"] = int(opts["block_size"])
-    except (TypeError, ValueError) as exc:
-        raise LowbitError(f"gptq options: {exc}") from exc
+    for key, kind in (("percdamp", float), ("block_size", int)):
+        if key in opts:
+            val = opts[key]
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or (kind is int and val != int(val)):
+                raise LowbitError(f"gptq option {key!r} must be a {kind.__name__}, got {val!r}")
+            out[key] = kind(val)
     for key in ("act_order", "static_groups"):
         if key in opts:
             if not isinstance(opts[key], bool):
@@ -215,6 +207,8 @@ class GPTQMethod:
     ) -> QuantResult:
         """GPTQ-quantize ``weight`` [N, K] using the Hessian (or inputs) in ``ctx``."""
         opts = _parse_options(options)
+        if ctx is not None and ctx.extra.get("n_rows") == 0:  # layer never ran on calibration data
+            return QuantResult(packed=to_packed(weight, spec), input_scale=None)
         hessian = None if ctx is None else ctx.hessian
         if hessian is None and ctx is not None and ctx.inputs is not None:
             hessian = hessian_from_inputs(ctx.inputs)

@@ -83,8 +83,9 @@ class CalibrationProvider(Protocol):
 
     ``quantize_`` calls ``stats_for`` for each such layer in definition order, *before* replacing it; the
     provider may run the (partially quantized) model to collect that layer's inputs. If the provider also
-    defines ``on_quantized(tower, module_name, new_module)``, it is called right after the replacement, so a
-    sequential method (GPTQ) can feed the quantized layer's outputs to the next one.
+    defines ``on_quantized(tower, module_name, new_module)``, it is called right after each layer's
+    replacement (calibrated or not), so a sequential method (GPTQ) can feed the quantized layer's outputs to
+    the next one.
     """
 
     def stats_for(self, tower: str, module_name: str, module: nn.Module) -> QuantContext:

@@ -1,0 +1,37 @@
+// AVX2 + FMA instantiation of kernels_simd_impl.h (maddubs/madd dot products).
+//
+// The target pragma scopes the wide instructions to this file, so the extension builds with the default
+// (portable) compiler flags and binding.cpp only calls in here after checking the CPU at run time.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "lowbit_kernels.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#define LOWBIT_ISA_NS avx2
+#define LOWBIT_USE_VNNI 0
+#include "kernels_simd_impl.h"
+#undef LOWBIT_USE_VNNI
+#undef LOWBIT_ISA_NS
+#pragma GCC pop_options
+
+// Outside the target region: taking the addresses runs no wide instruction.
+namespace lowbit {
+const KernelTable* avx2_kernels() {
+  static const KernelTable table{"avx2", avx2::quantize, avx2::gemm_small, avx2::gemm_large};
+  return &table;
+}
+}  // namespace lowbit
+
+#else
+namespace lowbit {
+const KernelTable* avx2_kernels() { return nullptr; }
+}  // namespace lowbit
+#endif

@@ -1,0 +1,39 @@
+// AVX-512 VNNI instantiation of kernels_simd_impl.h: the same 256-bit kernels with vpdpbusd (u8 x s8 -> int32
+// in one instruction, no int16 saturation), for CPUs such as Ice Lake / Sapphire Rapids / Zen 4.
+//
+// Only 256-bit (ymm, AVX-512VL) forms are used, so the tile layout is shared with the AVX2 path. Building
+// with -DLOWBIT_NO_AVX512 (fast.py retries that way if the compiler rejects the target) leaves a stub.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "lowbit_kernels.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(LOWBIT_NO_AVX512)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")
+#include <immintrin.h>
+
+#define LOWBIT_ISA_NS avx512vnni
+#define LOWBIT_USE_VNNI 1
+#include "kernels_simd_impl.h"
+#undef LOWBIT_USE_VNNI
+#undef LOWBIT_ISA_NS
+#pragma GCC pop_options
+
+// Outside the target region: taking the addresses runs no wide instruction.
+namespace lowbit {
+const KernelTable* avx512vnni_kernels() {
+  static const KernelTable table{"avx512vnni", avx512vnni::quantize, avx512vnni::gemm_small,
+                                 avx512vnni::gemm_large};
+  return &table;
+}
+}  // namespace lowbit
+
+#else
+namespace lowbit {
+const KernelTable* avx512vnni_kernels() { return nullptr; }
+}  // namespace lowbit
+#endif

@@ -1,0 +1,108 @@
+// Portable kernels for the tile layout of lowbit_kernels.h: plain C++ for CPUs without AVX2 (or other
+// architectures). Same arithmetic as the SIMD kernels (int32 block dot products, per-block activation scale),
+// written for clarity; the compiler's default vectorizer does the rest.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "lowbit_kernels.h"
+
+namespace lowbit {
+namespace {
+
+// Must match the SIMD quantize bit for bit (see kernels_simd_impl.h).
+void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq, float* a,
+              int32_t* isum) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      float v[kBlock];
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) {
+        const int64_t k = kb * kBlock + i;
+        v[i] = k < K ? xr[k] : 0.0f;
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      a[m * KB + kb] = amax / 127.0f;
+      int32_t s = 0;
+      int8_t* q = xq + m * KB * kBlock + kb * kBlock;
+      for (int i = 0; i < kBlock; ++i) {
+        const float prod = v[i] * inv;
+        const int32_t qi = static_cast<int32_t>(std::nearbyint(prod));  // round half to even
+        q[i] = static_cast<int8_t>(qi);
+        s += qi;
+      }
+      isum[m * KB + kb] = s;
+    }
+  }
+}
+
+// Codes of one (tile, K-block) in unpacked order u[j*32 + r*4 + i] = code[row r][input 4j + i].
+void unpack_block(const uint8_t* src, int cb, uint8_t* u) {
+  if (cb == 8) {
+    std::copy(src, src + 8 * kBlock, u);
+    return;
+  }
+  const int mask = (1 << cb) - 1;
+  for (int p = 0; p < cb; ++p) {
+    for (int s = 0; s < 8 / cb; ++s) {
+      const int j = p + cb * s;
+      for (int b = 0; b < 32; ++b) u[j * 32 + b] = static_cast<uint8_t>((src[p * 32 + b] >> (s * cb)) & mask);
+    }
+  }
+}
+
+void gemm(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
+  const int64_t KB = w.KB, G = w.G, M = x.M, ldx = KB * kBlock;
+  const bool pc = G == 1;
+  uint8_t u[8 * kBlock];
+  std::vector<float> out(static_cast<size_t>(M) * kTileRows);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(out.begin(), out.end(), 0.0f);
+    const uint8_t* wt = w.w + t * KB * kBlock * w.cb;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const int64_t g = kb / w.gb;
+      const float* gscale = w.scales + (t * G + g) * kTileRows;
+      unpack_block(wt + kb * kBlock * w.cb, w.cb, u);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xb = x.xq + m * ldx + kb * kBlock;
+        const float ab = x.a[m * KB + kb];
+        for (int r = 0; r < kTileRows; ++r) {
+          int32_t dot = 0;
+          for (int j = 0; j < 8; ++j)
+            for (int i = 0; i < 4; ++i) dot += static_cast<int32_t>(u[j * 32 + r * 4 + i]) * xb[4 * j + i];
+          out[m * kTileRows + r] += static_cast<float>(dot) * (pc ? ab : gscale[r] * ab);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int r = 0; r < kTileRows; ++r) {
+        const int64_t n = t * kTileRows + r;
+        if (n >= w.N) break;
+        float o = out[m * kTileRows + r];
+        if (pc) o *= w.scales[t * kTileRows + r];
+        for (int64_t g = 0; g < G; ++g) o -= w.zs[(t * G + g) * kTileRows + r] * x.gsum[m * G + g];
+        y[m * w.N + n] = o + (bias != nullptr ? bias[n] : 0.0f);
+      }
+    }
+  }
+}
+
+void gemm_small(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
+  gemm(w, x, bias, y, t0, t1);
+}
+
+void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, uint8_t*) {
+  gemm(w, x, bias, y, t0, t1);
+}
+
+}  // namespace
+
+const KernelTable* scalar_kernels() {
+  static const KernelTable table{"scalar", quantize, gemm_small, gemm_large};
+  return &table;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,396 @@
+// 256-bit SIMD kernels for the tile layout of lowbit_kernels.h, written once and compiled per ISA.
+//
+// Included (only) by kernels_avx2.cpp and kernels_avx512vnni.cpp inside a `#pragma GCC target` region,
+// after <immintrin.h>, with LOWBIT_ISA_NS (a namespace name) and LOWBIT_USE_VNNI (0 or 1) defined.
+// Everything here lives in an ISA-specific namespace so that no symbol compiled with wide instructions can be
+// merged with its portable twin by the linker.
+//
+// The product of one K-block: for each output row (a 32-bit lane) sum_k q[n,k] * xq[k] over 32 inputs, done
+// as 8 steps of "4 unsigned weight codes x 4 signed int8 activations" per lane:
+//   * AVX-512 VNNI: vpdpbusd accumulates u8 x s8 straight into int32 -- exact for every code width;
+//   * AVX2, codes < 16: vpmaddubsw gives int16 pair sums <= 2*15*127 = 3810, so all 8 steps of a block
+//     (<= 30480 < 32767) are summed in int16 without saturation, then one vpmaddwd widens to int32;
+//   * AVX2, full 8-bit codes: the pair sums of u8 x s8 could saturate int16 (2*255*127), so the codes are
+//     re-centred to c = q - 128 (one xor) and multiplied with the sign trick |c| * sign(x, c) (pairs
+//     <= 2*128*127 = 32512), widened every step; sum q*x = sum c*x + 128 * sum x restores the offset.
+// The int32 block sums are converted to float once per block and scaled by the activation block scale and
+// (for grouped weights) the weight group scale; zero points are applied at the end through the
+// precomputed per-group activation sums: y = sum_g s_g * sum_b a_b * (q . xq)_b - sum_g (s*z)_g * gsum_g.
+
+#ifndef LOWBIT_ISA_NS
+#error "kernels_simd_impl.h needs LOWBIT_ISA_NS and LOWBIT_USE_VNNI"
+#endif
+
+namespace lowbit {
+namespace LOWBIT_ISA_NS {
+namespace {
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+// Compile-time loop: f(std::integral_constant<int, I>) for I in [B, E), so shifts and indices are constants.
+template <int B, int E, class F>
+LB_INLINE void static_for(F&& f) {
+  if constexpr (B < E) {
+    f(std::integral_constant<int, B>{});
+    static_for<B + 1, E>(f);
+  }
+}
+
+LB_INLINE __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);  // memcpy, not a cast: no aliasing UB, compiles to one vpbroadcastd
+  return _mm256_set1_epi32(v);
+}
+
+// Unpacked vector s of a packed vector with container width CB (see lowbit_kernels.h).
+template <int CB, int S>
+LB_INLINE __m256i unpack(__m256i v) {
+  if constexpr (CB == 8) {
+    return v;
+  } else {
+    const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << CB) - 1));
+    if constexpr (S == 0) {
+      return _mm256_and_si256(v, mask);
+    } else {
+      // 16-bit shift: bits of the neighbouring byte leak in at the top, the mask removes them.
+      return _mm256_and_si256(_mm256_srli_epi16(v, S * CB), mask);
+    }
+  }
+}
+
+#if LOWBIT_USE_VNNI
+struct DotVnni {
+  using W = __m256i;
+  using Acc = __m256i;
+  static LB_INLINE Acc zero() { return _mm256_setzero_si256(); }
+  static LB_INLINE W prep(__m256i u) { return u; }
+  static LB_INLINE void step(Acc& acc, const W& w, __m256i x) { acc = _mm256_dpbusd_epi32(acc, w, x); }
+  static LB_INLINE Acc combine(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
+  static LB_INLINE __m256i finish(Acc acc, int32_t) { return acc; }
+};
+template <bool FullByte>
+using DotFor = DotVnni;
+#else
+struct DotSmall {  // codes < 16: int16 accumulation within a block (bound in the file comment)
+  using W = __m256i;
+  using Acc = __m256i;
+  static LB_INLINE Acc zero() { return _mm256_setzero_si256(); }
+  static LB_INLINE W prep(__m256i u) { return u; }
+  static LB_INLINE void step(Acc& acc, const W& w, __m256i x) {
+    acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
+  }
+  static LB_INLINE Acc combine(Acc a, Acc b) { return _mm256_add_epi16(a, b); }
+  static LB_INLINE __m256i finish(Acc acc, int32_t) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+};
+struct DotByte {  // full 8-bit codes: sign trick on c = q - 128
+  struct W {
+    __m256i mag, sgn;
+  };
+  using Acc = __m256i;
+  static LB_INLINE Acc zero() { return _mm256_setzero_si256(); }
+  static LB_INLINE W prep(__m256i u) {
+    const __m256i c = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return W{_mm256_abs_epi8(c), c};
+  }
+  static LB_INLINE void step(Acc& acc, const W& w, __m256i x) {
+    const __m256i p16 = _mm256_maddubs_epi16(w.mag, _mm256_sign_epi8(x, w.sgn));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  }
+  static LB_INLINE Acc combine(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
+  static LB_INLINE __m256i finish(Acc acc, int32_t isum) {
+    return _mm256_add_epi32(acc, _mm256_set1_epi32(128 * isum));
+  }
+};
+template <bool FullByte>
+using DotFor = std::conditional_t<FullByte, DotByte, DotSmall>;
+#endif
+
+// Register blocking: rows of x (MB) x tiles of 8 outputs (NT) x independent accumulators per pair (NACC,
+// to hide the vpdpbusd latency when MB*NT alone gives too few chains).
+#if LOWBIT_USE_VNNI
+constexpr int small_nt(int) { return 2; }
+constexpr int small_nacc(int mb) { return mb == 1 ? 4 : (mb == 2 ? 2 : 1); }
+constexpr int kLargeMB = 4;
+constexpr int kLargeNT = 2;
+#else
+constexpr int small_nt(int mb) { return mb <= 2 ? 2 : 1; }
+constexpr int small_nacc(int) { return 1; }
+constexpr int kLargeMB = 4;
+constexpr int kLargeNT = 1;
+#endif
+
+LB_INLINE void store_row(float* dst, __m256 v, int64_t valid) {
+  if (valid >= kTileRows) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    alignas(32) float tmp[kTileRows];
+    _mm256_store_ps(tmp, v);
+    for (int64_t i = 0; i < valid; ++i) dst[i] = tmp[i];
+  }
+}
+
+// Keeps v in a register as an opaque value: stops GCC from re-associating a chain of integer adds into a tree
+// whose many live intermediates spill (which it otherwise does for the AVX2 int16 accumulation).
+LB_INLINE void pin(__m256i& v) { asm("" : "+x"(v)); }
+
+// One register block: rows [m0, m0+MB) of x against tiles [t0, t0+NT), whose weights start at wbase with a
+// byte stride tstride per tile and container width CB. PC: per-channel (G == 1), scale applied at the end.
+// All register-block loops are compile-time (static_for) so the accumulator arrays become registers.
+template <class D, int CB, int MB, int NT, int NACC, bool PC>
+void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t tstride, int64_t t0,
+                 int64_t m0, const float* bias, float* y) {
+  const int64_t KB = w.KB, G = w.G, gb = w.gb, ldx = KB * kBlock;
+  __m256 out[MB][NT];
+  static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+    static_for<0, NT>([&](auto t) __attribute__((always_inline)) { out[m][t] = _mm256_setzero_ps(); });
+  });
+  const int8_t* xrow = x.xq + m0 * ldx;
+
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 gscale[NT];
+    if constexpr (!PC) {
+      static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+        gscale[t] = _mm256_loadu_ps(w.scales + ((t0 + t) * G + g) * kTileRows);
+      });
+    }
+    const int64_t kb1 = std::min(KB, (g + 1) * gb);
+    for (int64_t kb = g * gb; kb < kb1; ++kb) {
+      typename D::Acc acc[MB][NT][NACC];
+      static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+        static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+          static_for<0, NACC>([&](auto i) __attribute__((always_inline)) { acc[m][t][i] = D::zero(); });
+        });
+      });
+      const uint8_t* wb = wbase + kb * (kBlock * CB);
+      const int8_t* xb = xrow + kb * kBlock;
+      static_for<0, CB>([&](auto pc) __attribute__((always_inline)) {
+        constexpr int p = decltype(pc)::value;
+        __m256i v[NT];
+        static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+          v[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + t * tstride + 32 * p));
+        });
+        static_for<0, 8 / CB>([&](auto sc) __attribute__((always_inline)) {
+          constexpr int s = decltype(sc)::value;
+          constexpr int j = p + CB * s;
+          typename D::W u[NT];
+          static_for<0, NT>([&](auto t) __attribute__((always_inline)) { u[t] = D::prep(unpack<CB, s>(v[t])); });
+          static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+            const __m256i bx = bcast4(xb + m * ldx + 4 * j);
+            static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+              D::step(acc[m][t][j % NACC], u[t], bx);
+              pin(acc[m][t][j % NACC]);
+            });
+          });
+        });
+      });
+      static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+        const __m256 ab = _mm256_set1_ps(x.a[(m0 + m) * KB + kb]);
+        const int32_t is = x.isum[(m0 + m) * KB + kb];
+        static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+          typename D::Acc c = acc[m][t][0];
+          static_for<1, NACC>([&](auto i) __attribute__((always_inline)) { c = D::combine(c, acc[m][t][i]); });
+          const __m256 f = _mm256_cvtepi32_ps(D::finish(c, is));
+          if constexpr (PC) {
+            out[m][t] = _mm256_fmadd_ps(f, ab, out[m][t]);
+          } else {
+            out[m][t] = _mm256_fmadd_ps(f, _mm256_mul_ps(gscale[t], ab), out[m][t]);
+          }
+        });
+      });
+    }
+  }
+
+  static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+    const int64_t n0 = (t0 + t) * kTileRows;
+    const int64_t valid = std::min<int64_t>(kTileRows, w.N - n0);
+    const float* zsp = w.zs + (t0 + t) * G * kTileRows;
+    __m256 bv = _mm256_setzero_ps();
+    if (bias != nullptr) {
+      alignas(32) float tmp[kTileRows] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = 0; i < valid; ++i) tmp[i] = bias[n0 + i];
+      bv = _mm256_load_ps(tmp);
+    }
+    static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+      __m256 o = out[m][t];
+      if constexpr (PC) o = _mm256_mul_ps(o, _mm256_loadu_ps(w.scales + (t0 + t) * G * kTileRows));
+      const float* gs = x.gsum + (m0 + m) * G;
+      for (int64_t g = 0; g < G; ++g) {
+        o = _mm256_fnmadd_ps(_mm256_loadu_ps(zsp + g * kTileRows), _mm256_set1_ps(gs[g]), o);
+      }
+      store_row(y + (m0 + m) * w.N + n0, _mm256_add_ps(o, bv), valid);
+    });
+  });
+}
+
+template <class D, int CB, int MB, bool PC>
+void small_rows(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
+  constexpr int NT = small_nt(MB);
+  constexpr int NACC = small_nacc(MB);
+  const int64_t tstride = w.KB * kBlock * CB;
+  int64_t t = t0;
+  for (; t + NT <= t1; t += NT) {
+    tile_kernel<D, CB, MB, NT, NACC, PC>(w, x, w.w + t * tstride, tstride, t, 0, bias, y);
+  }
+  for (; t < t1; ++t) tile_kernel<D, CB, MB, 1, NACC, PC>(w, x, w.w + t * tstride, tstride, t, 0, bias, y);
+}
+
+template <class D, int CB, bool PC>
+void small_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
+  switch (x.M) {
+    case 1: small_rows<D, CB, 1, PC>(w, x, bias, y, t0, t1); break;
+    case 2: small_rows<D, CB, 2, PC>(w, x, bias, y, t0, t1); break;
+    case 3: small_rows<D, CB, 3, PC>(w, x, bias, y, t0, t1); break;
+    default: small_rows<D, CB, 4, PC>(w, x, bias, y, t0, t1); break;
+  }
+  static_assert(kSmallMaxM == 4, "small_impl handles M = 1..4");
+}
+
+// Unpack nt tiles (container width CB) into the CB = 8 layout at dst: [tile][kb][j][32 bytes].
+template <int CB>
+void unpack_tiles(const uint8_t* src, int64_t nt, int64_t KB, uint8_t* dst) {
+  for (int64_t i = 0; i < nt * KB; ++i) {
+    const uint8_t* s = src + i * (kBlock * CB);
+    uint8_t* d = dst + i * (kBlock * 8);
+    static_for<0, CB>([&](auto pc) __attribute__((always_inline)) {
+      constexpr int p = decltype(pc)::value;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32 * p));
+      static_for<0, 8 / CB>([&](auto sc) __attribute__((always_inline)) {
+        constexpr int sh = decltype(sc)::value;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32 * (p + CB * sh)), unpack<CB, sh>(v));
+      });
+    });
+  }
+}
+
+template <class D, int NT, bool PC>
+void large_block(const Tiles& w, const Acts& x, const uint8_t* base, int64_t stride, int64_t t,
+                 int64_t m0, int64_t mb, const float* bias, float* y) {
+  switch (mb) {
+    case 1: tile_kernel<D, 8, 1, NT, small_nacc(1), PC>(w, x, base, stride, t, m0, bias, y); break;
+    case 2: tile_kernel<D, 8, 2, NT, small_nacc(2), PC>(w, x, base, stride, t, m0, bias, y); break;
+    case 3: tile_kernel<D, 8, 3, NT, 1, PC>(w, x, base, stride, t, m0, bias, y); break;
+    default: tile_kernel<D, 8, kLargeMB, NT, 1, PC>(w, x, base, stride, t, m0, bias, y); break;
+  }
+  static_assert(kLargeMB == 4, "large_block handles row blocks of 1..4");
+}
+
+template <class D, int CB, bool PC>
+void large_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
+                uint8_t* scratch) {
+  const int64_t unpacked_stride = w.KB * kBlock * 8;
+  for (int64_t t = t0; t < t1; t += kLargeNT) {
+    const int64_t nt = std::min<int64_t>(kLargeNT, t1 - t);
+    const uint8_t* base;
+    if constexpr (CB == 8) {
+      base = w.w + t * unpacked_stride;  // already one code per byte
+    } else {
+      unpack_tiles<CB>(w.w + t * w.KB * kBlock * CB, nt, w.KB, scratch);
+      base = scratch;
+    }
+    for (int64_t m0 = 0; m0 < x.M; m0 += kLargeMB) {
+      const int64_t mb = std::min<int64_t>(kLargeMB, x.M - m0);
+      if (nt == kLargeNT) {
+        large_block<D, kLargeNT, PC>(w, x, base, unpacked_stride, t, m0, mb, bias, y);
+      } else {
+        large_block<D, 1, PC>(w, x, base, unpacked_stride, t, m0, mb, bias, y);
+      }
+    }
+  }
+}
+
+// Runtime (cb, full_byte, per-channel) -> template instantiation.
+template <bool PC>
+void dispatch_small_pc(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
+  switch (w.cb) {
+    case 1: small_impl<DotFor<false>, 1, PC>(w, x, bias, y, t0, t1); break;
+    case 2: small_impl<DotFor<false>, 2, PC>(w, x, bias, y, t0, t1); break;
+    case 4: small_impl<DotFor<false>, 4, PC>(w, x, bias, y, t0, t1); break;
+    default:
+      if (w.full_byte) {
+        small_impl<DotFor<true>, 8, PC>(w, x, bias, y, t0, t1);
+      } else {
+        small_impl<DotFor<false>, 8, PC>(w, x, bias, y, t0, t1);
+      }
+  }
+}
+
+void gemm_small(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
+  if (w.G == 1) {
+    dispatch_small_pc<true>(w, x, bias, y, t0, t1);
+  } else {
+    dispatch_small_pc<false>(w, x, bias, y, t0, t1);
+  }
+}
+
+template <bool PC>
+void dispatch_large_pc(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
+                       uint8_t* scratch) {
+  switch (w.cb) {
+    case 1: large_impl<DotFor<false>, 1, PC>(w, x, bias, y, t0, t1, scratch); break;
+    case 2: large_impl<DotFor<false>, 2, PC>(w, x, bias, y, t0, t1, scratch); break;
+    case 4: large_impl<DotFor<false>, 4, PC>(w, x, bias, y, t0, t1, scratch); break;
+    default:
+      if (w.full_byte) {
+        large_impl<DotFor<true>, 8, PC>(w, x, bias, y, t0, t1, scratch);
+      } else {
+        large_impl<DotFor<false>, 8, PC>(w, x, bias, y, t0, t1, scratch);
+      }
+  }
+}
+
+void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
+                uint8_t* scratch) {
+  if (w.G == 1) {
+    dispatch_large_pc<true>(w, x, bias, y, t0, t1, scratch);
+  } else {
+    dispatch_large_pc<false>(w, x, bias, y, t0, t1, scratch);
+  }
+}
+
+// Per-row, per-32-block symmetric int8 quantization. Must match kernels_scalar.cpp bit for bit:
+// a = amax / 127, inv = 127 / amax, q = round-half-even(x * inv) -- all single IEEE float operations.
+void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq, float* a,
+              int32_t* isum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      alignas(32) float tail[kBlock];
+      const float* src = xr + kb * kBlock;
+      if ((kb + 1) * kBlock > K) {  // last, partial block: zero padded copy
+        for (int i = 0; i < kBlock; ++i) tail[i] = kb * kBlock + i < K ? src[i] : 0.0f;
+        src = tail;
+      }
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
+                                _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask)));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      a[m * KB + kb] = amax / 127.0f;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));  // nearest-even
+      __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      isum[m * KB + kb] = _mm_cvtsi128_si32(s4);
+      // packs work per 128-bit lane; the dword permutation restores k order.
+      const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
+      const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * KB * kBlock + kb * kBlock), p8);
+    }
+  }
+}
+
+#undef LB_INLINE
+
+}  // namespace
+}  // namespace LOWBIT_ISA_NS
+}  // namespace lowbit

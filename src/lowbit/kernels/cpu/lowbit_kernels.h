@@ -1,0 +1,65 @@
+// lowbit CPU kernels: the interface shared by the torch binding and the per-ISA kernel files.
+//
+// This header must stay free of torch (and of anything that defines inline code): it is included by
+// translation units compiled for AVX2 / AVX-512, and an inline function instantiated there could be picked by
+// the linker for the portable path too and crash a CPU without those instructions.
+//
+// Repacked weight layout ("tiles"), prepared once by lowbit/kernels/fast.py from docs/PACKED_FORMAT.md:
+//   * rows are grouped in tiles of 8 (N padded to a multiple of 8), K is padded to a multiple of 32;
+//   * for tile t and K-block kb (32 inputs) the 8x32 codes form 8 "unpacked vectors" j = 0..7 of 32 bytes,
+//     byte (r*4 + i) of vector j = code[8t + r][32kb + 4j + i] -- one 32-bit lane per output row, four
+//     consecutive inputs per lane, which is what maddubs / vpdpbusd consume against a broadcast activation;
+//   * codes are stored with a container width cb in {1, 2, 4, 8} (3-bit codes use cb = 4): the block
+//     occupies 32*cb bytes = cb packed vectors p, and unpacked vector j = p + cb*s lives in bits
+//     [s*cb, s*cb + cb) of every byte of packed vector p, so one 32-byte load yields 8/cb unpacked vectors
+//     with a shift and a mask each;
+//   * tiles are contiguous: tile t starts at byte t * KB * 32 * cb.
+//   scales / zs: float [T, G, 8]: the effective scale s and s*z of each (row, group), so that
+//   W[n, k] = s * q - s * z (binary: s = 2*s_stored, z = 1/2).
+//
+// Activations are quantized per row and per 32-block (symmetric int8 in [-127, 127]): x ~= a_b * xq.
+#pragma once
+
+#include <cstdint>
+
+namespace lowbit {
+
+constexpr int kTileRows = 8;   // output rows per tile (8 int32 / float lanes of a 256-bit vector)
+constexpr int kBlock = 32;     // inputs per K-block (= activation quantization block)
+constexpr int kSmallMaxM = 4;  // M up to this uses the fused-unpack path, above it the unpack-once path
+
+struct Tiles {
+  const uint8_t* w;       // [T, KB, 32 * cb]
+  const float* scales;    // [T, G, 8]
+  const float* zs;        // [T, G, 8]
+  int cb;                 // container bits: 1, 2, 4, 8
+  bool full_byte;         // codes may use all 8 bits (int8 formats); else codes < 16
+  int64_t N, T, KB, G, gb;  // gb: K-blocks per group (KB when G == 1)
+};
+
+struct Acts {
+  const int8_t* xq;       // [M, KB * 32], zero padded
+  const float* a;         // [M, KB] block scales
+  const int32_t* isum;    // [M, KB] sum of the block's codes
+  const float* gsum;      // [M, G]  sum over the group's blocks of a_b * isum_b
+  int64_t M, KB, G;
+};
+
+struct KernelTable {
+  const char* name;
+  // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq / a / isum (stride KB*32 / KB).
+  void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq,
+                   float* a, int32_t* isum);
+  // y[m, n] for all M rows (M <= kSmallMaxM) and tiles [t0, t1), unpacking weights in registers.
+  void (*gemm_small)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1);
+  // Same for any M: tiles are unpacked once into `scratch` (>= 2 * KB * 256 bytes), then reused for every
+  // block of rows.
+  void (*gemm_large)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
+                     uint8_t* scratch);
+};
+
+const KernelTable* scalar_kernels();
+const KernelTable* avx2_kernels();        // nullptr when not compiled in
+const KernelTable* avx512vnni_kernels();  // nullptr when not compiled in
+
+}  // namespace lowbit

@@ -1,0 +1,270 @@
+"""Fast packed low-bit linear layers on x86 CPUs (C++ kernels, JIT-built at first use).
+
+``prepare(packed)`` repacks a :class:`~lowbit.kernels.formats.PackedWeight` once (at load time) into the kernel
+layout described in ``cpu/lowbit_kernels.h``; ``linear(x, handle, bias)`` then computes ``x @ W^T + bias``.
+
+How it computes: activations are quantized on the fly per row and per block of 32 inputs to symmetric int8
+(``x ~= a_b * xq``, ``a_b = max|x_b| / 127``), weight codes (unsigned) are multiplied with them in integer
+arithmetic (AVX-512 VNNI ``vpdpbusd``, or AVX2 ``vpmaddubsw``/``vpmaddwd``, or portable C++), and the weight scales
+and zero points are applied in float32 per block / group.
+
+Error bound (the only approximation is the activation rounding, ``|x - a_b*xq| <= a_b / 2`` elementwise)::
+
+    |y_fast[m, n] - y_ref[m, n]| <= sum_b (a_b[m] / 2) * sum_{k in b} |W[n, k]|   (+ float32 rounding)
+
+where ``y_ref`` uses the exactly dequantized weight. For activations without extreme outliers this gives a
+relative error ``||y_fast - y_ref|| / ||y_ref||`` of about 0.5% (tested below 1e-2 in
+``tests/kernels/test_fast.py``).
+
+Supported: bits 1 (binary), 2 (int2 / ternary), 3 (run in a 4-bit container), 4 and 8, symmetric or with zero
+points, per-channel or group sizes that are multiples of 32; any K (tails are zero padded) and any N. Other
+group sizes, an empty weight, or inputs that require grad use the reference path. If the extension cannot be
+built (no compiler, ...) or ``LOWBIT_DISABLE_KERNELS=1`` is set, everything still works through
+``lowbit.kernels.reference`` and a single warning says so. ``LOWBIT_KERNEL_ISA`` (``scalar``/``avx2``/
+``avx512vnni``) forces an instruction set; by default the best one the CPU supports is chosen at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from lowbit.kernels.formats import PackedWeight, symmetric_zero
+from lowbit.kernels.reference import reference_linear
+from lowbit.paths import lowbit_home
+
+log = logging.getLogger(__name__)
+
+TILE_ROWS = 8  # output rows per tile (lowbit_kernels.h: kTileRows)
+BLOCK = 32  # inputs per K-block and activation quantization block (kBlock)
+DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
+ISA_ENV = "LOWBIT_KERNEL_ISA"
+SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
+SOURCES = ("binding.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512vnni.cpp")
+_EXT_NAME = "lowbit_cpu_kernels"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": False, "ext": None, "reason": None}
+
+
+def _build_dir() -> Path:
+    # One directory per interpreter / torch version: the extension's ABI depends on both.
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    path = lowbit_home() / "torch_extensions" / f"{_EXT_NAME}_{tag}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compile() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    sources = [str(SOURCE_DIR / s) for s in SOURCES]
+    # -fopenmp makes at::parallel_for use torch's OpenMP pool (the extension links the libgomp torch loaded).
+    cflags = ["-O3", "-DNDEBUG", "-fopenmp"]
+    try:
+        return load(name=_EXT_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                    build_directory=str(_build_dir()), verbose=False)
+    except Exception as first:  # an old compiler may reject the AVX-512 target: retry without that file's body
+        log.info("lowbit kernels: build failed (%s); retrying without AVX-512", first)
+        return load(name=f"{_EXT_NAME}_noavx512", sources=sources, extra_cflags=cflags + ["-DLOWBIT_NO_AVX512"],
+                    extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=False)
+
+
+def _say_fallback_once(reason: str, category: type[Warning] | None) -> None:
+    msg = f"lowbit: fast CPU kernels unavailable ({reason}); using the reference (dequantize + matmul) path"
+    log.warning(msg)
+    if category is not None:
+        warnings.warn(msg, category, stacklevel=3)
+
+
+def _extension() -> ModuleType | None:
+    """The compiled extension, building it on first use; None (after one warning) if it cannot be had."""
+    if _state["loaded"]:
+        return _state["ext"]  # type: ignore[return-value]
+    with _lock:
+        if _state["loaded"]:
+            return _state["ext"]  # type: ignore[return-value]
+        ext: ModuleType | None = None
+        if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+            _state["reason"] = f"disabled by {DISABLE_ENV}"
+            _say_fallback_once(str(_state["reason"]), None)
+        else:
+            try:
+                ext = _compile()
+            except Exception as err:  # no compiler, no ninja, headers missing, ...
+                _state["reason"] = f"build failed: {type(err).__name__}: {str(err).strip().splitlines()[-1:]}"
+                _say_fallback_once(str(_state["reason"]), RuntimeWarning)
+            if ext is not None and os.environ.get(ISA_ENV):
+                wanted = os.environ[ISA_ENV]
+                try:
+                    ext.set_isa(wanted)
+                except RuntimeError:
+                    warnings.warn(f"lowbit: {ISA_ENV}={wanted!r} is not available here; using {ext.get_isa()!r} "
+                                  f"(available: {ext.available_isas()})", RuntimeWarning, stacklevel=2)
+        _state["ext"] = ext
+        _state["loaded"] = True
+        return ext
+
+
+def is_available() -> bool:
+    """True if the compiled kernels can be used (builds them on first call)."""
+    return _extension() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not used (None when they are)."""
+    _extension()
+    return _state["reason"]  # type: ignore[return-value]
+
+
+def available_isas() -> list[str]:
+    """Instruction sets the kernels can use on this CPU, best last ([] without the extension)."""
+    ext = _extension()
+    return list(ext.available_isas()) if ext is not None else []
+
+
+def current_isa() -> str | None:
+    """The instruction set in use, or None without the extension."""
+    ext = _extension()
+    return ext.get_isa() if ext is not None else None
+
+
+def set_isa(name: str) -> None:
+    """Force an instruction set (``scalar``, ``avx2``, ``avx512vnni``); for tests and benchmarks."""
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError(f"lowbit kernels are unavailable ({_state['reason']})")
+    ext.set_isa(name)
+
+
+@dataclass(frozen=True)
+class FastWeight:
+    """A packed weight prepared for the kernels (the opaque handle of ``prepare``).
+
+    Attributes:
+        packed: the stored weight; the reference fallback uses it.
+        tiles: uint8 [T, KB, 32*cb] codes in the kernel layout, or None when the fast path is not used.
+        scales: float32 [T, G, 8] effective scales s (binary: 2*s).
+        zs: float32 [T, G, 8] s * z (z: zero point; 2^(bits-1) symmetric, 1/2 binary).
+        cb: container bits of ``tiles`` (3-bit codes use 4).
+        group_blocks: 32-input blocks per group.
+        reason: why the reference path is used, None when the kernels are.
+    """
+
+    packed: PackedWeight
+    tiles: torch.Tensor | None
+    scales: torch.Tensor | None
+    zs: torch.Tensor | None
+    cb: int
+    group_blocks: int
+    reason: str | None
+
+    @property
+    def fast(self) -> bool:
+        return self.tiles is not None and is_available()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels stream per call (tiles + scales + zs)."""
+        ts = [t for t in (self.tiles, self.scales, self.zs) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _unsupported_reason(packed: PackedWeight) -> str | None:
+    n, k = packed.out_features, packed.in_features
+    if n == 0 or k == 0:
+        return "empty weight"
+    g = packed.scales.shape[1]
+    if g > 1 and packed.group_size % BLOCK != 0:
+        return f"group_size {packed.group_size} is not a multiple of {BLOCK}"
+    return None
+
+
+def _tile_codes(codes: torch.Tensor, cb: int) -> torch.Tensor:
+    """Codes uint8 [N, K] -> uint8 [T, KB, 32*cb] in the layout of cpu/lowbit_kernels.h."""
+    n, k = codes.shape
+    t, kb = -(-n // TILE_ROWS), -(-k // BLOCK)
+    c = torch.zeros(t * TILE_ROWS, kb * BLOCK, dtype=torch.uint8)
+    c[:n, :k] = codes
+    # u[t, kb, j, r, i] = code[8t + r, 32kb + 4j + i]: one 4-byte lane per row, 8 vectors j per block.
+    u = c.view(t, TILE_ROWS, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, kb, 8 // cb, cb, 32)
+    # Unpacked vector j = p + cb*s sits in bits [s*cb, s*cb + cb) of packed vector p.
+    w = u[:, :, 0].clone()
+    for s in range(1, 8 // cb):
+        w |= u[:, :, s] << (s * cb)
+    return w.reshape(t, kb, cb * 32).contiguous()
+
+
+def _tile_rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-(row, group) float32 [N, G] -> [T, G, 8] (rows padded with zeros)."""
+    t = -(-n // TILE_ROWS)
+    out = torch.zeros(t * TILE_ROWS, v.shape[1], dtype=torch.float32)
+    out[:n] = v
+    return out.view(t, TILE_ROWS, v.shape[1]).permute(0, 2, 1).contiguous()
+
+
+def prepare(packed: PackedWeight) -> FastWeight:
+    """Repack ``packed`` once into the kernel layout (call at load time, not per forward)."""
+    reason = _unsupported_reason(packed)
+    if reason is None and not is_available():
+        reason = unavailable_reason()
+    bits = packed.bits
+    cb = 4 if bits == 3 else bits
+    k = packed.in_features
+    g = packed.scales.shape[1]
+    if reason is not None:
+        return FastWeight(packed, None, None, None, cb, 0, reason)
+    s = packed.scales.to(torch.float32)
+    if packed.zeros is None:
+        z = torch.full_like(s, symmetric_zero(bits))
+        if bits == 1:  # binary (q - 1/2) * 2s: effective scale 2s, zero 1/2
+            s = 2.0 * s
+    else:
+        z = packed.zeros.to(torch.float32)
+    kb = -(-k // BLOCK)
+    group_blocks = kb if g == 1 else packed.group_size // BLOCK
+    n = packed.out_features
+    return FastWeight(
+        packed=packed,
+        tiles=_tile_codes(packed.codes(), cb),
+        scales=_tile_rows(s, n),
+        zs=_tile_rows(s * z, n),
+        cb=cb,
+        group_blocks=group_blocks,
+        reason=None,
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    handle: FastWeight,
+    bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [..., N] = (x [..., K] / input_scale) @ W^T + bias with the prepared weight ``handle``.
+
+    Inference only: when ``x`` requires grad (or the weight is unsupported, or the kernels are unavailable)
+    the reference path is used, so results are correct everywhere.
+    """
+    packed = handle.packed
+    if input_scale is not None:
+        x = x / input_scale.to(x.dtype)
+    ext = _extension()
+    if ext is None or handle.tiles is None or x.requires_grad or x.device.type != "cpu":
+        return reference_linear(x, packed, bias)
+    n, k = packed.out_features, packed.in_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    y = ext.linear(x2, handle.tiles, handle.scales, handle.zs, bias, handle.cb, packed.bits == 8, n, k,
+                   handle.group_blocks)
+    return y.reshape(*lead, n).to(x.dtype)

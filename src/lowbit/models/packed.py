@@ -1,0 +1,39 @@
+"""``lowbit``: a packed checkpoint directory written by ``lowbit quantize`` / ``lowbit.save``.
+
+The directory's manifest names the float source model; loading rebuilds it through its own family and swaps
+in the quantized modules (see ``lowbit.checkpoint``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+
+MANIFEST_FILE = "manifest.json"
+
+
+def is_packed_dir(path: str) -> bool:
+    """True for a directory holding a lowbit manifest."""
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def load_packed(path: str, **_: Any) -> DualEncoder:
+    """Load a packed checkpoint directory as a ready-to-run model.
+
+    Example:
+        >>> model = load_packed("out/w4")  # doctest: +SKIP
+    """
+    from lowbit.checkpoint import load_quantized  # lazy: model code does not pull in the quant room
+
+    model = load_quantized(path)
+    model.source = {**model.source, "float_source": dict(model.source), "family": "lowbit",
+                    "name": str(path), "checkpoint": str(path)}
+    return model
+
+
+FAMILIES.register("lowbit")(
+    ModelFamily(name="lowbit", load=load_packed, claims_path=is_packed_dir,
+                description="lowbit packed checkpoint directory (safetensors + manifest.json)")
+)

@@ -1,0 +1,249 @@
+"""``quantize_``: apply a recipe to a model in place, layer by layer, and report what happened.
+
+Each ``nn.Linear`` / ``nn.Conv2d`` of each tower (in definition order) gets the first matching recipe rule;
+its method (RTN, GPTQ arXiv:2210.17323, AWQ arXiv:2306.00978, ...) returns a packed weight and the layer is
+replaced from outside (``setattr`` on its parent(s), or an in-place class swap for generic convs, see
+lowbit.kernels.quant_linear). Nothing is kept in float silently: every module with parameters that is not
+quantized appears in the report with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.quant_linear import QUANT_KINDS, is_quantized
+from lowbit.quant.methods import CalibrationProvider, QuantContext, get_method
+from lowbit.quant.recipe import Recipe, Rule, load_recipe
+from lowbit.quant.report import (
+    NO_RULE,
+    NOT_A_LAYER,
+    OUTSIDE,
+    SKIPPED,
+    UNSUPPORTED,
+    FloatModule,
+    ModuleQuant,
+    QuantReport,
+)
+from lowbit.registry import Registry
+
+# nn.Conv2d subclasses whose forward, for a 1x1 stride-1 kernel, is exactly a plain conv (so a channel-wise
+# linear may replace them). Keyed by "module.QualName"; subclasses not listed keep their own forward (kind conv).
+POINTWISE_CONV_CLASSES: Registry[str] = Registry("pointwise-compatible conv class")
+POINTWISE_CONV_CLASSES.register("torch.nn.modules.conv.Conv2d")("plain conv")
+POINTWISE_CONV_CLASSES.register("efficientnet_lite_pytorch.utils.Conv2dDynamicSamePadding")(
+    "TF 'same' padding is zero for a 1x1 stride-1 kernel")
+POINTWISE_CONV_CLASSES.register("efficientnet_lite_pytorch.utils.Conv2dStaticSamePadding")(
+    "static 'same' padding is Identity for a 1x1 stride-1 kernel")
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def layer_kind(module: nn.Module) -> tuple[str | None, str]:
+    """(kind, "") for a quantizable layer — kind in ``QUANT_KINDS`` — or (None, reason it is not)."""
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        if cls.forward is not nn.Linear.forward:
+            return None, f"{cls.__name__} overrides nn.Linear.forward, so a QuantLinear could change its output"
+        return "linear", ""
+    if isinstance(module, nn.Conv2d):
+        pointwise = (
+            tuple(module.kernel_size) == (1, 1)
+            and tuple(module.stride) == (1, 1)
+            and module.groups == 1
+            and (module.padding in ("valid", "same") or tuple(module.padding) == (0, 0))
+        )
+        plain = cls.forward is nn.Conv2d.forward or _qualname(cls) in POINTWISE_CONV_CLASSES
+        return ("conv1x1" if pointwise and plain else "conv"), ""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return None, f"{cls.__name__} is not supported (lowbit quantizes nn.Linear and nn.Conv2d)"
+    return None, ""
+
+
+def model_towers(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.towers()`` for a DualEncoder, else ``{"model": model}``."""
+    from lowbit.models.base import DualEncoder
+
+    return model.towers() if isinstance(model, DualEncoder) else {"model": model}
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every full name it has in ``model`` (shared modules have several)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    return paths
+
+
+def replace_module(model: nn.Module, paths: list[str], new: nn.Module) -> None:
+    """Put ``new`` at each full name in ``paths`` (setattr on the parent)."""
+    for path in paths:
+        if not path:
+            raise LowbitError(f"cannot replace the root module {type(model).__name__} itself; wrap it in a container")
+        parent_name, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+
+
+def _own_params(module: nn.Module) -> tuple[int, int, list[str]]:
+    ps = list(module.named_parameters(recurse=False))
+    return sum(p.numel() for _, p in ps), sum(p.numel() * p.element_size() for _, p in ps), [n for n, _ in ps]
+
+
+@dataclasses.dataclass
+class _Planned:
+    tower: str
+    name: str
+    module: nn.Module
+    kind: str
+    rule_index: int
+    rule: Rule
+
+
+def _walk(towers: dict[str, nn.Module]) -> Iterator[tuple[str, str, nn.Module]]:
+    seen: set[int] = set()
+    for tower, root in towers.items():
+        for name, m in root.named_modules():
+            if id(m) not in seen:  # a module shared by two towers belongs to the first
+                seen.add(id(m))
+                yield tower, name, m
+
+
+def plan_quantization(
+    model: nn.Module, recipe: Recipe
+) -> tuple[list[_Planned], list[FloatModule], list[int]]:
+    """Which layers get which rule; float-kept modules with reasons; how often each rule matched."""
+    towers = model_towers(model)
+    planned: list[_Planned] = []
+    kept: list[FloatModule] = []
+    used = [0] * len(recipe.rules)
+    covered: set[int] = set()
+    for tower, name, m in _walk(towers):
+        covered.add(id(m))
+        if is_quantized(m):
+            raise LowbitError(f"{tower}/{name} is already quantized ({type(m).__name__}); "
+                              "quantize_ expects a float model")
+        n_params, n_bytes, pnames = _own_params(m)
+        kind, why = layer_kind(m)
+        tname = type(m).__name__
+        if kind is None:
+            if n_params:
+                category = UNSUPPORTED if why else NOT_A_LAYER
+                reason = why or f"{tname} is not a weight layer lowbit quantizes (params: {', '.join(pnames)})"
+                kept.append(FloatModule(tower, name, tname, n_params, n_bytes, reason, category))
+            continue
+        hit = recipe.match(tower, name, kind)
+        if hit is None:
+            kept.append(FloatModule(tower, name, tname, n_params, n_bytes,
+                                    f"no recipe rule matches ({tower}, {name!r}, {kind})", NO_RULE))
+            continue
+        index, rule = hit
+        used[index] += 1
+        if rule.skip:
+            kept.append(FloatModule(tower, name, tname, n_params, n_bytes,
+                                    f"skipped by rule {index} ({rule.describe()})", SKIPPED))
+        else:
+            planned.append(_Planned(tower, name, m, kind, index, rule))
+    for path, m in model.named_modules():
+        if id(m) not in covered:
+            n_params, n_bytes, pnames = _own_params(m)
+            if n_params:
+                kept.append(FloatModule("", path, type(m).__name__, n_params, n_bytes,
+                                        f"outside all towers (params: {', '.join(pnames)})", OUTSIDE))
+    return planned, kept, used
+
+
+def quantize_(
+    model: nn.Module,
+    recipe: Recipe | str,
+    calibration: CalibrationProvider | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place following ``recipe``; returns the ``QuantReport``.
+
+    ``calibration`` feeds methods with ``needs_calibration`` (``stats_for`` before, ``on_quantized`` after
+    each such layer). ``strict=True`` raises if any Linear/Conv2d would stay float without a skip rule.
+
+    Example:
+        >>> report = quantize_(model, "vision=w4g64,text=w4g64,projector=w8", progress=False)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    recipe = load_recipe(recipe)
+    planned, kept, used = plan_quantization(model, recipe)
+    for index, count in enumerate(used):
+        if count == 0:
+            warnings.warn(f"recipe rule {index} ({recipe.rules[index].describe()}) matches no module",
+                          UserWarning, stacklevel=2)
+    report = QuantReport(float_modules=kept, recipe=recipe.name or recipe.describe())
+    violations = report.strict_violations()
+    if strict and violations:
+        listed = "; ".join(f"{f.label} ({f.reason})" for f in violations)
+        raise LowbitError(f"strict: {len(violations)} weight layer(s) would stay float: {listed}; "
+                          "add a rule for them (or an explicit skip rule)")
+    for p in planned:
+        if get_method(p.rule.method).needs_calibration and calibration is None:
+            raise LowbitError(
+                f"method {p.rule.method!r} (rule {p.rule_index}: {p.rule.describe()}) needs calibration data; "
+                f"received calibration=None; pass a CalibrationProvider or use a method that needs none (e.g. rtn)"
+            )
+    paths = module_paths(model)
+    bar = tqdm(planned, desc="quantize", unit="layer", disable=not progress, leave=False)
+    for p in bar:
+        bar.set_postfix_str(f"{p.tower}/{p.name}", refresh=False)
+        report.modules.append(_quantize_one(model, p, paths, calibration))
+    return report
+
+
+def _quantize_one(
+    model: nn.Module, p: _Planned, paths: dict[int, list[str]], calibration: CalibrationProvider | None
+) -> ModuleQuant:
+    method = get_method(p.rule.method)
+    spec = p.rule.spec
+    assert spec is not None  # skip rules are never planned
+    if method.needs_calibration:
+        ctx = calibration.stats_for(p.tower, p.name, p.module)  # type: ignore[union-attr]
+    else:
+        ctx = QuantContext()
+    ctx.tower, ctx.name, ctx.kind = ctx.tower or p.tower, ctx.name or p.name, p.kind
+    shape = tuple(p.module.weight.shape)
+    weight = p.module.weight.detach().to(torch.float32).reshape(shape[0], -1)  # [N, K]
+    result = method.quantize_weight(weight.clone(), spec, ctx, dict(p.rule.options))
+    packed = result.packed
+    if packed.shape != shape:
+        if (packed.out_features, packed.in_features) != tuple(weight.shape):
+            raise LowbitError(f"method {p.rule.method!r} returned a weight of shape {packed.shape} for "
+                              f"{p.tower}/{p.name} of shape {shape}")
+        packed = dataclasses.replace(packed, shape=shape)
+    full_paths = paths.get(id(p.module), [])
+    if not full_paths:
+        raise LowbitError(f"{p.tower}/{p.name} is not a submodule of the model, so it cannot be replaced")
+    new = QUANT_KINDS.get(p.kind).build(p.module, packed, result.input_scale)
+    if new is not p.module:
+        replace_module(model, full_paths, new)
+    on_quantized = getattr(calibration, "on_quantized", None)
+    if callable(on_quantized):
+        on_quantized(p.tower, p.name, new)
+    return _module_stats(p, full_paths[0], weight, new, packed)
+
+
+def _module_stats(p: _Planned, path: str, weight: torch.Tensor, new: Any, packed: Any) -> ModuleQuant:
+    with torch.no_grad():
+        wq = new.effective_weight().reshape(weight.shape)  # [N, K], input_scale folded
+        norm = float(weight.norm())
+        err = float((weight - wq).norm()) / norm if norm > 0 else float((weight - wq).norm())
+    params = weight.numel()
+    return ModuleQuant(
+        tower=p.tower, name=p.name, path=path, kind=p.kind, method=p.rule.method, bits=packed.bits,
+        group_size=packed.group_size, symmetric=packed.symmetric, shape=list(packed.shape), params=params,
+        fp32_bytes=4 * params, packed_bytes=packed.nbytes, bits_per_weight=8 * packed.nbytes / params,
+        weight_error=err, has_input_scale=getattr(new, "input_scale", None) is not None, rule=p.rule_index,
+    )

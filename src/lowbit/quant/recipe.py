@@ -1,0 +1,304 @@
+"""Quantization recipes: an ordered list of rules saying which layers get which method and format.
+
+A rule matches a layer by tower (``vision``, ``text``, ``projector``, or ``*``), an fnmatch glob on the
+layer's name inside its tower, and optionally its kind (``linear``, ``conv1x1``, ``conv``); the first
+matching rule wins. Sources, all through ``load_recipe``:
+
+- a preset name (``w8``, ``w4``, ``w3``, ``w2``: YAML files in ``lowbit/configs/recipes``),
+- a YAML file::
+
+      version: 1
+      rules:
+        - {tower: vision, pattern: "*depthwise*", skip: true}
+        - {tower: vision, pattern: "*", method: gptq, bits: 4, group_size: 64, symmetric: true}
+        - {tower: "*", kinds: [conv], method: rtn, bits: 8, options: {}}
+
+- a short string: ``vision=w4g64:gptq,text=w4g64:gptq,projector=w8``; items are
+  ``TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD]`` (``a`` = asymmetric, METHOD defaults to rtn, no g = per
+  output channel) or ``TOWER[/PATTERN]=skip``.
+
+Methods themselves cite their papers (lowbit.quant.rtn / gptq / awq); the recipe layer is format only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.formats import SUPPORTED_BITS
+from lowbit.kernels.quant_linear import QUANT_KINDS
+from lowbit.quant.methods import method_names
+from lowbit.quant.primitives import QuantSpec
+
+RECIPE_VERSION = 1
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+SHORT_FORM = "TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] or TOWER[/PATTERN]=skip"
+_RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options")
+_BITS_TEXT = ",".join(map(str, SUPPORTED_BITS))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Quantize layers matching (tower, pattern, kinds) with ``method`` at ``spec``; ``spec=None`` = keep float."""
+
+    tower: str = "*"
+    pattern: str = "*"
+    method: str = "rtn"
+    spec: QuantSpec | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    kinds: tuple[str, ...] | None = None  # None = every kind
+
+    @property
+    def skip(self) -> bool:
+        return self.spec is None
+
+    def matches(self, tower: str, name: str, kind: str | None = None) -> bool:
+        """Does this rule apply to layer ``name`` of ``tower`` (of ``kind``, if known)?"""
+        if not fnmatch.fnmatchcase(tower, self.tower) or not fnmatch.fnmatchcase(name, self.pattern):
+            return False
+        return self.kinds is None or kind is None or kind in self.kinds
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``vision/*attn*=w4g64:gptq`` (kinds in brackets when restricted)."""
+        where = self.tower if self.pattern == "*" else f"{self.tower}/{self.pattern}"
+        kinds = "" if self.kinds is None else f"[{'+'.join(self.kinds)}]"
+        what = "skip" if self.spec is None else f"{self.spec.short()}:{self.method}"
+        return f"{where}{kinds}={what}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tower": self.tower, "pattern": self.pattern}
+        if self.kinds is not None:
+            out["kinds"] = list(self.kinds)
+        if self.spec is None:
+            out["skip"] = True
+            return out
+        out.update(method=self.method, **self.spec.to_dict())
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of rules; ``name`` records where it came from (preset, path or short string)."""
+
+    rules: tuple[Rule, ...]
+    name: str = ""
+
+    def match(self, tower: str, name: str, kind: str | None = None) -> tuple[int, Rule] | None:
+        """(index, rule) of the first rule matching the layer, or None."""
+        for i, rule in enumerate(self.rules):
+            if rule.matches(tower, name, kind):
+                return i, rule
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": RECIPE_VERSION, "name": self.name, "rules": [r.to_dict() for r in self.rules]}
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str = "") -> Recipe:
+        """Parse the YAML/JSON form; errors name the rule index and field."""
+        if not isinstance(data, dict):
+            raise LowbitError(f"recipe {name!r}: expected a mapping with 'rules'; received {type(data).__name__}")
+        unknown = sorted(set(data) - {"version", "name", "rules"})
+        if unknown:
+            raise LowbitError(f"recipe {name!r}: unknown top-level key(s) {unknown}; accepted: version, name, rules")
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise LowbitError(f"recipe {name!r}: unsupported version {version!r}; accepted: {RECIPE_VERSION}")
+        rules = data.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise LowbitError(f"recipe {name!r}: 'rules' must be a non-empty list; received {rules!r}")
+        parsed = tuple(_rule_from_dict(i, r) for i, r in enumerate(rules))
+        return cls(parsed, name=str(data.get("name") or name))
+
+    def describe(self) -> str:
+        return ", ".join(r.describe() for r in self.rules)
+
+
+def _rule_error(index: int, fieldname: str, message: str) -> LowbitError:
+    return LowbitError(f"recipe rule {index} field '{fieldname}': {message}")
+
+
+def _rule_from_dict(index: int, raw: Any) -> Rule:
+    if not isinstance(raw, dict):
+        raise LowbitError(f"recipe rule {index}: expected a mapping; received {raw!r}")
+    unknown = sorted(set(raw) - set(_RULE_FIELDS))
+    if unknown:
+        raise _rule_error(index, unknown[0], f"unknown field; accepted: {', '.join(_RULE_FIELDS)}")
+    for key in ("tower", "pattern"):
+        if not isinstance(raw.get(key, "*"), str) or not raw.get(key, "*"):
+            raise _rule_error(index, key, f"expected a non-empty string; received {raw.get(key)!r}")
+    kinds = raw.get("kinds")
+    if kinds is not None:
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        bad = [k for k in kinds if k not in QUANT_KINDS] if isinstance(kinds, list) else [kinds]
+        if bad or not kinds:
+            raise _rule_error(index, "kinds", f"received {raw.get('kinds')!r}; accepted: a list of "
+                              f"{', '.join(QUANT_KINDS.names())}")
+        kinds = tuple(kinds)
+    common = {"tower": raw.get("tower", "*"), "pattern": raw.get("pattern", "*"), "kinds": kinds}
+    skip = raw.get("skip", False)
+    if not isinstance(skip, bool):
+        raise _rule_error(index, "skip", f"expected true or false; received {skip!r}")
+    if skip:
+        extra = sorted(set(raw) & {"method", "bits", "group_size", "symmetric", "options"})
+        if extra:
+            raise _rule_error(index, extra[0], "a skip rule takes only tower, pattern and kinds")
+        return Rule(**common, method="", spec=None)
+    if "bits" not in raw:
+        raise _rule_error(index, "bits", f"missing; bits must be one of {_BITS_TEXT} (or set skip: true)")
+    bits, gs, sym = raw["bits"], raw.get("group_size"), raw.get("symmetric", True)
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise _rule_error(index, "bits", f"received {bits!r}; bits must be one of {_BITS_TEXT}")
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+        raise _rule_error(index, "group_size", f"received {gs!r}; expected a positive integer or null (per-channel)")
+    if not isinstance(sym, bool):
+        raise _rule_error(index, "symmetric", f"received {sym!r}; expected true or false")
+    try:
+        spec = QuantSpec(bits, gs, sym)
+    except LowbitError as err:
+        raise _rule_error(index, "symmetric", str(err)) from None
+    method = raw.get("method", "rtn")
+    known = method_names()
+    if method not in known:
+        raise _rule_error(index, "method", f"unknown quantization method {method!r}; choose one of: "
+                          f"{', '.join(known)}")
+    options = raw.get("options") or {}
+    if not isinstance(options, dict):
+        raise _rule_error(index, "options", f"expected a mapping; received {options!r}")
+    return Rule(**common, method=method, spec=spec, options=dict(options))
+
+
+# --- short strings ------------------------------------------------------------------------------------------
+class _ShortError(Exception):
+    """A malformed short-string item (the caller adds the position)."""
+
+
+def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
+    """``wBITS[gGROUP][a][:METHOD]`` or ``skip`` -> (spec, method); raises _ShortError."""
+    if value == "skip":
+        return None, ""
+    body, colon, method = value.partition(":")
+    if not body.startswith("w"):
+        raise _ShortError(f"expected 'w<bits>' or 'skip', found {value!r}")
+    i = 1
+    j = i
+    while j < len(body) and body[j].isdigit():
+        j += 1
+    if j == i:
+        raise _ShortError("missing bit width after 'w'")
+    bits = int(body[i:j])
+    if bits not in SUPPORTED_BITS:
+        raise _ShortError(f"bits must be one of {_BITS_TEXT}; received {bits}")
+    group: int | None = None
+    if j < len(body) and body[j] == "g":
+        k = j + 1
+        while k < len(body) and body[k].isdigit():
+            k += 1
+        if k == j + 1 or int(body[j + 1 : k]) < 1:
+            raise _ShortError("group size after 'g' must be a positive integer")
+        group, j = int(body[j + 1 : k]), k
+    symmetric = True
+    if j < len(body) and body[j] == "a":
+        symmetric, j = False, j + 1
+    if j != len(body):
+        raise _ShortError(f"unexpected {body[j:]!r}")
+    if colon:
+        known = method_names()
+        if method not in known:
+            raise _ShortError(f"unknown quantization method {method!r}; choose one of: "
+                              f"{', '.join(known)}")
+    else:
+        method = "rtn"
+    try:
+        spec = QuantSpec(bits, group, symmetric)
+    except LowbitError as err:
+        raise _ShortError(str(err)) from None
+    return spec, method
+
+
+def parse_short(text: str) -> Recipe:
+    """Parse ``vision=w4g64:gptq,text=w4g64:gptq,projector=w8``.
+
+    Errors give the 1-based character position where the offending item starts, quote the item, and say
+    which part of it is wrong.
+    """
+    rules: list[Rule] = []
+    start = 0
+    for piece in text.split(","):
+        lead = len(piece) - len(piece.lstrip())
+        item = piece.strip()
+        pos = start + lead  # offset of ``item`` in ``text``
+        try:
+            if not item:
+                raise _ShortError("empty item")
+            target, eq, value = item.partition("=")
+            if not eq:
+                raise _ShortError("missing '='")
+            tower, slash, pattern = target.partition("/")
+            if not tower.strip():
+                raise _ShortError("missing tower name (use * for all towers)")
+            if slash and not pattern.strip():
+                raise _ShortError("empty pattern after '/'")
+            spec, method = _parse_value(value.strip())
+            rules.append(Rule(tower.strip(), pattern.strip() or "*", method, spec))
+        except _ShortError as err:
+            raise LowbitError(
+                f"recipe error at character {pos + 1} ({item!r}): {err}; form: {SHORT_FORM}"
+            ) from None
+        start += len(piece) + 1
+    return Recipe(tuple(rules), name=text)
+
+
+# --- entry point ----------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    """Names of the shipped recipe presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_recipe_file(path: str | Path, name: str | None = None) -> Recipe:
+    """Read a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"recipe file not found: {str(path)!r}; expected a YAML file with 'rules'")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise LowbitError(f"recipe file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
+    return Recipe.from_dict(data, name=name or str(path))
+
+
+def load_recipe(spec: str | Recipe) -> Recipe:
+    """A preset name, a .yaml path, or a short string -> ``Recipe`` (a ``Recipe`` passes through).
+
+    Example:
+        >>> load_recipe("vision=w4g64,text=w4g64,projector=w8").rules[0].spec
+        QuantSpec(bits=4, group_size=64, symmetric=True)
+    """
+    if isinstance(spec, Recipe):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise LowbitError(f"empty recipe {spec!r}; choose a preset ({', '.join(preset_names())}), "
+                          f"a .yaml path, or a short string {SHORT_FORM}")
+    spec = spec.strip()
+    if spec in preset_names():
+        return load_recipe_file(PRESET_DIR / f"{spec}.yaml", name=spec)
+    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        return load_recipe_file(spec)
+    if "=" not in spec:
+        raise LowbitError(f"unknown recipe {spec!r}; choose one of: {', '.join(preset_names())}, "
+                          f"a .yaml path, or a short string {SHORT_FORM}")
+    return parse_short(spec)
+
+
+def recipe_from_rules(rules: Sequence[Rule], name: str = "") -> Recipe:
+    """Build a recipe in code."""
+    return Recipe(tuple(rules), name=name)
