@@ -1,3 +1,18 @@
-"""lowbit: low-bit vision-language models on ordinary CPUs."""
+"""lowbit: low-bit vision-language models on ordinary CPUs.
+
+The public API is a handful of verbs (``load``, ``evaluate``, ``quantize``, ``save``, ``sweep``, ``build``);
+each imports its room lazily, so ``import lowbit`` pulls in no training, serving or benchmark dependencies.
+
+Example:
+    >>> import lowbit
+    >>> model = lowbit.load("lit-fashion")  # doctest: +SKIP
+    >>> lowbit.evaluate(model, "fashion-mnist", limit=500)["metrics"]["top1"]  # doctest: +SKIP
+"""
+
+from lowbit.api import build, demo, evaluate, list_models, load, quantize, save, sweep
+from lowbit.errors import LowbitError
 
 __version__ = "0.1.0"
+
+__all__ = ["LowbitError", "build", "demo", "evaluate", "list_models", "load", "quantize", "save", "sweep",
+           "__version__"]

@@ -14,6 +14,7 @@ from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
     from lowbit.models.base import DualEncoder
+    from lowbit.quant.recipe import Recipe
     from lowbit.quant.report import QuantReport
 
 
@@ -43,7 +44,7 @@ def evaluate(model: DualEncoder, task: str, **options: Any) -> dict[str, Any]:
 
 def quantize(
     model: DualEncoder,
-    recipe: str,
+    recipe: str | Recipe,
     calib_data: str = "fashion-mnist",
     calib_samples: int = 128,
     strict: bool = False,
@@ -59,16 +60,15 @@ def quantize(
     """
     from lowbit.quant.apply import quantize_
     from lowbit.quant.methods import METHODS
-    from lowbit.quant.recipe import load_recipe
+    from lowbit.quant.recipe import Recipe, load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     calibration = None
     if any(rule.spec is not None and METHODS.get(rule.method).needs_calibration for rule in parsed.rules):
         from lowbit.quant.calibration import calibration_from_dataset
 
         calibration = calibration_from_dataset(model, calib_data, n_samples=calib_samples)
     report = quantize_(model, parsed, calibration=calibration, strict=strict, progress=progress)
-    model.source = {**model.source, "recipe_text": recipe}
     return report
 
 
@@ -80,6 +80,18 @@ def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantRepor
         raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
     save_quantized(model, report, report.recipe, out_dir)
     return Path(out_dir)
+
+
+def sweep(model_name: str, recipes: list[str], methods: list[str], task: str, out_dir: str | os.PathLike[str],
+          **options: Any) -> list[dict[str, Any]]:
+    """Quantize with every recipe x method, evaluate each against the float model, write JSON/Markdown/PNG.
+
+    Example:
+        >>> rows = lowbit.sweep("lit-fashion", ["w4"], ["rtn", "gptq"], "fashion-mnist", "out/s")  # doctest: +SKIP
+    """
+    from lowbit.sweep import sweep as run
+
+    return run(model_name, recipes, methods, task, out_dir, **options)
 
 
 def build(

@@ -201,12 +201,19 @@ def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: str | os.PathLi
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError as exc:
         raise LowbitError(
             "plotting needs matplotlib; received an environment without it; "
             "accepted: pip install 'lowbit[report]'"
         ) from exc
 
+    # Plot in one readable binary unit (ticks at 100, 200 MiB rather than 1.04e8 bytes).
+    biggest, unit, scale = max(p[2] for p in points), "B", 1.0
+    for name, factor in (("KiB", 1024.0), ("MiB", 1024.0**2), ("GiB", 1024.0**3)):
+        if biggest >= factor:
+            unit, scale = name, factor
+    points = [(label, group, size / scale, acc) for label, group, size, acc in points]
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -223,7 +230,12 @@ def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: str | os.PathLi
     sizes = [p[2] for p in points]
     if min(sizes) > 0 and max(sizes) / min(sizes) > 20:
         ax.set_xscale("log")  # fp32 vs 2-bit spans 16x+; a linear axis would crush the small models together
-    ax.set_xlabel("weight bytes (memory)")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))  # 20, 50, 100, 200 MiB, ...
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2..9 x 10^k labels would overlap
+    ax.margins(x=0.12)  # room for the labels of the outermost points
+    ax.set_ylim(0, 1.05)  # a fixed 0-1 scale keeps plots of different runs comparable by eye
+    ax.set_xlabel(f"weights in memory ({unit})")
     ax.set_ylabel("accuracy (top-1, or mean R@1)")
     ax.set_title("accuracy vs weight bytes (dashed: Pareto front)")
     ax.grid(True, alpha=0.3)

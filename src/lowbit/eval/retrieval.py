@@ -83,10 +83,10 @@ def recall_at_k(
 
     metrics: dict[str, object] = {}
     query_rank = t2i_rank[caption_ids]  # one text query per image, i.e. per gallery caption
+    for k in ks:  # exact Python division: JSON shows 0.315, not 0.3149999976158142
+        metrics[f"i2t_r{k}"] = int((i2t_rank < k).sum()) / max(n, 1)
     for k in ks:
-        metrics[f"i2t_r{k}"] = float((i2t_rank < k).float().mean()) if n else 0.0
-    for k in ks:
-        metrics[f"t2i_r{k}"] = float((query_rank < k).float().mean()) if n else 0.0
+        metrics[f"t2i_r{k}"] = int((query_rank < k).sum()) / max(n, 1)
     metrics.update(n=int(n), n_unique_captions=int(n_unique))
     return Result(metrics, Outputs(img, cap, predictions, kind="retrieval"))
 

@@ -100,7 +100,7 @@ def _batched(fn: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], 
 
     starts = range(0, len(items), batch_size)
     label = progress if isinstance(progress, str) else None
-    bar = tqdm(starts, desc=label, unit="batch", disable=not progress, leave=False)
+    bar = tqdm(starts, desc=label, unit="batch", disable=not progress, leave=False, delay=2)  # bars only for >2 s work
     return torch.cat([fn(items[s : s + batch_size]) for s in bar]) if len(items) else torch.empty(0)
 
 

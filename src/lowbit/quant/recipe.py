@@ -33,7 +33,7 @@ import yaml
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import SUPPORTED_BITS
 from lowbit.kernels.quant_linear import QUANT_KINDS
-from lowbit.quant.methods import method_names
+from lowbit.quant.methods import get_method, method_names
 from lowbit.quant.primitives import QuantSpec
 
 RECIPE_VERSION = 1
@@ -120,6 +120,34 @@ class Recipe:
 
     def describe(self) -> str:
         return ", ".join(r.describe() for r in self.rules)
+
+    def with_method(self, method: str) -> Recipe:
+        """The same recipe with ``method`` on its main rules: the non-skip rules of the lowest bit-width.
+
+        This is how a sweep compares methods on one preset: ``w4`` keeps its 8-bit projector/conv rules and
+        swaps the method of its 4-bit rules; ``w8`` swaps every rule. Method-specific options are dropped.
+
+        Example:
+            >>> load_recipe("w4").with_method("awq").name
+            'w4+awq'
+        """
+        from dataclasses import replace
+
+        get_method(method)  # unknown method -> LowbitError listing the registered ones
+        lowest = min((r.spec.bits for r in self.rules if r.spec is not None), default=None)
+        matmul_kinds = ("linear", "conv1x1")  # calibrated methods work on matmuls; other convs keep their rule
+        rules: list[Rule] = []
+        for r in self.rules:
+            if r.spec is None or r.spec.bits != lowest:
+                rules.append(r)
+                continue
+            kinds = tuple(k for k in (r.kinds or matmul_kinds) if k in matmul_kinds)
+            if kinds:
+                rules.append(replace(r, method=method, options={}, kinds=kinds))
+            if r.kinds is None or set(r.kinds) - set(matmul_kinds):
+                rules.append(r)  # the same layers of other kinds, as before
+        rules = tuple(rules)
+        return Recipe(rules, name=f"{self.name}+{method}")
 
 
 def _rule_error(index: int, fieldname: str, message: str) -> LowbitError:

@@ -178,7 +178,7 @@ void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t ts
             const __m256i bx = bcast4(xb + m * ldx + 4 * j);
             static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
               D::step(acc[m][t][j % NACC], u[t], bx);
-              pin(acc[m][t][j % NACC]);
+              if constexpr (!LOWBIT_USE_VNNI) pin(acc[m][t][j % NACC]);  // vpdpbusd chains do not re-associate
             });
           });
         });
