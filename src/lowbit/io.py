@@ -30,6 +30,7 @@ def atomic_path(target: str | os.PathLike[str], is_dir: bool = False) -> Iterato
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished output gets ordinary permissions
     try:
         yield tmp
         if is_dir and target.exists():
@@ -46,6 +47,12 @@ def atomic_path(target: str | os.PathLike[str], is_dir: bool = False) -> Iterato
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -24,15 +24,16 @@ from lowbit.io import write_json
 
 def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_quantize: float | None,
          report: dict[str, Any] | None) -> dict[str, Any]:
-    totals = (report or {}).get("totals", {})
+    totals = (report or {}).get("totals", {}).get("total", {})
     return {
         "label": label,
         "recipe": recipe,
         "method": method,
         **{k: result[k] for k in ("model", "task", "metrics", "footprint", "data", "env") if k in result},
         "fidelity": result.get("fidelity"),
-        "quantized": {k: totals.get(k) for k in ("fp32_bytes", "packed_bytes", "bits_per_weight", "params")
-                      if k in totals} if report else None,
+        "quantized": {k: totals.get(k) for k in ("quantized_params", "quantized_fp32_bytes", "packed_bytes",
+                                                  "bits_per_weight", "float_bytes", "stored_bytes", "compression")
+                      } if report else None,
         "seconds_quantize": seconds_quantize,
     }
 

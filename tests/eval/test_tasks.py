@@ -96,3 +96,17 @@ def test_input_errors(fake_model, toy_set) -> None:
         evaluate(fake_model, "zeroshot", data=toy_set(4), limit=0)
     with pytest.raises(LowbitError, match="needs labels"):
         evaluate(fake_model, "zeroshot", data=toy_set(4, labelled=False), progress=False)
+
+
+def test_reference_result_is_reused(fake_model, toy_set) -> None:
+    from tests.eval.conftest import FakeEncoder
+
+    data = toy_set(8)
+    ref = evaluate(fake_model, "retrieval", data=data, footprint=False, progress=False)
+    other = FakeEncoder(seed=1, name="other")
+    by_model = evaluate(other, "retrieval", data=data, reference=fake_model, footprint=False, progress=False)
+    by_result = evaluate(other, "retrieval", data=data, reference=ref, footprint=False, progress=False)
+    assert by_result["fidelity"] == by_model["fidelity"]
+    assert by_result["fidelity"]["reference_model"] == "fake"
+    assert by_result["fidelity"]["agreement"] < 1.0
+    json.dumps(by_result)

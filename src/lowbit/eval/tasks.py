@@ -129,7 +129,7 @@ def evaluate(
     *,
     limit: int | None = None,
     data: DataSpec | None = None,
-    reference: DualEncoder | None = None,
+    reference: DualEncoder | Result | None = None,
     footprint: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -139,11 +139,12 @@ def evaluate(
 
     Keys: ``model``, ``task``, ``metrics`` (``top1``... for classification, ``i2t_r1``/``t2i_r1``... for
     retrieval), ``footprint`` (if ``footprint``; ``disk_bytes`` from ``checkpoint_dir``), ``fidelity`` (if
-    ``reference`` is given: agreement, cosines and accuracy kept vs the reference), ``data`` (``name``,
+    ``reference`` — a model, or what evaluate() returned for it on the same task — is given), ``data`` (``name``,
     ``n``, ``skipped``, ``split``), ``env`` and ``seconds``. ``limit`` keeps the first ``limit`` samples.
 
     Example:
         >>> r = evaluate(int4_model, "fashion-mnist", limit=1000, reference=fp32_model)  # doctest: +SKIP
+        >>> ref = evaluate(fp32_model, "fashion-mnist")  # doctest: +SKIP
         >>> r["metrics"]["top1"], r["fidelity"]["agreement"], r["footprint"]["weight_bytes"]  # doctest: +SKIP
         (0.69, 0.95, 75563008)
     """
@@ -173,14 +174,14 @@ def evaluate(
             progress=progress,
         )
     if reference is not None:
-        with _eval_mode(reference):
-            ref = spec.run(reference, dataset, batch_size, progress)
-        out["fidelity"] = {
-            "reference_model": getattr(reference, "source", {}).get("name"),
-            **fidelity(ref, result),
-            **accuracy_kept(ref, result),
-        }
+        if isinstance(reference, Result):  # what an earlier evaluate() of the reference returned, same task/data
+            ref_name, ref = reference.get("model"), Result(reference["metrics"], reference.outputs)
+        else:
+            with _eval_mode(reference):
+                ref = spec.run(reference, dataset, batch_size, progress)
+            ref_name = getattr(reference, "source", {}).get("name")
+        out["fidelity"] = {"reference_model": ref_name, **fidelity(ref, result), **accuracy_kept(ref, result)}
     out["data"] = {"name": dataset.name, "n": len(dataset), "skipped": dataset.skipped, "split": spec.split}
     out["env"] = environment()
     out["seconds"] = round(time.perf_counter() - start, 3)
-    return out
+    return Result(out, result.outputs)  # outputs ride along (not in JSON): reusable as a later ``reference``

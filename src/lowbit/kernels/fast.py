@@ -38,6 +38,7 @@ from types import ModuleType
 import torch
 
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
+from lowbit.kernels.quant_linear import LINEAR_BACKENDS, QuantLinear
 from lowbit.kernels.reference import reference_linear
 from lowbit.paths import lowbit_home
 
@@ -48,7 +49,7 @@ BLOCK = 32  # inputs per K-block and activation quantization block (kBlock)
 DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
 ISA_ENV = "LOWBIT_KERNEL_ISA"
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("binding.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512vnni.cpp")
+SOURCES = ("binding.cpp", "work_pool.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512vnni.cpp")
 _EXT_NAME = "lowbit_cpu_kernels"
 
 _lock = threading.Lock()
@@ -67,15 +68,14 @@ def _compile() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     sources = [str(SOURCE_DIR / s) for s in SOURCES]
-    # -fopenmp makes at::parallel_for use torch's OpenMP pool (the extension links the libgomp torch loaded).
-    cflags = ["-O3", "-DNDEBUG", "-fopenmp"]
+    cflags = ["-O3", "-DNDEBUG"]
     try:
-        return load(name=_EXT_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+        return load(name=_EXT_NAME, sources=sources, extra_cflags=cflags,
                     build_directory=str(_build_dir()), verbose=False)
     except Exception as first:  # an old compiler may reject the AVX-512 target: retry without that file's body
         log.info("lowbit kernels: build failed (%s); retrying without AVX-512", first)
         return load(name=f"{_EXT_NAME}_noavx512", sources=sources, extra_cflags=cflags + ["-DLOWBIT_NO_AVX512"],
-                    extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=False)
+                    build_directory=str(_build_dir()), verbose=False)
 
 
 def _say_fallback_once(reason: str, category: type[Warning] | None) -> None:
@@ -268,3 +268,16 @@ def linear(
     y = ext.linear(x2, handle.tiles, handle.scales, handle.zs, bias, handle.cb, packed.bits == 8, n, k,
                    handle.group_blocks)
     return y.reshape(*lead, n).to(x.dtype)
+
+
+def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``LINEAR_BACKENDS["cpu"]``: the layer's packed weight through the fast kernels (reference fallback).
+
+    The prepared tiles are cached on the layer and rebuilt when its packed buffers change (load, ``.to()``).
+    ``x`` arrives already divided by ``input_scale``.
+    """
+    handle = layer._cached("fast_cpu", lambda: prepare(layer.packed))  # type: ignore[arg-type, return-value]
+    return linear(x, handle, layer.bias)  # type: ignore[arg-type]
+
+
+LINEAR_BACKENDS.register("cpu")(cpu_backend)

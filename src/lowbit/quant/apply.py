@@ -226,23 +226,25 @@ def _quantize_one(
     full_paths = paths.get(id(p.module), [])
     if not full_paths:
         raise LowbitError(f"{p.tower}/{p.name} is not a submodule of the model, so it cannot be replaced")
-    new = QUANT_KINDS.get(p.kind).build(p.module, packed, result.input_scale)
+    kind = result.kind or p.kind  # a storage variant (PB-LLM side, base-3) may replace the standard kind
+    new = QUANT_KINDS.get(kind).build(p.module, packed, result.input_scale)
     if new is not p.module:
         replace_module(model, full_paths, new)
     on_quantized = getattr(calibration, "on_quantized", None)
     if callable(on_quantized):
         on_quantized(p.tower, p.name, new)
-    return _module_stats(p, full_paths[0], weight, new, packed)
+    return _module_stats(p, full_paths[0], weight, new, packed, kind)
 
 
-def _module_stats(p: _Planned, path: str, weight: torch.Tensor, new: Any, packed: Any) -> ModuleQuant:
+def _module_stats(p: _Planned, path: str, weight: torch.Tensor, new: Any, packed: Any,
+                  kind: str | None = None) -> ModuleQuant:
     with torch.no_grad():
         wq = new.effective_weight().reshape(weight.shape)  # [N, K], input_scale folded
         norm = float(weight.norm())
         err = float((weight - wq).norm()) / norm if norm > 0 else float((weight - wq).norm())
     params = weight.numel()
     return ModuleQuant(
-        tower=p.tower, name=p.name, path=path, kind=p.kind, method=p.rule.method, bits=packed.bits,
+        tower=p.tower, name=p.name, path=path, kind=kind or p.kind, method=p.rule.method, bits=packed.bits,
         group_size=packed.group_size, symmetric=packed.symmetric, shape=list(packed.shape), params=params,
         fp32_bytes=4 * params, packed_bytes=packed.nbytes, bits_per_weight=8 * packed.nbytes / params,
         weight_error=err, has_input_scale=getattr(new, "input_scale", None) is not None, rule=p.rule_index,

@@ -29,7 +29,10 @@ from lowbit.quant.primitives import QuantSpec
 from lowbit.registry import Registry
 
 # Modules whose import registers a built-in method; a missing one (not written yet) is simply absent.
-BUILTIN_METHOD_MODULES: tuple[str, ...] = ("lowbit.quant.rtn", "lowbit.quant.gptq", "lowbit.quant.awq")
+BUILTIN_METHOD_MODULES: tuple[str, ...] = (
+    "lowbit.quant.rtn", "lowbit.quant.gptq", "lowbit.quant.awq",
+    "lowbit.quant.binary", "lowbit.quant.ternary", "lowbit.quant.pbllm",
+)
 
 
 @dataclass
@@ -57,11 +60,13 @@ class QuantResult:
 
     ``input_scale`` [K] (float32), when set, means the layer computes ``y = (x / input_scale) @ W_q^T`` where
     ``packed`` holds W_q = quant(W * input_scale) (AWQ's per-input-channel scaling that could not be folded
-    into the previous op).
+    into the previous op). ``kind``, when set, builds the layer as that ``QUANT_KINDS`` entry instead of the
+    standard one for its module type (formats with extra buffers: ``lowbit.kernels.variants``).
     """
 
     packed: PackedWeight
     input_scale: torch.Tensor | None = None
+    kind: str | None = None  # a QUANT_KINDS name overriding the layer's (storage variants, e.g. pbllm_linear)
 
 
 @runtime_checkable

@@ -1,17 +1,18 @@
 // Torch binding of the lowbit CPU kernels: ISA selection at run time, activation quantization, threading.
 //
-// Built by lowbit/kernels/fast.py with torch.utils.cpp_extension.load (and -fopenmp, so at::parallel_for
-// uses torch's OpenMP pool). The weight layout is prepared in Python (fast.py: prepare); see lowbit_kernels.h.
+// Built by lowbit/kernels/fast.py with torch.utils.cpp_extension.load. Threads: torch's intra-op count
+// (torch.set_num_threads), run on lowbit's own work-claiming pool (work_pool.h says why not OpenMP).
+// The weight layout is prepared in Python (fast.py: prepare); see lowbit_kernels.h.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "lowbit_kernels.h"
+#include "work_pool.h"
 
 namespace {
 
@@ -109,8 +110,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
   float* ap = a.data_ptr<float>();
   int32_t* isp = isum.data_ptr<int32_t>();
   float* gsp = gsum.data_ptr<float>();
+  const int threads = at::get_num_threads();
   const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, M, row_grain, [&](int64_t m0, int64_t m1) {
+  lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
     kt->quantize(xp, K, K, KB, m0, m1, xqp, ap, isp);
     // Per-group sums of the dequantized activations, for the zero-point term.
     for (int64_t m = m0; m < m1; ++m) {
@@ -128,19 +130,23 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
                             static_cast<int>(cb), full_byte, N, T, KB, G, gb};
   const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G};
   float* yp = y.data_ptr<float>();
-  // Work is split in units of two tiles (16 outputs); a unit must be worth a thread wake-up (~2^17 MACs).
+  // Work is split in units of two tiles (16 outputs), claimed in chunks: about 16 chunks per thread for
+  // balance (a late or preempted thread only delays its own chunk), each worth >= ~2^16 MACs.
   const int64_t units = ceil_div(T, 2);
   const int64_t unit_macs = 2 * lowbit::kTileRows * KB * lowbit::kBlock * M;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(unit_macs, 1));
+  const int64_t min_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_macs, 1));
+  const int64_t grain = std::max(min_grain, units / (16 * std::max(threads, 1)));
   if (M <= lowbit::kSmallMaxM) {
-    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
       kt->gemm_small(tiles, acts, biasp, yp, 2 * u0, std::min(T, 2 * u1));
     });
   } else {
-    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-      // Room for two unpacked tiles (8 rows x KB blocks x 32 bytes each), reused across this range.
-      std::unique_ptr<uint8_t[]> scratch(new uint8_t[2 * KB * lowbit::kBlock * 8 + 64]);
-      kt->gemm_large(tiles, acts, biasp, yp, 2 * u0, std::min(T, 2 * u1), scratch.get());
+    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
+      // Room for two unpacked tiles (8 rows x KB blocks x 32 bytes each); per thread, reused across calls.
+      thread_local std::vector<uint8_t> scratch;
+      const size_t need = static_cast<size_t>(2 * KB * lowbit::kBlock * 8 + 64);
+      if (scratch.size() < need) scratch.resize(need);
+      kt->gemm_large(tiles, acts, biasp, yp, 2 * u0, std::min(T, 2 * u1), scratch.data());
     });
   }
   return y;

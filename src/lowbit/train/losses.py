@@ -1,0 +1,104 @@
+"""Contrastive and distillation losses for dual encoders, correct across data-parallel processes.
+
+- ``clip_loss``: symmetric softmax cross-entropy over the image-text similarity matrix with a learnable
+  temperature (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language Supervision").
+- ``siglip_loss``: pairwise sigmoid loss with learnable temperature and bias (Zhai et al., 2023, "Sigmoid Loss
+  for Language Image Pre-Training"), normalised by the number of images as in the paper.
+- ``distill_kl_loss``: KL divergence between teacher and student similarity distributions at a temperature
+  (Hinton et al., 2015, "Distilling the Knowledge in a Neural Network"), both directions, times T².
+- ``embedding_cosine_loss``: 1 - cos between student and teacher embeddings.
+
+Distributed: each rank holds ``B`` local pairs. The other ranks' features are all-gathered *with* gradients
+(``distributed.all_gather_with_grad``, open_clip's ``gather_with_grad``), and each rank scores only its local
+rows against all ``W*B`` columns ("local loss"), positives at column ``rank*B + i``. The local loss is the mean
+over local rows, so the mean over ranks equals the one-process loss on the concatenated batch, and DDP's
+gradient averaging then reproduces the one-process gradient. SigLIP uses the same plain all-gather instead of
+the paper's chunked neighbour exchange: identical numbers, ``W*B`` text features in memory at once (fine at
+the batch sizes a CPU trains with).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from lowbit.train import distributed as D
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 to keep training stable
+
+
+def _gathered(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' image and text features [W*B, D] and the column offset of this rank's positives."""
+    return D.all_gather_with_grad(image), D.all_gather_with_grad(text), D.rank() * image.shape[0]
+
+
+def clip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, clamp: bool = True
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on L2-normalised features [B, D]; ``logit_scale`` is log(1/temperature).
+
+    Example:
+        >>> img = F.normalize(torch.randn(4, 8), dim=-1); txt = F.normalize(torch.randn(4, 8), dim=-1)
+        >>> clip_loss(img, txt, torch.tensor(math.log(10.0))).shape
+        torch.Size([])
+    """
+    scale = (logit_scale.clamp(max=MAX_LOGIT_SCALE) if clamp else logit_scale).exp()
+    all_img, all_txt, offset = _gathered(image_emb, text_emb)
+    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+    logits_per_image = scale * image_emb @ all_txt.T  # [B, W*B]: local images vs every text
+    logits_per_text = scale * text_emb @ all_img.T  # [B, W*B]: local texts vs every image
+    return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
+
+
+def siglip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP: -sum log sigmoid(z_ij * (t x_i.y_j + b)) / n_images, z = +1 on the diagonal, -1 elsewhere.
+
+    ``logit_scale`` is log t. Every image is scored against every text of the global batch.
+
+    Example:
+        >>> img = F.normalize(torch.randn(4, 8), dim=-1); txt = F.normalize(torch.randn(4, 8), dim=-1)
+        >>> float(siglip_loss(img, txt, torch.tensor(math.log(10.0)), torch.tensor(-10.0))) > 0
+        True
+    """
+    _, all_txt, offset = _gathered(image_emb, text_emb)
+    logits = (logit_scale.exp() * image_emb @ all_txt.T + logit_bias).float()  # [B, W*B]
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(image_emb.shape[0], device=logits.device)
+    signs[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / image_emb.shape[0]
+
+
+def distill_kl_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher || student) of the softmaxed similarity rows and columns [Bi, Bt], averaged, times T².
+
+    The T² keeps gradient size independent of the temperature (Hinton et al., 2015). Pass logits from the
+    same batch for both models (e.g. ``scale * img @ txt.T``); the teacher's are detached here.
+
+    Example:
+        >>> s = torch.randn(4, 4); distill_kl_loss(s, s).abs().item() < 1e-6
+        True
+    """
+    t = temperature
+    teacher = teacher_logits.detach().float() / t
+    student = student_logits.float() / t
+
+    def kl(s: torch.Tensor, te: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(te, dim=-1), log_target=True, reduction="batchmean")
+
+    return 0.5 * (kl(student, teacher) + kl(student.T, teacher.T)) * t * t
+
+
+def embedding_cosine_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(student_i, teacher_i) over rows [B, D]; the teacher is detached.
+
+    Example:
+        >>> x = torch.randn(3, 5); float(embedding_cosine_loss(x, 2 * x)) < 1e-6
+        True
+    """
+    return (1.0 - F.cosine_similarity(student_emb.float(), teacher_emb.detach().float(), dim=-1)).mean()

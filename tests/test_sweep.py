@@ -1,0 +1,31 @@
+"""The accuracy-vs-bytes sweep on the real default model (small slice of the test set)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_sweep_writes_report_and_orders_bytes(tmp_path):
+    from lowbit.sweep import sweep
+
+    out = tmp_path / "sweep"
+    recipes = ["w8", "vision=w4g64,text=w4g64,projector=w8"]
+    rows = sweep("lit-fashion", recipes, ["rtn"], "fashion-mnist", out, limit=300, progress=False)
+    assert [r["label"] for r in rows] == ["float", "w8+rtn", f"{recipes[1]}+rtn"]
+    for suffix in ("json", "md", "png"):
+        assert (out / f"sweep.{suffix}").stat().st_size > 0
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    float_row, w8, w4 = rows
+    # 8-bit keeps accuracy; fidelity is measured against the float reference.
+    assert w8["metrics"]["top1"] >= float_row["metrics"]["top1"] - 0.02
+    assert w8["fidelity"]["agreement"] >= 0.95 and w8["fidelity"]["image_cosine"] >= 0.99
+    # Bytes on disk shrink with bits.
+    assert w4["footprint"]["disk_bytes"] < w8["footprint"]["disk_bytes"] < float_row["footprint"]["weight_bytes"]
+    assert w4["quantized"]["bits_per_weight"] < 4.6
+    # A rerun resumes from the finished rows instead of recomputing them.
+    saved = json.loads((out / "rows" / "w8+rtn.json").read_text())
+    again = sweep("lit-fashion", recipes, ["rtn"], "fashion-mnist", out, limit=300, progress=False)
+    assert again[1] == saved
