@@ -137,5 +137,5 @@ def demo(limit: int | None = None, out_dir: str | None = None) -> list[dict[str,
     if out_dir:
         from lowbit.eval.report import write_report
 
-        write_report(results, Path(out_dir) / "demo")
+        write_report(results, Path(out_dir))
     return results

@@ -64,11 +64,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: load (or build) the default model, evaluate it on Fashion-MNIST and shapes, print a table."""
     from lowbit import api
+    from lowbit.eval.report import markdown_table
 
     results = api.demo(limit=args.limit, out_dir=args.out)
-    _print_json_or_table(results, None)
+    print(markdown_table(results))
     if args.out:
-        print(f"wrote {args.out}/demo.json and {args.out}/demo.md")
+        print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
 
 
 def cmd_build(args: argparse.Namespace) -> None:

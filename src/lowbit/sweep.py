@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lowbit.io import write_json
+from lowbit.io import atomic_path, write_json
 
 
 def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_quantize: float | None,
@@ -27,9 +27,11 @@ def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_q
     totals = (report or {}).get("totals", {}).get("total", {})
     return {
         "label": label,
+        "checkpoint": result.get("model"),
         "recipe": recipe,
         "method": method,
-        **{k: result[k] for k in ("model", "task", "metrics", "footprint", "data", "env") if k in result},
+        **{k: result[k] for k in ("task", "metrics", "footprint", "data", "env") if k in result},
+        "model": label,  # what tables and the plot call this point
         "fidelity": result.get("fidelity"),
         "quantized": {k: totals.get(k) for k in ("quantized_params", "quantized_fp32_bytes", "packed_bytes",
                                                   "bits_per_weight", "float_bytes", "stored_bytes", "compression")
@@ -54,7 +56,7 @@ def sweep(
     import time
 
     from lowbit import api
-    from lowbit.eval.report import write_report
+    from lowbit.eval.report import plot_accuracy_vs_bytes
     from lowbit.quant.recipe import load_recipe
 
     out = Path(out_dir)
@@ -86,5 +88,32 @@ def sweep(
         rows.append(row)
         if not keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
-    write_report(rows, out / "sweep")
+    write_json(out / "sweep.json", rows)
+    with atomic_path(out / "sweep.md") as tmp:
+        tmp.write_text(sweep_markdown(rows))
+    plot_accuracy_vs_bytes(rows, out / "sweep.png")
     return rows
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def sweep_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table: accuracy kept, fidelity, bits and bytes, latency — per recipe x method."""
+    head = ("| recipe | method | top-1 / R@1 | kept | agreement | image cos | bits/weight (quantized) | "
+            "disk MiB | image ms b32 | quantize s |")
+    lines = [f"# Sweep: {rows[0].get('task')} on {rows[0].get('data', {}).get('n')} samples", "", head,
+             "|" + "---|" * 10]
+    for r in rows:
+        metrics, fid, fp, q = r.get("metrics", {}), r.get("fidelity") or {}, r.get("footprint") or {}, \
+            r.get("quantized") or {}
+        acc = metrics.get("top1", metrics.get("i2t_r1"))
+        disk = fp.get("disk_bytes") or fp.get("weight_bytes")
+        lines.append(" | ".join([
+            f"| {r['recipe']}", r["method"], _cell(acc, ".4f"), _cell(fid.get("accuracy_kept"), ".3f"),
+            _cell(fid.get("agreement"), ".4f"), _cell(fid.get("image_cosine"), ".4f"),
+            _cell(q.get("bits_per_weight"), ".2f"), _cell(disk and disk / 2**20, ".2f"),
+            _cell(fp.get("image_ms_b32"), ".2f"), _cell(r.get("seconds_quantize"), ".1f"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
