@@ -173,3 +173,22 @@ def test_efficientnet_same_padding_conv_rows() -> None:
     rows = input_rows(conv, x)  # [2*5*5, 27]
     out = conv(x)  # [2, 4, 5, 5]
     assert torch.allclose(rows @ conv.weight.reshape(4, -1).T, out.permute(0, 2, 3, 1).reshape(-1, 4), atol=1e-5)
+
+
+def test_sequential_quantize_with_calibrator(model: TinyDual) -> None:
+    from lowbit.quant.apply import quantize_
+
+    imgs = images(8)
+    cal = ActivationCalibrator(model, imgs, TEXTS)
+    pixels, tokens = model.preprocess(imgs), model.tokenize(TEXTS)
+    with torch.no_grad():
+        ref_img, ref_txt = model.encode_image(pixels), model.encode_text(tokens)
+    seen = []
+    stats_for = cal.stats_for
+    cal.stats_for = lambda tower, name, module: seen.append(module) or stats_for(tower, name, module)  # type: ignore[method-assign]
+    report = quantize_(model, "vision=w8:gptq,text=w8:awq,projector=w8:gptq", calibration=cal, progress=False)
+    assert len(report.modules) == 5 and len(seen) == 5
+    assert getattr(model.text["fc"], "input_scale", None) is not None  # AWQ's scale reached the layer
+    with torch.no_grad():
+        img, txt = model.encode_image(pixels), model.encode_text(tokens)
+    assert (img * ref_img).sum(-1).min() > 0.99 and (txt * ref_txt).sum(-1).min() > 0.99
