@@ -115,6 +115,46 @@ def build(
     return {"heads": str(target), **log}
 
 
+def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:
+    """Time every packed format against torch and ONNX Runtime baselines, interleaved in one run.
+
+    ``quick`` times two shapes at M in {1, 16} with few repeats (a smoke run); the full run takes minutes.
+    """
+    from lowbit.kernels.bench import run_kernel_bench
+
+    if quick:
+        return run_kernel_bench(shapes=[(768, 768), (4096, 4096)], ms=[1, 16], repeats=5, json_path=json_path,
+                                budget_s=3.0)
+    return run_kernel_bench(json_path=json_path)
+
+
+def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
+    """End-to-end latency of a model; for a packed checkpoint also of its float source, with the ratio.
+
+    Example:
+        >>> lowbit.bench_model("out/w4")["speedup"]["image_ms_b32"]  # doctest: +SKIP
+    """
+    from lowbit.data import resolve_dataset
+    from lowbit.eval.footprint import measure_footprint
+
+    data = resolve_dataset("fashion-mnist", split="test", limit=32)
+    texts = [t.format(c) for c in (data.classnames or []) for t in data.templates][:32]
+    model = load(name_or_path)
+    packed_dir = model.source.get("checkpoint")
+    result: dict[str, Any] = {
+        "model": name_or_path, "task": "bench",
+        "footprint": measure_footprint(model, data.images, texts, checkpoint=packed_dir, batch_sizes=batch_sizes),
+    }
+    float_source = model.source.get("float_source")
+    if float_source:
+        reference = load(float_source["name"], **float_source.get("options", {}))
+        ref = measure_footprint(reference, data.images, texts, batch_sizes=batch_sizes)
+        result["float_footprint"] = ref
+        result["speedup"] = {k: ref[k] / result["footprint"][k] for k in ref
+                             if k.endswith(tuple(f"_b{b}" for b in batch_sizes)) and result["footprint"].get(k)}
+    return result
+
+
 def list_models() -> list[dict[str, str]]:
     """Built-in models, quantized checkpoints cached under ``$LOWBIT_HOME/models``, and families."""
     from lowbit.models import FAMILIES, builtin_models
