@@ -75,10 +75,11 @@ def quantize(
 def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
     """Write a packed checkpoint (safetensors + manifest.json) atomically; returns its directory."""
     from lowbit.checkpoint import save_quantized
+    from lowbit.quant.recipe import Recipe
 
-    if report is None:
+    if report is None or not report.recipe_spec:
         raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
-    save_quantized(model, report, report.recipe, out_dir)
+    save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir)
     return Path(out_dir)
 
 

@@ -183,7 +183,7 @@ def quantize_(
         if count == 0:
             warnings.warn(f"recipe rule {index} ({recipe.rules[index].describe()}) matches no module",
                           UserWarning, stacklevel=2)
-    report = QuantReport(float_modules=kept, recipe=recipe.name or recipe.describe())
+    report = QuantReport(float_modules=kept, recipe=recipe.name or recipe.describe(), recipe_spec=recipe.to_dict())
     violations = report.strict_violations()
     if strict and violations:
         listed = "; ".join(f"{f.label} ({f.reason})" for f in violations)

@@ -71,6 +71,7 @@ class QuantReport:
     modules: list[ModuleQuant] = field(default_factory=list)
     float_modules: list[FloatModule] = field(default_factory=list)
     recipe: str = ""
+    recipe_spec: dict[str, Any] = field(default_factory=dict)  # Recipe.to_dict() of the recipe applied
 
     def strict_violations(self) -> list[FloatModule]:
         """Float-kept weight layers that no skip rule asked for."""
@@ -113,6 +114,7 @@ class QuantReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
+            "recipe_spec": self.recipe_spec,
             "modules": [asdict(m) for m in self.modules],
             "float_modules": [asdict(f) for f in self.float_modules],
             "totals": self.totals(),
@@ -124,6 +126,7 @@ class QuantReport:
             modules=[ModuleQuant(**m) for m in data.get("modules", [])],
             float_modules=[FloatModule(**f) for f in data.get("float_modules", [])],
             recipe=data.get("recipe", ""),
+            recipe_spec=data.get("recipe_spec", {}),
         )
 
     def markdown(self, max_rows: int | None = None) -> str:
