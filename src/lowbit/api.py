@@ -59,12 +59,12 @@ def quantize(
         >>> report = lowbit.quantize(model, "vision=w4g64:gptq,text=w4g64:gptq,projector=w8")  # doctest: +SKIP
     """
     from lowbit.quant.apply import quantize_
-    from lowbit.quant.methods import METHODS
+    from lowbit.quant.methods import get_method
     from lowbit.quant.recipe import Recipe, load_recipe
 
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     calibration = None
-    if any(rule.spec is not None and METHODS.get(rule.method).needs_calibration for rule in parsed.rules):
+    if any(rule.spec is not None and get_method(rule.method).needs_calibration for rule in parsed.rules):
         from lowbit.quant.calibration import calibration_from_dataset
 
         calibration = calibration_from_dataset(model, calib_data, n_samples=calib_samples)

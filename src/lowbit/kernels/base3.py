@@ -128,7 +128,7 @@ class _Base3Mixin(ExtraPackedMixin):
     def packed(self) -> Base3Packed:
         """The equivalent 2-bit ``PackedWeight`` (plus ``trits``); the 2-bit codes are rebuilt once, cached."""
         b = self._buffers  # type: ignore[attr-defined]
-        n, k = self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel())
+        k = int(torch.Size(self.weight_shape[1:]).numel())
         qweight = self._cached("qweight2", lambda: pack_codes(unpack_trits(b["qtrits"], k) + 1, 2))
         return Base3Packed(qweight, b["scales"], None, self.bits, self.group_size,  # type: ignore[attr-defined]
                            self.weight_shape, b["qtrits"])

@@ -5,14 +5,14 @@ a small fraction of salient weights stays at higher precision, the rest is binar
 
 Stored per layer (weight [N, K]), under the module's state-dict prefix:
 
-| buffer           | dtype                         | shape   | meaning |
-|------------------|-------------------------------|---------|---------|
-| ``qweight``      | uint8                         | [N, ceil(K/8)] | 1-bit codes of EVERY weight (docs/PACKED_FORMAT.md) |
-| ``scales``       | float16                       | [N, G]  | binary scales: w_b = (q - 1/2) * 2 * s |
-| ``side_row_ptr`` | int32                         | [N + 1] | CSR row pointers into the next two |
-| ``side_cols``    | int16 (K <= 32767) or int32   | [nnz]   | column of each salient weight, ascending per row |
-| ``side_values``  | int8                          | [nnz]   | residual codes in [-127, 127] |
-| ``side_row_scale`` | float16                     | [N]     | per-row residual step |
+| buffer             | dtype                       | shape          | meaning |
+|--------------------|-----------------------------|----------------|---------|
+| ``qweight``        | uint8                       | [N, ceil(K/8)] | 1-bit codes of EVERY weight (PACKED_FORMAT.md) |
+| ``scales``         | float16                     | [N, G]         | binary scales: w_b = (q - 1/2) * 2 * s |
+| ``side_row_ptr``   | int32                       | [N + 1]        | CSR row pointers into the next two |
+| ``side_cols``      | int16 (K <= 32767) or int32 | [nnz]          | column of each salient weight, ascending per row |
+| ``side_values``    | int8                        | [nnz]          | residual codes in [-127, 127] |
+| ``side_row_scale`` | float16                     | [N]            | per-row residual step |
 
 ``W[n, k] = w_b[n, k] + side_values[j] * side_row_scale[n]`` for the entry j of (n, k), else ``w_b[n, k]``
 (float32). The side holds the RESIDUAL of salient weights over their binary value, so the layer is exactly

@@ -15,7 +15,8 @@ matching rule wins. Sources, all through ``load_recipe``:
 
 - a short string: ``vision=w4g64:gptq,text=w4g64:gptq,projector=w8``; items are
   ``TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD]`` (``a`` = asymmetric, METHOD defaults to rtn, no g = per
-  output channel) or ``TOWER[/PATTERN]=skip``.
+  output channel) or ``TOWER[/PATTERN]=skip``; ``w1.58`` is short for ``w2:ternary`` (ternary weights in
+  2-bit codes, method lowbit.quant.ternary).
 
 Methods themselves cite their papers (lowbit.quant.rtn / gptq / awq); the recipe layer is format only.
 """
@@ -41,6 +42,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 SHORT_FORM = "TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] or TOWER[/PATTERN]=skip"
 _RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options")
 _BITS_TEXT = ",".join(map(str, SUPPORTED_BITS))
+TERNARY_ALIAS = "w1.58"  # short-string alias of w2:ternary (lowbit.quant.ternary)
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,9 @@ def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
     if value == "skip":
         return None, ""
     body, colon, method = value.partition(":")
+    default_method = "rtn"
+    if body.startswith(TERNARY_ALIAS):  # log2(3) = 1.58 bits: ternary weights, stored as 2-bit codes
+        body, default_method = "w2" + body[len(TERNARY_ALIAS):], "ternary"
     if not body.startswith("w"):
         raise _ShortError(f"expected 'w<bits>' or 'skip', found {value!r}")
     i = 1
@@ -245,7 +250,7 @@ def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
             raise _ShortError(f"unknown quantization method {method!r}; choose one of: "
                               f"{', '.join(known)}")
     else:
-        method = "rtn"
+        method = default_method
     try:
         spec = QuantSpec(bits, group, symmetric)
     except LowbitError as err:

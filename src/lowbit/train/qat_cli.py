@@ -1,0 +1,93 @@
+"""The ``lowbit qat`` verb: quantization-aware training with distillation (``lowbit.train.qat.run_qat``).
+
+``register_qat_cli(sub)`` adds it to ``lowbit``'s sub-command parser (one line in ``lowbit.cli``);
+``python -m lowbit.train.qat_cli qat ...`` runs it stand-alone, which is also what ``torchrun`` launches::
+
+    lowbit qat lit-fashion --recipe vision=w1.58,text=w1.58 --steps 300 --out runs/t
+    torchrun --nproc_per_node 2 -m lowbit.train.qat_cli qat lit-fashion --recipe ... --out runs/t
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+
+def cmd_qat(args: argparse.Namespace) -> None:
+    """Quantization-aware training of MODEL with a recipe, distilled from the float model; resumes from OUT."""
+    from lowbit.train.distributed import cleanup_distributed, is_main
+    from lowbit.train.qat import QATArgs, QATLoss, run_qat, summary_line
+
+    try:
+        summary = run_qat(QATArgs(
+            model=args.model, recipe=args.recipe, out=args.out, data=args.data, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples,
+            eval_every=args.eval_every, eval_samples=args.eval_samples, ckpt_every=args.ckpt_every,
+            log_every=args.log_every, progress=not args.no_progress,
+            loss=QATLoss(distill=args.distill, task_loss=args.task_loss, task_weight=args.task_weight,
+                         temperature=args.temperature),
+        ))
+        if is_main():
+            print(summary_line(summary))
+    finally:
+        cleanup_distributed()
+
+
+def add_qat_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``lowbit qat`` (shared by ``register_qat_cli`` and the lead's cli.py)."""
+    p.set_defaults(func=cmd_qat)
+    p.add_argument("model", help="built-in name (lit-fashion) or CLIP/SigLIP directory to quantize")
+    p.add_argument("--recipe", required=True,
+                   help="preset, YAML path or short string, e.g. 'vision=w1:binary,text=w1.58,projector=w8'")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log, summary.json, model/ (packed)")
+    p.add_argument("--data", default="fashion-mnist", help="image-text data: dataset name or folder")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the latent weights")
+    p.add_argument("--scale-lr", type=float, default=1.0, help="learning-rate multiplier of the quantizer steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-samples", type=int, default=5000, help="training images (first N of the train split)")
+    p.add_argument("--distill", default="both", choices=["kl", "cosine", "both", "none"])
+    p.add_argument("--task-loss", default="clip", choices=["clip", "siglip", "none"])
+    p.add_argument("--task-weight", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-samples", type=int, default=500, help="test samples per evaluation (0: none)")
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register_qat_cli(sub: Any) -> None:
+    """Add ``qat`` to ``lowbit``'s sub-command parser (``sub`` from ``add_subparsers``)."""
+    p = sub.add_parser("qat", help=(cmd_qat.__doc__ or "").splitlines()[0], description=cmd_qat.__doc__)
+    add_qat_arguments(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m lowbit.train.qat_cli qat ...``), same exit codes as ``lowbit``."""
+    from lowbit.cli import _Parser
+
+    parser = _Parser(prog="lowbit", description=__doc__)
+    register_qat_cli(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
