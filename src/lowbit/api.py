@@ -95,6 +95,19 @@ def sweep(model_name: str, recipes: list[str], methods: list[str], task: str, ou
     return run(model_name, recipes, methods, task, out_dir, **options)
 
 
+def qat(model_name: str, recipe: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Quantization-aware training with distillation from the float model; writes a packed model to OUT/model.
+
+    ``options`` are the fields of ``lowbit.train.qat.QATArgs`` (data, steps, lr, batch_size, distill, ...).
+
+    Example:
+        >>> lowbit.qat("lit-fashion", "text=w1:binary", "out/qat", steps=150)  # doctest: +SKIP
+    """
+    from lowbit.train.qat import QATArgs, run_qat
+
+    return run_qat(QATArgs(model=model_name, recipe=recipe, out=str(out_dir), **options))
+
+
 def build(
     name: str = "lit-fashion",
     out: str | os.PathLike[str] | None = None,

@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+
+    from lowbit.train.cli import register_cli as register_train_and_data
+    from lowbit.train.qat_cli import register_qat_cli
+
+    register_train_and_data(sub)  # `lowbit train clip`, `lowbit data shard`
+    register_qat_cli(sub)  # `lowbit qat`
     return parser
 
 
