@@ -46,11 +46,29 @@ class LitConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+class StandardizedHead(nn.Module):
+    """``proj((x - mean) / std)``: a linear head over standardised features.
+
+    The standardisation stays a separate float op (buffers ``mean``/``std`` [D_in]) instead of being folded
+    into ``proj``: folding multiplies weight columns by 1/std, which spreads their magnitudes over orders of
+    magnitude and makes per-channel weight quantization of the head lose the small columns.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj((x - self.mean) / self.std)
+
+
 class LitDualEncoder(DualEncoder):
     """Frozen EfficientNet-Lite0 + frozen MiniLM + linear heads.
 
     Towers: ``vision`` (EfficientNet-Lite0 trunk, [B,3,S,S] -> [B,1280]), ``text`` (BERT encoder + mean
-    pooling, tokens -> [B,384]), ``projector`` (``image``: Linear 1280->D, ``text``: Linear 384->D).
+    pooling, tokens -> [B,384]), ``projector`` (``image``: standardise + Linear 1280->D, ``text``: Linear 384->D).
     """
 
     family = "lit"
@@ -64,7 +82,7 @@ class LitDualEncoder(DualEncoder):
         self.text = MeanPooledEncoder(minilm_dir())
         self.projector = nn.ModuleDict(
             {
-                "image": nn.Linear(self.vision.out_dim, config.embed_dim),
+                "image": StandardizedHead(self.vision.out_dim, config.embed_dim),
                 "text": nn.Linear(self.text.out_dim, config.embed_dim),
             }
         )

@@ -142,8 +142,9 @@ def train_heads(model: LitDualEncoder, pool: CaptionedFeatures, hp: HeadTraining
     """Train ``model.projector`` and the temperature on a feature pool; returns the loss curve."""
     gen = torch.Generator().manual_seed(hp.seed)
     torch.manual_seed(hp.seed)
-    mean, std = pool.images.mean(0), pool.images.std(0) + 1e-6
-    image_head, text_head = model.projector["image"], model.projector["text"]
+    image_norm, image_head, text_head = model.projector["image"], model.projector["image"].proj, model.projector["text"]
+    image_norm.mean.copy_(pool.images.mean(0))  # standardised features train faster (and quantize better)
+    image_norm.std.copy_(pool.images.std(0) + 1e-6)
     for head in (image_head, text_head):
         torch.nn.init.normal_(head.weight, std=head.in_features**-0.5, generator=gen)
         torch.nn.init.zeros_(head.bias)
@@ -152,7 +153,7 @@ def train_heads(model: LitDualEncoder, pool: CaptionedFeatures, hp: HeadTraining
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=hp.steps, pct_start=0.05)
-    normed = (pool.images - mean) / std  # standardised features train faster; folded into the head below
+    normed = (pool.images - image_norm.mean) / image_norm.std
     n_choices = pool.choices.shape[1]
     losses = []
     for _ in tqdm(range(hp.steps), desc="train heads", disable=not progress):
@@ -168,9 +169,6 @@ def train_heads(model: LitDualEncoder, pool: CaptionedFeatures, hp: HeadTraining
         with torch.no_grad():
             model.log_scale.clamp_(0, 4.6052)  # CLIP's cap: scale <= 100
         losses.append(loss.item())
-    with torch.no_grad():  # fold the standardisation: W((f - m)/s) + b = (W/s) f + (b - W(m/s))
-        image_head.bias -= image_head.weight @ (mean / std)
-        image_head.weight /= std
     for p in params:
         p.requires_grad_(False)
     return losses

@@ -1,0 +1,54 @@
+"""``vit``: the built-in ``clip-vit-tiny-fashion``, a ViT dual encoder lowbit trained from scratch.
+
+A CLIP model (Radford et al., 2021) with a ViT image tower (Dosovitskiy et al., 2021) of the ``tiny`` preset,
+pre-trained by ``lowbit train clip`` on Fashion-MNIST (captions from the prompt templates) plus the generated
+shapes captions. The package ships it as a standard transformers directory (fp16 weights, config, word-level
+tokenizer, image processor) in ``assets/clip-vit-tiny-fashion/``; its ``BUILD.md`` holds the exact command,
+seed and training log. Loading goes through the ``clip`` family, so it behaves like any CLIP checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError, unknown_choice
+from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+
+NAME = "clip-vit-tiny-fashion"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / NAME
+BUILD_COMMAND = (
+    "lowbit train clip --model tiny --data fashion-mnist,shapes --steps 2000 --out runs/clip-vit-tiny-fashion "
+    "(see assets/clip-vit-tiny-fashion/BUILD.md for the exact command)"
+)
+
+
+def load_vit_default(name: str = NAME, **options: Any) -> DualEncoder:
+    """Load the packaged ``clip-vit-tiny-fashion`` in eval mode (float32 on CPU).
+
+    Example:
+        >>> model = load_vit_default()  # doctest: +SKIP
+        >>> model.embed_texts(["a photo of a sneaker."]).shape  # doctest: +SKIP
+        torch.Size([1, 128])
+    """
+    from lowbit.models.clip import load_clip
+
+    if name != NAME:
+        raise unknown_choice("vit model", name, [NAME])
+    if not (ASSET_DIR / "config.json").is_file():
+        raise LowbitError(f"{NAME} is not packaged in this install ({ASSET_DIR} has no config.json); "
+                          f"build it with: {BUILD_COMMAND}")
+    model = load_clip(str(ASSET_DIR), **options)
+    model.float()  # the weights ship as fp16; CPU inference and quantization want float32
+    model.source = {"family": "vit", "name": NAME, "options": dict(options)}
+    return model
+
+
+FAMILIES.register("vit")(
+    ModelFamily(
+        name="vit",
+        load=load_vit_default,
+        builtin_names=(NAME,),
+        description="ViT-tiny CLIP trained from scratch by lowbit on Fashion-MNIST + shapes (packaged)",
+    )
+)
