@@ -8,8 +8,10 @@ import torch
 from lowbit.eval import evaluate
 from lowbit.models.lit import LitDualEncoder, packaged_heads_path
 
-# Chance on the shapes test set is 1/1000 for R@1; the bar is 20x chance.
-SHAPES_R1_BAR = 0.02
+# Chance on the shapes test set is 1/1000 for R@1. The shipped model measures i2t 0.848 / t2i 0.804; the bar is
+# 500x chance. A subset rebuild (500 shapes images, 300 steps) must reach 50x chance.
+SHAPES_R1_BAR = 0.5
+SUBSET_SHAPES_R1_BAR = 0.05
 
 
 def test_packaged_heads_carry_their_build_log():
@@ -63,5 +65,5 @@ def test_rebuild_heads_on_a_subset_is_deterministic_and_learns(tmp_path, monkeyp
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert log["fashion_test_top1"] >= 0.70, log
-    assert log["shapes_test_i2t_r1"] >= SHAPES_R1_BAR / 2, log
+    assert log["shapes_test_i2t_r1"] >= SUBSET_SHAPES_R1_BAR, log
     assert isinstance(LitDualEncoder, type)
