@@ -155,6 +155,17 @@ def test_input_scale_matches_reference(isa: str) -> None:
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
 
 
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))
+@pytest.mark.parametrize("shape", ((8, 32), (37, 200), (5, 1)), ids=lambda s: f"N{s[0]}K{s[1]}")
+def test_cpp_repack_matches_python_layout(bits: int, shape: tuple[int, int]) -> None:
+    needs_kernels()
+    n, k = shape
+    codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    cb = 4 if bits == 3 else bits
+    tiles = fast._extension().repack(pack_codes(codes, bits), bits, n, k, cb)  # type: ignore[union-attr]
+    assert torch.equal(tiles, fast._tile_codes(codes, cb))
+
+
 def test_isas_agree() -> None:
     needs_kernels()
     packed = make_packed(72, 300, "uint4", 64, seed=9)
@@ -278,3 +289,18 @@ def test_cpu_backend_on_pointwise_conv() -> None:
     y = conv(x)
     assert y.shape == ref.shape == (2, 16, 5, 3)
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
+
+
+def test_isa_env_var_forces_instruction_set() -> None:
+    needs_kernels()
+    code = "from lowbit.kernels import fast\nprint(fast.current_isa())\n"
+    for wanted in ("scalar", "no-such-isa"):
+        env = {**__import__("os").environ, fast.ISA_ENV: wanted}
+        out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        if wanted == "scalar":
+            assert out.stdout.strip() == "scalar"
+        else:  # unknown: keep the best ISA and say so
+            assert out.stdout.strip() == fast.available_isas()[-1]
+            assert "not available" in out.stderr

@@ -182,21 +182,52 @@ def _baseline_callables(w: torch.Tensor, x: torch.Tensor, names: Sequence[str], 
 
 
 # --- timing ------------------------------------------------------------------------------------------------
-def _interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, float]:
-    """Median ms per call; round-robin over ``calls`` (warm-up round first), at least 3 rounds, at most
-    ``repeats``, stopping early once ``budget_s`` seconds have been spent."""
-    for fn in calls.values():
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float,
+                       batch_ms: float = 2.0, gap_s: float = 0.01) -> dict[str, list[float]]:
+    """Per-call times (ms) of each callable, steady state, with machine noise shared fairly.
+
+    Each round runs every callable once as a batch of back-to-back calls (sized to take ~``batch_ms``) and
+    records the batch time / batch size. Before each timed batch, an idle gap of ``gap_s`` and two untimed
+    calls absorb the hand-over from the previous callable's thread pool: ONNX Runtime's workers keep
+    spinning after ``run()``, and the next library's first calls then share a core with them (measured 3 ms
+    for a 0.14 ms call) -- a cost of mixing runtimes in one process, not of either kernel. Rounds are
+    repeated ``repeats`` times (at least 3, fewer if ``budget_s`` runs out).
+    """
+    batch: dict[str, int] = {}
+    for name, fn in calls.items():  # warm-up, and the batch size from one timed call
         fn()
+        t = time.perf_counter()
+        fn()
+        batch[name] = max(1, min(200, int(batch_ms / 1e3 / max(time.perf_counter() - t, 1e-7))))
     times: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
     for r in range(repeats):
         for name, fn in calls.items():
-            t = time.perf_counter()
+            b = batch[name]
+            time.sleep(gap_s)
             fn()
-            times[name].append(time.perf_counter() - t)
+            fn()
+            t = time.perf_counter()
+            for _ in range(b):
+                fn()
+            times[name].append((time.perf_counter() - t) / b * 1e3)
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    return times
+
+
+def _p10(v: list[float]) -> float:
+    return float(np.percentile(v, 10))
 
 
 def run_kernel_bench(
@@ -228,9 +259,10 @@ def run_kernel_bench(
 
     Returns:
         One row per (format, isa, K, N, M): ``ms`` (median per call) and ``ms_<baseline>`` for every baseline,
-        ``speedup_vs_fp32``, ``floor_ms`` (streamed weight bytes / read bandwidth), ``weight_bytes``,
-        ``rel_err`` (vs the float64 reference on the same weight), and the run's ``isa``, ``threads``,
-        ``bw_gbs``.
+        ``speedup_vs_fp32``, ``floor_ms`` (stored packed bytes / best read bandwidth of the run),
+        ``packed_bytes`` / ``streamed_bytes`` (stored format / kernel layout incl. scales), the 10th
+        percentiles ``p10`` / ``p10_<baseline>`` (less sensitive to a busy machine), ``rel_err`` (vs the
+        float64 reference on the same weight), and ``isa``, ``threads``, ``bw_gbs``, ``load_avg``, ``cpu``.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -241,11 +273,13 @@ def run_kernel_bench(
     default_isa = fast.current_isa()
     isas = list(isas) if isas else [str(default_isa)]
     bw = measure_read_bandwidth()
+    cpu = _cpu_model()
     if log:
-        log(f"read bandwidth {bw:.1f} GB/s; isas {isas}; threads {threads}; cpu {platform.processor() or '?'}")
+        log(f"read bandwidth {bw:.1f} GB/s; isas {isas}; threads {threads}; cpu {cpu}")
     rows: list[dict[str, Any]] = []
     try:
         for k, n in shapes:
+            bw = max(bw, measure_read_bandwidth())  # the least disturbed measurement is the closest to the truth
             w = torch.randn(n, k) * 0.02
             handles = {f: fast.prepare(make_format_weight(k, n, FORMATS[f], seed=i)) for i, f in enumerate(formats)}
             for m in ms:
@@ -254,33 +288,39 @@ def run_kernel_bench(
                 for isa in isas:
                     for f, h in handles.items():
                         if len(isas) == 1:
-                            calls[f"{f}@{isa}"] = lambda h=h: fast.linear(x, h)
+                            calls[f"{f}@{isa}"] = lambda h=h, x=x: fast.linear(x, h)
                         else:  # switching costs ~1 us, only paid when several ISAs are compared
-                            calls[f"{f}@{isa}"] = lambda h=h, isa=isa: (fast.set_isa(isa), fast.linear(x, h))
+                            calls[f"{f}@{isa}"] = lambda h=h, isa=isa, x=x: (fast.set_isa(isa), fast.linear(x, h))
                 fast.set_isa(isas[0])
                 with torch.inference_mode():
-                    med = _interleaved_medians(calls, repeats, budget_s)
+                    times = _interleaved_times(calls, repeats, budget_s)
+                med = {name: statistics.median(v) for name, v in times.items()}
                 base = {f"ms_{b}": round(med[b], 4) for b in baselines}
+                base_p10 = {f"p10_{b}": round(_p10(times[b]), 4) for b in baselines}
                 xs = x[:16]  # accuracy check on a few rows: the float64 reference is slow at M=197
                 refs = {f: reference_linear(xs, h.packed, dtype=torch.float64) for f, h in handles.items()}
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
                 for isa in isas:
                     fast.set_isa(isa)
                     for f, h in handles.items():
                         rel = ((fast.linear(xs, h).double() - refs[f]).norm() / refs[f].norm()).item()
-                        ms_f = med[f"{f}@{isa}"]
+                        key = f"{f}@{isa}"
                         rows.append({
-                            "format": f, "isa": isa, "K": k, "N": n, "M": m, "ms": round(ms_f, 4), **base,
-                            "speedup_vs_fp32": round(med["fp32"] / ms_f, 3) if "fp32" in med else None,
-                            "floor_ms": round(h.nbytes / (bw * 1e9) * 1e3, 4),
-                            "weight_bytes": h.nbytes, "rel_err": round(rel, 5),
-                            "threads": threads, "bw_gbs": round(bw, 2),
+                            "format": f, "isa": isa, "K": k, "N": n, "M": m, "ms": round(med[key], 4), **base,
+                            "speedup_vs_fp32": round(med["fp32"] / med[key], 3) if "fp32" in med else None,
+                            "floor_ms": None,  # filled in below with the run's best bandwidth
+                            "packed_bytes": h.packed.nbytes, "streamed_bytes": h.nbytes,
+                            "p10": round(_p10(times[key]), 4), **base_p10, "rounds": len(times[key]),
+                            "rel_err": round(rel, 5), "threads": threads, "load_avg": round(load, 2), "cpu": cpu,
                         })
                 if log:
-                    parts = [f"{b}={med[b]:.3f}" for b in baselines]
-                    parts += [f"{name}={v:.3f}" for name, v in med.items() if name not in baselines]
-                    log(f"K={k} N={n} M={m}: " + " ".join(parts))
+                    parts = [f"{name}={v:.3f}" for name, v in med.items()]
+                    log(f"K={k} N={n} M={m} (median ms): " + " ".join(parts))
     finally:
         fast.set_isa(str(default_isa))
+    for row in rows:  # M = 1 floor: the stored packed bytes (the format's own size) / read bandwidth
+        row["bw_gbs"] = round(bw, 2)
+        row["floor_ms"] = round(row["packed_bytes"] / (bw * 1e9) * 1e3, 4)
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,17 +328,21 @@ def run_kernel_bench(
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], baselines: Sequence[str] = BASELINES) -> str:
-    """A markdown table: one line per (K, N, M), baseline and format medians in ms (format@isa columns)."""
+def markdown_table(rows: Sequence[dict[str, Any]], baselines: Sequence[str] = BASELINES, stat: str = "ms") -> str:
+    """A markdown table: one line per (K, N, M), baseline and format times in ms (``format@isa`` columns).
+
+    ``stat``: ``"ms"`` (medians) or ``"p10"`` (10th percentiles).
+    """
     keys = sorted({(r["K"], r["N"], r["M"]) for r in rows}, key=lambda t: (t[2], t[0] * t[1], t))
     cols = list(dict.fromkeys(f"{r['format']}@{r['isa']}" for r in rows))
     head = ["K", "N", "M", *baselines, *cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    prefix = "ms_" if stat == "ms" else "p10_"
     for key in keys:
         sel = [r for r in rows if (r["K"], r["N"], r["M"]) == key]
-        vals = {f"{r['format']}@{r['isa']}": r["ms"] for r in sel}
+        vals = {f"{r['format']}@{r['isa']}": r[stat] for r in sel}
         first = sel[0]
-        cells = [*map(str, key), *(f"{first.get('ms_' + b, float('nan')):.3f}" for b in baselines),
+        cells = [*map(str, key), *(f"{first.get(prefix + b, float('nan')):.3f}" for b in baselines),
                  *(f"{vals[c]:.3f}" if c in vals else "" for c in cols)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

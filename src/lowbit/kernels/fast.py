@@ -6,7 +6,11 @@ layout described in ``cpu/lowbit_kernels.h``; ``linear(x, handle, bias)`` then c
 How it computes: activations are quantized on the fly per row and per block of 32 inputs to symmetric int8
 (``x ~= a_b * xq``, ``a_b = max|x_b| / 127``), weight codes (unsigned) are multiplied with them in integer
 arithmetic (AVX-512 VNNI ``vpdpbusd``, or AVX2 ``vpmaddubsw``/``vpmaddwd``, or portable C++), and the weight scales
-and zero points are applied in float32 per block / group.
+and zero points are applied in float32 per block / group (symmetric zero points in the integer sums).
+Threads: ``torch.get_num_threads()`` of torch's OpenMP team, claiming chunks of work dynamically
+(``cpu/work_pool.h``: a late or preempted thread takes fewer chunks instead of stalling the call). The
+extension is compiled once per machine into ``$LOWBIT_HOME/torch_extensions`` (about a minute, at the first
+``prepare``/``linear``).
 
 Error bound (the only approximation is the activation rounding, ``|x - a_b*xq| <= a_b / 2`` elementwise)::
 
@@ -49,7 +53,9 @@ BLOCK = 32  # inputs per K-block and activation quantization block (kBlock)
 DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
 ISA_ENV = "LOWBIT_KERNEL_ISA"
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("binding.cpp", "work_pool.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512vnni.cpp")
+SOURCES = (
+    "binding.cpp", "work_pool.cpp", "repack.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512vnni.cpp",
+)
 _EXT_NAME = "lowbit_cpu_kernels"
 
 _lock = threading.Lock()
@@ -68,20 +74,25 @@ def _compile() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     sources = [str(SOURCE_DIR / s) for s in SOURCES]
-    cflags = ["-O3", "-DNDEBUG"]
+    # -fopenmp: the parallel loops run on torch's own OpenMP team (the extension links the libgomp torch
+    # already loaded), see cpu/work_pool.h.
     try:
-        return load(name=_EXT_NAME, sources=sources, extra_cflags=cflags,
-                    build_directory=str(_build_dir()), verbose=False)
-    except Exception as first:  # an old compiler may reject the AVX-512 target: retry without that file's body
-        log.info("lowbit kernels: build failed (%s); retrying without AVX-512", first)
-        return load(name=f"{_EXT_NAME}_noavx512", sources=sources, extra_cflags=cflags + ["-DLOWBIT_NO_AVX512"],
+        return load(name=_EXT_NAME, sources=sources, extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=False)
+    except Exception as first:  # e.g. no OpenMP, or an old compiler without the AVX-512 target: retry plainly
+        log.info("lowbit kernels: build failed (%s); retrying without OpenMP and AVX-512", first)
+        return load(name=f"{_EXT_NAME}_basic", sources=sources,
+                    extra_cflags=["-O3", "-DNDEBUG", "-DLOWBIT_NO_AVX512", "-DLOWBIT_OMP_POOL=0"],
                     build_directory=str(_build_dir()), verbose=False)
 
 
 def _say_fallback_once(reason: str, category: type[Warning] | None) -> None:
+    """Called once per process: a warning for failures, an info log line when the user disabled the kernels."""
     msg = f"lowbit: fast CPU kernels unavailable ({reason}); using the reference (dequantize + matmul) path"
-    log.warning(msg)
-    if category is not None:
+    if category is None:
+        log.info(msg)
+    else:
+        log.warning(msg)
         warnings.warn(msg, category, stacklevel=3)
 
 
@@ -152,9 +163,12 @@ class FastWeight:
     Attributes:
         packed: the stored weight; the reference fallback uses it.
         tiles: uint8 [T, KB, 32*cb] codes in the kernel layout, or None when the fast path is not used.
-        scales: float32 [T, G, 8] effective scales s (binary: 2*s).
-        zs: float32 [T, G, 8] s * z (z: zero point; 2^(bits-1) symmetric, 1/2 binary).
+        scales: float16 [T, G, 8] effective scales s (binary: 2*s).
+        zeros: uint8 [T, G, 8] zero points (asymmetric formats), or None.
+        zero_const: the constant zero point of symmetric formats (2^(bits-1); 1/2 for binary).
         cb: container bits of ``tiles`` (3-bit codes use 4).
+        full_byte: codes use all 8 bits (selects the saturation-safe AVX2 dot product).
+        n, k: output and input features.
         group_blocks: 32-input blocks per group.
         reason: why the reference path is used, None when the kernels are.
     """
@@ -162,8 +176,12 @@ class FastWeight:
     packed: PackedWeight
     tiles: torch.Tensor | None
     scales: torch.Tensor | None
-    zs: torch.Tensor | None
+    zeros: torch.Tensor | None
+    zero_const: float
     cb: int
+    full_byte: bool
+    n: int
+    k: int
     group_blocks: int
     reason: str | None
 
@@ -173,8 +191,8 @@ class FastWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernels stream per call (tiles + scales + zs)."""
-        ts = [t for t in (self.tiles, self.scales, self.zs) if t is not None]
+        """Bytes the kernels stream per call (tiles + scales + zeros)."""
+        ts = [t for t in (self.tiles, self.scales, self.zeros) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -189,7 +207,10 @@ def _unsupported_reason(packed: PackedWeight) -> str | None:
 
 
 def _tile_codes(codes: torch.Tensor, cb: int) -> torch.Tensor:
-    """Codes uint8 [N, K] -> uint8 [T, KB, 32*cb] in the layout of cpu/lowbit_kernels.h."""
+    """Codes uint8 [N, K] -> uint8 [T, KB, 32*cb] in the layout of cpu/lowbit_kernels.h.
+
+    The readable (slow) twin of the C++ ``repack`` that ``prepare`` uses; the tests hold them equal.
+    """
     n, k = codes.shape
     t, kb = -(-n // TILE_ROWS), -(-k // BLOCK)
     c = torch.zeros(t * TILE_ROWS, kb * BLOCK, dtype=torch.uint8)
@@ -204,9 +225,9 @@ def _tile_codes(codes: torch.Tensor, cb: int) -> torch.Tensor:
 
 
 def _tile_rows(v: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-(row, group) float32 [N, G] -> [T, G, 8] (rows padded with zeros)."""
+    """Per-(row, group) values [N, G] -> [T, G, 8] of the same dtype (rows padded with zeros)."""
     t = -(-n // TILE_ROWS)
-    out = torch.zeros(t * TILE_ROWS, v.shape[1], dtype=torch.float32)
+    out = torch.zeros(t * TILE_ROWS, v.shape[1], dtype=v.dtype)
     out[:n] = v
     return out.view(t, TILE_ROWS, v.shape[1]).permute(0, 2, 1).contiguous()
 
@@ -214,31 +235,33 @@ def _tile_rows(v: torch.Tensor, n: int) -> torch.Tensor:
 def prepare(packed: PackedWeight) -> FastWeight:
     """Repack ``packed`` once into the kernel layout (call at load time, not per forward)."""
     reason = _unsupported_reason(packed)
+    bits = packed.bits
+    scales = packed.scales
+    if reason is None and bits == 1 and packed.zeros is None:
+        scales = scales * 2  # binary (q - 1/2) * 2s: effective scale 2s (exact in fp16 unless it overflows)
+        if not bool(torch.isfinite(scales).all()):
+            reason = "binary scale 2*s overflows float16"
     if reason is None and not is_available():
         reason = unavailable_reason()
-    bits = packed.bits
     cb = 4 if bits == 3 else bits
-    k = packed.in_features
-    g = packed.scales.shape[1]
+    n, k = packed.out_features, packed.in_features
+    zero_const = symmetric_zero(bits) if packed.zeros is None else 1.0
     if reason is not None:
-        return FastWeight(packed, None, None, None, cb, 0, reason)
-    s = packed.scales.to(torch.float32)
-    if packed.zeros is None:
-        z = torch.full_like(s, symmetric_zero(bits))
-        if bits == 1:  # binary (q - 1/2) * 2s: effective scale 2s, zero 1/2
-            s = 2.0 * s
-    else:
-        z = packed.zeros.to(torch.float32)
+        return FastWeight(packed, None, None, None, zero_const, cb, bits == 8, n, k, 0, reason)
+    g = packed.scales.shape[1]
     kb = -(-k // BLOCK)
-    group_blocks = kb if g == 1 else packed.group_size // BLOCK
-    n = packed.out_features
+    ext = _extension()
     return FastWeight(
         packed=packed,
-        tiles=_tile_codes(packed.codes(), cb),
-        scales=_tile_rows(s, n),
-        zs=_tile_rows(s * z, n),
+        tiles=ext.repack(packed.qweight, bits, n, k, cb),  # type: ignore[union-attr]
+        scales=_tile_rows(scales.to(torch.float16), n),
+        zeros=None if packed.zeros is None else _tile_rows(packed.zeros, n),
+        zero_const=zero_const,
         cb=cb,
-        group_blocks=group_blocks,
+        full_byte=bits == 8,
+        n=n,
+        k=k,
+        group_blocks=kb if g == 1 else packed.group_size // BLOCK,
         reason=None,
     )
 
@@ -254,21 +277,14 @@ def linear(
     Inference only: when ``x`` requires grad (or the weight is unsupported, or the kernels are unavailable)
     the reference path is used, so results are correct everywhere.
     """
-    packed = handle.packed
     if input_scale is not None:
         x = x / input_scale.to(x.dtype)
-    ext = _extension()
-    if ext is None or handle.tiles is None or x.requires_grad or x.device.type != "cpu":
-        return reference_linear(x, packed, bias)
-    n, k = packed.out_features, packed.in_features
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    y = ext.linear(x2, handle.tiles, handle.scales, handle.zs, bias, handle.cb, packed.bits == 8, n, k,
-                   handle.group_blocks)
-    return y.reshape(*lead, n).to(x.dtype)
-
+    ext = _state["ext"] if _state["loaded"] else _extension()
+    if ext is None or handle.tiles is None or x.requires_grad or not x.is_cpu:
+        return reference_linear(x, handle.packed, bias)
+    # Reshaping to [M, K], dtype conversions and the output view all happen in C++ (cheaper per call).
+    return ext.linear(x, handle.tiles, handle.scales, handle.zeros, handle.zero_const,  # type: ignore[attr-defined]
+                      bias, handle.cb, handle.full_byte, handle.n, handle.k, handle.group_blocks)
 
 def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``LINEAR_BACKENDS["cpu"]``: the layer's packed weight through the fast kernels (reference fallback).

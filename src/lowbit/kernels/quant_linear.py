@@ -376,7 +376,3 @@ QUANT_KINDS.register("conv")(QuantKind(
     build=lambda m, p, s: QuantWeightParam.attach(m, p, s),
     empty=lambda m, b, g, sym, has_s: QuantWeightParam.attach_empty(m, b, g, sym, has_s),
 ))
-
-# Storage variants below two bits register further kinds (PB-LLM sparse side, base-3 ternary); imported here
-# so QUANT_KINDS is complete whenever it is importable (checkpoint loading reads kinds from manifests).
-from lowbit.kernels import base3, sparse_side  # noqa: E402,F401

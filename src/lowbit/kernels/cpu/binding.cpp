@@ -1,18 +1,23 @@
 // Torch binding of the lowbit CPU kernels: ISA selection at run time, activation quantization, threading.
 //
 // Built by lowbit/kernels/fast.py with torch.utils.cpp_extension.load. Threads: torch's intra-op count
-// (torch.set_num_threads), run on lowbit's own work-claiming pool (work_pool.h says why not OpenMP).
+// (torch.set_num_threads), claiming chunks dynamically on torch's OpenMP team (work_pool.h).
 // The weight layout is prepared in Python (fast.py: prepare); see lowbit_kernels.h.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
 #include "lowbit_kernels.h"
 #include "work_pool.h"
+
+#ifndef LOWBIT_CHUNKS_PER_THREAD
+#define LOWBIT_CHUNKS_PER_THREAD 16
+#endif
 
 namespace {
 
@@ -21,10 +26,11 @@ using lowbit::KernelTable;
 bool cpu_supports(const std::string& isa) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (isa == "avx2") return avx2;
   if (isa == "avx512vnni") {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni");
   }
@@ -43,8 +49,9 @@ std::vector<const KernelTable*> usable_tables() {
   return out;
 }
 
-const KernelTable*& current_table() {
-  static const KernelTable* table = usable_tables().back();
+// The selected kernels; atomic because set_isa may run while another thread computes.
+std::atomic<const KernelTable*>& current_table() {
+  static std::atomic<const KernelTable*> table{usable_tables().back()};
   return table;
 }
 
@@ -54,12 +61,12 @@ std::vector<std::string> available_isas() {
   return names;
 }
 
-std::string get_isa() { return current_table()->name; }
+std::string get_isa() { return current_table().load()->name; }
 
 void set_isa(const std::string& name) {
   for (const KernelTable* t : usable_tables()) {
     if (name == t->name) {
-      current_table() = t;
+      current_table().store(t);
       return;
     }
   }
@@ -69,25 +76,94 @@ void set_isa(const std::string& name) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// y [M, N] = x [M, K] . W^T (+ bias), W given as prepared tiles (see lowbit_kernels.h).
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
-                     const torch::Tensor& zs, const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte,
-                     int64_t N, int64_t K, int64_t gb) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "lowbit linear: x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(x.size(1) == K, "lowbit linear: x has ", x.size(1), " columns, the weight expects K=", K);
+// Quantize x, then the matmul, on the work pool.
+void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb,
+         int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp, const uint16_t* sp,
+         const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N, int64_t T, const float* biasp,
+         float* yp) {
+  const int threads = at::get_num_threads();
+  const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
+    kt->quantize(xp, K, K, KB, m0, m1, xqp, ap, isp);
+    // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
+    // point of symmetric formats, so the kernels need no zero-point data for them).
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t kb = g * gb; kb < std::min(KB, (g + 1) * gb); ++kb) {
+          s += ap[m * KB + kb] * static_cast<float>(isp[m * KB + kb]);
+        }
+        gsp[m * G + g] = s * zero_const;
+      }
+    }
+  });
+
+  // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
+  const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
+                           static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
+  const lowbit::Tiles tiles{wp, sp, zp, zint, static_cast<int>(cb), full_byte, N, T, KB, G, gb};
+  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G};
+  // Work is split in units of tiles (two for the fused path, the kernel's tile group for the unpack-once
+  // path), claimed in chunks: about 16 chunks per thread for balance (a late or preempted thread only delays
+  // its own chunk), each worth >= ~2^16 MACs.
+  const int64_t unit_tiles = M <= lowbit::kSmallMaxM ? 2 : std::max(1, kt->large_tiles);
+  const int64_t units = ceil_div(T, unit_tiles);
+  const int64_t unit_macs = unit_tiles * lowbit::kTileRows * KB * lowbit::kBlock * M;
+  const int64_t min_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_macs, 1));
+  const int64_t grain = std::max(min_grain, units / (LOWBIT_CHUNKS_PER_THREAD * std::max(threads, 1)));
+  if (M <= lowbit::kSmallMaxM) {
+    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
+      kt->gemm_small(tiles, acts, biasp, yp, unit_tiles * u0, std::min(T, unit_tiles * u1));
+    });
+  } else {
+    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
+      // Room for the prepared tiles of one register block (at most kMaxLargeNT tiles of 8 rows x KB blocks x
+      // 32 bytes, times 2 for the AVX2 int8 form); per thread, reused across calls.
+      thread_local std::vector<uint8_t> scratch;
+      const size_t need = static_cast<size_t>(2 * lowbit::kMaxLargeNT * KB * lowbit::kBlock * 8 + 64);
+      if (scratch.size() < need) scratch.resize(need);
+      kt->gemm_large(tiles, acts, biasp, yp, unit_tiles * u0, std::min(T, unit_tiles * u1), scratch.data());
+    });
+  }
+}
+
+// Per-thread scratch for the quantized activations: reused across calls (no allocation on the hot path).
+template <class T>
+T* arena(std::vector<int64_t>& buf, size_t offset_bytes) {
+  return reinterpret_cast<T*>(reinterpret_cast<char*>(buf.data()) + offset_bytes);
+}
+
+size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+
+// y [..., N] = x [..., K] . W^T (+ bias), W given as prepared tiles (see lowbit_kernels.h). x of any float
+// dtype and layout; y has x's dtype.
+torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& scales,
+                     const c10::optional<torch::Tensor>& zeros, double zero_const,
+                     const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K,
+                     int64_t gb) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "lowbit linear: x has ", x_in.size(-1),
+              " features, the weight expects K=", K);
+  TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
   TORCH_CHECK(cb == 1 || cb == 2 || cb == 4 || cb == 8, "lowbit linear: container bits must be 1/2/4/8");
+  torch::Tensor x = x_in.reshape({-1, K});
+  if (x.scalar_type() != torch::kFloat) x = x.to(torch::kFloat);
+  x = x.contiguous();
   const int64_t M = x.size(0);
   const int64_t KB = ceil_div(K, lowbit::kBlock);
   const int64_t T = ceil_div(N, lowbit::kTileRows);
   const int64_t G = scales.size(1);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.numel() == T * KB * lowbit::kBlock * cb,
               "lowbit linear: packed tiles do not match N/K/bits");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.dim() == 3 &&
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
                   scales.size(0) == T && scales.size(2) == lowbit::kTileRows,
-              "lowbit linear: scales must be float32 [T, G, 8]");
-  TORCH_CHECK(zs.scalar_type() == torch::kFloat && zs.is_contiguous() && zs.sizes() == scales.sizes(),
-              "lowbit linear: zs must match scales");
+              "lowbit linear: scales must be float16 [T, G, 8]");
+  const uint8_t* zp = nullptr;
+  if (zeros.has_value() && zeros->defined()) {
+    TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(),
+                "lowbit linear: zeros must be uint8 shaped like scales");
+    zp = zeros->data_ptr<uint8_t>();
+    zero_const = 1.0;  // the zero points come from `zeros`
+  }
   TORCH_CHECK(gb >= 1 && gb * (G - 1) < KB && gb * G >= KB, "lowbit linear: group blocks do not tile K");
   const float* biasp = nullptr;
   torch::Tensor bias_c;
@@ -97,59 +173,46 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
     biasp = bias_c.data_ptr<float>();
   }
 
+  std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = N;
   auto y = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const KernelTable* kt = current_table();
-
-  auto xq = torch::empty({M, KB * lowbit::kBlock}, x.options().dtype(torch::kChar));
-  auto a = torch::empty({M, KB}, x.options());
-  auto isum = torch::empty({M, KB}, x.options().dtype(torch::kInt));
-  auto gsum = torch::empty({M, G}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* xqp = xq.data_ptr<int8_t>();
-  float* ap = a.data_ptr<float>();
-  int32_t* isp = isum.data_ptr<int32_t>();
-  float* gsp = gsum.data_ptr<float>();
-  const int threads = at::get_num_threads();
-  const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-  lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
-    kt->quantize(xp, K, K, KB, m0, m1, xqp, ap, isp);
-    // Per-group sums of the dequantized activations, for the zero-point term.
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.0f;
-        for (int64_t kb = g * gb; kb < std::min(KB, (g + 1) * gb); ++kb) {
-          s += ap[m * KB + kb] * static_cast<float>(isp[m * KB + kb]);
-        }
-        gsp[m * G + g] = s;
-      }
-    }
-  });
-
-  const lowbit::Tiles tiles{w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zs.data_ptr<float>(),
-                            static_cast<int>(cb), full_byte, N, T, KB, G, gb};
-  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G};
-  float* yp = y.data_ptr<float>();
-  // Work is split in units of two tiles (16 outputs), claimed in chunks: about 16 chunks per thread for
-  // balance (a late or preempted thread only delays its own chunk), each worth >= ~2^16 MACs.
-  const int64_t units = ceil_div(T, 2);
-  const int64_t unit_macs = 2 * lowbit::kTileRows * KB * lowbit::kBlock * M;
-  const int64_t min_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_macs, 1));
-  const int64_t grain = std::max(min_grain, units / (16 * std::max(threads, 1)));
-  if (M <= lowbit::kSmallMaxM) {
-    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
-      kt->gemm_small(tiles, acts, biasp, yp, 2 * u0, std::min(T, 2 * u1));
-    });
-  } else {
-    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
-      // Room for two unpacked tiles (8 rows x KB blocks x 32 bytes each); per thread, reused across calls.
-      thread_local std::vector<uint8_t> scratch;
-      const size_t need = static_cast<size_t>(2 * KB * lowbit::kBlock * 8 + 64);
-      if (scratch.size() < need) scratch.resize(need);
-      kt->gemm_large(tiles, acts, biasp, yp, 2 * u0, std::min(T, 2 * u1), scratch.data());
-    });
+  if (M > 0 && N > 0) {
+    const KernelTable* kt = current_table().load();
+    // xq [M, KB*32] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
+    const size_t o_a = round64(static_cast<size_t>(M * KB * lowbit::kBlock));
+    const size_t o_is = o_a + round64(static_cast<size_t>(M * KB) * 4);
+    const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB) * 4);
+    const size_t total = o_gs + round64(static_cast<size_t>(M * G) * 4);
+    thread_local std::vector<int64_t> buf;
+    if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
+    run(kt, x.data_ptr<float>(), M, K, KB, G, gb, arena<int8_t>(buf, 0), arena<float>(buf, o_a),
+        arena<int32_t>(buf, o_is), arena<float>(buf, o_gs), w.data_ptr<uint8_t>(),
+        reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zp, static_cast<float>(zero_const), cb,
+        full_byte, N, T, biasp, y.data_ptr<float>());
   }
-  return y;
+  y = y.view(out_sizes);
+  return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+
+
+// Stored bitstream qweight [N, ceil(K*bits/8)] -> tiles [T, KB, 32*cb] (see lowbit_kernels.h).
+torch::Tensor repack(const torch::Tensor& qweight, int64_t bits, int64_t N, int64_t K, int64_t cb) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2 && qweight.size(0) == N &&
+                  qweight.size(1) == (K * bits + 7) / 8,
+              "lowbit repack: qweight must be uint8 [N, ceil(K*bits/8)]");
+  TORCH_CHECK((bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8) && cb >= bits &&
+                  (cb == 1 || cb == 2 || cb == 4 || cb == 8),
+              "lowbit repack: bad bits / container bits");
+  const torch::Tensor q = qweight.contiguous();
+  const int64_t T = ceil_div(N, lowbit::kTileRows), KB = ceil_div(K, lowbit::kBlock);
+  auto out = torch::zeros({T, KB, lowbit::kBlock * cb}, q.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  lowbit::parallel_chunks(T, 8, at::get_num_threads(), [&](int64_t t0, int64_t t1) {
+    lowbit::repack_tiles(qp, q.size(1), static_cast<int>(bits), N, K, static_cast<int>(cb), op, t0, t1);
+  });
+  return out;
 }
 
 }  // namespace
@@ -157,8 +220,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit packed low-bit linear kernels (CPU)";
   m.def("linear", &linear, "y = x . W^T (+ bias) for prepared low-bit tiles", py::arg("x"), py::arg("w"),
-        py::arg("scales"), py::arg("zs"), py::arg("bias"), py::arg("cb"), py::arg("full_byte"), py::arg("N"),
-        py::arg("K"), py::arg("gb"));
+        py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
+        py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"));
+  m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
+        py::arg("K"), py::arg("cb"));
+  m.def("take_pool_stats", [] {
+    const lowbit::PoolStats s = lowbit::take_pool_stats();
+    return std::make_pair(s.caller_chunks, s.worker_chunks);
+  }, "(caller, worker) chunks since the last call");
   m.def("available_isas", &available_isas, "kernel ISAs usable on this CPU, best last");
   m.def("get_isa", &get_isa, "the ISA the kernels currently use");
   m.def("set_isa", &set_isa, "force an ISA (for tests and benchmarks)");

@@ -26,7 +26,7 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx512vnni_kernels() {
-  static const KernelTable table{"avx512vnni", avx512vnni::quantize, avx512vnni::gemm_small,
+  static const KernelTable table{"avx512vnni", avx512vnni::kLargeNT, avx512vnni::quantize, avx512vnni::gemm_small,
                                  avx512vnni::gemm_large};
   return &table;
 }

@@ -64,7 +64,8 @@ void gemm(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0
     const uint8_t* wt = w.w + t * KB * kBlock * w.cb;
     for (int64_t kb = 0; kb < KB; ++kb) {
       const int64_t g = kb / w.gb;
-      const float* gscale = w.scales + (t * G + g) * kTileRows;
+      float gscale[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) gscale[r] = half_to_float(w.scales[(t * G + g) * kTileRows + r]);
       unpack_block(wt + kb * kBlock * w.cb, w.cb, u);
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xb = x.xq + m * ldx + kb * kBlock;
@@ -82,8 +83,12 @@ void gemm(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0
         const int64_t n = t * kTileRows + r;
         if (n >= w.N) break;
         float o = out[m * kTileRows + r];
-        if (pc) o *= w.scales[t * kTileRows + r];
-        for (int64_t g = 0; g < G; ++g) o -= w.zs[(t * G + g) * kTileRows + r] * x.gsum[m * G + g];
+        if (pc) o *= half_to_float(w.scales[t * kTileRows + r]);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = (t * G + g) * kTileRows + r;
+          const float zf = half_to_float(w.scales[i]) * (w.zeros != nullptr ? static_cast<float>(w.zeros[i]) : 1.0f);
+          o -= zf * x.gsum[m * G + g];
+        }
         y[m * w.N + n] = o + (bias != nullptr ? bias[n] : 0.0f);
       }
     }
@@ -100,8 +105,23 @@ void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int6
 
 }  // namespace
 
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  float mag;
+  if (exp == 0) {
+    mag = std::ldexp(static_cast<float>(man), -24);  // zero / subnormal
+  } else if (exp == 31) {
+    mag = man == 0 ? INFINITY : NAN;
+  } else {
+    mag = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
+  }
+  return sign ? -mag : mag;
+}
+
 const KernelTable* scalar_kernels() {
-  static const KernelTable table{"scalar", quantize, gemm_small, gemm_large};
+  static const KernelTable table{"scalar", 1, quantize, gemm_small, gemm_large};
   return &table;
 }
 

@@ -14,8 +14,9 @@
 //     [s*cb, s*cb + cb) of every byte of packed vector p, so one 32-byte load yields 8/cb unpacked vectors
 //     with a shift and a mask each;
 //   * tiles are contiguous: tile t starts at byte t * KB * 32 * cb.
-//   scales / zs: float [T, G, 8]: the effective scale s and s*z of each (row, group), so that
-//   W[n, k] = s * q - s * z (binary: s = 2*s_stored, z = 1/2).
+//   scales: fp16 [T, G, 8] effective scale s of each (row, group), zeros: uint8 [T, G, 8] zero points z
+//   (asymmetric formats only), so that W[n, k] = s * (q - z) (binary: s = 2 * s_stored, z = 1/2).
+//   Symmetric formats have a constant z, folded into the activation group sums (Acts::gsum) instead.
 //
 // Activations are quantized per row and per 32-block (symmetric int8 in [-127, 127]): x ~= a_b * xq.
 #pragma once
@@ -27,11 +28,14 @@ namespace lowbit {
 constexpr int kTileRows = 8;   // output rows per tile (8 int32 / float lanes of a 256-bit vector)
 constexpr int kBlock = 32;     // inputs per K-block (= activation quantization block)
 constexpr int kSmallMaxM = 4;  // M up to this uses the fused-unpack path, above it the unpack-once path
+constexpr int kMaxLargeNT = 4;  // the unpack-once path unpacks at most this many tiles at a time
 
 struct Tiles {
   const uint8_t* w;       // [T, KB, 32 * cb]
-  const float* scales;    // [T, G, 8]
-  const float* zs;        // [T, G, 8]
+  const uint16_t* scales; // [T, G, 8] fp16 bits
+  const uint8_t* zeros;   // [T, G, 8], or nullptr for symmetric formats
+  int32_t zint;           // symmetric formats with an integral zero point: it (SIMD kernels fold it into the
+                          // integer block sums and skip gsum); 0 otherwise
   int cb;                 // container bits: 1, 2, 4, 8
   bool full_byte;         // codes may use all 8 bits (int8 formats); else codes < 16
   int64_t N, T, KB, G, gb;  // gb: K-blocks per group (KB when G == 1)
@@ -41,22 +45,32 @@ struct Acts {
   const int8_t* xq;       // [M, KB * 32], zero padded
   const float* a;         // [M, KB] block scales
   const int32_t* isum;    // [M, KB] sum of the block's codes
-  const float* gsum;      // [M, G]  sum over the group's blocks of a_b * isum_b
+  const float* gsum;      // [M, G]  zc * sum over the group's blocks of a_b * isum_b, zc = the constant
+                          //         zero point of symmetric formats (1 when Tiles::zeros holds them)
   int64_t M, KB, G;
 };
 
 struct KernelTable {
   const char* name;
+  int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
   // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq / a / isum (stride KB*32 / KB).
   void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq,
                    float* a, int32_t* isum);
   // y[m, n] for all M rows (M <= kSmallMaxM) and tiles [t0, t1), unpacking weights in registers.
   void (*gemm_small)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1);
-  // Same for any M: tiles are unpacked once into `scratch` (>= 2 * KB * 256 bytes), then reused for every
-  // block of rows.
+  // Same for any M: tiles are unpacked once into `scratch` (>= 2 * kMaxLargeNT * KB * 256 bytes), then
+  // reused for every block of rows.
   void (*gemm_large)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
                      uint8_t* scratch);
 };
+
+// Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
+// layout above with container width cb, for tiles [t0, t1). `out` must be zero-filled (padding stays 0).
+void repack_tiles(const uint8_t* qweight, int64_t row_bytes, int bits, int64_t N, int64_t K, int cb,
+                  uint8_t* out, int64_t t0, int64_t t1);
+
+// IEEE half (bits) -> float, portable (the SIMD kernels use F16C instead).
+float half_to_float(uint16_t h);
 
 const KernelTable* scalar_kernels();
 const KernelTable* avx2_kernels();        // nullptr when not compiled in

@@ -1,6 +1,6 @@
-// Work-claiming thread pool (see work_pool.h for why).
+// Dynamic chunk claiming on torch's OpenMP team, or on an own thread pool (see work_pool.h for why).
 //
-// Protocol: a job is published by writing its fields, then `state` = (epoch << 32 | 0), then `epoch`. Anyone
+// Own pool protocol: a job is published by writing its fields, then `state` = (epoch << 32 | 0), then `epoch`. Anyone
 // claims chunk i by a compare-exchange of state from (epoch, i) to (epoch, i + 1); success proves the job is
 // still live (its last chunk is not even claimed), so the body pointer read before the claim is that job's.
 // `done` counts finished chunks; the caller returns once it reaches the chunk count.
@@ -16,6 +16,14 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef LOWBIT_OMP_POOL
+#define LOWBIT_OMP_POOL 1
 #endif
 
 namespace lowbit {
@@ -56,22 +64,33 @@ class Pool {
       { std::lock_guard<std::mutex> lk(sleep_mu_); }  // a worker between its check and wait holds the lock
       cv_.notify_all();
     }
-    work(e);
+    caller_chunks_.fetch_add(work(e), std::memory_order_relaxed);
     while (done_.load(std::memory_order_acquire) < nchunks) cpu_relax();
   }
 
+  void add_stats(int64_t caller, int64_t worker) {
+    caller_chunks_.fetch_add(caller, std::memory_order_relaxed);
+    worker_chunks_.fetch_add(worker, std::memory_order_relaxed);
+  }
+
+  PoolStats take_stats() {
+    return PoolStats{caller_chunks_.exchange(0), worker_chunks_.exchange(0)};
+  }
+
  private:
-  // Claim and run chunks of job e until none is left (or the job is no longer e).
-  void work(uint32_t e) {
+  // Claim and run chunks of job e until none is left (or the job is no longer e); returns how many.
+  int64_t work(uint32_t e) {
     const Body* body = body_.load();
     const int64_t n = n_.load(), grain = grain_.load(), nchunks = nchunks_.load();
+    int64_t ran = 0;
     for (;;) {
       uint64_t s = state_.load();
-      if ((s >> 32) != e) return;
+      if ((s >> 32) != e) return ran;
       const int64_t i = static_cast<int64_t>(s & 0xffffffffu);
-      if (i >= nchunks) return;
+      if (i >= nchunks) return ran;
       if (!state_.compare_exchange_weak(s, s + 1)) continue;
       (*body)(i * grain, std::min(n, (i + 1) * grain));
+      ++ran;
       done_.fetch_add(1, std::memory_order_release);
     }
   }
@@ -93,7 +112,9 @@ class Pool {
         }
       }
       seen = e;
-      if (id < active_workers_.load()) work(e);  // threads beyond the caller's request sit this one out
+      if (id < active_workers_.load()) {  // threads beyond the caller's request sit this one out
+        worker_chunks_.fetch_add(work(e), std::memory_order_relaxed);
+      }
     }
   }
 
@@ -114,6 +135,7 @@ class Pool {
   std::mutex sleep_mu_;
   std::condition_variable cv_;
   std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> caller_chunks_{0}, worker_chunks_{0};
 };
 
 std::atomic<Pool*> g_pool{nullptr};
@@ -147,7 +169,23 @@ void parallel_chunks(int64_t n, int64_t grain, int threads, const Body& body) {
     body(0, n);
     return;
   }
+#if defined(_OPENMP) && LOWBIT_OMP_POOL
+  // Chunks claimed dynamically by the threads of torch's OpenMP team (no second pool competing with it).
+  const int64_t nchunks = (n + grain - 1) / grain;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> by_master{0}, by_others{0};
+#pragma omp parallel
+  {
+    int64_t ran = 0;
+    for (int64_t i; (i = next.fetch_add(1)) < nchunks; ++ran) body(i * grain, std::min(n, (i + 1) * grain));
+    (omp_get_thread_num() == 0 ? by_master : by_others).fetch_add(ran);
+  }
+  pool().add_stats(by_master.load(), by_others.load());
+#else
   pool().run(n, grain, threads, body);
+#endif
 }
+
+PoolStats take_pool_stats() { return pool().take_stats(); }
 
 }  // namespace lowbit
