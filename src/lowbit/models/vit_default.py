@@ -18,8 +18,9 @@ from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 NAME = "clip-vit-tiny-fashion"
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / NAME
 BUILD_COMMAND = (
-    "lowbit train clip --model tiny --data fashion-mnist,shapes --steps 2000 --out runs/clip-vit-tiny-fashion "
-    "(see assets/clip-vit-tiny-fashion/BUILD.md for the exact command)"
+    "lowbit train clip --model tiny --data fashion-mnist,shapes --steps 3000 --batch-size 64 --lr 2e-3 "
+    "--warmup-steps 100 --seed 0 --out runs/clip-vit-tiny-fashion --export-fp16 <this asset dir> "
+    "(exact command and log: assets/clip-vit-tiny-fashion/BUILD.md)"
 )
 
 
@@ -39,7 +40,7 @@ def load_vit_default(name: str = NAME, **options: Any) -> DualEncoder:
         raise LowbitError(f"{NAME} is not packaged in this install ({ASSET_DIR} has no config.json); "
                           f"build it with: {BUILD_COMMAND}")
     model = load_clip(str(ASSET_DIR), **options)
-    model.float()  # the weights ship as fp16; CPU inference and quantization want float32
+    model.float().eval()  # the weights ship as fp16; CPU inference and quantization want float32
     model.source = {"family": "vit", "name": NAME, "options": dict(options)}
     return model
 

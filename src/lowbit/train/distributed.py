@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather",
     "all_gather_with_grad",
     "all_reduce_mean",
     "barrier",
@@ -98,6 +99,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / world_size()
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` [B, ...] from every rank in rank order, without gradients (ids, labels)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -4,6 +4,11 @@
   temperature (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language Supervision").
 - ``siglip_loss``: pairwise sigmoid loss with learnable temperature and bias (Zhai et al., 2023, "Sigmoid Loss
   for Language Image Pre-Training"), normalised by the number of images as in the paper.
+- Both take optional ``text_ids``: pairs whose captions are the same text count as positives (soft targets
+  spread over them for CLIP, label +1 for SigLIP) instead of as negatives. Without ids, a batch with repeated
+  captions (class-name prompts) teaches the model to tell identical texts apart, which is impossible; with
+  ids the loss is the image-text-label contrastive loss of UniCL (Yang et al., 2022, "Unified Contrastive
+  Learning in Image-Text-Label Space"), and it equals the standard loss when all captions differ.
 - ``distill_kl_loss``: KL divergence between teacher and student similarity distributions at a temperature
   (Hinton et al., 2015, "Distilling the Knowledge in a Neural Network"), both directions, times T².
 - ``embedding_cosine_loss``: 1 - cos between student and teacher embeddings.
@@ -34,10 +39,24 @@ def _gathered(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, to
     return D.all_gather_with_grad(image), D.all_gather_with_grad(text), D.rank() * image.shape[0]
 
 
+def _positives(text_ids: torch.Tensor | None, n_local: int, offset: int, n_all: int,
+               device: torch.device) -> torch.Tensor:
+    """Bool [B, W*B]: local row i is positive with global column j (diagonal, or the same caption id)."""
+    if text_ids is None:
+        pos = torch.zeros(n_local, n_all, dtype=torch.bool, device=device)
+        rows = torch.arange(n_local, device=device)
+        pos[rows, rows + offset] = True
+        return pos
+    return text_ids[:, None] == D.all_gather(text_ids)[None, :]
+
+
 def clip_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, clamp: bool = True
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, clamp: bool = True,
+    text_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE on L2-normalised features [B, D]; ``logit_scale`` is log(1/temperature).
+
+    ``text_ids`` [B] (int64): ids of the caption texts; equal ids are positives (see the module docstring).
 
     Example:
         >>> img = F.normalize(torch.randn(4, 8), dim=-1); txt = F.normalize(torch.randn(4, 8), dim=-1)
@@ -46,18 +65,27 @@ def clip_loss(
     """
     scale = (logit_scale.clamp(max=MAX_LOGIT_SCALE) if clamp else logit_scale).exp()
     all_img, all_txt, offset = _gathered(image_emb, text_emb)
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     logits_per_image = scale * image_emb @ all_txt.T  # [B, W*B]: local images vs every text
     logits_per_text = scale * text_emb @ all_img.T  # [B, W*B]: local texts vs every image
-    return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
+    if text_ids is None:
+        labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+        return 0.5 * (F.cross_entropy(logits_per_image.float(), labels)
+                      + F.cross_entropy(logits_per_text.float(), labels))
+    pos = _positives(text_ids, image_emb.shape[0], offset, all_txt.shape[0], image_emb.device).float()
+    targets = pos / pos.sum(dim=1, keepdim=True)  # [B, W*B]: uniform over the row's positives
+    # The positive set is symmetric in image and text (same caption id), so one target matrix serves both.
+    return 0.5 * (F.cross_entropy(logits_per_image.float(), targets)
+                  + F.cross_entropy(logits_per_text.float(), targets))
 
 
 def siglip_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+    text_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP: -sum log sigmoid(z_ij * (t x_i.y_j + b)) / n_images, z = +1 on the diagonal, -1 elsewhere.
 
-    ``logit_scale`` is log t. Every image is scored against every text of the global batch.
+    ``logit_scale`` is log t. Every image is scored against every text of the global batch. With
+    ``text_ids``, z = +1 wherever the caption ids are equal.
 
     Example:
         >>> img = F.normalize(torch.randn(4, 8), dim=-1); txt = F.normalize(torch.randn(4, 8), dim=-1)
@@ -66,9 +94,8 @@ def siglip_loss(
     """
     _, all_txt, offset = _gathered(image_emb, text_emb)
     logits = (logit_scale.exp() * image_emb @ all_txt.T + logit_bias).float()  # [B, W*B]
-    signs = -torch.ones_like(logits)
-    rows = torch.arange(image_emb.shape[0], device=logits.device)
-    signs[rows, rows + offset] = 1.0
+    pos = _positives(text_ids, image_emb.shape[0], offset, all_txt.shape[0], logits.device)
+    signs = pos.to(logits.dtype) * 2 - 1  # +1 positive, -1 negative
     return -F.logsigmoid(signs * logits).sum() / image_emb.shape[0]
 
 
