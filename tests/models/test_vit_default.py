@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import lowbit.models.vit_default as vit  # registers the family until models/__init__.py imports it
+import lowbit.models.vit_default as vit
 from lowbit.errors import LowbitError
 from lowbit.models import FAMILIES, builtin_models, load_model
 

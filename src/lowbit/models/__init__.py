@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.models import clip, lit, packed  # noqa: F401  (registers the families)
+from lowbit.models import clip, lit, packed, vit_default  # noqa: F401  (registers the families)
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 
 __all__ = ["DualEncoder", "FAMILIES", "ModelFamily", "builtin_models", "load_model", "resolve_family"]
