@@ -1,18 +1,25 @@
-"""Below two bits on lit-fashion: PTQ (binary, ternary, PB-LLM) accuracy, then QAT with distillation.
+"""Below two bits on lit-fashion, BOTH towers quantized: PTQ vs QAT (Block-AP + E2E-QP) for w2, ternary,
+partial binary (PB-LLM) and binary.
 
-Scopes: ``both`` = every 1x1 conv of the vision tower + every linear of the text tower; ``text`` = the text
-tower's linears only. Depthwise/stem convs and the projector heads stay float. Steps:
+Scope ``both``: every 1x1 conv of the vision tower and every linear of the text tower at the method's width;
+the stem and depthwise convs of EfficientNet-Lite0 and the projector heads at 8 bits (RTN, per channel);
+embeddings, norms and biases float. Per method:
 
-1. float model: zero-shot top-1 on the first N Fashion-MNIST test images;
-2. PTQ with each method (``lowbit.quant.binary`` / ``ternary`` / ``pbllm``) and scope: top-1 and effective
-   bits per quantized weight;
-3. QAT runs (``lowbit.train.qat.run_qat``, ``--qat scope:method:steps,...``) on a train subset, folded to the
-   packed format, saved, reloaded with ``lowbit.load`` and evaluated on the same test images.
+1. PTQ: ``lowbit.quant.apply.quantize_`` with the recipe; zero-shot top-1 on the first N test images;
+2. QAT: ``lowbit.train.qat.run_qat`` with Block-AP (EfficientQAT, ``lowbit.quant.block_ap``: block-wise
+   reconstruction of latent weights, steps and the blocks' float norms/biases against the float model on
+   cached block inputs of calibration images and the zero-shot prompts), then optionally E2E-QP (only the
+   steps, end to end, with the distillation loss); folded to the packed format, saved, reloaded with
+   ``lowbit.load`` and evaluated on the same images.
 
-Single-threaded on purpose: on the shared 2-core machine two torch threads ran 4x slower than one.
+Each row gives the effective bits per weight of the low-bit layers, of all quantized layers (with the
+8-bit ones), per tower including everything kept float, the stored bytes, the training seconds, and the
+``lowbit qat`` command that reproduces it. Single-threaded: on the shared 2-core machine that is what one
+run gets.
 
-    .venv/bin/python benchmarks/bench_qat.py                  # writes benchmarks/results/qat.json (~12 min)
-    .venv/bin/python benchmarks/bench_qat.py --qat text:binary:5 --eval-samples 100 --out /tmp/qat.json  # quick
+    .venv/bin/python benchmarks/bench_qat.py                 # writes benchmarks/results/qat.json
+    .venv/bin/python benchmarks/bench_qat.py --methods ternary --eval-samples 200 --block-ap-steps 5 \\
+        --e2e-steps 0 --out /tmp/qat.json                    # quick
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,109 +39,145 @@ from lowbit.eval.env import environment
 from lowbit.io import write_json
 from lowbit.quant.apply import quantize_
 from lowbit.quant.recipe import load_recipe_file
+from lowbit.quant.report import QuantReport
+from lowbit.train.block_ap_stage import BlockAPStage
 from lowbit.train.qat import QATArgs, QATLoss, run_qat
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
+KEPT_8BIT = [{"tower": "projector", "pattern": "*", "method": "rtn", "bits": 8},
+             {"tower": "*", "kinds": ["conv"], "method": "rtn", "bits": 8}]  # stem + depthwise convs
+LOW_BIT: dict[str, dict[str, Any]] = {
+    "w2": {"method": "rtn", "bits": 2, "group_size": 32, "symmetric": True},
+    "ternary": {"method": "ternary", "bits": 2, "options": {"storage": "base3"}},
+    "pbllm": {"method": "pbllm", "bits": 1, "options": {"fraction": 0.005}},
+    "binary": {"method": "binary", "bits": 1},
+}
 
 
-SCOPES = {"both": (("vision", "conv1x1"), ("text", "linear")), "text": (("text", "linear"),)}
-
-
-def recipe_yaml(scope: str, method: str) -> dict[str, Any]:
-    """The layers of ``scope`` with ``method`` (per output channel); every other layer float."""
-    bits = {"binary": 1, "pbllm": 1, "ternary": 2}[method]
-    rules: list[dict[str, Any]] = [{"tower": t, "kinds": [k], "method": method, "bits": bits} for t, k in SCOPES[scope]]
-    return {"version": 1, "name": f"{scope}-{method}", "rules": [*rules, {"tower": "*", "skip": True}]}
+def recipe_yaml(method: str) -> dict[str, Any]:
+    """Both towers' 1x1 convs / linears at ``method``; stem, depthwise and projector 8-bit."""
+    low = LOW_BIT[method]
+    rules = [*KEPT_8BIT, {"tower": "vision", "kinds": ["conv1x1"], **low},
+             {"tower": "text", "kinds": ["linear"], **low}]
+    return {"version": 1, "name": f"both-{method}", "rules": rules}
 
 
 def top1(model: Any, n: int) -> float:
     return float(lowbit.evaluate(model, "fashion-mnist", limit=n, footprint=False, progress=False)["metrics"]["top1"])
 
 
-def _first_losses(run: Path) -> dict[str, float]:
-    """The first logged losses of a QAT run (train_log.jsonl), to compare with the last."""
-    for line in (run / "train_log.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "loss" in entry:
-            return {k: round(v, 4) for k, v in entry.items() if k in ("loss", "kl", "cos", "task")}
-    return {}
+def footprint(report: QuantReport) -> dict[str, Any]:
+    """Bits per weight of the low-bit layers, of all quantized layers, and per tower with its float parts."""
+    low = [m for m in report.modules if m.bits < 8]
+    low_params = sum(m.params for m in low)
+    totals = report.totals()
+    towers = {t: {"bits_per_weight_all_params": round(8 * v["stored_bytes"] / max(v["quantized_params"]
+                                                                                   + v["float_params"], 1), 3),
+                  "quantized_bits_per_weight": round(v["bits_per_weight"], 4), "stored_bytes": v["stored_bytes"]}
+              for t, v in totals.items() if t != "total"}
+    total = totals["total"]
+    return {"low_bit_bits_per_weight": round(8 * sum(m.packed_bytes for m in low) / max(low_params, 1), 4),
+            "low_bit_params": low_params, "quantized_bits_per_weight": round(total["bits_per_weight"], 4),
+            "quantized_params": total["quantized_params"], "stored_bytes": total["stored_bytes"],
+            "weight_error_rms": round(total["weight_error_rms"], 4), "towers": towers}
+
+
+def reproduce(recipe: Path, qat: QATArgs) -> str:
+    b = qat.block_ap
+    assert b is not None
+    return (f"lowbit qat lit-fashion --recipe {recipe} --block-ap --block-ap-samples {b.samples} "
+            f"--block-ap-steps {b.steps} --block-ap-lr {b.lr} --block-ap-scale-lr {b.scale_lr} "
+            f"--block-ap-float-lr {b.float_lr} --steps {qat.steps} --train {qat.train} --lr {qat.lr} "
+            f"--scale-lr {qat.scale_lr} --warmup-steps {qat.warmup_steps} --batch-size {qat.batch_size} "
+            f"--train-samples {qat.train_samples} --eval-samples {qat.eval_samples} --out {qat.out}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="binary,ternary,pbllm")
-    ap.add_argument("--scopes", default="both,text")
-    ap.add_argument("--qat", default="text:binary:150,both:ternary:60", help="scope:method:steps,...")
+    ap.add_argument("--methods", default="w2,ternary,pbllm,binary")
     ap.add_argument("--eval-samples", type=int, default=2000)
+    ap.add_argument("--block-ap-samples", type=int, default=512)
+    ap.add_argument("--block-ap-steps", type=int, default=100)
+    ap.add_argument("--block-ap-lr", type=float, default=1e-4)
+    ap.add_argument("--block-ap-scale-lr", type=float, default=1e-3)
+    ap.add_argument("--block-ap-float-lr", type=float, default=1e-3)
+    ap.add_argument("--e2e-steps", type=int, default=0, help="E2E-QP steps after Block-AP (0: Block-AP only)")
+    ap.add_argument("--e2e-lr", type=float, default=1e-4, help="E2E-QP learning rate of the steps")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--scale-lr", type=float, default=0.1)
     ap.add_argument("--train-samples", type=int, default=2000)
     ap.add_argument("--run-dir", default="/tmp/lowbit-bench-qat")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other methods' rows already in --out (runs of single methods in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"config": vars(args), "eval": f"zero-shot top-1, first {args.eval_samples} test images",
-                           "scopes": {k: [f"{t}/{kind}" for t, kind in v] for k, v in SCOPES.items()}}
-
-    def recipe_path(scope: str, method: str) -> Path:
-        path = run_dir / f"recipe-{scope}-{method}.yaml"
-        path.write_text(yaml.safe_dump(recipe_yaml(scope, method), sort_keys=False))
-        return path
-
+    out: dict[str, Any] = {"config": vars(args), "n": args.eval_samples,
+                           "eval": f"zero-shot top-1, first {args.eval_samples} Fashion-MNIST test images",
+                           "scope": "both towers: vision conv1x1 + text linear at the method; stem, depthwise "
+                                    "convs and projector 8-bit RTN; embeddings, norms, biases float",
+                           "recipes": {m: recipe_yaml(m) for m in args.methods.split(",")}}
     out["float"] = {"top1": top1(lowbit.load("lit-fashion"), args.eval_samples)}
     print("float", out["float"], flush=True)
-    out["ptq"] = {}
-    for scope in args.scopes.split(","):
-        for method in args.methods.split(","):
-            model = lowbit.load("lit-fashion")
-            t = time.perf_counter()
-            report = quantize_(model, load_recipe_file(recipe_path(scope, method)), progress=False)
-            total = report.totals()["total"]
-            row = out["ptq"][f"{scope}:{method}"] = {
-                "top1": top1(model, args.eval_samples), "bits_per_weight": round(total["bits_per_weight"], 4),
-                "quantized_params": total["quantized_params"],
-                "weight_error_rms": round(total["weight_error_rms"], 4), "seconds": round(time.perf_counter() - t, 1),
-            }
-            print("ptq", scope, method, row, flush=True)
-
-    out["qat"] = {}
-    for item in args.qat.split(","):
-        scope, method, steps_text = item.split(":")
-        steps = int(steps_text)
+    out["rows"] = {}
+    for method in args.methods.split(","):
+        recipe = run_dir / f"recipe-both-{method}.yaml"
+        recipe.write_text(yaml.safe_dump(recipe_yaml(method), sort_keys=False))
+        model = lowbit.load("lit-fashion")
         t = time.perf_counter()
-        recipe = recipe_path(scope, method)
-        qat_dir = run_dir / f"qat-{scope}-{method}"
-        summary = run_qat(QATArgs(
-            model="lit-fashion", recipe=str(recipe), out=str(qat_dir), steps=steps, batch_size=args.batch_size,
-            lr=args.lr, scale_lr=args.scale_lr, warmup_steps=max(steps // 10, 1), train_samples=args.train_samples,
-            eval_every=max(steps // 3, 1), eval_samples=500, ckpt_every=max(steps // 3, 1), loss=QATLoss(),
-            progress=False,
-        ))
-        reloaded = lowbit.load(str(qat_dir / "model"))  # the folded packed checkpoint, through the normal loader
-        row = out["qat"][f"{scope}:{method}"] = {
-            "top1": top1(reloaded, args.eval_samples), "ptq_top1": out["ptq"].get(f"{scope}:{method}", {}).get("top1"),
-            "bits_per_weight": round(summary["totals"]["bits_per_weight"], 4), "steps": summary["steps"],
-            "train_samples": args.train_samples, "batch_size": args.batch_size,
-            "last_losses": {k: round(v, 4) for k, v in summary["last"].items() if isinstance(v, float)},
-            "first_losses": _first_losses(qat_dir),
-            "evals_500": [{"step": e["step"], **{k: round(v, 4) for k, v in e["eval"].items()}}
-                          for e in summary["evals"]],
-            "seconds": round(time.perf_counter() - t, 1),
-            "reproduce": f"lowbit qat lit-fashion --recipe {recipe} --steps {steps} --batch-size {args.batch_size} "
-                         f"--lr {args.lr} --scale-lr {args.scale_lr} --warmup-steps {max(steps // 10, 1)} "
-                         f"--train-samples {args.train_samples} --eval-every {max(steps // 3, 1)} "
-                         f"--ckpt-every {max(steps // 3, 1)} --out {qat_dir}",
+        report = quantize_(model, load_recipe_file(recipe), progress=False)
+        seconds = time.perf_counter() - t
+        ptq = {"top1": top1(model, args.eval_samples), **footprint(report), "quantize_seconds": round(seconds, 1)}
+        del model
+        print("ptq", method, json.dumps(ptq), flush=True)
+        qat = QATArgs(
+            model="lit-fashion", recipe=str(recipe), out=str(run_dir / f"qat-both-{method}"), steps=args.e2e_steps,
+            train="scales", lr=args.e2e_lr, scale_lr=1.0, batch_size=args.batch_size,
+            warmup_steps=max(args.e2e_steps // 10, 0), train_samples=args.train_samples,
+            eval_samples=500, eval_every=0, ckpt_every=max(args.e2e_steps // 2, 1), loss=QATLoss(), progress=False,
+            block_ap=BlockAPStage(samples=args.block_ap_samples, steps=args.block_ap_steps, lr=args.block_ap_lr,
+                                  scale_lr=args.block_ap_scale_lr, float_lr=args.block_ap_float_lr),
+        )
+        t = time.perf_counter()
+        summary = run_qat(qat)
+        seconds = time.perf_counter() - t
+        model_dir = Path(qat.out) / "model"
+        reloaded = lowbit.load(str(model_dir))  # the folded packed checkpoint through the normal loader
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        qrow = {
+            "top1": top1(reloaded, args.eval_samples),
+            "top1_after_block_ap_500": (summary.get("block_ap") or {}).get("eval", {}).get("top1"),
+            **footprint(QuantReport.from_dict(manifest["report"])),
+            "model_safetensors_bytes": (model_dir / "model.safetensors").stat().st_size,
+            "train_seconds": round(seconds, 1), "threads": args.threads,
+            "block_ap": asdict(qat.block_ap) if qat.block_ap else None,
+            "block_errors": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in b.items()}
+                             for b in (summary.get("block_ap") or {}).get("blocks", [])],
+            "e2e_steps": summary["steps"], "e2e_last": summary.get("last"),
+            "reproduce": reproduce(recipe, qat),
         }
-        print("qat", scope, method, json.dumps(row), flush=True)
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["env"] = environment()
-    write_json(args.out, out)
+        out["rows"][method] = {"ptq": ptq, "qat": qrow,
+                               "drop_vs_float": {"ptq": round(out["float"]["top1"] - ptq["top1"], 4),
+                                                 "qat": round(out["float"]["top1"] - qrow["top1"], 4)}}
+        print("qat", method, json.dumps(qrow), flush=True)
+        _write(args, out, t0)  # partial results survive a later failure
+    _write(args, out, t0)
     print(f"wrote {args.out}")
+
+
+def _write(args: argparse.Namespace, out: dict[str, Any], t0: float) -> None:
+    """Write ``out`` to ``args.out``; with ``--update`` merged into the rows (and recipes) already there."""
+    doc = {**out, "seconds": round(time.perf_counter() - t0, 1), "env": environment()}
+    path = Path(args.out)
+    if args.update and path.is_file():
+        old = json.loads(path.read_text())
+        doc["rows"] = {**old.get("rows", {}), **out["rows"]}
+        doc["recipes"] = {**old.get("recipes", {}), **out["recipes"]}
+        doc["seconds_per_method"] = {**old.get("seconds_per_method", {}), **{m: doc["seconds"] for m in out["rows"]}}
+    write_json(path, doc)
 
 
 if __name__ == "__main__":

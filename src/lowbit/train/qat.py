@@ -41,6 +41,7 @@ from lowbit.errors import LowbitError, unknown_choice
 from lowbit.io import write_json
 from lowbit.models.base import DualEncoder
 from lowbit.train import distributed as D
+from lowbit.train.block_ap_stage import BlockAPStage, run_block_ap_stage
 from lowbit.train.loop import LossFn, TrainConfig, TrainState, train, unwrap
 from lowbit.train.losses import clip_loss, embedding_cosine_loss, siglip_loss
 from lowbit.train.sampling import BatchFactory, index_batches
@@ -49,7 +50,9 @@ DISTILL_MODES = ("kl", "cosine", "both", "none")
 TASK_LOSSES = ("clip", "siglip", "none")
 MODEL_DIR = "model"  # the folded packed checkpoint inside the run directory
 RUN_FILE = "qat_run.json"
-_RUN_KEYS = ("model", "recipe", "data", "batch_size", "seed", "train_samples", "distill", "task_loss")
+_RUN_KEYS = ("model", "recipe", "data", "batch_size", "seed", "train_samples", "distill", "task_loss", "train",
+             "block_ap")
+TRAIN_MODES = ("all", "scales")  # what the end-to-end phase trains: latent weights + steps, or steps only
 
 
 @dataclass
@@ -218,15 +221,25 @@ def qat_loss_fn(weights: QATLoss) -> LossFn:
 
 
 # --- training ---------------------------------------------------------------------------------------------------
-def qat_param_groups(student: nn.Module, weight_decay: float, scale_lr: float = 1.0) -> list[dict[str, Any]]:
-    """AdamW groups: latent weights (with decay), quantizer steps/zero points (no decay, ``lr_scale``)."""
+def qat_param_groups(student: nn.Module, weight_decay: float, scale_lr: float = 1.0,
+                     train: str = "all") -> list[dict[str, Any]]:
+    """AdamW groups: latent weights (with decay), quantizer steps/zero points (no decay, ``lr_scale``).
+
+    ``train="scales"`` leaves the latent weights out (EfficientQAT's E2E-QP: only the steps train end to end).
+    """
     from lowbit.quant.qat import qat_parameters
 
+    if train not in TRAIN_MODES:
+        raise unknown_choice("QAT train mode", train, TRAIN_MODES)
     params = qat_parameters(student)
     if not params["weights"]:
         raise LowbitError("nothing to train: the model has no QAT layers; does the recipe match any layer?")
-    return [{"params": params["weights"], "weight_decay": weight_decay},
-            {"params": params["quant"], "weight_decay": 0.0, "lr_scale": scale_lr}]
+    quant = {"params": params["quant"], "weight_decay": 0.0, "lr_scale": scale_lr}
+    if train == "scales":
+        for p in params["weights"]:
+            p.requires_grad_(False)
+        return [quant]
+    return [{"params": params["weights"], "weight_decay": weight_decay}, quant]
 
 
 def train_qat(
@@ -237,6 +250,7 @@ def train_qat(
     weights: QATLoss | None = None,
     eval_fn: Any = None,
     scale_lr: float = 1.0,
+    train_mode: str = "all",
 ) -> TrainState:
     """Train a ``prepare_qat``-ed ``student`` against the float ``teacher`` on ``data`` with the shared loop.
 
@@ -250,7 +264,7 @@ def train_qat(
         p.requires_grad_(False)
     pair = PairEncoder(student)
     batches = qat_batches(student, TeacherCache(teacher, data), data, config.batch_size, config.seed)
-    groups = qat_param_groups(student, config.weight_decay, scale_lr)
+    groups = qat_param_groups(student, config.weight_decay, scale_lr, train_mode)
     wrapped_eval = None if eval_fn is None else (lambda m, step: eval_fn(m.model, step))
     return train(pair, qat_loss_fn(weights or QATLoss()), batches, config, params=groups, eval_fn=wrapped_eval)
 
@@ -277,6 +291,8 @@ class QATArgs:
     ckpt_every: int = 50
     log_every: int = 10
     loss: QATLoss = field(default_factory=QATLoss)
+    train: str = "all"
+    block_ap: BlockAPStage | None = None
     progress: bool = True
 
 
@@ -315,6 +331,10 @@ def run_qat(args: QATArgs) -> dict[str, Any]:
     from lowbit.quant.recipe import load_recipe
 
     args.loss.validate()
+    if args.train not in TRAIN_MODES:
+        raise unknown_choice("QAT train mode", args.train, TRAIN_MODES)
+    if args.steps < 0 or (args.steps == 0 and args.block_ap is None):
+        raise LowbitError(f"QAT steps must be >= 1 (or 0 with Block-AP); received {args.steps}")
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
     D.init_distributed()
@@ -330,13 +350,24 @@ def run_qat(args: QATArgs) -> dict[str, Any]:
         result = evaluate(encoder, _eval_task(eval_set), data=eval_set, footprint=False, progress=False)
         return {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
 
-    config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+    block_ap: dict[str, Any] | None = None
+    if args.block_ap is not None:
+        block_ap = run_block_ap_stage(student, teacher, train_set, args.block_ap, args.out, args.seed,
+                                      progress=args.progress)
+        if eval_set is not None and D.is_main():
+            with torch.no_grad():
+                block_ap["eval"] = eval_fn(student, 0)
+    config = TrainConfig(steps=max(args.steps, 1), lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_clip=args.grad_clip,
                          seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
                          ckpt_every=args.ckpt_every, out_dir=args.out, progress=args.progress)
-    state = train_qat(student, teacher, train_set, config, args.loss, eval_fn if eval_set is not None else None,
-                      scale_lr=args.scale_lr)
+    if args.steps == 0:  # Block-AP only: nothing end to end
+        state = TrainState(step=0)
+    else:
+        state = train_qat(student, teacher, train_set, config, args.loss,
+                          eval_fn if eval_set is not None else None, scale_lr=args.scale_lr, train_mode=args.train)
     summary: dict[str, Any] = {
+        "block_ap": block_ap,
         "model": str(Path(args.out) / MODEL_DIR), "source": args.model, "recipe": recipe.name, "steps": state.step,
         "resumed_from": state.resumed_from, "world_size": D.world_size(), "last": state.last,
         "evals": [h for h in state.history if "eval" in h], "start_totals": start_report.totals()["total"],

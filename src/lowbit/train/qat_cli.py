@@ -19,8 +19,15 @@ from lowbit.errors import LowbitError
 
 def cmd_qat(args: argparse.Namespace) -> None:
     """Quantization-aware training of MODEL with a recipe, distilled from the float model; resumes from OUT."""
+    from lowbit.train.block_ap_stage import BlockAPStage
     from lowbit.train.distributed import cleanup_distributed, is_main
     from lowbit.train.qat import QATArgs, QATLoss, run_qat, summary_line
+
+    block_ap = None
+    if args.block_ap:
+        block_ap = BlockAPStage(samples=args.block_ap_samples, steps=args.block_ap_steps, lr=args.block_ap_lr,
+                                scale_lr=args.block_ap_scale_lr, float_lr=args.block_ap_float_lr,
+                                match_norms=not args.no_match_norms)
 
     try:
         summary = run_qat(QATArgs(
@@ -28,7 +35,7 @@ def cmd_qat(args: argparse.Namespace) -> None:
             batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples,
             eval_every=args.eval_every, eval_samples=args.eval_samples, ckpt_every=args.ckpt_every,
-            log_every=args.log_every, progress=not args.no_progress,
+            log_every=args.log_every, progress=not args.no_progress, train=args.train, block_ap=block_ap,
             loss=QATLoss(distill=args.distill, task_loss=args.task_loss, task_weight=args.task_weight,
                          temperature=args.temperature),
         ))
@@ -46,7 +53,19 @@ def add_qat_arguments(p: argparse.ArgumentParser) -> None:
                    help="preset, YAML path or short string, e.g. 'vision=w1:binary,text=w1.58,projector=w8'")
     p.add_argument("--out", required=True, help="run directory: checkpoints, log, summary.json, model/ (packed)")
     p.add_argument("--data", default="fashion-mnist", help="image-text data: dataset name or folder")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="end-to-end steps (0: Block-AP only)")
+    p.add_argument("--train", default="all", choices=["all", "scales"],
+                   help="end to end, train latent weights and steps (all) or only the steps (scales: E2E-QP)")
+    p.add_argument("--block-ap", action="store_true",
+                   help="first reconstruct block by block against the float model (EfficientQAT Block-AP)")
+    p.add_argument("--block-ap-samples", type=int, default=512, help="calibration images for Block-AP")
+    p.add_argument("--block-ap-steps", type=int, default=100, help="Adam steps per block")
+    p.add_argument("--block-ap-lr", type=float, default=1e-4, help="Block-AP learning rate of latent weights")
+    p.add_argument("--block-ap-scale-lr", type=float, default=1e-3, help="Block-AP learning rate of the steps")
+    p.add_argument("--block-ap-float-lr", type=float, default=1e-3,
+                   help="Block-AP learning rate of each block's float parameters (norms, biases; 0: frozen)")
+    p.add_argument("--no-match-norms", action="store_true",
+                   help="do not re-estimate batch-norm statistics of quantized blocks before Block-AP")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the latent weights")
     p.add_argument("--scale-lr", type=float, default=1.0, help="learning-rate multiplier of the quantizer steps")

@@ -1,0 +1,93 @@
+"""The Block-AP stage of ``lowbit qat --block-ap`` (EfficientQAT, arXiv:2407.11062): block-wise reconstruction
+(``lowbit.quant.block_ap``) before the end-to-end phase, on calibration batches built from the training set.
+
+Calibration: the first ``samples`` training images (preprocessed by the student) for the vision tower; for
+the text tower the dataset's captions of those images, or — for a labelled dataset without captions — every
+template x class-name prompt, which is exactly the text a zero-shot classifier ever feeds the tower.
+
+The result (the whole student ``state_dict``: latent weights, steps, and any float parameters Block-AP
+trained) is written atomically to ``OUT/block_ap.safetensors`` with a report ``OUT/block_ap.json``; a rerun
+(resume) loads it instead of recomputing. Under torchrun rank 0 computes it and the others load it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.data.base import ImageTextSet
+from lowbit.io import atomic_path, write_json
+from lowbit.models.base import DualEncoder
+from lowbit.quant.block_ap import BlockAPConfig, block_ap_
+from lowbit.train import distributed as D
+
+STATE_FILE = "block_ap.safetensors"
+REPORT_FILE = "block_ap.json"
+
+
+@dataclass
+class BlockAPStage:
+    """What ``lowbit qat --block-ap`` configures: calibration size, steps per block, learning rates."""
+
+    samples: int = 512
+    steps: int = 100
+    lr: float = 1e-4
+    scale_lr: float = 1e-3
+    float_lr: float = 1e-3
+    match_norms: bool = True
+    image_batch: int = 32
+    text_batch: int = 16
+
+    def config(self, seed: int) -> BlockAPConfig:
+        return BlockAPConfig(steps=self.steps, lr=self.lr, scale_lr=self.scale_lr, float_lr=self.float_lr,
+                             match_norms=self.match_norms, seed=seed)
+
+
+def calibration_batches(model: DualEncoder, data: ImageTextSet, samples: int, image_batch: int,
+                        text_batch: int) -> dict[str, list[Any]]:
+    """``{"vision": [pixels [B,3,S,S], ...], "text": [tokens, ...]}`` from the first ``samples`` of ``data``."""
+    n = min(samples, len(data))
+    pixels = [model.preprocess(data.images[i : i + image_batch]) for i in range(0, n, image_batch)]
+    if data.captions:
+        texts = list(dict.fromkeys(data.captions[:n]))
+    else:
+        texts = list(dict.fromkeys(t.replace("{}", c, 1) for c in data.classnames or [] for t in data.templates
+                                   or ["{}"]))
+    tokens = [model.tokenize(texts[i : i + text_batch]) for i in range(0, len(texts), text_batch)]
+    return {"vision": pixels, "text": tokens}
+
+
+def run_block_ap_stage(student: DualEncoder, teacher: DualEncoder, data: ImageTextSet, stage: BlockAPStage,
+                       out_dir: str | Path, seed: int, towers: tuple[str, ...] = ("vision", "text"),
+                       progress: bool = True) -> dict[str, Any]:
+    """Block-AP ``student`` in place (or load the saved result from ``out_dir``); returns the report dict."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    state_path, report_path = out / STATE_FILE, out / REPORT_FILE
+    computed = False
+    if not state_path.is_file() and D.is_main():
+        batches = calibration_batches(student, data, stage.samples, stage.image_batch, stage.text_batch)
+        has_quant = {t: _has_qat_layers(student.towers().get(t)) for t in towers}
+        calib = {t: batches[t] for t in towers if has_quant[t]}
+        log = print if progress else None
+        report = block_ap_(student, teacher, calib, stage.config(seed), log=log).to_dict()
+        write_json(report_path, report)  # before the state file, whose presence means "done"
+        state = {k: v.detach().contiguous().clone() for k, v in student.state_dict().items()}
+        with atomic_path(state_path) as tmp:
+            save_file(state, str(tmp))
+        computed = True
+    D.barrier()
+    if not computed:
+        student.load_state_dict(load_file(str(state_path)))
+    return json.loads(report_path.read_text())
+
+
+def _has_qat_layers(tower: torch.nn.Module | None) -> bool:
+    from lowbit.quant.qat import QATLayer
+
+    return tower is not None and any(isinstance(m, QATLayer) for m in tower.modules())
