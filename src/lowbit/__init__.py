@@ -9,12 +9,25 @@ Example:
     >>> lowbit.evaluate(model, "fashion-mnist", limit=500)["metrics"]["top1"]  # doctest: +SKIP
 """
 
-from lowbit.api import bench_kernels, bench_model, build, demo, evaluate, list_models, load, qat, quantize, save, sweep
+from lowbit.api import (
+    bench_kernels,
+    bench_model,
+    build,
+    chat,
+    demo,
+    evaluate,
+    list_models,
+    load,
+    qat,
+    quantize,
+    save,
+    sweep,
+)
 from lowbit.errors import LowbitError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LowbitError", "bench_kernels", "bench_model", "build", "demo", "evaluate", "list_models", "load", "qat",
+    "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "list_models", "load", "qat",
     "quantize", "save", "sweep", "__version__",
 ]

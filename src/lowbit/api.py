@@ -1,4 +1,4 @@
-"""The verbs users call: ``load``, ``evaluate``, ``quantize``, ``save``, ``sweep``, ``build``, ``demo``.
+"""The verbs users call: ``load``, ``evaluate``, ``quantize``, ``save``, ``sweep``, ``build``, ``demo``, ``chat``.
 
 Each is a plain function over the rooms (models, data, quant, eval, kernels); the CLI only parses arguments.
 Heavy rooms are imported inside the functions so ``import lowbit`` stays light.
@@ -167,6 +167,27 @@ def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32)) -> di
         result["speedup"] = {k: ref[k] / result["footprint"][k] for k in ref
                              if k.endswith(tuple(f"_b{b}" for b in batch_sizes)) and result["footprint"].get(k)}
     return result
+
+
+def chat(model: Any, image: Any, question: str, **options: Any) -> str:
+    """Answer ``question`` about ``image`` (PIL image, path or bytes) with a generative (llava) model.
+
+    ``model`` is a loaded model or a name/directory; ``options``: ``max_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` (a callable receiving text pieces), ``use_cache``.
+
+    Example:
+        >>> lowbit.chat("llava-fashion", "shoe.png", "What is this item?")  # doctest: +SKIP
+        'sneaker'
+    """
+    from lowbit.models.llava import LlavaModel
+    from lowbit.models.llava_generate import generate
+
+    loaded = load(model) if isinstance(model, str) else model
+    if not isinstance(loaded, LlavaModel):
+        kind = getattr(loaded, "family", type(loaded).__name__)
+        raise LowbitError(f"chat needs a generative model; received a {kind!r} model; accepted: llava-fashion, "
+                          "a Llava checkpoint directory or a quantized llava model")
+    return generate(loaded, image, question, **options)
 
 
 def list_models() -> list[dict[str, str]]:

@@ -114,6 +114,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print_json_or_table(api.bench_model(args.model), args.json)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Ask a generative (llava) MODEL a question about an image; the answer streams to stdout."""
+    from lowbit import api
+    from lowbit.models.llava import open_rgb
+
+    image = open_rgb(args.image)  # a bad image fails before seconds of model loading
+    options = {"prune_ratio": args.prune_ratio} if args.prune_ratio is not None else {}
+    model = api.load(args.model, **options)
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    answer = api.chat(model, image, args.question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                      stream=None if args.no_stream else show)
+    print(answer if args.no_stream else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -133,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="model to measure fidelity against (e.g. the float original)")
     p.add_argument("--json", help="write the result JSON here")
     p.add_argument("--no-footprint", action="store_true", help="skip latency/size measurement")
+
+    p = verb("chat", cmd_chat)
+    p.add_argument("model", help="generative model: llava-fashion, a Llava checkpoint dir, or a quantized llava dir")
+    p.add_argument("question", help="the question about the image")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--prune-ratio", type=float, help="share of visual tokens to drop before the LM (0..1)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer once at the end")
 
     p = verb("demo", cmd_demo)
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")

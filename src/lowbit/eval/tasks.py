@@ -7,6 +7,8 @@ A task pairs a dataset with what is measured on it. Built in:
 - ``shapes``: retrieval on the generated shapes test set, plus zero-shot on shape labels when present.
 - ``zeroshot`` / ``retrieval``: the same measurements on any dataset given with ``data=`` (a dataset
   name or an image folder).
+- ``fashion-vqa`` / ``shapes-vqa``: generative (llava) models answer generated questions about the test images;
+  exact-match accuracy, time to first token / decode speed, next-token agreement and KL (``lowbit.eval.vqa``).
 
 New tasks register with ``TASKS.register(name)(Task(...))``.
 """
@@ -27,6 +29,7 @@ from lowbit.eval.fidelity import accuracy_kept, fidelity
 from lowbit.eval.footprint import measure_footprint
 from lowbit.eval.results import Result
 from lowbit.eval.retrieval import retrieve
+from lowbit.eval.vqa import vqa_tasks
 from lowbit.eval.zeroshot import zeroshot_classify
 from lowbit.models.base import DualEncoder
 from lowbit.registry import Registry
@@ -49,6 +52,11 @@ class Task:
     dataset: str | None = None
     split: str = "test"
     description: str = ""
+    # Generative tasks measure differently: footprint(model, data, checkpoint) and compare(ref, cand) replace
+    # measure_footprint / fidelity; fidelity keys named in fidelity_metrics are also reported under metrics.
+    footprint: Callable[..., dict[str, Any]] | None = None
+    compare: Callable[[Result, Result], dict[str, Any]] | None = None
+    fidelity_metrics: tuple[str, ...] = ()
 
 
 def _zeroshot(model: DualEncoder, data: ImageTextSet, batch_size: int, progress: bool) -> Result:
@@ -78,6 +86,7 @@ for _task in (
     Task("shapes", _retrieval_and_zeroshot, "shapes", description="retrieval (+ zero-shot if labelled)"),
     Task("zeroshot", _zeroshot, None, description="zero-shot classification on data=<name or folder>"),
     Task("retrieval", _retrieval, None, description="image<->text retrieval on data=<name or folder>"),
+    *vqa_tasks(Task),
 ):
     TASKS.register(_task.name)(_task)
 
@@ -165,7 +174,9 @@ def evaluate(
         "task": task,
         "metrics": dict(result),
     }
-    if footprint:
+    if footprint and spec.footprint is not None:
+        out["footprint"] = spec.footprint(model, dataset, checkpoint=checkpoint_dir, progress=progress)
+    elif footprint:
         out["footprint"] = measure_footprint(
             model,
             dataset.images[:FOOTPRINT_SAMPLES],
@@ -180,7 +191,9 @@ def evaluate(
             with _eval_mode(reference):
                 ref = spec.run(reference, dataset, batch_size, progress)
             ref_name = getattr(reference, "source", {}).get("name")
-        out["fidelity"] = {"reference_model": ref_name, **fidelity(ref, result), **accuracy_kept(ref, result)}
+        compared = (spec.compare or fidelity)(ref, result)
+        out["fidelity"] = {"reference_model": ref_name, **accuracy_kept(ref, result), **compared}
+        out["metrics"].update({k: compared[k] for k in spec.fidelity_metrics if k in compared})
     out["data"] = {"name": dataset.name, "n": len(dataset), "skipped": dataset.skipped, "split": spec.split}
     out["env"] = environment()
     out["seconds"] = round(time.perf_counter() - start, 3)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.models import clip, lit, packed, vit_default  # noqa: F401  (registers the families)
+from lowbit.models import clip, lit, llava, packed, vit_default  # noqa: F401  (registers the families)
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 
 __all__ = ["DualEncoder", "FAMILIES", "ModelFamily", "builtin_models", "load_model", "resolve_family"]
@@ -31,7 +31,8 @@ def resolve_family(name_or_path: str) -> tuple[ModelFamily, str]:
     for fam in FAMILIES:
         if FAMILIES.get(fam).claims_path(name_or_path):
             return FAMILIES.get(fam), name_or_path
-    accepted = sorted(builtins) + ["a CLIP/SigLIP checkpoint directory", "a lowbit quantized directory",
+    accepted = sorted(builtins) + ["a CLIP/SigLIP checkpoint directory", "a Llava checkpoint directory",
+                                   "a lowbit quantized directory",
                                    "family:name (e.g. clip:openai/clip-vit-base-patch32)"]
     what = "directory" if Path(name_or_path).is_dir() else "model"
     raise LowbitError(f"unknown {what} {name_or_path!r}; choose one of: {', '.join(accepted)}")

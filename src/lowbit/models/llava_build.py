@@ -1,0 +1,261 @@
+"""Visual instruction tuning of the built-in ``llava-fashion``: train the projector, vision tower and LM frozen.
+
+Steps: (1) visual-token features of the training images from the frozen vision tower, computed once and
+cached under ``$LOWBIT_HOME/features/llava-*`` (float16, atomic writes); (2) the projector's standardisation
+from those features; (3) the projector trained with the shared loop (``lowbit.train.loop.train``, AdamW,
+warm-up + cosine) on multi-turn conversations generated from Fashion-MNIST and shapes labels
+(``lowbit.data.vqa``): each sequence is one image with several question/answer turns, the loss is the LM's
+cross-entropy on the answer tokens only (``llava_chat.encode_conversation``); (4) held-out exact-match
+accuracy; (5) the projector (float16) + config + log written atomically.
+
+The LM's weights never get gradients (``requires_grad_(False)``), so backpropagation through it only
+computes activation gradients, and the vocabulary projection runs only on positions that carry a label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowbit.data.vqa import VQASet, load_vqa
+from lowbit.io import atomic_path
+from lowbit.models.llava import LlavaConfig, LlavaModel, from_parts
+from lowbit.models.llava_chat import IGNORE_INDEX, encode_conversation
+from lowbit.paths import lowbit_home
+
+
+@dataclass(frozen=True)
+class ProjectorTraining:
+    """Hyper-parameters of the projector build (defaults = the shipped ``llava-fashion``)."""
+
+    n_fashion: int = 4000
+    n_shapes: int = 2000
+    turns: int = 3
+    align_steps: int = 400  # stage 1: visual tokens -> caption embeddings (no LM forward; seconds)
+    align_batch_size: int = 128
+    align_lr: float = 3e-3
+    steps: int = 120  # stage 2: answer-token loss through the frozen LM
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    n_eval: int = 100
+
+
+@torch.inference_mode()
+def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Frozen vision-tower tokens [N, T, C] (float16) of ``data.images``, cached by content hash."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    for img in data.images:
+        digest.update(img.tobytes())
+    digest.update(json.dumps([model.config.image_size, type(model.vision).__name__]).encode())
+    name = f"llava-{data.name}-{data.split}-{len(data)}-{digest.hexdigest()[:12]}.safetensors"
+    path = lowbit_home() / "features" / name
+    if path.is_file():
+        return load_file(str(path))["tokens"]
+    chunks = []
+    for start in tqdm(range(0, len(data), batch_size), desc=f"vision tokens ({data.name})", disable=not progress,
+                      leave=False):
+        tokens, _ = model.vision(model.preprocess(data.images[start : start + batch_size]))  # [b, T, C]
+        chunks.append(tokens.to(torch.float16))
+    feats = torch.cat(chunks).contiguous()
+    with atomic_path(path) as tmp:
+        save_file({"tokens": feats}, str(tmp))
+    return feats
+
+
+class AnswerLoss(nn.Module):
+    """Cross-entropy of the LM on answer tokens, given cached visual tokens; only the projector trains."""
+
+    def __init__(self, model: LlavaModel) -> None:
+        super().__init__()
+        self.projector = model.projector  # the only registered submodule: checkpoints hold just the projector
+        object.__setattr__(self, "_model", model)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        m = self._model
+        visual = m.projector(batch["tokens"].float())  # [B, T_v, D]
+        rows, labels = [], []
+        for v, pre, post, lab in zip(visual, batch["pre"], batch["post"], batch["labels"], strict=True):
+            rows.append(torch.cat([m.embed_ids(pre), v, m.embed_ids(post)]))  # [T_i, D]
+            labels.append([IGNORE_INDEX] * (len(pre) + v.shape[0]) + lab)
+        longest = max(r.shape[0] for r in rows)
+        embeds = visual.new_zeros(len(rows), longest, visual.shape[-1])
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        target = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):  # right padding: positions start at 0
+            embeds[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
+            target[i, : len(lab)] = torch.tensor(lab)
+        hidden = m.language.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, T, D]
+        shifted = target[:, 1:]  # token t+1 is predicted at position t
+        keep = shifted != IGNORE_INDEX  # [B, T-1]
+        logits = m.language.get_output_embeddings()(hidden[:, :-1][keep])  # [n_answer_tokens, V]
+        loss = F.cross_entropy(logits.float(), shifted[keep])
+        acc = (logits.argmax(-1) == shifted[keep]).float().mean()
+        return {"loss": loss, "token_acc": acc.detach()}
+
+
+class CaptionAlignLoss(nn.Module):
+    """Stage 1: every projected visual token regresses onto the mean LM input embedding of the image's caption.
+
+    A cheap warm start (the projector alone, no LM forward): the LM then already reads the visual tokens as
+    roughly "the words describing the image", and the expensive answer-loss stage only has to refine them.
+    The loss is the MSE normalised by the targets' mean square, so 1.0 = predicting zeros.
+    """
+
+    def __init__(self, projector: nn.Module) -> None:
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.projector(batch["tokens"].float())  # [B, T, D]
+        target = batch["targets"].unsqueeze(1).expand_as(out)  # [B, D] -> [B, T, D]
+        loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+        return {"loss": loss}
+
+
+@torch.no_grad()
+def caption_targets(model: LlavaModel, captions: list[str]) -> torch.Tensor:
+    """Mean input embedding [N, D] of each caption's tokens (tokenized as mid-sentence text)."""
+    rows = [model.embed_ids(model.tokenizer(" " + c, add_special_tokens=False)["input_ids"]).mean(0) for c in captions]
+    return torch.stack(rows)
+
+
+def conversations(model: LlavaModel, data: VQASet) -> list[Any]:
+    return [encode_conversation(model.tokenizer, [(t.question, t.answer) for t in turns], model.config.system)
+            for turns in data.turns]
+
+
+def _pool(model: LlavaModel, hp: ProjectorTraining, progress: bool) -> tuple[torch.Tensor, list[Any], list[str]]:
+    sets = []
+    if hp.n_fashion:
+        sets.append(load_vqa("fashion-vqa", "train", limit=hp.n_fashion, turns_per_image=hp.turns, seed=hp.seed))
+    if hp.n_shapes:
+        sets.append(load_vqa("shapes-vqa", "train", limit=hp.n_shapes, turns_per_image=hp.turns, seed=hp.seed))
+    feats = torch.cat([visual_features(model, s, progress=progress) for s in sets])
+    convs = [c for s in sets for c in conversations(model, s)]
+    return feats, convs, [c for s in sets for c in s.captions or []]
+
+
+def train_projector(model: LlavaModel, hp: ProjectorTraining, out_dir: str | Path | None = None,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """Initialise and train ``model.projector`` in place on generated conversations; returns the loss log."""
+    from lowbit.train.loop import TrainConfig, train
+    from lowbit.train.sampling import index_batches
+
+    torch.manual_seed(hp.seed)
+    random.seed(hp.seed)
+    feats, convs, captions = _pool(model, hp, progress)
+    proj = model.projector
+    flat = feats.float().reshape(-1, feats.shape[-1])  # [N*T, C]
+    with torch.no_grad():
+        proj.mean.copy_(flat.mean(0))
+        proj.std.copy_(flat.std(0).clamp(min=1e-3))
+        gen = torch.Generator().manual_seed(hp.seed)
+        for layer in proj.layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=layer.in_features ** -0.5, generator=gen)
+                nn.init.zeros_(layer.bias)
+        # LM input embeddings have a typical scale; start the visual tokens at that scale, not at ~1.
+        emb_rms = model.language.get_input_embeddings().weight.pow(2).mean().sqrt()
+        last = [m for m in proj.layers if isinstance(m, nn.Linear)][-1]
+        last.weight.mul_(float(emb_rms))
+    model.requires_grad_(False)
+    proj.requires_grad_(True)
+    history: list[dict[str, Any]] = []
+    if hp.align_steps:
+        targets = caption_targets(model, captions)
+
+        def collate_align(idx: np.ndarray, step: int) -> dict[str, torch.Tensor]:
+            i = torch.as_tensor(idx)
+            return {"tokens": feats[i], "targets": targets[i]}
+
+        align = TrainConfig(steps=hp.align_steps, lr=hp.align_lr, weight_decay=0.0, warmup_steps=hp.warmup_steps,
+                            batch_size=hp.align_batch_size, seed=hp.seed, log_every=50, progress=progress,
+                            min_lr_ratio=0.05)
+        state = train(CaptionAlignLoss(proj), lambda m, b: m(b),
+                      index_batches(len(captions), hp.align_batch_size, hp.seed, collate_align), align,
+                      params=list(proj.parameters()))
+        history += [{"stage": "align", **h} for h in state.history]
+
+    def collate(idx: np.ndarray, step: int) -> dict[str, Any]:
+        return {"tokens": feats[torch.as_tensor(idx)], "pre": [convs[i].pre for i in idx],
+                "post": [convs[i].post for i in idx], "labels": [convs[i].labels for i in idx]}
+
+    if hp.steps:
+        config = TrainConfig(steps=hp.steps, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
+                             batch_size=hp.batch_size, seed=hp.seed, log_every=10, progress=progress, min_lr_ratio=0.05,
+                             out_dir=str(out_dir) if out_dir else None, ckpt_every=20 if out_dir else 0)
+        batches = index_batches(len(convs), hp.batch_size, hp.seed, collate)
+        state = train(AnswerLoss(model), lambda m, b: m(b), batches, config, params=list(proj.parameters()))
+        history += [{"stage": "answers", **h} for h in state.history]
+    model.requires_grad_(False)
+    model.eval()
+    return history
+
+
+def save_projector(model: LlavaModel, path: str | Path, log: dict[str, Any], vision: str = "lit-fashion",
+                   language: str = "smollm2-135m-instruct") -> None:
+    """Write the projector (float16 weights, float32 standardisation) with config + log metadata, atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.half() if k.endswith("weight") or k.endswith("bias") else v.float()).contiguous()
+             for k, v in model.projector_state().items()}
+    meta = {"config": asdict(model.config), "vision": vision, "language": language, "log": log}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"lowbit": json.dumps(meta)})
+
+
+def build_llava_projector(target: str | Path, hp: ProjectorTraining = ProjectorTraining(), progress: bool = True,
+                          run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Build ``llava-fashion``'s projector into ``target``: train, evaluate held-out, save; returns the log.
+
+    ``run_dir`` keeps the answer stage's checkpoints, so re-running a killed build resumes it.
+    """
+    from lowbit.eval.vqa import vqa_accuracy
+
+    t0 = time.perf_counter()
+    model = from_parts("lit-fashion", "smollm2-135m-instruct", LlavaConfig())
+    history = train_projector(model, hp, out_dir=run_dir, progress=progress)
+    t_train = time.perf_counter() - t0
+    held_out = {name: vqa_accuracy(model, load_vqa(name, "test", limit=hp.n_eval), progress=progress)["accuracy"]
+                for name in ("fashion-vqa", "shapes-vqa")}
+    log = {"hyperparameters": asdict(hp), "history": history, "held_out_accuracy": held_out,
+           "train_seconds": round(t_train, 1), "torch_threads": torch.get_num_threads()}
+    save_projector(model, target, log)
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lowbit.models.llava_build --out FILE [--seed N] [--steps N] ...``: build and print the log."""
+    import argparse
+
+    defaults = ProjectorTraining()
+    parser = argparse.ArgumentParser(prog="python -m lowbit.models.llava_build", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="projector .safetensors file to write")
+    parser.add_argument("--run-dir", help="checkpoints of the answer stage (a re-run resumes)")
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    hp = ProjectorTraining(**{k: getattr(args, k) for k in asdict(defaults)})
+    log = build_llava_projector(args.out, hp, run_dir=args.run_dir)
+    print(json.dumps({k: v for k, v in log.items() if k != "history"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

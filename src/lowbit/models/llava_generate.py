@@ -1,0 +1,156 @@
+"""Answering with a LLaVA model: greedy or sampled decoding through transformers' ``generate``.
+
+The prompt goes in as embeddings (text embeddings with the projected visual tokens spliced in, see
+``LlavaModel.prompt_embeddings``); ``generate`` keeps the KV cache (``past_key_values``) so each new token
+costs one position, and calls the streamer with every token. Decoding stops at the tokenizer's end-of-turn /
+end-of-sequence tokens or after ``max_new_tokens``, and never runs past the LM's context window.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from lowbit.models.llava import LlavaModel
+
+ImageLike = Image.Image | str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to pick tokens: greedy (``do_sample=False``) or sampling with temperature / top-p / top-k."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    use_cache: bool = True
+
+    def validated(self) -> Decoding:
+        if self.max_new_tokens < 1:
+            raise LowbitError(f"max_new_tokens must be >= 1; received {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise LowbitError(f"temperature must be > 0 when sampling; received {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LowbitError(f"top_p must be in (0, 1]; received {self.top_p}")
+        return self
+
+
+def stop_token_ids(tokenizer: Any, language: Any) -> list[int]:
+    """End-of-sequence ids of the generation config and tokenizer, plus ChatML's end-of-turn if present."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(language, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return sorted({i for i in [*ids, end_turn] if i is not None})
+
+
+class _CallbackStreamer:
+    """transformers streamer protocol (``put``/``end``): decode the new tokens and hand text pieces to ``fn``.
+
+    Text is emitted when it decodes cleanly (not ending in a partial UTF-8 character), so multi-token
+    characters arrive whole.
+    """
+
+    def __init__(self, tokenizer: Any, fn: Callable[[str], None], stop_ids: Sequence[int]) -> None:
+        self.tokenizer, self.fn, self.stop = tokenizer, fn, set(stop_ids)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.first = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # generate() first passes the prompt ids (empty: the prompt is embeddings)
+            self.first = False
+            return
+        self.ids += [int(t) for t in value.reshape(-1) if int(t) not in self.stop]
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.fn(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.fn(text[self.sent:])
+        self.sent = len(text)
+
+
+@dataclass
+class Generation:
+    """Answers and, if asked for, the log-probabilities of each answer's first token [B, V]."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    first_logprobs: torch.Tensor | None = None
+
+
+@torch.inference_mode()
+def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[str], decoding: Decoding = Decoding(),
+                   stream: Callable[[str], None] | None = None, first_logprobs: bool = False) -> Generation:
+    """Answer one question per image of ``pixels`` [B, 3, H, W] (left-padded batch; streaming needs B == 1)."""
+    decoding = decoding.validated()
+    if stream is not None and len(questions) != 1:
+        raise LowbitError(f"streaming answers one question at a time; received {len(questions)}")
+    embeds, mask = model.prompt_embeddings(model.visual_embeddings(pixels), questions)  # [B, T, D], [B, T]
+    room = model.context_window - embeds.shape[1]
+    if room < 1:
+        raise LowbitError(f"the prompt is {embeds.shape[1]} tokens and fills the language model's context window "
+                          f"of {model.context_window}; accepted: a shorter question")
+    tok = model.tokenizer
+    stops = stop_token_ids(tok, model.language)
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": min(decoding.max_new_tokens, room), "do_sample": decoding.do_sample,
+        "use_cache": decoding.use_cache, "eos_token_id": stops,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else stops[0],
+        "return_dict_in_generate": True, "output_logits": first_logprobs,
+    }
+    if decoding.do_sample:
+        kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+    else:  # say "greedy" explicitly: a checkpoint's generation_config may default to sampling
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stream is not None:
+        kwargs["streamer"] = _CallbackStreamer(tok, stream, stops)
+    if decoding.seed is not None:
+        torch.manual_seed(decoding.seed)
+    out = model.language.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    # With inputs_embeds only, generate returns just the new tokens [B, new].
+    rows = []
+    for seq in out.sequences.tolist():
+        cut = next((i for i, t in enumerate(seq) if t in stops), len(seq))
+        rows.append(seq[:cut])
+    texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+    logprobs = torch.log_softmax(out.logits[0].float(), dim=-1) if first_logprobs else None
+    return Generation(texts, rows, logprobs)
+
+
+def generate(model: LlavaModel, image: ImageLike, question: str, max_new_tokens: int | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stream: Callable[[str], None] | None = None, use_cache: bool = True) -> str:
+    """Answer ``question`` about ``image`` (PIL image, path or bytes); ``stream`` receives text as it comes.
+
+    Example:
+        >>> generate(model, "shoe.png", "What is this item?")  # doctest: +SKIP
+        'sneaker'
+        >>> generate(model, "shoe.png", "Describe it.", do_sample=True, seed=0, stream=print)  # doctest: +SKIP
+    """
+    from lowbit.models.llava import open_rgb
+
+    if not question or not question.strip():
+        raise LowbitError("the question is empty; accepted: a non-empty string")
+    pixels = model.preprocess([open_rgb(image)])
+    decoding = Decoding(max_new_tokens or model.config.max_new_tokens, do_sample, temperature, top_p, top_k, seed,
+                        use_cache)
+    return generate_batch(model, pixels, [question], decoding, stream=stream).texts[0]
