@@ -12,7 +12,13 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.base import DualEncoder
-from lowbit.quant.calibration import ActivationCalibrator, CalibrationWarning, calibration_texts, input_rows
+from lowbit.quant.calibration import (
+    ActivationCalibrator,
+    CalibrationWarning,
+    calibration_texts,
+    grouped_input_rows,
+    input_rows,
+)
 from lowbit.quant.methods import CalibrationProvider, get_method
 from lowbit.quant.primitives import QuantSpec
 
@@ -162,6 +168,35 @@ def test_calibration_texts() -> None:
     prompts = calibration_texts(None, ["shirt", "bag"], ["a {}.", "the {}"], 10, seed=3)
     assert sorted(prompts) == sorted(["a shirt.", "the shirt", "a bag.", "the bag"])
     assert calibration_texts(None, None, ["a {}"], 5) == []
+    # templated captions repeat: duplicates are dropped and the prompt templates top the set up
+    caps = ["a bag."] * 5 + ["a shirt."] * 5
+    texts = calibration_texts(caps, ["shirt", "bag"], ["a {}.", "the {}", "my {}"], 5)
+    assert texts[:2] == ["a bag.", "a shirt."] and len(texts) == len(set(texts)) == 5
+    assert set(texts[2:]) <= {"the shirt", "the bag", "my shirt", "my bag"}
+
+
+@pytest.mark.parametrize("groups,out_ch", [(6, 6), (2, 4)])
+def test_grouped_conv_rows_and_per_group_hessians(model: TinyDual, groups: int, out_ch: int) -> None:
+    conv = nn.Conv2d(6, out_ch, 3, padding=1, stride=2, groups=groups)
+    x = torch.randn(2, 6, 7, 7)
+    rows = grouped_input_rows(conv, x)  # [G, 2*4*4, 6/G*9]
+    assert rows.shape == (groups, 32, 6 // groups * 9)
+    per = out_ch // groups
+    w = conv.weight.reshape(out_ch, -1)  # [N, Kg]
+    out = conv(x).permute(1, 0, 2, 3).reshape(out_ch, -1) - conv.bias[:, None]  # [N, B*L]
+    for o in range(out_ch):  # each output channel is its own group's rows times its weight row
+        assert torch.allclose(rows[o // per] @ w[o], out[o], atol=1e-5)
+    # through the calibrator: one Hessian per conv group, from the model's own forward
+    dual = TinyDual()
+    dual.vision[0] = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+    cal = ActivationCalibrator(dual, images(4), None)
+    ctx = cal.stats_for("vision", "0", dual.vision[0])
+    pixels = torch.cat(cal.pixel_batches())
+    r = grouped_input_rows(dual.vision[0], pixels).double()  # [3, S, 9]
+    assert ctx.hessian is None and ctx.extra["n_rows"] == r.shape[1]
+    assert torch.allclose(ctx.extra["group_hessians"], 2.0 / r.shape[1] * r.transpose(1, 2) @ r)
+    packed = get_method("gptq").quantize_weight(dual.vision[0].weight, QuantSpec(4), ctx, {}).packed
+    assert packed.shape == (3, 1, 3, 3)
 
 
 def test_efficientnet_same_padding_conv_rows() -> None:
@@ -192,3 +227,71 @@ def test_sequential_quantize_with_calibrator(model: TinyDual) -> None:
     with torch.no_grad():
         img, txt = model.encode_image(pixels), model.encode_text(tokens)
     assert (img * ref_img).sum(-1).min() > 0.99 and (txt * ref_txt).sum(-1).min() > 0.99
+
+
+class BlockDual(TinyDual):
+    """TinyDual whose vision tower is a stem conv + a ModuleList of two conv blocks (two 1x1 convs each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 3, 1)) for _ in range(2))
+        stem, head = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.vision = nn.ModuleDict({"stem": stem, "blocks": blocks, "head": head})
+        self.passes = 0
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        x = self.vision["stem"](pixels)
+        for block in self.vision["blocks"]:
+            x = x + block(x)
+        return self.projector["image"](self.vision["head"](x).mean(dim=(2, 3)))
+
+
+class _Recording:
+    """A calibration provider that records the Hessian it served for each layer."""
+
+    def __init__(self, cal: ActivationCalibrator, served: dict, mode: str) -> None:
+        self.cal, self.served, self.mode = cal, served, mode
+
+    def stats_for(self, tower: str, name: str, module: nn.Module) -> object:
+        ctx = self.cal.stats_for(tower, name, module)
+        self.served[self.mode, name] = ctx.hessian
+        return ctx
+
+    def on_quantized(self, *args: object) -> None:
+        self.cal.on_quantized(*args)
+
+
+def test_block_sequential_mode() -> None:
+    from lowbit.quant.apply import quantize_
+
+    names = ["stem", "blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
+    hessians = {}
+    for mode in ("layer", "block"):
+        model = BlockDual()
+        cal = ActivationCalibrator(model, images(8), None, batch_size=4, sequential=mode)
+        assert cal._block_of("vision", "blocks.1.2") == "blocks.1" and cal._block_of("vision", "head") == "head"
+        # float model: both modes see the same inputs for every layer
+        hessians[mode] = {n: cal.stats_for("vision", n, model.vision.get_submodule(n)).hessian for n in names}
+        model.passes = 0
+        quantize_(model, "vision=w2:gptq", calibration=cal, progress=False)
+        assert model.passes == 2 * (6 if mode == "layer" else 4)  # 2 batches x (layers | blocks)
+    for n in names:
+        assert torch.allclose(hessians["layer"][n], hessians["block"][n])
+    # during quantization: a block's second layer sees its own block's first layer in float only in block mode
+    served = {}
+    for mode in ("layer", "block"):
+        model = BlockDual()
+        cal = ActivationCalibrator(model, images(8), None, batch_size=4, sequential=mode)
+
+        quantize_(model, "vision=w2:gptq", calibration=_Recording(cal, served, mode), progress=False)
+        if mode == "block":
+            partly = BlockDual()
+            partly.vision["stem"] = model.vision["stem"]  # the quantized stem, block 0 in float
+            ref = ActivationCalibrator(partly, images(8), None, batch_size=4)
+            own_block_float = ref.stats_for("vision", "blocks.0.2", partly.vision.get_submodule("blocks.0.2")).hessian
+    assert torch.allclose(served["block", "blocks.0.2"], own_block_float)
+    assert not torch.allclose(served["layer", "blocks.0.2"], own_block_float)  # sees the quantized blocks.0.0
+    assert torch.allclose(served["layer", "blocks.0.0"], served["block", "blocks.0.0"])  # first of a block: same
+    with pytest.raises(LowbitError, match="sequential"):
+        ActivationCalibrator(BlockDual(), images(2), None, sequential="tree")

@@ -111,3 +111,20 @@ def test_yaml_file_level_errors(tmp_path: Path) -> None:
         load_recipe(_yaml(tmp_path, "version: 1\nrules: []\n"))
     with pytest.raises(LowbitError, match="recipe file not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_with_method_swaps_the_main_rules_and_keeps_options_of_unchanged_ones() -> None:
+    recipe = Recipe.from_dict({"rules": [
+        {"tower": "projector", "method": "rtn", "bits": 8},
+        {"tower": "*", "kinds": ["conv"], "method": "gptq", "bits": 8, "options": {"percdamp": 0.1}},
+        {"tower": "*", "kinds": ["linear", "conv1x1"], "method": "gptq", "bits": 4, "group_size": 128,
+         "options": {"act_order": True, "clip_search": True}},
+    ]}, name="r")
+    same = recipe.with_method("gptq")
+    assert [r.options for r in same.rules] == [r.options for r in recipe.rules] and same.name == "r+gptq"
+    awq = recipe.with_method("awq")
+    low = awq.match("text", "encoder.layer.0.output.dense", "linear")[1]
+    assert (low.method, low.spec, low.options) == ("awq", QuantSpec(4, 128), {})
+    conv = awq.match("vision", "net._blocks.1._depthwise_conv", "conv")[1]
+    assert (conv.method, conv.options) == ("gptq", {"percdamp": 0.1})  # 8-bit rules are not the main rules
+    assert awq.match("projector", "text", "linear")[1].method == "rtn"

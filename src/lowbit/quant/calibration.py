@@ -9,7 +9,9 @@ calibration batches, and stops each forward as soon as the module has seen its i
 earlier layers: sequential, error-aware calibration as in the GPTQ paper.
 
 Per module it accumulates XᵀX (float64 [K, K], over all rows) and keeps a seeded uniform subsample of at
-most ``max_rows`` input rows. Padding positions of the text tokens are left out.
+most ``max_rows`` input rows. Padding positions of the text tokens are left out. A grouped (depthwise)
+conv gets one Hessian per group instead (``extra["group_hessians"]`` [G, Kg, Kg]), since each group's
+output channels see only their own input channels.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.quant_linear import is_quantized
 from lowbit.models.base import DualEncoder
 from lowbit.quant.methods import QuantContext
 
+SEQUENTIAL_MODES = ("layer", "block")
+_CAPTURABLE = (nn.Linear, nn.Conv2d)  # what a block pass records (float ones only: see is_quantized)
 _IMAGE_TOWERS = {"vision"}
 _TEXT_TOWERS = {"text"}
 
@@ -53,6 +58,19 @@ def _tf_same_pad(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
 
 
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded input patches [B, C*kh*kw, L] of a k x k conv (TF-"same" subclasses padded first)."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        raise LowbitError(f"calibration of a conv with padding={module.padding!r}, "
+                          f"padding_mode={module.padding_mode!r} is not supported")
+    if type(module).forward is not nn.Conv2d.forward:
+        if "SamePadding" not in type(module).__name__:
+            raise LowbitError(f"calibration of {type(module).__name__} (a Conv2d with its own forward) "
+                              "is not supported for k x k kernels")
+        x = _tf_same_pad(module, x)
+    return nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+
+
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows X [S, K] a module's weight [N, K] multiplies, from its input tensor ``x``.
 
@@ -60,27 +78,32 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     unfolded to [B*L, C*kh*kw], matching the weight viewed as [N, C*kh*kw]. EfficientNet's TF-"same" conv
     subclasses (padding computed in ``forward``) are padded the same way first; other Conv2d subclasses
     with their own ``forward`` are refused for k x k kernels, as their patches cannot be known here.
+    Grouped (e.g. depthwise) convs have one row space per group: see ``grouped_input_rows``.
     """
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise LowbitError(
-                f"calibration of grouped/depthwise convs (groups={module.groups}) is not supported; "
-                "quantize them with a method that needs no calibration (e.g. rtn)"
+                f"input_rows: a grouped/depthwise conv (groups={module.groups}) has one input space per "
+                "group; use grouped_input_rows"
             )
         if module.kernel_size == (1, 1) and module.stride == (1, 1) and tuple(module.padding) == (0, 0):
             b, c, h, w = x.shape
             return x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # [B*H*W, C]
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            raise LowbitError(f"calibration of a conv with padding={module.padding!r}, "
-                              f"padding_mode={module.padding_mode!r} is not supported")
-        if type(module).forward is not nn.Conv2d.forward:
-            if "SamePadding" not in type(module).__name__:
-                raise LowbitError(f"calibration of {type(module).__name__} (a Conv2d with its own forward) "
-                                  "is not supported for k x k kernels")
-            x = _tf_same_pad(module, x)
-        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        cols = _conv_patches(module, x)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B, C*kh*kw, L] -> [B*L, C*kh*kw]
     return x.reshape(-1, x.shape[-1])  # [..., K] -> [S, K]
+
+
+def grouped_input_rows(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Per-group rows [G, S, Kg] of a grouped conv: group g's output channels (weight rows
+    g*N/G .. (g+1)*N/G - 1, viewed [N, Kg] with Kg = C/G*kh*kw) multiply only the patches of its own C/G
+    input channels. Depthwise: G = C, Kg = kh*kw.
+    """
+    g = module.groups
+    cols = _conv_patches(module, x)  # [B, C*kh*kw, L]; channel-major, so each group's block is contiguous
+    b, ck, length = cols.shape
+    kg = ck // g
+    return cols.reshape(b, g, kg, length).permute(1, 0, 3, 2).reshape(g, b * length, kg)  # [G, B*L, Kg]
 
 
 def module_kind(module: nn.Module) -> str:
@@ -123,12 +146,38 @@ class _RowStats:
         self.rows, self.keys = rows.clone(), all_keys
 
 
+class _GroupedStats:
+    """Running per-group XᵀX [G, Kg, Kg] (float64) and sum |x| [G, Kg] of a grouped conv's patch rows."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None
+        self.n_rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x64 = x.detach().to(torch.float64)  # [G, S, Kg]
+        if x64.shape[1] == 0:
+            return
+        part = x64.transpose(1, 2) @ x64  # [G, Kg, Kg]
+        self.gram = part if self.gram is None else self.gram + part
+        abs_part = x64.abs().sum(dim=1)  # [G, Kg]
+        self.abs_sum = abs_part if self.abs_sum is None else self.abs_sum + abs_part
+        self.n_rows += x64.shape[1]
+
+
 class ActivationCalibrator:
     """Captures each quantized module's calibration inputs by running ``model`` on images and texts.
 
     ``images``/``texts`` feed the ``vision``/``text`` towers (both feed ``projector`` and any other tower);
     they are preprocessed/tokenized once, in batches of ``batch_size``. ``max_rows`` input rows per module are
     kept (seeded by ``seed``) for AWQ and error measurement; the Hessian uses every row.
+
+    ``sequential`` says how much of the already-quantized model a layer's statistics see. ``"layer"``
+    (default): one pass per layer, stopped at that layer, so every layer sees all earlier quantized layers
+    (GPTQ's "true sequential"). ``"block"``: one pass per block (the outermost ``nn.ModuleList`` entry a
+    layer lives in: a transformer layer, an EfficientNet block) records all its layers at once, so layers
+    see the quantized earlier blocks but their own block in float (GPTQ's default sequential order);
+    fewer, shorter forwards.
     """
 
     def __init__(
@@ -139,7 +188,10 @@ class ActivationCalibrator:
         batch_size: int = 32,
         max_rows: int = 4096,
         seed: int = 0,
+        sequential: str = "layer",
     ) -> None:
+        if sequential not in SEQUENTIAL_MODES:
+            raise LowbitError(f"calibration sequential={sequential!r}; accepted: {', '.join(SEQUENTIAL_MODES)}")
         if not images and not texts:
             raise LowbitError("calibration needs at least one image or one text")
         if batch_size < 1:
@@ -150,6 +202,8 @@ class ActivationCalibrator:
         self.batch_size = batch_size
         self.max_rows = max_rows
         self.seed = seed
+        self.sequential = sequential
+        self._block_cache: dict[tuple[str, str], _RowStats | _GroupedStats] = {}
         self._pixels: list[torch.Tensor] | None = None
         self._tokens: list[dict[str, torch.Tensor]] | None = None
 
@@ -185,61 +239,131 @@ class ActivationCalibrator:
     # --- CalibrationProvider ---------------------------------------------------------------------------
     @torch.no_grad()
     def stats_for(self, tower: str, module_name: str, module: nn.Module) -> QuantContext:
-        """Run the ``tower``'s calibration path(s) and return ``module``'s input Hessian and sample rows."""
-        stats = _RowStats(self.max_rows, torch.Generator().manual_seed(self.seed))
-        mask: list[torch.Tensor | None] = [None]  # attention mask of the text batch in flight
+        """Run the ``tower``'s calibration path(s) and return ``module``'s input Hessian and sample rows.
 
-        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise LowbitError(f"module {module_name!r} got no tensor input during calibration")
-            x = args[0]
-            m = mask[0]
-            if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m.bool()]  # [B, T, K] -> [real tokens, K]: padding carries no signal
-            stats.add(input_rows(mod, x))
-            raise _Captured
+        ``sequential="block"``: the first layer of a block triggers one pass that records every float
+        Linear/Conv2d of that block; its siblings are then served from that pass (see the class docstring).
+        """
+        if self.sequential == "layer":
+            return self._context(tower, module_name, module, self._capture(tower, {module_name: module})[module_name])
+        if (tower, module_name) in self._block_cache:
+            return self._context(tower, module_name, module, self._block_cache.pop((tower, module_name)))
+        block = self._block_of(tower, module_name)
+        targets = {module_name: module}
+        for name, m in self.model.towers()[tower].named_modules():
+            if (name == block or name.startswith(block + ".")) and isinstance(m, _CAPTURABLE) \
+                    and not is_quantized(m):
+                targets.setdefault(name, m)
+        stats = self._capture(tower, targets)
+        self._block_cache = {(tower, name): st for name, st in stats.items() if name != module_name}
+        return self._context(tower, module_name, module, stats[module_name])
+
+    def on_quantized(self, tower: str, module_name: str, new_module: nn.Module) -> None:
+        """A layer outside the block in the cache changed: the cached inputs may no longer be what it sees."""
+        if self._block_cache and self._block_of(tower, module_name) != self._block_of(*next(iter(self._block_cache))):
+            self._block_cache.clear()
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def _block_of(self, tower: str, module_name: str) -> str:
+        """The outermost entry of an ``nn.ModuleList`` containing the module (a transformer layer, an
+        EfficientNet block), or the module itself when it lies in no ModuleList."""
+        root = self.model.towers()[tower]
+        parts = module_name.split(".")
+        for i in range(1, len(parts)):
+            if isinstance(root.get_submodule(".".join(parts[:i])), nn.ModuleList):
+                return ".".join(parts[: i + 1])
+        return module_name
+
+    def _capture(self, tower: str, targets: dict[str, nn.Module]) -> dict[str, _RowStats | _GroupedStats]:
+        """Input statistics of every module in ``targets`` over all calibration batches of ``tower``.
+
+        Each batch's forward stops as soon as every target has seen its input (its first call only).
+        """
+        stats: dict[str, _RowStats | _GroupedStats] = {
+            name: _GroupedStats() if _is_grouped(m) else _RowStats(self.max_rows, self._generator())
+            for name, m in targets.items()
+        }
+        mask: list[torch.Tensor | None] = [None]  # attention mask of the text batch in flight
+        seen: set[str] = set()  # targets recorded in the batch in flight
+
+        def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+                if name in seen:
+                    return
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise LowbitError(f"module {name!r} got no tensor input during calibration")
+                x = args[0]
+                m = mask[0]
+                if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                    x = x[m.bool()]  # [B, T, K] -> [real tokens, K]: padding carries no signal
+                stats[name].add(grouped_input_rows(mod, x) if _is_grouped(mod) else input_rows(mod, x))
+                seen.add(name)
+                if len(seen) == len(targets):
+                    raise _Captured
+
+            return hook
 
         was_training = self.model.training
         self.model.eval()
-        handle = module.register_forward_pre_hook(hook)
+        handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in targets.items()]
         try:
             for kind, forward, batches in self._paths(tower):
                 for batch in batches:
                     mask[0] = batch.get("attention_mask") if kind == "text" else None
+                    seen.clear()
                     try:
                         forward(batch)
                     except _Captured:
                         pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             self.model.train(was_training)
+        return stats
+
+    def _context(self, tower: str, module_name: str, module: nn.Module,
+                 stats: _RowStats | _GroupedStats) -> QuantContext:
         kind = module_kind(module)
         if stats.gram is None or stats.abs_sum is None:
             # A layer the encode paths never run (e.g. an unused pooler) cannot matter for the embeddings;
             # say so and let the method fall back to its calibration-free grid instead of failing the model.
             warnings.warn(
                 f"module {module_name!r} of tower {tower!r} saw no input while running the calibration data; "
-                "it is quantized without calibration statistics", CalibrationWarning, stacklevel=2,
+                "it is quantized without calibration statistics", CalibrationWarning, stacklevel=3,
             )
             return QuantContext(tower=tower, name=module_name, kind=kind, extra={"n_rows": 0})
-        hessian = stats.gram * (2.0 / stats.n_rows)  # H = 2/S XᵀX as in GPTQ
-        act_abs_mean = (stats.abs_sum / stats.n_rows).to(torch.float32)  # [K]
+        hessian = stats.gram * (2.0 / stats.n_rows)  # H = 2/S XᵀX as in GPTQ ([G, Kg, Kg] when grouped)
+        act_abs_mean = (stats.abs_sum / stats.n_rows).to(torch.float32)  # [K] ([G, Kg] when grouped)
+        if isinstance(stats, _GroupedStats):
+            # No single [K, K] Hessian exists: methods that handle grouped layers read the per-group ones.
+            return QuantContext(tower=tower, name=module_name, kind=kind, extra={
+                "group_hessians": hessian, "act_abs_mean": act_abs_mean, "n_rows": stats.n_rows})
         return QuantContext(
             inputs=stats.rows, hessian=hessian, tower=tower, name=module_name, kind=kind,
             extra={"act_abs_mean": act_abs_mean, "n_rows": stats.n_rows},
         )
 
 
+def _is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1
+
+
 def calibration_texts(captions: Sequence[str] | None, classnames: Sequence[str] | None,
                       templates: Sequence[str], n: int, seed: int = 0) -> list[str]:
-    """Up to ``n`` calibration texts: the captions, else templates × classnames shuffled with ``seed``."""
-    if captions:
-        return list(captions[:n])
-    if not classnames:
-        return []
-    prompts = list(dict.fromkeys(t.format(c) for c in classnames for t in templates))
-    random.Random(seed).shuffle(prompts)
-    return prompts[:n]
+    """Up to ``n`` distinct calibration texts: the captions first, topped up with templates × classnames.
+
+    Repeated captions add no information to XᵀX (datasets with templated captions, like Fashion-MNIST's,
+    have one caption per class), so duplicates are dropped and the prompt templates (shuffled with
+    ``seed``) fill the rest.
+    """
+    texts = list(dict.fromkeys(captions or []))[:n]
+    if len(texts) < n and classnames:
+        prompts = [p for p in dict.fromkeys(t.format(c) for c in classnames for t in templates) if p not in texts]
+        random.Random(seed).shuffle(prompts)
+        texts += prompts[: n - len(texts)]
+    return texts
 
 
 def calibration_from_dataset(
@@ -250,6 +374,7 @@ def calibration_from_dataset(
     seed: int = 0,
     batch_size: int = 32,
     max_rows: int = 4096,
+    sequential: str = "layer",
 ) -> ActivationCalibrator:
     """An :class:`ActivationCalibrator` over the first ``n_samples`` images (and captions) of a dataset."""
     from lowbit.data import resolve_dataset
@@ -258,4 +383,5 @@ def calibration_from_dataset(
         raise LowbitError(f"calibration n_samples must be >= 1, got {n_samples}")
     data = resolve_dataset(dataset_spec, split=split, limit=n_samples)
     texts = calibration_texts(data.captions, data.classnames, data.templates, n_samples, seed)
-    return ActivationCalibrator(model, data.images, texts, batch_size=batch_size, max_rows=max_rows, seed=seed)
+    return ActivationCalibrator(model, data.images, texts, batch_size=batch_size, max_rows=max_rows, seed=seed,
+                                sequential=sequential)

@@ -127,7 +127,8 @@ class Recipe:
         """The same recipe with ``method`` on its main rules: the non-skip rules of the lowest bit-width.
 
         This is how a sweep compares methods on one preset: ``w4`` keeps its 8-bit projector/conv rules and
-        swaps the method of its 4-bit rules; ``w8`` swaps every rule. Method-specific options are dropped.
+        swaps the method of its 4-bit rules; ``w8`` swaps every rule. Method-specific options are kept on
+        rules whose method does not change (``w4`` with ``gptq`` is the preset itself) and dropped otherwise.
 
         Example:
             >>> load_recipe("w4").with_method("awq").name
@@ -145,7 +146,8 @@ class Recipe:
                 continue
             kinds = tuple(k for k in (r.kinds or matmul_kinds) if k in matmul_kinds)
             if kinds:
-                rules.append(replace(r, method=method, options={}, kinds=kinds))
+                options = dict(r.options) if r.method == method else {}
+                rules.append(replace(r, method=method, options=options, kinds=kinds))
             if r.kinds is None or set(r.kinds) - set(matmul_kinds):
                 rules.append(r)  # the same layers of other kinds, as before
         rules = tuple(rules)
