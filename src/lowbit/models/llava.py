@@ -58,11 +58,14 @@ class LlavaConfig:
     system: str | None = "Answer with a few words."
     prune_ratio: float = 0.0
     max_new_tokens: int = 16
+    kv_bits: int | None = None  # KV cache stored at 8 or 4 bits during generation (None = float)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validated(self) -> LlavaConfig:
         if self.projector not in PROJECTOR_KINDS:
             raise unknown_choice("projector kind", self.projector, PROJECTOR_KINDS)
+        if self.kv_bits not in (None, 8, 4):
+            raise LowbitError(f"kv_bits must be 8 or 4 (or None for a float cache); received {self.kv_bits!r}")
         if not 0.0 <= float(self.prune_ratio) < 1.0:
             raise LowbitError(f"prune_ratio must be in [0, 1); received {self.prune_ratio!r}; accepted: 0 (no "
                               "pruning) up to below 1 (keep at least one visual token)")
@@ -310,8 +313,9 @@ def read_projector_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[str] | None = None,
-               prune_ratio: float | None = None, **_: Any) -> LlavaModel:
-    """Load ``llava-fashion`` (or a HF Llava directory); ``projector=`` a built file, ``prune_ratio=`` a share.
+               prune_ratio: float | None = None, kv_bits: int | None = None, **_: Any) -> LlavaModel:
+    """Load ``llava-fashion`` (or a HF Llava directory); ``projector=`` a built file, ``prune_ratio=`` a share of
+    visual tokens to drop, ``kv_bits=`` 8 or 4 for a quantized KV cache.
 
     Example:
         >>> model = load_llava("llava-fashion")  # doctest: +SKIP
@@ -321,6 +325,8 @@ def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[st
     options: dict[str, Any] = {}
     if prune_ratio is not None:
         options["prune_ratio"] = float(prune_ratio)
+    if kv_bits is not None:
+        options["kv_bits"] = int(kv_bits)
     if name_or_path != DEFAULT_NAME:
         from lowbit.models.llava_hf import load_hf_llava
 

@@ -38,19 +38,19 @@ from lowbit.paths import lowbit_home
 class ProjectorTraining:
     """Hyper-parameters of the projector build (defaults = the shipped ``llava-fashion``)."""
 
-    n_fashion: int = 4000
-    n_shapes: int = 2000
-    turns: int = 3
-    align_steps: int = 400  # stage 1: visual tokens -> caption embeddings (no LM forward; seconds)
+    n_fashion: int = 2000
+    n_shapes: int = 1000
+    turns: int = 2
+    align_steps: int = 200  # stage 1: visual tokens -> caption embeddings (no LM forward; seconds)
     align_batch_size: int = 128
     align_lr: float = 3e-3
-    steps: int = 120  # stage 2: answer-token loss through the frozen LM
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup_steps: int = 10
+    steps: int = 48  # stage 2: answer-token loss through the frozen LM (the expensive part)
+    batch_size: int = 4
+    lr: float = 2e-3
+    warmup_steps: int = 5
     weight_decay: float = 0.0
     seed: int = 0
-    n_eval: int = 100
+    n_eval: int = 60
 
 
 @torch.inference_mode()

@@ -35,6 +35,7 @@ class Decoding:
     top_k: int = 0
     seed: int | None = None
     use_cache: bool = True
+    kv_bits: int | None = None  # store the KV cache at 8 or 4 bits (None: the model's config, default float)
 
     def validated(self) -> Decoding:
         if self.max_new_tokens < 1:
@@ -121,6 +122,11 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
     else:  # say "greedy" explicitly: a checkpoint's generation_config may default to sampling
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    kv_bits = decoding.kv_bits if decoding.kv_bits is not None else model.config.kv_bits
+    if kv_bits and decoding.use_cache:
+        from lowbit.models.llava_kvcache import quantized_kv_cache
+
+        kwargs["cache"] = quantized_kv_cache(model.language.config, kv_bits)
     if stream is not None:
         kwargs["streamer"] = _CallbackStreamer(tok, stream, stops)
     if decoding.seed is not None:
@@ -138,7 +144,8 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
 
 def generate(model: LlavaModel, image: ImageLike, question: str, max_new_tokens: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, stream: Callable[[str], None] | None = None, use_cache: bool = True) -> str:
+             seed: int | None = None, stream: Callable[[str], None] | None = None, use_cache: bool = True,
+             kv_bits: int | None = None) -> str:
     """Answer ``question`` about ``image`` (PIL image, path or bytes); ``stream`` receives text as it comes.
 
     Example:
@@ -152,5 +159,5 @@ def generate(model: LlavaModel, image: ImageLike, question: str, max_new_tokens:
         raise LowbitError("the question is empty; accepted: a non-empty string")
     pixels = model.preprocess([open_rgb(image)])
     decoding = Decoding(max_new_tokens or model.config.max_new_tokens, do_sample, temperature, top_p, top_k, seed,
-                        use_cache)
+                        use_cache, kv_bits)
     return generate_batch(model, pixels, [question], decoding, stream=stream).texts[0]

@@ -125,7 +125,7 @@ def load_hf_llava(path: str, **options: Any) -> LlavaModel:
         raise LowbitError(f"checkpoint {root} does not fit together: {problem}")
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     config = LlavaConfig(image_size=int(cfg.vision_config.image_size), system=options.pop("system", None),
-                         **{k: v for k, v in options.items() if k in ("prune_ratio", "max_new_tokens")})
+                         **{k: v for k, v in options.items() if k in ("prune_ratio", "max_new_tokens", "kv_bits")})
     model = LlavaModel(vision, projector, _standalone_lm(llava), tokenizer, _preprocess(root, config.image_size),
                        config)
     return model.eval().requires_grad_(False)
