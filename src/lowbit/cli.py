@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and call the chosen verb: a ``LowbitError`` becomes one line and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except LowbitError as exc:
@@ -220,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

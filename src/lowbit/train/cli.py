@@ -120,20 +120,11 @@ def register_cli(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m lowbit.train.cli``), same errors and exit codes as ``lowbit``."""
-    from lowbit.cli import _Parser
+    from lowbit.cli import _Parser, run
 
     parser = _Parser(prog="lowbit", description=__doc__)
     register_cli(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lowbit.errors import LowbitError
-
 
 def cmd_qat(args: argparse.Namespace) -> None:
     """Quantization-aware training of MODEL with a recipe, distilled from the float model; resumes from OUT."""
@@ -92,20 +90,11 @@ def register_qat_cli(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m lowbit.train.qat_cli qat ...``), same exit codes as ``lowbit``."""
-    from lowbit.cli import _Parser
+    from lowbit.cli import _Parser, run
 
     parser = _Parser(prog="lowbit", description=__doc__)
     register_qat_cli(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run(parser, argv)
 
 
 if __name__ == "__main__":
