@@ -1,12 +1,14 @@
 """The fast CPU kernels (lowbit.kernels.fast) against the reference oracle, on every format and ISA.
 
-Error model under test (see lowbit/kernels/fast.py): the only approximation is the per-row, per-32-block int8
-quantization of the activations, so for every output
+Error model under test (see lowbit/kernels/fast.py): the only approximation is the per-row int8 quantization
+of the activations in blocks b of ``handle.act_block`` inputs (128, or the weight group when smaller), so for
+every output
 
     |y_fast - y_ref| <= sum_b (a_b / 2) * sum_{k in b} |W[n, k]|,   a_b = max|x_b| / 127
 
 (plus float32 rounding), and for Gaussian activations the relative error ||y_fast - y_ref|| / ||y_ref|| stays
-below 1e-2.
+below 1e-2. Batch sizes cross the blocking edges of both paths: M <= 4 (fused GEMV), the GEMM's row blocks
+(6 rows AVX-512, 3 AVX2), its 240-row work units, and N not a multiple of its 48 / 16-column panels.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ FORMATS: dict[str, tuple[int, bool, bool]] = {
 GROUPS = ("pc", 32, 64, 128)
 # (N, K): aligned, and tails in both N (not a multiple of 8) and K (not a multiple of 32 / of the group).
 SHAPES = ((64, 256), (37, 200))
-MS = (1, 3, 16, 197)
+MS = (1, 3, 5, 16, 197)
+# Every edge of the blocking: fused path (M <= 4), GEMM row blocks (6 / 3 rows), 240-row work units.
+EDGE_MS = (1, 3, 4, 5, 6, 7, 8, 9, 63, 64, 65, 197, 240, 241, 257)
 REL_TOL = 1e-2
 
 
@@ -58,16 +62,16 @@ def make_packed(n: int, k: int, fmt: str, group: int | str, seed: int = 0) -> Pa
     return PackedWeight(pack_codes(codes, bits), scales, zeros, bits, gs, (n, k))
 
 
-def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum_b (a_b / 2) * sum_{k in b} |W[n, k]| for x [M, K], w [N, K] (float64)."""
+def activation_bound(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
+    """sum_b (a_b / 2) * sum_{k in b} |W[n, k]| for x [M, K], w [N, K] over blocks of ``block`` inputs (float64)."""
     m, k = x.shape
-    kp = -(-k // fast.BLOCK) * fast.BLOCK
+    kp = -(-k // block) * block
     xp = torch.zeros(m, kp, dtype=torch.float64)
     xp[:, :k] = x.double()
     wp = torch.zeros(w.shape[0], kp, dtype=torch.float64)
     wp[:, :k] = w.double().abs()
-    a = xp.view(m, -1, fast.BLOCK).abs().amax(-1) / 127.0  # [M, KB]
-    wsum = wp.view(w.shape[0], -1, fast.BLOCK).sum(-1)  # [N, KB]
+    a = xp.view(m, -1, block).abs().amax(-1) / 127.0  # [M, KA]
+    wsum = wp.view(w.shape[0], -1, block).sum(-1)  # [N, KA]
     return (a / 2.0) @ wsum.T
 
 
@@ -94,7 +98,7 @@ def check_against_reference(packed: PackedWeight, x: torch.Tensor, bias: torch.T
     y = fast.linear(x, handle, bias)
     ref = reference_linear(x, packed, bias, dtype=torch.float64).double()
     w = packed.dequantize()
-    bound = activation_bound(x, w)
+    bound = activation_bound(x, w, handle.act_block)
     # float32 rounding of the accumulation: a few ulps of sum |W||x|.
     slack = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
     err = (y.double() - ref).abs()
@@ -115,6 +119,27 @@ def test_matches_reference_within_bound(isa: str, fmt: str, group: int | str, sh
         check_against_reference(packed, x, bias if m % 2 else None)
 
 
+@pytest.mark.parametrize("fmt_group", (("int8", "pc"), ("int4", 128), ("uint4", 64), ("int3", 32), ("ternary", "pc"),
+                                       ("binary", "pc"), ("uint8", 96)), ids=lambda fg: f"{fg[0]}-g{fg[1]}")
+def test_every_blocking_edge_within_bound(isa: str, fmt_group: tuple[str, int | str]) -> None:
+    # N = 100: two full 48-column panels plus a 4-column tail (and 12 AVX2 tiles + 4); K = 328: groups and
+    # activation blocks with a partial tail.
+    fmt, group = fmt_group
+    n, k = 100, 328 if group != 96 else 288
+    packed = make_packed(n, k, fmt, group, seed=zlib.crc32(f"edge{fmt}{group}".encode()))
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(n, generator=g)
+    for m in EDGE_MS:
+        x = torch.randn(m, k, generator=g)
+        assert check_against_reference(packed, x, bias if m % 2 else None) < REL_TOL
+
+
+@pytest.mark.parametrize(("group", "expected"), (("pc", 128), (32, 32), (64, 64), (96, 96), (128, 128), (256, 128)))
+def test_activation_block_follows_the_group(group: int | str, expected: int) -> None:
+    needs_kernels()
+    assert fast.prepare(make_packed(8, 512 if group != 96 else 576, "int4", group)).act_block == expected
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_relative_error_below_tolerance(isa: str, fmt: str) -> None:
     packed = make_packed(256, 1024, fmt, 128, seed=3)
@@ -124,8 +149,9 @@ def test_relative_error_below_tolerance(isa: str, fmt: str) -> None:
 
 
 def test_outlier_channels_stay_within_bound(isa: str) -> None:
-    # A 100-sigma channel coarsens only the activations of its own 32-block: the elementwise bound holds
-    # (checked inside) and the relative error stays at the percent level, not the 100x of a per-row scale.
+    # A 100-sigma channel coarsens only the activations of its own block (128 inputs here): the elementwise
+    # bound holds (checked inside) and the relative error stays at the percent level, not the 100x of a
+    # per-row scale.
     packed = make_packed(64, 512, "int4", 128, seed=5)
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(6))
     x[:, 7] *= 100.0
@@ -185,7 +211,7 @@ def test_isas_agree() -> None:
         torch.testing.assert_close(y, base, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("m", (1, 197))
+@pytest.mark.parametrize("m", (1, 197, 257))
 def test_thread_count_does_not_change_results(m: int) -> None:
     needs_kernels()
     handle = fast.prepare(make_packed(200, 256, "int2", 64))

@@ -76,15 +76,22 @@ void set_isa(const std::string& name) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Row stride of the int8 activations: padded off multiples of 1 KB, since rows a multiple of 4 KB apart share
+// L1 sets (the panel GEMM reads several rows at once: measured 25% slower at K = 4096 without the pad).
+int64_t act_row_stride(int64_t KB) {
+  const int64_t row = KB * lowbit::kBlock;
+  return row % 1024 == 0 ? row + 64 : row;
+}
+
 // Quantize x, then the matmul, on the work pool.
-void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb,
+void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb, int64_t ab,
          int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp, const uint16_t* sp,
          const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N, int64_t T, const float* biasp,
          float* yp) {
   const int threads = at::get_num_threads();
   const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
-    kt->quantize(xp, K, K, KB, m0, m1, xqp, ap, isp);
+    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, act_row_stride(KB), ap, isp);
     // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
     // point of symmetric formats, so the kernels need no zero-point data for them).
     for (int64_t m = m0; m < m1; ++m) {
@@ -101,28 +108,37 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
   // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
   const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
                            static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
-  const lowbit::Tiles tiles{wp, sp, zp, zint, static_cast<int>(cb), full_byte, N, T, KB, G, gb};
-  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G};
-  // Work is split in units of tiles (two for the fused path, the kernel's tile group for the unpack-once
-  // path), claimed in chunks: about 16 chunks per thread for balance (a late or preempted thread only delays
-  // its own chunk), each worth >= ~2^16 MACs.
-  const int64_t unit_tiles = M <= lowbit::kSmallMaxM ? 2 : std::max(1, kt->large_tiles);
-  const int64_t units = ceil_div(T, unit_tiles);
-  const int64_t unit_macs = unit_tiles * lowbit::kTileRows * KB * lowbit::kBlock * M;
+  const lowbit::Tiles tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte,
+                            N, T, KB, G, gb};
+  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, act_row_stride(KB), ab};
+  // Work is split in units (the fused path: two tiles; the panel GEMM: the kernel's tile group x at most
+  // kLargeMChunk rows, so that small-N layers with many rows, such as pointwise convolutions, still use every
+  // thread), claimed in chunks: about 16 chunks per thread for balance (a late or preempted thread only delays
+  // its own chunk), each worth >= ~2^16 MACs. The split never changes which thread order computes an output.
+  const bool small = M <= lowbit::kSmallMaxM;
+  const int64_t unit_tiles = small ? 2 : std::max(1, kt->large_tiles);
+  const int64_t unit_rows = small ? M : std::min<int64_t>(M, lowbit::kLargeMChunk);
+  const int64_t tile_units = ceil_div(T, unit_tiles), row_units = ceil_div(M, unit_rows);
+  const int64_t units = tile_units * row_units;
+  const int64_t unit_macs = unit_tiles * lowbit::kTileRows * KB * lowbit::kBlock * unit_rows;
   const int64_t min_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_macs, 1));
   const int64_t grain = std::max(min_grain, units / (LOWBIT_CHUNKS_PER_THREAD * std::max(threads, 1)));
-  if (M <= lowbit::kSmallMaxM) {
+  if (small) {
     lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
       kt->gemm_small(tiles, acts, biasp, yp, unit_tiles * u0, std::min(T, unit_tiles * u1));
     });
   } else {
+    const size_t need = static_cast<size_t>(kt->large_scratch(KB)) + 64;
     lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
-      // Room for the prepared tiles of one register block (at most kMaxLargeNT tiles of 8 rows x KB blocks x
-      // 32 bytes, times 2 for the AVX2 int8 form); per thread, reused across calls.
+      // Room for the unpacked weight panel and the row buffer; per thread, reused across calls, 64-byte aligned.
       thread_local std::vector<uint8_t> scratch;
-      const size_t need = static_cast<size_t>(2 * lowbit::kMaxLargeNT * KB * lowbit::kBlock * 8 + 64);
       if (scratch.size() < need) scratch.resize(need);
-      kt->gemm_large(tiles, acts, biasp, yp, unit_tiles * u0, std::min(T, unit_tiles * u1), scratch.data());
+      uint8_t* sp64 = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) / 64 * 64);
+      for (int64_t u = u0; u < u1; ++u) {  // unit u: tile group u / row_units, row chunk u % row_units
+        const int64_t tg = u / row_units, rc = u % row_units;
+        kt->gemm_large(tiles, acts, biasp, yp, unit_tiles * tg, std::min(T, unit_tiles * (tg + 1)), unit_rows * rc,
+                       std::min(M, unit_rows * (rc + 1)), sp64);
+      }
     });
   }
 }
@@ -140,7 +156,7 @@ size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& zeros, double zero_const,
                      const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K,
-                     int64_t gb) {
+                     int64_t gb, int64_t ab) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "lowbit linear: x has ", x_in.size(-1),
               " features, the weight expects K=", K);
   TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
@@ -165,6 +181,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const to
     zero_const = 1.0;  // the zero points come from `zeros`
   }
   TORCH_CHECK(gb >= 1 && gb * (G - 1) < KB && gb * G >= KB, "lowbit linear: group blocks do not tile K");
+  TORCH_CHECK(ab >= 1 && (G == 1 || gb % ab == 0), "lowbit linear: activation blocks must divide the weight groups");
   const float* biasp = nullptr;
   torch::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -178,14 +195,14 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const to
   auto y = torch::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
     const KernelTable* kt = current_table().load();
-    // xq [M, KB*32] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
-    const size_t o_a = round64(static_cast<size_t>(M * KB * lowbit::kBlock));
+    // xq [M, ldx] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
+    const size_t o_a = round64(static_cast<size_t>(M * act_row_stride(KB)));
     const size_t o_is = o_a + round64(static_cast<size_t>(M * KB) * 4);
     const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB) * 4);
     const size_t total = o_gs + round64(static_cast<size_t>(M * G) * 4);
     thread_local std::vector<int64_t> buf;
     if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
-    run(kt, x.data_ptr<float>(), M, K, KB, G, gb, arena<int8_t>(buf, 0), arena<float>(buf, o_a),
+    run(kt, x.data_ptr<float>(), M, K, KB, G, gb, ab, arena<int8_t>(buf, 0), arena<float>(buf, o_a),
         arena<int32_t>(buf, o_is), arena<float>(buf, o_gs), w.data_ptr<uint8_t>(),
         reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zp, static_cast<float>(zero_const), cb,
         full_byte, N, T, biasp, y.data_ptr<float>());
@@ -221,7 +238,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit packed low-bit linear kernels (CPU)";
   m.def("linear", &linear, "y = x . W^T (+ bias) for prepared low-bit tiles", py::arg("x"), py::arg("w"),
         py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
-        py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"));
+        py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
   m.def("take_pool_stats", [] {

@@ -18,6 +18,7 @@
 #define LOWBIT_ISA_NS avx2
 #define LOWBIT_USE_VNNI 0
 #include "kernels_simd_impl.h"
+#include "kernels_gemm_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
 #pragma GCC pop_options
@@ -25,7 +26,7 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx2_kernels() {
-  static const KernelTable table{"avx2", avx2::kLargeNT, avx2::quantize, avx2::gemm_small, avx2::gemm_large};
+  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large};
   return &table;
 }
 }  // namespace lowbit

@@ -19,6 +19,7 @@
 #define LOWBIT_ISA_NS avx512vnni
 #define LOWBIT_USE_VNNI 1
 #include "kernels_simd_impl.h"
+#include "kernels_gemm_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
 #pragma GCC pop_options
@@ -26,7 +27,7 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx512vnni_kernels() {
-  static const KernelTable table{"avx512vnni", avx512vnni::kLargeNT, avx512vnni::quantize, avx512vnni::gemm_small,
+  static const KernelTable table{"avx512vnni", 2 * avx512vnni::kGemmPairs, avx512vnni::gemm_scratch_bytes, avx512vnni::quantize, avx512vnni::gemm_small,
                                  avx512vnni::gemm_large};
   return &table;
 }

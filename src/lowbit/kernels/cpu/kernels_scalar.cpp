@@ -11,30 +11,29 @@
 namespace lowbit {
 namespace {
 
-// Must match the SIMD quantize bit for bit (see kernels_simd_impl.h).
-void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq, float* a,
-              int32_t* isum) {
+// Must match the SIMD quantize bit for bit (see kernels_simd_impl.h): one scale per `ab` 32-blocks.
+void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
+              int64_t ldq, float* a, int32_t* isum) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
-    for (int64_t kb = 0; kb < KB; ++kb) {
-      float v[kBlock];
+    auto value = [&](int64_t k) { return k < K ? xr[k] : 0.0f; };
+    for (int64_t kb0 = 0; kb0 < KB; kb0 += ab) {
+      const int64_t kb1 = std::min(KB, kb0 + ab);
       float amax = 0.0f;
-      for (int i = 0; i < kBlock; ++i) {
-        const int64_t k = kb * kBlock + i;
-        v[i] = k < K ? xr[k] : 0.0f;
-        amax = std::max(amax, std::fabs(v[i]));
-      }
+      for (int64_t k = kb0 * kBlock; k < kb1 * kBlock; ++k) amax = std::max(amax, std::fabs(value(k)));
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      a[m * KB + kb] = amax / 127.0f;
-      int32_t s = 0;
-      int8_t* q = xq + m * KB * kBlock + kb * kBlock;
-      for (int i = 0; i < kBlock; ++i) {
-        const float prod = v[i] * inv;
-        const int32_t qi = static_cast<int32_t>(std::nearbyint(prod));  // round half to even
-        q[i] = static_cast<int8_t>(qi);
-        s += qi;
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        a[m * KB + kb] = amax / 127.0f;
+        int32_t s = 0;
+        int8_t* q = xq + m * ldq + kb * kBlock;
+        for (int i = 0; i < kBlock; ++i) {
+          const float prod = value(kb * kBlock + i) * inv;
+          const int32_t qi = static_cast<int32_t>(std::nearbyint(prod));  // round half to even
+          q[i] = static_cast<int8_t>(qi);
+          s += qi;
+        }
+        isum[m * KB + kb] = s;
       }
-      isum[m * KB + kb] = s;
     }
   }
 }
@@ -54,8 +53,12 @@ void unpack_block(const uint8_t* src, int cb, uint8_t* u) {
   }
 }
 
-void gemm(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
-  const int64_t KB = w.KB, G = w.G, M = x.M, ldx = KB * kBlock;
+// Rows [m0, m1) x tiles [t0, t1).
+void gemm(const Tiles& w, const Acts& all, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
+          int64_t m1) {
+  const int64_t KB = w.KB, G = w.G, M = m1 - m0, ldx = all.ldx;
+  const Acts x{all.xq + m0 * ldx, all.a + m0 * KB, all.isum + m0 * KB, all.gsum + m0 * G, M, KB, G, ldx, all.ab};
+  y += m0 * w.N;
   const bool pc = G == 1;
   uint8_t u[8 * kBlock];
   std::vector<float> out(static_cast<size_t>(M) * kTileRows);
@@ -96,12 +99,15 @@ void gemm(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0
 }
 
 void gemm_small(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
-  gemm(w, x, bias, y, t0, t1);
+  gemm(w, x, bias, y, t0, t1, 0, x.M);
 }
 
-void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, uint8_t*) {
-  gemm(w, x, bias, y, t0, t1);
+void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
+                int64_t m1, uint8_t*) {
+  gemm(w, x, bias, y, t0, t1, m0, m1);
 }
+
+int64_t no_scratch(int64_t) { return 0; }
 
 }  // namespace
 
@@ -121,7 +127,7 @@ float half_to_float(uint16_t h) {
 }
 
 const KernelTable* scalar_kernels() {
-  static const KernelTable table{"scalar", 1, quantize, gemm_small, gemm_large};
+  static const KernelTable table{"scalar", 1, no_scratch, quantize, gemm_small, gemm_large};
   return &table;
 }
 

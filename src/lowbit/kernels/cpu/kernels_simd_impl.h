@@ -73,10 +73,6 @@ struct DotVnni {
   static LB_INLINE Acc combine(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
   static LB_INLINE __m256i finish(Acc acc) { return acc; }
   static constexpr int32_t kOffset = 0;  // finish() returns sum (q - kOffset) * x
-  // Prepared weights (the unpack-once path): kVecs vectors per unpacked vector, written by store().
-  static constexpr int kVecs = 1;
-  static LB_INLINE W load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static LB_INLINE void store(uint8_t* p, __m256i u) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), u); }
 };
 template <bool FullByte>
 using DotFor = DotVnni;
@@ -92,9 +88,6 @@ struct DotSmall {  // codes < 16: int16 accumulation within a block (bound in th
   static LB_INLINE Acc combine(Acc a, Acc b) { return _mm256_add_epi16(a, b); }
   static LB_INLINE __m256i finish(Acc acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
   static constexpr int32_t kOffset = 0;
-  static constexpr int kVecs = 1;
-  static LB_INLINE W load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static LB_INLINE void store(uint8_t* p, __m256i u) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), u); }
 };
 struct DotByte {  // full 8-bit codes: sign trick on c = q - 128
   struct W {
@@ -113,32 +106,15 @@ struct DotByte {  // full 8-bit codes: sign trick on c = q - 128
   static LB_INLINE Acc combine(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
   static LB_INLINE __m256i finish(Acc acc) { return acc; }
   static constexpr int32_t kOffset = 128;  // the dot is over c = q - 128
-  // The unpack-once path stores |c| and c, so the xor/abs is done once per tile instead of per row block.
-  static constexpr int kVecs = 2;
-  static LB_INLINE W load(const uint8_t* p) {
-    return W{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
-  }
-  static LB_INLINE void store(uint8_t* p, __m256i u) {
-    const W w = prep(u);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), w.mag);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32), w.sgn);
-  }
 };
 template <bool FullByte>
 using DotFor = std::conditional_t<FullByte, DotByte, DotSmall>;
 #endif
 
-// Register blocking: rows of x (MB) x tiles of 8 outputs (NT) x independent accumulators per pair (NACC,
-// so that MB*NT*NACC >= 8 chains hide the vpdpbusd latency). The LOWBIT_* macros exist for tuning builds.
-// Defaults measured on Zen 4 (M = 197): VNNI 4 x 3 with group accumulators; AVX2 (16 registers) 3 x 2 without.
+// Register blocking of the fused (M <= kSmallMaxM) path: all M rows x NT tiles of 8 outputs x independent
+// accumulators per pair (NACC, so that M*NT*NACC >= 8 chains hide the vpdpbusd latency). The larger-M panel
+// GEMM has its own blocking (kernels_gemm_impl.h).
 #if LOWBIT_USE_VNNI
-#ifndef LOWBIT_LARGE_MB
-#define LOWBIT_LARGE_MB 4
-#endif
-#ifndef LOWBIT_LARGE_NT
-#define LOWBIT_LARGE_NT 3
-#endif
 #ifndef LOWBIT_SMALL_NT
 #define LOWBIT_SMALL_NT 2
 #endif
@@ -148,12 +124,6 @@ using DotFor = std::conditional_t<FullByte, DotByte, DotSmall>;
 constexpr int small_nt(int) { return LOWBIT_SMALL_NT; }
 constexpr int nacc_for(int mb, int nt) { return mb * nt >= 8 ? 1 : 8 / (mb * nt); }
 #else
-#ifndef LOWBIT_LARGE_MB
-#define LOWBIT_LARGE_MB 3
-#endif
-#ifndef LOWBIT_LARGE_NT
-#define LOWBIT_LARGE_NT 2
-#endif
 #ifndef LOWBIT_GROUP_ACC
 #define LOWBIT_GROUP_ACC 0
 #endif
@@ -161,13 +131,6 @@ constexpr int small_nt(int mb) { return mb <= 3 ? 2 : 1; }
 constexpr int nacc_for(int, int) { return 1; }  // int16 adds have 1-cycle latency: one chain suffices
 #endif
 constexpr bool kGroupAcc = LOWBIT_GROUP_ACC;
-#ifndef LOWBIT_MCHUNK_KB
-#define LOWBIT_MCHUNK_KB 1024
-#endif
-constexpr int64_t kMChunkBytes = int64_t{LOWBIT_MCHUNK_KB} * 1024;  // int8 activations per row chunk
-constexpr int kLargeMB = LOWBIT_LARGE_MB;
-constexpr int kLargeNT = LOWBIT_LARGE_NT;
-static_assert(kLargeNT <= kMaxLargeNT, "scratch holds kMaxLargeNT tiles");
 
 LB_INLINE __m256 load_scales(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -195,17 +158,13 @@ LB_INLINE void store_row(float* dst, __m256 v, int64_t valid) {
 // whose many live intermediates spill (which it otherwise does for the AVX2 int16 accumulation).
 LB_INLINE void pin(__m256i& v) { asm("" : "+x"(v)); }
 
-// CB value meaning "weights prepared by unpack_tiles" (D::W values, D::kVecs vectors per unpacked vector).
-constexpr int kPrepared = 0;
-
 // One register block: rows [m0, m0+MB) of x against tiles [t0, t0+NT), whose weights start at wbase with a
-// byte stride tstride per tile and container width CB (or kPrepared). PC: per-channel (G == 1), scale
-// applied at the end.
+// byte stride tstride per tile and container width CB. PC: per-channel (G == 1), scale applied at the end.
 // All register-block loops are compile-time (static_for) so the accumulator arrays become registers.
 template <class D, int CB, int MB, int NT, int NACC, bool PC>
 void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t tstride, int64_t t0,
                  int64_t m0, const float* bias, float* y) {
-  const int64_t KB = w.KB, G = w.G, gb = w.gb, ldx = KB * kBlock;
+  const int64_t KB = w.KB, G = w.G, gb = w.gb, ldx = x.ldx;
   __m256 out[MB][NT];
   static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
     static_for<0, NT>([&](auto t) __attribute__((always_inline)) { out[m][t] = _mm256_setzero_ps(); });
@@ -235,29 +194,20 @@ void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t ts
           static_for<0, NACC>([&](auto i) __attribute__((always_inline)) { acc[m][t][i] = D::zero(); });
         });
       });
-      constexpr bool kPre = CB == kPrepared;
-      constexpr int kLoads = kPre ? 8 : CB;  // vector loads (groups of unpacked vectors) per block
-      const uint8_t* wb = wbase + kb * (kPre ? 8 * 32 * D::kVecs : kBlock * CB);
+      constexpr int kLoads = CB;  // vector loads (groups of unpacked vectors) per block
+      const uint8_t* wb = wbase + kb * kBlock * CB;
       const int8_t* xb = xrow + kb * kBlock;
       static_for<0, kLoads>([&](auto pc) __attribute__((always_inline)) {
         constexpr int p = decltype(pc)::value;
         __m256i v[NT];
-        if constexpr (!kPre) {
-          static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
-            v[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + t * tstride + 32 * p));
-          });
-        }
+        static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
+          v[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + t * tstride + 32 * p));
+        });
         static_for<0, 8 / kLoads>([&](auto sc) __attribute__((always_inline)) {
           constexpr int s = decltype(sc)::value;
           constexpr int j = p + kLoads * s;
           typename D::W u[NT];
-          static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
-            if constexpr (kPre) {
-              u[t] = D::load(wb + t * tstride + 32 * D::kVecs * j);
-            } else {
-              u[t] = D::prep(unpack<CB, s>(v[t]));
-            }
-          });
+          static_for<0, NT>([&](auto t) __attribute__((always_inline)) { u[t] = D::prep(unpack<CB, s>(v[t])); });
           static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
             const __m256i bx = bcast4(xb + m * ldx + 4 * j);
             static_for<0, NT>([&](auto t) __attribute__((always_inline)) {
@@ -354,72 +304,6 @@ void small_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int6
   static_assert(kSmallMaxM == 4, "small_impl handles M = 1..4");
 }
 
-// Unpack nt tiles (container width CB) into prepared weights at dst: [tile][kb][j][D::kVecs x 32 bytes].
-template <class D, int CB>
-void unpack_tiles(const uint8_t* src, int64_t nt, int64_t KB, uint8_t* dst) {
-  for (int64_t i = 0; i < nt * KB; ++i) {
-    const uint8_t* s = src + i * (kBlock * CB);
-    uint8_t* d = dst + i * (8 * 32 * D::kVecs);
-    static_for<0, CB>([&](auto pc) __attribute__((always_inline)) {
-      constexpr int p = decltype(pc)::value;
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32 * p));
-      static_for<0, 8 / CB>([&](auto sc) __attribute__((always_inline)) {
-        constexpr int sh = decltype(sc)::value;
-        D::store(d + 32 * D::kVecs * (p + CB * sh), unpack<CB, sh>(v));
-      });
-    });
-  }
-}
-
-// Row block of mb (1..kLargeMB, runtime) -> the tile_kernel instantiation for it.
-template <class D, int NT, bool PC, int MBV = kLargeMB>
-void large_block(const Tiles& w, const Acts& x, const uint8_t* base, int64_t stride, int64_t t,
-                 int64_t m0, int64_t mb, const float* bias, float* y) {
-  if (mb == MBV) {
-    tile_kernel<D, kPrepared, MBV, NT, nacc_for(MBV, NT), PC>(w, x, base, stride, t, m0, bias, y);
-  } else if constexpr (MBV > 1) {
-    large_block<D, NT, PC, MBV - 1>(w, x, base, stride, t, m0, mb, bias, y);
-  }
-}
-
-template <class D, bool PC, int NTV = kLargeNT>
-void large_nt(const Tiles& w, const Acts& x, const uint8_t* base, int64_t stride, int64_t t, int64_t nt,
-              int64_t m0, int64_t mb, const float* bias, float* y) {
-  if (nt == NTV) {
-    large_block<D, NTV, PC>(w, x, base, stride, t, m0, mb, bias, y);
-  } else if constexpr (NTV > 1) {
-    large_nt<D, PC, NTV - 1>(w, x, base, stride, t, nt, m0, mb, bias, y);
-  }
-}
-
-template <class D, int CB, bool PC>
-void large_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
-                uint8_t* scratch) {
-  const int64_t prepared_stride = w.KB * 8 * 32 * D::kVecs;
-  // 8-bit codes used as they are need no preparation (the copy would cost ~7% at M = 197).
-  constexpr bool kInPlace = CB == 8 && D::kVecs == 1;
-  // Rows of x are taken kMChunkBytes of int8 activations at a time, so that they stay in L2 while streamed
-  // once per tile group; each chunk re-prepares the weights, so chunks are large (one pass for M = 197,
-  // K = 4096; smaller chunks measured slower on Zen 4's 1 MB L2).
-  const int64_t mchunk = std::max<int64_t>(kLargeMB, kMChunkBytes / (w.KB * kBlock) / kLargeMB * kLargeMB);
-  for (int64_t mc = 0; mc < x.M; mc += mchunk) {
-    const int64_t mc1 = std::min(x.M, mc + mchunk);
-    for (int64_t t = t0; t < t1; t += kLargeNT) {
-      const int64_t nt = std::min<int64_t>(kLargeNT, t1 - t);
-      const uint8_t* base = scratch;
-      if constexpr (kInPlace) {
-        base = w.w + t * prepared_stride;
-      } else {
-        unpack_tiles<D, CB>(w.w + t * w.KB * kBlock * CB, nt, w.KB, scratch);
-      }
-      for (int64_t m0 = mc; m0 < mc1; m0 += kLargeMB) {
-        const int64_t mb = std::min<int64_t>(kLargeMB, mc1 - m0);
-        large_nt<D, PC>(w, x, base, prepared_stride, t, nt, m0, mb, bias, y);
-      }
-    }
-  }
-}
-
 // Runtime (cb, full_byte, per-channel) -> template instantiation.
 template <bool PC>
 void dispatch_small_pc(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1) {
@@ -444,69 +328,57 @@ void gemm_small(const Tiles& w, const Acts& x, const float* bias, float* y, int6
   }
 }
 
-template <bool PC>
-void dispatch_large_pc(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
-                       uint8_t* scratch) {
-  switch (w.cb) {
-    case 1: large_impl<DotFor<false>, 1, PC>(w, x, bias, y, t0, t1, scratch); break;
-    case 2: large_impl<DotFor<false>, 2, PC>(w, x, bias, y, t0, t1, scratch); break;
-    case 4: large_impl<DotFor<false>, 4, PC>(w, x, bias, y, t0, t1, scratch); break;
-    default:
-      if (w.full_byte) {
-        large_impl<DotFor<true>, 8, PC>(w, x, bias, y, t0, t1, scratch);
-      } else {
-        large_impl<DotFor<false>, 8, PC>(w, x, bias, y, t0, t1, scratch);
-      }
-  }
-}
-
-void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
-                uint8_t* scratch) {
-  if (w.G == 1) {
-    dispatch_large_pc<true>(w, x, bias, y, t0, t1, scratch);
-  } else {
-    dispatch_large_pc<false>(w, x, bias, y, t0, t1, scratch);
-  }
-}
-
-// Per-row, per-32-block symmetric int8 quantization. Must match kernels_scalar.cpp bit for bit:
-// a = amax / 127, inv = 127 / amax, q = round-half-even(x * inv) -- all single IEEE float operations.
-void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq, float* a,
-              int32_t* isum) {
+// Per-row symmetric int8 quantization, one scale per `ab` consecutive 32-blocks (an activation block). Must
+// match kernels_scalar.cpp bit for bit: a = amax / 127, inv = 127 / amax, q = round-half-even(x * inv) -- all
+// single IEEE float operations. a is stored once per 32-block (repeated across the activation block).
+void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
+              int64_t ldq, float* a, int32_t* isum) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
-    for (int64_t kb = 0; kb < KB; ++kb) {
+    // The 32 inputs of block kb (the last, partial one zero padded).
+    auto load_block = [&](int64_t kb, __m256 v[4]) __attribute__((always_inline)) {
       alignas(32) float tail[kBlock];
       const float* src = xr + kb * kBlock;
-      if ((kb + 1) * kBlock > K) {  // last, partial block: zero padded copy
+      if ((kb + 1) * kBlock > K) {
         for (int i = 0; i < kBlock; ++i) tail[i] = kb * kBlock + i < K ? src[i] : 0.0f;
         src = tail;
       }
-      __m256 v[4];
       for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
-      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
-                                _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask)));
+    };
+    for (int64_t kb0 = 0; kb0 < KB; kb0 += ab) {
+      const int64_t kb1 = std::min(KB, kb0 + ab);
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        __m256 v[4];
+        load_block(kb, v);
+        mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
+                                             _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask))));
+      }
       __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
       const float amax = _mm_cvtss_f32(m4);
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      a[m * KB + kb] = amax / 127.0f;
       const __m256 vinv = _mm256_set1_ps(inv);
-      __m256i q[4];
-      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));  // nearest-even
-      __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-      isum[m * KB + kb] = _mm_cvtsi128_si32(s4);
-      // packs work per 128-bit lane; the dword permutation restores k order.
-      const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
-      const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
-      const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * KB * kBlock + kb * kBlock), p8);
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        __m256 v[4];
+        load_block(kb, v);
+        a[m * KB + kb] = amax / 127.0f;
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));  // nearest-even
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        isum[m * KB + kb] = _mm_cvtsi128_si32(s4);
+        // packs work per 128-bit lane; the dword permutation restores k order.
+        const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
+        const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * ldq + kb * kBlock), p8);
+      }
     }
   }
 }

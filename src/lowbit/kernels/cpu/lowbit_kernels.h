@@ -18,7 +18,8 @@
 //   (asymmetric formats only), so that W[n, k] = s * (q - z) (binary: s = 2 * s_stored, z = 1/2).
 //   Symmetric formats have a constant z, folded into the activation group sums (Acts::gsum) instead.
 //
-// Activations are quantized per row and per 32-block (symmetric int8 in [-127, 127]): x ~= a_b * xq.
+// Activations are quantized per row and per activation block of Acts::ab 32-blocks (symmetric int8 in
+// [-127, 127]): x ~= a_b * xq; ab divides the weight group's block count gb (any ab for per-channel weights).
 #pragma once
 
 #include <cstdint>
@@ -27,41 +28,47 @@ namespace lowbit {
 
 constexpr int kTileRows = 8;   // output rows per tile (8 int32 / float lanes of a 256-bit vector)
 constexpr int kBlock = 32;     // inputs per K-block (= activation quantization block)
-constexpr int kSmallMaxM = 4;  // M up to this uses the fused-unpack path, above it the unpack-once path
-constexpr int kMaxLargeNT = 4;  // the unpack-once path unpacks at most this many tiles at a time
+constexpr int kSmallMaxM = 4;  // M up to this uses the fused-unpack path, above it the panel GEMM
+constexpr int kLargeMChunk = 240;  // rows per work unit of the panel GEMM (a multiple of every row block)
 
 struct Tiles {
   const uint8_t* w;       // [T, KB, 32 * cb]
   const uint16_t* scales; // [T, G, 8] fp16 bits
   const uint8_t* zeros;   // [T, G, 8], or nullptr for symmetric formats
-  int32_t zint;           // symmetric formats with an integral zero point: it (SIMD kernels fold it into the
-                          // integer block sums and skip gsum); 0 otherwise
+  int32_t zint;           // symmetric formats with an integral zero point: it (the fused SIMD kernels fold it
+                          // into the integer block sums and skip gsum); 0 otherwise
+  float zconst;           // the constant zero point gsum carries (1 when `zeros` holds the zero points)
   int cb;                 // container bits: 1, 2, 4, 8
   bool full_byte;         // codes may use all 8 bits (int8 formats); else codes < 16
   int64_t N, T, KB, G, gb;  // gb: K-blocks per group (KB when G == 1)
 };
 
 struct Acts {
-  const int8_t* xq;       // [M, KB * 32], zero padded
-  const float* a;         // [M, KB] block scales
+  const int8_t* xq;       // [M, ldx], zero padded from K to KB * 32
+  const float* a;         // [M, KB] scale of each 32-block (equal within an activation block)
   const int32_t* isum;    // [M, KB] sum of the block's codes
   const float* gsum;      // [M, G]  zc * sum over the group's blocks of a_b * isum_b, zc = the constant
                           //         zero point of symmetric formats (1 when Tiles::zeros holds them)
   int64_t M, KB, G;
+  int64_t ldx;            // row stride of xq (>= KB * 32; binding.cpp pads it off multiples of 1 KB)
+  int64_t ab;             // 32-blocks per activation block (the GEMM sums their integer dots before scaling)
 };
 
 struct KernelTable {
   const char* name;
   int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
-  // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq / a / isum (stride KB*32 / KB).
-  void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t m0, int64_t m1, int8_t* xq,
-                   float* a, int32_t* isum);
+  // Scratch bytes gemm_large needs (per thread) for KB blocks.
+  int64_t (*large_scratch)(int64_t KB);
+  // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq / a / isum (row strides ldq / KB),
+  // one scale per `ab` consecutive 32-blocks (repeated in `a` for each of them).
+  void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1,
+                   int8_t* xq, int64_t ldq, float* a, int32_t* isum);
   // y[m, n] for all M rows (M <= kSmallMaxM) and tiles [t0, t1), unpacking weights in registers.
   void (*gemm_small)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1);
-  // Same for any M: tiles are unpacked once into `scratch` (>= 2 * kMaxLargeNT * KB * 256 bytes), then
-  // reused for every block of rows.
+  // Rows [m0, m1) (at most kLargeMChunk of them) x tiles [t0, t1) for any M: tiles are unpacked once into
+  // `scratch` (large_scratch(KB) bytes), then reused for every block of rows (kernels_gemm_impl.h).
   void (*gemm_large)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
-                     uint8_t* scratch);
+                     int64_t m0, int64_t m1, uint8_t* scratch);
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile

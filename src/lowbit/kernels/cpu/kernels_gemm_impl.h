@@ -1,0 +1,429 @@
+// Register-blocked GEMM for the compute-bound regime (M > kSmallMaxM), written once and compiled per ISA.
+//
+// Included after kernels_simd_impl.h (same TU, same namespace, its helpers) by kernels_avx2.cpp and
+// kernels_avx512vnni.cpp. The work unit of gemm_large is (a group of kGemmPairs tile pairs = 16 output
+// columns each) x (at most kLargeMChunk rows):
+//   1. the unit's weights are unpacked once to one byte per code into a panel in scratch, laid out
+//      [kb][j][pair][64 bytes]: the 32 bytes of unpacked vector j of tile 2p, then those of tile 2p + 1, so a
+//      zmm load (AVX-512) or two ymm loads (AVX2) give 16 columns x 4 inputs, and the pairs of one step are
+//      contiguous (separate per-pair streams a multiple of 4 KB apart would share L1 sets);
+//   2. for each chunk of K (kChunkBlocks 32-blocks, whole weight groups: the chunk's panel, <= 12 KB, stays in
+//      L1) and each block of MB rows, a micro-kernel keeps MB x CV vector accumulators in registers
+//      (int32 dot products of one 32-block, plus float sums scaled by the activation block scale), streaming
+//      the panel and broadcasting 4 activations at a time; partial sums go to a float buffer [rows][cols]
+//      (in scratch) at weight-group ends (times the group scale, minus the zero-point term) or chunk ends;
+//   3. the buffer is written to y with the per-channel scale, zero-point term and bias.
+// Zero points are always applied in float through the activation group sums (Acts::gsum), never per block in
+// the integer sums: one FMA per group instead of one add per block on the pipes the dot products use.
+// The AVX2 int8 product is over c = q - 128 (D::kOffset, sign trick): the zero-point factor absorbs it.
+
+#ifndef LOWBIT_ISA_NS
+#error "kernels_gemm_impl.h needs LOWBIT_ISA_NS (include it after kernels_simd_impl.h)"
+#endif
+
+namespace lowbit {
+namespace LOWBIT_ISA_NS {
+namespace {
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+constexpr int kPairBytes = 64;  // one unpacked vector j of a tile pair: 16 rows x 4 codes
+
+#if LOWBIT_USE_VNNI
+// One zmm = 16 int32 / float lanes = a whole tile pair.
+struct GemmVnni {
+  using I = __m512i;
+  using F = __m512;
+  using W = __m512i;
+  static constexpr int kVecTiles = 2;  // tiles per vector
+  static constexpr int kVecs = 1;      // panel copies per code (DotByte keeps two)
+  static constexpr int32_t kOffset = 0;
+  static constexpr bool kCrossBlock = true;  // int32 sums: may run over several blocks
+  static LB_INLINE I zero() { return _mm512_setzero_si512(); }
+  static LB_INLINE W load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static LB_INLINE I bcast(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static LB_INLINE void step(I& acc, const W& w, I x) { acc = _mm512_dpbusd_epi32(acc, w, x); }
+  static LB_INLINE void pin(I&) {}
+  static LB_INLINE F to_float(I acc) { return _mm512_cvtepi32_ps(acc); }
+  // Unpacked vector u of tile half h into the panel vector at p.
+  static LB_INLINE void store_half(uint8_t* p, int h, __m256i u) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32 * h), u);
+  }
+  static LB_INLINE F fzero() { return _mm512_setzero_ps(); }
+  static LB_INLINE F fset1(float v) { return _mm512_set1_ps(v); }
+  static LB_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static LB_INLINE F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static LB_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static LB_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static LB_INLINE F fload(const float* p) { return _mm512_loadu_ps(p); }
+  static LB_INLINE void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static LB_INLINE F from_halves(__m256 lo, __m256 hi) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+  }
+  static LB_INLINE void store_cols(float* dst, F v, int64_t valid) {
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>(valid >= 16 ? 0xffff : (1u << valid) - 1u), v);
+  }
+};
+template <bool FullByte>
+using GemmDot = GemmVnni;
+// 6 rows x 3 vectors (48 columns): 18 int32 accumulators + 3 weights + 1 broadcast in the inner loop (of 32
+// zmm; the 18 float sums, touched once per activation block, partly live on the stack). Measured on Sapphire
+// Rapids (M = 197, K = 4096, thread CPU time): 4x3 14.0 ms, 8x2 13.8, 6x3 12.7, 8x3 14.9, 12x2 15.4.
+#ifndef LOWBIT_GEMM_MB
+#define LOWBIT_GEMM_MB 6
+#endif
+#ifndef LOWBIT_GEMM_PAIRS
+#define LOWBIT_GEMM_PAIRS 3
+#endif
+#else
+// One ymm = 8 lanes = one tile; a pair is two vectors.
+struct GemmAvx2Base {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kVecTiles = 1;
+  static LB_INLINE I zero() { return _mm256_setzero_si256(); }
+  static LB_INLINE I bcast(const int8_t* p) { return bcast4(p); }
+  static LB_INLINE void pin(I& v) { asm("" : "+x"(v)); }  // see kernels_simd_impl.h: pin
+  static LB_INLINE F fzero() { return _mm256_setzero_ps(); }
+  static LB_INLINE F fset1(float v) { return _mm256_set1_ps(v); }
+  static LB_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static LB_INLINE F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static LB_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static LB_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static LB_INLINE F fload(const float* p) { return _mm256_loadu_ps(p); }
+  static LB_INLINE void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static LB_INLINE F from_halves(__m256 lo, __m256) { return lo; }
+  static LB_INLINE void store_cols(float* dst, F v, int64_t valid) { store_row(dst, v, valid); }
+};
+struct GemmSmall : GemmAvx2Base {  // codes < 16: int16 sums within a block (bound in kernels_simd_impl.h)
+  using W = __m256i;
+  static constexpr int kVecs = 1;
+  static constexpr int32_t kOffset = 0;
+  static constexpr bool kCrossBlock = false;  // int16 sums: one block at most
+  static LB_INLINE W load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static LB_INLINE void step(I& acc, const W& w, I x) { acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)); }
+  static LB_INLINE F to_float(I acc) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, _mm256_set1_epi16(1))); }
+  static LB_INLINE void store_half(uint8_t* p, int h, __m256i u) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32 * h), u);
+  }
+};
+struct GemmByte : GemmAvx2Base {  // full 8-bit codes: sign trick on c = q - 128, |c| and c both in the panel
+  struct W {
+    __m256i mag, sgn;
+  };
+  static constexpr int kVecs = 2;  // [|c| 64 bytes][c 64 bytes] per pair vector
+  static constexpr int32_t kOffset = 128;
+  static constexpr bool kCrossBlock = true;
+  static LB_INLINE W load(const uint8_t* p) {
+    return W{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kPairBytes))};
+  }
+  static LB_INLINE void step(I& acc, const W& w, I x) {
+    const __m256i p16 = _mm256_maddubs_epi16(w.mag, _mm256_sign_epi8(x, w.sgn));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  }
+  static LB_INLINE F to_float(I acc) { return _mm256_cvtepi32_ps(acc); }
+  static LB_INLINE void store_half(uint8_t* p, int h, __m256i u) {
+    const __m256i c = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32 * h), _mm256_abs_epi8(c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + kPairBytes + 32 * h), c);
+  }
+};
+template <bool FullByte>
+using GemmDot = std::conditional_t<FullByte, GemmByte, GemmSmall>;
+// 3 rows x 2 vectors (one pair): 6 int16/int32 + 6 float accumulators + 2 weights + broadcast + ones of 16 ymm.
+#ifndef LOWBIT_GEMM_MB
+#define LOWBIT_GEMM_MB 3
+#endif
+#ifndef LOWBIT_GEMM_PAIRS
+#define LOWBIT_GEMM_PAIRS 1
+#endif
+#endif
+
+constexpr int kGemmMB = LOWBIT_GEMM_MB;
+constexpr int kGemmPairs = LOWBIT_GEMM_PAIRS;
+static_assert(kLargeMChunk % kGemmMB == 0, "row chunks hold whole row blocks");
+#ifndef LOWBIT_GEMM_CHUNK_BLOCKS
+#define LOWBIT_GEMM_CHUNK_BLOCKS 8
+#endif
+
+template <class D>
+constexpr int kLanes = 8 * D::kVecTiles;
+template <class D>
+constexpr int kVecPerPair = 2 / D::kVecTiles;
+constexpr int64_t kRowFloats = int64_t{kGemmPairs} * 16;  // columns of the float buffer
+
+// Panel bytes for kGemmPairs pairs over KB blocks, room for the larger (AVX2 int8) form; the float buffer
+// [kLargeMChunk, kRowFloats] follows it in scratch.
+constexpr int64_t gemm_panel_bytes(int64_t KB) { return (int64_t{kGemmPairs} * KB * 8 * kPairBytes * 2 + 63) / 64 * 64; }
+
+// A per-tile [T, G, 8] table (fp16 scales or uint8 zeros) as one vector starting at tile t (2 tiles for zmm;
+// a tile past the end reads as 0).
+template <class D>
+LB_INLINE typename D::F vec_scales(const Tiles& w, int64_t t, int64_t g) {
+  const __m256 lo = load_scales(w.scales + (t * w.G + g) * kTileRows);
+  if constexpr (D::kVecTiles == 2) {
+    const __m256 hi = t + 1 < w.T ? load_scales(w.scales + ((t + 1) * w.G + g) * kTileRows) : _mm256_setzero_ps();
+    return D::from_halves(lo, hi);
+  } else {
+    return D::from_halves(lo, lo);
+  }
+}
+
+LB_INLINE __m256 tile_zeros(const Tiles& w, int64_t t, int64_t g, float minus) {
+  int64_t z8;
+  std::memcpy(&z8, w.zeros + (t * w.G + g) * kTileRows, 8);
+  return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8))), _mm256_set1_ps(minus));
+}
+
+// The zero-point factor f with y -= f * gsum: s * (z - kOffset) (zeros given: gsum = sum a*isum), or
+// s * (1 - kOffset / zc) (symmetric: gsum already carries the constant zero point zc).
+template <class D>
+LB_INLINE typename D::F vec_zero_factor(const Tiles& w, typename D::F s, int64_t t, int64_t g) {
+  if (w.zeros == nullptr) {
+    return D::mul(s, D::fset1(1.0f - static_cast<float>(D::kOffset) / w.zconst));
+  }
+  const float off = static_cast<float>(D::kOffset);
+  const __m256 lo = tile_zeros(w, t, g, off);
+  if constexpr (D::kVecTiles == 2) {
+    const __m256 hi = t + 1 < w.T ? tile_zeros(w, t + 1, g, off) : _mm256_setzero_ps();
+    return D::mul(s, D::from_halves(lo, hi));
+  } else {
+    return D::mul(s, D::from_halves(lo, lo));
+  }
+}
+
+// Per output vector of a panel: what the write-out applies (bias; per-channel scale and zero-point factor),
+// and where (first column, valid columns).
+struct Epilogue {
+  alignas(64) float bias[kGemmPairs * 2][16];
+  alignas(64) float scale[kGemmPairs * 2][16];
+  alignas(64) float zf[kGemmPairs * 2][16];
+  int64_t n0[kGemmPairs * 2], valid[kGemmPairs * 2];
+};
+
+// Rows [m0, m0+MB) x CV vectors of the panel, K-blocks [c0, c1); partial sums into ob (row stride
+// kRowFloats, row 0 = m0 - mbase).
+template <class D, int MB, int CV, bool PC, int AB>
+void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, int64_t tile0, int64_t m0, int64_t c0,
+                int64_t c1, float* ob) {
+  using F = typename D::F;
+  constexpr int L = kLanes<D>, VPP = kVecPerPair<D>;
+  constexpr int64_t qbytes = kPairBytes * D::kVecs;       // panel bytes of one pair per unpacked vector j
+  constexpr int64_t jbytes = qbytes * kGemmPairs;         // ... of all pairs
+  const int64_t KB = w.KB, ldx = x.ldx;
+  const int8_t* xrow = x.xq + m0 * ldx;
+  F facc[MB][CV];
+  static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+    static_for<0, CV>([&](auto v) __attribute__((always_inline)) { facc[m][v] = D::fzero(); });
+  });
+  // NB blocks from a0 (NB = AB, or 1 for a tail): their integer dot products summed (one activation scale:
+  // AB divides the activation block, whose scale `a` repeats per block), then scaled into float; at a weight
+  // group's end, scaled by the group and flushed to ob. The block loop is compile-time so that the
+  // accumulators stay in fixed registers (a runtime loop made GCC rotate and spill them).
+  auto run = [&](auto nbc, int64_t a0) __attribute__((always_inline)) {
+    constexpr int NB = decltype(nbc)::value;
+    typename D::I acc[MB][CV];
+    static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+      static_for<0, CV>([&](auto v) __attribute__((always_inline)) { acc[m][v] = D::zero(); });
+    });
+    static_for<0, NB>([&](auto bc) __attribute__((always_inline)) {
+      const int64_t kb = a0 + decltype(bc)::value;
+      const uint8_t* wb = panel + kb * 8 * jbytes;
+      const int8_t* xb = xrow + kb * kBlock;
+      static_for<0, 8>([&](auto jc) __attribute__((always_inline)) {
+        constexpr int j = decltype(jc)::value;
+        typename D::W wv[CV];
+        static_for<0, CV>([&](auto vc) __attribute__((always_inline)) {
+          constexpr int v = decltype(vc)::value;
+          wv[v] = D::load(wb + j * jbytes + (v / VPP) * qbytes + (v % VPP) * 32);
+        });
+        static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+          const typename D::I bx = D::bcast(xb + m * ldx + 4 * j);
+          static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
+            D::step(acc[m][v], wv[v], bx);
+            D::pin(acc[m][v]);
+          });
+        });
+      });
+    });
+    static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+      const F as = D::fset1(x.a[(m0 + m) * KB + a0]);
+      static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
+        facc[m][v] = D::fma(D::to_float(acc[m][v]), as, facc[m][v]);
+      });
+    });
+    if constexpr (!PC) {
+      const int64_t a1 = a0 + NB;
+      if (a1 % w.gb == 0 || a1 == KB) {  // end of weight group g
+        const int64_t g = a0 / w.gb;
+        static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
+          const int64_t t = tile0 + v * D::kVecTiles;
+          const F s = vec_scales<D>(w, t, g);
+          const F zf = vec_zero_factor<D>(w, s, t, g);
+          static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+            float* o = ob + m * kRowFloats + v * L;
+            F r = D::fma(facc[m][v], s, D::fload(o));
+            D::fstore(o, D::fnma(zf, D::fset1(x.gsum[(m0 + m) * w.G + g]), r));
+            facc[m][v] = D::fzero();
+          });
+        });
+      }
+    }
+  };
+  int64_t kb = c0;
+  for (; kb + AB <= c1; kb += AB) run(std::integral_constant<int, AB>{}, kb);
+  for (; kb < c1; ++kb) run(std::integral_constant<int, 1>{}, kb);  // a partial last activation block
+  if constexpr (PC) {
+    static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+      static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
+        float* o = ob + m * kRowFloats + v * L;
+        D::fstore(o, D::add(D::fload(o), facc[m][v]));
+      });
+    });
+  }
+}
+
+// Runtime (rows mb <= MBV, vectors cv <= CVV) -> instantiation.
+template <class D, bool PC, int MBV, int CVV>
+void gemm_dispatch(const Tiles& w, const Acts& x, const uint8_t* panel, int64_t tile0, int64_t m0, int64_t mb,
+                   int64_t cv, int64_t c0, int64_t c1, float* ob) {
+  if (cv < CVV) {
+    if constexpr (CVV > kVecPerPair<D>) {
+      gemm_dispatch<D, PC, MBV, CVV - kVecPerPair<D>>(w, x, panel, tile0, m0, mb, cv, c0, c1, ob);
+    }
+  } else if (mb < MBV) {
+    if constexpr (MBV > 1) gemm_dispatch<D, PC, MBV - 1, CVV>(w, x, panel, tile0, m0, mb, cv, c0, c1, ob);
+  } else if constexpr (D::kCrossBlock && MBV == kGemmMB && CVV == kGemmPairs * kVecPerPair<D>) {
+    // Full register blocks sum 4 or 2 blocks per float conversion when the activation blocks allow it.
+    if (x.ab % 4 == 0) {
+      gemm_block<D, MBV, CVV, PC, 4>(w, x, panel, tile0, m0, c0, c1, ob);
+    } else if (x.ab % 2 == 0) {
+      gemm_block<D, MBV, CVV, PC, 2>(w, x, panel, tile0, m0, c0, c1, ob);
+    } else {
+      gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, tile0, m0, c0, c1, ob);
+    }
+  } else {
+    gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, tile0, m0, c0, c1, ob);
+  }
+}
+
+// Pairs [p0, p0 + np) of the tiles (container width CB) -> one byte per code in the panel layout.
+template <class D, int CB>
+void unpack_panel(const Tiles& w, int64_t p0, int64_t np, uint8_t* panel) {
+  constexpr int64_t qbytes = kPairBytes * D::kVecs, jbytes = qbytes * kGemmPairs;
+  const int64_t KB = w.KB;
+  for (int64_t q = 0; q < np; ++q) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = 2 * (p0 + q) + h;
+      uint8_t* dq = panel + q * qbytes;
+      if (t >= w.T) {  // odd tile count: the missing half multiplies as zeros, its outputs are never stored
+        for (int64_t i = 0; i < KB * 8; ++i) D::store_half(dq + i * jbytes, h, _mm256_setzero_si256());
+        continue;
+      }
+      const uint8_t* src = w.w + t * KB * kBlock * CB;
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        const uint8_t* s = src + kb * kBlock * CB;
+        uint8_t* d = dq + kb * 8 * jbytes;
+        static_for<0, CB>([&](auto pc) __attribute__((always_inline)) {
+          constexpr int p = decltype(pc)::value;
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32 * p));
+          static_for<0, 8 / CB>([&](auto sc) __attribute__((always_inline)) {
+            constexpr int sh = decltype(sc)::value;
+            D::store_half(d + (p + CB * sh) * jbytes, h, unpack<CB, sh>(v));
+          });
+        });
+      }
+    }
+  }
+}
+
+template <class D, int CB, bool PC>
+void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
+               int64_t m1, uint8_t* scratch) {
+  using F = typename D::F;
+  constexpr int L = kLanes<D>, VPP = kVecPerPair<D>, CVMAX = kGemmPairs * VPP;
+  const int64_t KB = w.KB;
+  // Chunks of K: whole weight groups, about kChunkBlocks blocks.
+  const int64_t chunk = PC ? LOWBIT_GEMM_CHUNK_BLOCKS
+                           : w.gb * std::max<int64_t>(1, LOWBIT_GEMM_CHUNK_BLOCKS / w.gb);
+  uint8_t* panel = scratch;
+  float* ob = reinterpret_cast<float*>(scratch + gemm_panel_bytes(KB));
+  const int64_t p1 = (t1 + 1) / 2;
+  for (int64_t p = t0 / 2; p < p1; p += kGemmPairs) {
+    const int64_t np = std::min<int64_t>(kGemmPairs, p1 - p);
+    const int64_t cv = np * VPP;
+    unpack_panel<D, CB>(w, p, np, panel);
+    Epilogue ep;
+    for (int64_t v = 0; v < cv; ++v) {
+      const int64_t t = 2 * p + v * D::kVecTiles;
+      ep.n0[v] = t * kTileRows;
+      ep.valid[v] = std::min<int64_t>(L, w.N - ep.n0[v]);
+      std::fill(ep.bias[v], ep.bias[v] + 16, 0.0f);
+      if (bias != nullptr && ep.valid[v] > 0) std::copy(bias + ep.n0[v], bias + ep.n0[v] + ep.valid[v], ep.bias[v]);
+      if constexpr (PC) {
+        const F s = vec_scales<D>(w, t, 0);
+        D::fstore(ep.scale[v], s);
+        D::fstore(ep.zf[v], vec_zero_factor<D>(w, s, t, 0));
+      }
+    }
+    for (int64_t mc = m0; mc < m1; mc += kLargeMChunk) {
+      const int64_t mc1 = std::min(m1, mc + kLargeMChunk);
+      std::fill(ob, ob + (mc1 - mc) * kRowFloats, 0.0f);
+      for (int64_t c0 = 0; c0 < KB; c0 += chunk) {
+        const int64_t c1 = std::min(KB, c0 + chunk);
+        for (int64_t mm = mc; mm < mc1; mm += kGemmMB) {
+          gemm_dispatch<D, PC, kGemmMB, CVMAX>(w, x, panel, 2 * p, mm, std::min<int64_t>(kGemmMB, mc1 - mm), cv,
+                                                c0, c1, ob + (mm - mc) * kRowFloats);
+        }
+      }
+      // Write out, row by row (a row's vectors are adjacent in y).
+      for (int64_t m = mc; m < mc1; ++m) {
+        const float* om = ob + (m - mc) * kRowFloats;
+        for (int64_t v = 0; v < cv && ep.valid[v] > 0; ++v) {
+          F o = D::fload(om + v * L);
+          if constexpr (PC) o = D::fnma(D::fload(ep.zf[v]), D::fset1(x.gsum[m]), D::mul(o, D::fload(ep.scale[v])));
+          D::store_cols(y + m * w.N + ep.n0[v], D::add(o, D::fload(ep.bias[v])), ep.valid[v]);
+        }
+      }
+    }
+  }
+}
+
+template <bool PC>
+void gemm_large_pc(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
+                   int64_t m1, uint8_t* scratch) {
+  switch (w.cb) {
+    case 1: gemm_impl<GemmDot<false>, 1, PC>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
+    case 2: gemm_impl<GemmDot<false>, 2, PC>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
+    case 4: gemm_impl<GemmDot<false>, 4, PC>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
+    default:
+      if (w.full_byte) {
+        gemm_impl<GemmDot<true>, 8, PC>(w, x, bias, y, t0, t1, m0, m1, scratch);
+      } else {
+        gemm_impl<GemmDot<false>, 8, PC>(w, x, bias, y, t0, t1, m0, m1, scratch);
+      }
+  }
+}
+
+void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
+                int64_t m1, uint8_t* scratch) {
+  if (w.G == 1) {
+    gemm_large_pc<true>(w, x, bias, y, t0, t1, m0, m1, scratch);
+  } else {
+    gemm_large_pc<false>(w, x, bias, y, t0, t1, m0, m1, scratch);
+  }
+}
+
+// Scratch gemm_large needs: the panel and the float buffer.
+int64_t gemm_scratch_bytes(int64_t KB) { return gemm_panel_bytes(KB) + int64_t{kLargeMChunk} * kRowFloats * 4; }
+
+#undef LB_INLINE
+
+}  // namespace
+}  // namespace LOWBIT_ISA_NS
+}  // namespace lowbit
