@@ -23,8 +23,9 @@ from lowbit.io import atomic_path, write_json
 
 
 def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_quantize: float | None,
-         report: dict[str, Any] | None) -> dict[str, Any]:
-    totals = (report or {}).get("totals", {}).get("total", {})
+         report: dict[str, Any] | None, timing: dict[str, float] | None = None) -> dict[str, Any]:
+    all_totals = (report or {}).get("totals", {})
+    totals = all_totals.get("total", {})
     return {
         "label": label,
         "checkpoint": result.get("model"),
@@ -36,7 +37,13 @@ def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_q
         "quantized": {k: totals.get(k) for k in ("quantized_params", "quantized_fp32_bytes", "packed_bytes",
                                                   "bits_per_weight", "float_bytes", "stored_bytes", "compression")
                       } if report else None,
+        # bits per quantized weight and what stays float, per tower (the report's own totals)
+        "towers": {t: {k: v.get(k) for k in ("bits_per_weight", "quantized_params", "float_params")}
+                   for t, v in all_totals.items() if t != "total"} if report else None,
         "seconds_quantize": seconds_quantize,
+        # CPU seconds of the process and the 1-minute load average at the start: on a shared machine the
+        # wall time alone says little
+        **(timing or {}),
     }
 
 
@@ -73,17 +80,20 @@ def sweep(
             rows.append(json.loads(done.read_text()))
             continue
         model = copy.deepcopy(float_model)
-        t0 = time.perf_counter()
+        load = os.getloadavg()[0]
+        t0, c0 = time.perf_counter(), time.process_time()
         report = api.quantize(model, parsed_recipe, calib_data=calib_data, calib_samples=calib_samples,
                               progress=progress)
         seconds = round(time.perf_counter() - t0, 1)
+        timing = {"cpu_seconds_quantize": round(time.process_time() - c0, 1), "load_avg_1min": round(load, 2),
+                  "calib_samples": calib_samples}
         ckpt = out / "checkpoints" / label
         api.save(model, ckpt, report=report)
         del model
         packed = api.load(str(ckpt))
         result = api.evaluate(packed, task, limit=limit, reference=reference, checkpoint_dir=ckpt,
                               progress=progress)
-        row = _row(label, recipe, method, result, seconds, report.to_dict())
+        row = _row(label, recipe, method, result, seconds, report.to_dict(), timing)
         write_json(done, row)
         rows.append(row)
         if not keep_checkpoints:
