@@ -138,7 +138,8 @@ def main() -> None:
         f"read bandwidth {first.get('bw_gbs', '?')} GB/s (best of the run), load average during the run "
         f"{min((r['load_avg'] for r in rows), default=float('nan')):.1f}-"
         f"{max((r['load_avg'] for r in rows), default=float('nan')):.1f} (after: {load[0]:.1f}).",
-        "Columns `format@isa` are lowbit; the others are baselines measured in the same interleaved rounds.",
+        f"Columns `format@isa` are lowbit (ISAs this CPU runs: {', '.join(fast.available_isas())}; measured: "
+        f"{', '.join(isas)}); the others are baselines measured in the same interleaved rounds.",
         "",
         "## Targets (medians)",
         "",

@@ -315,6 +315,11 @@ def test_cpu_backend_on_pointwise_conv() -> None:
     y = conv(x)
     assert y.shape == ref.shape == (2, 16, 5, 3)
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
+    # The memory format of the input is kept (channels_last in, channels_last out; NCHW in, NCHW out).
+    assert y.is_contiguous()
+    y_cl = conv(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
 
 
 def test_isa_env_var_forces_instruction_set() -> None:
