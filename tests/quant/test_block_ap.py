@@ -38,14 +38,14 @@ def test_block_ap_reduces_every_quantized_blocks_error_and_folds_exactly() -> No
     report = block_ap_(student, teacher, _calibration(student), BlockAPConfig(steps=150, lr=3e-3, scale_lr=1e-2))
     quantized = [b for b in report.blocks if b.quant_layers]
     assert [(b.tower, b.index) for b in quantized] == [("vision", 0), ("vision", 2), ("text", 0), ("text", 2)]
-    for b in quantized:  # measured factors 2.6x .. 40x on this model
+    for b in quantized:  # measured: 2.6x, 3.7x (vision), 5.7x, 8.0x (text) lower than the PTQ start
         assert b.error_after < 0.5 * b.error_start, b
     # the whole student ends closer to the teacher than the PTQ start did
     ptq = TinyDual()
     prepare_qat(ptq, RECIPE)
     ref = _outputs(teacher)
     err_ptq, err_bap = (float((_outputs(m) - ref).pow(2).mean()) for m in (ptq, student))
-    assert err_bap < 0.5 * err_ptq
+    assert err_bap < 0.25 * err_ptq  # measured 8.4x lower
     fake = _outputs(student)
     convert_qat(student)
     torch.testing.assert_close(_outputs(student), fake, rtol=0, atol=1e-5)

@@ -68,6 +68,8 @@ def _sequential(tower: nn.Module) -> list[nn.Module]:
 class _EfficientNetHead(nn.Module):
     """The head conv + BN + activation of an EfficientNet, as the last block of its chain."""
 
+    assembled = True  # a view built here, never called by the network's own forward
+
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.conv, self.bn, self.act = net._conv_head, net._bn1, net._swish
@@ -187,7 +189,7 @@ def capture(model: DualEncoder, tower: str, blocks: Sequence[nn.Module], inputs:
 
 
 def _is_called_by_forward(block: nn.Module) -> bool:
-    return not isinstance(block, _EfficientNetHead)  # a view assembled here, not a module the net calls
+    return not getattr(block, "assembled", False)
 
 
 def _run(block: nn.Module, x: torch.Tensor, extra: Extras) -> torch.Tensor:
