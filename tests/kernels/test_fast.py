@@ -174,8 +174,9 @@ def test_leading_dims_bias_and_dtype(isa: str) -> None:
 
 def test_input_scale_matches_reference(isa: str) -> None:
     packed = make_packed(16, 64, "int8", "pc")
-    x = torch.randn(3, 64)
-    s = torch.rand(64) + 0.5
+    g = torch.Generator().manual_seed(8)  # seeded: 3 unseeded rows gave a relative error above 1e-2 for ~4% of seeds
+    x = torch.randn(16, 64, generator=g)
+    s = torch.rand(64, generator=g) + 0.5
     y = fast.linear(x, fast.prepare(packed), None, input_scale=s)
     ref = reference_linear(x, packed, None, input_scale=s)
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
@@ -308,8 +309,9 @@ def test_cpu_backend_is_registered_and_matches_reference() -> None:
 def test_cpu_backend_on_pointwise_conv() -> None:
     packed = make_packed(16, 40, "int8", "pc", seed=13)
     packed = PackedWeight(packed.qweight, packed.scales, None, 8, 40, (16, 40, 1, 1))
-    conv = QuantConv2d1x1.from_packed(packed, bias=torch.randn(16))
-    x = torch.randn(2, 40, 5, 3)
+    g = torch.Generator().manual_seed(14)
+    conv = QuantConv2d1x1.from_packed(packed, bias=torch.randn(16, generator=g))
+    x = torch.randn(2, 40, 5, 3, generator=g)
     ref = conv(x)
     conv.backend = "cpu"
     y = conv(x)
