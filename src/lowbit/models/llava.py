@@ -25,7 +25,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +336,7 @@ def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[st
     path = Path(projector) if projector is not None else packaged_projector_path()
     if not path.is_file():
         raise LowbitError(f"trained projector for {DEFAULT_NAME!r} not found at {path}; build it with "
-                          f"`lowbit build {DEFAULT_NAME}`")
+                          f"`python -m lowbit.models.llava_build --out {path}`")
     state, meta = read_projector_file(path)
     config = replace(LlavaConfig(**meta.get("config", {})), **options)
     model = from_parts(meta.get("vision", "lit-fashion"), meta.get("language", "smollm2-135m-instruct"), config, state)
@@ -344,10 +344,6 @@ def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[st
         options["projector"] = str(path)
     model.source = {"family": "llava", "name": DEFAULT_NAME, "options": options}
     return model
-
-
-def config_dict(config: LlavaConfig) -> dict[str, Any]:
-    return asdict(config)
 
 
 def is_hf_llava_dir(path: str) -> bool:

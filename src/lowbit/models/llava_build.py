@@ -185,7 +185,7 @@ def train_projector(model: LlavaModel, hp: ProjectorTraining, out_dir: str | Pat
             return {"tokens": feats[i], "targets": targets[i]}
 
         align = TrainConfig(steps=hp.align_steps, lr=hp.align_lr, weight_decay=0.0, warmup_steps=hp.warmup_steps,
-                            batch_size=hp.align_batch_size, seed=hp.seed, log_every=50, progress=progress,
+                            batch_size=hp.align_batch_size, seed=hp.seed, log_every=10, progress=progress,
                             min_lr_ratio=0.05)
         state = train(CaptionAlignLoss(proj), lambda m, b: m(b),
                       index_batches(len(captions), hp.align_batch_size, hp.seed, collate_align), align,

@@ -1,0 +1,55 @@
+"""The built-in llava-fashion on real weights (slow): it answers held-out questions, and its projector
+retrains on a subset with the same code that built the shipped one."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def llava():
+    from lowbit.models import load_model
+
+    return load_model("llava-fashion")
+
+
+@pytest.mark.slow
+def test_llava_fashion_answers_held_out_fashion_questions(llava) -> None:
+    from lowbit.data.vqa import load_vqa
+    from lowbit.eval.vqa import vqa_accuracy
+
+    result = vqa_accuracy(llava, load_vqa("fashion-vqa", "test", limit=24))
+    # Measured 0.458 on these 24 (0.525 on 40, see assets/llava-fashion/BUILD.md); a mix of always-"yes" and
+    # random class names would score about 0.3. The benchmark measures more questions; 24 keep CI short.
+    assert result["accuracy"] >= 0.4
+
+
+@pytest.mark.slow
+def test_one_python_call_chats_about_an_image(llava, tmp_path) -> None:
+    import lowbit
+    from lowbit.data.fashion_mnist import load_fashion_mnist
+
+    data = load_fashion_mnist("test", limit=20)
+    path = tmp_path / "item.png"
+    data.images[0].save(path)
+    pieces: list[str] = []
+    answer = lowbit.chat(llava, str(path), "What is this item?", stream=pieces.append)
+    # The instruction-tuned format: a short answer (the untuned LM answers in sentences); measured: 'socks'.
+    assert 1 <= len(answer.split()) <= 3
+    assert "".join(pieces).strip() == answer
+
+
+@pytest.mark.slow
+def test_projector_retrains_on_a_subset() -> None:
+    from lowbit.models.llava import LlavaConfig, from_parts
+    from lowbit.models.llava_build import ProjectorTraining, train_projector
+
+    model = from_parts("lit-fashion", "smollm2-135m-instruct", LlavaConfig())
+    hp = ProjectorTraining(n_fashion=48, n_shapes=16, turns=2, align_steps=40, align_batch_size=32, steps=4,
+                           batch_size=2, warmup_steps=2, n_eval=0)
+    history = train_projector(model, hp, progress=False)
+    align = [h["loss"] for h in history if h["stage"] == "align" and "loss" in h]
+    answers = [h["loss"] for h in history if h["stage"] == "answers" and "loss" in h]
+    assert align[-1] < 0.5 * align[0]  # caption-embedding regression learns
+    assert answers and 0.0 < answers[-1] < 8.0  # answer cross-entropy well below uniform (ln 49152 = 10.8)
+    assert not any(p.requires_grad for p in model.parameters())  # everything frozen again afterwards
