@@ -58,8 +58,12 @@ def sweep(
     calib_samples: int = 128,
     keep_checkpoints: bool = False,
     progress: bool = True,
+    pairs: list[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate the float model and every recipe x method; write JSON, Markdown and PNG into ``out_dir``."""
+    """Evaluate the float model and every recipe x method; write JSON, Markdown and PNG into ``out_dir``.
+
+    ``pairs`` (recipe, method) replaces the full recipes x methods grid with just those combinations.
+    """
     import time
 
     from lowbit import api
@@ -68,7 +72,7 @@ def sweep(
 
     out = Path(out_dir)
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    combos = [(r, m) for r in recipes for m in methods]
+    combos = list(pairs) if pairs is not None else [(r, m) for r in recipes for m in methods]
     parsed = {(r, m): load_recipe(r).with_method(m) for r, m in combos}  # validate everything up front
     float_model = api.load(model_name)
     reference = api.evaluate(float_model, task, limit=limit, progress=progress)
