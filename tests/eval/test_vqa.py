@@ -27,7 +27,8 @@ def test_evaluate_vqa_task_json_keys_and_self_fidelity(tiny) -> None:
     assert out["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6) and out["metrics"]["agreement"] == 1.0
     assert out["fidelity"]["answer_agreement"] == 1.0
     fp = out["footprint"]
-    assert fp["ttft_ms"] > 0 and fp["decode_tok_s"] > 0 and fp["peak_rss_mib"] > 0
+    assert fp["ttft_ms"] > 0 and fp["peak_rss_mib"] > 0
+    assert fp["decode_tok_s"] is None or fp["decode_tok_s"] > 0  # None: noise hid the decode time
     assert fp["visual_tokens"] == 16 and fp["prompt_tokens"] > 16
 
 

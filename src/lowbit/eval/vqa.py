@@ -142,7 +142,8 @@ def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] |
     result.update({
         "disk_bytes": None if checkpoint is None else disk_bytes(checkpoint),
         "ttft_ms": ttft * 1000,
-        "decode_tok_s": decode_tokens / max(many - one, 1e-9),
+        # None when noise made the longer run no slower than the 1-token run: no honest rate to report
+        "decode_tok_s": decode_tokens / (many - one) if many > one else None,
         "visual_tokens": n_visual,
         "prompt_tokens": n_prompt,
         "peak_rss_mib": peak_rss_mib(),
