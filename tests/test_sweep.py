@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
+
 
 @pytest.mark.slow
 def test_sweep_writes_report_and_orders_bytes(tmp_path):
@@ -28,7 +30,7 @@ def test_sweep_writes_report_and_orders_bytes(tmp_path):
     # per-tower bits and what stayed float, CPU seconds and the machine load beside the wall time
     assert set(w4["towers"]) >= {"vision", "text", "projector"}
     assert w4["towers"]["text"]["float_params"] > 0  # the embeddings stay float
-    assert w8["cpu_seconds_quantize"] > 0 and w8["load_avg_1min"] >= 0 and w8["calib_samples"] == 128
+    assert w8["cpu_seconds_quantize"] > 0 and w8["load_avg_1min"] >= 0 and w8["calib_samples"] == DEFAULT_CALIB_SAMPLES
     # A rerun resumes from the finished rows instead of recomputing them.
     saved = json.loads((out / "rows" / "w8+rtn.json").read_text())
     again = sweep("lit-fashion", recipes, ["rtn"], "fashion-mnist", out, limit=300, progress=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import LowbitError
+from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 
 if TYPE_CHECKING:
     from lowbit.models.base import DualEncoder
@@ -46,7 +47,7 @@ def quantize(
     model: DualEncoder,
     recipe: str | Recipe,
     calib_data: str = "fashion-mnist",
-    calib_samples: int = 128,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
     strict: bool = False,
     progress: bool = True,
 ) -> QuantReport:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lowbit.errors import LowbitError
+from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="preset (w8,w4,w3,w2), YAML path, or 'vision=w4g64:gptq,...'")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--calib-data", default="fashion-mnist", help="calibration dataset (name or folder)")
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
     p.add_argument("--strict", action="store_true", help="fail if any weight layer stays in float")
 
     p = verb("sweep", cmd_sweep)
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="fashion-mnist")
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
 
     p = verb("bench", cmd_bench)
     p.add_argument("what", choices=["kernels", "model"])

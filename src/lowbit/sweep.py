@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.io import atomic_path, write_json
+from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 
 
 def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_quantize: float | None,
@@ -55,7 +56,7 @@ def sweep(
     out_dir: str | os.PathLike[str],
     limit: int | None = None,
     calib_data: str = "fashion-mnist",
-    calib_samples: int = 128,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
     keep_checkpoints: bool = False,
     progress: bool = True,
     pairs: list[tuple[str, str]] | None = None,

@@ -28,6 +28,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import is_quantized
 from lowbit.models.base import DualEncoder
+from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.quant.methods import QuantContext
 
 SEQUENTIAL_MODES = ("layer", "block")
@@ -369,7 +370,7 @@ def calibration_texts(captions: Sequence[str] | None, classnames: Sequence[str] 
 def calibration_from_dataset(
     model: DualEncoder,
     dataset_spec: str = "fashion-mnist",
-    n_samples: int = 128,
+    n_samples: int = DEFAULT_CALIB_SAMPLES,
     split: str = "train",
     seed: int = 0,
     batch_size: int = 32,
