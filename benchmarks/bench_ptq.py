@@ -197,6 +197,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def retime(args: argparse.Namespace) -> dict[str, Any]:
+    """``--timing-only``: a new dedicated GPTQ timing run replaces that entry of an existing ``ptq.json``."""
+    out = json.loads(Path(args.out).read_text())
+    timing = _timed_gptq(args)
+    out["summary"]["gptq_seconds_dedicated_run"] = {"target": f"< {GPTQ_SECONDS_TARGET:.0f} s on 2 cores", **timing,
+                                                    "met": timing["wall_s"] < GPTQ_SECONDS_TARGET,
+                                                    "env": environment(),
+                                                    "command": "LOWBIT_HOME=.ci-cache .venv/bin/python "
+                                                               "benchmarks/bench_ptq.py --timing-only"}
+    write_json(Path(args.out), out)
+    return out
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default="lit-fashion")
@@ -219,9 +232,11 @@ def main(argv: list[str]) -> None:
                    help="only evaluate the float model and the --full checkpoints on all 10k (cached)")
     p.add_argument("--only", help="with --full-eval-only: just this label (float, w4+gptq, ...)")
     p.add_argument("--out", default=str(RESULTS / "ptq.json"))
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the dedicated GPTQ timing run, written into the existing --out JSON")
     args = p.parse_args(argv)
     args.argv = list(argv)
-    run(args)
+    retime(args) if args.timing_only else run(args)
 
 
 if __name__ == "__main__":
