@@ -38,6 +38,7 @@ import lowbit
 from lowbit.eval.env import environment
 from lowbit.io import write_json
 from lowbit.quant.apply import quantize_
+from lowbit.quant.block_ap import BlockAPConfig
 from lowbit.quant.recipe import load_recipe_file
 from lowbit.quant.report import QuantReport
 from lowbit.train.block_ap_stage import STATE_FILE, BlockAPStage
@@ -138,8 +139,9 @@ def main() -> None:
             train="scales", lr=args.e2e_lr, scale_lr=1.0, batch_size=args.batch_size,
             warmup_steps=max(args.e2e_steps // 10, 0), train_samples=args.train_samples,
             eval_samples=500, eval_every=0, ckpt_every=max(args.e2e_steps // 2, 1), loss=QATLoss(), progress=False,
-            block_ap=BlockAPStage(samples=args.block_ap_samples, steps=args.block_ap_steps, lr=args.block_ap_lr,
-                                  scale_lr=args.block_ap_scale_lr, float_lr=args.block_ap_float_lr),
+            block_ap=BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
+                steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
+                float_lr=args.block_ap_float_lr)),
         )
         t, wall = time.perf_counter(), time.time()
         summary = run_qat(qat)

@@ -102,7 +102,8 @@ def test_stage_saves_and_a_rerun_loads_instead_of_recomputing(tmp_path: Path) ->
     data = tiny_data(48)
     batches = calibration_batches(student, data, 48, 16, 4)
     assert [len(batches["vision"]), len(batches["text"])] == [3, 2]  # 4 classes x 2 templates = 8 prompts
-    stage = BlockAPStage(samples=48, steps=10, lr=3e-3, scale_lr=1e-2, image_batch=16, text_batch=4)
+    stage = BlockAPStage(samples=48, image_batch=16, text_batch=4,
+                         block=BlockAPConfig(steps=10, lr=3e-3, scale_lr=1e-2))
     report = run_block_ap_stage(student, teacher, data, stage, tmp_path, seed=0, progress=False)
     assert (tmp_path / STATE_FILE).is_file() and len(report["blocks"]) == 7  # 4 + 3 blocks
     again = TinyDual()

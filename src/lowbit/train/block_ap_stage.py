@@ -13,7 +13,7 @@ trained) is written atomically to ``OUT/block_ap.safetensors`` with a report ``O
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,16 @@ REPORT_FILE = "block_ap.json"
 
 @dataclass
 class BlockAPStage:
-    """What ``lowbit qat --block-ap`` configures: calibration size, steps per block, learning rates."""
+    """What ``lowbit qat --block-ap`` configures: calibration size and batches, plus the reconstruction
+    hyper-parameters themselves (``block``: steps per block, learning rates, norm matching)."""
 
     samples: int = 512
-    steps: int = 100
-    lr: float = 1e-4
-    scale_lr: float = 1e-3
-    float_lr: float = 1e-3
-    match_norms: bool = True
     image_batch: int = 32
     text_batch: int = 16
+    block: BlockAPConfig = field(default_factory=BlockAPConfig)
 
     def config(self, seed: int) -> BlockAPConfig:
-        return BlockAPConfig(steps=self.steps, lr=self.lr, scale_lr=self.scale_lr, float_lr=self.float_lr,
-                             match_norms=self.match_norms, seed=seed)
+        return replace(self.block, seed=seed)
 
 
 def calibration_batches(model: DualEncoder, data: ImageTextSet, samples: int, image_batch: int,

@@ -17,15 +17,16 @@ from typing import Any
 
 def cmd_qat(args: argparse.Namespace) -> None:
     """Quantization-aware training of MODEL with a recipe, distilled from the float model; resumes from OUT."""
+    from lowbit.quant.block_ap import BlockAPConfig
     from lowbit.train.block_ap_stage import BlockAPStage
     from lowbit.train.distributed import cleanup_distributed, is_main
     from lowbit.train.qat import QATArgs, QATLoss, run_qat, summary_line
 
     block_ap = None
     if args.block_ap:
-        block_ap = BlockAPStage(samples=args.block_ap_samples, steps=args.block_ap_steps, lr=args.block_ap_lr,
-                                scale_lr=args.block_ap_scale_lr, float_lr=args.block_ap_float_lr,
-                                match_norms=not args.no_match_norms)
+        block_ap = BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
+            steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
+            float_lr=args.block_ap_float_lr, match_norms=not args.no_match_norms))
 
     try:
         summary = run_qat(QATArgs(
