@@ -84,13 +84,14 @@ def footprint(report: QuantReport) -> dict[str, Any]:
 
 
 def reproduce(recipe: Path, qat: QATArgs) -> str:
-    b = qat.block_ap
-    assert b is not None
-    return (f"lowbit qat lit-fashion --recipe {recipe} --block-ap --block-ap-samples {b.samples} "
+    assert qat.block_ap is not None
+    b = qat.block_ap.block
+    return (f"lowbit qat lit-fashion --recipe {recipe} --block-ap --block-ap-samples {qat.block_ap.samples} "
             f"--block-ap-steps {b.steps} --block-ap-lr {b.lr} --block-ap-scale-lr {b.scale_lr} "
-            f"--block-ap-float-lr {b.float_lr} --steps {qat.steps} --train {qat.train} --lr {qat.lr} "
-            f"--scale-lr {qat.scale_lr} --warmup-steps {qat.warmup_steps} --batch-size {qat.batch_size} "
-            f"--train-samples {qat.train_samples} --eval-samples {qat.eval_samples} --out {qat.out}")
+            f"--block-ap-float-lr {b.float_lr}{'' if b.tail else ' --block-ap-no-tail'} --steps {qat.steps} "
+            f"--train {qat.train} --lr {qat.lr} --scale-lr {qat.scale_lr} --warmup-steps {qat.warmup_steps} "
+            f"--batch-size {qat.batch_size} --train-samples {qat.train_samples} --eval-samples {qat.eval_samples} "
+            f"--out {qat.out}")
 
 
 def main() -> None:
@@ -103,7 +104,12 @@ def main() -> None:
     ap.add_argument("--block-ap-scale-lr", type=float, default=1e-2)
     ap.add_argument("--block-ap-float-lr", type=float, default=1e-2)
     ap.add_argument("--e2e-steps", type=int, default=0, help="E2E-QP steps after Block-AP (0: Block-AP only)")
-    ap.add_argument("--e2e-lr", type=float, default=1e-4, help="E2E-QP learning rate of the steps")
+    ap.add_argument("--e2e-lr", type=float, default=1e-4, help="end-to-end peak learning rate")
+    ap.add_argument("--e2e-train", default="all", choices=["all", "scales"],
+                    help="end to end, train latent weights + steps (all) or only the steps (scales: E2E-QP)")
+    ap.add_argument("--e2e-scale-lr", type=float, default=1.0, help="learning-rate multiplier of the steps end to end")
+    ap.add_argument("--block-ap-no-tail", action="store_true",
+                    help="last blocks on their outputs, not through the projector to the embedding")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train-samples", type=int, default=2000)
     ap.add_argument("--run-dir", default="/tmp/lowbit-bench-qat")
@@ -136,12 +142,12 @@ def main() -> None:
         print("ptq", method, json.dumps(ptq), flush=True)
         qat = QATArgs(
             model="lit-fashion", recipe=str(recipe), out=str(run_dir / f"qat-both-{method}"), steps=args.e2e_steps,
-            train="scales", lr=args.e2e_lr, scale_lr=1.0, batch_size=args.batch_size,
+            train=args.e2e_train, lr=args.e2e_lr, scale_lr=args.e2e_scale_lr, batch_size=args.batch_size,
             warmup_steps=max(args.e2e_steps // 10, 0), train_samples=args.train_samples,
-            eval_samples=500, eval_every=0, ckpt_every=max(args.e2e_steps // 2, 1), loss=QATLoss(), progress=False,
+            eval_samples=500, eval_every=0, ckpt_every=min(50, max(args.e2e_steps, 1)), loss=QATLoss(), progress=False,
             block_ap=BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
                 steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
-                float_lr=args.block_ap_float_lr)),
+                float_lr=args.block_ap_float_lr, tail=not args.block_ap_no_tail)),
         )
         t, wall = time.perf_counter(), time.time()
         summary = run_qat(qat)

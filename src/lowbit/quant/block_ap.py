@@ -11,6 +11,12 @@ For block i the student input is the output of the already-reconstructed student
 target is the float teacher's block output on the float chain, so each block also learns to undo the error
 it receives (errors do not compound unseen). The loss is the MSE normalised by the target's mean square.
 
+The LAST block of a tower is reconstructed through the rest of the model, up to the L2-normalised
+embedding (``EMBEDDING_TAILS``, per dual-encoder type: e.g. pooling + the projector head): the error that
+matters is the embedding's direction, and a projector over standardised features weighs feature channels
+very differently from an MSE on the raw feature map. The tail's own parameters (the projector, quantized or
+not) train with the block. ``BlockAPConfig.tail=False`` keeps the plain feature-map target.
+
 Which modules are blocks is a per-tower-type registry (``BLOCK_CHAINS``): EfficientNet-Lite0 (its MBConv
 blocks, then the head conv + BN + activation), a Hugging Face encoder (its transformer layers), and any
 ``nn.Sequential`` (its children). Blocks must be chained: block i's first positional input is block i-1's
@@ -93,18 +99,80 @@ def _register_lit_towers() -> None:
 _register_lit_towers()
 
 
+# --- embedding tails: last block output -> normalised embedding -----------------------------------------------------
+Tail = Callable[[DualEncoder], nn.Module]  # the model -> module mapping the last block's output to the embedding
+EMBEDDING_TAILS: dict[tuple[type, str], Tail] = {}
+
+
+def register_tail(cls: type, tower: str) -> Callable[[Tail], Tail]:
+    """Register how dual encoders of type ``cls`` turn ``tower``'s last block output into its embedding."""
+
+    def add(fn: Tail) -> Tail:
+        EMBEDDING_TAILS[(cls, tower)] = fn
+        return fn
+
+    return add
+
+
+def embedding_tail(model: DualEncoder, tower: str) -> nn.Module | None:
+    """The registered tail of ``model``'s ``tower`` (most specific model type first), or None."""
+    for klass in type(model).__mro__:
+        if (klass, tower) in EMBEDDING_TAILS:
+            return EMBEDDING_TAILS[(klass, tower)](model)
+    return None
+
+
+class SpatialMean(nn.Module):
+    """[B, C, H, W] -> [B, C]: global average pooling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class L2Normalize(nn.Module):
+    """[B, D] -> unit rows (what the similarity sees)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=-1)
+
+
+class _WithTail(nn.Module):
+    """A block followed by its embedding tail (called with the block's own arguments)."""
+
+    def __init__(self, block: nn.Module, tail: nn.Module) -> None:
+        super().__init__()
+        self.block, self.tail = block, tail
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.tail(_run(self.block, x, (args, kwargs)))
+
+
+def _register_lit_tails() -> None:
+    from lowbit.models.lit import LitDualEncoder
+
+    @register_tail(LitDualEncoder, "vision")
+    def _lit_vision(model: DualEncoder) -> nn.Module:
+        # EfficientNetLite0Features pools the head's feature map; the image head standardises + projects.
+        return nn.Sequential(SpatialMean(), model.towers()["projector"]["image"], L2Normalize())
+
+
+_register_lit_tails()
+
+
 # --- configuration and report -------------------------------------------------------------------------------------
 @dataclass
 class BlockAPConfig:
     """Block-AP hyper-parameters. ``steps`` Adam steps per block (one cached batch each, cycling through
     reshuffled passes), cosine-decayed rates: ``lr`` latent weights, ``scale_lr`` quantizer steps,
-    ``float_lr`` the block's float parameters (0: frozen); ``match_norms`` see ``match_norm_statistics``."""
+    ``float_lr`` the block's float parameters (0: frozen); ``match_norms`` see ``match_norm_statistics``;
+    ``tail``: reconstruct the last block through its embedding tail (module docstring)."""
 
     steps: int = 100
     lr: float = 1e-4
     scale_lr: float = 1e-3
     float_lr: float = 1e-3
     match_norms: bool = True
+    tail: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -205,7 +273,9 @@ def _block_params(block: nn.Module, cfg: BlockAPConfig) -> list[dict[str, Any]]:
         if isinstance(m, QATLayer):
             weights.append(m.module.weight)
             steps.extend(m.quantizer.parameters())
-            quant_ids.update(id(p) for p in m.parameters())
+            # Only the latent weight and the steps are the quantizer's: the wrapped layer's bias stays a float
+            # parameter of the block (trained with ``float_lr`` like norms).
+            quant_ids.update(id(p) for p in (m.module.weight, *m.quantizer.parameters()))
     if cfg.float_lr > 0:
         floats = [p for p in block.parameters() if id(p) not in quant_ids and p.is_floating_point()]
     groups = [{"params": ps, "lr": lr} for ps, lr in ((weights, cfg.lr), (steps, cfg.scale_lr), (floats, cfg.float_lr))
@@ -315,6 +385,10 @@ def block_ap_tower(student: DualEncoder, teacher: DualEncoder, tower: str, batch
     fp = [c[0] for c in t_caps]  # float chain inputs of the current block
     s_extras = [c[1] for c in s_caps]
     t_extras = [c[1] for c in t_caps]
+    if cfg.tail:
+        s_tail, t_tail = embedding_tail(student, tower), embedding_tail(teacher, tower)
+        if s_tail is not None and t_tail is not None:
+            s_blocks[-1], t_blocks[-1] = _WithTail(s_blocks[-1], s_tail), _WithTail(t_blocks[-1], t_tail)
     results: list[BlockResult] = []
     for i, (sb, tb) in enumerate(zip(s_blocks, t_blocks, strict=True)):
         t0 = time.perf_counter()

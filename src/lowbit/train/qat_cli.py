@@ -26,7 +26,7 @@ def cmd_qat(args: argparse.Namespace) -> None:
     if args.block_ap:
         block_ap = BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
             steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
-            float_lr=args.block_ap_float_lr, match_norms=not args.no_match_norms))
+            float_lr=args.block_ap_float_lr, match_norms=not args.no_match_norms, tail=not args.block_ap_no_tail))
 
     try:
         summary = run_qat(QATArgs(
@@ -65,6 +65,9 @@ def add_qat_arguments(p: argparse.ArgumentParser) -> None:
                    help="Block-AP learning rate of each block's float parameters (norms, biases; 0: frozen)")
     p.add_argument("--no-match-norms", action="store_true",
                    help="do not re-estimate batch-norm statistics of quantized blocks before Block-AP")
+    p.add_argument("--block-ap-no-tail", action="store_true",
+                   help="reconstruct each tower's last block on its output, not through pooling + projector to the "
+                        "normalised embedding")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the latent weights")
     p.add_argument("--scale-lr", type=float, default=1.0, help="learning-rate multiplier of the quantizer steps")
