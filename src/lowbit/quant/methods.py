@@ -31,7 +31,7 @@ from lowbit.registry import Registry
 # Modules whose import registers a built-in method; a missing one (not written yet) is simply absent.
 BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "lowbit.quant.rtn", "lowbit.quant.gptq", "lowbit.quant.awq",
-    "lowbit.quant.binary", "lowbit.quant.ternary", "lowbit.quant.pbllm",
+    "lowbit.quant.binary", "lowbit.quant.ternary", "lowbit.quant.pbllm", "lowbit.quant.minmax",
 )
 
 
