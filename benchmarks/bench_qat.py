@@ -45,6 +45,17 @@ from lowbit.train.block_ap_stage import STATE_FILE, BlockAPStage
 from lowbit.train.qat import QATArgs, QATLoss, run_qat
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
+NOTES = {
+    "recipe": "QAT = Block-AP (block-wise reconstruction of latent weights, steps, norms and biases; each tower's "
+              "last block through pooling + projector to the normalised embedding), then end to end (--train all: "
+              "latent weights + steps) with the contrastive + KL + cosine distillation loss against the float model",
+    "calibration": "Block-AP: the first block_ap_samples training images; text blocks on captions/templates "
+                   "DISJOINT from the zero-shot prompts (lowbit.train.block_ap_stage.CALIBRATION_TEMPLATES). The "
+                   "end-to-end stage pairs the training images with captions drawn from the dataset's templates, "
+                   "which are also its zero-shot prompts, as the float model's own head training did",
+    "eval": "the folded packed checkpoint reloaded with lowbit.load on the default backend (packed kernels, int8 "
+            "activations where the kernels quantize them)",
+}
 KEPT_8BIT = [{"tower": "projector", "pattern": "*", "method": "rtn", "bits": 8},
              {"tower": "*", "kinds": ["conv"], "method": "rtn", "bits": 8}]  # stem + depthwise convs
 LOW_BIT: dict[str, dict[str, Any]] = {
@@ -126,7 +137,7 @@ def main() -> None:
                            "eval": f"zero-shot top-1, first {args.eval_samples} Fashion-MNIST test images",
                            "scope": "both towers: vision conv1x1 + text linear at the method; stem, depthwise "
                                     "convs and projector 8-bit RTN; embeddings, norms, biases float",
-                           "recipes": {m: recipe_yaml(m) for m in args.methods.split(",")}}
+                           "recipes": {m: recipe_yaml(m) for m in args.methods.split(",")}, "notes": NOTES}
     out["float"] = {"top1": top1(lowbit.load("lit-fashion"), args.eval_samples)}
     print("float", out["float"], flush=True)
     out["rows"] = {}
