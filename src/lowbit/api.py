@@ -109,25 +109,23 @@ def qat(model_name: str, recipe: str, out_dir: str | os.PathLike[str], **options
     return run_qat(QATArgs(model=model_name, recipe=recipe, out=str(out_dir), **options))
 
 
-def build(
-    name: str = "lit-fashion",
-    out: str | os.PathLike[str] | None = None,
-    n_train: int = 60000,
-    n_test: int = 10000,
-    steps: int = 3000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Re-train the heads of a built-in model from its packaged towers; returns the build log."""
-    from lowbit.models import builtin_models
+def build(name: str = "lit-fashion", out: str | os.PathLike[str] | None = None, seed: int = 0,
+          steps: int | None = None, **options: Any) -> dict[str, Any]:
+    """Re-train the trained parts of a built-in model (``lowbit.models.builders``); returns the build log.
 
-    if builtin_models().get(name) != "lit":
-        raise LowbitError(f"unknown buildable model {name!r}; choose one of: lit-fashion")
-    from lowbit.models.lit_build import HeadTraining, build_lit_heads
-    from lowbit.paths import lowbit_home
+    ``lit-fashion`` options: ``n_train``, ``n_test``; ``llava-fashion``: ``run_dir`` (checkpoints; resumes).
+    """
+    import inspect
 
-    target = Path(out) if out else lowbit_home() / "models" / name / "heads.safetensors"
-    log = build_lit_heads(target, n_train=n_train, n_test=n_test, hp=HeadTraining(seed=seed, steps=steps))
-    return {"heads": str(target), **log}
+    from lowbit.models.builders import BUILDERS
+
+    builder = BUILDERS.get(name)
+    accepted = [p for p in inspect.signature(builder).parameters if p not in ("out", "seed", "steps")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise LowbitError(f"build {name!r} does not take {', '.join(unknown)}; accepted options: "
+                          f"{', '.join(accepted) or '(none)'}")
+    return builder(out=out, seed=seed, steps=steps, **options)
 
 
 def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:

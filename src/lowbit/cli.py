@@ -74,11 +74,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    """Train the heads of a built-in model (lit-fashion) from its packaged towers; prints the build log."""
+    """Re-train the trained parts of a built-in model (lit-fashion heads, llava-fashion projector)."""
     from lowbit import api
 
-    log = api.build(args.model, out=args.out, n_train=args.n_train, n_test=args.n_test, steps=args.steps,
-                    seed=args.seed)
+    options: dict[str, Any] = {}
+    for name in ("n_train", "n_test", "run_dir"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    log = api.build(args.model, out=args.out, steps=args.steps, seed=args.seed, **options)
     print(json.dumps(log, indent=2))
 
 
@@ -172,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write demo.json / demo.md here")
 
     p = verb("build", cmd_build)
-    p.add_argument("model", help="built-in model to build (lit-fashion)")
-    p.add_argument("--out", help="heads file to write (default: under $LOWBIT_HOME/models)")
-    p.add_argument("--n-train", type=int, default=60000)
-    p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("model", help="built-in model to build (lit-fashion, llava-fashion)")
+    p.add_argument("--out", help="file to write (default: under $LOWBIT_HOME/models/MODEL)")
+    p.add_argument("--steps", type=int, help="training steps (default: the shipped build's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, help="lit-fashion: training images (default 60000)")
+    p.add_argument("--n-test", type=int, help="lit-fashion: test images (default 10000)")
+    p.add_argument("--run-dir", help="llava-fashion: checkpoint directory (a re-run resumes)")
 
     p = verb("quantize", cmd_quantize)
     p.add_argument("model")

@@ -178,6 +178,36 @@ def test_answer_only_loss_masking(tiny) -> None:
     assert abs(float(loss) - float(expected)) < 1e-5
 
 
+def test_pruning_aware_answer_loss_reads_the_tokens_inference_keeps(tiny) -> None:
+    from lowbit.models.llava_build import AnswerLoss
+    from lowbit.models.llava_chat import encode_conversation
+
+    enc = encode_conversation(tiny.tokenizer, [("what is this item ?", "a bag")], system=None)
+    pixels = tiny.preprocess([_image(), _image((20, 20, 200))])
+    tokens, scores = tiny.vision(pixels)
+    batch = {"tokens": tokens, "scores": scores, "pre": [enc.pre] * 2, "post": [enc.post] * 2,
+             "labels": [enc.labels] * 2}
+    loss = AnswerLoss(tiny)
+    full = loss(batch)["loss"]
+    assert torch.equal(loss({**batch, "prune_ratios": [0.0, 0.0]})["loss"], full)
+    # Pruning the second sample in training = running it on exactly the visual tokens inference keeps.
+    pruned = loss({**batch, "prune_ratios": [0.0, 0.5]})["loss"]
+    kept = tiny.visual_embeddings(pixels[1:], prune_ratio=0.5)[0]  # [8, D]
+    assert kept.shape[0] == tokens.shape[1] // 2
+    rows = [torch.cat([tiny.embed_ids(enc.pre), v, tiny.embed_ids(enc.post)])
+            for v in (tiny.projector(tokens[0]), kept)]
+    ce = []
+    for r in rows:
+        logits = tiny.language(inputs_embeds=r[None]).logits[0]  # [T, V]
+        offset = r.shape[0] - len(enc.post)
+        pos = [offset + i - 1 for i, lab in enumerate(enc.labels) if lab >= 0]
+        ce.append(torch.nn.functional.cross_entropy(logits[pos], torch.tensor([enc.labels[i + 1 - offset]
+                                                                                for i in pos]), reduction="sum"))
+    n_answer = 2 * sum(lab >= 0 for lab in enc.labels)
+    assert abs(float(pruned) - float(sum(ce)) / n_answer) < 1e-5
+    assert abs(float(pruned) - float(full)) > 1e-6  # the pruned sample really changed
+
+
 def test_pruning_ratio_zero_equals_no_pruning(tiny) -> None:
     from lowbit.models.llava_prune import prune_tokens
 
@@ -192,6 +222,16 @@ def test_pruning_ratio_zero_equals_no_pruning(tiny) -> None:
     raw, score = tiny.vision(pixels)
     order = score[0].topk(8).indices.sort().values
     assert torch.allclose(kept[0], tiny.projector(raw[0, order]), atol=1e-6)
+
+
+def test_with_config_shares_weights_and_leaves_the_original_alone(tiny) -> None:
+    view = tiny.with_config(prune_ratio=0.5)
+    assert view.config.prune_ratio == 0.5 and tiny.config.prune_ratio == 0.0
+    assert view.language is tiny.language and view.projector is tiny.projector
+    pixels = tiny.preprocess([_image()])
+    assert view.visual_embeddings(pixels).shape[1] == tiny.visual_embeddings(pixels).shape[1] // 2
+    with pytest.raises(LowbitError, match="prune_ratio must be in"):
+        tiny.with_config(prune_ratio=1.0)
 
 
 def test_pruned_generation_runs_and_ratio_is_validated(tiny_dir: Path) -> None:

@@ -108,6 +108,19 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def first_token_fn(model: Any, image: Any, question: str) -> Callable[[], torch.Tensor]:
+    """What time to first token measures, as a call: PIL image -> preprocess, vision, projector (pruning as
+    the model's config says), prefill -> the greedy first token [1]."""
+    model = _require_llava(model)
+
+    @torch.inference_mode()
+    def prefill() -> torch.Tensor:
+        embeds, mask = model.prompt_embeddings(model.visual_embeddings(model.preprocess([image])), [question])
+        return model.language(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].argmax(-1)
+
+    return prefill
+
+
 @torch.inference_mode()
 def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] | None = None, repeats: int = 5,
                   decode_tokens: int = 32) -> dict[str, Any]:
@@ -117,10 +130,7 @@ def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] |
     model = _require_llava(model)
     image, question = data.images[0], data.turns[0][0].question
     lm = model.language
-
-    def prefill() -> torch.Tensor:
-        embeds, mask = model.prompt_embeddings(model.visual_embeddings(model.preprocess([image])), [question])
-        return lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].argmax(-1)
+    prefill = first_token_fn(model, image, question)
 
     def decode_run(n: int) -> None:
         embeds, mask = model.prompt_embeddings(model.visual_embeddings(model.preprocess([image])), [question])

@@ -21,6 +21,7 @@ hidden state; ``encode_text`` does the same for a text-only chat prompt.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -132,6 +133,16 @@ class LlavaModel(DualEncoder):
         """Longest sequence (prompt + generated tokens) the LM's positions cover."""
         cfg = self.language.config
         return int(getattr(cfg, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+    def with_config(self, **changes: Any) -> LlavaModel:
+        """The same model (weights shared, not copied) prompting/pruning/caching under changed config fields.
+
+        Example:
+            >>> pruned = model.with_config(prune_ratio=0.5)  # doctest: +SKIP
+        """
+        view = copy.copy(self)  # shallow: the submodule dict, parameters and tokenizer are shared
+        view.__dict__["config"] = replace(self.config, **changes).validated()
+        return view
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self._preprocess(list(images))

@@ -28,9 +28,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.data.vqa import VQASet, load_vqa
+from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
 from lowbit.models.llava import LlavaConfig, LlavaModel, from_parts
 from lowbit.models.llava_chat import IGNORE_INDEX, encode_conversation
+from lowbit.models.llava_prune import prune_tokens
 from lowbit.paths import lowbit_home
 
 
@@ -51,11 +53,19 @@ class ProjectorTraining:
     weight_decay: float = 0.0
     seed: int = 0
     n_eval: int = 60
+    # share of answer-stage conversations whose visual tokens are pruned as at inference (ranked by the tower's
+    # score, ratio drawn from PRUNE_TRAIN_RATIOS): the LM learns to answer from a subset, so pruning costs less
+    prune_train: float = 0.0
+
+
+PRUNE_TRAIN_RATIOS = (0.25, 0.5, 0.75)
 
 
 @torch.inference_mode()
-def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Frozen vision-tower tokens [N, T, C] (float16) of ``data.images``, cached by content hash."""
+def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen vision-tower tokens [N, T, C] (float16) and pruning scores [N, T] (float32) of ``data.images``,
+    cached by content hash."""
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
@@ -66,16 +76,19 @@ def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64, progr
     name = f"llava-{data.name}-{data.split}-{len(data)}-{digest.hexdigest()[:12]}.safetensors"
     path = lowbit_home() / "features" / name
     if path.is_file():
-        return load_file(str(path))["tokens"]
-    chunks = []
+        cached = load_file(str(path))
+        if "scores" in cached:  # caches written before pruning-aware training hold tokens only: recompute
+            return cached["tokens"], cached["scores"]
+    chunks, score_chunks = [], []
     for start in tqdm(range(0, len(data), batch_size), desc=f"vision tokens ({data.name})", disable=not progress,
                       leave=False):
-        tokens, _ = model.vision(model.preprocess(data.images[start : start + batch_size]))  # [b, T, C]
+        tokens, scores = model.vision(model.preprocess(data.images[start : start + batch_size]))  # [b, T, C], [b, T]
         chunks.append(tokens.to(torch.float16))
-    feats = torch.cat(chunks).contiguous()
+        score_chunks.append(scores.float())
+    feats, scores = torch.cat(chunks).contiguous(), torch.cat(score_chunks).contiguous()
     with atomic_path(path) as tmp:
-        save_file({"tokens": feats}, str(tmp))
-    return feats
+        save_file({"tokens": feats, "scores": scores}, str(tmp))
+    return feats, scores
 
 
 class AnswerLoss(nn.Module):
@@ -88,13 +101,20 @@ class AnswerLoss(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         m = self._model
-        visual = m.projector(batch["tokens"].float())  # [B, T_v, D]
+        raw = batch["tokens"].float()  # [B, T_v, C]
+        ratios = batch.get("prune_ratios") or [0.0] * len(raw)
+        scores = batch.get("scores")  # [B, T_v]: the tower's pruning scores, as at inference
+        if scores is None and any(ratios):
+            raise LowbitError("pruning-aware training needs the vision tower's token scores (batch['scores'])")
+        kept = [t if not r else prune_tokens(t[None], scores[i][None], r)[0]
+                for i, (t, r) in enumerate(zip(raw, ratios, strict=True))]
+        visual = [m.projector(t) for t in kept]  # each [T_i, D], T_i <= T_v
         rows, labels = [], []
         for v, pre, post, lab in zip(visual, batch["pre"], batch["post"], batch["labels"], strict=True):
             rows.append(torch.cat([m.embed_ids(pre), v, m.embed_ids(post)]))  # [T_i, D]
             labels.append([IGNORE_INDEX] * (len(pre) + v.shape[0]) + lab)
         longest = max(r.shape[0] for r in rows)
-        embeds = visual.new_zeros(len(rows), longest, visual.shape[-1])
+        embeds = visual[0].new_zeros(len(rows), longest, visual[0].shape[-1])
         mask = torch.zeros(len(rows), longest, dtype=torch.long)
         target = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
         for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):  # right padding: positions start at 0
@@ -140,15 +160,16 @@ def conversations(model: LlavaModel, data: VQASet) -> list[Any]:
             for turns in data.turns]
 
 
-def _pool(model: LlavaModel, hp: ProjectorTraining, progress: bool) -> tuple[torch.Tensor, list[Any], list[str]]:
+def _pool(model: LlavaModel, hp: ProjectorTraining,
+          progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any], list[str]]:
     sets = []
     if hp.n_fashion:
         sets.append(load_vqa("fashion-vqa", "train", limit=hp.n_fashion, turns_per_image=hp.turns, seed=hp.seed))
     if hp.n_shapes:
         sets.append(load_vqa("shapes-vqa", "train", limit=hp.n_shapes, turns_per_image=hp.turns, seed=hp.seed))
-    feats = torch.cat([visual_features(model, s, progress=progress) for s in sets])
+    tokens, scores = zip(*[visual_features(model, s, progress=progress) for s in sets], strict=True)
     convs = [c for s in sets for c in conversations(model, s)]
-    return feats, convs, [c for s in sets for c in s.captions or []]
+    return torch.cat(tokens), torch.cat(scores), convs, [c for s in sets for c in s.captions or []]
 
 
 def train_projector(model: LlavaModel, hp: ProjectorTraining, out_dir: str | Path | None = None,
@@ -159,7 +180,7 @@ def train_projector(model: LlavaModel, hp: ProjectorTraining, out_dir: str | Pat
 
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
-    feats, convs, captions = _pool(model, hp, progress)
+    feats, scores, convs, captions = _pool(model, hp, progress)
     proj = model.projector
     flat = feats.float().reshape(-1, feats.shape[-1])  # [N*T, C]
     with torch.no_grad():
@@ -193,8 +214,12 @@ def train_projector(model: LlavaModel, hp: ProjectorTraining, out_dir: str | Pat
         history += [{"stage": "align", **h} for h in state.history]
 
     def collate(idx: np.ndarray, step: int) -> dict[str, Any]:
-        return {"tokens": feats[torch.as_tensor(idx)], "pre": [convs[i].pre for i in idx],
-                "post": [convs[i].post for i in idx], "labels": [convs[i].labels for i in idx]}
+        rng = random.Random(hp.seed * 1_000_003 + step)  # seeded per step: resume replays the same pruning
+        ratios = [rng.choice(PRUNE_TRAIN_RATIOS) if rng.random() < hp.prune_train else 0.0 for _ in idx]
+        i = torch.as_tensor(idx)
+        return {"tokens": feats[i], "scores": scores[i], "pre": [convs[j].pre for j in idx],
+                "post": [convs[j].post for j in idx], "labels": [convs[j].labels for j in idx],
+                "prune_ratios": ratios}
 
     if hp.steps:
         config = TrainConfig(steps=hp.steps, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,

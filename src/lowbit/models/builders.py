@@ -1,0 +1,50 @@
+"""Builders of the built-in models: ``lowbit build NAME`` re-trains what a built-in model ships.
+
+Each built-in model with trained parts registers one builder in ``BUILDERS``: ``lit-fashion`` (its two linear
+heads, ``lit_build``) and ``llava-fashion`` (its projector, ``llava_build``). A builder takes ``out`` (the file
+to write; default under ``$LOWBIT_HOME/models/NAME``), ``seed``, ``steps`` (None = the shipped build's) and
+its own options, and returns the build log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lowbit.paths import lowbit_home
+from lowbit.registry import Registry
+
+Builder = Callable[..., dict[str, Any]]
+BUILDERS: Registry[Builder] = Registry("buildable model")
+
+
+def _target(name: str, out: str | os.PathLike[str] | None, filename: str) -> Path:
+    return Path(out) if out else lowbit_home() / "models" / name / filename
+
+
+@BUILDERS.register("lit-fashion")
+def build_lit(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
+              n_train: int = 60000, n_test: int = 10000) -> dict[str, Any]:
+    """Re-train lit-fashion's heads on ``n_train`` Fashion-MNIST images (+ shapes), evaluate on ``n_test``."""
+    from lowbit.models.lit_build import HeadTraining, build_lit_heads
+
+    hp = HeadTraining(seed=seed) if steps is None else HeadTraining(seed=seed, steps=steps)
+    target = _target("lit-fashion", out, "heads.safetensors")
+    return {"heads": str(target), **build_lit_heads(target, n_train=n_train, n_test=n_test, hp=hp)}
+
+
+@BUILDERS.register("llava-fashion")
+def build_llava(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
+                run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Re-train llava-fashion's projector (visual instruction tuning); ``run_dir`` keeps checkpoints, so a
+    killed build resumes."""
+    from lowbit.models.llava_build import ProjectorTraining, build_llava_projector
+
+    hp = ProjectorTraining(seed=seed)
+    if steps is not None:
+        hp = replace(hp, steps=steps)
+    target = _target("llava-fashion", out, "projector.safetensors")
+    return {"projector": str(target), **build_llava_projector(target, hp, run_dir=run_dir)}
