@@ -38,7 +38,8 @@ from lowbit.paths import lowbit_home
 
 @dataclass(frozen=True)
 class ProjectorTraining:
-    """Hyper-parameters of the projector build (defaults = the shipped ``llava-fashion``)."""
+    """Hyper-parameters of the projector build (defaults = the shipped ``llava-fashion``'s last run; its
+    assets/llava-fashion/BUILD.md lists the resumed runs that led there)."""
 
     n_fashion: int = 2000
     n_shapes: int = 1000
@@ -46,16 +47,16 @@ class ProjectorTraining:
     align_steps: int = 200  # stage 1: visual tokens -> caption embeddings (no LM forward; seconds)
     align_batch_size: int = 128
     align_lr: float = 3e-3
-    steps: int = 48  # stage 2: answer-token loss through the frozen LM (the expensive part)
+    steps: int = 1500  # stage 2: answer-token loss through the frozen LM (the expensive part, ~1.2 s per step)
     batch_size: int = 4
     lr: float = 2e-3
     warmup_steps: int = 5
     weight_decay: float = 0.0
     seed: int = 0
-    n_eval: int = 60
+    n_eval: int = 100
     # share of answer-stage conversations whose visual tokens are pruned as at inference (ranked by the tower's
     # score, ratio drawn from PRUNE_TRAIN_RATIOS): the LM learns to answer from a subset, so pruning costs less
-    prune_train: float = 0.0
+    prune_train: float = 0.3
 
 
 PRUNE_TRAIN_RATIOS = (0.25, 0.5, 0.75)
