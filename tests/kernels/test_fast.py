@@ -24,7 +24,7 @@ import torch
 
 from lowbit.kernels import fast
 from lowbit.kernels.formats import PackedWeight, num_groups, pack_codes
-from lowbit.kernels.quant_linear import LINEAR_BACKENDS, QuantConv2d1x1, QuantLinear
+from lowbit.kernels.quant_linear import DEFAULT_BACKEND, LINEAR_BACKENDS, QuantConv2d1x1, QuantLinear
 from lowbit.kernels.reference import reference_linear
 
 # name -> (bits, symmetric, ternary)
@@ -62,19 +62,6 @@ def make_packed(n: int, k: int, fmt: str, group: int | str, seed: int = 0) -> Pa
     return PackedWeight(pack_codes(codes, bits), scales, zeros, bits, gs, (n, k))
 
 
-def activation_bound(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
-    """sum_b (a_b / 2) * sum_{k in b} |W[n, k]| for x [M, K], w [N, K] over blocks of ``block`` inputs (float64)."""
-    m, k = x.shape
-    kp = -(-k // block) * block
-    xp = torch.zeros(m, kp, dtype=torch.float64)
-    xp[:, :k] = x.double()
-    wp = torch.zeros(w.shape[0], kp, dtype=torch.float64)
-    wp[:, :k] = w.double().abs()
-    a = xp.view(m, -1, block).abs().amax(-1) / 127.0  # [M, KA]
-    wsum = wp.view(w.shape[0], -1, block).sum(-1)  # [N, KA]
-    return (a / 2.0) @ wsum.T
-
-
 def needs_kernels() -> None:
     if not fast.is_available():
         pytest.skip(f"kernels unavailable: {fast.unavailable_reason()}")
@@ -98,7 +85,7 @@ def check_against_reference(packed: PackedWeight, x: torch.Tensor, bias: torch.T
     y = fast.linear(x, handle, bias)
     ref = reference_linear(x, packed, bias, dtype=torch.float64).double()
     w = packed.dequantize()
-    bound = activation_bound(x, w, handle.act_block)
+    bound = fast.error_bound(x, w, handle.act_block)
     # float32 rounding of the accumulation: a few ulps of sum |W||x|.
     slack = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
     err = (y.double() - ref).abs()
@@ -260,10 +247,25 @@ def test_build_failure_falls_back_and_warns_once(monkeypatch: pytest.MonkeyPatch
         handle = fast.prepare(packed)
         y1 = fast.linear(x, handle)
         y2 = fast.linear(x, handle)
+        layer = QuantLinear.from_packed(packed)  # the default backend falls back to the reference path
+        y3 = layer(x)
     msgs = [str(w.message) for w in caught if "fast CPU kernels unavailable" in str(w.message)]
     assert len(msgs) == 1 and "no compiler here" in msgs[0]
     assert handle.tiles is None
     assert torch.equal(y1, reference_linear(x, packed)) and torch.equal(y1, y2)
+    assert layer.backend == DEFAULT_BACKEND and torch.equal(y3, y1)
+
+
+def test_default_backend_uses_the_cached_reference_where_kernels_cannot_run() -> None:
+    needs_kernels()
+    for packed, grad in ((make_packed(16, 96, "int4", 48), False), (make_packed(16, 64, "int4", 32), True)):
+        layer = QuantLinear.from_packed(packed, bias=torch.randn(16))
+        x = torch.randn(3, packed.in_features, requires_grad=grad)
+        y = layer(x)  # unsupported group size / autograd: exact reference result, through the cached weight
+        assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias))
+        if grad:
+            y.sum().backward()
+            assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_disable_env_var_runs_reference_path() -> None:
@@ -293,9 +295,11 @@ def test_cpu_backend_is_registered_and_matches_reference() -> None:
     scale = torch.rand(160) + 0.5
     layer = QuantLinear.from_packed(packed, bias=bias, input_scale=scale)
     x = torch.randn(2, 5, 160)
-    ref = layer(x)  # class default backend ("reference" unless made "cpu")
-    layer.backend = "cpu"
+    assert layer.backend == DEFAULT_BACKEND == "cpu"  # the kernels are the default path
     y = layer(x)
+    layer.backend = "reference"
+    ref = layer(x)
+    layer.backend = "cpu"
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
     # New buffers (e.g. a checkpoint load) must invalidate the cached prepared tiles.
     other = make_packed(48, 160, "uint4", 32, seed=12)
@@ -312,9 +316,10 @@ def test_cpu_backend_on_pointwise_conv() -> None:
     g = torch.Generator().manual_seed(14)
     conv = QuantConv2d1x1.from_packed(packed, bias=torch.randn(16, generator=g))
     x = torch.randn(2, 40, 5, 3, generator=g)
+    y = conv(x)  # default backend: the kernels
+    conv.backend = "reference"
     ref = conv(x)
     conv.backend = "cpu"
-    y = conv(x)
     assert y.shape == ref.shape == (2, 16, 5, 3)
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
     # The memory format of the input is kept (channels_last in, channels_last out; NCHW in, NCHW out).

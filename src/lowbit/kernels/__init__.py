@@ -1,7 +1,9 @@
 """Packed low-bit weights: formats, quantized modules, reference and fast kernels.
 
-The storage variants (``base3``, ``offsets``, ``sparse_side``) register their module kinds in ``QUANT_KINDS`` on import;
-importing them here makes the registry complete for any user of the package (checkpoints name kinds).
+The storage variants (``base3``, ``offsets``, ``sparse_side``) register their module kinds in ``QUANT_KINDS``
+on import, and ``fast`` registers the default ``"cpu"`` linear backend; importing them here makes the registries
+complete for any user of the package (checkpoints name kinds, every ``QuantLinear`` names its backend).
+Importing ``fast`` builds nothing: the extension is compiled at the first packed matmul.
 """
 
-from lowbit.kernels import base3, offsets, sparse_side  # noqa: F401
+from lowbit.kernels import base3, fast, offsets, sparse_side  # noqa: F401

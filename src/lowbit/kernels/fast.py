@@ -33,6 +33,7 @@ built (no compiler, ...) or ``LOWBIT_DISABLE_KERNELS=1`` is set, everything stil
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -41,11 +42,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
-from lowbit.kernels.quant_linear import LINEAR_BACKENDS, QuantLinear
+from lowbit.kernels.fusion import GROUP_ATTR
+from lowbit.kernels.quant_linear import LINEAR_BACKENDS, QuantLinear, reference_backend
 from lowbit.kernels.reference import reference_linear
 from lowbit.paths import lowbit_home
 
@@ -67,8 +70,14 @@ _state: dict[str, object] = {"loaded": False, "ext": None, "reason": None}
 
 
 def _build_dir() -> Path:
-    # One directory per interpreter / torch version: the extension's ABI depends on both.
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    # One directory per interpreter / torch version (the extension's ABI depends on both) and per version of
+    # the sources: checkouts of different lowbit versions sharing one $LOWBIT_HOME would otherwise rebuild
+    # over each other's extension (and could load the other's).
+    digest = hashlib.sha1()
+    for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
+        digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+           f"_{digest.hexdigest()[:12]}")
     path = lowbit_home() / "torch_extensions" / f"{_EXT_NAME}_{tag}"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -176,6 +185,8 @@ class FastWeight:
         group_blocks: 32-input blocks per group.
         act_blocks: 32-input blocks per activation quantization block (divides ``group_blocks``).
         reason: why the reference path is used, None when the kernels are.
+        call: the extension's validated ``Prepared`` weight (with the bias given to ``prepare``):
+            ``call(x)`` -> y, ``call.split(x)`` -> per-sibling views (fused groups); None without tiles.
     """
 
     packed: PackedWeight
@@ -190,6 +201,7 @@ class FastWeight:
     group_blocks: int
     reason: str | None
     act_blocks: int = 1
+    call: Any = None
 
     @property
     def act_block(self) -> int:
@@ -256,8 +268,12 @@ def act_blocks_for(group_blocks: int, per_channel: bool) -> int:
     return max(d for d in range(1, MAX_ACT_BLOCKS + 1) if group_blocks % d == 0)
 
 
-def prepare(packed: PackedWeight) -> FastWeight:
-    """Repack ``packed`` once into the kernel layout (call at load time, not per forward)."""
+def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list[int] | None = None) -> FastWeight:
+    """Repack ``packed`` once into the kernel layout (call at load time, not per forward).
+
+    ``bias`` [N] goes into the handle's ``call``; ``splits`` (output widths summing to N) are the siblings of
+    a fused group (``lowbit.kernels.fusion``).
+    """
     reason = _unsupported_reason(packed)
     bits = packed.bits
     scales = packed.scales
@@ -276,20 +292,15 @@ def prepare(packed: PackedWeight) -> FastWeight:
     kb = -(-k // BLOCK)
     group_blocks = kb if g == 1 else packed.group_size // BLOCK
     ext = _extension()
-    return FastWeight(
-        packed=packed,
-        tiles=ext.repack(packed.qweight, bits, n, k, cb),  # type: ignore[union-attr]
-        scales=_tile_rows(scales.to(torch.float16), n),
-        zeros=None if packed.zeros is None else _tile_rows(packed.zeros, n),
-        zero_const=zero_const,
-        cb=cb,
-        full_byte=bits == 8,
-        n=n,
-        k=k,
-        group_blocks=group_blocks,
-        reason=None,
-        act_blocks=act_blocks_for(group_blocks, g == 1),
-    )
+    tiles = ext.repack(packed.qweight, bits, n, k, cb)  # type: ignore[union-attr]
+    tiled_scales = _tile_rows(scales.to(torch.float16), n)
+    zeros = None if packed.zeros is None else _tile_rows(packed.zeros, n)
+    act_blocks = act_blocks_for(group_blocks, g == 1)
+    call = ext.Prepared(tiles, tiled_scales, zeros, zero_const, bias, cb, bits == 8, n, k,  # type: ignore[union-attr]
+                        group_blocks, act_blocks, list(splits or []))
+    return FastWeight(packed=packed, tiles=tiles, scales=tiled_scales, zeros=zeros, zero_const=zero_const, cb=cb,
+                      full_byte=bits == 8, n=n, k=k, group_blocks=group_blocks, reason=None, act_blocks=act_blocks,
+                      call=call)
 
 
 def linear(
@@ -312,14 +323,66 @@ def linear(
     return ext.linear(x, handle.tiles, handle.scales, handle.zeros, handle.zero_const,  # type: ignore[attr-defined]
                       bias, handle.cb, handle.full_byte, handle.n, handle.k, handle.group_blocks, handle.act_blocks)
 
-def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``LINEAR_BACKENDS["cpu"]``: the layer's packed weight through the fast kernels (reference fallback).
-
-    The prepared tiles are cached on the layer and rebuilt when its packed buffers change (load, ``.to()``).
-    ``x`` arrives already divided by ``input_scale``.
+def error_bound(x: torch.Tensor, w: torch.Tensor, act_block: int) -> torch.Tensor:
+    """The stated elementwise bound of the kernels (module docstring), float64 [M, N]:
+    ``sum_b (a_b / 2) * sum_{k in b} |W[n, k]|`` for x [M, K] (already divided by any ``input_scale``),
+    the dequantized weight w [N, K] and activation blocks of ``act_block`` inputs (``FastWeight.act_block``).
+    Float32 accumulation rounding comes on top (a few ulps of ``|x| @ |W|^T``).
     """
-    handle = layer._cached("fast_cpu", lambda: prepare(layer.packed))  # type: ignore[arg-type, return-value]
-    return linear(x, handle, layer.bias)  # type: ignore[arg-type]
+    m, k = x.shape
+    kp = -(-k // act_block) * act_block
+    xp = torch.zeros(m, kp, dtype=torch.float64)
+    xp[:, :k] = x.double()
+    wp = torch.zeros(w.shape[0], kp, dtype=torch.float64)
+    wp[:, :k] = w.double().abs()
+    a = xp.view(m, -1, act_block).abs().amax(-1) / 127.0  # [M, KA] activation scales a_b
+    wsum = wp.view(w.shape[0], -1, act_block).sum(-1)  # [N, KA]
+    return (a / 2.0) @ wsum.T
+
+
+_FAST_KEY = "fast_cpu"
+
+
+def buffer_state(layer: QuantLinear) -> tuple[Any, ...]:
+    """Identity and version of each of the layer's buffers (packed weight, bias, any variant's extras).
+
+    Cheaper per call than ``quant_linear._cache_key`` (this is on the M = 1 decode path): a load or ``.to()``
+    makes new tensors (new ids), an in-place write bumps the version. The cache entry keeps the tensors alive,
+    so an id cannot be reused while it is compared.
+    """
+    return tuple([None if t is None else (id(t), -1 if t.is_inference() else t._version)
+                  for t in layer._buffers.values()])
+
+
+def prepared(layer: QuantLinear) -> FastWeight:
+    """The layer's weight (and bias) prepared for the kernels, cached on it until its buffers change."""
+    cache: dict[str, Any] = layer._lowbit_cache  # cleared by load_state_dict / .to() (_drop_cache)
+    state = buffer_state(layer)
+    hit = cache.get(_FAST_KEY)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        handle = prepare(layer.packed, layer._buffers.get("bias"))
+    cache[_FAST_KEY] = (state, handle, list(layer._buffers.values()))
+    return handle
+
+
+def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``LINEAR_BACKENDS["cpu"]`` (the default backend): the layer's packed weight through the fast kernels.
+
+    ``x`` arrives already divided by ``input_scale``. Siblings linked by ``lowbit.kernels.fusion`` share one
+    call. Where the kernels cannot run (extension unavailable, unsupported group size, ``x`` requires grad or
+    is not on the CPU) the layer's ``reference`` backend is used, with its cached dequantized weight.
+    """
+    if x.requires_grad or not x.is_cpu:
+        return reference_backend(layer, x)
+    shared = layer.__dict__.get(GROUP_ATTR)
+    if shared is not None:
+        y = shared[0].output(shared[1], x)
+        if y is not None:
+            return y
+    call = prepared(layer).call
+    return reference_backend(layer, x) if call is None else call(x)
 
 
 LINEAR_BACKENDS.register("cpu")(cpu_backend)

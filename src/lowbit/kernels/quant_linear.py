@@ -1,8 +1,11 @@
 """Modules that hold packed weights (docs/PACKED_FORMAT.md) and compute with them.
 
 - ``QuantLinear`` replaces ``nn.Linear``; ``QuantConv2d1x1`` replaces 1x1 stride-1 convs (a linear over
-  channels). Their matmul goes through ``LINEAR_BACKENDS`` (``reference`` = dequantize + ``F.linear``), the
-  hook fast kernels plug into.
+  channels). Their matmul goes through ``LINEAR_BACKENDS``: ``"cpu"`` (the default, ``DEFAULT_BACKEND``) is
+  lowbit's fast kernels (``lowbit.kernels.fast``: int8 activations per row, error bound stated there), which
+  fall back to ``"reference"`` (dequantize once + ``F.linear``, exact up to float32 rounding) wherever they
+  cannot run (no compiler: one warning per process; inputs that require grad; non-CPU tensors). Pin a model
+  to ``"reference"`` with ``set_backend`` where bit-exact float equality matters.
 - ``QuantWeightParam`` keeps any other module (depthwise/3x3 convs, including subclasses with their own
   forward such as efficientnet's ``Conv2dDynamicSamePadding``) and swaps its ``weight`` Parameter for a
   read-only property that dequantizes the packed buffers — the same class-swap trick as
@@ -34,6 +37,7 @@ PACKED_BUFFERS: tuple[str, ...] = ("qweight", "scales", "zeros", "input_scale")
 
 LinearBackend = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
 LINEAR_BACKENDS: Registry[LinearBackend] = Registry("linear backend")
+DEFAULT_BACKEND = "cpu"  # registered by lowbit.kernels.fast (imported by lowbit.kernels/__init__)
 
 
 @LINEAR_BACKENDS.register("reference")
@@ -148,6 +152,13 @@ class _PackedMixin:
     def _drop_cache(self) -> None:
         self._lowbit_cache.clear()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy / pickle carry the packed buffers, not the caches built from them (the fast kernels' prepared
+        # weights are extension objects); a copy rebuilds them on first use.
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state["_lowbit_cache"] = {}
+        return state
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .half()/.double()/.to(dtype) must not touch the stored format (fp16 scales, fp32 input_scale; a
         # bf16 round trip would corrupt scales): packed buffers follow device moves only.
@@ -178,10 +189,11 @@ class QuantLinear(_PackedMixin, nn.Module):
     W_q[n, k] = (q[n, k] - z[n, k // group_size]) * s[n, k // group_size], in float32.
 
     Attributes: ``bits``, ``group_size`` (effective; K when per-channel), ``symmetric``, ``in_features``,
-    ``out_features``, ``weight_shape`` (original weight shape), ``backend`` (a ``LINEAR_BACKENDS`` name).
+    ``out_features``, ``weight_shape`` (original weight shape), ``backend`` (a ``LINEAR_BACKENDS`` name;
+    ``DEFAULT_BACKEND`` unless set).
     """
 
-    backend: str = "reference"
+    backend: str = DEFAULT_BACKEND
 
     def __init__(
         self,
@@ -224,8 +236,9 @@ class QuantLinear(_PackedMixin, nn.Module):
         return LINEAR_BACKENDS.get(self.backend)(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
+        s = self._buffers["input_scale"]  # direct: this runs ~200 times per decoded token
+        if s is not None:
+            x = x / s.to(x.dtype)
         return self._matmul(x)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -22,18 +22,19 @@ def is_packed_dir(path: str) -> bool:
 def load_packed(path: str, backend: str | None = None, **_: Any) -> DualEncoder:
     """Load a packed checkpoint directory as a ready-to-run model.
 
-    ``backend`` routes every packed linear / 1x1 conv through ``LINEAR_BACKENDS[backend]``: ``"cpu"`` is
-    lowbit's fast kernels (int8 activations per row, see ``lowbit.kernels.fast``), ``"reference"`` (the
-    default for now) dequantizes once and runs float matmuls.
+    ``backend`` routes every packed linear / 1x1 conv through ``LINEAR_BACKENDS[backend]``: ``"cpu"`` (the
+    default, ``DEFAULT_BACKEND``) is lowbit's fast kernels (int8 activations per row, error bound in
+    ``lowbit.kernels.fast``; the reference path, saying so once, where the extension cannot be built);
+    ``"reference"`` dequantizes once and runs float matmuls (exact float equality with the dequantized model).
 
     Example:
-        >>> model = load_packed("out/w4", backend="cpu")  # doctest: +SKIP
+        >>> model = load_packed("out/w4")  # doctest: +SKIP
+        >>> exact = load_packed("out/w4", backend="reference")  # doctest: +SKIP
     """
     from lowbit.checkpoint import load_quantized  # lazy: model code does not pull in the quant room
 
     model = load_quantized(path)
     if backend is not None:
-        from lowbit.kernels import fast  # noqa: F401  (registers the "cpu" backend)
         from lowbit.kernels.quant_linear import set_backend
 
         set_backend(model, backend)

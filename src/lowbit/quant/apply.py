@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS, is_quantized
 from lowbit.quant.methods import CalibrationProvider, QuantContext, get_method
 from lowbit.quant.recipe import Recipe, Rule, load_recipe
@@ -200,6 +201,7 @@ def quantize_(
     for p in bar:
         bar.set_postfix_str(f"{p.tower}/{p.name}", refresh=False)
         report.modules.append(_quantize_one(model, p, paths, calibration))
+    fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
     return report
 
 

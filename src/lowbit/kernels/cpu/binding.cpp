@@ -151,67 +151,94 @@ T* arena(std::vector<int64_t>& buf, size_t offset_bytes) {
 
 size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 
-// y [..., N] = x [..., K] . W^T (+ bias), W given as prepared tiles (see lowbit_kernels.h). x of any float
-// dtype and layout; y has x's dtype.
-torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& scales,
+// A prepared weight (see lowbit_kernels.h), validated once: the per-call path only checks the input.
+// `splits` (output widths summing to N) lets several layers that read the same input share one call (the
+// fused projections of lowbit/kernels/fusion.py); empty for a single layer.
+class Prepared {
+ public:
+  Prepared(torch::Tensor w, torch::Tensor scales, const c10::optional<torch::Tensor>& zeros, double zero_const,
+           const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K, int64_t gb,
+           int64_t ab, std::vector<int64_t> splits)
+      : w_(std::move(w)), scales_(std::move(scales)), zero_const_(static_cast<float>(zero_const)), cb_(cb),
+        full_byte_(full_byte), N_(N), K_(K), KB_(ceil_div(K, lowbit::kBlock)), T_(ceil_div(N, lowbit::kTileRows)),
+        gb_(gb), ab_(ab), splits_(std::move(splits)) {
+    TORCH_CHECK(cb == 1 || cb == 2 || cb == 4 || cb == 8, "lowbit linear: container bits must be 1/2/4/8");
+    TORCH_CHECK(w_.scalar_type() == torch::kUInt8 && w_.is_contiguous() &&
+                    w_.numel() == T_ * KB_ * lowbit::kBlock * cb,
+                "lowbit linear: packed tiles do not match N/K/bits");
+    TORCH_CHECK(scales_.scalar_type() == torch::kHalf && scales_.is_contiguous() && scales_.dim() == 3 &&
+                    scales_.size(0) == T_ && scales_.size(2) == lowbit::kTileRows,
+                "lowbit linear: scales must be float16 [T, G, 8]");
+    G_ = scales_.size(1);
+    if (zeros.has_value() && zeros->defined()) {
+      TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() &&
+                      zeros->sizes() == scales_.sizes(),
+                  "lowbit linear: zeros must be uint8 shaped like scales");
+      zeros_ = *zeros;
+      zero_const_ = 1.0f;  // the zero points come from `zeros`
+    }
+    TORCH_CHECK(gb >= 1 && gb * (G_ - 1) < KB_ && gb * G_ >= KB_, "lowbit linear: group blocks do not tile K");
+    TORCH_CHECK(ab >= 1 && (G_ == 1 || gb % ab == 0),
+                "lowbit linear: activation blocks must divide the weight groups");
+    if (bias.has_value() && bias->defined()) {
+      bias_ = bias->to(torch::kFloat).contiguous();
+      TORCH_CHECK(bias_.numel() == N, "lowbit linear: bias must have N elements");
+    }
+    int64_t total = 0;
+    for (int64_t n : splits_) total += n;
+    TORCH_CHECK(splits_.empty() || total == N, "lowbit linear: output splits must sum to N");
+  }
+
+  // y [..., N] = x [..., K] . W^T (+ bias); x of any float dtype and layout, y has x's dtype.
+  torch::Tensor forward(const torch::Tensor& x_in) const {
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K_, "lowbit linear: x has ", x_in.size(-1),
+                " features, the weight expects K=", K_);
+    TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
+    torch::Tensor x = x_in.scalar_type() == torch::kFloat ? x_in : x_in.to(torch::kFloat);
+    if (!x.is_contiguous()) x = x.contiguous();
+    const int64_t M = x.numel() / K_;
+    std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+    out_sizes.back() = N_;
+    auto y = torch::empty(out_sizes, x.options());
+    if (M > 0 && N_ > 0) {
+      const KernelTable* kt = current_table().load();
+      // xq [M, ldx] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
+      const size_t o_a = round64(static_cast<size_t>(M * act_row_stride(KB_)));
+      const size_t o_is = o_a + round64(static_cast<size_t>(M * KB_) * 4);
+      const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB_) * 4);
+      const size_t total = o_gs + round64(static_cast<size_t>(M * G_) * 4);
+      thread_local std::vector<int64_t> buf;
+      if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
+      run(kt, x.data_ptr<float>(), M, K_, KB_, G_, gb_, ab_, arena<int8_t>(buf, 0), arena<float>(buf, o_a),
+          arena<int32_t>(buf, o_is), arena<float>(buf, o_gs), w_.data_ptr<uint8_t>(),
+          reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
+          zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
+          bias_.defined() ? bias_.data_ptr<float>() : nullptr, y.data_ptr<float>());
+    }
+    return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+  }
+
+  // The outputs of the layers sharing this call: views [..., splits[i]] of one [..., N] result.
+  std::vector<torch::Tensor> forward_split(const torch::Tensor& x) const {
+    return forward(x).split_with_sizes(splits_, -1);
+  }
+
+ private:
+  torch::Tensor w_, scales_, zeros_, bias_;
+  float zero_const_;
+  int64_t cb_;
+  bool full_byte_;
+  int64_t N_, K_, KB_, T_, G_ = 1, gb_, ab_;
+  std::vector<int64_t> splits_;
+};
+
+// One-off call (tests, benchmarks): validates the weight, then computes.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& zeros, double zero_const,
                      const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K,
                      int64_t gb, int64_t ab) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "lowbit linear: x has ", x_in.size(-1),
-              " features, the weight expects K=", K);
-  TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
-  TORCH_CHECK(cb == 1 || cb == 2 || cb == 4 || cb == 8, "lowbit linear: container bits must be 1/2/4/8");
-  torch::Tensor x = x_in.reshape({-1, K});
-  if (x.scalar_type() != torch::kFloat) x = x.to(torch::kFloat);
-  x = x.contiguous();
-  const int64_t M = x.size(0);
-  const int64_t KB = ceil_div(K, lowbit::kBlock);
-  const int64_t T = ceil_div(N, lowbit::kTileRows);
-  const int64_t G = scales.size(1);
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.numel() == T * KB * lowbit::kBlock * cb,
-              "lowbit linear: packed tiles do not match N/K/bits");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
-                  scales.size(0) == T && scales.size(2) == lowbit::kTileRows,
-              "lowbit linear: scales must be float16 [T, G, 8]");
-  const uint8_t* zp = nullptr;
-  if (zeros.has_value() && zeros->defined()) {
-    TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(),
-                "lowbit linear: zeros must be uint8 shaped like scales");
-    zp = zeros->data_ptr<uint8_t>();
-    zero_const = 1.0;  // the zero points come from `zeros`
-  }
-  TORCH_CHECK(gb >= 1 && gb * (G - 1) < KB && gb * G >= KB, "lowbit linear: group blocks do not tile K");
-  TORCH_CHECK(ab >= 1 && (G == 1 || gb % ab == 0), "lowbit linear: activation blocks must divide the weight groups");
-  const float* biasp = nullptr;
-  torch::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->to(torch::kFloat).contiguous();
-    TORCH_CHECK(bias_c.numel() == N, "lowbit linear: bias must have N elements");
-    biasp = bias_c.data_ptr<float>();
-  }
-
-  std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
-  out_sizes.back() = N;
-  auto y = torch::empty({M, N}, x.options());
-  if (M > 0 && N > 0) {
-    const KernelTable* kt = current_table().load();
-    // xq [M, ldx] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
-    const size_t o_a = round64(static_cast<size_t>(M * act_row_stride(KB)));
-    const size_t o_is = o_a + round64(static_cast<size_t>(M * KB) * 4);
-    const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB) * 4);
-    const size_t total = o_gs + round64(static_cast<size_t>(M * G) * 4);
-    thread_local std::vector<int64_t> buf;
-    if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
-    run(kt, x.data_ptr<float>(), M, K, KB, G, gb, ab, arena<int8_t>(buf, 0), arena<float>(buf, o_a),
-        arena<int32_t>(buf, o_is), arena<float>(buf, o_gs), w.data_ptr<uint8_t>(),
-        reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zp, static_cast<float>(zero_const), cb,
-        full_byte, N, T, biasp, y.data_ptr<float>());
-  }
-  y = y.view(out_sizes);
-  return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+  return Prepared(w, scales, zeros, zero_const, bias, cb, full_byte, N, K, gb, ab, {}).forward(x);
 }
-
-
 
 // Stored bitstream qweight [N, ceil(K*bits/8)] -> tiles [T, KB, 32*cb] (see lowbit_kernels.h).
 torch::Tensor repack(const torch::Tensor& qweight, int64_t bits, int64_t N, int64_t K, int64_t cb) {
@@ -239,6 +266,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x . W^T (+ bias) for prepared low-bit tiles", py::arg("x"), py::arg("w"),
         py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
         py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"));
+  py::class_<Prepared>(m, "Prepared", "a validated prepared weight: call(x) -> y, split(x) -> [y_i]")
+      .def(py::init<torch::Tensor, torch::Tensor, const c10::optional<torch::Tensor>&, double,
+                    const c10::optional<torch::Tensor>&, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
+                    std::vector<int64_t>>(),
+           py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
+           py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("splits"))
+      .def("__call__", &Prepared::forward, py::arg("x"))
+      .def("split", &Prepared::forward_split, py::arg("x"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
   m.def("take_pool_stats", [] {
