@@ -25,15 +25,16 @@ def _image() -> Image.Image:
     return img
 
 
-def test_recipe_quantizes_all_three_towers_with_gptq_and_reloads(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "minmax"])
+def test_recipe_quantizes_all_three_towers_and_reloads(tiny_dir: Path, tmp_path: Path, method: str) -> None:
     import lowbit
 
     model = lowbit.load(str(tiny_dir))
-    report = lowbit.quantize(model, "language=w4g16:gptq,vision=w8,projector=w8", calib_data="shapes",
+    report = lowbit.quantize(model, f"language=w4g16:{method},vision=w8,projector=w8", calib_data="shapes",
                              calib_samples=8, progress=False)
     towers = {m.tower for m in report.modules}
     assert towers == {"vision", "projector", "language"}
-    assert {m.method for m in report.modules if m.tower == "language"} == {"gptq"}
+    assert {m.method for m in report.modules if m.tower == "language"} == {method}
     answer = model.chat(_image(), QUESTION, max_new_tokens=6)
     lowbit.save(model, tmp_path / "q", report=report)
     reloaded = lowbit.load(str(tmp_path / "q"))
