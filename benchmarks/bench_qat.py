@@ -1,4 +1,4 @@
-"""Below two bits on lit-fashion, BOTH towers quantized: PTQ vs QAT (Block-AP + E2E-QP) for w2, ternary,
+"""Below two bits on lit-fashion, BOTH towers quantized: PTQ vs QAT (Block-AP + end to end) for w2, ternary,
 partial binary (PB-LLM) and binary.
 
 Scope ``both``: every 1x1 conv of the vision tower and every linear of the text tower at the method's width;
@@ -8,9 +8,10 @@ embeddings, norms and biases float. Per method:
 1. PTQ: ``lowbit.quant.apply.quantize_`` with the recipe; zero-shot top-1 on the first N test images;
 2. QAT: ``lowbit.train.qat.run_qat`` with Block-AP (EfficientQAT, ``lowbit.quant.block_ap``: block-wise
    reconstruction of latent weights, steps and the blocks' float norms/biases against the float model on
-   cached block inputs of calibration images and the zero-shot prompts), then optionally E2E-QP (only the
-   steps, end to end, with the distillation loss); folded to the packed format, saved, reloaded with
-   ``lowbit.load`` and evaluated on the same images.
+   cached block inputs of calibration images and text disjoint from the zero-shot prompts, the vision tower's
+   last block through the projector to the embedding), then end to end (``--e2e-train all``: latent weights
+   and steps; ``scales``: EfficientQAT's E2E-QP, steps only) with the contrastive + distillation loss; folded to
+   the packed format, saved, reloaded with ``lowbit.load`` and evaluated on the same images.
 
 Each row gives the effective bits per weight of the low-bit layers, of all quantized layers (with the
 8-bit ones), per tower including everything kept float, the stored bytes, the training seconds, and the
@@ -46,9 +47,10 @@ from lowbit.train.qat import QATArgs, QATLoss, run_qat
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 NOTES = {
-    "recipe": "QAT = Block-AP (block-wise reconstruction of latent weights, steps, norms and biases; each tower's "
-              "last block through pooling + projector to the normalised embedding), then end to end (--train all: "
-              "latent weights + steps) with the contrastive + KL + cosine distillation loss against the float model",
+    "recipe": "QAT = Block-AP (block-wise reconstruction of latent weights, steps, norms and biases; the vision "
+              "tower's last block through pooling + projector to the normalised embedding), then end to end "
+              "(--train all: latent weights + steps) with the contrastive + KL + cosine distillation loss against "
+              "the float model",
     "calibration": "Block-AP: the first block_ap_samples training images; text blocks on captions/templates "
                    "DISJOINT from the zero-shot prompts (lowbit.train.block_ap_stage.CALIBRATION_TEMPLATES). The "
                    "end-to-end stage pairs the training images with captions drawn from the dataset's templates, "
@@ -110,11 +112,11 @@ def main() -> None:
     ap.add_argument("--methods", default="w2,ternary,pbllm,binary")
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--block-ap-samples", type=int, default=512)
-    ap.add_argument("--block-ap-steps", type=int, default=100)
+    ap.add_argument("--block-ap-steps", type=int, default=60)
     ap.add_argument("--block-ap-lr", type=float, default=1e-3)
     ap.add_argument("--block-ap-scale-lr", type=float, default=1e-2)
     ap.add_argument("--block-ap-float-lr", type=float, default=1e-2)
-    ap.add_argument("--e2e-steps", type=int, default=0, help="E2E-QP steps after Block-AP (0: Block-AP only)")
+    ap.add_argument("--e2e-steps", type=int, default=300, help="end-to-end steps after Block-AP (0: Block-AP only)")
     ap.add_argument("--e2e-lr", type=float, default=1e-4, help="end-to-end peak learning rate")
     ap.add_argument("--e2e-train", default="all", choices=["all", "scales"],
                     help="end to end, train latent weights + steps (all) or only the steps (scales: E2E-QP)")
