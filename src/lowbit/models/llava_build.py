@@ -47,7 +47,7 @@ class ProjectorTraining:
     align_steps: int = 200  # stage 1: visual tokens -> caption embeddings (no LM forward; seconds)
     align_batch_size: int = 128
     align_lr: float = 3e-3
-    steps: int = 1500  # stage 2: answer-token loss through the frozen LM (the expensive part, ~1.2 s per step)
+    steps: int = 2000  # stage 2: answer-token loss through the frozen LM (the expensive part, ~1.2 s per step)
     batch_size: int = 4
     lr: float = 2e-3
     warmup_steps: int = 5
@@ -56,7 +56,7 @@ class ProjectorTraining:
     n_eval: int = 100
     # share of answer-stage conversations whose visual tokens are pruned as at inference (ranked by the tower's
     # score, ratio drawn from PRUNE_TRAIN_RATIOS): the LM learns to answer from a subset, so pruning costs less
-    prune_train: float = 0.3
+    prune_train: float = 0.5
 
 
 PRUNE_TRAIN_RATIOS = (0.25, 0.5, 0.75)
