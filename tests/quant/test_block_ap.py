@@ -125,7 +125,9 @@ def test_last_block_through_the_embedding_tail_brings_embeddings_closer(tiny_vis
         head_moved = not torch.equal(student.projector["image"].weight, teacher.projector["image"].weight)
         assert head_moved == tail  # the tail's (float) image head trains with the last block, only then
         assert (report.blocks[-1].error_after < 0.5 * report.blocks[-1].error_start) == tail
-    assert errors[True] < 0.3 * errors[False]  # measured 1 - cos: 3.8e-4 -> 4.8e-5 (7.8x lower)
+    # measured 1 - cos: 3.8e-4 -> 4.8e-5 (7.8x lower) on one thread; 1.7e-4 -> 5.2e-5 (3.3x) in CI on two
+    # (150 training steps amplify float reduction order), so the bar asks for 2x
+    assert errors[True] < 0.5 * errors[False]
 
 
 def test_match_norm_statistics_matches_the_teachers_normalised_moments() -> None:
