@@ -30,14 +30,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, pack_codes
-from lowbit.kernels.variants import (
-    ExtraPackedMixin,
-    ShapeSpec,
-    VariantConv2d1x1,
-    VariantLinear,
-    VariantWeightParam,
-    register_variant_kinds,
-)
+from lowbit.kernels.variants import ExtraPackedMixin, ShapeSpec, variant_family
 
 TRITS_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
@@ -137,16 +130,5 @@ class _Base3Mixin(ExtraPackedMixin):
         return f"{super().extra_repr()}, base-3"  # type: ignore[misc]
 
 
-class Base3Linear(_Base3Mixin, VariantLinear):
-    """``QuantLinear`` storing ternary codes in base 3 (kind ``base3_linear``)."""
-
-
-class Base3Conv2d1x1(_Base3Mixin, VariantConv2d1x1):
-    """``QuantConv2d1x1`` storing ternary codes in base 3 (kind ``base3_conv1x1``)."""
-
-
-class Base3WeightParam(_Base3Mixin, VariantWeightParam):
-    """Any conv, own forward kept, with ternary codes in base 3 (kind ``base3_conv``)."""
-
-
-BASE3_KINDS: dict[str, str] = register_variant_kinds("base3", Base3Linear, Base3Conv2d1x1, Base3WeightParam)
+Base3Linear, Base3Conv2d1x1, Base3WeightParam, BASE3_KINDS = variant_family(
+    "base3", _Base3Mixin, "Base3", "ternary codes stored in base 3")

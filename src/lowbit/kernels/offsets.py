@@ -32,14 +32,7 @@ from torch.nn import functional as F
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, expand_groups, num_groups, symmetric_zero
 from lowbit.kernels.quant_linear import reference_backend
-from lowbit.kernels.variants import (
-    ExtraPackedMixin,
-    ShapeSpec,
-    VariantConv2d1x1,
-    VariantLinear,
-    VariantWeightParam,
-    register_variant_kinds,
-)
+from lowbit.kernels.variants import ExtraPackedMixin, ShapeSpec, variant_family
 
 
 @dataclass
@@ -118,16 +111,5 @@ class _OffsetMixin(ExtraPackedMixin):
         return f"{super().extra_repr()}, offsets"  # type: ignore[misc]
 
 
-class OffsetLinear(_OffsetMixin, VariantLinear):
-    """``QuantLinear`` with per-group float minima (kind ``offset_linear``)."""
-
-
-class OffsetConv2d1x1(_OffsetMixin, VariantConv2d1x1):
-    """``QuantConv2d1x1`` with per-group float minima (kind ``offset_conv1x1``)."""
-
-
-class OffsetWeightParam(_OffsetMixin, VariantWeightParam):
-    """Any conv, own forward kept, with a scale + minimum weight (kind ``offset_conv``)."""
-
-
-OFFSET_KINDS: dict[str, str] = register_variant_kinds("offset", OffsetLinear, OffsetConv2d1x1, OffsetWeightParam)
+OffsetLinear, OffsetConv2d1x1, OffsetWeightParam, OFFSET_KINDS = variant_family(
+    "offset", _OffsetMixin, "Offset", "per-group float minima")

@@ -41,14 +41,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import reference_backend
-from lowbit.kernels.variants import (
-    ExtraPackedMixin,
-    ShapeSpec,
-    VariantConv2d1x1,
-    VariantLinear,
-    VariantWeightParam,
-    register_variant_kinds,
-)
+from lowbit.kernels.variants import ExtraPackedMixin, ShapeSpec, variant_family
 
 SIDE_QMAX = 127  # symmetric int8 residual codes in [-127, 127]
 _FP16_MIN = 2.0**-24
@@ -191,16 +184,5 @@ class _SideMixin(ExtraPackedMixin):
         return f"{super().extra_repr()}, side nnz={self._buffers['side_values'].numel()}"  # type: ignore[misc,attr-defined]
 
 
-class PBLLMLinear(_SideMixin, VariantLinear):
-    """``QuantLinear`` + PB-LLM side structure (kind ``pbllm_linear``)."""
-
-
-class PBLLMConv2d1x1(_SideMixin, VariantConv2d1x1):
-    """``QuantConv2d1x1`` + PB-LLM side structure (kind ``pbllm_conv1x1``)."""
-
-
-class PBLLMWeightParam(_SideMixin, VariantWeightParam):
-    """Any conv, own forward kept, with a PB-LLM weight (kind ``pbllm_conv``)."""
-
-
-PBLLM_KINDS: dict[str, str] = register_variant_kinds("pbllm", PBLLMLinear, PBLLMConv2d1x1, PBLLMWeightParam)
+PBLLMLinear, PBLLMConv2d1x1, PBLLMWeightParam, PBLLM_KINDS = variant_family(
+    "pbllm", _SideMixin, "PBLLM", "a PB-LLM side structure")

@@ -13,9 +13,10 @@ know about:
 - ``.half()``/``.float()`` leave the stored dtypes alone (as ``_PackedMixin`` does for ``scales``);
 - ``stored_nbytes`` counts every stored tensor.
 
-``register_variant_kinds(prefix, ...)`` registers ``<prefix>_linear``, ``<prefix>_conv1x1``, ``<prefix>_conv``
-in ``QUANT_KINDS`` and returns the map from the standard kind to the variant's, which a method hands back in
-``QuantResult.kind``.
+``variant_family(prefix, Mixin, ClassPrefix, what)`` builds a format's three module classes (``<ClassPrefix>Linear``,
+``<ClassPrefix>Conv2d1x1``, ``<ClassPrefix>WeightParam``) and registers ``<prefix>_linear``, ``<prefix>_conv1x1``,
+``<prefix>_conv`` in ``QUANT_KINDS`` (``register_variant_kinds``); the map from the standard kind to the
+variant's is what a method hands back in ``QuantResult.kind``.
 
 Example:
     >>> from lowbit.kernels.sparse_side import PBLLM_KINDS
@@ -239,3 +240,21 @@ def register_variant_kinds(
     for kind in kinds.values():
         QUANT_KINDS.register(kind.name)(kind)
     return {base: kind.name for base, kind in kinds.items()}
+
+
+VariantFamily = tuple[type[VariantLinear], type[VariantConv2d1x1], type[VariantWeightParam], dict[str, str]]
+
+
+def variant_family(prefix: str, mixin: type, class_prefix: str, what: str) -> VariantFamily:
+    """A storage format's linear, 1x1-conv and any-conv module classes (``mixin`` first in each MRO), registered
+    as ``<prefix>_*`` kinds; returns the three classes and {standard kind: variant kind}. ``what`` completes
+    their docstrings ("... with <what>")."""
+    module = mixin.__module__
+    shapes = (("Linear", VariantLinear, "``QuantLinear``"), ("Conv2d1x1", VariantConv2d1x1, "``QuantConv2d1x1``"),
+              ("WeightParam", VariantWeightParam, "Any conv, own forward kept,"))
+    kinds = ("linear", "conv1x1", "conv")
+    classes = [type(f"{class_prefix}{suffix}", (mixin, base),
+                    {"__module__": module, "__doc__": f"{doc} with {what} (kind ``{prefix}_{kind}``)."})
+               for (suffix, base, doc), kind in zip(shapes, kinds, strict=True)]
+    linear, conv1x1, conv = classes
+    return linear, conv1x1, conv, register_variant_kinds(prefix, linear, conv1x1, conv)  # type: ignore[arg-type]
