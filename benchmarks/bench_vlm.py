@@ -50,20 +50,15 @@ def _row(name: str, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def interleaved_ttft(models: dict[str, Any], rounds: int) -> dict[str, float]:
-    """Median ms to first token of each model on one held-out image+question, timed in interleaved rounds."""
+    """Median ms to first token of each model on one held-out image+question, timed in interleaved rounds
+    (``lowbit.kernels.bench.interleaved_times``: the same noise-sharing rounds as the kernel benchmark)."""
     from lowbit.data.vqa import load_vqa
     from lowbit.eval.vqa import first_token_fn
+    from lowbit.kernels.bench import interleaved_times
 
     sample = load_vqa("fashion-vqa", "test", limit=1)
     calls = {name: first_token_fn(m, sample.images[0], sample.turns[0][0].question) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()  # warm-up
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1000)
+    times = interleaved_times(calls, repeats=rounds, budget_s=float("inf"))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -192,7 +192,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float,
+def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float,
                        batch_ms: float = 2.0, gap_s: float = 0.01) -> dict[str, list[float]]:
     """Per-call times (ms) of each callable, steady state, with machine noise shared fairly.
 
@@ -293,7 +293,7 @@ def run_kernel_bench(
                             calls[f"{f}@{isa}"] = lambda h=h, isa=isa, x=x: (fast.set_isa(isa), fast.linear(x, h))
                 fast.set_isa(isas[0])
                 with torch.inference_mode():
-                    times = _interleaved_times(calls, repeats, budget_s)
+                    times = interleaved_times(calls, repeats, budget_s)
                 med = {name: statistics.median(v) for name, v in times.items()}
                 base = {f"ms_{b}": round(med[b], 4) for b in baselines}
                 base_p10 = {f"p10_{b}": round(_p10(times[b]), 4) for b in baselines}
