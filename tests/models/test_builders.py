@@ -8,8 +8,8 @@ from lowbit.cli import main
 from lowbit.models.builders import BUILDERS
 
 
-def test_both_built_in_models_have_builders() -> None:
-    assert set(BUILDERS.names()) >= {"lit-fashion", "llava-fashion"}
+def test_every_built_in_model_has_a_builder() -> None:
+    assert set(BUILDERS.names()) >= {"lit-fashion", "llava-fashion", "llava-fashion-hd"}
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -36,15 +36,30 @@ def build_lit(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: i
     return {"heads": str(target), **build_lit_heads(target, n_train=n_train, n_test=n_test, hp=hp)}
 
 
+def _build_projector(name: str, hp: Any, out: str | os.PathLike[str] | None, steps: int | None,
+                     run_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    from lowbit.models.llava_build import build_llava_projector
+
+    if steps is not None:
+        hp = replace(hp, steps=steps)
+    target = _target(name, out, "projector.safetensors")
+    return {"projector": str(target), **build_llava_projector(target, hp, run_dir=run_dir)}
+
+
 @BUILDERS.register("llava-fashion")
 def build_llava(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
                 run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Re-train llava-fashion's projector (visual instruction tuning); ``run_dir`` keeps checkpoints, so a
     killed build resumes."""
-    from lowbit.models.llava_build import ProjectorTraining, build_llava_projector
+    from lowbit.models.llava_build import ProjectorTraining
 
-    hp = ProjectorTraining(seed=seed)
-    if steps is not None:
-        hp = replace(hp, steps=steps)
-    target = _target("llava-fashion", out, "projector.safetensors")
-    return {"projector": str(target), **build_llava_projector(target, hp, run_dir=run_dir)}
+    return _build_projector("llava-fashion", ProjectorTraining(seed=seed), out, steps, run_dir)
+
+
+@BUILDERS.register("llava-fashion-hd")
+def build_llava_hd(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
+                   run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Fine-tune llava-fashion-hd's projector (12x12 visual tokens) from llava-fashion's shipped one."""
+    from lowbit.models.llava_build import hd_training
+
+    return _build_projector("llava-fashion-hd", hd_training(seed), out, steps, run_dir)

@@ -38,9 +38,13 @@ from lowbit.errors import LowbitError, unknown_choice
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 from lowbit.models.llava_chat import prompt_ids, render
 from lowbit.models.llava_prune import prune_tokens
-from lowbit.models.llava_vision import Preprocess, VisualTokens
+from lowbit.models.llava_vision import OUTPUT_STRIDES, Preprocess, VisualTokens
 
 DEFAULT_NAME = "llava-fashion"
+# Built-in VLMs: the same tower, projector shape and LM; each ships its projector under assets/NAME/.
+# llava-fashion-hd reads a 12x12 grid (192 px, output stride 16: 144 visual tokens) instead of 4x4, the regime
+# where visual-token pruning pays (most of its prompt is visual tokens).
+BUILTIN_NAMES = (DEFAULT_NAME, "llava-fashion-hd")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
 CALIBRATION_QUESTION = "What is shown in the image?"  # the question encode_image pairs each image with
@@ -55,6 +59,7 @@ class LlavaConfig:
     """
 
     image_size: int = 128
+    output_stride: int = 32  # of an EfficientNet tower's token grid: 16 or 8 = 4x or 16x the tokens (llava_vision)
     projector: str = "mlp2x_gelu"
     system: str | None = "Answer with a few words."
     prune_ratio: float = 0.0
@@ -65,6 +70,8 @@ class LlavaConfig:
     def validated(self) -> LlavaConfig:
         if self.projector not in PROJECTOR_KINDS:
             raise unknown_choice("projector kind", self.projector, PROJECTOR_KINDS)
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise LowbitError(f"output_stride must be one of {OUTPUT_STRIDES}; received {self.output_stride!r}")
         if self.kv_bits not in (None, 8, 4):
             raise LowbitError(f"kv_bits must be 8 or 4 (or None for a float cache); received {self.kv_bits!r}")
         if not 0.0 <= float(self.prune_ratio) < 1.0:
@@ -285,8 +292,9 @@ def from_parts(vision: str = "lit-fashion", language: str = "smollm2-135m-instru
     from lowbit.models.llava_vision import default_vision, vision_from_model
 
     config = config.validated()
-    tower, preprocess = (default_vision(config.image_size) if vision == "lit-fashion"
-                         else vision_from_model(vision, image_size=config.image_size))
+    tower, preprocess = (default_vision(config.image_size, config.output_stride) if vision == "lit-fashion"
+                         else vision_from_model(vision, image_size=config.image_size,
+                                                output_stride=config.output_stride))
     lm, tokenizer = _causal_lm(language)
     projector = Projector(tower.out_dim, int(lm.config.hidden_size), config.projector)
     if projector_state is not None:
@@ -338,22 +346,22 @@ def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[st
         options["prune_ratio"] = float(prune_ratio)
     if kv_bits is not None:
         options["kv_bits"] = int(kv_bits)
-    if name_or_path != DEFAULT_NAME:
+    if name_or_path not in BUILTIN_NAMES:
         from lowbit.models.llava_hf import load_hf_llava
 
         model = load_hf_llava(name_or_path, **options)
         model.source = {"family": "llava", "name": str(name_or_path), "options": options}
         return model
-    path = Path(projector) if projector is not None else packaged_projector_path()
+    path = Path(projector) if projector is not None else packaged_projector_path(name_or_path)
     if not path.is_file():
-        raise LowbitError(f"trained projector for {DEFAULT_NAME!r} not found at {path}; build it with "
-                          f"`python -m lowbit.models.llava_build --out {path}`")
+        raise LowbitError(f"trained projector for {name_or_path!r} not found at {path}; build it with "
+                          f"`lowbit build {name_or_path} --out {path}`")
     state, meta = read_projector_file(path)
     config = replace(LlavaConfig(**meta.get("config", {})), **options)
     model = from_parts(meta.get("vision", "lit-fashion"), meta.get("language", "smollm2-135m-instruct"), config, state)
     if projector is not None:
         options["projector"] = str(path)
-    model.source = {"family": "llava", "name": DEFAULT_NAME, "options": options}
+    model.source = {"family": "llava", "name": name_or_path, "options": options}
     return model
 
 
@@ -371,7 +379,7 @@ FAMILIES.register("llava")(
     ModelFamily(
         name="llava",
         load=load_llava,
-        builtin_names=(DEFAULT_NAME,),
+        builtin_names=BUILTIN_NAMES,
         claims_path=is_hf_llava_dir,
         description="LLaVA VLM: vision tower -> projector -> causal LM (built-in: EfficientNet-Lite0 + SmolLM2-135M)",
     )

@@ -57,9 +57,25 @@ class ProjectorTraining:
     # share of answer-stage conversations whose visual tokens are pruned as at inference (ranked by the tower's
     # score, ratio drawn from PRUNE_TRAIN_RATIOS): the LM learns to answer from a subset, so pruning costs less
     prune_train: float = 0.5
+    # the tower's token grid (LlavaConfig): 128 px at output stride 32 = 4x4 tokens (llava-fashion);
+    # 192 px at output stride 16 = 12x12 (llava-fashion-hd)
+    image_size: int = 128
+    output_stride: int = 32
+    # a projector file to start from (its weights; the standardisation is recomputed from this build's
+    # features): a denser grid of the same tower's features starts from the sparser grid's projector
+    init_from: str = ""
 
 
 PRUNE_TRAIN_RATIOS = (0.25, 0.5, 0.75)
+
+
+def hd_training(seed: int = 0) -> ProjectorTraining:
+    """``llava-fashion-hd``'s build: the 12x12 grid (192 px, output stride 16), fine-tuned from the shipped
+    ``llava-fashion`` projector (same 1280-d features, 9x the tokens), so no caption-alignment stage."""
+    from lowbit.models.llava import packaged_projector_path
+
+    return ProjectorTraining(image_size=192, output_stride=16, init_from=str(packaged_projector_path()),
+                             align_steps=0, steps=900, lr=1e-3, seed=seed)
 
 
 @torch.inference_mode()
@@ -73,7 +89,10 @@ def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64,
     digest = hashlib.sha256()
     for img in data.images:
         digest.update(img.tobytes())
-    digest.update(json.dumps([model.config.image_size, type(model.vision).__name__]).encode())
+    key = [model.config.image_size, type(model.vision).__name__]
+    if model.config.output_stride != 32:  # (keeps the names of caches written before output_stride existed)
+        key.append(model.config.output_stride)
+    digest.update(json.dumps(key).encode())
     name = f"llava-{data.name}-{data.split}-{len(data)}-{digest.hexdigest()[:12]}.safetensors"
     path = lowbit_home() / "features" / name
     if path.is_file():
@@ -196,6 +215,11 @@ def train_projector(model: LlavaModel, hp: ProjectorTraining, out_dir: str | Pat
         emb_rms = model.language.get_input_embeddings().weight.pow(2).mean().sqrt()
         last = [m for m in proj.layers if isinstance(m, nn.Linear)][-1]
         last.weight.mul_(float(emb_rms))
+        if hp.init_from:
+            from lowbit.models.llava import load_projector_state, read_projector_file
+
+            start, _ = read_projector_file(Path(hp.init_from))
+            load_projector_state(proj, {**start, "mean": proj.mean.clone(), "std": proj.std.clone()})
     model.requires_grad_(False)
     proj.requires_grad_(True)
     history: list[dict[str, Any]] = []
@@ -255,7 +279,8 @@ def build_llava_projector(target: str | Path, hp: ProjectorTraining = ProjectorT
     from lowbit.eval.vqa import vqa_accuracy
 
     t0 = time.perf_counter()
-    model = from_parts("lit-fashion", "smollm2-135m-instruct", LlavaConfig())
+    model = from_parts("lit-fashion", "smollm2-135m-instruct",
+                       LlavaConfig(image_size=hp.image_size, output_stride=hp.output_stride))
     history = train_projector(model, hp, out_dir=run_dir, progress=progress)
     t_train = time.perf_counter() - t0
     held_out = {name: vqa_accuracy(model, load_vqa(name, "test", limit=hp.n_eval), progress=progress)["accuracy"]
