@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vlm.py                  # -> benchmarks/results/vlm.json
     .venv/bin/python benchmarks/bench_vlm.py --fashion 40 --shapes 20 --quick   # smoke run
+    .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion-hd --rows prune,w4   # -> results/vlm-llava-fashion-hd.json
 
 Rows, all measured in this one run on the same held-out questions (the first N test images of each set):
 
@@ -62,14 +63,17 @@ def interleaved_ttft(models: dict[str, Any], rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+ROWS = ("prune", "kv", "w4", "gptq")  # optional row groups besides "fp" (all by default)
+
+
 def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: bool,
-        rounds: int) -> dict[str, Any]:
+        rounds: int, name: str = "llava-fashion", rows_wanted: tuple[str, ...] = ROWS) -> dict[str, Any]:
     import lowbit
     from lowbit.models import load_model
 
     limits = {"fashion-vqa": n_fashion, "shapes-vqa": n_shapes}
     t0 = time.perf_counter()
-    model = load_model("llava-fashion")
+    model = load_model(name)
 
     def evaluate_all(m: Any, refs: dict[str, Any] | None) -> dict[str, Any]:
         return {task: lowbit.evaluate(m, task, limit=n, reference=None if refs is None else refs[task],
@@ -77,29 +81,35 @@ def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: 
                 for task, n in limits.items() if n}
 
     def quantized(spec: str) -> Any:
-        m = load_model("llava-fashion")
+        m = load_model(name)
         lowbit.quantize(m, spec, calib_data="fashion-mnist", calib_samples=CALIB_SAMPLES, progress=False)
         return m
 
     rows: list[dict[str, Any]] = []
     fp = evaluate_all(model, None)
     rows.append(_row("fp", fp))
-    variants: list[tuple[str, dict[str, Any]]] = [("prune-0.5", {"prune_ratio": 0.5})]
-    if not quick:
+    variants: list[tuple[str, dict[str, Any]]] = [("prune-0.5", {"prune_ratio": 0.5})] if "prune" in rows_wanted else []
+    if not quick and "kv" in rows_wanted:
         variants += [("kv8", {"kv_bits": 8}), ("kv4", {"kv_bits": 4})]
-    for name, change in variants:
-        rows.append(_row(name, evaluate_all(model.with_config(**change), fp)))
-    quant = quantized(recipe)
-    rows.append(_row("w4-language+w8-vision", evaluate_all(quant, fp)) | {"recipe": recipe})
-    rows.append(_row("w4+prune-0.5", evaluate_all(quant.with_config(prune_ratio=0.5), fp)) | {"recipe": recipe})
-    timed = {"fp": model, "prune-0.5": model.with_config(prune_ratio=0.5), "w4-language+w8-vision": quant,
-             "w4+prune-0.5": quant.with_config(prune_ratio=0.5)}
-    if generic_recipe and not quick:
+    for row_name, change in variants:
+        rows.append(_row(row_name, evaluate_all(model.with_config(**change), fp)))
+    timed = {"fp": model}
+    if "prune" in rows_wanted:
+        timed["prune-0.5"] = model.with_config(prune_ratio=0.5)
+    if "w4" in rows_wanted:
+        quant = quantized(recipe)
+        rows.append(_row("w4-language+w8-vision", evaluate_all(quant, fp)) | {"recipe": recipe})
+        timed["w4-language+w8-vision"] = quant
+        if "prune" in rows_wanted:
+            rows.append(_row("w4+prune-0.5", evaluate_all(quant.with_config(prune_ratio=0.5), fp))
+                        | {"recipe": recipe})
+            timed["w4+prune-0.5"] = quant.with_config(prune_ratio=0.5)
+    if generic_recipe and not quick and "gptq" in rows_wanted:
         generic = quantized(generic_recipe)
         rows.append(_row("w4gptq-language+w8-vision", evaluate_all(generic, fp)) | {"recipe": generic_recipe})
         del generic  # ~0.5 GB: not needed for the timing rounds
     ttft = interleaved_ttft(timed, rounds)
-    return {"rows": rows, "ttft_interleaved_ms": ttft, "targets": targets(rows, ttft),
+    return {"model": name, "rows": rows, "ttft_interleaved_ms": ttft, "targets": targets(rows, ttft),
             "seconds": round(time.perf_counter() - t0, 1), "env": environment(), "threads": torch.get_num_threads(),
             "limits": limits, "calib_samples": CALIB_SAMPLES}
 
@@ -143,6 +153,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llava-fashion", help="a built-in VLM (llava-fashion, llava-fashion-hd)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"row groups besides fp, from {','.join(ROWS)}")
     parser.add_argument("--fashion", type=int, default=200, help="held-out Fashion-MNIST questions")
     parser.add_argument("--shapes", type=int, default=100, help="held-out shapes questions")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE)
@@ -150,18 +162,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved time-to-first-token rounds")
     parser.add_argument("--quick", action="store_true", help="skip the KV-cache rows")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=str(RESULTS / "vlm.json"))
+    parser.add_argument("--json", help="default benchmarks/results/vlm.json (llava-fashion) or vlm-MODEL.json")
     args = parser.parse_args()
+    rows_wanted = tuple(r for r in args.rows.split(",") if r)
+    if set(rows_wanted) - set(ROWS):
+        parser.error(f"unknown row groups {sorted(set(rows_wanted) - set(ROWS))}; accepted: {','.join(ROWS)}")
+    json_path = args.json or str(RESULTS / ("vlm.json" if args.model == "llava-fashion" else f"vlm-{args.model}.json"))
     torch.set_num_threads(args.threads)
-    result = run(args.fashion, args.shapes, args.recipe, args.generic_recipe, args.quick, args.rounds)
-    result["command"] = (f"benchmarks/bench_vlm.py --fashion {args.fashion} --shapes {args.shapes} "
+    result = run(args.fashion, args.shapes, args.recipe, args.generic_recipe, args.quick, args.rounds, args.model,
+                 rows_wanted)
+    result["command"] = (f"benchmarks/bench_vlm.py --model {args.model} --rows {args.rows} "
+                         f"--fashion {args.fashion} --shapes {args.shapes} "
                          f"--recipe '{args.recipe}' --generic-recipe '{args.generic_recipe}' --rounds {args.rounds} "
                          f"--threads {args.threads}" + (" --quick" if args.quick else ""))
     result["table"] = markdown(result)
-    write_json(args.json, result)
+    write_json(json_path, result)
     print(result["table"])
     print(result["targets"])
-    print(f"wrote {args.json}")
+    print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def hd_training(seed: int = 0) -> ProjectorTraining:
     from lowbit.models.llava import packaged_projector_path
 
     return ProjectorTraining(image_size=192, output_stride=16, init_from=str(packaged_projector_path()),
-                             align_steps=0, steps=900, lr=1e-3, seed=seed)
+                             align_steps=0, steps=450, lr=1e-3, seed=seed)
 
 
 @torch.inference_mode()
