@@ -76,12 +76,21 @@ void set_isa(const std::string& name) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Row stride of the int8 activations: padded off multiples of 1 KB, since rows a multiple of 4 KB apart share
-// L1 sets (the panel GEMM reads several rows at once: measured 25% slower at K = 4096 without the pad).
+// Row stride of row-major int8 activations (the fused path): padded off multiples of 1 KB, since rows a
+// multiple of 4 KB apart share L1 sets (a kernel reading several rows at once was measured 25% slower at
+// K = 4096 without the pad).
 int64_t act_row_stride(int64_t KB) {
   const int64_t row = KB * lowbit::kBlock;
   return row % 1024 == 0 ? row + 64 : row;
 }
+
+// Rows per activation row group (Acts::rg): the panel GEMM's row block, row-major (1) for the fused path.
+int64_t act_row_group(const KernelTable* kt, int64_t M) {
+  return M <= lowbit::kSmallMaxM ? 1 : std::max(1, kt->large_rows);
+}
+
+// Bytes between row groups of the int8 activations.
+int64_t act_group_stride(int64_t KB, int64_t rg) { return rg == 1 ? act_row_stride(KB) : rg * KB * lowbit::kBlock; }
 
 // Quantize x, then the matmul, on the work pool.
 void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb, int64_t ab,
@@ -89,9 +98,11 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
          const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N, int64_t T, const float* biasp,
          float* yp) {
   const int threads = at::get_num_threads();
+  const bool small = M <= lowbit::kSmallMaxM;
+  const int64_t rg = act_row_group(kt, M), ldq = act_group_stride(KB, rg);
   const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
-    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, act_row_stride(KB), ap, isp);
+    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, ldq, rg, ap, isp);
     // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
     // point of symmetric formats, so the kernels need no zero-point data for them).
     for (int64_t m = m0; m < m1; ++m) {
@@ -110,12 +121,11 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
                            static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
   const lowbit::Tiles tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte,
                             N, T, KB, G, gb};
-  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, act_row_stride(KB), ab};
+  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg};
   // Work is split in units (the fused path: two tiles; the panel GEMM: the kernel's tile group x at most
   // kLargeMChunk rows, so that small-N layers with many rows, such as pointwise convolutions, still use every
   // thread), claimed in chunks: about 16 chunks per thread for balance (a late or preempted thread only delays
   // its own chunk), each worth >= ~2^16 MACs. The split never changes which thread order computes an output.
-  const bool small = M <= lowbit::kSmallMaxM;
   const int64_t unit_tiles = small ? 2 : std::max(1, kt->large_tiles);
   const int64_t unit_rows = small ? M : std::min<int64_t>(M, lowbit::kLargeMChunk);
   const int64_t tile_units = ceil_div(T, unit_tiles), row_units = ceil_div(M, unit_rows);
@@ -202,8 +212,9 @@ class Prepared {
     auto y = torch::empty(out_sizes, x.options());
     if (M > 0 && N_ > 0) {
       const KernelTable* kt = current_table().load();
-      // xq [M, ldx] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
-      const size_t o_a = round64(static_cast<size_t>(M * act_row_stride(KB_)));
+      // xq [row groups, group stride] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
+      const int64_t rg = act_row_group(kt, M);
+      const size_t o_a = round64(static_cast<size_t>(ceil_div(M, rg) * act_group_stride(KB_, rg)));
       const size_t o_is = o_a + round64(static_cast<size_t>(M * KB_) * 4);
       const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB_) * 4);
       const size_t total = o_gs + round64(static_cast<size_t>(M * G_) * 4);

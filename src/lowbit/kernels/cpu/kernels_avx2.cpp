@@ -26,7 +26,7 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx2_kernels() {
-  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large};
+  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large};
   return &table;
 }
 }  // namespace lowbit

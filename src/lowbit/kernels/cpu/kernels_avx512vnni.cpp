@@ -27,7 +27,7 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx512vnni_kernels() {
-  static const KernelTable table{"avx512vnni", 2 * avx512vnni::kGemmPairs, avx512vnni::gemm_scratch_bytes, avx512vnni::quantize, avx512vnni::gemm_small,
+  static const KernelTable table{"avx512vnni", 2 * avx512vnni::kGemmPairs, avx512vnni::kGemmMB, avx512vnni::gemm_scratch_bytes, avx512vnni::quantize, avx512vnni::gemm_small,
                                  avx512vnni::gemm_large};
   return &table;
 }

@@ -2,19 +2,23 @@
 //
 // Included after kernels_simd_impl.h (same TU, same namespace, its helpers) by kernels_avx2.cpp and
 // kernels_avx512vnni.cpp. The work unit of gemm_large is (a group of kGemmPairs tile pairs = 16 output
-// columns each) x (at most kLargeMChunk rows):
-//   1. the unit's weights are unpacked once to one byte per code into a panel in scratch, laid out
-//      [kb][j][pair][64 bytes]: the 32 bytes of unpacked vector j of tile 2p, then those of tile 2p + 1, so a
-//      zmm load (AVX-512) or two ymm loads (AVX2) give 16 columns x 4 inputs, and the pairs of one step are
-//      contiguous (separate per-pair streams a multiple of 4 KB apart would share L1 sets);
-//   2. for each chunk of K (kChunkBlocks 32-blocks, whole weight groups: the chunk's panel, <= 12 KB, stays in
-//      L1) and each block of MB rows, a micro-kernel keeps MB x CV vector accumulators in registers
-//      (int32 dot products of one 32-block, plus float sums scaled by the activation block scale), streaming
-//      the panel and broadcasting 4 activations at a time; partial sums go to a float buffer [rows][cols]
-//      (in scratch) at weight-group ends (times the group scale, minus the zero-point term) or chunk ends;
-//   3. the buffer is written to y with the per-channel scale, zero-point term and bias.
-// Zero points are always applied in float through the activation group sums (Acts::gsum), never per block in
-// the integer sums: one FMA per group instead of one add per block on the pipes the dot products use.
+// columns each) x (at most kLargeMChunk rows). For each K-chunk (about LOWBIT_GEMM_CHUNK_BLOCKS 32-blocks,
+// whole weight groups):
+//   1. the chunk's weights are unpacked to one byte per code into a panel in scratch (<= 16 KB: it stays in
+//      L1 for all rows), laid out [kb][j][pair][64 bytes]: the 32 bytes of unpacked vector j of tile 2p, then
+//      those of tile 2p + 1, so a zmm load (AVX-512) or two ymm loads (AVX2) give 16 columns x 4 inputs, and
+//      the pairs of one step are contiguous (separate per-pair streams a multiple of 4 KB apart would share L1
+//      sets); the next chunk's packed bytes are prefetched to L2 meanwhile;
+//   2. for each block of MB rows, a micro-kernel keeps MB x CV int32 (AVX2 codes < 16: int16 within a block)
+//      vector accumulators in registers over one activation block (up to 4 K-blocks sharing a scale),
+//      streaming the panel and broadcasting 4 activations at a time, then adds them, times the activation
+//      scale (and the weight group scale), into a float buffer [rows][cols] in scratch. The activations
+//      arrive in row groups of MB rows (Acts::rg, written so by quantize): a row block reads one contiguous
+//      stream;
+//   3. the buffer is written to y with (per-channel weights) the scale and zero-point term, and the bias.
+// Zero points: grouped symmetric formats with int32 sums start the integer sums at (kOffset - zint) * sum xq
+// (exact, no float work per group); per-channel weights apply the term once in the write-out through the
+// activation group sums (Acts::gsum), as do asymmetric formats and binary (non-integral z), per group.
 // The AVX2 int8 product is over c = q - 128 (D::kOffset, sign trick): the zero-point factor absorbs it.
 
 #ifndef LOWBIT_ISA_NS
@@ -40,6 +44,7 @@ struct GemmVnni {
   static constexpr int32_t kOffset = 0;
   static constexpr bool kCrossBlock = true;  // int32 sums: may run over several blocks
   static LB_INLINE I zero() { return _mm512_setzero_si512(); }
+  static LB_INLINE I start(int32_t z) { return _mm512_set1_epi32(z); }
   static LB_INLINE W load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static LB_INLINE I bcast(const int8_t* p) {
     int32_t v;
@@ -86,6 +91,7 @@ struct GemmAvx2Base {
   using F = __m256;
   static constexpr int kVecTiles = 1;
   static LB_INLINE I zero() { return _mm256_setzero_si256(); }
+  static LB_INLINE I start(int32_t z) { return _mm256_set1_epi32(z); }
   static LB_INLINE I bcast(const int8_t* p) { return bcast4(p); }
   static LB_INLINE void pin(I& v) { asm("" : "+x"(v)); }  // see kernels_simd_impl.h: pin
   static LB_INLINE F fzero() { return _mm256_setzero_ps(); }
@@ -155,11 +161,22 @@ template <class D>
 constexpr int kLanes = 8 * D::kVecTiles;
 template <class D>
 constexpr int kVecPerPair = 2 / D::kVecTiles;
+constexpr int kMaxCV = kGemmPairs * 2;                   // output vectors of a panel (ymm; zmm use half)
 constexpr int64_t kRowFloats = int64_t{kGemmPairs} * 16;  // columns of the float buffer
+constexpr int kChunkGroups = LOWBIT_GEMM_CHUNK_BLOCKS;    // weight groups in a K-chunk, at most
 
-// Panel bytes for kGemmPairs pairs over KB blocks, room for the larger (AVX2 int8) form; the float buffer
-// [kLargeMChunk, kRowFloats] follows it in scratch.
-constexpr int64_t gemm_panel_bytes(int64_t KB) { return (int64_t{kGemmPairs} * KB * 8 * kPairBytes * 2 + 63) / 64 * 64; }
+// Blocks of a K-chunk: whole weight groups, about LOWBIT_GEMM_CHUNK_BLOCKS (so at most kChunkGroups groups).
+LB_INLINE int64_t chunk_blocks(int64_t gb, bool pc) {
+  return pc ? LOWBIT_GEMM_CHUNK_BLOCKS : gb * std::max<int64_t>(1, LOWBIT_GEMM_CHUNK_BLOCKS / gb);
+}
+
+// Panel bytes of one K-chunk (<= max(chunk, KB) blocks) for kGemmPairs pairs, room for the larger (AVX2 int8)
+// form. Scratch: the panel, the chunk's group scales and zero-point factors [kChunkGroups][kMaxCV][8 or 16]
+// floats, then the float buffer [kLargeMChunk, kRowFloats].
+constexpr int64_t gemm_panel_bytes(int64_t KB) {
+  return (int64_t{kGemmPairs} * std::max<int64_t>(KB, LOWBIT_GEMM_CHUNK_BLOCKS) * 8 * kPairBytes * 2 + 63) / 64 * 64;
+}
+constexpr int64_t kGroupTableFloats = int64_t{kChunkGroups} * kRowFloats;
 
 // A per-tile [T, G, 8] table (fp16 scales or uint8 zeros) as one vector starting at tile t (2 tiles for zmm;
 // a tile past the end reads as 0).
@@ -206,35 +223,43 @@ struct Epilogue {
   int64_t n0[kGemmPairs * 2], valid[kGemmPairs * 2];
 };
 
-// Rows [m0, m0+MB) x CV vectors of the panel, K-blocks [c0, c1); partial sums into ob (row stride
-// kRowFloats, row 0 = m0 - mbase).
+// Rows [m0, m0+MB) x CV vectors of the chunk panel (K-blocks [c0, c1)); partial sums added into ob (row
+// stride kRowFloats, row 0 = m0 - mbase). gsc / gzf: the chunk's group scales and zero-point factors.
 template <class D, int MB, int CV, bool PC, int AB>
-void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, int64_t tile0, int64_t m0, int64_t c0,
-                int64_t c1, float* ob) {
+void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float* gsc, const float* gzf,
+                int64_t m0, int64_t c0, int64_t c1, float* ob) {
   using F = typename D::F;
   constexpr int L = kLanes<D>, VPP = kVecPerPair<D>;
   constexpr int64_t qbytes = kPairBytes * D::kVecs;       // panel bytes of one pair per unpacked vector j
   constexpr int64_t jbytes = qbytes * kGemmPairs;         // ... of all pairs
-  const int64_t KB = w.KB, ldx = x.ldx;
-  const int8_t* xrow = x.xq + m0 * ldx;
-  F facc[MB][CV];
-  static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-    static_for<0, CV>([&](auto v) __attribute__((always_inline)) { facc[m][v] = D::fzero(); });
-  });
+  const int64_t KB = w.KB, G = w.G;
+  // Symmetric formats with an integral zero point (and int32 sums): sum (q - zint) * xq in the integer sums,
+  // starting them at (kOffset - zint) * sum xq; otherwise the zero-point term goes through gsum in float.
+  const bool zfold = !PC && D::kCrossBlock && w.zint != 0;
+  // The activations come in row groups of kGemmMB rows (Acts::rg), m0 is a group start: block kb of row
+  // m0 + m is at xrow + (kb * kGemmMB + m) * 32, one contiguous stream per row block.
+  const int8_t* xrow = x.xq + (m0 / kGemmMB) * x.ldx;
   // NB blocks from a0 (NB = AB, or 1 for a tail): their integer dot products summed (one activation scale:
-  // AB divides the activation block, whose scale `a` repeats per block), then scaled into float; at a weight
-  // group's end, scaled by the group and flushed to ob. The block loop is compile-time so that the
-  // accumulators stay in fixed registers (a runtime loop made GCC rotate and spill them).
+  // AB divides the activation block, whose scale `a` repeats per block), then scaled by the activation and
+  // (grouped weights) the group scale into ob. The block loop is compile-time so that the accumulators stay
+  // in fixed registers (a runtime loop made GCC rotate and spill them).
   auto run = [&](auto nbc, int64_t a0) __attribute__((always_inline)) {
     constexpr int NB = decltype(nbc)::value;
     typename D::I acc[MB][CV];
     static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-      static_for<0, CV>([&](auto v) __attribute__((always_inline)) { acc[m][v] = D::zero(); });
+      int32_t z = 0;
+      if (zfold) {
+        const int32_t* is = x.isum + (m0 + m) * KB + a0;
+        static_for<0, NB>([&](auto b) __attribute__((always_inline)) { z += is[decltype(b)::value]; });
+        z *= D::kOffset - w.zint;
+      }
+      const typename D::I z0 = D::kCrossBlock ? D::start(z) : D::zero();
+      static_for<0, CV>([&](auto v) __attribute__((always_inline)) { acc[m][v] = z0; });
     });
     static_for<0, NB>([&](auto bc) __attribute__((always_inline)) {
       const int64_t kb = a0 + decltype(bc)::value;
-      const uint8_t* wb = panel + kb * 8 * jbytes;
-      const int8_t* xb = xrow + kb * kBlock;
+      const uint8_t* wb = panel + (kb - c0) * 8 * jbytes;
+      const int8_t* xb = xrow + kb * kGemmMB * kBlock;
       static_for<0, 8>([&](auto jc) __attribute__((always_inline)) {
         constexpr int j = decltype(jc)::value;
         typename D::W wv[CV];
@@ -243,7 +268,7 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, int64_t til
           wv[v] = D::load(wb + j * jbytes + (v / VPP) * qbytes + (v % VPP) * 32);
         });
         static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-          const typename D::I bx = D::bcast(xb + m * ldx + 4 * j);
+          const typename D::I bx = D::bcast(xb + m * kBlock + 4 * j);
           static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
             D::step(acc[m][v], wv[v], bx);
             D::pin(acc[m][v]);
@@ -251,70 +276,53 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, int64_t til
         });
       });
     });
+    const int64_t a1 = a0 + NB, g = a0 / w.gb, gl = g - c0 / w.gb;
+    const bool zterm = !PC && !zfold && (a1 % w.gb == 0 || a1 == KB);  // end of group g: its gsum term
     static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-      const F as = D::fset1(x.a[(m0 + m) * KB + a0]);
+      const F am = D::fset1(x.a[(m0 + m) * KB + a0]);
+      const F gs = D::fset1(zterm ? x.gsum[(m0 + m) * G + g] : 0.0f);
       static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
-        facc[m][v] = D::fma(D::to_float(acc[m][v]), as, facc[m][v]);
+        float* o = ob + m * kRowFloats + v * L;
+        const F c = PC ? am : D::mul(am, D::fload(gsc + gl * kRowFloats + v * L));
+        F r = D::fma(D::to_float(acc[m][v]), c, D::fload(o));
+        if (zterm) r = D::fnma(D::fload(gzf + gl * kRowFloats + v * L), gs, r);
+        D::fstore(o, r);
       });
     });
-    if constexpr (!PC) {
-      const int64_t a1 = a0 + NB;
-      if (a1 % w.gb == 0 || a1 == KB) {  // end of weight group g
-        const int64_t g = a0 / w.gb;
-        static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
-          const int64_t t = tile0 + v * D::kVecTiles;
-          const F s = vec_scales<D>(w, t, g);
-          const F zf = vec_zero_factor<D>(w, s, t, g);
-          static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-            float* o = ob + m * kRowFloats + v * L;
-            F r = D::fma(facc[m][v], s, D::fload(o));
-            D::fstore(o, D::fnma(zf, D::fset1(x.gsum[(m0 + m) * w.G + g]), r));
-            facc[m][v] = D::fzero();
-          });
-        });
-      }
-    }
   };
   int64_t kb = c0;
   for (; kb + AB <= c1; kb += AB) run(std::integral_constant<int, AB>{}, kb);
   for (; kb < c1; ++kb) run(std::integral_constant<int, 1>{}, kb);  // a partial last activation block
-  if constexpr (PC) {
-    static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-      static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
-        float* o = ob + m * kRowFloats + v * L;
-        D::fstore(o, D::add(D::fload(o), facc[m][v]));
-      });
-    });
-  }
 }
 
 // Runtime (rows mb <= MBV, vectors cv <= CVV) -> instantiation.
 template <class D, bool PC, int MBV, int CVV>
-void gemm_dispatch(const Tiles& w, const Acts& x, const uint8_t* panel, int64_t tile0, int64_t m0, int64_t mb,
-                   int64_t cv, int64_t c0, int64_t c1, float* ob) {
+void gemm_dispatch(const Tiles& w, const Acts& x, const uint8_t* panel, const float* gsc, const float* gzf,
+                   int64_t m0, int64_t mb, int64_t cv, int64_t c0, int64_t c1, float* ob) {
   if (cv < CVV) {
     if constexpr (CVV > kVecPerPair<D>) {
-      gemm_dispatch<D, PC, MBV, CVV - kVecPerPair<D>>(w, x, panel, tile0, m0, mb, cv, c0, c1, ob);
+      gemm_dispatch<D, PC, MBV, CVV - kVecPerPair<D>>(w, x, panel, gsc, gzf, m0, mb, cv, c0, c1, ob);
     }
   } else if (mb < MBV) {
-    if constexpr (MBV > 1) gemm_dispatch<D, PC, MBV - 1, CVV>(w, x, panel, tile0, m0, mb, cv, c0, c1, ob);
+    if constexpr (MBV > 1) gemm_dispatch<D, PC, MBV - 1, CVV>(w, x, panel, gsc, gzf, m0, mb, cv, c0, c1, ob);
   } else if constexpr (D::kCrossBlock && MBV == kGemmMB && CVV == kGemmPairs * kVecPerPair<D>) {
     // Full register blocks sum 4 or 2 blocks per float conversion when the activation blocks allow it.
     if (x.ab % 4 == 0) {
-      gemm_block<D, MBV, CVV, PC, 4>(w, x, panel, tile0, m0, c0, c1, ob);
+      gemm_block<D, MBV, CVV, PC, 4>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
     } else if (x.ab % 2 == 0) {
-      gemm_block<D, MBV, CVV, PC, 2>(w, x, panel, tile0, m0, c0, c1, ob);
+      gemm_block<D, MBV, CVV, PC, 2>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
     } else {
-      gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, tile0, m0, c0, c1, ob);
+      gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
     }
   } else {
-    gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, tile0, m0, c0, c1, ob);
+    gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
   }
 }
 
-// Pairs [p0, p0 + np) of the tiles (container width CB) -> one byte per code in the panel layout.
+// Pairs [p0, p0 + np) of the tiles (container width CB), K-blocks [c0, c1) -> one byte per code in the
+// chunk panel layout.
 template <class D, int CB>
-void unpack_panel(const Tiles& w, int64_t p0, int64_t np, uint8_t* panel) {
+void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1, uint8_t* panel) {
   constexpr int64_t qbytes = kPairBytes * D::kVecs, jbytes = qbytes * kGemmPairs;
   const int64_t KB = w.KB;
   for (int64_t q = 0; q < np; ++q) {
@@ -322,13 +330,13 @@ void unpack_panel(const Tiles& w, int64_t p0, int64_t np, uint8_t* panel) {
       const int64_t t = 2 * (p0 + q) + h;
       uint8_t* dq = panel + q * qbytes;
       if (t >= w.T) {  // odd tile count: the missing half multiplies as zeros, its outputs are never stored
-        for (int64_t i = 0; i < KB * 8; ++i) D::store_half(dq + i * jbytes, h, _mm256_setzero_si256());
+        for (int64_t i = 0; i < (c1 - c0) * 8; ++i) D::store_half(dq + i * jbytes, h, _mm256_setzero_si256());
         continue;
       }
       const uint8_t* src = w.w + t * KB * kBlock * CB;
-      for (int64_t kb = 0; kb < KB; ++kb) {
+      for (int64_t kb = c0; kb < c1; ++kb) {
         const uint8_t* s = src + kb * kBlock * CB;
-        uint8_t* d = dq + kb * 8 * jbytes;
+        uint8_t* d = dq + (kb - c0) * 8 * jbytes;
         static_for<0, CB>([&](auto pc) __attribute__((always_inline)) {
           constexpr int p = decltype(pc)::value;
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32 * p));
@@ -348,16 +356,16 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
   using F = typename D::F;
   constexpr int L = kLanes<D>, VPP = kVecPerPair<D>, CVMAX = kGemmPairs * VPP;
   const int64_t KB = w.KB;
-  // Chunks of K: whole weight groups, about kChunkBlocks blocks.
-  const int64_t chunk = PC ? LOWBIT_GEMM_CHUNK_BLOCKS
-                           : w.gb * std::max<int64_t>(1, LOWBIT_GEMM_CHUNK_BLOCKS / w.gb);
+  const bool zfold = !PC && D::kCrossBlock && w.zint != 0;
+  const int64_t chunk = chunk_blocks(w.gb, PC);
   uint8_t* panel = scratch;
-  float* ob = reinterpret_cast<float*>(scratch + gemm_panel_bytes(KB));
+  float* gsc = reinterpret_cast<float*>(scratch + gemm_panel_bytes(KB));
+  float* gzf = gsc + kGroupTableFloats;
+  float* ob = gzf + kGroupTableFloats;
   const int64_t p1 = (t1 + 1) / 2;
   for (int64_t p = t0 / 2; p < p1; p += kGemmPairs) {
     const int64_t np = std::min<int64_t>(kGemmPairs, p1 - p);
     const int64_t cv = np * VPP;
-    unpack_panel<D, CB>(w, p, np, panel);
     Epilogue ep;
     for (int64_t v = 0; v < cv; ++v) {
       const int64_t t = 2 * p + v * D::kVecTiles;
@@ -368,16 +376,43 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
       if constexpr (PC) {
         const F s = vec_scales<D>(w, t, 0);
         D::fstore(ep.scale[v], s);
-        D::fstore(ep.zf[v], vec_zero_factor<D>(w, s, t, 0));
+        D::fstore(ep.zf[v], zfold ? D::fzero() : vec_zero_factor<D>(w, s, t, 0));
       }
     }
     for (int64_t mc = m0; mc < m1; mc += kLargeMChunk) {
       const int64_t mc1 = std::min(m1, mc + kLargeMChunk);
       std::fill(ob, ob + (mc1 - mc) * kRowFloats, 0.0f);
+      // K-chunk outer, row blocks inner: the chunk's panel (<= 16 KB) stays in L1 while every row block
+      // streams its activations past it.
       for (int64_t c0 = 0; c0 < KB; c0 += chunk) {
         const int64_t c1 = std::min(KB, c0 + chunk);
-        for (int64_t mm = mc; mm < mc1; mm += kGemmMB) {
-          gemm_dispatch<D, PC, kGemmMB, CVMAX>(w, x, panel, 2 * p, mm, std::min<int64_t>(kGemmMB, mc1 - mm), cv,
+        unpack_panel<D, CB>(w, p, np, c0, c1, panel);
+        if constexpr (!PC) {
+          for (int64_t g = c0 / w.gb; g * w.gb < c1; ++g) {
+            const int64_t gl = g - c0 / w.gb;
+            for (int64_t v = 0; v < cv; ++v) {
+              const int64_t t = 2 * p + v * D::kVecTiles;
+              const F s = vec_scales<D>(w, t, g);
+              D::fstore(gsc + gl * kRowFloats + v * L, s);
+              if (!zfold) D::fstore(gzf + gl * kRowFloats + v * L, vec_zero_factor<D>(w, s, t, g));
+            }
+          }
+        }
+        // The next K-chunk's (or next panel's first) packed weights are prefetched to L2 a slice per row
+        // block, so that unpacking it does not wait for memory.
+        const bool last = c1 >= KB;
+        const int64_t pn = last ? p + kGemmPairs : p, nc0 = last ? 0 : c1;
+        const int64_t ntile = std::max<int64_t>(0, std::min<int64_t>(2 * std::min(p1, pn + kGemmPairs), w.T) - 2 * pn);
+        const int64_t tile_lines = (std::min(KB, nc0 + chunk) - nc0) * CB / 2;  // 64-byte lines per tile
+        const int64_t lines = ntile * tile_lines, nrb = (mc1 - mc + kGemmMB - 1) / kGemmMB;
+        const uint8_t* pf = w.w + (2 * pn * KB + nc0) * kBlock * CB;  // tile 2 * pn, block nc0
+        int64_t line = 0, pt = 0, pl = 0;                                 // next line: tile pt, line pl in it
+        for (int64_t mm = mc, rb = 1; mm < mc1; mm += kGemmMB, ++rb) {
+          for (const int64_t end = lines * rb / nrb; line < end; ++line) {
+            _mm_prefetch(reinterpret_cast<const char*>(pf + pt * KB * kBlock * CB + pl * 64), _MM_HINT_T1);
+            if (++pl == tile_lines) pl = 0, ++pt;
+          }
+          gemm_dispatch<D, PC, kGemmMB, CVMAX>(w, x, panel, gsc, gzf, mm, std::min<int64_t>(kGemmMB, mc1 - mm), cv,
                                                 c0, c1, ob + (mm - mc) * kRowFloats);
         }
       }
@@ -419,8 +454,10 @@ void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int6
   }
 }
 
-// Scratch gemm_large needs: the panel and the float buffer.
-int64_t gemm_scratch_bytes(int64_t KB) { return gemm_panel_bytes(KB) + int64_t{kLargeMChunk} * kRowFloats * 4; }
+// Scratch gemm_large needs: the chunk panel, the group tables and the float buffer.
+int64_t gemm_scratch_bytes(int64_t KB) {
+  return gemm_panel_bytes(KB) + (2 * kGroupTableFloats + int64_t{kLargeMChunk} * kRowFloats) * 4;
+}
 
 #undef LB_INLINE
 

@@ -13,7 +13,7 @@ namespace {
 
 // Must match the SIMD quantize bit for bit (see kernels_simd_impl.h): one scale per `ab` 32-blocks.
 void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
-              int64_t ldq, float* a, int32_t* isum) {
+              int64_t ldq, int64_t rg, float* a, int32_t* isum) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     auto value = [&](int64_t k) { return k < K ? xr[k] : 0.0f; };
@@ -25,7 +25,7 @@ void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, in
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         a[m * KB + kb] = amax / 127.0f;
         int32_t s = 0;
-        int8_t* q = xq + m * ldq + kb * kBlock;
+        int8_t* q = xq + (m / rg) * ldq + (kb * rg + m % rg) * kBlock;
         for (int i = 0; i < kBlock; ++i) {
           const float prod = value(kb * kBlock + i) * inv;
           const int32_t qi = static_cast<int32_t>(std::nearbyint(prod));  // round half to even
@@ -57,7 +57,7 @@ void unpack_block(const uint8_t* src, int cb, uint8_t* u) {
 void gemm(const Tiles& w, const Acts& all, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
           int64_t m1) {
   const int64_t KB = w.KB, G = w.G, M = m1 - m0, ldx = all.ldx;
-  const Acts x{all.xq + m0 * ldx, all.a + m0 * KB, all.isum + m0 * KB, all.gsum + m0 * G, M, KB, G, ldx, all.ab};
+  const Acts x{all.xq + m0 * ldx, all.a + m0 * KB, all.isum + m0 * KB, all.gsum + m0 * G, M, KB, G, ldx, all.ab, 1};
   y += m0 * w.N;
   const bool pc = G == 1;
   uint8_t u[8 * kBlock];
@@ -127,7 +127,7 @@ float half_to_float(uint16_t h) {
 }
 
 const KernelTable* scalar_kernels() {
-  static const KernelTable table{"scalar", 1, no_scratch, quantize, gemm_small, gemm_large};
+  static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large};
   return &table;
 }
 

@@ -44,25 +44,31 @@ struct Tiles {
 };
 
 struct Acts {
-  const int8_t* xq;       // [M, ldx], zero padded from K to KB * 32
+  const int8_t* xq;       // codes, zero padded from K to KB * 32, in row groups of rg rows (see act_offset)
   const float* a;         // [M, KB] scale of each 32-block (equal within an activation block)
   const int32_t* isum;    // [M, KB] sum of the block's codes
   const float* gsum;      // [M, G]  zc * sum over the group's blocks of a_b * isum_b, zc = the constant
                           //         zero point of symmetric formats (1 when Tiles::zeros holds them)
   int64_t M, KB, G;
-  int64_t ldx;            // row stride of xq (>= KB * 32; binding.cpp pads it off multiples of 1 KB)
+  int64_t ldx;            // stride of xq between row groups (rg = 1: rows, >= KB * 32; binding.cpp pads it off
+                          // multiples of 1 KB)
   int64_t ab;             // 32-blocks per activation block (the GEMM sums their integer dots before scaling)
+  int64_t rg;             // rows per row group: 1 = row-major [M, ldx]; else each group of rg rows is stored
+                          // [KB][rg][32] (block kb of row m at (m / rg) * ldx + (kb * rg + m % rg) * 32), so
+                          // that the panel GEMM's row block reads one contiguous stream
 };
 
 struct KernelTable {
   const char* name;
   int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
+  int large_rows;   // the row-group size (Acts::rg) gemm_large reads; the fused path always reads rg = 1
   // Scratch bytes gemm_large needs (per thread) for KB blocks.
   int64_t (*large_scratch)(int64_t KB);
-  // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq / a / isum (row strides ldq / KB),
-  // one scale per `ab` consecutive 32-blocks (repeated in `a` for each of them).
+  // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq (row groups of rg rows, group
+  // stride ldq: the Acts layout) / a / isum (row stride KB), one scale per `ab` consecutive 32-blocks
+  // (repeated in `a` for each of them).
   void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1,
-                   int8_t* xq, int64_t ldq, float* a, int32_t* isum);
+                   int8_t* xq, int64_t ldq, int64_t rg, float* a, int32_t* isum);
   // y[m, n] for all M rows (M <= kSmallMaxM) and tiles [t0, t1), unpacking weights in registers.
   void (*gemm_small)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1);
   // Rows [m0, m1) (at most kLargeMChunk of them) x tiles [t0, t1) for any M: tiles are unpacked once into
