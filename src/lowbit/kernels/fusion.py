@@ -135,6 +135,12 @@ class SharedInputGroup:
         self._prepared = (state, handle, [list(m._buffers.values()) for m in self.members])
         return handle
 
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every sibling's output for ``x`` [..., K] in one kernel call (a caller holding the whole group, e.g.
+        ``lowbit.models.lean_decode``), or None if the kernels cannot serve them."""
+        handle = self._handle()
+        return None if handle.call is None else handle.call.split(x)
+
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Sibling ``index``'s output for ``x`` [..., K], or None if the kernels cannot serve it (caller falls back)."""
         local = self._local

@@ -1,0 +1,318 @@
+"""A lean decoding loop for Hugging Face Llama-family causal LMs (nanoGPT / gpt-fast style).
+
+transformers' ``generate`` spends ~8 ms of Python and small-tensor work per token on SmolLM2-135M (cache
+objects, mask building, logits processors, output bookkeeping), more than lowbit's packed kernels take for the
+whole token. ``LeanDecoder`` runs the same model with only what a decoder step needs:
+
+* the HF model's own modules and weights, in place (no copy): whatever ``quantize_`` / ``lowbit.load`` put
+  there runs, packed ``QuantLinear`` layers on the kernels included. q/k/v and gate/up siblings linked by
+  ``lowbit.kernels.fusion`` are computed by one call of their group (``SharedInputGroup.outputs``);
+* a preallocated KV cache [layers, B, kv_heads, max_len, head_dim] written in place;
+* RoPE cos/sin precomputed once by the model's own rotary module (its ``rope_theta`` and scaling type);
+* the RMSNorm and rotary formulas of transformers' Llama, op for op (so float results match it bit for bit
+  where the same kernels run), ``F.scaled_dot_product_attention`` with GQA: causal for the prefill, plain for
+  a one-token step over the filled prefix;
+* prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position;
+* greedy or sampled (temperature, top-k, top-p, seeded generator) tokens, stop ids, a per-token callback.
+
+Which architectures qualify is a registry keyed by ``config.model_type`` (``LEAN_ARCHITECTURES``): the entry
+returns the attention window of the config (None: full causal attention), because Mistral and Qwen2 equal
+Llama exactly as long as the whole sequence fits their sliding window. Prompts are not padded: a batch holds
+rows of one length (LLaVA uses the engine for B == 1).
+
+Example:
+    >>> engine = LeanDecoder(lm)  # doctest: +SKIP
+    >>> engine.generate(input_ids=ids, max_new_tokens=32).tokens  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.registry import Registry
+
+# model_type -> attention window of a config (None: full causal attention). Registered types have Llama's
+# module layout (model.embed_tokens / layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+# post_attention_layernorm, mlp.{gate,up,down}_proj, mlp.act_fn} / norm / rotary_emb, lm_head) and forward.
+LEAN_ARCHITECTURES: Registry[Callable[[Any], int | None]] = Registry("lean-decoding architecture")
+LEAN_ARCHITECTURES.register("llama")(lambda config: None)
+# Mistral / Qwen2 differ from Llama only by a sliding window (Qwen2's q/k/v biases live in the Linear modules).
+LEAN_ARCHITECTURES.register("mistral")(lambda config: getattr(config, "sliding_window", None))
+LEAN_ARCHITECTURES.register("qwen2")(lambda config: getattr(config, "sliding_window", None))
+
+# RoPE types whose cos/sin depend only on the position (dynamic / longrope rescale with the sequence length).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+Projections = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+def _rope_type(config: Any) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return str(params.get("rope_type", params.get("type", "default")))
+
+
+def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``LeanDecoder`` cannot run ``model`` (for ``max_len`` positions), or None when it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LEAN_ARCHITECTURES:
+        return (f"the lean decoder does not support model_type {model_type!r}; accepted: "
+                f"{', '.join(LEAN_ARCHITECTURES.names())}")
+    if _rope_type(config) not in STATIC_ROPE_TYPES:
+        return (f"the lean decoder does not support rope_type {_rope_type(config)!r}; accepted: "
+                f"{', '.join(STATIC_ROPE_TYPES)}")
+    window = LEAN_ARCHITECTURES.get(model_type)(config)
+    if window is not None and max_len is not None and max_len > window:
+        return (f"{max_len} positions exceed the {model_type} sliding window of {window}; accepted: a prompt plus "
+                f"new tokens of at most {window}")
+    return None
+
+
+def _fused(members: Sequence[nn.Module]) -> Projections | None:
+    """One call computing all ``members`` when they form one fused group, in order (lowbit.kernels.fusion)."""
+    from lowbit.kernels.fusion import GROUP_ATTR
+
+    if not all(getattr(m, "backend", None) == "cpu" for m in members):  # groups serve the kernels backend only
+        return None
+    links = [m.__dict__.get(GROUP_ATTR) for m in members]
+    if any(link is None for link in links) or len({id(link[0]) for link in links}) != 1:  # type: ignore[index]
+        return None
+    group = links[0][0]  # type: ignore[index]
+    if [link[1] for link in links] != list(range(len(group.members))):  # type: ignore[index]
+        return None
+
+    def run(x: torch.Tensor) -> Sequence[torch.Tensor]:
+        outs = group.outputs(x)
+        return outs if outs is not None else [m(x) for m in members]  # kernels unavailable: the layers' own path
+
+    return run
+
+
+def _linear(module: nn.Module) -> Linear:
+    """A plain ``nn.Linear`` as ``F.linear`` on its own weight (no module dispatch); anything else as itself."""
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
+def _projections(members: Sequence[nn.Module]) -> Projections:
+    fused = _fused(members)
+    if fused is not None:
+        return fused
+    linears = [_linear(m) for m in members]
+    return lambda x: [f(x) for f in linears]
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's callables and norm parameters, bound once."""
+
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Projections
+    o: Linear
+    gate_up: Projections
+    down: Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LeanGeneration:
+    """New tokens [B, n] (rows that stopped early are padded with ``pad_id``) and, if asked, each step's raw
+    logits [B, V] (the prefill's first)."""
+
+    tokens: torch.Tensor
+    logits: list[torch.Tensor] | None = None
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: temperature, then top-k, then top-p (nucleus), then a draw."""
+    scores = logits / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum - sorted_scores.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p (>= 1 token)
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class LeanDecoder:
+    """Prefill + one-token steps of a Llama-family HF causal LM ``model`` over its own modules.
+
+    The layers' callables are bound at construction: build the engine after quantizing or loading weights.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise LowbitError(reason)
+        config = model.config
+        base = model.model
+        self.model = model
+        self.embed = base.embed_tokens
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.window = LEAN_ARCHITECTURES.get(config.model_type)(config)
+        self.eps = float(config.rms_norm_eps)
+        self.norm = base.norm.weight
+        self.rotary = base.rotary_emb
+        self.lm_head = _linear(model.lm_head)
+        self.layers = [
+            _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   _projections([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                   _linear(layer.self_attn.o_proj),
+                   _projections([layer.mlp.gate_proj, layer.mlp.up_proj]), _linear(layer.mlp.down_proj),
+                   layer.mlp.act_fn)
+            for layer in base.layers[:config.num_hidden_layers]
+        ]
+        self.pos = 0
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    # -- state ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def reset(self, batch: int, max_len: int) -> None:
+        """Empty KV cache for ``batch`` rows of up to ``max_len`` positions; cos/sin for those positions."""
+        reason = unsupported_reason(self.model, max_len)
+        if reason is not None:
+            raise LowbitError(reason)
+        dtype = self.norm.dtype
+        shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
+        if self.k_cache is None or self.k_cache.shape != shape or self.k_cache.dtype != dtype:
+            self.k_cache = torch.empty(shape, dtype=dtype)
+            self.v_cache = torch.empty(shape, dtype=dtype)
+        if getattr(self, "_rope_len", 0) < max_len:
+            # The model's rotary module: same formula, theta and scaling as its forward. [max_len, head_dim] each
+            cos, sin = self.rotary(self.k_cache, torch.arange(max_len).unsqueeze(0))
+            half = self.head_dim // 2
+            self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # see _rope
+            self._rope_len = max_len
+        self.pos = 0
+
+    # -- the network ---------------------------------------------------------------------------------------
+    def _rms(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps)) as one fused op; equal to it bit for bit in float32
+        # (tests/models/test_lean_decode.py compares logits with transformers').
+        return F.rms_norm(h, weight.shape, weight, self.eps)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # transformers' x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = cat(x2, x1) * [-1, 1]:
+        # the sign lives in ``sin`` (exact) and the half swap is one flip. x [B, heads, T, hd]
+        b, n, t, hd = x.shape
+        swapped = x.reshape(b, n, t, 2, hd // 2).flip(-2).view(b, n, t, hd)
+        return x * cos + swapped * sin
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, D] at positions pos.. pos+T -> final-norm hidden state of the last one [B, D]."""
+        b, t, _ = h.shape
+        start, end = self.pos, self.pos + t
+        assert self.k_cache is not None and self.v_cache is not None, "reset() first"
+        if end > self.k_cache.shape[3]:
+            raise LowbitError(f"position {end} is past the {self.k_cache.shape[3]} positions reset() made room for")
+        if t > 1 and start > 0:
+            raise LowbitError("a multi-token forward must start at position 0 (prefill); decode one token at a time")
+        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, hd], broadcast over [B, heads, T, hd]
+        causal = t > 1
+        for i, layer in enumerate(self.layers):
+            x = self._rms(h, layer.in_norm)
+            q, k, v = layer.qkv(x)
+            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kc, vc = self.k_cache[i], self.v_cache[i]  # [B, KV, max_len, hd]
+            kc[:, :, start:end] = k
+            vc[:, :, start:end] = v
+            attn = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], is_causal=causal,
+                                                  enable_gqa=self.heads != self.kv_heads)  # [B, H, T, hd]
+            h = h + layer.o(attn.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            x = self._rms(h, layer.post_norm)
+            gate, up = layer.gate_up(x)
+            h = h + layer.down(layer.act(gate) * up)
+        self.pos = end
+        return self._rms(h[:, -1], self.norm)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                max_len: int | None = None) -> torch.Tensor:
+        """Reset and run the prompt (ids [B, T] or embeddings [B, T, D]); logits [B, V] of its last position.
+
+        ``max_len`` (default: the prompt length + 256) sizes the KV cache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise LowbitError("give exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        self.reset(h.shape[0], max_len or h.shape[1] + 256)
+        return self.lm_head(self._forward(h))
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (ids [B]) at the next position; logits [B, V] for the position after it."""
+        return self.lm_head(self._forward(self.embed(tokens[:, None])))
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                 callback: Callable[[torch.Tensor], None] | None = None,
+                 return_logits: bool = False) -> LeanGeneration:
+        """Up to ``max_new_tokens`` new tokens per row; a row stops after emitting one of ``stop_ids`` (kept).
+
+        ``callback`` receives each step's tokens [B] as they are chosen (streaming). Sampling draws from a
+        generator seeded with ``seed`` (the global RNG when None).
+        """
+        if max_new_tokens < 1:
+            raise LowbitError(f"max_new_tokens must be >= 1; received {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise LowbitError(f"temperature must be > 0 when sampling; received {temperature}")
+        prompt = (input_ids if input_ids is not None else inputs_embeds).shape[1]  # type: ignore[union-attr]
+        logits = self.prefill(input_ids, inputs_embeds, max_len=prompt + max_new_tokens)
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        batch = logits.shape[0]
+        out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+        done = torch.zeros(batch, dtype=torch.bool)
+        kept: list[torch.Tensor] | None = [] if return_logits else None
+        n = 0
+        while True:
+            if kept is not None:
+                kept.append(logits.float())
+            tokens = (_sample(logits.float(), temperature, top_k, top_p, generator) if do_sample
+                      else logits.argmax(-1))
+            if batch > 1:
+                tokens = tokens.masked_fill(done, pad_id)
+            out[:, n] = tokens
+            n += 1
+            if callback is not None:
+                callback(tokens)
+            if stops.numel():
+                done |= torch.isin(tokens, stops)
+                if bool(done.all()):
+                    break
+            if n == max_new_tokens:
+                break
+            logits = self.step(tokens)
+        return LeanGeneration(out[:, :n], kept)
+
+
+def lean_generate(model: nn.Module, input_ids: torch.Tensor | None = None,
+                  inputs_embeds: torch.Tensor | None = None, **options: Any) -> LeanGeneration:
+    """``LeanDecoder(model).generate(...)`` (one engine per call: it binds the model's current modules)."""
+    return LeanDecoder(model).generate(input_ids, inputs_embeds, **options)

@@ -1,0 +1,148 @@
+"""The lean decoder equals transformers' forward/generate on the same modules (float and packed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.models.lean_decode import LeanDecoder, lean_generate, unsupported_reason
+from lowbit.quant.recipe import Recipe
+
+VOCAB, PROMPT, STEPS = 97, 7, 20
+
+
+def tiny_lm(model_type: str = "llama", kv_heads: int = 2, seed: int = 0):
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[model_type]
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                        rope_theta=1000.0, tie_word_embeddings=True)
+    return model_cls(config).eval()
+
+
+def hf_generate(model, steps: int = STEPS, **inputs):
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+
+
+def prompt() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+
+
+def assert_matches(ref, out) -> None:
+    """Tokens equal and every step's logits (prefill first) within 1e-4 of transformers' (relative to max)."""
+    new = ref.sequences[:, -STEPS:]
+    assert out.tokens.tolist() == new.tolist()
+    assert len(out.logits) == len(ref.logits) == STEPS
+    for a, b in zip(ref.logits, out.logits, strict=True):
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize(("model_type", "kv_heads"), [("llama", 2), ("llama", 4), ("mistral", 2), ("qwen2", 1)])
+def test_greedy_matches_transformers_from_ids(model_type: str, kv_heads: int) -> None:
+    model = tiny_lm(model_type, kv_heads)
+    ids = prompt()
+    ref = hf_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert_matches(ref, LeanDecoder(model).generate(ids, max_new_tokens=STEPS, return_logits=True))
+
+
+def test_greedy_matches_transformers_from_embeddings() -> None:
+    model = tiny_lm()
+    with torch.inference_mode():
+        embeds = model.model.embed_tokens(prompt()) + 0.01 * torch.randn(1, PROMPT, 64)  # not any token's row
+    ref = hf_generate(model, inputs_embeds=embeds, attention_mask=torch.ones(1, PROMPT, dtype=torch.long))
+    assert_matches(ref, lean_generate(model, inputs_embeds=embeds, max_new_tokens=STEPS, return_logits=True))
+
+
+def test_prefill_logits_match_a_full_forward() -> None:
+    model = tiny_lm()
+    ids = prompt()
+    with torch.inference_mode():
+        full = model(ids).logits[:, -1]  # [1, V]
+    logits = LeanDecoder(model).prefill(ids)
+    assert float((logits - full).abs().max() / full.abs().max()) < 1e-5
+
+
+def test_packed_model_runs_its_fused_kernels_like_transformers() -> None:
+    from lowbit.kernels.fusion import GROUP_ATTR
+    from lowbit.quant.apply import quantize_
+
+    model = tiny_lm()
+    recipe = Recipe.from_dict({"version": 1, "name": "w4g32", "rules": [
+        {"tower": "*", "pattern": "*", "kinds": ["linear"], "method": "rtn", "bits": 4, "group_size": 32,
+         "symmetric": True}]})
+    quantize_(model, recipe, progress=False)
+    assert sum(GROUP_ATTR in m.__dict__ for m in model.modules()) == 3 * 5  # q/k/v and gate/up of 3 layers
+    engine = LeanDecoder(model)
+    calls = [0]
+    group = model.model.layers[0].self_attn.q_proj.__dict__[GROUP_ATTR][0]
+    outputs = group.outputs
+    group.outputs = lambda x: (calls.__setitem__(0, calls[0] + 1), outputs(x))[1]
+    ids = prompt()
+    ref = hf_generate(copy.deepcopy(model), input_ids=ids, attention_mask=torch.ones_like(ids))
+    out = engine.generate(ids, max_new_tokens=STEPS, return_logits=True)
+    assert calls[0] == STEPS  # one fused q/k/v call per forward (prefill + 19 steps)
+    assert_matches(ref, out)
+
+
+def test_stop_ids_callback_and_sampling() -> None:
+    model = tiny_lm()
+    ids = prompt()
+    engine = LeanDecoder(model)
+    greedy = engine.generate(ids, max_new_tokens=STEPS).tokens[0].tolist()
+    stop = greedy[5]
+    seen: list[int] = []
+    out = engine.generate(ids, max_new_tokens=STEPS, stop_ids=[stop], callback=lambda t: seen.append(int(t[0])))
+    assert out.tokens[0].tolist() == greedy[:greedy.index(stop) + 1] == seen  # the stop token is kept, then stops
+    assert engine.generate(ids, max_new_tokens=STEPS, do_sample=True, top_k=1, seed=3).tokens[0].tolist() == greedy
+    a = engine.generate(ids, max_new_tokens=STEPS, do_sample=True, temperature=1.5, top_p=0.9, seed=7).tokens
+    b = engine.generate(ids, max_new_tokens=STEPS, do_sample=True, temperature=1.5, top_p=0.9, seed=7).tokens
+    c = engine.generate(ids, max_new_tokens=STEPS, do_sample=True, temperature=1.5, top_p=0.9, seed=8).tokens
+    assert a.tolist() == b.tolist() != c.tolist()
+    # top-p keeps the smallest prefix reaching p: with p tiny only the argmax survives
+    assert engine.generate(ids, max_new_tokens=STEPS, do_sample=True, top_p=1e-6, seed=1).tokens[0].tolist() == greedy
+
+
+def test_unsupported_models_and_windows_give_one_line() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+    with pytest.raises(LowbitError, match="does not support model_type 'gpt2'; accepted: llama, mistral, qwen2"):
+        LeanDecoder(gpt2)
+    mistral = tiny_lm("mistral")
+    mistral.config.sliding_window = 8
+    assert unsupported_reason(mistral) is None
+    with pytest.raises(LowbitError, match="exceed the mistral sliding window of 8"):
+        LeanDecoder(mistral).generate(prompt(), max_new_tokens=5)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_generate_fp32_and_w4() -> None:
+    from lowbit.models.smollm import load_smollm2
+    from lowbit.quant.apply import quantize_
+
+    lm, tokenizer = load_smollm2()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Describe an ankle boot."}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    recipe = Recipe.from_dict({"version": 1, "name": "w4g32", "rules": [
+        {"tower": "*", "pattern": "*", "kinds": ["linear"], "method": "rtn", "bits": 4, "group_size": 32,
+         "symmetric": True}]})
+    packed = copy.deepcopy(lm)
+    quantize_(packed, recipe, progress=False)
+    for model in (lm, packed):  # each against transformers running the same (float or packed) modules
+        with torch.inference_mode():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+        out = LeanDecoder(model).generate(ids, max_new_tokens=32).tokens[0]
+        assert out.tolist() == ref.tolist()
