@@ -237,7 +237,11 @@ class LeanDecoder:
             kc, vc = self.k_cache[i], self.v_cache[i]  # [B, KV, max_len, hd]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            attn = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], is_causal=causal,
+            if not causal:  # one new token: attend to the filled prefix of the cache
+                k, v = kc[:, :, :end], vc[:, :, :end]
+            # (a prefill starts at 0: its own k, v are the whole prefix; SDPA is ~3x faster on them than on
+            # the strided cache slice)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                   enable_gqa=self.heads != self.kv_heads)  # [B, H, T, hd]
             h = h + layer.o(attn.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
             x = self._rms(h, layer.post_norm)

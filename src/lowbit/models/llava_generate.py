@@ -1,9 +1,14 @@
-"""Answering with a LLaVA model: greedy or sampled decoding through transformers' ``generate``.
+"""Answering with a LLaVA model: greedy or sampled decoding, by lowbit's lean engine or transformers' ``generate``.
 
 The prompt goes in as embeddings (text embeddings with the projected visual tokens spliced in, see
-``LlavaModel.prompt_embeddings``); ``generate`` keeps the KV cache (``past_key_values``) so each new token
-costs one position, and calls the streamer with every token. Decoding stops at the tokenizer's end-of-turn /
-end-of-sequence tokens or after ``max_new_tokens``, and never runs past the LM's context window.
+``LlavaModel.prompt_embeddings``); the KV cache makes each new token cost one position, and the streamer gets
+every token. Decoding stops at the tokenizer's end-of-turn / end-of-sequence tokens or after
+``max_new_tokens``, and never runs past the LM's context window.
+
+One question (B == 1) with a float KV cache runs on ``lowbit.models.lean_decode.LeanDecoder`` when it supports
+the language model (Llama family): the same tokens as ``generate`` without its per-token overhead. Batches
+(left padding), quantized KV caches (``kv_bits``), ``use_cache=False``, other LMs or ``lean=False`` use
+``generate``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Decoding:
     seed: int | None = None
     use_cache: bool = True
     kv_bits: int | None = None  # store the KV cache at 8 or 4 bits (None: the model's config, default float)
+    lean: bool = True  # use the lean engine where it applies (see the module docstring)
 
     def validated(self) -> Decoding:
         if self.max_new_tokens < 1:
@@ -127,19 +133,51 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
         from lowbit.models.llava_kvcache import quantized_kv_cache
 
         kwargs["cache"] = quantized_kv_cache(model.language.config, kv_bits)
-    if stream is not None:
-        kwargs["streamer"] = _CallbackStreamer(tok, stream, stops)
-    if decoding.seed is not None:
-        torch.manual_seed(decoding.seed)
-    out = model.language.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-    # With inputs_embeds only, generate returns just the new tokens [B, new].
+    streamer = _CallbackStreamer(tok, stream, stops) if stream is not None else None
+    if _lean_applies(model, decoding, kv_bits, mask, embeds.shape[1] + kwargs["max_new_tokens"]):
+        sequences, logits0 = _lean(model, decoding, embeds, kwargs["max_new_tokens"], stops, kwargs["pad_token_id"],
+                                   streamer, first_logprobs)
+    else:
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if decoding.seed is not None:
+            torch.manual_seed(decoding.seed)
+        out = model.language.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        # With inputs_embeds only, generate returns just the new tokens [B, new].
+        sequences, logits0 = out.sequences, out.logits[0] if first_logprobs else None
     rows = []
-    for seq in out.sequences.tolist():
+    for seq in sequences.tolist():
         cut = next((i for i, t in enumerate(seq) if t in stops), len(seq))
         rows.append(seq[:cut])
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
-    logprobs = torch.log_softmax(out.logits[0].float(), dim=-1) if first_logprobs else None
+    logprobs = torch.log_softmax(logits0.float(), dim=-1) if logits0 is not None else None
     return Generation(texts, rows, logprobs)
+
+
+def _lean_applies(model: LlavaModel, decoding: Decoding, kv_bits: int | None, mask: torch.Tensor,
+                  max_len: int) -> bool:
+    from lowbit.models.lean_decode import unsupported_reason
+
+    return (decoding.lean and decoding.use_cache and not kv_bits and mask.shape[0] == 1 and bool(mask.all())
+            and unsupported_reason(model.language, max_len) is None)
+
+
+def _lean(model: LlavaModel, decoding: Decoding, embeds: torch.Tensor, max_new_tokens: int, stops: list[int],
+          pad_id: int, streamer: _CallbackStreamer | None,
+          first_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New tokens [1, n] and (if asked) the first step's logits [1, V] from the lean engine."""
+    from lowbit.models.lean_decode import LeanDecoder
+
+    if streamer is not None:
+        streamer.first = False  # no prompt-ids call to skip: the engine hands over new tokens only
+    out = LeanDecoder(model.language).generate(
+        inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=decoding.do_sample,
+        temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p, seed=decoding.seed,
+        stop_ids=stops, pad_id=pad_id, callback=None if streamer is None else streamer.put,
+        return_logits=first_logprobs)
+    if streamer is not None:
+        streamer.end()
+    return out.tokens, out.logits[0] if out.logits is not None else None
 
 
 def generate(model: LlavaModel, image: ImageLike, question: str, max_new_tokens: int | None = None,
