@@ -45,12 +45,19 @@ def assert_matches(ref, out) -> None:
     assert out.tokens.tolist() == new.tolist()
     assert len(out.logits) == len(ref.logits) == STEPS
     for a, b in zip(ref.logits, out.logits, strict=True):
-        assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+        assert float((a.float() - b).abs().max() / a.float().abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize(("model_type", "kv_heads"), [("llama", 2), ("llama", 4), ("mistral", 2), ("qwen2", 1)])
 def test_greedy_matches_transformers_from_ids(model_type: str, kv_heads: int) -> None:
     model = tiny_lm(model_type, kv_heads)
+    ids = prompt()
+    ref = hf_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert_matches(ref, LeanDecoder(model).generate(ids, max_new_tokens=STEPS, return_logits=True))
+
+
+def test_bfloat16_model_matches_transformers() -> None:
+    model = tiny_lm().to(torch.bfloat16)
     ids = prompt()
     ref = hf_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids))
     assert_matches(ref, LeanDecoder(model).generate(ids, max_new_tokens=STEPS, return_logits=True))

@@ -207,6 +207,9 @@ class LeanDecoder:
     def _rms(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps)) as one fused op; equal to it bit for bit in float32
         # (tests/models/test_lean_decode.py compares logits with transformers').
+        if h.dtype != torch.float32:  # half-precision models: LlamaRMSNorm's float32 inside, op for op
+            x = h.to(torch.float32)
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
         return F.rms_norm(h, weight.shape, weight, self.eps)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
