@@ -8,7 +8,7 @@ every output
 
 (plus float32 rounding), and for Gaussian activations the relative error ||y_fast - y_ref|| / ||y_ref|| stays
 below 1e-2. Batch sizes cross the blocking edges of both paths: M <= 4 (fused GEMV), the GEMM's row blocks
-(6 rows AVX-512, 3 AVX2), its 240-row work units, and N not a multiple of its 48 / 16-column panels.
+(6 rows AVX-512, 4 AVX2), its 240-row work units, and N not a multiple of its 48 / 16-column panels.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ inputs (``FastWeight.act_block``: 128, or the largest multiple of 32 up to 128 t
 to symmetric int8 (``x ~= a_b * xq``, ``a_b = max|x_b| / 127``), weight codes (unsigned) are multiplied with
 them in integer arithmetic (AVX-512 VNNI ``vpdpbusd``, or AVX2 ``vpmaddubsw``/``vpmaddwd``, or portable C++),
 and the activation scales, weight scales and zero points are applied in float32 per activation block / group.
-For M > 4 rows a register-blocked GEMM (``cpu/kernels_gemm_impl.h``) unpacks the weights once per panel of
-48 (AVX-512) or 16 (AVX2) outputs and streams them against blocks of activation rows.
+For M > 4 rows a register-blocked GEMM (``cpu/kernels_gemm_impl.h``) unpacks the weights once per panel
+(48 (AVX-512) or 16 (AVX2) outputs x a chunk of K) and streams them against blocks of activation rows.
 Threads: ``torch.get_num_threads()`` of torch's OpenMP team, claiming chunks of work dynamically
 (``cpu/work_pool.h``: a late or preempted thread takes fewer chunks instead of stalling the call). The
 extension is compiled once per machine into ``$LOWBIT_HOME/torch_extensions`` (about a minute, at the first

@@ -42,7 +42,7 @@ struct GemmVnni {
   static constexpr int kVecTiles = 2;  // tiles per vector
   static constexpr int kVecs = 1;      // panel copies per code (DotByte keeps two)
   static constexpr int32_t kOffset = 0;
-  static constexpr bool kCrossBlock = true;  // int32 sums: may run over several blocks
+  static constexpr bool kInt16 = false;  // step() accumulates int32 directly
   static LB_INLINE I zero() { return _mm512_setzero_si512(); }
   static LB_INLINE I start(int32_t z) { return _mm512_set1_epi32(z); }
   static LB_INLINE W load(const uint8_t* p) { return _mm512_loadu_si512(p); }
@@ -54,6 +54,7 @@ struct GemmVnni {
   static LB_INLINE void step(I& acc, const W& w, I x) { acc = _mm512_dpbusd_epi32(acc, w, x); }
   static LB_INLINE void pin(I&) {}
   static LB_INLINE F to_float(I acc) { return _mm512_cvtepi32_ps(acc); }
+  static LB_INLINE I widen_add(I acc, I) { return acc; }
   // Unpacked vector u of tile half h into the panel vector at p.
   static LB_INLINE void store_half(uint8_t* p, int h, __m256i u) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32 * h), u);
@@ -76,8 +77,8 @@ struct GemmVnni {
 template <bool FullByte>
 using GemmDot = GemmVnni;
 // 6 rows x 3 vectors (48 columns): 18 int32 accumulators + 3 weights + 1 broadcast in the inner loop (of 32
-// zmm; the 18 float sums, touched once per activation block, partly live on the stack). Measured on Sapphire
-// Rapids (M = 197, K = 4096, thread CPU time): 4x3 14.0 ms, 8x2 13.8, 6x3 12.7, 8x3 14.9, 12x2 15.4.
+// zmm). Measured on Sapphire Rapids (M = 197, K = 4096, thread CPU time): 4x3 14.0 ms, 8x2 13.8, 6x3 12.7,
+// 8x3 14.9, 12x2 15.4; with the float sums in the row buffer 6x4 and 8x3 were no faster than 6x3.
 #ifndef LOWBIT_GEMM_MB
 #define LOWBIT_GEMM_MB 6
 #endif
@@ -109,10 +110,11 @@ struct GemmSmall : GemmAvx2Base {  // codes < 16: int16 sums within a block (bou
   using W = __m256i;
   static constexpr int kVecs = 1;
   static constexpr int32_t kOffset = 0;
-  static constexpr bool kCrossBlock = false;  // int16 sums: one block at most
+  static constexpr bool kInt16 = true;  // int16 step sums within one block, widened into int32 per block
   static LB_INLINE W load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static LB_INLINE void step(I& acc, const W& w, I x) { acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)); }
-  static LB_INLINE F to_float(I acc) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, _mm256_set1_epi16(1))); }
+  static LB_INLINE F to_float(I acc) { return _mm256_cvtepi32_ps(acc); }
+  static LB_INLINE I widen_add(I acc, I blk) { return _mm256_add_epi32(acc, _mm256_madd_epi16(blk, _mm256_set1_epi16(1))); }
   static LB_INLINE void store_half(uint8_t* p, int h, __m256i u) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32 * h), u);
   }
@@ -123,7 +125,7 @@ struct GemmByte : GemmAvx2Base {  // full 8-bit codes: sign trick on c = q - 128
   };
   static constexpr int kVecs = 2;  // [|c| 64 bytes][c 64 bytes] per pair vector
   static constexpr int32_t kOffset = 128;
-  static constexpr bool kCrossBlock = true;
+  static constexpr bool kInt16 = false;
   static LB_INLINE W load(const uint8_t* p) {
     return W{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kPairBytes))};
@@ -133,6 +135,7 @@ struct GemmByte : GemmAvx2Base {  // full 8-bit codes: sign trick on c = q - 128
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
   }
   static LB_INLINE F to_float(I acc) { return _mm256_cvtepi32_ps(acc); }
+  static LB_INLINE I widen_add(I acc, I) { return acc; }
   static LB_INLINE void store_half(uint8_t* p, int h, __m256i u) {
     const __m256i c = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 32 * h), _mm256_abs_epi8(c));
@@ -141,9 +144,11 @@ struct GemmByte : GemmAvx2Base {  // full 8-bit codes: sign trick on c = q - 128
 };
 template <bool FullByte>
 using GemmDot = std::conditional_t<FullByte, GemmByte, GemmSmall>;
-// 3 rows x 2 vectors (one pair): 6 int16/int32 + 6 float accumulators + 2 weights + broadcast + ones of 16 ymm.
+// 4 rows x 2 vectors (one pair): 8 int32 accumulators (+ 8 int16 block sums for codes < 16, the int32 ones
+// then partly on the stack: touched once per block) + 2 weights + broadcast + ones of 16 ymm. Measured on
+// Sapphire Rapids (M = 197, K = N = 4096, thread CPU time, int4 g128 / g32): 3x2 35.3 / 43.8 ms, 4x2 34.3 / 41.6.
 #ifndef LOWBIT_GEMM_MB
-#define LOWBIT_GEMM_MB 3
+#define LOWBIT_GEMM_MB 4
 #endif
 #ifndef LOWBIT_GEMM_PAIRS
 #define LOWBIT_GEMM_PAIRS 1
@@ -235,7 +240,7 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float
   const int64_t KB = w.KB, G = w.G;
   // Symmetric formats with an integral zero point (and int32 sums): sum (q - zint) * xq in the integer sums,
   // starting them at (kOffset - zint) * sum xq; otherwise the zero-point term goes through gsum in float.
-  const bool zfold = !PC && D::kCrossBlock && w.zint != 0;
+  const bool zfold = !PC && w.zint != 0;
   // The activations come in row groups of kGemmMB rows (Acts::rg), m0 is a group start: block kb of row
   // m0 + m is at xrow + (kb * kGemmMB + m) * 32, one contiguous stream per row block.
   const int8_t* xrow = x.xq + (m0 / kGemmMB) * x.ldx;
@@ -253,13 +258,21 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float
         static_for<0, NB>([&](auto b) __attribute__((always_inline)) { z += is[decltype(b)::value]; });
         z *= D::kOffset - w.zint;
       }
-      const typename D::I z0 = D::kCrossBlock ? D::start(z) : D::zero();
+      const typename D::I z0 = D::start(z);
       static_for<0, CV>([&](auto v) __attribute__((always_inline)) { acc[m][v] = z0; });
     });
     static_for<0, NB>([&](auto bc) __attribute__((always_inline)) {
       const int64_t kb = a0 + decltype(bc)::value;
       const uint8_t* wb = panel + (kb - c0) * 8 * jbytes;
       const int8_t* xb = xrow + kb * kGemmMB * kBlock;
+      // int16 step sums (D::kInt16) live for one block, then widen into the int32 sums.
+      typename D::I blk[MB][CV];
+      if constexpr (D::kInt16) {
+        static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+          static_for<0, CV>([&](auto v) __attribute__((always_inline)) { blk[m][v] = D::zero(); });
+        });
+      }
+      auto& sums = [&]() -> auto& { if constexpr (D::kInt16) return blk; else return acc; }();
       static_for<0, 8>([&](auto jc) __attribute__((always_inline)) {
         constexpr int j = decltype(jc)::value;
         typename D::W wv[CV];
@@ -270,11 +283,16 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float
         static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
           const typename D::I bx = D::bcast(xb + m * kBlock + 4 * j);
           static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
-            D::step(acc[m][v], wv[v], bx);
-            D::pin(acc[m][v]);
+            D::step(sums[m][v], wv[v], bx);
+            D::pin(sums[m][v]);
           });
         });
       });
+      if constexpr (D::kInt16) {
+        static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+          static_for<0, CV>([&](auto v) __attribute__((always_inline)) { acc[m][v] = D::widen_add(acc[m][v], blk[m][v]); });
+        });
+      }
     });
     const int64_t a1 = a0 + NB, g = a0 / w.gb, gl = g - c0 / w.gb;
     const bool zterm = !PC && !zfold && (a1 % w.gb == 0 || a1 == KB);  // end of group g: its gsum term
@@ -305,7 +323,7 @@ void gemm_dispatch(const Tiles& w, const Acts& x, const uint8_t* panel, const fl
     }
   } else if (mb < MBV) {
     if constexpr (MBV > 1) gemm_dispatch<D, PC, MBV - 1, CVV>(w, x, panel, gsc, gzf, m0, mb, cv, c0, c1, ob);
-  } else if constexpr (D::kCrossBlock && MBV == kGemmMB && CVV == kGemmPairs * kVecPerPair<D>) {
+  } else if constexpr (MBV == kGemmMB && CVV == kGemmPairs * kVecPerPair<D>) {
     // Full register blocks sum 4 or 2 blocks per float conversion when the activation blocks allow it.
     if (x.ab % 4 == 0) {
       gemm_block<D, MBV, CVV, PC, 4>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
@@ -356,7 +374,7 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
   using F = typename D::F;
   constexpr int L = kLanes<D>, VPP = kVecPerPair<D>, CVMAX = kGemmPairs * VPP;
   const int64_t KB = w.KB;
-  const bool zfold = !PC && D::kCrossBlock && w.zint != 0;
+  const bool zfold = !PC && w.zint != 0;
   const int64_t chunk = chunk_blocks(w.gb, PC);
   uint8_t* panel = scratch;
   float* gsc = reinterpret_cast<float*>(scratch + gemm_panel_bytes(KB));
