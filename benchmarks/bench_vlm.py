@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_vlm.py                  # -> benchmarks/results/vlm.json
     .venv/bin/python benchmarks/bench_vlm.py --fashion 40 --shapes 20 --quick   # smoke run
-    .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion-hd --rows prune,w4   # -> results/vlm-llava-fashion-hd.json
+    .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion-hd --rows prune,w4
+                                                  # -> benchmarks/results/vlm-llava-fashion-hd.json
 
 Rows, all measured in this one run on the same held-out questions (the first N test images of each set):
 
