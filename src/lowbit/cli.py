@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-footprint", action="store_true", help="skip latency/size measurement")
 
     p = verb("chat", cmd_chat)
-    p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, or a quantized llava dir")
+    p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, or a quantized one")
     p.add_argument("question", help="the question about the image")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--max-new-tokens", type=int, default=32)
