@@ -12,10 +12,13 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowbit.paths import lowbit_home
 from lowbit.registry import Registry
+
+if TYPE_CHECKING:
+    from lowbit.models.llava_build import ProjectorTraining
 
 Builder = Callable[..., dict[str, Any]]
 BUILDERS: Registry[Builder] = Registry("buildable model")
@@ -36,7 +39,7 @@ def build_lit(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: i
     return {"heads": str(target), **build_lit_heads(target, n_train=n_train, n_test=n_test, hp=hp)}
 
 
-def _build_projector(name: str, hp: Any, out: str | os.PathLike[str] | None, steps: int | None,
+def _build_projector(name: str, hp: ProjectorTraining, out: str | os.PathLike[str] | None, steps: int | None,
                      run_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
     from lowbit.models.llava_build import build_llava_projector
 

@@ -182,6 +182,7 @@ class LeanDecoder:
         self.pos = 0
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self._rope_len = 0  # positions self.cos / self.sin cover (set by reset)
 
     # -- state ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -195,7 +196,7 @@ class LeanDecoder:
         if self.k_cache is None or self.k_cache.shape != shape or self.k_cache.dtype != dtype:
             self.k_cache = torch.empty(shape, dtype=dtype)
             self.v_cache = torch.empty(shape, dtype=dtype)
-        if getattr(self, "_rope_len", 0) < max_len:
+        if self._rope_len < max_len:
             # The model's rotary module: same formula, theta and scaling as its forward. [max_len, head_dim] each
             cos, sin = self.rotary(self.k_cache, torch.arange(max_len).unsqueeze(0))
             half = self.head_dim // 2
