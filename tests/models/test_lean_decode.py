@@ -118,6 +118,13 @@ def test_stop_ids_callback_and_sampling() -> None:
     assert a.tolist() == b.tolist() != c.tolist()
     # top-p keeps the smallest prefix reaching p: with p tiny only the argmax survives
     assert engine.generate(ids, max_new_tokens=STEPS, do_sample=True, top_p=1e-6, seed=1).tokens[0].tolist() == greedy
+    # every sampled token is one of the top-2 of its step's logits (transformers' top-k warper)
+    top2 = engine.generate(ids, max_new_tokens=STEPS, do_sample=True, temperature=3.0, top_k=2, seed=5,
+                           return_logits=True)
+    for step, token in enumerate(top2.tokens[0].tolist()):
+        assert token in top2.logits[step][0].topk(2).indices.tolist()  # type: ignore[index]
+    with pytest.raises(LowbitError, match=r"top_p must be in \(0, 1\]; received 0"):
+        engine.generate(ids, do_sample=True, top_p=0)
 
 
 def test_unsupported_models_and_windows_give_one_line() -> None:

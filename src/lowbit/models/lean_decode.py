@@ -13,7 +13,8 @@ whole token. ``LeanDecoder`` runs the same model with only what a decoder step n
   where the same kernels run), ``F.scaled_dot_product_attention`` with GQA: causal for the prefill, plain for
   a one-token step over the filled prefix;
 * prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position;
-* greedy or sampled (temperature, top-k, top-p, seeded generator) tokens, stop ids, a per-token callback.
+* greedy or sampled tokens (transformers' temperature / top-k / top-p warpers, a seeded generator), stop
+  ids, a per-token callback.
 
 Which architectures qualify is a registry keyed by ``config.model_type`` (``LEAN_ARCHITECTURES``): the entry
 returns the attention window of the config (None: full causal attention), because Mistral and Qwen2 equal
@@ -34,6 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from lowbit.errors import LowbitError
 from lowbit.registry import Registry
@@ -134,18 +141,32 @@ class LeanGeneration:
     logits: list[torch.Tensor] | None = None
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens [B] from logits [B, V]: temperature, then top-k, then top-p (nucleus), then a draw."""
-    scores = logits / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # [B, 1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
+    """One clear error for settings no decoding loop accepts (shared with ``llava_generate.Decoding``)."""
+    if max_new_tokens < 1:
+        raise LowbitError(f"max_new_tokens must be >= 1; received {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise LowbitError(f"temperature must be > 0 when sampling; received {temperature}")
+    if not 0 < top_p <= 1:
+        raise LowbitError(f"top_p must be in (0, 1]; received {top_p}")
+
+
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' own warpers in ``generate``'s order (temperature, top-k, top-p), so sampling here keeps
+    the candidates transformers would."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cum - sorted_scores.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p (>= 1 token)
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def _sample(logits: torch.Tensor, warpers: LogitsProcessorList, generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: the warpers (they ignore the ids they are passed), then a draw."""
+    scores = warpers(None, logits)  # type: ignore[arg-type]
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
 
@@ -284,13 +305,11 @@ class LeanDecoder:
         ``callback`` receives each step's tokens [B] as they are chosen (streaming). Sampling draws from a
         generator seeded with ``seed`` (the global RNG when None).
         """
-        if max_new_tokens < 1:
-            raise LowbitError(f"max_new_tokens must be >= 1; received {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise LowbitError(f"temperature must be > 0 when sampling; received {temperature}")
+        check_decoding(max_new_tokens, do_sample, temperature, top_p)
         prompt = (input_ids if input_ids is not None else inputs_embeds).shape[1]  # type: ignore[union-attr]
         logits = self.prefill(input_ids, inputs_embeds, max_len=prompt + max_new_tokens)
         generator = None
+        warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
         if do_sample and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
@@ -302,8 +321,7 @@ class LeanDecoder:
         while True:
             if kept is not None:
                 kept.append(logits.float())
-            tokens = (_sample(logits.float(), temperature, top_k, top_p, generator) if do_sample
-                      else logits.argmax(-1))
+            tokens = _sample(logits.float(), warpers, generator) if warpers is not None else logits.argmax(-1)
             if batch > 1:
                 tokens = tokens.masked_fill(done, pad_id)
             out[:, n] = tokens

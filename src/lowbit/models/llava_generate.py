@@ -44,12 +44,9 @@ class Decoding:
     lean: bool = True  # use the lean engine where it applies (see the module docstring)
 
     def validated(self) -> Decoding:
-        if self.max_new_tokens < 1:
-            raise LowbitError(f"max_new_tokens must be >= 1; received {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise LowbitError(f"temperature must be > 0 when sampling; received {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise LowbitError(f"top_p must be in (0, 1]; received {self.top_p}")
+        from lowbit.models.lean_decode import check_decoding
+
+        check_decoding(self.max_new_tokens, self.do_sample, self.temperature, self.top_p)
         return self
 
 
