@@ -29,6 +29,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
+from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.quant.apply import module_paths, replace_module
@@ -64,7 +65,14 @@ def save_quantized(
     out_dir: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir`` (replacing it atomically) with ``model.safetensors`` and ``manifest.json``."""
+    """Write ``out_dir`` (replacing it atomically) with ``model.safetensors`` and ``manifest.json``.
+
+    Refuses a model whose BatchNorms were folded (``lowbit.kernels.fold_bn``): the checkpoint contract is the
+    unfolded architecture, rebuilt from ``source``; fold after loading instead (``lowbit.load(dir, optimize=True)``).
+    """
+    if is_folded(model):
+        raise LowbitError("cannot save a model with BatchNorm folded into its convs (an inference transform); "
+                          "save the unfolded model and fold after loading: lowbit.load(dir, optimize=True)")
     modules = {
         m.path: {"tower": m.tower, "name": m.name, "kind": m.kind, "bits": m.bits, "group_size": m.group_size,
                  "symmetric": m.symmetric, "method": m.method, "shape": list(m.shape),
