@@ -58,6 +58,7 @@ def test_fp32_fold_matches(lit_model: Any, pixels: torch.Tensor) -> None:
     report = optimize_for_inference_(folded)
     assert report.batchnorm.folded == EFFICIENTNET_LITE0_BNS and not report.batchnorm.skipped
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert report.inplace_activations == 17  # every block's ReLU6 and the stem/head one: all their inputs fresh
     with torch.no_grad():
         assert _rel(folded.encode_image(pixels), lit_model.encode_image(pixels)) < 1e-5
 

@@ -26,8 +26,8 @@ unfolded conv + BatchNorm. A scale whose product rounds to infinity in fp16 (|s 
 folded: that pair is skipped and listed in the report.
 
 Which conv feeds which BatchNorm is read from the module graph, never from names: each subtree holding a
-BatchNorm2d is traced with ``torch.fx`` (convs, packed layers and BatchNorms as leaves; the modules are not
-rewritten, the graph only locates pairs), falling back to its children where a forward does not trace. A pair
+BatchNorm2d is traced with ``torch.fx`` (``lowbit.kernels.graph``; the modules are not rewritten, the graph
+only locates pairs), falling back to its children where a forward does not trace. A pair
 is folded only when the BatchNorm's sole input is the conv's output, the conv's output has no other user and
 each module is called exactly once in the graph. The model keeps running its own forward; the graph records the
 path that the current configuration takes (branches on Python attributes are taken as they are now), so apply
@@ -36,7 +36,7 @@ the fold after any change of architecture.
 A BatchNorm in training mode (batch statistics, not running ones) cannot be folded: ``fold_batchnorm_``
 refuses the whole model with one ``LowbitError`` before changing anything. A folded model is an inference
 model: ``lowbit.save`` refuses it (save the unfolded model, fold after loading: ``lowbit.load(dir,
-fold_batchnorm=True)``); packed checkpoints therefore keep their BatchNorms and round-trip unchanged.
+optimize=True)``); packed checkpoints therefore keep their BatchNorms and round-trip unchanged.
 
 Example:
     >>> report = fold_batchnorm_(model.vision)  # doctest: +SKIP
@@ -46,15 +46,14 @@ Example:
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.graph import module_graphs
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam
 from lowbit.kernels.variants import ExtraPackedMixin
 
@@ -87,48 +86,22 @@ class FoldReport:
         return len(self.pairs)
 
 
-class _LeafTracer(fx.Tracer):
-    """Convs, packed layers and BatchNorms stay single nodes (their forwards hold shape-dependent branches)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, QuantLinear, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
-            m, qualname)
-
-
-def _has_bn(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _graph_pairs(root: nn.Module, prefix: str, report: FoldReport) -> list[tuple[str, str]]:
-    """(conv path, BatchNorm path) pairs of ``root``'s subtrees, full paths under ``prefix``."""
-    try:
-        graph = _LeafTracer().trace(root)
-    except Exception:  # noqa: BLE001 - any forward fx cannot trace (data-dependent control flow, ...): go down
-        pairs: list[tuple[str, str]] = []
-        for name, child in root.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                if prefix not in report.untraced:
-                    report.untraced.append(prefix)  # its own BatchNorms stay: who feeds them is unknown
-            elif _has_bn(child):
-                pairs += _graph_pairs(child, _join(prefix, name), report)
-        return pairs
-    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+def _graph_pairs(model: nn.Module, report: FoldReport) -> list[tuple[str, str]]:
+    """(conv path, BatchNorm path) pairs that the module graphs of ``model`` prove."""
+    graphs, report.untraced = module_graphs(model, lambda m: isinstance(m, nn.BatchNorm2d))
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(root.get_submodule(str(node.target)), nn.BatchNorm2d):
-            continue
-        bn_path = _join(prefix, str(node.target))
-        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not isinstance(src, fx.Node) or src.op != "call_module" or not _is_conv(root.get_submodule(str(src.target))):
-            report.skipped.append((bn_path, "its input is not the output of a conv module"))
-        elif len(src.users) != 1 or calls[str(src.target)] != 1 or calls[str(node.target)] != 1:
-            report.skipped.append((bn_path, "the conv's output has other users, or a module is called twice"))
-        else:
-            pairs.append((_join(prefix, str(src.target)), bn_path))
+    for g in graphs:
+        for node in g.graph.nodes:
+            if not isinstance(g.module(node), nn.BatchNorm2d):
+                continue
+            src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+            conv = g.module(src)
+            if conv is None or not _is_conv(conv):
+                report.skipped.append((g.path(node), "its input is not the output of a conv module"))
+            elif len(src.users) != 1 or g.calls[str(src.target)] != 1 or g.calls[str(node.target)] != 1:
+                report.skipped.append((g.path(node), "the conv's output has other users, or a module is called twice"))
+            else:
+                pairs.append((g.path(src), g.path(node)))
     return pairs
 
 
@@ -197,9 +170,7 @@ def fold_batchnorm_(model: nn.Module) -> FoldReport:
         raise LowbitError(f"cannot fold BatchNorm in training mode ({len(training)} modules, first "
                           f"{training[0]!r}): it normalises by batch statistics; call model.eval() first")
     report = FoldReport()
-    if not _has_bn(model):
-        return report
-    for conv_path, bn_path in _graph_pairs(model, "", report):
+    for conv_path, bn_path in _graph_pairs(model, report):
         conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
         reason = _unsupported(conv)
         if reason is None and bn.running_var is None:

@@ -6,7 +6,9 @@ per-call "same" padding copy). This applies, in place and from outside the model
 1. ``fold_batchnorm_`` (``lowbit.kernels.fold_bn``): eval-mode BatchNorm2d folded into the packed or float conv
    before it (fp16 scale re-rounding, relative 2^-11 per scale, is the only approximation);
 2. ``static_same_padding_`` (``lowbit.kernels.static_padding``): stride-1 TF-"same" convs pad inside the conv
-   (exact).
+   (exact);
+3. ``inplace_activations_`` (``lowbit.kernels.inplace_act``): activations whose input nothing else reads clamp
+   it in place (exact).
 
 The same call works on a float model (an honest "fp32 with the same graph optimisations" baseline) and on a
 packed one. A folded model is for inference only: ``lowbit.save`` refuses it, so checkpoints keep their
@@ -15,8 +17,8 @@ loaded model is exactly the saved one).
 
 Example:
     >>> report = optimize_for_inference_(model)  # doctest: +SKIP
-    >>> report.batchnorm.folded, report.static_padding  # doctest: +SKIP
-    (49, 12)
+    >>> report.batchnorm.folded, report.static_padding, report.inplace_activations  # doctest: +SKIP
+    (49, 12, 17)
 """
 
 from __future__ import annotations
@@ -26,22 +28,26 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.kernels.fold_bn import FoldReport, fold_batchnorm_
+from lowbit.kernels.inplace_act import inplace_activations_
 from lowbit.kernels.static_padding import static_same_padding_
 
 
 @dataclass(frozen=True)
 class InferenceReport:
-    """What ``optimize_for_inference_`` changed: the BatchNorm fold's report and the convs given static padding."""
+    """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding and
+    the activation modules made in-place."""
 
     batchnorm: FoldReport
     static_padding: int
+    inplace_activations: int
 
 
-def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True,
-                            static_padding: bool = True) -> InferenceReport:
-    """Fold BatchNorms and make stride-1 same-padding static in ``model``, in place (see the module docstring).
-
-    Raises ``LowbitError`` (before changing anything) if a BatchNorm2d is in training mode.
+def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, static_padding: bool = True,
+                            inplace_activations: bool = True) -> InferenceReport:
+    """Fold BatchNorms, make stride-1 same-padding static and safe activations in-place in ``model``, in place
+    (see the module docstring). Raises ``LowbitError`` (before changing anything) if a BatchNorm2d is in
+    training mode.
     """
-    report = fold_batchnorm_(model) if fold_batchnorm else FoldReport()
-    return InferenceReport(report, static_same_padding_(model) if static_padding else 0)
+    report = fold_batchnorm_(model) if fold_batchnorm else FoldReport()  # first: BNs between conv and activation
+    padded = static_same_padding_(model) if static_padding else 0
+    return InferenceReport(report, padded, inplace_activations_(model) if inplace_activations else 0)
