@@ -16,6 +16,8 @@ Rows, all measured in this one run on the same held-out questions (the first N t
   (calibrated on image+question sequences): what 4 bits cost an LM whose weights are *not* on the grid;
 - ``prune-0.5``: half of the visual tokens dropped before the LM (ranked by the tower's score: feature norm);
   ``w4+prune-0.5``: the default recipe and the pruning together;
+- ``fastv-0.5``: half of the visual tokens dropped inside the LM after its first ``FASTV_LAYER`` layers, ranked
+  by the attention they receive there (FastV; ``LlavaConfig.prune_layer``);
 - ``kv8`` / ``kv4``: the KV cache stored at 8 / 4 bits.
 
 Footprint per row: ttft_ms (image -> first token, batch 1, median), decode_tok_s, weight bytes. The pruning
@@ -64,7 +66,9 @@ def interleaved_ttft(models: dict[str, Any], rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-ROWS = ("prune", "kv", "w4", "gptq")  # optional row groups besides "fp" (all by default)
+ROWS = ("prune", "fastv", "kv", "w4", "gptq")  # optional row groups besides "fp" (all by default)
+FASTV_LAYER = 2  # FastV's K for LLaVA-1.5 (32 layers); SmolLM2-135M has 30
+FASTV = {"prune_ratio": 0.5, "prune_layer": FASTV_LAYER}
 
 
 def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: bool,
@@ -90,6 +94,8 @@ def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: 
     fp = evaluate_all(model, None)
     rows.append(_row("fp", fp))
     variants: list[tuple[str, dict[str, Any]]] = [("prune-0.5", {"prune_ratio": 0.5})] if "prune" in rows_wanted else []
+    if "fastv" in rows_wanted:
+        variants.append(("fastv-0.5", FASTV))
     if not quick and "kv" in rows_wanted:
         variants += [("kv8", {"kv_bits": 8}), ("kv4", {"kv_bits": 4})]
     for row_name, change in variants:
@@ -97,6 +103,8 @@ def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: 
     timed = {"fp": model}
     if "prune" in rows_wanted:
         timed["prune-0.5"] = model.with_config(prune_ratio=0.5)
+    if "fastv" in rows_wanted:
+        timed["fastv-0.5"] = model.with_config(**FASTV)
     if "w4" in rows_wanted:
         quant = quantized(recipe)
         rows.append(_row("w4-language+w8-vision", evaluate_all(quant, fp)) | {"recipe": recipe})
@@ -133,6 +141,10 @@ def targets(rows: list[dict[str, Any]], ttft: dict[str, float]) -> dict[str, Any
         cut = 1 - ttft["prune-0.5"] / ttft["fp"]  # interleaved rounds: the fair comparison
         out.update({"prune_accuracy_drop": drop, "prune_drop_le_0.02": drop <= 0.02, "prune_ttft_cut": cut,
                     "prune_ttft_cut_ge_0.30": cut >= 0.30})
+    f = by.get("fastv-0.5", {}).get(fm)
+    if f:  # the same two numbers for pruning inside the LM
+        out.update({"fastv_accuracy_drop": fp["metrics"]["accuracy"] - f["metrics"]["accuracy"],
+                    "fastv_ttft_cut": 1 - ttft["fastv-0.5"] / ttft["fp"]})
     return out
 
 

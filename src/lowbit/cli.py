@@ -124,7 +124,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from lowbit.models.llava import open_rgb
 
     image = open_rgb(args.image)  # a bad image fails before seconds of model loading
-    options = {k: v for k, v in (("prune_ratio", args.prune_ratio), ("kv_bits", args.kv_bits)) if v is not None}
+    options = {k: v for k, v in (("prune_ratio", args.prune_ratio), ("prune_layer", args.prune_layer),
+                                 ("kv_bits", args.kv_bits)) if v is not None}
     model = api.load(args.model, **options)
 
     def show(text: str) -> None:
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--prune-ratio", type=float, help="share of visual tokens to drop before the LM (0..1)")
+    p.add_argument("--prune-layer", type=int, help="prune inside the LM after its first K layers instead (FastV)")
     p.add_argument("--kv-bits", type=int, choices=[8, 4], help="store the KV cache at 8 or 4 bits")
     p.add_argument("--no-stream", action="store_true", help="print the answer once at the end")
 

@@ -160,3 +160,64 @@ def test_smollm2_greedy_equals_generate_fp32_and_w4() -> None:
                                  do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
         out = LeanDecoder(model).generate(ids, max_new_tokens=32).tokens[0]
         assert out.tolist() == ref.tolist()
+
+
+def fastv_reference(model, ids: torch.Tensor, prune) -> tuple[torch.Tensor, object]:
+    """FastV without the engine: transformers' eager attention ranks the span in layer ``prune.layer``, then
+    generation runs with the dropped positions masked out as keys in every later layer (what dropping them
+    means for the kept tokens, which keep their positions)."""
+    with torch.inference_mode():
+        att = model(input_ids=ids, output_attentions=True).attentions[prune.layer - 1]  # [B, H, T, T]
+    span = slice(prune.start, prune.start + prune.count)
+    scores = att[:, :, prune.start + prune.count:, span].mean(dim=(1, 2))  # [B, count]
+    chosen = set((scores[0].topk(prune.keep).indices + prune.start).tolist())
+    dropped = [p for p in range(prune.start, prune.start + prune.count) if p not in chosen]
+
+    def mask_dropped(_module, args, kwargs):
+        mask = kwargs["attention_mask"].clone()  # [B, 1, T, S] additive (eager)
+        mask[..., dropped] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(mask_dropped, with_kwargs=True)
+             for layer in model.model.layers[prune.layer:]]
+    try:
+        ref = hf_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores, ref
+
+
+@pytest.mark.parametrize(("layer", "kv_heads"), [(1, 2), (2, 4), (2, 1)])
+def test_fastv_prune_inside_the_lm_matches_masked_transformers(layer: int, kv_heads: int) -> None:
+    from lowbit.models.llava_prune import InLayerPrune
+
+    model = tiny_lm(kv_heads=kv_heads)
+    model.config._attn_implementation = "eager"  # the reference needs materialised masks and attention maps
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    prune = InLayerPrune(layer=layer, start=3, count=8, keep=3)
+    scores, ref = fastv_reference(model, ids, prune)
+    engine = LeanDecoder(model)
+    out = engine.generate(ids, max_new_tokens=STEPS, return_logits=True, prune=prune)
+    assert_matches(ref, out)
+    assert engine.fill == [16 + STEPS - 1] * layer + [16 - 5 + STEPS - 1] * (3 - layer)  # later layers: 5 fewer
+    # keep == count drops nothing: the plain prefill, bit for bit
+    full = engine.generate(ids, max_new_tokens=STEPS, return_logits=True)
+    same = engine.generate(ids, max_new_tokens=STEPS, return_logits=True,
+                           prune=InLayerPrune(layer=layer, start=3, count=8, keep=8))
+    assert full.tokens.tolist() == same.tokens.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(full.logits, same.logits, strict=True))
+    assert float((full.logits[0] - out.logits[0]).abs().max()) > 1e-3  # pruning did change the prefill
+    assert scores.shape == (1, 8)
+
+
+def test_fastv_bad_settings_give_one_line() -> None:
+    from lowbit.models.llava_prune import InLayerPrune
+
+    engine = LeanDecoder(tiny_lm())
+    ids = prompt()
+    with pytest.raises(LowbitError, match=r"prune_layer must be in \[1, 2\] for this 3-layer language model"):
+        engine.generate(ids, prune=InLayerPrune(layer=3, start=1, count=3, keep=1))
+    with pytest.raises(LowbitError, match="at least one token after it"):
+        engine.generate(ids, prune=InLayerPrune(layer=1, start=4, count=3, keep=1))

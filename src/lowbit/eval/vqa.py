@@ -7,7 +7,7 @@
   top-1), ``kl`` (mean KL(reference || candidate) of that token's distribution, nats), ``answer_agreement``.
 - ``vqa_footprint``: ``ttft_ms`` (image in -> first token out, batch 1: preprocessing, vision, projector,
   prefill), ``decode_tok_s`` (tokens per second after the first, KV cache on), weight/disk bytes, peak RSS.
-  Medians after one warm-up.
+  Medians after one warm-up, on the engine ``chat`` runs (``llava_generate.forced_tokens``).
 """
 
 from __future__ import annotations
@@ -110,15 +110,11 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
 
 def first_token_fn(model: Any, image: Any, question: str) -> Callable[[], torch.Tensor]:
     """What time to first token measures, as a call: PIL image -> preprocess, vision, projector (pruning as
-    the model's config says), prefill -> the greedy first token [1]."""
+    the model's config says), prefill on the engine ``chat`` uses -> the greedy first token [1, 1]."""
+    from lowbit.models.llava_generate import forced_tokens
+
     model = _require_llava(model)
-
-    @torch.inference_mode()
-    def prefill() -> torch.Tensor:
-        embeds, mask = model.prompt_embeddings(model.visual_embeddings(model.preprocess([image])), [question])
-        return model.language(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].argmax(-1)
-
-    return prefill
+    return torch.inference_mode()(lambda: forced_tokens(model, model.preprocess([image]), question, 1))
 
 
 @torch.inference_mode()
@@ -129,14 +125,13 @@ def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] |
 
     model = _require_llava(model)
     image, question = data.images[0], data.turns[0][0].question
+    from lowbit.models.llava_generate import forced_tokens
+
     lm = model.language
     prefill = first_token_fn(model, image, question)
 
     def decode_run(n: int) -> None:
-        embeds, mask = model.prompt_embeddings(model.visual_embeddings(model.preprocess([image])), [question])
-        lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
-                    pad_token_id=model.tokenizer.pad_token_id or 0)
+        forced_tokens(model, model.preprocess([image]), question, n)
 
     was_training = model.training
     model.eval()
@@ -159,7 +154,8 @@ def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] |
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
         "latency_scope": "batch 1; ttft = PIL image -> first token (preprocess, vision, projector, prefill); "
-                         "decode = tokens/s after the first, KV cache on; medians after warm-up",
+                         "decode = tokens/s after the first, KV cache on; both on the engine chat uses (lean "
+                         "for Llama-family LMs with a float KV cache, else transformers'); medians after warm-up",
         "peak_rss_scope": "whole process, high-water mark since start",
     })
     return result

@@ -12,7 +12,9 @@ whole token. ``LeanDecoder`` runs the same model with only what a decoder step n
 * the RMSNorm and rotary formulas of transformers' Llama, op for op (so float results match it bit for bit
   where the same kernels run), ``F.scaled_dot_product_attention`` with GQA: causal for the prefill, plain for
   a one-token step over the filled prefix;
-* prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position;
+* prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position; optionally
+  FastV (``llava_prune.InLayerPrune``): after layer k only the kept prompt positions go on, so each layer's
+  KV cache fills from its own offset;
 * greedy or sampled tokens (transformers' temperature / top-k / top-p warpers, a seeded generator), stop
   ids, a per-token callback.
 
@@ -43,6 +45,7 @@ from transformers.generation.logits_process import (
 )
 
 from lowbit.errors import LowbitError
+from lowbit.models.llava_prune import InLayerPrune, attention_received
 from lowbit.registry import Registry
 
 # model_type -> attention window of a config (None: full causal attention). Registered types have Llama's
@@ -200,7 +203,8 @@ class LeanDecoder:
                    layer.mlp.act_fn)
             for layer in base.layers[:config.num_hidden_layers]
         ]
-        self.pos = 0
+        self.pos = 0  # the next token's position (RoPE)
+        self.fill = [0] * len(self.layers)  # filled KV-cache entries per layer (fewer after FastV pruning)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self._rope_len = 0  # positions self.cos / self.sin cover (set by reset)
@@ -224,6 +228,7 @@ class LeanDecoder:
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # see _rope
             self._rope_len = max_len
         self.pos = 0
+        self.fill = [0] * len(self.layers)
 
     # -- the network ---------------------------------------------------------------------------------------
     def _rms(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -241,18 +246,30 @@ class LeanDecoder:
         swapped = x.reshape(b, n, t, 2, hd // 2).flip(-2).view(b, n, t, hd)
         return x * cos + swapped * sin
 
-    def _forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, D] at positions pos.. pos+T -> final-norm hidden state of the last one [B, D]."""
+    def _forward(self, h: torch.Tensor, prune: InLayerPrune | None = None) -> torch.Tensor:
+        """Hidden states [B, T, D] at positions pos.. pos+T -> final-norm hidden state of the last one [B, D].
+
+        ``prune`` (prefill only): FastV, after ``prune.layer`` layers only the kept positions go on; each
+        layer's KV cache fills from its own offset (``self.fill``), so later layers hold fewer entries.
+        """
         b, t, _ = h.shape
-        start, end = self.pos, self.pos + t
+        start, positions = self.pos, t  # positions advanced (pruned tokens keep theirs)
         assert self.k_cache is not None and self.v_cache is not None, "reset() first"
-        if end > self.k_cache.shape[3]:
-            raise LowbitError(f"position {end} is past the {self.k_cache.shape[3]} positions reset() made room for")
+        if self.fill[0] + t > self.k_cache.shape[3]:  # layer 0 never prunes: it holds the most entries
+            raise LowbitError(f"position {start + t} is past the {self.k_cache.shape[3]} positions reset() made "
+                              "room for")
         if t > 1 and start > 0:
             raise LowbitError("a multi-token forward must start at position 0 (prefill); decode one token at a time")
-        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, hd], broadcast over [B, heads, T, hd]
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # [T, hd], broadcast over [B, heads, T, hd]
         causal = t > 1
+        scores: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
+            if prune is not None and i == prune.layer:
+                assert scores is not None
+                keep = prune.kept_positions(scores, t)  # [B, T'] ascending prompt positions
+                h = h.gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, T', D]
+                cos, sin = self.cos[keep].unsqueeze(1), self.sin[keep].unsqueeze(1)  # [B, 1, T', hd]: own positions
+                t = keep.shape[1]
             x = self._rms(h, layer.in_norm)
             q, k, v = layer.qkv(x)
             q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
@@ -260,33 +277,42 @@ class LeanDecoder:
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = self.k_cache[i], self.v_cache[i]  # [B, KV, max_len, hd]
-            kc[:, :, start:end] = k
-            vc[:, :, start:end] = v
+            fill = self.fill[i]
+            kc[:, :, fill:fill + t] = k
+            vc[:, :, fill:fill + t] = v
+            self.fill[i] = fill + t
             if not causal:  # one new token: attend to the filled prefix of the cache
-                k, v = kc[:, :, :end], vc[:, :, :end]
+                k, v = kc[:, :, :fill + t], vc[:, :, :fill + t]
             # (a prefill starts at 0: its own k, v are the whole prefix; SDPA is ~3x faster on them than on
             # the strided cache slice)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                   enable_gqa=self.heads != self.kv_heads)  # [B, H, T, hd]
+            if prune is not None and i == prune.layer - 1:
+                scores = attention_received(q, k, prune.start, prune.count)  # [B, count]
             h = h + layer.o(attn.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x)
             h = h + layer.down(layer.act(gate) * up)
-        self.pos = end
+        self.pos = start + positions
         return self._rms(h[:, -1], self.norm)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                max_len: int | None = None) -> torch.Tensor:
+                max_len: int | None = None, prune: InLayerPrune | None = None) -> torch.Tensor:
         """Reset and run the prompt (ids [B, T] or embeddings [B, T, D]); logits [B, V] of its last position.
 
-        ``max_len`` (default: the prompt length + 256) sizes the KV cache.
+        ``max_len`` (default: the prompt length + 256) sizes the KV cache; ``prune`` drops visual tokens after
+        a layer (FastV, ``llava_prune.InLayerPrune``); the positions of later tokens are not renumbered.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise LowbitError("give exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if prune is not None:
+            prune = prune.validated(len(self.layers), h.shape[1])
+            if prune.keep == prune.count:
+                prune = None  # nothing dropped: the plain prefill, bit for bit
         self.reset(h.shape[0], max_len or h.shape[1] + 256)
-        return self.lm_head(self._forward(h))
+        return self.lm_head(self._forward(h, prune))
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -299,15 +325,15 @@ class LeanDecoder:
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
                  callback: Callable[[torch.Tensor], None] | None = None,
-                 return_logits: bool = False) -> LeanGeneration:
+                 return_logits: bool = False, prune: InLayerPrune | None = None) -> LeanGeneration:
         """Up to ``max_new_tokens`` new tokens per row; a row stops after emitting one of ``stop_ids`` (kept).
 
         ``callback`` receives each step's tokens [B] as they are chosen (streaming). Sampling draws from a
-        generator seeded with ``seed`` (the global RNG when None).
+        generator seeded with ``seed`` (the global RNG when None). ``prune``: FastV inside the prefill (``prefill``).
         """
         check_decoding(max_new_tokens, do_sample, temperature, top_p)
         prompt = (input_ids if input_ids is not None else inputs_embeds).shape[1]  # type: ignore[union-attr]
-        logits = self.prefill(input_ids, inputs_embeds, max_len=prompt + max_new_tokens)
+        logits = self.prefill(input_ids, inputs_embeds, max_len=prompt + max_new_tokens, prune=prune)
         generator = None
         warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
         if do_sample and seed is not None:

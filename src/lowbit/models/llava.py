@@ -37,7 +37,7 @@ from torch import nn
 from lowbit.errors import LowbitError, unknown_choice
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 from lowbit.models.llava_chat import prompt_ids, render
-from lowbit.models.llava_prune import prune_tokens
+from lowbit.models.llava_prune import InLayerPrune, kept_count, prune_tokens
 from lowbit.models.llava_vision import OUTPUT_STRIDES, Preprocess, VisualTokens
 
 DEFAULT_NAME = "llava-fashion"
@@ -54,8 +54,10 @@ CALIBRATION_QUESTION = "What is shown in the image?"  # the question encode_imag
 class LlavaConfig:
     """How a LLaVA model prompts and prunes; saved beside the projector weights.
 
-    ``prune_ratio``: share of visual tokens dropped before the LM (0 = keep all), ranked by the tower's
-    ``scores`` (see ``llava_vision``); ``system``: the system message of every prompt (None = the template's).
+    ``prune_ratio``: share of visual tokens dropped (0 = keep all); ``prune_layer`` where: 0 before the LM,
+    ranked by the tower's ``scores`` (see ``llava_vision``), or k >= 1 inside it after its first k layers,
+    ranked by the attention they receive there (FastV, ``llava_prune``; runs on the lean decoding engine);
+    ``system``: the system message of every prompt (None = the template's).
     """
 
     image_size: int = 128
@@ -63,6 +65,7 @@ class LlavaConfig:
     projector: str = "mlp2x_gelu"
     system: str | None = "Answer with a few words."
     prune_ratio: float = 0.0
+    prune_layer: int = 0
     max_new_tokens: int = 16
     kv_bits: int | None = None  # KV cache stored at 8 or 4 bits during generation (None = float)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +80,9 @@ class LlavaConfig:
         if not 0.0 <= float(self.prune_ratio) < 1.0:
             raise LowbitError(f"prune_ratio must be in [0, 1); received {self.prune_ratio!r}; accepted: 0 (no "
                               "pruning) up to below 1 (keep at least one visual token)")
+        if isinstance(self.prune_layer, bool) or not isinstance(self.prune_layer, int) or self.prune_layer < 0:
+            raise LowbitError(f"prune_layer must be an integer >= 0; received {self.prune_layer!r}; accepted: 0 "
+                              "(prune before the language model) or k >= 1 (after its first k layers, FastV)")
         return self
 
 
@@ -155,11 +161,20 @@ class LlavaModel(DualEncoder):
         return self._preprocess(list(images))
 
     def visual_embeddings(self, pixels: torch.Tensor, prune_ratio: float | None = None) -> torch.Tensor:
-        """Pixels [B, 3, H, W] -> projected visual tokens [B, N', D] (N' < N when pruning)."""
+        """Pixels [B, 3, H, W] -> projected visual tokens [B, N', D] (N' < N when pruning before the LM)."""
         tokens, scores = self.vision(pixels)  # [B, N, C], [B, N]
         ratio = self.config.prune_ratio if prune_ratio is None else prune_ratio
-        tokens = prune_tokens(tokens, scores, ratio)  # [B, N', C]
+        if self.config.prune_layer == 0:  # FastV (prune_layer >= 1) prunes inside the LM: see in_layer_prune
+            tokens = prune_tokens(tokens, scores, ratio)  # [B, N', C]
         return self.projector(tokens)  # [B, N', D]
+
+    def in_layer_prune(self, question: str, n_visual: int) -> InLayerPrune | None:
+        """The FastV step for one prompt of ``n_visual`` visual tokens (None: no pruning inside the LM)."""
+        if self.config.prune_layer == 0 or self.config.prune_ratio == 0:
+            return None
+        before, _ = self.prompt_ids(question)
+        return InLayerPrune(self.config.prune_layer, len(before), n_visual,
+                            kept_count(n_visual, self.config.prune_ratio))
 
     def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Token ids [T] or [B, T] -> the LM's input embeddings [..., T, D]."""
@@ -332,9 +347,11 @@ def read_projector_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[str] | None = None,
-               prune_ratio: float | None = None, kv_bits: int | None = None, **_: Any) -> LlavaModel:
+               prune_ratio: float | None = None, kv_bits: int | None = None, prune_layer: int | None = None,
+               **_: Any) -> LlavaModel:
     """Load ``llava-fashion`` (or a HF Llava directory); ``projector=`` a built file, ``prune_ratio=`` a share of
-    visual tokens to drop, ``kv_bits=`` 8 or 4 for a quantized KV cache.
+    visual tokens to drop, before the LM or (``prune_layer=k``) after its first k layers (FastV),
+    ``kv_bits=`` 8 or 4 for a quantized KV cache.
 
     Example:
         >>> model = load_llava("llava-fashion")  # doctest: +SKIP
@@ -346,6 +363,8 @@ def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[st
         options["prune_ratio"] = float(prune_ratio)
     if kv_bits is not None:
         options["kv_bits"] = int(kv_bits)
+    if prune_layer is not None:
+        options["prune_layer"] = prune_layer
     if name_or_path not in BUILTIN_NAMES:
         from lowbit.models.llava_hf import load_hf_llava
 

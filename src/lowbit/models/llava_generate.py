@@ -8,7 +8,8 @@ every token. Decoding stops at the tokenizer's end-of-turn / end-of-sequence tok
 One question (B == 1) with a float KV cache runs on ``lowbit.models.lean_decode.LeanDecoder`` when it supports
 the language model (Llama family): the same tokens as ``generate`` without its per-token overhead. Batches
 (left padding), quantized KV caches (``kv_bits``), ``use_cache=False``, other LMs or ``lean=False`` use
-``generate``.
+``generate``. Visual-token pruning inside the LM (FastV, ``LlavaConfig.prune_layer``) needs the lean engine:
+a batch is then answered one question at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
     from lowbit.models.llava import LlavaModel
+    from lowbit.models.llava_prune import InLayerPrune
 
 ImageLike = Image.Image | str | os.PathLike[str] | bytes
 
@@ -104,11 +106,32 @@ class Generation:
 @torch.inference_mode()
 def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[str], decoding: Decoding = Decoding(),
                    stream: Callable[[str], None] | None = None, first_logprobs: bool = False) -> Generation:
-    """Answer one question per image of ``pixels`` [B, 3, H, W] (left-padded batch; streaming needs B == 1)."""
+    """Answer one question per image of ``pixels`` [B, 3, H, W] (left-padded batch; streaming needs B == 1).
+
+    Pruning inside the LM (``config.prune_layer`` >= 1, FastV) answers one question at a time on the lean
+    engine: each prompt prunes its own visual tokens.
+    """
     decoding = decoding.validated()
     if stream is not None and len(questions) != 1:
         raise LowbitError(f"streaming answers one question at a time; received {len(questions)}")
-    embeds, mask = model.prompt_embeddings(model.visual_embeddings(pixels), questions)  # [B, T, D], [B, T]
+    visual = model.visual_embeddings(pixels)  # [B, N', D]
+    if model.config.prune_layer and model.config.prune_ratio and len(questions) > 1:
+        parts = [_answer(model, visual[i:i + 1], [q], decoding, stream, first_logprobs)
+                 for i, q in enumerate(questions)]
+        rows = [r for part_rows, _ in parts for r in part_rows]
+        logits0 = torch.cat([lg for _, lg in parts]) if first_logprobs else None  # type: ignore[misc]
+    else:
+        rows, logits0 = _answer(model, visual, questions, decoding, stream, first_logprobs)
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+    logprobs = torch.log_softmax(logits0.float(), dim=-1) if logits0 is not None else None
+    return Generation(texts, rows, logprobs)
+
+
+def _answer(model: LlavaModel, visual: torch.Tensor, questions: Sequence[str], decoding: Decoding,
+            stream: Callable[[str], None] | None,
+            first_logprobs: bool) -> tuple[list[list[int]], torch.Tensor | None]:
+    """New token ids per question (up to its first stop token) and the first step's logits [B, V] if asked."""
+    embeds, mask = model.prompt_embeddings(visual, questions)  # [B, T, D], [B, T]
     room = model.context_window - embeds.shape[1]
     if room < 1:
         raise LowbitError(f"the prompt is {embeds.shape[1]} tokens and fills the language model's context window "
@@ -131,9 +154,12 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
 
         kwargs["cache"] = quantized_kv_cache(model.language.config, kv_bits)
     streamer = _CallbackStreamer(tok, stream, stops) if stream is not None else None
-    if _lean_applies(model, decoding, kv_bits, mask, embeds.shape[1] + kwargs["max_new_tokens"]):
+    prune = model.in_layer_prune(questions[0], visual.shape[1]) if len(questions) == 1 else None
+    lean_reason = _lean_reason(model, decoding, kv_bits, mask, embeds.shape[1] + kwargs["max_new_tokens"])
+    _check_fastv(model, prune, lean_reason)
+    if lean_reason is None:
         sequences, logits0 = _lean(model, decoding, embeds, kwargs["max_new_tokens"], stops, kwargs["pad_token_id"],
-                                   streamer, first_logprobs)
+                                   streamer, first_logprobs, prune)
     else:
         if streamer is not None:
             kwargs["streamer"] = streamer
@@ -146,22 +172,64 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
     for seq in sequences.tolist():
         cut = next((i for i, t in enumerate(seq) if t in stops), len(seq))
         rows.append(seq[:cut])
-    texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
-    logprobs = torch.log_softmax(logits0.float(), dim=-1) if logits0 is not None else None
-    return Generation(texts, rows, logprobs)
+    return rows, logits0
 
 
-def _lean_applies(model: LlavaModel, decoding: Decoding, kv_bits: int | None, mask: torch.Tensor,
-                  max_len: int) -> bool:
+def _check_fastv(model: LlavaModel, prune: InLayerPrune | None, lean_reason: str | None) -> None:
+    if prune is not None and lean_reason is not None:
+        raise LowbitError(f"pruning inside the language model (prune_layer={model.config.prune_layer}) runs on "
+                          f"the lean decoding engine, which cannot run here: {lean_reason}; accepted: "
+                          "prune_layer=0 (prune before the language model)")
+
+
+@torch.inference_mode()
+def forced_tokens(model: LlavaModel, pixels: torch.Tensor, question: str, n: int) -> torch.Tensor:
+    """Exactly ``n`` greedy new tokens [1, n] (stop tokens ignored) for one image [1, 3, H, W] and question, on
+    the engine ``generate_batch`` picks (lean or transformers', with the config's pruning and KV bits): what
+    time to first token (n = 1) and decode speed measure."""
+    visual = model.visual_embeddings(pixels)  # [1, N', D]
+    embeds, mask = model.prompt_embeddings(visual, [question])  # [1, T, D]
+    prune = model.in_layer_prune(question, visual.shape[1])
+    kv_bits = model.config.kv_bits
+    reason = _lean_reason(model, Decoding(n), kv_bits, mask, embeds.shape[1] + n)
+    _check_fastv(model, prune, reason)
+    if reason is None:
+        from lowbit.models.lean_decode import LeanDecoder
+
+        engine = LeanDecoder(model.language)
+        if n == 1:
+            return engine.prefill(inputs_embeds=embeds, max_len=embeds.shape[1] + 1, prune=prune).argmax(-1)[:, None]
+        return engine.generate(inputs_embeds=embeds, max_new_tokens=n, prune=prune).tokens
+    lm = model.language
+    if n == 1:
+        return lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    extra: dict[str, Any] = {}
+    if kv_bits:
+        from lowbit.models.llava_kvcache import quantized_kv_cache
+
+        extra["cache"] = quantized_kv_cache(lm.config, kv_bits)
+    return lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
+                       pad_token_id=model.tokenizer.pad_token_id or 0, **extra)
+
+
+def _lean_reason(model: LlavaModel, decoding: Decoding, kv_bits: int | None, mask: torch.Tensor,
+                 max_len: int) -> str | None:
+    """Why these prompts do not run on the lean engine (None: they do)."""
     from lowbit.models.lean_decode import unsupported_reason
 
-    return (decoding.lean and decoding.use_cache and not kv_bits and mask.shape[0] == 1 and bool(mask.all())
-            and unsupported_reason(model.language, max_len) is None)
+    if not (decoding.lean and decoding.use_cache):
+        return "lean=False or use_cache=False was asked for"
+    if kv_bits:
+        return f"a {kv_bits}-bit KV cache (kv_bits) is transformers' cache"
+    if mask.shape[0] != 1 or not bool(mask.all()):
+        return "a batch of prompts (it answers one at a time)"
+    return unsupported_reason(model.language, max_len)
 
 
 def _lean(model: LlavaModel, decoding: Decoding, embeds: torch.Tensor, max_new_tokens: int, stops: list[int],
-          pad_id: int, streamer: _CallbackStreamer | None,
-          first_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+          pad_id: int, streamer: _CallbackStreamer | None, first_logprobs: bool,
+          prune: InLayerPrune | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New tokens [1, n] and (if asked) the first step's logits [1, V] from the lean engine."""
     from lowbit.models.lean_decode import LeanDecoder
 
@@ -171,7 +239,7 @@ def _lean(model: LlavaModel, decoding: Decoding, embeds: torch.Tensor, max_new_t
         inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=decoding.do_sample,
         temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p, seed=decoding.seed,
         stop_ids=stops, pad_id=pad_id, callback=None if streamer is None else streamer.put,
-        return_logits=first_logprobs)
+        return_logits=first_logprobs, prune=prune)
     if streamer is not None:
         streamer.end()
     return out.tokens, out.logits[0] if out.logits is not None else None

@@ -96,7 +96,7 @@ def _preprocess(path: Path, image_size: int) -> Any:
 def load_hf_llava(path: str, **options: Any) -> LlavaModel:
     """Load a transformers Llava directory (config.json + safetensors + tokenizer) as a ``LlavaModel``.
 
-    ``options`` are ``LlavaConfig`` fields (``prune_ratio``, ``system``, ``max_new_tokens``).
+    ``options`` are ``LlavaConfig`` fields (``prune_ratio``, ``prune_layer``, ``system``, ``max_new_tokens``).
 
     Example:
         >>> model = load_hf_llava("checkpoints/llava-1.5-7b-hf")  # doctest: +SKIP
@@ -125,7 +125,8 @@ def load_hf_llava(path: str, **options: Any) -> LlavaModel:
         raise LowbitError(f"checkpoint {root} does not fit together: {problem}")
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     config = LlavaConfig(image_size=int(cfg.vision_config.image_size), system=options.pop("system", None),
-                         **{k: v for k, v in options.items() if k in ("prune_ratio", "max_new_tokens", "kv_bits")})
+                         **{k: v for k, v in options.items() if k in ("prune_ratio", "prune_layer", "max_new_tokens",
+                                                                    "kv_bits")})
     model = LlavaModel(vision, projector, _standalone_lm(llava), tokenizer, _preprocess(root, config.image_size),
                        config)
     return model.eval().requires_grad_(False)
