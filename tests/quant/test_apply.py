@@ -11,6 +11,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, is_quantized
 from lowbit.quant.apply import layer_kind, quantize_
+from lowbit.quant.recipe import Recipe, load_recipe
 from lowbit.quant.report import NO_RULE, NOT_A_LAYER, SKIPPED, UNSUPPORTED
 
 
@@ -102,6 +103,11 @@ def test_unmatched_rule_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_(Tiny(), "*=w8", progress=False)
+        # with_method's rule for the layers of other kinds (none in an all-Linear model) is optional: no warning
+        derived = load_recipe("*=w4g32").with_method("minmax")
+        assert [r.optional for r in derived.rules] == [False, True]
+        assert Recipe.from_dict(derived.to_dict()).rules == derived.rules  # round-trips
+        quantize_(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), derived, progress=False)
 
 
 def test_calibration_required_and_already_quantized() -> None:

@@ -181,7 +181,7 @@ def quantize_(
     recipe = load_recipe(recipe)
     planned, kept, used = plan_quantization(model, recipe)
     for index, count in enumerate(used):
-        if count == 0:
+        if count == 0 and not recipe.rules[index].optional:
             warnings.warn(f"recipe rule {index} ({recipe.rules[index].describe()}) matches no module",
                           UserWarning, stacklevel=2)
     report = QuantReport(float_modules=kept, recipe=recipe.name or recipe.describe(), recipe_spec=recipe.to_dict())

@@ -40,7 +40,8 @@ from lowbit.quant.primitives import QuantSpec
 RECIPE_VERSION = 1
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 SHORT_FORM = "TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] or TOWER[/PATTERN]=skip"
-_RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options")
+_RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options",
+                "optional")
 _BITS_TEXT = ",".join(map(str, SUPPORTED_BITS))
 TERNARY_ALIAS = "w1.58"  # short-string alias of w2:ternary (lowbit.quant.ternary)
 
@@ -55,6 +56,9 @@ class Rule:
     spec: QuantSpec | None = None
     options: dict[str, Any] = field(default_factory=dict)
     kinds: tuple[str, ...] | None = None  # None = every kind
+    # may match no layer without the "matches no module" warning: with_method's rule for the layers of other
+    # kinds, which the model may not have or an earlier rule may already take
+    optional: bool = False
 
     @property
     def skip(self) -> bool:
@@ -77,6 +81,8 @@ class Rule:
         out: dict[str, Any] = {"tower": self.tower, "pattern": self.pattern}
         if self.kinds is not None:
             out["kinds"] = list(self.kinds)
+        if self.optional:
+            out["optional"] = True
         if self.spec is None:
             out["skip"] = True
             return out
@@ -149,7 +155,7 @@ class Recipe:
                 options = dict(r.options) if r.method == method else {}
                 rules.append(replace(r, method=method, options=options, kinds=kinds))
             if r.kinds is None or set(r.kinds) - set(matmul_kinds):
-                rules.append(r)  # the same layers of other kinds, as before
+                rules.append(replace(r, optional=True))  # the same layers of other kinds, as before
         rules = tuple(rules)
         return Recipe(rules, name=f"{self.name}+{method}")
 
@@ -176,7 +182,11 @@ def _rule_from_dict(index: int, raw: Any) -> Rule:
             raise _rule_error(index, "kinds", f"received {raw.get('kinds')!r}; accepted: a list of "
                               f"{', '.join(QUANT_KINDS.names())}")
         kinds = tuple(kinds)
-    common = {"tower": raw.get("tower", "*"), "pattern": raw.get("pattern", "*"), "kinds": kinds}
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise _rule_error(index, "optional", f"expected true or false; received {optional!r}")
+    common = {"tower": raw.get("tower", "*"), "pattern": raw.get("pattern", "*"), "kinds": kinds,
+              "optional": optional}
     skip = raw.get("skip", False)
     if not isinstance(skip, bool):
         raise _rule_error(index, "skip", f"expected true or false; received {skip!r}")
