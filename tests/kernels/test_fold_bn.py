@@ -162,8 +162,10 @@ def test_only_graph_proven_pairs_fold() -> None:
     assert report.folded == 0 and [p for p, _ in report.skipped] == ["bn", "bn2"]
     assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn2, nn.BatchNorm2d)
     nested = Untraceable()
+    nested.bn = _bn(48)  # held by the untraceable module itself: who feeds it is unknown, it stays
     report = fold_batchnorm_(nested)
     assert report.pairs == [("block.pw", "block.bn0"), ("block.dw", "block.bn1"), ("block.stem", "block.bn2")]
+    assert report.untraced == [""] and isinstance(nested.bn, nn.BatchNorm2d)
 
 
 def test_scale_overflow_skips_the_pair() -> None:

@@ -142,7 +142,8 @@ def _fold_packed(conv: nn.Module, bn: nn.BatchNorm2d) -> str | None:
     if not bool(torch.isfinite(scales).all()):
         return "a folded scale overflows fp16"
     bias = conv.bias
-    new_bias = (shift if bias is None else a * bias.detach().double() + shift).to(torch.float32)
+    new_bias = (shift if bias is None else a * bias.detach().double() + shift).to(
+        torch.float32 if bias is None else bias.dtype)
     conv.scales = scales  # a new tensor: the kernels' prepared weight and caches rebuild
     if isinstance(conv, QuantLinear):
         conv.register_buffer("bias", new_bias)  # QuantLinear keeps its bias as a buffer
@@ -152,9 +153,12 @@ def _fold_packed(conv: nn.Module, bn: nn.BatchNorm2d) -> str | None:
     return None
 
 
-def _set(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every path where ``old`` is registered (a module may be registered under several)."""
+    paths = [p for p, m in model.named_modules(remove_duplicate=False) if m is old]
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
 
 
 @torch.no_grad()
@@ -187,11 +191,11 @@ def fold_batchnorm_(model: nn.Module) -> FoldReport:
                 conv.train(mode)
                 fused.weight.requires_grad_(conv.weight.requires_grad)
                 fused.bias.requires_grad_(conv.weight.requires_grad)
-                _set(model, conv_path, fused)
+                _replace(model, conv, fused)
         if reason is not None:
             report.skipped.append((bn_path, reason))
             continue
-        _set(model, bn_path, FoldedBatchNorm(bn.num_features))
+        _replace(model, bn, FoldedBatchNorm(bn.num_features))
         report.pairs.append((conv_path, bn_path))
     return report
 
