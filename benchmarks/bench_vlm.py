@@ -1,9 +1,9 @@
-"""The default VLM (``llava-fashion``): accuracy, fidelity and speed in full precision, quantized, pruned.
+"""The default VLM (``llava-fashion-hd``): accuracy, fidelity and speed in full precision, quantized, pruned.
 
     .venv/bin/python benchmarks/bench_vlm.py                  # -> benchmarks/results/vlm.json
     .venv/bin/python benchmarks/bench_vlm.py --fashion 40 --shapes 20 --quick   # smoke run
-    .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion-hd --rows prune,w4
-                                                  # -> benchmarks/results/vlm-llava-fashion-hd.json
+    .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion --rows prune,fastv,kv,w4
+                                                  # -> benchmarks/results/vlm-llava-fashion.json
 
 Rows, all measured in this one run on the same held-out questions (the first N test images of each set):
 
@@ -39,6 +39,7 @@ import torch
 
 from lowbit.eval.env import environment
 from lowbit.io import write_json
+from lowbit.models.llava import BUILTIN_NAMES, DEFAULT_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RECIPE = "language/lm_head=skip,language=w4g32:minmax,vision=w8,projector=w8"
@@ -72,7 +73,7 @@ FASTV = {"prune_ratio": 0.5, "prune_layer": FASTV_LAYER}
 
 
 def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: bool,
-        rounds: int, name: str = "llava-fashion", rows_wanted: tuple[str, ...] = ROWS) -> dict[str, Any]:
+        rounds: int, name: str = DEFAULT_NAME, rows_wanted: tuple[str, ...] = ROWS) -> dict[str, Any]:
     import lowbit
     from lowbit.models import load_model
 
@@ -166,7 +167,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llava-fashion", help="a built-in VLM (llava-fashion, llava-fashion-hd)")
+    parser.add_argument("--model", default=DEFAULT_NAME, help=f"a built-in VLM ({', '.join(BUILTIN_NAMES)})")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"row groups besides fp, from {','.join(ROWS)}")
     parser.add_argument("--fashion", type=int, default=200, help="held-out Fashion-MNIST questions")
     parser.add_argument("--shapes", type=int, default=100, help="held-out shapes questions")
@@ -175,12 +176,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved time-to-first-token rounds")
     parser.add_argument("--quick", action="store_true", help="skip the KV-cache rows")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", help="default benchmarks/results/vlm.json (llava-fashion) or vlm-MODEL.json")
+    parser.add_argument("--json", help=f"default benchmarks/results/vlm.json ({DEFAULT_NAME}) or vlm-MODEL.json")
     args = parser.parse_args()
     rows_wanted = tuple(r for r in args.rows.split(",") if r)
     if set(rows_wanted) - set(ROWS):
         parser.error(f"unknown row groups {sorted(set(rows_wanted) - set(ROWS))}; accepted: {','.join(ROWS)}")
-    json_path = args.json or str(RESULTS / ("vlm.json" if args.model == "llava-fashion" else f"vlm-{args.model}.json"))
+    json_path = args.json or str(RESULTS / ("vlm.json" if args.model == DEFAULT_NAME else f"vlm-{args.model}.json"))
     torch.set_num_threads(args.threads)
     result = run(args.fashion, args.shapes, args.recipe, args.generic_recipe, args.quick, args.rounds, args.model,
                  rows_wanted)

@@ -113,7 +113,7 @@ def build(name: str = "lit-fashion", out: str | os.PathLike[str] | None = None, 
           steps: int | None = None, **options: Any) -> dict[str, Any]:
     """Re-train the trained parts of a built-in model (``lowbit.models.builders``); returns the build log.
 
-    ``lit-fashion`` options: ``n_train``, ``n_test``; ``llava-fashion``: ``run_dir`` (checkpoints; resumes).
+    ``lit-fashion`` options: ``n_train``, ``n_test``; ``llava-fashion(-hd)``: ``run_dir`` (checkpoints; resumes).
     """
     import inspect
 
@@ -175,7 +175,7 @@ def chat(model: Any, image: Any, question: str, **options: Any) -> str:
     ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` (a callable receiving text pieces), ``use_cache``.
 
     Example:
-        >>> lowbit.chat("llava-fashion", "shoe.png", "What is this item?")  # doctest: +SKIP
+        >>> lowbit.chat("llava-fashion-hd", "shoe.png", "What is this item?")  # doctest: +SKIP
         'sneaker'
     """
     from lowbit.models.llava import LlavaModel
@@ -184,8 +184,8 @@ def chat(model: Any, image: Any, question: str, **options: Any) -> str:
     loaded = load(model) if isinstance(model, str) else model
     if not isinstance(loaded, LlavaModel):
         kind = getattr(loaded, "family", type(loaded).__name__)
-        raise LowbitError(f"chat needs a generative model; received a {kind!r} model; accepted: llava-fashion, "
-                          "a Llava checkpoint directory or a quantized llava model")
+        raise LowbitError(f"chat needs a generative model; received a {kind!r} model; accepted: llava-fashion-hd, "
+                          "llava-fashion, a Llava checkpoint directory or a quantized llava model")
     return generate(loaded, image, question, **options)
 
 

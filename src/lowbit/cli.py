@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    """Re-train the trained parts of a built-in model (lit-fashion heads, llava-fashion projector)."""
+    """Re-train the trained parts of a built-in model (lit-fashion heads, llava-fashion(-hd) projector)."""
     from lowbit import api
 
     options: dict[str, Any] = {}
@@ -177,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write demo.json / demo.md here")
 
     p = verb("build", cmd_build)
-    p.add_argument("model", help="built-in model to build (lit-fashion, llava-fashion)")
+    p.add_argument("model", help="built-in model to build (lit-fashion, llava-fashion-hd, llava-fashion)")
     p.add_argument("--out", help="file to write (default: under $LOWBIT_HOME/models/MODEL)")
     p.add_argument("--steps", type=int, help="training steps (default: the shipped build's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, help="lit-fashion: training images (default 60000)")
     p.add_argument("--n-test", type=int, help="lit-fashion: test images (default 10000)")
-    p.add_argument("--run-dir", help="llava-fashion: checkpoint directory (a re-run resumes)")
+    p.add_argument("--run-dir", help="llava-fashion(-hd): checkpoint directory (a re-run resumes)")
 
     p = verb("quantize", cmd_quantize)
     p.add_argument("model")

@@ -56,7 +56,7 @@ def test_projector_retrains_on_a_subset() -> None:
 
 
 @pytest.mark.slow
-def test_llava_fashion_hd_reads_144_tokens_and_answers_pruned_or_not() -> None:
+def test_llava_fashion_hd_reads_144_tokens_and_answers_pruned_or_not(capsys) -> None:
     from lowbit.data.vqa import load_vqa
     from lowbit.eval.vqa import vqa_accuracy
     from lowbit.models import load_model
@@ -66,8 +66,11 @@ def test_llava_fashion_hd_reads_144_tokens_and_answers_pruned_or_not() -> None:
     assert hd.visual_embeddings(hd.preprocess(data.images[:1])).shape == (1, 144, 576)
     full = vqa_accuracy(hd, data)["accuracy"]
     pruned = vqa_accuracy(hd.with_config(prune_ratio=0.5), data)["accuracy"]
-    # Measured 0.833 / 0.833 on these 24 (benchmarks/results/vlm-llava-fashion-hd.json measures 200).
-    assert full >= 0.75 and pruned >= 0.75
+    fastv = vqa_accuracy(hd.with_config(prune_ratio=0.5, prune_layer=2), data)["accuracy"]
+    with capsys.disabled():
+        print(f"\nllava-fashion-hd on 24 held-out questions: full {full:.3f}, pruned {pruned:.3f}, FastV {fastv:.3f}")
+    # Measured 0.833 / 0.833 / 0.833 on these 24 (benchmarks/results/vlm.json measures 500).
+    assert full >= 0.75 and pruned >= 0.75 and fastv >= 0.75
 
 
 @pytest.mark.slow

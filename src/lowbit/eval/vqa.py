@@ -43,7 +43,8 @@ def _require_llava(model: Any) -> Any:
 
     if not isinstance(model, LlavaModel):
         raise LowbitError(f"VQA tasks need a generative (llava) model; received a {type(model).__name__}; "
-                          "accepted: llava-fashion, a Llava checkpoint directory or a quantized llava model")
+                          "accepted: llava-fashion-hd, llava-fashion, a Llava checkpoint directory or a quantized "
+                          "llava model")
     return model
 
 

@@ -62,7 +62,16 @@ def build_llava(out: str | os.PathLike[str] | None = None, seed: int = 0, steps:
 @BUILDERS.register("llava-fashion-hd")
 def build_llava_hd(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
                    run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Fine-tune llava-fashion-hd's projector (12x12 visual tokens) from llava-fashion's shipped one."""
-    from lowbit.models.llava_build import hd_training
+    """Build llava-fashion-hd's projector (12x12 visual tokens) as shipped: two runs (``llava_build.hd_runs``),
+    the first from llava-fashion's shipped projector, the second from the first's (written beside ``out`` as
+    ``*.run1.safetensors``); ``steps`` sets the second run's; ``run_dir`` keeps both runs' checkpoints."""
+    from lowbit.models.llava_build import build_llava_projector, hd_runs
 
-    return _build_projector("llava-fashion-hd", hd_training(seed), out, steps, run_dir)
+    first, second = hd_runs(seed)
+    target = _target("llava-fashion-hd", out, "projector.safetensors")
+    run1 = target.with_name(f"{target.stem}.run1.safetensors")
+    dirs = (None, None) if run_dir is None else (Path(run_dir) / "run1", Path(run_dir) / "run2")
+    logs = [build_llava_projector(run1, first, run_dir=dirs[0])]
+    second = replace(second, init_from=str(run1), steps=second.steps if steps is None else steps)
+    logs.append(build_llava_projector(target, second, run_dir=dirs[1]))
+    return {"projector": str(target), "run1": str(run1), **logs[-1], "runs": logs}

@@ -18,7 +18,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,23 @@ PRUNE_TRAIN_RATIOS = (0.25, 0.5, 0.75)
 
 
 def hd_training(seed: int = 0) -> ProjectorTraining:
-    """``llava-fashion-hd``'s build: the 12x12 grid (192 px, output stride 16), fine-tuned from the shipped
+    """``llava-fashion-hd``'s first run: the 12x12 grid (192 px, output stride 16), fine-tuned from the shipped
     ``llava-fashion`` projector (same 1280-d features, 9x the tokens), so no caption-alignment stage."""
     from lowbit.models.llava import packaged_projector_path
 
-    return ProjectorTraining(image_size=192, output_stride=16, init_from=str(packaged_projector_path()),
+    return ProjectorTraining(image_size=192, output_stride=16, init_from=str(packaged_projector_path("llava-fashion")),
                              align_steps=0, steps=450, lr=1e-3, seed=seed)
 
 
-@torch.inference_mode()
+def hd_runs(seed: int = 0) -> tuple[ProjectorTraining, ProjectorTraining]:
+    """Both runs of the shipped ``llava-fashion-hd`` build: ``hd_training``, then 600 steps on 3x the Fashion
+    images (6,000), started from the first run's projector (``init_from`` is set to that file by the builder).
+    The first run alone read 100 held-out Fashion questions at 0.81, the second at 0.89: its 144 tokens per
+    image overfit 2,000 images' worth of conversations."""
+    first = hd_training(seed)
+    return first, replace(first, n_fashion=6000, steps=600, init_from="")
+
+
 def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen vision-tower tokens [N, T, C] (float16) and pruning scores [N, T] (float32) of ``data.images``,
