@@ -99,7 +99,8 @@ def run(threads: int, batch_sizes: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
     return {"model": "lit-fashion", "recipe": "w4 formats, RTN", "threads": threads, "isa": fast.current_isa(),
             "cpu": _cpu_model(), "load_avg": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M"),
             "quant_modules": counts,
-            "optimized": {n: {"batchnorms_folded": r.batchnorm.folded, "static_padding": r.static_padding}
+            "optimized": {n: {"batchnorms_folded": r.batchnorm.folded, "static_padding": r.static_padding,
+                              "inplace_activations": r.inplace_activations}
                           for n, r in folds.items()},
             "target": "w4 image embedding <= 0.6 x fp32", "results": results}
 
