@@ -144,3 +144,9 @@ def test_checkpoints_keep_batchnorm_and_load_can_fold(lit_model: Any, pixels: to
     with torch.no_grad():
         assert torch.equal(plain.encode_image(pixels), model.encode_image(pixels))
         torch.testing.assert_close(fast_loaded.encode_image(pixels), folded.encode_image(pixels))
+    # a float built-in folds the same way (optimize= is load_model's, for every family)
+    float_folded = lowbit.load("lit-fashion", optimize=True)
+    assert sum(isinstance(m, FoldedBatchNorm) for m in float_folded.modules()) == EFFICIENTNET_LITE0_BNS
+    with torch.no_grad():
+        torch.testing.assert_close(float_folded.encode_image(pixels), lit_model.encode_image(pixels),
+                                   rtol=1e-4, atol=1e-5)

@@ -39,10 +39,20 @@ def resolve_family(name_or_path: str) -> tuple[ModelFamily, str]:
 
 
 def load_model(name_or_path: str, **options: Any) -> DualEncoder:
-    """Load any supported model in eval mode.
+    """Load any supported model in eval mode; ``optimize=True`` (any family, float or packed) then applies
+    ``lowbit.kernels.inference.optimize_for_inference_`` (BatchNorm folded into the conv before it, static
+    same-padding, in-place activations). Off by default: the model is then exactly the saved one, and a packed
+    one can be saved again (a folded model cannot).
 
     Example:
         >>> model = load_model("lit-fashion")  # doctest: +SKIP
+        >>> fast = load_model("out/w4", optimize=True)  # doctest: +SKIP
     """
+    optimize = options.pop("optimize", False)
     family, name = resolve_family(name_or_path)
-    return family.load(name, **options)
+    model = family.load(name, **options)
+    if optimize:
+        from lowbit.kernels.inference import optimize_for_inference_
+
+        optimize_for_inference_(model)
+    return model

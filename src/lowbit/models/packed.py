@@ -19,29 +19,23 @@ def is_packed_dir(path: str) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
-def load_packed(path: str, backend: str | None = None, optimize: bool = False, **_: Any) -> DualEncoder:
+def load_packed(path: str, backend: str | None = None, **_: Any) -> DualEncoder:
     """Load a packed checkpoint directory as a ready-to-run model.
 
     ``backend`` routes every packed linear / 1x1 conv through ``LINEAR_BACKENDS[backend]``: ``"cpu"`` (the
     default, ``DEFAULT_BACKEND``) is lowbit's fast kernels (int8 activations per row, error bound in
     ``lowbit.kernels.fast``; the reference path, saying so once, where the extension cannot be built);
     ``"reference"`` dequantizes once and runs float matmuls (exact float equality with the dequantized model).
-    ``optimize=True`` then applies ``lowbit.kernels.inference.optimize_for_inference_`` (BatchNorm folded into
-    the packed convs, fp16 scales re-rounded: relative 2^-11 per scale; static same-padding). Off by default:
-    the loaded model is then exactly the saved one, and it can be saved again (a folded model cannot).
+    ``lowbit.load(path, optimize=True)`` then folds BatchNorm into the packed convs (fp16 scales re-rounded:
+    relative 2^-11 per scale; see ``lowbit.models.load_model``).
 
     Example:
         >>> model = load_packed("out/w4")  # doctest: +SKIP
         >>> exact = load_packed("out/w4", backend="reference")  # doctest: +SKIP
-        >>> fast = load_packed("out/w4", optimize=True)  # doctest: +SKIP
     """
     from lowbit.checkpoint import load_quantized  # lazy: model code does not pull in the quant room
 
     model = load_quantized(path)
-    if optimize:
-        from lowbit.kernels.inference import optimize_for_inference_
-
-        optimize_for_inference_(model)
     if backend is not None:
         from lowbit.kernels.quant_linear import set_backend
 
