@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.formats import PackedWeight, check_bits, num_groups, packed_row_bytes
 from lowbit.registry import Registry
 
@@ -302,14 +303,10 @@ class QuantWeightParam(_PackedMixin):
     The module's own ``bias`` and other parameters/buffers are untouched.
     """
 
-    _classes: dict[type, type] = {}
-
     @classmethod
     def quant_class(cls, base: type) -> type:
         """The (cached) ``Quant<base>`` class."""
-        if base not in cls._classes:
-            cls._classes[base] = type(f"Quant{base.__name__}", (cls, base), {"__module__": __name__})
-        return cls._classes[base]
+        return mixed_class(cls, base, f"Quant{base.__name__}")
 
     @classmethod
     def attach_empty(

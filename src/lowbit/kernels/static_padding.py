@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.kernels.class_swap import mixed_class
 from lowbit.registry import Registry
 
 # "module.QualName" of a conv class whose forward applies TF "same" padding (total (k-1)*d at stride 1, low side
@@ -55,14 +56,10 @@ def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 class StaticSamePadding:
     """Mixin placed before a registered class: stride-1 odd-kernel forwards pad inside ``F.conv2d``."""
 
-    _classes: dict[type, type] = {}
-
     @classmethod
     def static_class(cls, base: type) -> type:
         """The (cached) ``Static<base>`` class."""
-        if base not in cls._classes:
-            cls._classes[base] = type(f"Static{base.__name__}", (cls, base), {"__module__": __name__})
-        return cls._classes[base]
+        return mixed_class(cls, base, f"Static{base.__name__}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv: nn.Conv2d = self  # type: ignore[assignment]

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import (
     QUANT_KINDS,
@@ -184,18 +185,10 @@ class VariantConv2d1x1(QuantConv2d1x1):
 class VariantWeightParam(QuantWeightParam):
     """``QuantWeightParam`` (any conv keeps its own forward) with a format's extra buffers."""
 
-    _classes: dict[type, type] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._classes = {}  # one class cache per format: PBLLM<Conv> and Base3<Conv> must differ
-
     @classmethod
     def quant_class(cls, base: type) -> type:
-        if base not in cls._classes:
-            name = f"{cls.__name__.removesuffix('WeightParam')}{base.__name__}"
-            cls._classes[base] = type(name, (cls, base), {"__module__": cls.__module__})
-        return cls._classes[base]
+        # one class per (format, base): PBLLM<Conv> and Base3<Conv> must differ
+        return mixed_class(cls, base, f"{cls.__name__.removesuffix('WeightParam')}{base.__name__}")
 
     @classmethod
     def attach_empty(cls, module: nn.Module, bits: int, group_size: int, symmetric: bool = True,
