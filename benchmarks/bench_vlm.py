@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vlm.py                  # -> benchmarks/results/vlm.json
     .venv/bin/python benchmarks/bench_vlm.py --fashion 40 --shapes 20 --quick   # smoke run
+    .venv/bin/python benchmarks/bench_vlm.py --ttft-only --rows prune,fastv,w4 --threads 1  # -> vlm-ttft.json
     .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion --rows prune,fastv,kv,w4
                                                   # -> benchmarks/results/vlm-llava-fashion.json
 
@@ -72,6 +73,45 @@ FASTV_LAYER = 2  # FastV's K for LLaVA-1.5 (32 layers); SmolLM2-135M has 30
 FASTV = {"prune_ratio": 0.5, "prune_layer": FASTV_LAYER}
 
 
+def quantized(name: str, spec: str) -> Any:
+    """A fresh copy of built-in ``name`` quantized with ``spec`` (GPTQ calibrates on image+question prompts)."""
+    import lowbit
+    from lowbit.models import load_model
+
+    m = load_model(name)
+    lowbit.quantize(m, spec, calib_data="fashion-mnist", calib_samples=CALIB_SAMPLES, progress=False)
+    return m
+
+
+def timed_variants(model: Any, quant: Any, rows_wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The rows whose time to first token is compared, in interleaved rounds: fp, the pruned variants, w4."""
+    timed = {"fp": model}
+    if "prune" in rows_wanted:
+        timed["prune-0.5"] = model.with_config(prune_ratio=0.5)
+    if "fastv" in rows_wanted:
+        timed["fastv-0.5"] = model.with_config(**FASTV)
+    if quant is not None:
+        timed["w4-language+w8-vision"] = quant
+        if "prune" in rows_wanted:
+            timed["w4+prune-0.5"] = quant.with_config(prune_ratio=0.5)
+    return timed
+
+
+def ttft_only(name: str, recipe: str, rounds: int, rows_wanted: tuple[str, ...]) -> dict[str, Any]:
+    """Only the interleaved time-to-first-token rounds (no accuracy): a quick re-time on a quiet machine."""
+    import os
+
+    from lowbit.models import load_model
+
+    quant = quantized(name, recipe) if "w4" in rows_wanted else None
+    ttft = interleaved_ttft(timed_variants(load_model(name), quant, rows_wanted), rounds)
+    cuts = {f"{k}_ttft_cut": 1 - v / ttft["fp"] for k, v in ttft.items() if k != "fp"}
+    if "w4+prune-0.5" in ttft:
+        cuts["w4+prune-0.5_ttft_cut_vs_w4"] = 1 - ttft["w4+prune-0.5"] / ttft["w4-language+w8-vision"]
+    return {"model": name, "ttft_interleaved_ms": ttft, "cuts": cuts, "rounds": rounds, "recipe": recipe,
+            "load_avg_1min": os.getloadavg()[0], "env": environment(), "threads": torch.get_num_threads()}
+
+
 def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: bool,
         rounds: int, name: str = DEFAULT_NAME, rows_wanted: tuple[str, ...] = ROWS) -> dict[str, Any]:
     import lowbit
@@ -86,11 +126,6 @@ def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: 
                                       progress=False)
                 for task, n in limits.items() if n}
 
-    def quantized(spec: str) -> Any:
-        m = load_model(name)
-        lowbit.quantize(m, spec, calib_data="fashion-mnist", calib_samples=CALIB_SAMPLES, progress=False)
-        return m
-
     rows: list[dict[str, Any]] = []
     fp = evaluate_all(model, None)
     rows.append(_row("fp", fp))
@@ -101,21 +136,16 @@ def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: 
         variants += [("kv8", {"kv_bits": 8}), ("kv4", {"kv_bits": 4})]
     for row_name, change in variants:
         rows.append(_row(row_name, evaluate_all(model.with_config(**change), fp)))
-    timed = {"fp": model}
-    if "prune" in rows_wanted:
-        timed["prune-0.5"] = model.with_config(prune_ratio=0.5)
-    if "fastv" in rows_wanted:
-        timed["fastv-0.5"] = model.with_config(**FASTV)
+    quant = None
     if "w4" in rows_wanted:
-        quant = quantized(recipe)
+        quant = quantized(name, recipe)
         rows.append(_row("w4-language+w8-vision", evaluate_all(quant, fp)) | {"recipe": recipe})
-        timed["w4-language+w8-vision"] = quant
         if "prune" in rows_wanted:
             rows.append(_row("w4+prune-0.5", evaluate_all(quant.with_config(prune_ratio=0.5), fp))
                         | {"recipe": recipe})
-            timed["w4+prune-0.5"] = quant.with_config(prune_ratio=0.5)
+    timed = timed_variants(model, quant, rows_wanted)
     if generic_recipe and not quick and "gptq" in rows_wanted:
-        generic = quantized(generic_recipe)
+        generic = quantized(name, generic_recipe)
         rows.append(_row("w4gptq-language+w8-vision", evaluate_all(generic, fp)) | {"recipe": generic_recipe})
         del generic  # ~0.5 GB: not needed for the timing rounds
     ttft = interleaved_ttft(timed, rounds)
@@ -175,6 +205,8 @@ def main() -> None:
     parser.add_argument("--generic-recipe", default=GENERIC_RECIPE, help="'' to skip the generic-grid row")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved time-to-first-token rounds")
     parser.add_argument("--quick", action="store_true", help="skip the KV-cache rows")
+    parser.add_argument("--ttft-only", action="store_true",
+                        help="only re-time time to first token (default JSON benchmarks/results/vlm-ttft.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help=f"default benchmarks/results/vlm.json ({DEFAULT_NAME}) or vlm-MODEL.json")
     args = parser.parse_args()
@@ -183,6 +215,14 @@ def main() -> None:
         parser.error(f"unknown row groups {sorted(set(rows_wanted) - set(ROWS))}; accepted: {','.join(ROWS)}")
     json_path = args.json or str(RESULTS / ("vlm.json" if args.model == DEFAULT_NAME else f"vlm-{args.model}.json"))
     torch.set_num_threads(args.threads)
+    if args.ttft_only:
+        timing = ttft_only(args.model, args.recipe, args.rounds, rows_wanted)
+        timing["command"] = (f"benchmarks/bench_vlm.py --ttft-only --model {args.model} --rows {args.rows} "
+                             f"--recipe '{args.recipe}' --rounds {args.rounds} --threads {args.threads}")
+        path = args.json or str(RESULTS / "vlm-ttft.json")
+        write_json(path, timing)
+        print(timing["ttft_interleaved_ms"], timing["cuts"], f"wrote {path}", sep="\n")
+        return
     result = run(args.fashion, args.shapes, args.recipe, args.generic_recipe, args.quick, args.rounds, args.model,
                  rows_wanted)
     result["command"] = (f"benchmarks/bench_vlm.py --model {args.model} --rows {args.rows} "
