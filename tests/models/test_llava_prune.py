@@ -84,6 +84,12 @@ def test_first_token_and_forced_tokens_follow_fastv(tiny) -> None:
     assert first.shape == (1, 1)
     assert forced_tokens(fastv, pixels, QUESTION, 1)[0, 0] == ref.first_logprobs[0].argmax()
     assert forced_tokens(fastv, pixels, QUESTION, 7).shape == (1, 7)  # stop tokens ignored: exactly n
+    # transformers' path (a 4-bit KV cache) also gives exactly n, greedy as generate_batch
+    kv4 = tiny.with_config(kv_bits=4)
+    forced = forced_tokens(kv4, pixels, QUESTION, 7)
+    assert forced.shape == (1, 7)
+    answer = generate_batch(kv4, pixels, [QUESTION], Decoding(7)).token_ids[0]
+    assert forced[0, :len(answer)].tolist() == answer
 
 
 def test_fastv_settings_that_cannot_run_give_one_line(tiny) -> None:

@@ -123,11 +123,10 @@ def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] |
                   decode_tokens: int = 32) -> dict[str, Any]:
     """Time to first token and decode speed at batch 1 on the first sample, plus sizes and peak RSS."""
     from lowbit.eval.footprint import disk_bytes, peak_rss_mib, weight_bytes
+    from lowbit.models.llava_generate import forced_tokens
 
     model = _require_llava(model)
     image, question = data.images[0], data.turns[0][0].question
-    from lowbit.models.llava_generate import forced_tokens
-
     lm = model.language
     prefill = first_token_fn(model, image, question)
 

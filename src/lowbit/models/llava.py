@@ -170,9 +170,14 @@ class LlavaModel(DualEncoder):
             tokens = prune_tokens(tokens, scores, ratio)  # [B, N', C]
         return self.projector(tokens)  # [B, N', D]
 
+    @property
+    def prunes_inside_lm(self) -> bool:
+        """Does the config drop visual tokens inside the LM (FastV: ``prune_layer`` >= 1 and a ratio > 0)?"""
+        return bool(self.config.prune_layer and self.config.prune_ratio)
+
     def in_layer_prune(self, question: str, n_visual: int) -> InLayerPrune | None:
         """The FastV step for one prompt of ``n_visual`` visual tokens (None: no pruning inside the LM)."""
-        if self.config.prune_layer == 0 or self.config.prune_ratio == 0:
+        if not self.prunes_inside_lm:
             return None
         before, _ = self.prompt_ids(question)
         return InLayerPrune(self.config.prune_layer, len(before), n_visual,

@@ -115,7 +115,7 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
     if stream is not None and len(questions) != 1:
         raise LowbitError(f"streaming answers one question at a time; received {len(questions)}")
     visual = model.visual_embeddings(pixels)  # [B, N', D]
-    if model.config.prune_layer and model.config.prune_ratio and len(questions) > 1:
+    if model.prunes_inside_lm and len(questions) > 1:
         parts = [_answer(model, visual[i:i + 1], [q], decoding, stream, first_logprobs)
                  for i, q in enumerate(questions)]
         rows = [r for part_rows, _ in parts for r in part_rows]
@@ -128,9 +128,10 @@ def generate_batch(model: LlavaModel, pixels: torch.Tensor, questions: Sequence[
 
 
 def _answer(model: LlavaModel, visual: torch.Tensor, questions: Sequence[str], decoding: Decoding,
-            stream: Callable[[str], None] | None,
-            first_logprobs: bool) -> tuple[list[list[int]], torch.Tensor | None]:
-    """New token ids per question (up to its first stop token) and the first step's logits [B, V] if asked."""
+            stream: Callable[[str], None] | None, first_logprobs: bool,
+            forced: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
+    """New token ids per question (up to its first stop token) and the first step's logits [B, V] if asked;
+    ``forced``: exactly ``decoding.max_new_tokens`` tokens, stop tokens ignored (what timing measures)."""
     embeds, mask = model.prompt_embeddings(visual, questions)  # [B, T, D], [B, T]
     room = model.context_window - embeds.shape[1]
     if room < 1:
@@ -138,12 +139,16 @@ def _answer(model: LlavaModel, visual: torch.Tensor, questions: Sequence[str], d
                           f"of {model.context_window}; accepted: a shorter question")
     tok = model.tokenizer
     stops = stop_token_ids(tok, model.language)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    if forced:
+        stops = []
     kwargs: dict[str, Any] = {
         "max_new_tokens": min(decoding.max_new_tokens, room), "do_sample": decoding.do_sample,
-        "use_cache": decoding.use_cache, "eos_token_id": stops,
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else stops[0],
+        "use_cache": decoding.use_cache, "eos_token_id": stops or None, "pad_token_id": pad_id,
         "return_dict_in_generate": True, "output_logits": first_logprobs,
     }
+    if forced:
+        kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
     else:  # say "greedy" explicitly: a checkpoint's generation_config may default to sampling
@@ -187,30 +192,8 @@ def forced_tokens(model: LlavaModel, pixels: torch.Tensor, question: str, n: int
     """Exactly ``n`` greedy new tokens [1, n] (stop tokens ignored) for one image [1, 3, H, W] and question, on
     the engine ``generate_batch`` picks (lean or transformers', with the config's pruning and KV bits): what
     time to first token (n = 1) and decode speed measure."""
-    visual = model.visual_embeddings(pixels)  # [1, N', D]
-    embeds, mask = model.prompt_embeddings(visual, [question])  # [1, T, D]
-    prune = model.in_layer_prune(question, visual.shape[1])
-    kv_bits = model.config.kv_bits
-    reason = _lean_reason(model, Decoding(n), kv_bits, mask, embeds.shape[1] + n)
-    _check_fastv(model, prune, reason)
-    if reason is None:
-        from lowbit.models.lean_decode import LeanDecoder
-
-        engine = LeanDecoder(model.language)
-        if n == 1:
-            return engine.prefill(inputs_embeds=embeds, max_len=embeds.shape[1] + 1, prune=prune).argmax(-1)[:, None]
-        return engine.generate(inputs_embeds=embeds, max_new_tokens=n, prune=prune).tokens
-    lm = model.language
-    if n == 1:
-        return lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    extra: dict[str, Any] = {}
-    if kv_bits:
-        from lowbit.models.llava_kvcache import quantized_kv_cache
-
-        extra["cache"] = quantized_kv_cache(lm.config, kv_bits)
-    return lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
-                       pad_token_id=model.tokenizer.pad_token_id or 0, **extra)
+    rows, _ = _answer(model, model.visual_embeddings(pixels), [question], Decoding(n), None, False, forced=True)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _lean_reason(model: LlavaModel, decoding: Decoding, kv_bits: int | None, mask: torch.Tensor,
