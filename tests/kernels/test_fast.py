@@ -17,7 +17,6 @@ import subprocess
 import sys
 import warnings
 import zlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from lowbit.kernels import fast
 from lowbit.kernels.formats import PackedWeight, num_groups, pack_codes
 from lowbit.kernels.quant_linear import DEFAULT_BACKEND, LINEAR_BACKENDS, QuantConv2d1x1, QuantLinear
 from lowbit.kernels.reference import reference_linear
+from tests.kernels.conftest import needs_kernels
 
 # name -> (bits, symmetric, ternary)
 FORMATS: dict[str, tuple[int, bool, bool]] = {
@@ -60,23 +60,6 @@ def make_packed(n: int, k: int, fmt: str, group: int | str, seed: int = 0) -> Pa
     scales = (torch.rand(n, ng, generator=g) * 0.05 + 0.005).to(torch.float16)
     zeros = None if symmetric else torch.randint(0, 1 << bits, (n, ng), generator=g, dtype=torch.uint8)
     return PackedWeight(pack_codes(codes, bits), scales, zeros, bits, gs, (n, k))
-
-
-def needs_kernels() -> None:
-    if not fast.is_available():
-        pytest.skip(f"kernels unavailable: {fast.unavailable_reason()}")
-
-
-@pytest.fixture(params=["scalar", "avx2", "avx512vnni"])
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test on one instruction set (skipped where the CPU lacks it), then restore the default."""
-    needs_kernels()
-    if request.param not in fast.available_isas():
-        pytest.skip(f"{request.param} not supported on this CPU")
-    before = fast.current_isa()
-    fast.set_isa(request.param)
-    yield request.param
-    fast.set_isa(before)
 
 
 def check_against_reference(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> float:

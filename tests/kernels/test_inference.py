@@ -14,6 +14,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.kernels import fast
+from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.fold_bn import SCALE_ABS_BOUND, SCALE_REL_BOUND, FoldedBatchNorm
 from lowbit.kernels.inference import optimize_for_inference_
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, set_backend
@@ -21,6 +22,7 @@ from lowbit.quant.recipe import Recipe
 
 pytestmark = pytest.mark.slow
 EFFICIENTNET_LITE0_BNS = 49  # stem + 16 MBConv blocks (2 or 3 each) + head
+EFFICIENTNET_LITE0_DEPTHWISE = 16  # one per MBConv block
 
 
 def _recipe(bits: int) -> Recipe:
@@ -59,6 +61,8 @@ def test_fp32_fold_matches(lit_model: Any, pixels: torch.Tensor) -> None:
     assert report.batchnorm.folded == EFFICIENTNET_LITE0_BNS and not report.batchnorm.skipped
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert report.inplace_activations == 17  # every block's ReLU6 and the stem/head one: all their inputs fresh
+    assert report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
+    assert sum(isinstance(m, DepthwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_DEPTHWISE
     with torch.no_grad():
         assert _rel(folded.encode_image(pixels), lit_model.encode_image(pixels)) < 1e-5
 
@@ -70,7 +74,7 @@ def test_packed_fold_on_both_backends_within_bound(lit_model: Any, pixels: torch
     folded = copy.deepcopy(model)
     report = optimize_for_inference_(folded)
     assert report.batchnorm.folded == EFFICIENTNET_LITE0_BNS and not report.batchnorm.skipped
-    assert report.static_padding > 0
+    assert report.static_padding > 0 and report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
 
     # Every folded packed conv: dequantized weight within 2^-11 (relative; 2^-25 * |q - z| for subnormal
     # scales) of the exact a * W_q, and its codes unchanged.

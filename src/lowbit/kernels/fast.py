@@ -138,6 +138,11 @@ def _extension() -> ModuleType | None:
         return ext
 
 
+def extension() -> ModuleType | None:
+    """The compiled extension (built on first call), or None where it cannot be had (after one warning)."""
+    return _state["ext"] if _state["loaded"] else _extension()  # type: ignore[return-value]
+
+
 def is_available() -> bool:
     """True if the compiled kernels can be used (builds them on first call)."""
     return _extension() is not None

@@ -8,7 +8,9 @@ per-call "same" padding copy). This applies, in place and from outside the model
 2. ``static_same_padding_`` (``lowbit.kernels.static_padding``): stride-1 TF-"same" convs pad inside the conv
    (exact);
 3. ``inplace_activations_`` (``lowbit.kernels.inplace_act``): activations whose input nothing else reads clamp
-   it in place (exact).
+   it in place (exact);
+4. ``depthwise_kernels_`` (``lowbit.kernels.depthwise``): depthwise convs run on lowbit's channels-last kernel,
+   any padding (including stride-2 TF "same") without a padded copy (float32 rounding).
 
 The same call works on a float model (an honest "fp32 with the same graph optimisations" baseline) and on a
 packed one. A folded model is for inference only: ``lowbit.save`` refuses it, so checkpoints keep their
@@ -17,8 +19,8 @@ loaded model is exactly the saved one).
 
 Example:
     >>> report = optimize_for_inference_(model)  # doctest: +SKIP
-    >>> report.batchnorm.folded, report.static_padding, report.inplace_activations  # doctest: +SKIP
-    (49, 12, 17)
+    >>> report.batchnorm.folded, report.static_padding, report.inplace_activations, report.depthwise_kernels
+    (49, 12, 17, 16)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lowbit.kernels.depthwise import depthwise_kernels_
 from lowbit.kernels.fold_bn import FoldReport, fold_batchnorm_
 from lowbit.kernels.inplace_act import inplace_activations_
 from lowbit.kernels.static_padding import static_same_padding_
@@ -34,20 +37,22 @@ from lowbit.kernels.static_padding import static_same_padding_
 
 @dataclass(frozen=True)
 class InferenceReport:
-    """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding and
-    the activation modules made in-place."""
+    """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding,
+    the activation modules made in-place and the depthwise convs put on the kernel."""
 
     batchnorm: FoldReport
     static_padding: int
     inplace_activations: int
+    depthwise_kernels: int = 0
 
 
 def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, static_padding: bool = True,
-                            inplace_activations: bool = True) -> InferenceReport:
-    """Fold BatchNorms, make stride-1 same-padding static and safe activations in-place in ``model``, in place
-    (see the module docstring). Raises ``LowbitError`` (before changing anything) if a BatchNorm2d is in
-    training mode.
+                            inplace_activations: bool = True, depthwise_kernels: bool = True) -> InferenceReport:
+    """Fold BatchNorms, make stride-1 same-padding static, safe activations in-place and depthwise convs run on
+    the kernel in ``model``, in place (see the module docstring). Raises ``LowbitError`` (before changing
+    anything) if a BatchNorm2d is in training mode.
     """
     report = fold_batchnorm_(model) if fold_batchnorm else FoldReport()  # first: BNs between conv and activation
     padded = static_same_padding_(model) if static_padding else 0
-    return InferenceReport(report, padded, inplace_activations_(model) if inplace_activations else 0)
+    inplace = inplace_activations_(model) if inplace_activations else 0
+    return InferenceReport(report, padded, inplace, depthwise_kernels_(model) if depthwise_kernels else 0)

@@ -40,7 +40,8 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _registered(module: nn.Module) -> bool:
+def registered_same_padding(module: nn.Module) -> bool:
+    """True if ``module``'s class (or a base of it) is in ``SAME_PADDING_CONVS``."""
     return any(_qualname(c) in SAME_PADDING_CONVS for c in type(module).__mro__)
 
 
@@ -76,7 +77,7 @@ def static_same_padding_(model: nn.Module) -> int:
     """
     count = 0
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and not isinstance(m, StaticSamePadding) and _registered(m) \
+        if isinstance(m, nn.Conv2d) and not isinstance(m, StaticSamePadding) and registered_same_padding(m) \
                 and _symmetric_padding(m) is not None:
             m.__class__ = StaticSamePadding.static_class(type(m))
             count += 1

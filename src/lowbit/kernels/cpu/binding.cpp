@@ -273,6 +273,38 @@ torch::Tensor repack(const torch::Tensor& qweight, int64_t bits, int64_t N, int6
   return out;
 }
 
+// Depthwise convolution (lowbit_kernels.h: DwConv) of x [B, C, H, W] (any float dtype and memory format; a
+// channels-last float32 x is read in place) with taps w [KH, KW, C]: y [B, C, OH, OW] float32, channels-last.
+torch::Tensor dwconv(const torch::Tensor& x_in, const torch::Tensor& w_in, const c10::optional<torch::Tensor>& bias,
+                     int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t oh, int64_t ow, bool clamp, double lo,
+                     double hi) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.is_floating_point() && x_in.device().is_cpu(),
+              "lowbit dwconv: x must be a float CPU tensor [B, C, H, W]");
+  TORCH_CHECK(w_in.dim() == 3 && w_in.size(2) == x_in.size(1), "lowbit dwconv: taps must be [KH, KW, C]");
+  TORCH_CHECK(sh >= 1 && sw >= 1 && pt >= 0 && pl >= 0 && oh >= 0 && ow >= 0, "lowbit dwconv: bad geometry");
+  const torch::Tensor x = x_in.to(torch::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const torch::Tensor w = w_in.to(torch::kFloat).contiguous();
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == x.size(1), "lowbit dwconv: bias must have C elements");
+  }
+  const int64_t B = x.size(0), C = x.size(1);
+  auto y = torch::empty({B, C, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const lowbit::DwConv p{x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>(), B, x.size(2), x.size(3), C, oh, ow, static_cast<int>(w.size(0)),
+                         static_cast<int>(w.size(1)), static_cast<int>(sh), static_cast<int>(sw),
+                         static_cast<int>(pt), static_cast<int>(pl), clamp, static_cast<float>(lo),
+                         static_cast<float>(hi)};
+  const KernelTable* kt = current_table().load();
+  // Chunks of output rows worth >= ~2^16 MACs (below that a parallel region costs more than it saves).
+  const int64_t row_macs = std::max<int64_t>(1, ow * C * w.size(0) * w.size(1));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / row_macs);
+  lowbit::parallel_chunks(B * oh, grain, at::get_num_threads(), [&](int64_t r0, int64_t r1) { kt->dwconv(p, r0, r1); });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -290,6 +322,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("split", &Prepared::forward_split, py::arg("x"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
+  m.def("dwconv", &dwconv, "depthwise conv over channels-last float maps (taps [KH, KW, C])", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("sh"), py::arg("sw"), py::arg("pt"), py::arg("pl"), py::arg("oh"),
+        py::arg("ow"), py::arg("clamp"), py::arg("lo"), py::arg("hi"));
   m.def("take_pool_stats", [] {
     const lowbit::PoolStats s = lowbit::take_pool_stats();
     return std::make_pair(s.caller_chunks, s.worker_chunks);

@@ -19,6 +19,7 @@
 #define LOWBIT_USE_VNNI 0
 #include "kernels_simd_impl.h"
 #include "kernels_gemm_impl.h"
+#include "kernels_dwconv_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
 #pragma GCC pop_options
@@ -26,7 +27,7 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx2_kernels() {
-  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large};
+  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large, avx2::dwconv};
   return &table;
 }
 }  // namespace lowbit

@@ -20,6 +20,7 @@
 #define LOWBIT_USE_VNNI 1
 #include "kernels_simd_impl.h"
 #include "kernels_gemm_impl.h"
+#include "kernels_dwconv_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
 #pragma GCC pop_options
@@ -28,7 +29,7 @@
 namespace lowbit {
 const KernelTable* avx512vnni_kernels() {
   static const KernelTable table{"avx512vnni", 2 * avx512vnni::kGemmPairs, avx512vnni::kGemmMB, avx512vnni::gemm_scratch_bytes, avx512vnni::quantize, avx512vnni::gemm_small,
-                                 avx512vnni::gemm_large};
+                                 avx512vnni::gemm_large, avx512vnni::dwconv};
   return &table;
 }
 }  // namespace lowbit

@@ -109,6 +109,32 @@ void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int6
 
 int64_t no_scratch(int64_t) { return 0; }
 
+// Depthwise convolution (lowbit_kernels.h: DwConv), tap by tap with bounds checks.
+void dwconv(const DwConv& p, int64_t r0, int64_t r1) {
+  const int64_t C = p.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.OH, oh = r % p.OH;
+    for (int64_t ow = 0; ow < p.OW; ++ow) {
+      float* yp = p.y + (r * p.OW + ow) * C;
+      for (int64_t c = 0; c < C; ++c) yp[c] = p.bias != nullptr ? p.bias[c] : 0.0f;
+      for (int kh = 0; kh < p.KH; ++kh) {
+        const int64_t ih = oh * p.SH - p.PT + kh;
+        if (ih < 0 || ih >= p.H) continue;
+        for (int kw = 0; kw < p.KW; ++kw) {
+          const int64_t iw = ow * p.SW - p.PL + kw;
+          if (iw < 0 || iw >= p.W) continue;
+          const float* xp = p.x + ((b * p.H + ih) * p.W + iw) * C;
+          const float* wp = p.w + (int64_t{kh} * p.KW + kw) * C;
+          for (int64_t c = 0; c < C; ++c) yp[c] += wp[c] * xp[c];
+        }
+      }
+      if (p.clamp) {
+        for (int64_t c = 0; c < C; ++c) yp[c] = std::min(std::max(yp[c], p.lo), p.hi);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 float half_to_float(uint16_t h) {
@@ -127,7 +153,7 @@ float half_to_float(uint16_t h) {
 }
 
 const KernelTable* scalar_kernels() {
-  static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large};
+  static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv};
   return &table;
 }
 

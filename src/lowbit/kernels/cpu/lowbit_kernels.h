@@ -58,6 +58,20 @@ struct Acts {
                           // that the panel GEMM's row block reads one contiguous stream
 };
 
+// A depthwise 2-D convolution (groups = channels, dilation 1, zero padding) over channels-last float maps:
+// y[b, oh, ow, c] = bias[c] + sum_{kh, kw} w[kh, kw, c] * x[b, oh*SH - PT + kh, ow*SW - PL + kw, c], taps outside
+// the image reading 0 (so the bottom / right padding is implied by OH / OW), then clamped to [lo, hi] if clamp.
+struct DwConv {
+  const float* x;     // [B, H, W, C]
+  const float* w;     // [KH, KW, C]
+  const float* bias;  // [C], or nullptr
+  float* y;           // [B, OH, OW, C]
+  int64_t B, H, W, C, OH, OW;
+  int KH, KW, SH, SW, PT, PL;
+  bool clamp;
+  float lo, hi;
+};
+
 struct KernelTable {
   const char* name;
   int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
@@ -75,6 +89,8 @@ struct KernelTable {
   // `scratch` (large_scratch(KB) bytes), then reused for every block of rows (kernels_gemm_impl.h).
   void (*gemm_large)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1,
                      int64_t m0, int64_t m1, uint8_t* scratch);
+  // Output rows [r0, r1) of the B * OH rows of a depthwise convolution (kernels_dwconv_impl.h).
+  void (*dwconv)(const DwConv& p, int64_t r0, int64_t r1);
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile

@@ -1,0 +1,125 @@
+"""Depthwise convs on lowbit's own CPU kernel: channels-last, padding never copied, bias in registers.
+
+A depthwise conv does ~10 multiply-adds per value it reads, so at mobile-CNN sizes (EfficientNet-Lite0 at
+96 px: 3x3 and 5x5 kernels, 6x6 to 48x48 maps, 32 to 1152 channels) torch's mkldnn call costs 50-150 us of
+layout reorders and dispatch for 2-20 us of arithmetic; together the 16 depthwise convs were about half of
+lit-fashion's w4 image embedding at batch 1 (``benchmarks/bench_model_e2e.py``). ``cpu/kernels_dwconv_impl.h``
+computes them over channels-last maps (channels in the vector lanes), skips the taps that fall in the zero
+padding instead of padding a copy (so the asymmetric TF-"same" padding of stride-2 convs costs nothing) and
+adds the bias before its single store. Its output is channels-last, which the packed 1x1 convs
+(``QuantConv2d1x1``) read in place, so after the first depthwise conv the tower stays channels-last.
+
+``depthwise_kernels_(model)`` re-classes each eligible conv in place to ``Dw<Class>`` (a subclass of its class:
+``isinstance``, the state dict and packed weights are unchanged). Eligible: ``groups == in == out channels``,
+dilation 1, zero padding, and a forward whose padding is known: ``nn.Conv2d``'s own (its ``padding``, also
+``"same"`` / ``"valid"``) or a class of ``static_padding.SAME_PADDING_CONVS`` (TF "same", at any stride).
+Float convs and packed ones (``QuantWeightParam``: the cached dequantized weight) alike; the kernel computes in
+float32 with each output's taps summed in a fixed order, so it matches ``F.conv2d`` to float32 rounding
+(tested). Where the kernel cannot run (extension unavailable, autograd recording, a non-CPU or non-4-D
+input) the class's own forward runs.
+
+Example:
+    >>> depthwise_kernels_(model.vision)  # doctest: +SKIP
+    16
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.kernels import fast
+from lowbit.kernels.class_swap import mixed_class
+from lowbit.kernels.static_padding import registered_same_padding
+
+_TAPS = "_lowbit_dw_taps"  # instance attribute: (weight identity, taps [KH, KW, C])
+
+
+def _forward_owner(cls: type) -> type:
+    """The class whose ``forward`` instances of ``cls`` run (mixins without a forward are skipped)."""
+    return next(c for c in cls.__mro__ if "forward" in c.__dict__)
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow "same" padding (low side, high side) of one spatial dimension: output ``ceil(size / stride)``,
+    the extra pixel of an odd total on the high side."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_padding(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) zero padding ``conv``'s forward applies to an [.., h, w] input; None when its
+    forward is not one whose padding is known (see the module docstring)."""
+    if conv.padding_mode != "zeros":
+        return None
+    kh, kw = conv.kernel_size
+    if registered_same_padding(conv) and conv.padding in ((0, 0), "valid"):
+        return (*tf_same_padding(h, kh, conv.stride[0], conv.dilation[0]),
+                *tf_same_padding(w, kw, conv.stride[1], conv.dilation[1]))
+    if _forward_owner(type(conv)) is not nn.Conv2d:
+        return None
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
+    if conv.padding == "same":  # torch: total (k - 1) * d, the low side gets total // 2
+        th, tw = (kh - 1) * conv.dilation[0], (kw - 1) * conv.dilation[1]
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    ph, pw = conv.padding
+    return ph, ph, pw, pw
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A conv the kernel computes: depthwise (one filter per channel), dilation 1, padding known."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+            and tuple(conv.dilation) == (1, 1) and conv_padding(conv, 1, 1) is not None)
+
+
+class DepthwiseKernel:
+    """Mixin placed before a depthwise conv class: its forward runs on ``cpu/kernels_dwconv_impl.h``."""
+
+    @classmethod
+    def kernel_class(cls, base: type) -> type:
+        """The (cached) ``Dw<base>`` class."""
+        return mixed_class(cls, base, f"Dw{base.__name__}")
+
+    def _taps(self) -> torch.Tensor:
+        """The weight [C, 1, KH, KW] as float32 taps [KH, KW, C], cached until the weight changes."""
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        key = (id(weight), -1 if weight.is_inference() else weight._version)
+        hit = self.__dict__.get(_TAPS)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            taps = weight.detach()[:, 0].permute(1, 2, 0).to(torch.float32).contiguous()  # [C,1,KH,KW] -> [KH,KW,C]
+        self.__dict__[_TAPS] = (key, taps, weight)  # the weight kept alive: its id cannot be reused meanwhile
+        return taps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv: nn.Conv2d = self  # type: ignore[assignment]
+        ext: Any = fast.extension()
+        recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+        if ext is None or recording or x.dim() != 4 or not x.is_cpu or not x.is_floating_point():
+            return super().forward(x)  # type: ignore[misc]
+        h, w = x.shape[-2:]
+        pads = conv_padding(conv, h, w)
+        if pads is None:  # the padding mode or class changed since the swap
+            return super().forward(x)  # type: ignore[misc]
+        pt, pb, pl, pr = pads
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+        y = ext.dwconv(x, self._taps(), conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0), False, 0.0, 0.0)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def depthwise_kernels_(model: nn.Module) -> int:
+    """Re-class every eligible depthwise conv of ``model`` to run on the kernel; returns how many. Idempotent;
+    outputs equal the convs' own to float32 rounding."""
+    count = 0
+    for m in model.modules():
+        if not isinstance(m, DepthwiseKernel) and is_depthwise(m):
+            m.__class__ = DepthwiseKernel.kernel_class(type(m))
+            count += 1
+    return count
