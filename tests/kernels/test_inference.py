@@ -17,7 +17,7 @@ from lowbit.kernels import fast
 from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.fold_bn import SCALE_ABS_BOUND, SCALE_REL_BOUND, FoldedBatchNorm
 from lowbit.kernels.inference import optimize_for_inference_
-from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, set_backend
+from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, clamp_output, set_backend
 from lowbit.quant.recipe import Recipe
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,8 @@ def test_fp32_fold_matches(lit_model: Any, pixels: torch.Tensor) -> None:
     assert report.inplace_activations == 17  # every block's ReLU6 and the stem/head one: all their inputs fresh
     assert report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
     assert sum(isinstance(m, DepthwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_DEPTHWISE
+    # Float 1x1 convs are not kernel layers: only block 0's ReLU6 (after its depthwise conv alone) is fused.
+    assert report.fused_activations == 1
     with torch.no_grad():
         assert _rel(folded.encode_image(pixels), lit_model.encode_image(pixels)) < 1e-5
 
@@ -75,6 +77,7 @@ def test_packed_fold_on_both_backends_within_bound(lit_model: Any, pixels: torch
     report = optimize_for_inference_(folded)
     assert report.batchnorm.folded == EFFICIENTNET_LITE0_BNS and not report.batchnorm.skipped
     assert report.static_padding > 0 and report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
+    assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE  # every block's ReLU6 (stem/head: float stem)
 
     # Every folded packed conv: dequantized weight within 2^-11 (relative; 2^-25 * |q - z| for subnormal
     # scales) of the exact a * W_q, and its codes unchanged.
@@ -95,7 +98,7 @@ def test_packed_fold_on_both_backends_within_bound(lit_model: Any, pixels: torch
     def check(path: str, layer: QuantLinear, args: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
         x = args[0]
         bn = modules[dict(report.batchnorm.pairs)[path]]
-        ref = bn(modules[path](x)).double()
+        ref = clamp_output(layer, bn(modules[path](x))).double()  # a fused ReLU6 (1-Lipschitz: same bound)
         xa = x.double().abs()
         if fast.is_available():
             xa = xa + xa.amax(dim=1, keepdim=True) / 254  # int8 activations: |x_hat| <= |x| + a_b / 2

@@ -33,6 +33,7 @@ from torch import nn
 
 from lowbit.kernels import fast
 from lowbit.kernels.class_swap import mixed_class
+from lowbit.kernels.quant_linear import clamp_output
 from lowbit.kernels.static_padding import registered_same_padding
 
 _TAPS = "_lowbit_dw_taps"  # instance attribute: (weight identity, taps [KH, KW, C])
@@ -97,20 +98,24 @@ class DepthwiseKernel:
         self.__dict__[_TAPS] = (key, taps, weight)  # the weight kept alive: its id cannot be reused meanwhile
         return taps
 
+    # (lo, hi) of an activation fused into the conv (``lowbit.kernels.fuse_act``): clamped before the store.
+    output_clamp: tuple[float, float] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv: nn.Conv2d = self  # type: ignore[assignment]
         ext: Any = fast.extension()
         recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-        if ext is None or recording or x.dim() != 4 or not x.is_cpu or not x.is_floating_point():
-            return super().forward(x)  # type: ignore[misc]
-        h, w = x.shape[-2:]
-        pads = conv_padding(conv, h, w)
-        if pads is None:  # the padding mode or class changed since the swap
-            return super().forward(x)  # type: ignore[misc]
+        # None also when the padding mode or class changed since the swap
+        pads = conv_padding(conv, x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
+        if ext is None or recording or pads is None or not x.is_cpu or not x.is_floating_point():
+            return clamp_output(self, super().forward(x))  # type: ignore[misc]
         pt, pb, pl, pr = pads
+        h, w = x.shape[-2:]
         (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
         oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-        y = ext.dwconv(x, self._taps(), conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0), False, 0.0, 0.0)
+        lo, hi = self.output_clamp or (0.0, 0.0)
+        y = ext.dwconv(x, self._taps(), conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
+                       self.output_clamp is not None, lo, hi)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

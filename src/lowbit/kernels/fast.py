@@ -377,7 +377,8 @@ def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
     ``x`` arrives already divided by ``input_scale``. Siblings linked by ``lowbit.kernels.fusion`` share one
     call. Where the kernels cannot run (extension unavailable, unsupported group size, ``x`` requires grad or
-    is not on the CPU) the layer's ``reference`` backend is used, with its cached dequantized weight.
+    is not on the CPU) the layer's ``reference`` backend is used, with its cached dequantized weight. A fused
+    activation (``layer.output_clamp``) is applied in the kernel's write-out.
     """
     if x.requires_grad or not x.is_cpu:
         return reference_backend(layer, x)
@@ -387,7 +388,10 @@ def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if y is not None:
             return y
     call = prepared(layer).call
-    return reference_backend(layer, x) if call is None else call(x)
+    if call is None:
+        return reference_backend(layer, x)
+    clamp = layer.output_clamp  # a fused activation: clamped in the kernel's write-out
+    return call(x) if clamp is None else call(x, True, *clamp)
 
 
 LINEAR_BACKENDS.register("cpu")(cpu_backend)

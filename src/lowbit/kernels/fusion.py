@@ -58,6 +58,7 @@ def _fusable(members: list[Any]) -> bool:
         type(m)._matmul is QuantLinear._matmul  # variants with their own matmul (e.g. PB-LLM's side) stay apart
         and not m.weight_shape[2:]  # linears, not 1x1 convs
         and m.input_scale is None  # each sibling would divide x itself: no shared input tensor left
+        and m.output_clamp is None  # an activation fused into the layer (lowbit.kernels.fuse_act)
         and (m.in_features, m.bits, m.group_size, m.zeros is None) ==
             (first.in_features, first.bits, first.group_size, first.zeros is None)
         for m in members

@@ -54,6 +54,27 @@ def join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def fresh_source(g: ModuleGraph, node: object, fresh: tuple[type[nn.Module], ...]) -> fx.Node | None:
+    """The ``call_module`` node of a ``fresh`` module (one that returns a new tensor per call) whose output
+    reaches ``node`` along a chain of identities (``FoldedBatchNorm``), every step read by its single user; None
+    if there is no such chain (another node also reads a value on the way, or something else produced it)."""
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        m = g.module(node)
+        if isinstance(m, nn.Identity) and len(node.args) == 1:
+            node = node.args[0]  # an identity returns its input object: follow it back
+        else:
+            return node if isinstance(m, fresh) else None
+    return None
+
+
+def called_outside(model: nn.Module, graphs: list[ModuleGraph]) -> set[int]:
+    """ids of the modules of ``model`` that also live outside every traced subtree (their call sites there are
+    unseen by the graphs)."""
+    traced = [g.prefix for g in graphs]
+    return {id(m) for path, m in model.named_modules(remove_duplicate=False)
+            if not any(path == p or path.startswith(f"{p}.") or not p for p in traced)}
+
+
 def module_graphs(model: nn.Module, wanted: Callable[[nn.Module], bool],
                   prefix: str = "") -> tuple[list[ModuleGraph], list[str]]:
     """(graphs of the traceable subtrees holding a ``wanted`` module, paths of untraced subtrees directly holding

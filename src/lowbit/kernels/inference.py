@@ -10,7 +10,9 @@ per-call "same" padding copy). This applies, in place and from outside the model
 3. ``inplace_activations_`` (``lowbit.kernels.inplace_act``): activations whose input nothing else reads clamp
    it in place (exact);
 4. ``depthwise_kernels_`` (``lowbit.kernels.depthwise``): depthwise convs run on lowbit's channels-last kernel,
-   any padding (including stride-2 TF "same") without a padded copy (float32 rounding).
+   any padding (including stride-2 TF "same") without a padded copy (float32 rounding);
+5. ``fuse_activations_`` (``lowbit.kernels.fuse_act``): ReLU / ReLU6 / Hardtanh whose every call site reads a
+   kernel layer's fresh output are clamped in that layer's write-out and pass their input through (exact).
 
 The same call works on a float model (an honest "fp32 with the same graph optimisations" baseline) and on a
 packed one. A folded model is for inference only: ``lowbit.save`` refuses it, so checkpoints keep their
@@ -19,8 +21,9 @@ loaded model is exactly the saved one).
 
 Example:
     >>> report = optimize_for_inference_(model)  # doctest: +SKIP
-    >>> report.batchnorm.folded, report.static_padding, report.inplace_activations, report.depthwise_kernels
-    (49, 12, 17, 16)  # doctest: +SKIP
+    >>> r = report  # doctest: +SKIP
+    >>> r.batchnorm.folded, r.static_padding, r.inplace_activations, r.depthwise_kernels, r.fused_activations
+    (49, 12, 17, 16, 16)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from lowbit.kernels.depthwise import depthwise_kernels_
 from lowbit.kernels.fold_bn import FoldReport, fold_batchnorm_
+from lowbit.kernels.fuse_act import fuse_activations_
 from lowbit.kernels.inplace_act import inplace_activations_
 from lowbit.kernels.static_padding import static_same_padding_
 
@@ -38,21 +42,26 @@ from lowbit.kernels.static_padding import static_same_padding_
 @dataclass(frozen=True)
 class InferenceReport:
     """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding,
-    the activation modules made in-place and the depthwise convs put on the kernel."""
+    the activation modules made in-place, the depthwise convs put on the kernel and the activation modules fused
+    into the layers feeding them."""
 
     batchnorm: FoldReport
     static_padding: int
     inplace_activations: int
     depthwise_kernels: int = 0
+    fused_activations: int = 0
 
 
 def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, static_padding: bool = True,
-                            inplace_activations: bool = True, depthwise_kernels: bool = True) -> InferenceReport:
-    """Fold BatchNorms, make stride-1 same-padding static, safe activations in-place and depthwise convs run on
-    the kernel in ``model``, in place (see the module docstring). Raises ``LowbitError`` (before changing
-    anything) if a BatchNorm2d is in training mode.
+                            inplace_activations: bool = True, depthwise_kernels: bool = True,
+                            fuse_activations: bool = True) -> InferenceReport:
+    """Fold BatchNorms, make stride-1 same-padding static, safe activations in-place, depthwise convs run on
+    the kernel and clamp activations fuse into the kernel layers before them in ``model``, in place (see the
+    module docstring). Raises ``LowbitError`` (before changing anything) if a BatchNorm2d is in training mode.
     """
     report = fold_batchnorm_(model) if fold_batchnorm else FoldReport()  # first: BNs between conv and activation
     padded = static_same_padding_(model) if static_padding else 0
     inplace = inplace_activations_(model) if inplace_activations else 0
-    return InferenceReport(report, padded, inplace, depthwise_kernels_(model) if depthwise_kernels else 0)
+    depthwise = depthwise_kernels_(model) if depthwise_kernels else 0
+    fused = fuse_activations_(model) if fuse_activations else 0  # last: it reads which convs are on the kernel
+    return InferenceReport(report, padded, inplace, depthwise, fused)

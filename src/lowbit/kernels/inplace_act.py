@@ -16,27 +16,14 @@ Example:
 
 from __future__ import annotations
 
-import torch.fx as fx
 from torch import nn
 
-from lowbit.kernels.graph import ModuleGraph, module_graphs
+from lowbit.kernels.graph import called_outside, fresh_source, module_graphs
 from lowbit.kernels.quant_linear import QuantLinear
 
 # Activations whose ``inplace`` flag makes their forward overwrite its input.
 INPLACE_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish)
 _FRESH_OUTPUT = (nn.Conv2d, QuantLinear, nn.modules.batchnorm._BatchNorm)  # a new tensor per call
-
-
-def _fresh_single_use(g: ModuleGraph, node: object) -> bool:
-    """``node``'s value is a fresh module output read only along one chain of identities ending at the caller."""
-    while isinstance(node, fx.Node) and len(node.users) == 1:
-        m = g.module(node)
-        if isinstance(m, _FRESH_OUTPUT):
-            return True
-        if not isinstance(m, nn.Identity) or len(node.args) != 1:
-            return False
-        node = node.args[0]  # an identity returns its input object: follow it back
-    return False
 
 
 def inplace_activations_(model: nn.Module) -> int:
@@ -49,14 +36,12 @@ def inplace_activations_(model: nn.Module) -> int:
             m = g.module(node)
             if not isinstance(m, INPLACE_ACTIVATIONS):
                 continue
-            safe = len(node.args) == 1 and not node.kwargs and _fresh_single_use(g, node.args[0])
+            safe = len(node.args) == 1 and not node.kwargs and fresh_source(g, node.args[0], _FRESH_OUTPUT) is not None
             verdict[id(m)] = verdict.get(id(m), True) and safe
             modules[id(m)] = m
     # A module also reachable outside the traced subtrees may have call sites the graphs did not see.
-    traced = [g.prefix for g in graphs]
-    for path, m in model.named_modules(remove_duplicate=False):
-        if id(m) in verdict and not any(path == p or path.startswith(f"{p}.") or not p for p in traced):
-            verdict[id(m)] = False
+    for key in called_outside(model, graphs) & verdict.keys():
+        verdict[key] = False
     count = 0
     for key, ok in verdict.items():
         m = modules[key]

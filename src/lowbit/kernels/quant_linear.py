@@ -41,12 +41,20 @@ LINEAR_BACKENDS: Registry[LinearBackend] = Registry("linear backend")
 DEFAULT_BACKEND = "cpu"  # registered by lowbit.kernels.fast (imported by lowbit.kernels/__init__)
 
 
+def clamp_output(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``y`` clamped to the layer's ``output_clamp`` (an activation fused into it, ``lowbit.kernels.fuse_act``),
+    unchanged when it has none: what every path that does not clamp inside its kernel applies."""
+    clamp = getattr(layer, "output_clamp", None)
+    return y if clamp is None else y.clamp(*clamp)
+
+
 @LINEAR_BACKENDS.register("reference")
 def reference_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (already divided by ``input_scale``) -> x @ W_q^T + bias [..., N], via the cached dequant."""
+    """x [..., K] (already divided by ``input_scale``) -> x @ W_q^T + bias [..., N], via the cached dequant
+    (then the layer's fused ``output_clamp``, if any)."""
     w = layer.dequantized_weight()  # [N, K] float32
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, w.to(x.dtype), bias)
+    return clamp_output(layer, F.linear(x, w.to(x.dtype), bias))
 
 
 # --- packed-buffer helpers shared by all quantized modules ----------------------------------------------
@@ -191,10 +199,12 @@ class QuantLinear(_PackedMixin, nn.Module):
 
     Attributes: ``bits``, ``group_size`` (effective; K when per-channel), ``symmetric``, ``in_features``,
     ``out_features``, ``weight_shape`` (original weight shape), ``backend`` (a ``LINEAR_BACKENDS`` name;
-    ``DEFAULT_BACKEND`` unless set).
+    ``DEFAULT_BACKEND`` unless set), ``output_clamp`` ((lo, hi) of an activation fused into the layer by
+    ``lowbit.kernels.fuse_act``, which every backend applies after the bias; None unless set).
     """
 
     backend: str = DEFAULT_BACKEND
+    output_clamp: tuple[float, float] | None = None
 
     def __init__(
         self,

@@ -96,7 +96,7 @@ int64_t act_group_stride(int64_t KB, int64_t rg) { return rg == 1 ? act_row_stri
 void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb, int64_t ab,
          int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp, const uint16_t* sp,
          const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N, int64_t T, const float* biasp,
-         float* yp) {
+         float* yp, bool clamp, float lo, float hi) {
   const int threads = at::get_num_threads();
   const bool small = M <= lowbit::kSmallMaxM;
   const int64_t rg = act_row_group(kt, M), ldq = act_group_stride(KB, rg);
@@ -123,7 +123,7 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
   const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
                            static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
   const lowbit::Tiles tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte,
-                            N, T, KB, G, gb};
+                            N, T, KB, G, gb, clamp, lo, hi};
   const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg};
   // Work is split in units (the fused path: two tiles; the panel GEMM: the kernel's tile group x at most
   // kLargeMChunk rows, so that small-N layers with many rows, such as pointwise convolutions, still use every
@@ -202,8 +202,9 @@ class Prepared {
     TORCH_CHECK(splits_.empty() || total == N, "lowbit linear: output splits must sum to N");
   }
 
-  // y [..., N] = x [..., K] . W^T (+ bias); x of any float dtype and layout, y has x's dtype.
-  torch::Tensor forward(const torch::Tensor& x_in) const {
+  // y [..., N] = x [..., K] . W^T (+ bias), clamped to [lo, hi] when clamp (a fused activation); x of any float
+  // dtype and layout, y has x's dtype.
+  torch::Tensor forward(const torch::Tensor& x_in, bool clamp = false, double lo = 0.0, double hi = 0.0) const {
     TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K_, "lowbit linear: x has ", x_in.size(-1),
                 " features, the weight expects K=", K_);
     TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
@@ -227,7 +228,8 @@ class Prepared {
           arena<int32_t>(buf, o_is), arena<float>(buf, o_gs), w_.data_ptr<uint8_t>(),
           reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
           zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
-          bias_.defined() ? bias_.data_ptr<float>() : nullptr, y.data_ptr<float>());
+          bias_.defined() ? bias_.data_ptr<float>() : nullptr, y.data_ptr<float>(), clamp, static_cast<float>(lo),
+          static_cast<float>(hi));
     }
     return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
   }
@@ -318,7 +320,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<int64_t>>(),
            py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
            py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("splits"))
-      .def("__call__", &Prepared::forward, py::arg("x"))
+      .def("__call__", &Prepared::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
+           py::arg("hi") = 0.0)
       .def("split", &Prepared::forward_split, py::arg("x"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));

@@ -65,6 +65,9 @@ struct GemmVnni {
   static LB_INLINE F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static LB_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
   static LB_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static LB_INLINE F clamp(F v, float lo, float hi) {
+    return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+  }
   static LB_INLINE F fload(const float* p) { return _mm512_loadu_ps(p); }
   static LB_INLINE void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
   static LB_INLINE F from_halves(__m256 lo, __m256 hi) {
@@ -101,6 +104,9 @@ struct GemmAvx2Base {
   static LB_INLINE F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static LB_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
   static LB_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static LB_INLINE F clamp(F v, float lo, float hi) {
+    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+  }
   static LB_INLINE F fload(const float* p) { return _mm256_loadu_ps(p); }
   static LB_INLINE void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
   static LB_INLINE F from_halves(__m256 lo, __m256) { return lo; }
@@ -440,7 +446,9 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
         for (int64_t v = 0; v < cv && ep.valid[v] > 0; ++v) {
           F o = D::fload(om + v * L);
           if constexpr (PC) o = D::fnma(D::fload(ep.zf[v]), D::fset1(x.gsum[m]), D::mul(o, D::fload(ep.scale[v])));
-          D::store_cols(y + m * w.N + ep.n0[v], D::add(o, D::fload(ep.bias[v])), ep.valid[v]);
+          o = D::add(o, D::fload(ep.bias[v]));
+          if (w.clamp) o = D::clamp(o, w.lo, w.hi);
+          D::store_cols(y + m * w.N + ep.n0[v], o, ep.valid[v]);
         }
       }
     }

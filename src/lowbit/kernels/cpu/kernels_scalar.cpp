@@ -92,7 +92,8 @@ void gemm(const Tiles& w, const Acts& all, const float* bias, float* y, int64_t 
           const float zf = half_to_float(w.scales[i]) * (w.zeros != nullptr ? static_cast<float>(w.zeros[i]) : 1.0f);
           o -= zf * x.gsum[m * G + g];
         }
-        y[m * w.N + n] = o + (bias != nullptr ? bias[n] : 0.0f);
+        o += bias != nullptr ? bias[n] : 0.0f;
+        y[m * w.N + n] = w.clamp ? std::min(std::max(o, w.lo), w.hi) : o;
       }
     }
   }

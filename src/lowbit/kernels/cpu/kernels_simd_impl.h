@@ -274,7 +274,9 @@ void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t ts
           o = _mm256_fnmadd_ps(zero_factor(w, s, (t0 + t) * kTileRows), _mm256_set1_ps(x.gsum[m0 + m]), o);
         }
       }
-      store_row(y + (m0 + m) * w.N + n0, _mm256_add_ps(o, bv), valid);
+      o = _mm256_add_ps(o, bv);
+      if (w.clamp) o = _mm256_min_ps(_mm256_max_ps(o, _mm256_set1_ps(w.lo)), _mm256_set1_ps(w.hi));
+      store_row(y + (m0 + m) * w.N + n0, o, valid);
     });
   });
 }

@@ -41,6 +41,9 @@ struct Tiles {
   int cb;                 // container bits: 1, 2, 4, 8
   bool full_byte;         // codes may use all 8 bits (int8 formats); else codes < 16
   int64_t N, T, KB, G, gb;  // gb: K-blocks per group (KB when G == 1)
+  // Output clamp after the bias (a fused ReLU / ReLU6: lowbit/kernels/fuse_act.py), when clamp is set.
+  bool clamp = false;
+  float lo = 0.0f, hi = 0.0f;
 };
 
 struct Acts {
