@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         if not args.model:
             raise LowbitError("`lowbit bench model` needs a MODEL argument (a built-in name or a directory)")
-        _print_json_or_table(api.bench_model(args.model), args.json)
+        _print_json_or_table(api.bench_model(args.model, optimize=args.optimize), args.json)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    p.add_argument("--optimize", action="store_true",
+                   help="bench model: load the model and its float source with optimize_for_inference_ applied")
 
     from lowbit.train.cli import register_cli as register_train_and_data
     from lowbit.train.qat_cli import register_qat_cli
