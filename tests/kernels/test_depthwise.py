@@ -157,3 +157,16 @@ def test_weight_change_refreshes_the_taps() -> None:
         conv(x)
         conv.weight.mul_(2.0)  # in place: a new version of the same tensor
         _close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1, 1, 16))
+
+
+def test_packed_weight_change_refreshes_the_taps() -> None:
+    needs_kernels()
+    conv, other = (nn.Conv2d(16, 16, 3, padding=1, groups=16) for _ in range(2))
+    for m in (conv, other):
+        QuantWeightParam.attach(m, to_packed(m.weight.detach(), QuantSpec(8)))
+    depthwise_kernels_(conv)
+    x = torch.randn(1, 16, 6, 6, generator=GEN)
+    with torch.no_grad():
+        conv(x)
+        conv.load_state_dict(other.state_dict())  # new packed codes copied into the same buffers
+        _close(conv(x), F.conv2d(x, other.weight, other.bias, 1, 1, 1, 16))

@@ -87,15 +87,21 @@ class DepthwiseKernel:
         return mixed_class(cls, base, f"Dw{base.__name__}")
 
     def _taps(self) -> torch.Tensor:
-        """The weight [C, 1, KH, KW] as float32 taps [KH, KW, C], cached until the weight changes."""
-        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
-        key = (id(weight), -1 if weight.is_inference() else weight._version)
+        """The weight [C, 1, KH, KW] as float32 taps [KH, KW, C], cached until the weight changes.
+
+        Keyed on the module's own tensors (the float ``weight`` Parameter, or the packed buffers behind a
+        ``QuantWeightParam``'s dequantizing property): reading that property costs ~5 us a call."""
+        param = self._parameters.get("weight")  # type: ignore[attr-defined]
+        key = (None if param is None else (id(param), -1 if param.is_inference() else param._version),
+               fast.buffer_state(self))  # type: ignore[arg-type]
         hit = self.__dict__.get(_TAPS)
         if hit is not None and hit[0] == key:
             return hit[1]
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
         with torch.inference_mode(False), torch.no_grad():
             taps = weight.detach()[:, 0].permute(1, 2, 0).to(torch.float32).contiguous()  # [C,1,KH,KW] -> [KH,KW,C]
-        self.__dict__[_TAPS] = (key, taps, weight)  # the weight kept alive: its id cannot be reused meanwhile
+        # The keyed tensors are kept alive with the entry, so their ids cannot be reused meanwhile.
+        self.__dict__[_TAPS] = (key, taps, param, list(self._buffers.values()))  # type: ignore[attr-defined]
         return taps
 
     # (lo, hi) of an activation fused into the conv (``lowbit.kernels.fuse_act``): clamped before the store.
