@@ -2,23 +2,44 @@
 
     .venv/bin/python benchmarks/bench_kernels.py            # full run -> benchmarks/results/kernels.{json,md}
     .venv/bin/python benchmarks/bench_kernels.py --quick    # smoke test: one small shape, few repeats
+    .venv/bin/python benchmarks/bench_kernels.py --like-avx2-machine   # -> benchmarks/results/kernels-avx2.*
 
 Every number is a median (and 10th percentile) over interleaved rounds of the same run (see
 lowbit.kernels.bench); the markdown file also checks the targets of the "fast packed low-bit kernels" issue.
+
+``--like-avx2-machine`` compares lowbit's AVX2 path with baselines that are AVX2 too where the libraries allow
+it: the run restarts itself with MKL, oneDNN and ATen limited to AVX2 (``AVX2_ENV``), so torch fp32 runs as on
+an AVX2-only CPU. fbgemm (torch dynamic int8) and ONNX Runtime's MLAS choose their instruction set from the
+CPU alone and keep AVX-512 VNNI on a CPU that has it: there the dynamic-int8 columns are stronger than an
+AVX2 machine's.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+import sys
 
-from lowbit.kernels import fast
-from lowbit.kernels.bench import BASELINES, DEFAULT_MS, DEFAULT_SHAPES, FORMATS, markdown_table, run_kernel_bench
+AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+if "--like-avx2-machine" in sys.argv and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+    # The limits are read when torch loads its libraries: restart before importing it.
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from lowbit.kernels import fast  # noqa: E402
+from lowbit.kernels.bench import (  # noqa: E402
+    BASELINES,
+    DEFAULT_MS,
+    DEFAULT_SHAPES,
+    FORMATS,
+    markdown_table,
+    run_kernel_bench,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,7 +140,13 @@ def main() -> None:
     p.add_argument("--isas", default="", help="comma list (default: every SIMD ISA available, best first)")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--json", type=Path, default=RESULTS / "kernels.json")
+    p.add_argument("--like-avx2-machine", action="store_true",
+                   help="lowbit's AVX2 path against torch fp32 limited to AVX2 (see above)")
     args = p.parse_args()
+    if args.like_avx2_machine:
+        args.isas = args.isas or "avx2"
+        if args.json == RESULTS / "kernels.json":
+            args.json = RESULTS / "kernels-avx2.json"
 
     shapes, ms, repeats, budget = DEFAULT_SHAPES, DEFAULT_MS, args.repeats, 25.0
     if args.quick:
@@ -140,6 +167,9 @@ def main() -> None:
         f"{max((r['load_avg'] for r in rows), default=float('nan')):.1f} (after: {load[0]:.1f}).",
         f"Columns `format@isa` are lowbit (ISAs this CPU runs: {', '.join(fast.available_isas())}; measured: "
         f"{', '.join(isas)}); the others are baselines measured in the same interleaved rounds.",
+        *([f"Like an AVX2 machine: torch fp32 limited to AVX2 ({', '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}); "
+           "torch dynamic int8 (fbgemm) and ONNX Runtime (MLAS) still choose AVX-512 VNNI where the CPU has it."]
+          if args.like_avx2_machine else []),
         "",
         "## Targets (medians)",
         "",
