@@ -57,3 +57,16 @@ def test_eval_writes_json(tmp_path):
     assert result["metrics"]["top1"] > 0.7
     assert result["footprint"]["latency_ms_per_image_b1"] > 0 if "latency_ms_per_image_b1" in result["footprint"] \
         else result["footprint"]
+
+
+@pytest.mark.slow
+def test_eval_optimize_keeps_the_accuracy(tmp_path):
+    tops = []
+    for extra in ((), ("--optimize",)):
+        out = tmp_path / f"r{len(extra)}.json"
+        proc = run("eval", "lit-fashion", "--task", "fashion-mnist", "--limit", "200", "--no-footprint",
+                   "--json", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr
+        tops.append(json.loads(out.read_text())["metrics"]["top1"])
+    # BatchNorm folding, the depthwise kernel and fused activations change float32 rounding only
+    assert tops[0] > 0.7 and abs(tops[1] - tops[0]) <= 0.005, tops

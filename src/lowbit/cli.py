@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.data and args.data not in DATASETS and not Path(args.data).exists():
         raise LowbitError(f"data {args.data!r} is neither a dataset ({', '.join(DATASETS.names())}) nor an "
                           "existing folder/index file (a folder with captions.csv, labels.csv or .jsonl)")
-    model = api.load(args.model)
+    model = api.load(args.model, optimize=args.optimize)
     reference = api.load(args.reference) if args.reference else None
     result = api.evaluate(
         model, args.task, limit=args.limit, data=args.data, reference=reference,
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="model to measure fidelity against (e.g. the float original)")
     p.add_argument("--json", help="write the result JSON here")
     p.add_argument("--no-footprint", action="store_true", help="skip latency/size measurement")
+    p.add_argument("--optimize", action="store_true",
+                   help="evaluate the model after optimize_for_inference_ (folded BatchNorm, depthwise kernel, fused "
+                        "activations): accuracy and latency of what a deployment runs")
 
     p = verb("chat", cmd_chat)
     p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, or a quantized one")
