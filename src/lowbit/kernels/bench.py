@@ -96,6 +96,11 @@ def _ort_session(model: Any, threads: int) -> Any:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's workers spin inside run() (kept: its latency) and, by default, for ~30 ms after it, sharing the cores
+    # with whatever runs next: measured here, lowbit int8 (M = 197, 4096^2) ran 35% slower right after an ORT
+    # call, and one ORT session's spinning slowed the next (dynamic int8 at 768x3072: 5.1 -> 1.4 ms when stopped).
+    # Stopping the spin when run() returns is fair to every library in an interleaved run, ORT included.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
@@ -198,10 +203,10 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, budget_
 
     Each round runs every callable once as a batch of back-to-back calls (sized to take ~``batch_ms``) and
     records the batch time / batch size. Before each timed batch, an idle gap of ``gap_s`` and two untimed
-    calls absorb the hand-over from the previous callable's thread pool: ONNX Runtime's workers keep
-    spinning after ``run()``, and the next library's first calls then share a core with them (measured 3 ms
-    for a 0.14 ms call) -- a cost of mixing runtimes in one process, not of either kernel. Rounds are
-    repeated ``repeats`` times (at least 3, fewer if ``budget_s`` runs out).
+    calls absorb the hand-over from the previous callable's thread pool (OpenMP workers spinning after a torch
+    op; ONNX Runtime's sessions stop theirs when ``run()`` returns, see ``_ort_session``) -- a cost of mixing
+    runtimes in one process, not of either kernel. Rounds are repeated ``repeats`` times (at least 3, fewer if
+    ``budget_s`` runs out).
     """
     batch: dict[str, int] = {}
     for name, fn in calls.items():  # warm-up, and the batch size from one timed call
