@@ -191,7 +191,7 @@ def fastv_reference(model, ids: torch.Tensor, prune) -> tuple[torch.Tensor, obje
 
 @pytest.mark.parametrize(("layer", "kv_heads"), [(1, 2), (2, 4), (2, 1)])
 def test_fastv_prune_inside_the_lm_matches_masked_transformers(layer: int, kv_heads: int) -> None:
-    from lowbit.models.llava_prune import InLayerPrune
+    from lowbit.models.token_pruning import InLayerPrune
 
     model = tiny_lm(kv_heads=kv_heads)
     model.config._attn_implementation = "eager"  # the reference needs materialised masks and attention maps
@@ -213,7 +213,7 @@ def test_fastv_prune_inside_the_lm_matches_masked_transformers(layer: int, kv_he
 
 
 def test_fastv_bad_settings_give_one_line() -> None:
-    from lowbit.models.llava_prune import InLayerPrune
+    from lowbit.models.token_pruning import InLayerPrune
 
     engine = LeanDecoder(tiny_lm())
     ids = prompt()

@@ -209,7 +209,7 @@ def test_pruning_aware_answer_loss_reads_the_tokens_inference_keeps(tiny) -> Non
 
 
 def test_pruning_ratio_zero_equals_no_pruning(tiny) -> None:
-    from lowbit.models.llava_prune import prune_tokens
+    from lowbit.models.token_pruning import prune_tokens
 
     tokens, scores = torch.randn(2, 16, 8), torch.rand(2, 16)
     assert prune_tokens(tokens, scores, 0.0) is tokens

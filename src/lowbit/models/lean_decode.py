@@ -13,7 +13,7 @@ whole token. ``LeanDecoder`` runs the same model with only what a decoder step n
   where the same kernels run), ``F.scaled_dot_product_attention`` with GQA: causal for the prefill, plain for
   a one-token step over the filled prefix;
 * prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position; optionally
-  FastV (``llava_prune.InLayerPrune``): after layer k only the kept prompt positions go on, so each layer's
+  FastV (``token_pruning.InLayerPrune``): after layer k only the kept prompt positions go on, so each layer's
   KV cache fills from its own offset;
 * greedy or sampled tokens (transformers' temperature / top-k / top-p warpers, a seeded generator), stop
   ids, a per-token callback.
@@ -45,7 +45,7 @@ from transformers.generation.logits_process import (
 )
 
 from lowbit.errors import LowbitError
-from lowbit.models.llava_prune import InLayerPrune, attention_received
+from lowbit.models.token_pruning import InLayerPrune, attention_received
 from lowbit.registry import Registry
 
 # model_type -> attention window of a config (None: full causal attention). Registered types have Llama's
@@ -302,7 +302,7 @@ class LeanDecoder:
         """Reset and run the prompt (ids [B, T] or embeddings [B, T, D]); logits [B, V] of its last position.
 
         ``max_len`` (default: the prompt length + 256) sizes the KV cache; ``prune`` drops visual tokens after
-        a layer (FastV, ``llava_prune.InLayerPrune``); the positions of later tokens are not renumbered.
+        a layer (FastV, ``token_pruning.InLayerPrune``); the positions of later tokens are not renumbered.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise LowbitError("give exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")

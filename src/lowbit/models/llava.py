@@ -38,8 +38,8 @@ from torch import nn
 from lowbit.errors import LowbitError, unknown_choice
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 from lowbit.models.llava_chat import prompt_ids, render
-from lowbit.models.llava_prune import InLayerPrune, kept_count, prune_tokens
 from lowbit.models.llava_vision import OUTPUT_STRIDES, Preprocess, VisualTokens
+from lowbit.models.token_pruning import InLayerPrune, kept_count, prune_tokens
 
 # Built-in VLMs: the same tower, projector shape and LM; each ships its projector under assets/NAME/.
 # The default, llava-fashion-hd, reads a 12x12 grid (192 px, output stride 16: 144 visual tokens), the regime
@@ -58,7 +58,7 @@ class LlavaConfig:
 
     ``prune_ratio``: share of visual tokens dropped (0 = keep all); ``prune_layer`` where: 0 before the LM,
     ranked by the tower's ``scores`` (see ``llava_vision``), or k >= 1 inside it after its first k layers,
-    ranked by the attention they receive there (FastV, ``llava_prune``; runs on the lean decoding engine);
+    ranked by the attention they receive there (FastV, ``token_pruning``; runs on the lean decoding engine);
     ``system``: the system message of every prompt (None = the template's).
     """
 

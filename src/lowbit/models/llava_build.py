@@ -32,7 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
 from lowbit.models.llava import LlavaConfig, LlavaModel, from_parts
 from lowbit.models.llava_chat import IGNORE_INDEX, encode_conversation
-from lowbit.models.llava_prune import prune_tokens
+from lowbit.models.token_pruning import prune_tokens
 from lowbit.paths import lowbit_home
 
 

@@ -26,7 +26,7 @@ from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
     from lowbit.models.llava import LlavaModel
-    from lowbit.models.llava_prune import InLayerPrune
+    from lowbit.models.token_pruning import InLayerPrune
 
 ImageLike = Image.Image | str | os.PathLike[str] | bytes
 
