@@ -170,3 +170,19 @@ def test_packed_weight_change_refreshes_the_taps() -> None:
         conv(x)
         conv.load_state_dict(other.state_dict())  # new packed codes copied into the same buffers
         _close(conv(x), F.conv2d(x, other.weight, other.bias, 1, 1, 1, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_float_dtypes_compute_in_float32_and_keep_their_dtype(dtype: torch.dtype) -> None:
+    needs_kernels()
+    conv = nn.Conv2d(24, 24, 3, padding=1, groups=24).to(dtype)
+    x = torch.randn(2, 24, 9, 7, generator=GEN).to(dtype)
+    with torch.no_grad():
+        ref = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), 1, 1, 1, 24)
+        depthwise_kernels_(conv)
+        y = conv(x)
+    assert y.dtype == dtype
+    if dtype == torch.float64:
+        _close(y.float(), ref)
+    else:  # bfloat16: the output's own rounding (8 bits of mantissa)
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
