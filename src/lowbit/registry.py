@@ -10,6 +10,11 @@ from lowbit.errors import unknown_choice
 T = TypeVar("T")
 
 
+def qualname(cls: type) -> str:
+    """"module.QualName" of a class: how registries keyed by class name (never by substrings) spell it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class Registry(Generic[T]):
     """Maps names to objects. ``kind`` appears in error messages ("unknown task 'x'; choose one of ...").
 
@@ -38,6 +43,14 @@ class Registry(Generic[T]):
         if name not in self._items:
             raise unknown_choice(self.kind, name, list(self._items))
         return self._items[name]
+
+    def for_class(self, cls: type) -> T | None:
+        """The entry registered under the qualified name of ``cls`` or its nearest base (MRO order), else None."""
+        for c in cls.__mro__:
+            name = qualname(c)
+            if name in self._items:
+                return self._items[name]
+        return None
 
     def names(self) -> list[str]:
         return sorted(self._items)

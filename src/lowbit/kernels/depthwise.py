@@ -36,7 +36,7 @@ from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.quant_linear import clamp_output
 from lowbit.kernels.static_padding import registered_same_padding
 
-_TAPS = "_lowbit_dw_taps"  # instance attribute: (weight identity, taps [KH, KW, C])
+_TAPS = "_lowbit_dw_taps"  # instance attribute: (identity of the weight's tensors, taps [KH, KW, C], the tensors)
 
 
 def _forward_owner(cls: type) -> type:

@@ -321,7 +321,7 @@ def linear(
     """
     if input_scale is not None:
         x = x / input_scale.to(x.dtype)
-    ext = _state["ext"] if _state["loaded"] else _extension()
+    ext = extension()
     if ext is None or handle.tiles is None or x.requires_grad or not x.is_cpu:
         return reference_linear(x, handle.packed, bias)
     # Reshaping to [M, K], dtype conversions and the output view all happen in C++ (cheaper per call).

@@ -46,11 +46,8 @@ CLAMP_ACTIVATIONS.register("torch.nn.modules.activation.Hardtanh")(
 
 def clamp_of(module: nn.Module) -> tuple[float, float] | None:
     """(lo, hi) of a registered clamp activation (or a subclass), else None."""
-    for cls in type(module).__mro__:
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        if name in CLAMP_ACTIVATIONS:
-            return CLAMP_ACTIVATIONS.get(name)(module)
-    return None
+    clamp = CLAMP_ACTIVATIONS.for_class(type(module))
+    return None if clamp is None else clamp(module)
 
 
 def _kernel_layer(m: nn.Module | None) -> bool:

@@ -32,7 +32,7 @@ from torch import nn
 
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import QuantLinear
-from lowbit.registry import Registry
+from lowbit.registry import Registry, qualname
 
 # "module.QualName" of a parent class -> groups of child attribute names that its forward calls on one input.
 SHARED_INPUT_CHILDREN: Registry[tuple[tuple[str, ...], ...]] = Registry("shared-input projection parent")
@@ -43,10 +43,6 @@ SHARED_INPUT_CHILDREN.register("transformers.models.llama.modeling_llama.LlamaAt
 SHARED_INPUT_CHILDREN.register("transformers.models.llama.modeling_llama.LlamaMLP")((("gate_proj", "up_proj"),))
 
 GROUP_ATTR = "_lowbit_shared"  # QuantLinear attribute: (SharedInputGroup, index) of a linked sibling
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _fusable(members: list[Any]) -> bool:
@@ -73,7 +69,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     """
     groups = 0
     for parent in model.modules():
-        name = _qualname(type(parent))
+        name = qualname(type(parent))
         if name not in SHARED_INPUT_CHILDREN:
             continue
         for names in SHARED_INPUT_CHILDREN.get(name):

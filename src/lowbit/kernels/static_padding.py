@@ -36,13 +36,9 @@ SAME_PADDING_CONVS.register("efficientnet_lite_pytorch.utils.Conv2dDynamicSamePa
     "efficientnet-lite-pytorch: pads (k-1)*d at stride 1 with F.pad, then conv2d with padding 0")
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def registered_same_padding(module: nn.Module) -> bool:
     """True if ``module``'s class (or a base of it) is in ``SAME_PADDING_CONVS``."""
-    return any(_qualname(c) in SAME_PADDING_CONVS for c in type(module).__mro__)
+    return SAME_PADDING_CONVS.for_class(type(module)) is not None
 
 
 def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:

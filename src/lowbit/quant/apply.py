@@ -32,7 +32,7 @@ from lowbit.quant.report import (
     ModuleQuant,
     QuantReport,
 )
-from lowbit.registry import Registry
+from lowbit.registry import Registry, qualname
 
 # nn.Conv2d subclasses whose forward, for a 1x1 stride-1 kernel, is exactly a plain conv (so a channel-wise
 # linear may replace them). Keyed by "module.QualName"; subclasses not listed keep their own forward (kind conv).
@@ -42,10 +42,6 @@ POINTWISE_CONV_CLASSES.register("efficientnet_lite_pytorch.utils.Conv2dDynamicSa
     "TF 'same' padding is zero for a 1x1 stride-1 kernel")
 POINTWISE_CONV_CLASSES.register("efficientnet_lite_pytorch.utils.Conv2dStaticSamePadding")(
     "static 'same' padding is Identity for a 1x1 stride-1 kernel")
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def layer_kind(module: nn.Module) -> tuple[str | None, str]:
@@ -62,7 +58,7 @@ def layer_kind(module: nn.Module) -> tuple[str | None, str]:
             and module.groups == 1
             and (module.padding in ("valid", "same") or tuple(module.padding) == (0, 0))
         )
-        plain = cls.forward is nn.Conv2d.forward or _qualname(cls) in POINTWISE_CONV_CLASSES
+        plain = cls.forward is nn.Conv2d.forward or qualname(cls) in POINTWISE_CONV_CLASSES
         return ("conv1x1" if pointwise and plain else "conv"), ""
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return None, f"{cls.__name__} is not supported (lowbit quantizes nn.Linear and nn.Conv2d)"
