@@ -1,9 +1,11 @@
 """Depthwise convs on lowbit's own CPU kernel: channels-last, padding never copied, bias in registers.
 
 A depthwise conv does ~10 multiply-adds per value it reads, so at mobile-CNN sizes (EfficientNet-Lite0 at
-96 px: 3x3 and 5x5 kernels, 6x6 to 48x48 maps, 32 to 1152 channels) torch's mkldnn call costs 50-150 us of
-layout reorders and dispatch for 2-20 us of arithmetic; together the 16 depthwise convs were about half of
-lit-fashion's w4 image embedding at batch 1 (``benchmarks/bench_model_e2e.py``). ``cpu/kernels_dwconv_impl.h``
+96 px: 3x3 and 5x5 kernels, 3x3 to 48x48 maps, 32 to 1152 channels) torch's call (``F.pad`` for the TF
+"same" padding, then mkldnn) is dominated by padding copies, layout reorders and dispatch: lit-fashion's 16
+depthwise convs take 66-173 us each as loaded, 13-40 us on this kernel, 1.50 -> 0.39 ms in all at batch 1 and
+27.1 -> 9.3 ms at batch 32 (1 thread, ``benchmarks/bench_depthwise.py``); before, they were about half of the
+w4 image embedding at batch 1. ``cpu/kernels_dwconv_impl.h``
 computes them over channels-last maps (channels in the vector lanes), skips the taps that fall in the zero
 padding instead of padding a copy (so the asymmetric TF-"same" padding of stride-2 convs costs nothing) and
 adds the bias before its single store. Its output is channels-last, which the packed 1x1 convs
