@@ -99,11 +99,29 @@ def test_tf_same_padding(size: int, k: int, s: int, expected: tuple[int, int]) -
     assert (size + lo + hi - k) // s + 1 == -(-size // s)  # output ceil(size / stride)
 
 
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Route ``fast.extension()`` through a proxy that records each ``dwconv`` call."""
+    ext, calls = fast.extension(), []
+
+    class Counting:
+        def __getattr__(self, name: str) -> object:
+            return getattr(ext, name)
+
+        def dwconv(self, *args: object) -> torch.Tensor:
+            calls.append(1)
+            return ext.dwconv(*args)
+
+    monkeypatch.setattr(fast, "extension", lambda: Counting())
+    return calls
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(("kind", "stride"), [("same", 1), ("same", 2), ("plain", 1), ("plain", 2), ("torch-same", 1)])
-def test_swapped_convs_equal_their_own_forward(kind: str, stride: int, packed: bool) -> None:
+def test_swapped_convs_equal_their_own_forward(kind: str, stride: int, packed: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     needs_kernels()
+    calls = _count_kernel_calls(monkeypatch)
     if kind == "same":
         conv: nn.Conv2d = Conv2dDynamicSamePadding(24, 24, 5, stride=stride, groups=24)
     elif kind == "plain":
@@ -124,6 +142,7 @@ def test_swapped_convs_equal_their_own_forward(kind: str, stride: int, packed: b
         _close(conv(x), before)
         with torch.inference_mode():
             _close(conv(x), before)
+    assert calls == [1, 1]  # both ran on the kernel, not the class's own forward
     # Autograd recording runs the class's own forward (gradients flow).
     xg = x.clone().requires_grad_(True)
     conv(xg).sum().backward()

@@ -42,8 +42,9 @@ _TAPS = "_lowbit_dw_taps"  # instance attribute: (identity of the weight's tenso
 
 
 def _forward_owner(cls: type) -> type:
-    """The class whose ``forward`` instances of ``cls`` run (mixins without a forward are skipped)."""
-    return next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    """The class whose ``forward`` instances of ``cls`` run, ignoring ``DepthwiseKernel`` itself (the forward whose
+    padding the kernel reproduces) and mixins without a forward."""
+    return next(c for c in cls.__mro__ if "forward" in c.__dict__ and c is not DepthwiseKernel)
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:

@@ -20,10 +20,10 @@ BatchNorms; ``lowbit.load(packed_dir, optimize=True)`` applies this after loadin
 loaded model is exactly the saved one).
 
 Example:
-    >>> report = optimize_for_inference_(model)  # doctest: +SKIP
-    >>> r = report  # doctest: +SKIP
-    >>> r.batchnorm.folded, r.static_padding, r.inplace_activations, r.depthwise_kernels, r.fused_activations
-    (49, 12, 17, 16, 16)  # doctest: +SKIP
+    >>> r = optimize_for_inference_(model)  # doctest: +SKIP
+    >>> (r.batchnorm.folded, r.static_padding, r.inplace_activations,  # doctest: +SKIP
+    ...  r.depthwise_kernels, r.fused_activations)
+    (49, 12, 17, 16, 16)
 """
 
 from __future__ import annotations
