@@ -62,8 +62,9 @@ def make_packed(n: int, k: int, fmt: str, group: int | str, seed: int = 0) -> Pa
     return PackedWeight(pack_codes(codes, bits), scales, zeros, bits, gs, (n, k))
 
 
-def check_against_reference(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> float:
-    handle = fast.prepare(packed)
+def check_against_reference(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None,
+                            act_block: int | str | None = None) -> float:
+    handle = fast.prepare(packed, act_block=act_block)
     assert handle.tiles is not None, handle.reason
     y = fast.linear(x, handle, bias)
     ref = reference_linear(x, packed, bias, dtype=torch.float64).double()

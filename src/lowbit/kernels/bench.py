@@ -41,12 +41,14 @@ from lowbit.kernels.reference import reference_linear
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """A benchmarked weight format: bit width, group size (None = per-channel), symmetry, ternary codes."""
+    """A benchmarked weight format: bit width, group size (None = per-channel), symmetry, ternary codes, and the
+    kernels' activation quantization blocks (``act_block``, ``quant_linear.set_act_block``; None: default)."""
 
     bits: int
     group_size: int | None
     symmetric: bool = True
     ternary: bool = False
+    act_block: int | str | None = None
 
 
 FORMATS: dict[str, FormatSpec] = {
@@ -58,6 +60,10 @@ FORMATS: dict[str, FormatSpec] = {
     "int2_g64": FormatSpec(2, 64),
     "ternary": FormatSpec(2, None, ternary=True),
     "binary": FormatSpec(1, None),
+    # The same weights with one activation scale per row (the activation rounding of fast CPU runtimes: ONNX
+    # Runtime's and fbgemm's dynamic int8 use one per tensor): more integer work per float conversion at large M.
+    "int8_rowact": FormatSpec(8, None, act_block="row"),
+    "int4_g128_rowact": FormatSpec(4, 128, act_block="row"),
 }
 BASELINES: tuple[str, ...] = ("fp32", "torch_dyn_int8", "ort_fp32", "ort_nbits4", "ort_dyn_int8")
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008))
@@ -286,7 +292,8 @@ def run_kernel_bench(
         for k, n in shapes:
             bw = max(bw, measure_read_bandwidth())  # the least disturbed measurement is the closest to the truth
             w = torch.randn(n, k) * 0.02
-            handles = {f: fast.prepare(make_format_weight(k, n, FORMATS[f], seed=i)) for i, f in enumerate(formats)}
+            handles = {f: fast.prepare(make_format_weight(k, n, FORMATS[f], seed=i), act_block=FORMATS[f].act_block)
+                       for i, f in enumerate(formats)}
             for m in ms:
                 x = torch.randn(m, k)
                 calls = _baseline_callables(w, x, baselines, threads)

@@ -55,6 +55,7 @@ def _fusable(members: list[Any]) -> bool:
         and not m.weight_shape[2:]  # linears, not 1x1 convs
         and m.input_scale is None  # each sibling would divide x itself: no shared input tensor left
         and m.output_clamp is None  # an activation fused into the layer (lowbit.kernels.fuse_act)
+        and m.act_block == first.act_block  # one activation quantization for the shared call
         and (m.in_features, m.bits, m.group_size, m.zeros is None) ==
             (first.in_features, first.bits, first.group_size, first.zeros is None)
         for m in members
@@ -118,16 +119,20 @@ class SharedInputGroup:
         self.__init__(state["members"])  # type: ignore[misc]
 
     def _handle(self) -> Any:
-        """The fused prepared weight (``fast.FastWeight``), rebuilt when any sibling's buffers change."""
+        """The fused prepared weight (``fast.FastWeight``), rebuilt when any sibling's buffers change; None while
+        the siblings' ``act_block`` differ (set after fusing: each then quantizes its input its own way)."""
         from lowbit.kernels import fast
 
-        state = tuple(fast.buffer_state(m) for m in self.members)
+        act_block = self.members[0].act_block
+        if any(m.act_block != act_block for m in self.members):
+            return None
+        state = (tuple(fast.buffer_state(m) for m in self.members), act_block)
         hit = self._prepared
         if hit is not None and hit[0] == state:
             return hit[1]
         with torch.inference_mode(False), torch.no_grad():
             packed, bias = _concat(self.members)
-            handle = fast.prepare(packed, bias, splits=[m.out_features for m in self.members])
+            handle = fast.prepare(packed, bias, splits=[m.out_features for m in self.members], act_block=act_block)
         # The buffers are kept alive with the state: their ids cannot be reused while it is compared.
         self._prepared = (state, handle, [list(m._buffers.values()) for m in self.members])
         return handle
@@ -136,7 +141,7 @@ class SharedInputGroup:
         """Every sibling's output for ``x`` [..., K] in one kernel call (a caller holding the whole group, e.g.
         ``lowbit.models.lean_decode``), or None if the kernels cannot serve them."""
         handle = self._handle()
-        return None if handle.call is None else handle.call.split(x)
+        return None if handle is None or handle.call is None else handle.call.split(x)
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Sibling ``index``'s output for ``x`` [..., K], or None if the kernels cannot serve it (caller falls back)."""
@@ -152,7 +157,7 @@ class SharedInputGroup:
                     local.pending = None
                 return out
         handle = self._handle()
-        if handle.call is None:
+        if handle is None or handle.call is None:
             return None
         outs = handle.call.split(x)
         out = outs[index]

@@ -200,11 +200,14 @@ class QuantLinear(_PackedMixin, nn.Module):
     Attributes: ``bits``, ``group_size`` (effective; K when per-channel), ``symmetric``, ``in_features``,
     ``out_features``, ``weight_shape`` (original weight shape), ``backend`` (a ``LINEAR_BACKENDS`` name;
     ``DEFAULT_BACKEND`` unless set), ``output_clamp`` ((lo, hi) of an activation fused into the layer by
-    ``lowbit.kernels.fuse_act``, which every backend applies after the bias; None unless set).
+    ``lowbit.kernels.fuse_act``, which every backend applies after the bias; None unless set), ``act_block``
+    (inputs per activation quantization block of the fast CPU kernels, see ``set_act_block``; None: their
+    default of 128).
     """
 
     backend: str = DEFAULT_BACKEND
     output_clamp: tuple[float, float] | None = None
+    act_block: int | str | None = None
 
     def __init__(
         self,
@@ -365,6 +368,34 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.backend = backend
+
+
+ROW_ACT_BLOCK = "row"  # act_block: one activation scale per row (the whole K), as ONNX Runtime / fbgemm use
+
+
+def check_act_block(act_block: int | str | None) -> None:
+    """Raise ``LowbitError`` unless ``act_block`` is None, ``"row"`` or a positive multiple of 32."""
+    if act_block is None or act_block == ROW_ACT_BLOCK:
+        return
+    if isinstance(act_block, bool) or not isinstance(act_block, int) or act_block <= 0 or act_block % 32:
+        raise LowbitError(f"act_block {act_block!r} is not accepted: use a positive multiple of 32, "
+                          f"{ROW_ACT_BLOCK!r} or None (the kernels' default, 128)")
+
+
+def set_act_block(model: nn.Module, act_block: int | str | None) -> None:
+    """Set how finely the fast CPU kernels quantize activations, for every ``QuantLinear`` in ``model``.
+
+    The kernels round each row of x to int8 with one scale per block of ``act_block`` inputs. Finer blocks follow
+    outliers more closely; coarser blocks let the large-batch GEMM sum more integer products per float
+    conversion. ``None`` (default) means 128; ``"row"`` means one scale per row over the whole K, as fast CPU
+    runtimes do (ONNX Runtime and fbgemm dynamic int8 even use one scale per tensor). For grouped weights a
+    block must divide the group or span the row. The stated error bound (``lowbit.kernels.fast``) holds for
+    every choice, with its ``a_b`` taken over the chosen blocks. The reference backend is exact and ignores it.
+    """
+    check_act_block(act_block)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.act_block = act_block
 
 
 # --- kinds: float module -> quantized module, and empty modules for loading ------------------------------

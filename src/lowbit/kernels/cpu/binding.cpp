@@ -191,8 +191,9 @@ class Prepared {
       zero_const_ = 1.0f;  // the zero points come from `zeros`
     }
     TORCH_CHECK(gb >= 1 && gb * (G_ - 1) < KB_ && gb * G_ >= KB_, "lowbit linear: group blocks do not tile K");
-    TORCH_CHECK(ab >= 1 && (G_ == 1 || gb % ab == 0),
-                "lowbit linear: activation blocks must divide the weight groups");
+    TORCH_CHECK(ab >= 1 && (G_ == 1 || gb % ab == 0 || ab >= KB_),
+                "lowbit linear: activation blocks must divide the weight groups or span the whole row");
+    ab_ = std::min(ab, KB_);  // one block spanning the row: one activation scale per row
     if (bias.has_value() && bias->defined()) {
       bias_ = bias->to(torch::kFloat).contiguous();
       TORCH_CHECK(bias_.numel() == N, "lowbit linear: bias must have N elements");

@@ -234,16 +234,37 @@ struct Epilogue {
   int64_t n0[kGemmPairs * 2], valid[kGemmPairs * 2];
 };
 
-// Rows [m0, m0+MB) x CV vectors of the chunk panel (K-blocks [c0, c1)); partial sums added into ob (row
-// stride kRowFloats, row 0 = m0 - mbase). gsc / gzf: the chunk's group scales and zero-point factors.
-template <class D, int MB, int CV, bool PC, int AB>
-void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float* gsc, const float* gzf,
-                int64_t m0, int64_t c0, int64_t c1, float* ob) {
+// What a row block reads and writes besides the tiles and activations: the chunk panel, its group scales and
+// zero-point factors, the float buffer at the block's first row (row stride kRowFloats), the panel's
+// epilogue and y.
+struct BlockIO {
+  const uint8_t* panel;
+  const float* gsc;
+  const float* gzf;
+  float* ob;
+  const Epilogue* ep;
+  float* y;
+};
+
+// Rows [m0, m0+MB) x CV vectors of the chunk panel (K-blocks [c0, c1)); partial sums added into io.ob, and
+// after the row's last K-block written to y through the epilogue (per-channel scale and zero-point term, or the
+// row's activation scale; bias; clamp), so the buffer is never re-read for the write-out. AB:
+// K-blocks whose integer dots are summed before one float conversion (they share an activation scale and,
+// grouped, a weight group). ROW (grouped weights, one activation scale per row): the sums are scaled by the
+// group scale alone; the write-out applies the row's activation scale.
+template <class D, int MB, int CV, bool PC, int AB, bool ROW>
+void gemm_block(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0, int64_t c0, int64_t c1) {
   using F = typename D::F;
   constexpr int L = kLanes<D>, VPP = kVecPerPair<D>;
   constexpr int64_t qbytes = kPairBytes * D::kVecs;       // panel bytes of one pair per unpacked vector j
   constexpr int64_t jbytes = qbytes * kGemmPairs;         // ... of all pairs
   const int64_t KB = w.KB, G = w.G;
+  const uint8_t* panel = io.panel;
+  const float *gsc = io.gsc, *gzf = io.gzf;
+  const Epilogue& ep = *io.ep;
+  float* const ob = io.ob;
+  float* const y = io.y;
+  const float* const xa = x.a;
   // Symmetric formats with an integral zero point (and int32 sums): sum (q - zint) * xq in the integer sums,
   // starting them at (kOffset - zint) * sum xq; otherwise the zero-point term goes through gsum in float.
   const bool zfold = !PC && w.zint != 0;
@@ -301,18 +322,53 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float
       }
     });
     const int64_t a1 = a0 + NB, g = a0 / w.gb, gl = g - c0 / w.gb;
-    const bool zterm = !PC && !zfold && (a1 % w.gb == 0 || a1 == KB);  // end of group g: its gsum term
-    static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
-      const F am = D::fset1(x.a[(m0 + m) * KB + a0]);
-      const F gs = D::fset1(zterm ? x.gsum[(m0 + m) * G + g] : 0.0f);
-      static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
-        float* o = ob + m * kRowFloats + v * L;
-        const F c = PC ? am : D::mul(am, D::fload(gsc + gl * kRowFloats + v * L));
-        F r = D::fma(D::to_float(acc[m][v]), c, D::fload(o));
-        if (zterm) r = D::fnma(D::fload(gzf + gl * kRowFloats + v * L), gs, r);
-        D::fstore(o, r);
+    // The float step, one compiled copy per case so that no test runs per accumulator: STAGE bit 1 (the row's
+    // first K-blocks) starts ob instead of adding into it, bit 2 (its last) writes y through the epilogue
+    // instead of ob; Z: the end of group g with its gsum term (grouped formats without a folded zero point).
+    auto convert = [&](auto stage_c, auto z_c) __attribute__((always_inline)) {
+      constexpr int STAGE = decltype(stage_c)::value;
+      constexpr bool Z = decltype(z_c)::value;
+      static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
+        const int64_t row = m0 + m;
+        const F am = D::fset1(ROW ? 0.0f : xa[row * KB + a0]);
+        const F gs = D::fset1(Z ? x.gsum[row * G + g] : 0.0f);
+        static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
+          float* o = ob + m * kRowFloats + v * L;
+          const float* gv = gsc + gl * kRowFloats + v * L;
+          const F c = PC ? am : ROW ? D::fload(gv) : D::mul(am, D::fload(gv));
+          const F part = D::to_float(acc[m][v]);
+          F r = (STAGE & 1) ? D::mul(part, c) : D::fma(part, c, D::fload(o));
+          if constexpr (Z) r = D::fnma(D::fload(gzf + gl * kRowFloats + v * L), gs, r);
+          if constexpr (!(STAGE & 2)) {
+            D::fstore(o, r);
+          } else if (ep.valid[v] > 0) {
+            if constexpr (PC) r = D::fnma(D::fload(ep.zf[v]), D::fset1(x.gsum[row]), D::mul(r, D::fload(ep.scale[v])));
+            if constexpr (ROW) r = D::mul(r, D::fset1(xa[row * KB]));
+            r = D::add(r, D::fload(ep.bias[v]));
+            if (w.clamp) r = D::clamp(r, w.lo, w.hi);
+            D::store_cols(y + row * w.N + ep.n0[v], r, ep.valid[v]);
+          }
+        });
       });
-    });
+    };
+    auto stages = [&](auto z_c) __attribute__((always_inline)) {
+      if (a1 == KB && a0 == 0) {
+        convert(std::integral_constant<int, 3>{}, z_c);
+      } else if (a1 == KB) {
+        convert(std::integral_constant<int, 2>{}, z_c);
+      } else if (a0 == 0) {
+        convert(std::integral_constant<int, 1>{}, z_c);
+      } else {
+        convert(std::integral_constant<int, 0>{}, z_c);
+      }
+    };
+    if constexpr (!PC && !ROW) {
+      if (!zfold && (a1 % w.gb == 0 || a1 == KB)) {
+        stages(std::true_type{});
+        return;
+      }
+    }
+    stages(std::false_type{});
   };
   int64_t kb = c0;
   for (; kb + AB <= c1; kb += AB) run(std::integral_constant<int, AB>{}, kb);
@@ -320,26 +376,31 @@ void gemm_block(const Tiles& w, const Acts& x, const uint8_t* panel, const float
 }
 
 // Runtime (rows mb <= MBV, vectors cv <= CVV) -> instantiation.
-template <class D, bool PC, int MBV, int CVV>
-void gemm_dispatch(const Tiles& w, const Acts& x, const uint8_t* panel, const float* gsc, const float* gzf,
-                   int64_t m0, int64_t mb, int64_t cv, int64_t c0, int64_t c1, float* ob) {
+template <class D, bool PC, bool ROW, int MBV, int CVV>
+void gemm_dispatch(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0, int64_t mb, int64_t cv, int64_t c0,
+                   int64_t c1) {
   if (cv < CVV) {
     if constexpr (CVV > kVecPerPair<D>) {
-      gemm_dispatch<D, PC, MBV, CVV - kVecPerPair<D>>(w, x, panel, gsc, gzf, m0, mb, cv, c0, c1, ob);
+      gemm_dispatch<D, PC, ROW, MBV, CVV - kVecPerPair<D>>(w, x, io, m0, mb, cv, c0, c1);
     }
   } else if (mb < MBV) {
-    if constexpr (MBV > 1) gemm_dispatch<D, PC, MBV - 1, CVV>(w, x, panel, gsc, gzf, m0, mb, cv, c0, c1, ob);
+    if constexpr (MBV > 1) gemm_dispatch<D, PC, ROW, MBV - 1, CVV>(w, x, io, m0, mb, cv, c0, c1);
   } else if constexpr (MBV == kGemmMB && CVV == kGemmPairs * kVecPerPair<D>) {
-    // Full register blocks sum 4 or 2 blocks per float conversion when the activation blocks allow it.
-    if (x.ab % 4 == 0) {
-      gemm_block<D, MBV, CVV, PC, 4>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
-    } else if (x.ab % 2 == 0) {
-      gemm_block<D, MBV, CVV, PC, 2>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
+    // Full register blocks sum up to 8 blocks per float conversion where the activation blocks (chunks start at
+    // multiples of 8 blocks; one scale per row: any run) and the weight groups allow it. (Only these: each
+    // variant is a large unrolled body, and the edge blocks are a small share of the work.)
+    const auto fits = [&](int64_t nb) { return (x.ab >= w.KB || x.ab % nb == 0) && (PC || w.gb % nb == 0); };
+    if (fits(8)) {
+      gemm_block<D, MBV, CVV, PC, 8, ROW>(w, x, io, m0, c0, c1);
+    } else if (fits(4)) {
+      gemm_block<D, MBV, CVV, PC, 4, ROW>(w, x, io, m0, c0, c1);
+    } else if (fits(2)) {
+      gemm_block<D, MBV, CVV, PC, 2, ROW>(w, x, io, m0, c0, c1);
     } else {
-      gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
+      gemm_block<D, MBV, CVV, PC, 1, ROW>(w, x, io, m0, c0, c1);
     }
   } else {
-    gemm_block<D, MBV, CVV, PC, 1>(w, x, panel, gsc, gzf, m0, c0, c1, ob);
+    gemm_block<D, MBV, CVV, PC, 1, ROW>(w, x, io, m0, c0, c1);
   }
 }
 
@@ -374,7 +435,7 @@ void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1
   }
 }
 
-template <class D, int CB, bool PC>
+template <class D, int CB, bool PC, bool ROW>
 void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
                int64_t m1, uint8_t* scratch) {
   using F = typename D::F;
@@ -405,7 +466,6 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
     }
     for (int64_t mc = m0; mc < m1; mc += kLargeMChunk) {
       const int64_t mc1 = std::min(m1, mc + kLargeMChunk);
-      std::fill(ob, ob + (mc1 - mc) * kRowFloats, 0.0f);
       // K-chunk outer, row blocks inner: the chunk's panel (<= 16 KB) stays in L1 while every row block
       // streams its activations past it.
       for (int64_t c0 = 0; c0 < KB; c0 += chunk) {
@@ -436,37 +496,26 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
             _mm_prefetch(reinterpret_cast<const char*>(pf + pt * KB * kBlock * CB + pl * 64), _MM_HINT_T1);
             if (++pl == tile_lines) pl = 0, ++pt;
           }
-          gemm_dispatch<D, PC, kGemmMB, CVMAX>(w, x, panel, gsc, gzf, mm, std::min<int64_t>(kGemmMB, mc1 - mm), cv,
-                                                c0, c1, ob + (mm - mc) * kRowFloats);
-        }
-      }
-      // Write out, row by row (a row's vectors are adjacent in y).
-      for (int64_t m = mc; m < mc1; ++m) {
-        const float* om = ob + (m - mc) * kRowFloats;
-        for (int64_t v = 0; v < cv && ep.valid[v] > 0; ++v) {
-          F o = D::fload(om + v * L);
-          if constexpr (PC) o = D::fnma(D::fload(ep.zf[v]), D::fset1(x.gsum[m]), D::mul(o, D::fload(ep.scale[v])));
-          o = D::add(o, D::fload(ep.bias[v]));
-          if (w.clamp) o = D::clamp(o, w.lo, w.hi);
-          D::store_cols(y + m * w.N + ep.n0[v], o, ep.valid[v]);
+          const BlockIO io{panel, gsc, gzf, ob + (mm - mc) * kRowFloats, &ep, y};
+          gemm_dispatch<D, PC, ROW, kGemmMB, CVMAX>(w, x, io, mm, std::min<int64_t>(kGemmMB, mc1 - mm), cv, c0, c1);
         }
       }
     }
   }
 }
 
-template <bool PC>
+template <bool PC, bool ROW>
 void gemm_large_pc(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
                    int64_t m1, uint8_t* scratch) {
   switch (w.cb) {
-    case 1: gemm_impl<GemmDot<false>, 1, PC>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
-    case 2: gemm_impl<GemmDot<false>, 2, PC>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
-    case 4: gemm_impl<GemmDot<false>, 4, PC>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
+    case 1: gemm_impl<GemmDot<false>, 1, PC, ROW>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
+    case 2: gemm_impl<GemmDot<false>, 2, PC, ROW>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
+    case 4: gemm_impl<GemmDot<false>, 4, PC, ROW>(w, x, bias, y, t0, t1, m0, m1, scratch); break;
     default:
       if (w.full_byte) {
-        gemm_impl<GemmDot<true>, 8, PC>(w, x, bias, y, t0, t1, m0, m1, scratch);
+        gemm_impl<GemmDot<true>, 8, PC, ROW>(w, x, bias, y, t0, t1, m0, m1, scratch);
       } else {
-        gemm_impl<GemmDot<false>, 8, PC>(w, x, bias, y, t0, t1, m0, m1, scratch);
+        gemm_impl<GemmDot<false>, 8, PC, ROW>(w, x, bias, y, t0, t1, m0, m1, scratch);
       }
   }
 }
@@ -474,9 +523,11 @@ void gemm_large_pc(const Tiles& w, const Acts& x, const float* bias, float* y, i
 void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1, int64_t m0,
                 int64_t m1, uint8_t* scratch) {
   if (w.G == 1) {
-    gemm_large_pc<true>(w, x, bias, y, t0, t1, m0, m1, scratch);
+    gemm_large_pc<true, false>(w, x, bias, y, t0, t1, m0, m1, scratch);
+  } else if (w.zint != 0 && x.ab >= w.KB) {  // one activation scale per row, zero point in the integer sums
+    gemm_large_pc<false, true>(w, x, bias, y, t0, t1, m0, m1, scratch);
   } else {
-    gemm_large_pc<false>(w, x, bias, y, t0, t1, m0, m1, scratch);
+    gemm_large_pc<false, false>(w, x, bias, y, t0, t1, m0, m1, scratch);
   }
 }
 
