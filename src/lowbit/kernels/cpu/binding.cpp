@@ -99,13 +99,19 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
          float* yp, bool clamp, float lo, float hi) {
   const int threads = at::get_num_threads();
   const bool small = M <= lowbit::kSmallMaxM;
+  // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
+  const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
+                           static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
+  // Grouped weights with such a zero point and one activation scale per row: unsigned activations for the
+  // panel GEMM where the kernels take them (the zero point then costs nothing per row).
+  const bool u8 = !small && kt->u8_rows && G > 1 && zint != 0 && ab >= KB;
   const int64_t rg = act_row_group(kt, M), ldq = act_group_stride(KB, rg);
   // Quantization chunks of >= 2^18 inputs (~50 us): a smaller x is quantized by the caller alone, since a
   // parallel region waits for every thread of the team to arrive, and on a busy machine one that is not
   // running costs more than the quantization (measured at 2 threads, M = 197, K = 768: ~10x the call).
   const int64_t row_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
   lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
-    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, ldq, rg, ap, isp);
+    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, ldq, rg, ap, isp, u8);
     // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
     // point of symmetric formats, so the kernels need no zero-point data for them).
     for (int64_t m = m0; m < m1; ++m) {
@@ -119,12 +125,9 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
     }
   });
 
-  // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
-  const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
-                           static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
   const lowbit::Tiles tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte,
                             N, T, KB, G, gb, clamp, lo, hi};
-  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg};
+  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg, u8};
   // Work is split in units (the fused path: two tiles; the panel GEMM: the kernel's tile group x at most
   // kLargeMChunk rows, so that small-N layers with many rows, such as pointwise convolutions, still use every
   // thread), claimed in chunks: about 16 chunks per thread for balance (a late or preempted thread only delays

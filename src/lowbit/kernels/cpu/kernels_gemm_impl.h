@@ -52,6 +52,8 @@ struct GemmVnni {
     return _mm512_set1_epi32(v);
   }
   static LB_INLINE void step(I& acc, const W& w, I x) { acc = _mm512_dpbusd_epi32(acc, w, x); }
+  // Unsigned activations (Acts::u8) times signed weights q - zint (unpack_panel, ROW).
+  static LB_INLINE void step_u8x(I& acc, const W& w, I x) { acc = _mm512_dpbusd_epi32(acc, x, w); }
   static LB_INLINE void pin(I&) {}
   static LB_INLINE F to_float(I acc) { return _mm512_cvtepi32_ps(acc); }
   static LB_INLINE I widen_add(I acc, I) { return acc; }
@@ -231,6 +233,7 @@ struct Epilogue {
   alignas(64) float bias[kGemmPairs * 2][16];
   alignas(64) float scale[kGemmPairs * 2][16];
   alignas(64) float zf[kGemmPairs * 2][16];
+  alignas(64) float corr[kGemmPairs * 2][16];  // ROW: -128 * sum_g s_g * sum_{k in g} (q - zint), see unpack_panel
   int64_t n0[kGemmPairs * 2], valid[kGemmPairs * 2];
 };
 
@@ -267,7 +270,7 @@ void gemm_block(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0, in
   const float* const xa = x.a;
   // Symmetric formats with an integral zero point (and int32 sums): sum (q - zint) * xq in the integer sums,
   // starting them at (kOffset - zint) * sum xq; otherwise the zero-point term goes through gsum in float.
-  const bool zfold = !PC && w.zint != 0;
+  const bool zfold = !PC && !ROW && w.zint != 0;
   // The activations come in row groups of kGemmMB rows (Acts::rg), m0 is a group start: block kb of row
   // m0 + m is at xrow + (kb * kGemmMB + m) * 32, one contiguous stream per row block.
   const int8_t* xrow = x.xq + (m0 / kGemmMB) * x.ldx;
@@ -310,7 +313,11 @@ void gemm_block(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0, in
         static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
           const typename D::I bx = D::bcast(xb + m * kBlock + 4 * j);
           static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
-            D::step(sums[m][v], wv[v], bx);
+            if constexpr (ROW) {
+              D::step_u8x(sums[m][v], wv[v], bx);
+            } else {
+              D::step(sums[m][v], wv[v], bx);
+            }
             D::pin(sums[m][v]);
           });
         });
@@ -343,7 +350,7 @@ void gemm_block(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0, in
             D::fstore(o, r);
           } else if (ep.valid[v] > 0) {
             if constexpr (PC) r = D::fnma(D::fload(ep.zf[v]), D::fset1(x.gsum[row]), D::mul(r, D::fload(ep.scale[v])));
-            if constexpr (ROW) r = D::mul(r, D::fset1(xa[row * KB]));
+            if constexpr (ROW) r = D::mul(D::add(r, D::fload(ep.corr[v])), D::fset1(xa[row * KB]));
             r = D::add(r, D::fload(ep.bias[v]));
             if (w.clamp) r = D::clamp(r, w.lo, w.hi);
             D::store_cols(y + row * w.N + ep.n0[v], r, ep.valid[v]);
@@ -405,9 +412,12 @@ void gemm_dispatch(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0,
 }
 
 // Pairs [p0, p0 + np) of the tiles (container width CB), K-blocks [c0, c1) -> one byte per code in the
-// chunk panel layout.
-template <class D, int CB>
-void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1, uint8_t* panel) {
+// chunk panel layout. ROW (VNNI, unsigned activations xq + 128): the codes are stored signed, q - zint, so that
+//   sum_k (xq + 128) (q - zint) = sum_k xq (q - zint) + 128 * cs,  cs = sum_k (q - zint) over the group,
+// and the second term, scaled by the group scales, is a constant per output column: added into corr (the
+// panel's Epilogue::corr, [np][16]) here, once per weight group, instead of a zero-point start per row.
+template <class D, int CB, bool ROW>
+void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1, uint8_t* panel, float* corr) {
   constexpr int64_t qbytes = kPairBytes * D::kVecs, jbytes = qbytes * kGemmPairs;
   const int64_t KB = w.KB;
   for (int64_t q = 0; q < np; ++q) {
@@ -419,6 +429,7 @@ void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1
         continue;
       }
       const uint8_t* src = w.w + t * KB * kBlock * CB;
+      [[maybe_unused]] __m256i cs = _mm256_setzero_si256();  // ROW: per-row sums of q - zint in this group
       for (int64_t kb = c0; kb < c1; ++kb) {
         const uint8_t* s = src + kb * kBlock * CB;
         uint8_t* d = dq + (kb - c0) * 8 * jbytes;
@@ -427,9 +438,25 @@ void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32 * p));
           static_for<0, 8 / CB>([&](auto sc) __attribute__((always_inline)) {
             constexpr int sh = decltype(sc)::value;
-            D::store_half(d + (p + CB * sh) * jbytes, h, unpack<CB, sh>(v));
+            __m256i u = unpack<CB, sh>(v);
+#if LOWBIT_USE_VNNI
+            if constexpr (ROW) {
+              u = _mm256_sub_epi8(u, _mm256_set1_epi8(static_cast<char>(w.zint)));
+              cs = _mm256_dpbusd_epi32(cs, _mm256_set1_epi8(1), u);
+            }
+#endif
+            D::store_half(d + (p + CB * sh) * jbytes, h, u);
           });
         });
+        if constexpr (ROW) {
+          if ((kb + 1) % w.gb == 0 || kb + 1 == KB) {  // end of group kb / gb
+            float* c = corr + q * 16 + h * kTileRows;
+            const __m256 s8 = load_scales(w.scales + (t * w.G + kb / w.gb) * kTileRows);
+            _mm256_storeu_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(cs), s8), _mm256_set1_ps(-128.0f),
+                                                _mm256_loadu_ps(c)));
+            cs = _mm256_setzero_si256();
+          }
+        }
       }
     }
   }
@@ -466,11 +493,12 @@ void gemm_impl(const Tiles& w, const Acts& x, const float* bias, float* y, int64
     }
     for (int64_t mc = m0; mc < m1; mc += kLargeMChunk) {
       const int64_t mc1 = std::min(m1, mc + kLargeMChunk);
+      if constexpr (ROW) std::fill(&ep.corr[0][0], &ep.corr[0][0] + sizeof(ep.corr) / sizeof(float), 0.0f);
       // K-chunk outer, row blocks inner: the chunk's panel (<= 16 KB) stays in L1 while every row block
       // streams its activations past it.
       for (int64_t c0 = 0; c0 < KB; c0 += chunk) {
         const int64_t c1 = std::min(KB, c0 + chunk);
-        unpack_panel<D, CB>(w, p, np, c0, c1, panel);
+        unpack_panel<D, CB, ROW>(w, p, np, c0, c1, panel, ep.corr[0]);
         if constexpr (!PC) {
           for (int64_t g = c0 / w.gb; g * w.gb < c1; ++g) {
             const int64_t gl = g - c0 / w.gb;
@@ -524,8 +552,10 @@ void gemm_large(const Tiles& w, const Acts& x, const float* bias, float* y, int6
                 int64_t m1, uint8_t* scratch) {
   if (w.G == 1) {
     gemm_large_pc<true, false>(w, x, bias, y, t0, t1, m0, m1, scratch);
-  } else if (w.zint != 0 && x.ab >= w.KB) {  // one activation scale per row, zero point in the integer sums
+#if LOWBIT_USE_VNNI
+  } else if (x.u8) {  // unsigned activations, one scale per row (binding.cpp: grouped, integral zero point)
     gemm_large_pc<false, true>(w, x, bias, y, t0, t1, m0, m1, scratch);
+#endif
   } else {
     gemm_large_pc<false, false>(w, x, bias, y, t0, t1, m0, m1, scratch);
   }

@@ -13,7 +13,7 @@ namespace {
 
 // Must match the SIMD quantize bit for bit (see kernels_simd_impl.h): one scale per `ab` 32-blocks.
 void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
-              int64_t ldq, int64_t rg, float* a, int32_t* isum) {
+              int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     auto value = [&](int64_t k) { return k < K ? xr[k] : 0.0f; };
@@ -29,7 +29,7 @@ void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, in
         for (int i = 0; i < kBlock; ++i) {
           const float prod = value(kb * kBlock + i) * inv;
           const int32_t qi = static_cast<int32_t>(std::nearbyint(prod));  // round half to even
-          q[i] = static_cast<int8_t>(qi);
+          q[i] = static_cast<int8_t>(u8 ? static_cast<uint8_t>(qi + 128) : qi);  // u8: the byte of xq + 128
           s += qi;
         }
         isum[m * KB + kb] = s;

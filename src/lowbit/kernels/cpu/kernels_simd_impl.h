@@ -334,7 +334,8 @@ void gemm_small(const Tiles& w, const Acts& x, const float* bias, float* y, int6
 // match kernels_scalar.cpp bit for bit: a = amax / 127, inv = 127 / amax, q = round-half-even(x * inv) -- all
 // single IEEE float operations. a is stored once per 32-block (repeated across the activation block).
 void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
-              int64_t ldq, int64_t rg, float* a, int32_t* isum) {
+              int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(u8 ? 0x80 : 0));  // xq + 128 as a byte: xq ^ 0x80
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = m0; m < m1; ++m) {
@@ -378,7 +379,7 @@ void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, in
         // packs work per 128-bit lane; the dword permutation restores k order.
         const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
         const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
-        const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm);
+        const __m256i p8 = _mm256_xor_si256(_mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm), flip);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + (m / rg) * ldq + (kb * rg + m % rg) * kBlock), p8);
       }
     }

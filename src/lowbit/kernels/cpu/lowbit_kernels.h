@@ -59,6 +59,8 @@ struct Acts {
   int64_t rg;             // rows per row group: 1 = row-major [M, ldx]; else each group of rg rows is stored
                           // [KB][rg][32] (block kb of row m at (m / rg) * ldx + (kb * rg + m % rg) * 32), so
                           // that the panel GEMM's row block reads one contiguous stream
+  bool u8 = false;        // codes stored as xq + 128 (unsigned; KernelTable::u8_rows): the panel GEMM then
+                          // multiplies them with signed weights q - zint (see kernels_gemm_impl.h, ROW)
 };
 
 // A depthwise 2-D convolution (groups = channels, dilation 1, zero padding) over channels-last float maps:
@@ -83,9 +85,9 @@ struct KernelTable {
   int64_t (*large_scratch)(int64_t KB);
   // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq (row groups of rg rows, group
   // stride ldq: the Acts layout) / a / isum (row stride KB), one scale per `ab` consecutive 32-blocks
-  // (repeated in `a` for each of them).
+  // (repeated in `a` for each of them); u8: store xq + 128 (isum stays the sum of the signed codes).
   void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1,
-                   int8_t* xq, int64_t ldq, int64_t rg, float* a, int32_t* isum);
+                   int8_t* xq, int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8);
   // y[m, n] for all M rows (M <= kSmallMaxM) and tiles [t0, t1), unpacking weights in registers.
   void (*gemm_small)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1);
   // Rows [m0, m1) (at most kLargeMChunk of them) x tiles [t0, t1) for any M: tiles are unpacked once into
@@ -94,6 +96,9 @@ struct KernelTable {
                      int64_t m0, int64_t m1, uint8_t* scratch);
   // Output rows [r0, r1) of the B * OH rows of a depthwise convolution (kernels_dwconv_impl.h).
   void (*dwconv)(const DwConv& p, int64_t r0, int64_t r1);
+  // gemm_large takes unsigned activations (Acts::u8) for grouped weights with an integral zero point and one
+  // activation scale per row: the zero point then costs nothing per row (kernels_gemm_impl.h, ROW).
+  bool u8_rows = false;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
