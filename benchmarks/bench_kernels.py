@@ -83,7 +83,7 @@ def target_checks(rows: Sequence[dict[str, Any]], stat: str = "ms") -> list[str]
                 line(isa, "M=1 binary faster than int2/ternary", f"({k},{n})",
                      f"{low['binary']:.3f} vs {others:.3f} ms", low["binary"] < others)
         for k, n in ((4096, 4096), (768, 3072)):
-            for fmt in ("int8", "int4_g128", "int4_g32"):
+            for fmt in ("int8", "int4_g128", "int4_g32", "int8_rowact", "int4_g128_rowact"):
                 r = _get(rows, fmt, isa, k, n, 197)
                 if r is None:
                     continue

@@ -10,15 +10,22 @@
 //      the pairs of one step are contiguous (separate per-pair streams a multiple of 4 KB apart would share L1
 //      sets); the next chunk's packed bytes are prefetched to L2 meanwhile;
 //   2. for each block of MB rows, a micro-kernel keeps MB x CV int32 (AVX2 codes < 16: int16 within a block)
-//      vector accumulators in registers over one activation block (up to 4 K-blocks sharing a scale),
-//      streaming the panel and broadcasting 4 activations at a time, then adds them, times the activation
-//      scale (and the weight group scale), into a float buffer [rows][cols] in scratch. The activations
-//      arrive in row groups of MB rows (Acts::rg, written so by quantize): a row block reads one contiguous
-//      stream;
-//   3. the buffer is written to y with (per-channel weights) the scale and zero-point term, and the bias.
+//      vector accumulators in registers over up to 8 K-blocks that share an activation scale (and, grouped, a
+//      weight group), streaming the panel and broadcasting 4 activations at a time, then converts them once,
+//      times the activation scale (and the weight group scale), into a float buffer [rows][cols] in scratch.
+//      The activations arrive in row groups of MB rows (Acts::rg, written so by quantize): a row block reads
+//      one contiguous stream;
+//   3. the step after a row's last K-block writes y directly (per-channel weights: the scale and zero-point
+//      term; bias; clamp), so the buffer is never read back in a separate pass. Each case of that float step
+//      (first / middle / last blocks of a row, group end with a zero-point term) is its own compiled copy:
+//      tests per accumulator there made GCC spill pointers and cost more than the conversions.
 // Zero points: grouped symmetric formats with int32 sums start the integer sums at (kOffset - zint) * sum xq
 // (exact, no float work per group); per-channel weights apply the term once in the write-out through the
 // activation group sums (Acts::gsum), as do asymmetric formats and binary (non-integral z), per group.
+// ROW (AVX-512 VNNI, one activation scale per row, grouped symmetric weights): the activations come unsigned
+// (Acts::u8, xq + 128) and the panel holds signed q - zint, so vpdpbusd takes (xq + 128) x (q - zint); the
+// extra 128 * sum (q - zint) is a constant per output column, accumulated while unpacking (Epilogue::corr) and
+// removed in the write-out, and the accumulators start at zero (a free idiom) instead of a per-row integer.
 // The AVX2 int8 product is over c = q - 128 (D::kOffset, sign trick): the zero-point factor absorbs it.
 
 #ifndef LOWBIT_ISA_NS
