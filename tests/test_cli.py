@@ -34,6 +34,13 @@ def test_missing_file_fails_cleanly(tmp_path):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_bad_act_block_fails_cleanly():
+    proc = run("eval", "lit-fashion", "--task", "fashion-mnist", "--act-block", "48", "--no-footprint")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "act_block 48 is not accepted" in lines[0] and "'row'" in lines[0], proc.stderr
+
+
 def test_bad_arguments_are_one_line():
     proc = run("eval")
     assert proc.returncode == 2

@@ -141,11 +141,13 @@ def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool =
     return run_kernel_bench(json_path=json_path)
 
 
-def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32), optimize: bool = False) -> dict[str, Any]:
+def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32), optimize: bool = False,
+                act_block: int | str | None = None) -> dict[str, Any]:
     """End-to-end latency of a model; for a packed checkpoint also of its float source, with the ratio.
 
     ``optimize`` loads both with ``optimize=True`` (``lowbit.kernels.inference.optimize_for_inference_``: BatchNorm
-    folding, the depthwise kernel, fused activations), so the ratio compares like with like.
+    folding, the depthwise kernel, fused activations), so the ratio compares like with like. ``act_block``: the
+    packed layers' activation quantization blocks (``lowbit.kernels.quant_linear.set_act_block``).
 
     Example:
         >>> lowbit.bench_model("out/w4")["speedup"]["image_ms_b32"]  # doctest: +SKIP
@@ -155,10 +157,10 @@ def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32), optim
 
     data = resolve_dataset("fashion-mnist", split="test", limit=32)
     texts = [t.format(c) for c in (data.classnames or []) for t in data.templates][:32]
-    model = load(name_or_path, optimize=optimize)
+    model = load(name_or_path, optimize=optimize, act_block=act_block)
     packed_dir = model.source.get("checkpoint")
     result: dict[str, Any] = {
-        "model": name_or_path, "task": "bench", "optimized": optimize,
+        "model": name_or_path, "task": "bench", "optimized": optimize, "act_block": act_block,
         "footprint": measure_footprint(model, data.images, texts, checkpoint=packed_dir, batch_sizes=batch_sizes),
     }
     float_source = model.source.get("float_source")

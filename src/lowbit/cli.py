@@ -35,6 +35,17 @@ def _print_json_or_table(result: dict[str, Any] | list[dict[str, Any]], json_pat
         print(f"wrote {json_path}")
 
 
+def _act_block(text: str) -> int | str:
+    """``--act-block`` value: ``row`` or a positive multiple of 32 (checked by the API, one clear line)."""
+    return text if text == "row" or not text.lstrip("-").isdigit() else int(text)
+
+
+def _add_act_block(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-block", type=_act_block, default=None, metavar="{row,N}",
+                   help="packed layers: activation quantization blocks of the CPU kernels, 'row' (one scale per row: "
+                        "faster at large batch) or a multiple of 32 inputs (default 128)")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     """List built-in models, models cached under $LOWBIT_HOME/models, and registered families."""
     from lowbit import api
@@ -53,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.data and args.data not in DATASETS and not Path(args.data).exists():
         raise LowbitError(f"data {args.data!r} is neither a dataset ({', '.join(DATASETS.names())}) nor an "
                           "existing folder/index file (a folder with captions.csv, labels.csv or .jsonl)")
-    model = api.load(args.model, optimize=args.optimize)
+    model = api.load(args.model, optimize=args.optimize, act_block=args.act_block)
     reference = api.load(args.reference) if args.reference else None
     result = api.evaluate(
         model, args.task, limit=args.limit, data=args.data, reference=reference,
@@ -115,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         if not args.model:
             raise LowbitError("`lowbit bench model` needs a MODEL argument (a built-in name or a directory)")
-        _print_json_or_table(api.bench_model(args.model, optimize=args.optimize), args.json)
+        _print_json_or_table(api.bench_model(args.model, optimize=args.optimize, act_block=args.act_block), args.json)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -159,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true",
                    help="evaluate the model after optimize_for_inference_ (folded BatchNorm, depthwise kernel, fused "
                         "activations): accuracy and latency of what a deployment runs")
+    _add_act_block(p)
 
     p = verb("chat", cmd_chat)
     p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, or a quantized one")
@@ -212,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--optimize", action="store_true",
                    help="bench model: load the model and its float source with optimize_for_inference_ applied")
+    _add_act_block(p)
 
     from lowbit.train.cli import register_cli as register_train_and_data
     from lowbit.train.qat_cli import register_qat_cli

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.quant_linear import check_act_block, set_act_block
 from lowbit.models import clip, lit, llava, packed, vit_default  # noqa: F401  (registers the families)
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 
@@ -42,15 +43,20 @@ def load_model(name_or_path: str, **options: Any) -> DualEncoder:
     """Load any supported model in eval mode; ``optimize=True`` (any family, float or packed) then applies
     ``lowbit.kernels.inference.optimize_for_inference_`` (BatchNorm folded into the conv before it, static
     same-padding, in-place activations). Off by default: the model is then exactly the saved one, and a packed
-    one can be saved again (a folded model cannot).
+    one can be saved again (a folded model cannot). ``act_block`` (``"row"`` or a multiple of 32) sets how the
+    packed layers' kernels quantize activations (``lowbit.kernels.quant_linear.set_act_block``).
 
     Example:
         >>> model = load_model("lit-fashion")  # doctest: +SKIP
         >>> fast = load_model("out/w4", optimize=True)  # doctest: +SKIP
     """
     optimize = options.pop("optimize", False)
+    act_block = options.pop("act_block", None)
+    check_act_block(act_block)  # before the seconds of loading
     family, name = resolve_family(name_or_path)
     model = family.load(name, **options)
+    if act_block is not None:
+        set_act_block(model, act_block)
     if optimize:
         from lowbit.kernels.inference import optimize_for_inference_
 
