@@ -24,7 +24,7 @@ over the activation blocks b, where ``y_ref`` uses the exactly dequantized weigh
 extreme outliers this gives a relative error ``||y_fast - y_ref|| / ||y_ref||`` of about 0.5-0.7% (tested
 below 1e-2 in ``tests/kernels/test_fast.py``); an outlier channel coarsens only its own activation block.
 The bound holds for every ``act_block`` (``tests/kernels/test_act_block.py``), with ``a_b`` over its blocks:
-one scale per row (``"row"``) gives about 0.87% on Gaussian inputs, and an outlier channel then coarsens the
+one scale per row (``"row"``) gives about 0.75-0.9% on Gaussian inputs, and an outlier channel then coarsens the
 whole row. In exchange the large-M GEMM converts its integer sums to float 2x less often (per-channel) and,
 for grouped symmetric weights on AVX-512 VNNI, needs no zero-point work per row (``cpu/kernels_gemm_impl.h``).
 
