@@ -436,7 +436,7 @@ void unpack_panel(const Tiles& w, int64_t p0, int64_t np, int64_t c0, int64_t c1
         continue;
       }
       const uint8_t* src = w.w + t * KB * kBlock * CB;
-      [[maybe_unused]] __m256i cs = _mm256_setzero_si256();  // ROW: per-row sums of q - zint in this group
+      [[maybe_unused]] __m256i cs = _mm256_setzero_si256();  // ROW: sum (q - zint) of this group, per output lane
       for (int64_t kb = c0; kb < c1; ++kb) {
         const uint8_t* s = src + kb * kBlock * CB;
         uint8_t* d = dq + (kb - c0) * 8 * jbytes;
