@@ -36,8 +36,7 @@ from lowbit.eval.env import environment
 from lowbit.eval.footprint import weight_bytes
 from lowbit.io import write_json
 from lowbit.kernels import fast
-from lowbit.kernels.fusion import GROUP_ATTR
-from lowbit.kernels.quant_linear import DEFAULT_BACKEND, QuantLinear
+from lowbit.kernels.quant_linear import DEFAULT_BACKEND, GROUP_ATTR, QuantLinear
 from lowbit.models.lean_decode import LeanDecoder
 from lowbit.models.smollm import load_smollm2
 from lowbit.quant.apply import quantize_

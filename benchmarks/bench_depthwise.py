@@ -6,7 +6,7 @@
 Each conv is timed on the very input it receives inside the fp32 image tower (recorded with forward
 pre-hooks on real Fashion-MNIST images, in the memory format the tower produces), once through its own
 forward (efficientnet's ``Conv2dDynamicSamePadding``: ``F.pad`` for the TF-"same" padding, then mkldnn) and
-once through a copy re-classed by ``depthwise_kernels_``. Interleaved rounds (``lowbit.kernels.bench``),
+once through a copy re-classed by ``depthwise_kernels_``. Interleaved rounds (``lowbit.workflows.bench_kernels``),
 medians; the outputs are compared too (max relative difference).
 """
 
@@ -27,8 +27,8 @@ from torch import nn
 import lowbit
 from lowbit.data import resolve_dataset
 from lowbit.kernels import fast
-from lowbit.kernels.bench import _cpu_model, interleaved_times
 from lowbit.kernels.depthwise import depthwise_kernels_, is_depthwise
+from lowbit.workflows.bench_kernels import _cpu_model, interleaved_times
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

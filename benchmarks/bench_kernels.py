@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_kernels.py --like-avx2-machine   # -> benchmarks/results/kernels-avx2.*
 
 Every number is a median (and 10th percentile) over interleaved rounds of the same run (see
-lowbit.kernels.bench); the markdown file also checks the targets of the "fast packed low-bit kernels" issue.
+lowbit.workflows.bench_kernels); the markdown file also checks the targets of the "fast packed low-bit kernels" issue.
 
 ``--like-avx2-machine`` compares lowbit's AVX2 path with baselines that are AVX2 too where the libraries allow
 it: the run restarts itself with MKL, oneDNN and ATen limited to AVX2 (``AVX2_ENV``), so torch fp32 runs as on
@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from lowbit.kernels import fast  # noqa: E402
-from lowbit.kernels.bench import (  # noqa: E402
+from lowbit.workflows.bench_kernels import (  # noqa: E402
     BASELINES,
     DEFAULT_MS,
     DEFAULT_SHAPES,

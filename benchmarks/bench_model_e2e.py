@@ -29,10 +29,10 @@ import torch
 import lowbit
 from lowbit.data import resolve_dataset
 from lowbit.kernels import fast
-from lowbit.kernels.bench import _cpu_model
 from lowbit.kernels.inference import optimize_for_inference_
 from lowbit.kernels.quant_linear import QuantLinear, set_backend
 from lowbit.quant.recipe import Recipe
+from lowbit.workflows.bench_kernels import _cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 W4_RTN = {

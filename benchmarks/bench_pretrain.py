@@ -78,7 +78,7 @@ def accuracy_curve(log: Path) -> list[dict]:
 
 def sweep_section(limit: int | None) -> dict:
     """The PTQ sweep on the ViT default: one compact row per recipe x method (full rows in the sweep dir)."""
-    from lowbit.sweep import sweep
+    from lowbit.workflows.sweep import sweep
 
     out = RESULTS / "sweep-clip-vit-tiny-fashion"
     t0 = time.perf_counter()

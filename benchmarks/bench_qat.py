@@ -43,7 +43,8 @@ from lowbit.quant.block_ap import BlockAPConfig
 from lowbit.quant.recipe import load_recipe_file
 from lowbit.quant.report import QuantReport
 from lowbit.train.block_ap_stage import STATE_FILE, BlockAPStage
-from lowbit.train.qat import QATArgs, QATLoss, run_qat
+from lowbit.train.qat import QATLoss
+from lowbit.workflows.qat import QATArgs, run_qat
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 NOTES = {

@@ -57,10 +57,10 @@ def _row(name: str, results: dict[str, Any]) -> dict[str, Any]:
 
 def interleaved_ttft(models: dict[str, Any], rounds: int) -> dict[str, float]:
     """Median ms to first token of each model on one held-out image+question, timed in interleaved rounds
-    (``lowbit.kernels.bench.interleaved_times``: the same noise-sharing rounds as the kernel benchmark)."""
+    (``lowbit.workflows.bench_kernels.interleaved_times``: the same noise-sharing rounds as the kernel benchmark)."""
     from lowbit.data.vqa import load_vqa
     from lowbit.eval.vqa import first_token_fn
-    from lowbit.kernels.bench import interleaved_times
+    from lowbit.workflows.bench_kernels import interleaved_times
 
     sample = load_vqa("fashion-vqa", "test", limit=1)
     calls = {name: first_token_fn(m, sample.images[0], sample.turns[0][0].question) for name, m in models.items()}

@@ -24,8 +24,7 @@ from lowbit.api import (
     sweep,
 )
 from lowbit.errors import LowbitError
-
-__version__ = "0.1.0"
+from lowbit.version import __version__
 
 __all__ = [
     "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "list_models", "load", "qat",

@@ -1,7 +1,7 @@
-"""The verbs users call: ``load``, ``evaluate``, ``quantize``, ``save``, ``sweep``, ``build``, ``demo``, ``chat``.
+"""The verbs users call, each a one-liner over ``lowbit.workflows`` (or a package, where one call does it).
 
-Each is a plain function over the rooms (models, data, quant, eval, kernels); the CLI only parses arguments.
-Heavy rooms are imported inside the functions so ``import lowbit`` stays light.
+``import lowbit`` stays light: every verb imports what it needs when called. The CLI (``lowbit.cli``) imports
+this module only.
 """
 
 from __future__ import annotations
@@ -10,47 +10,59 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowbit.errors import LowbitError
+from lowbit.errors import check_options, keyword_parameters
 from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from lowbit.models.base import DualEncoder
     from lowbit.quant.recipe import Recipe
     from lowbit.quant.report import QuantReport
 
+__all__ = [
+    "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_task_and_data", "demo",
+    "evaluate", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize", "save",
+    "shard_dataset", "sweep", "train_clip",
+]
+
 
 def load(name_or_path: str, **options: Any) -> DualEncoder:
-    """Load a model: built-in name (``lit-fashion``), CLIP/SigLIP directory, or lowbit quantized directory.
+    """Load a model: built-in name (``lit-fashion``), CLIP/SigLIP or Llava directory, or lowbit packed directory.
+
+    Unknown options are refused with one line naming the accepted ones.
 
     Example:
         >>> import lowbit
         >>> model = lowbit.load("lit-fashion")  # doctest: +SKIP
     """
-    from lowbit.models import load_model
+    from lowbit.workflows.load import load as run
 
-    return load_model(name_or_path, **options)
+    return run(name_or_path, **options)
 
 
 def evaluate(model: DualEncoder, task: str, **options: Any) -> dict[str, Any]:
-    """Evaluate ``model`` on a registered task; returns the JSON-ready result (see ``lowbit.eval``).
+    """Evaluate ``model`` on a registered task; returns the JSON-ready result (see ``lowbit.eval.evaluate``).
 
     Example:
         >>> result = lowbit.evaluate(model, "fashion-mnist", limit=1000)  # doctest: +SKIP
         >>> result["metrics"]["top1"]  # doctest: +SKIP
     """
-    from lowbit.eval import evaluate as run
+    from lowbit.eval.tasks import evaluate as run
 
+    check_options("evaluate", options, keyword_parameters(run, skip=("model", "task")))
     return run(model, task, **options)
 
 
-def quantize(
-    model: DualEncoder,
-    recipe: str | Recipe,
-    calib_data: str = "fashion-mnist",
-    calib_samples: int = DEFAULT_CALIB_SAMPLES,
-    strict: bool = False,
-    progress: bool = True,
-) -> QuantReport:
+def check_task_and_data(task: str, data: str | None = None) -> None:
+    """Raise ``LowbitError`` at once for an unknown task or a data spec that names nothing."""
+    from lowbit.eval.tasks import check_task_and_data as run
+
+    run(task, data)
+
+
+def quantize(model: DualEncoder, recipe: str | Recipe, calib_data: str = "fashion-mnist",
+             calib_samples: int = DEFAULT_CALIB_SAMPLES, strict: bool = False, progress: bool = True) -> QuantReport:
     """Quantize ``model`` in place with a recipe (preset, YAML path or short string); returns the report.
 
     Calibration data (images for the vision tower, captions for the text tower) is drawn from ``calib_data``
@@ -59,29 +71,16 @@ def quantize(
     Example:
         >>> report = lowbit.quantize(model, "vision=w4g64:gptq,text=w4g64:gptq,projector=w8")  # doctest: +SKIP
     """
-    from lowbit.quant.apply import quantize_
-    from lowbit.quant.methods import get_method
-    from lowbit.quant.recipe import Recipe, load_recipe
+    from lowbit.workflows.quantize import quantize as run
 
-    parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    calibration = None
-    if any(rule.spec is not None and get_method(rule.method).needs_calibration for rule in parsed.rules):
-        from lowbit.quant.calibration import calibration_from_dataset
-
-        calibration = calibration_from_dataset(model, calib_data, n_samples=calib_samples)
-    report = quantize_(model, parsed, calibration=calibration, strict=strict, progress=progress)
-    return report
+    return run(model, recipe, calib_data=calib_data, calib_samples=calib_samples, strict=strict, progress=progress)
 
 
 def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
     """Write a packed checkpoint (safetensors + manifest.json) atomically; returns its directory."""
-    from lowbit.checkpoint import save_quantized
-    from lowbit.quant.recipe import Recipe
+    from lowbit.workflows.quantize import save as run
 
-    if report is None or not report.recipe_spec:
-        raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
-    save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir)
-    return Path(out_dir)
+    return run(model, out_dir, report=report)
 
 
 def sweep(model_name: str, recipes: list[str], methods: list[str], task: str, out_dir: str | os.PathLike[str],
@@ -91,41 +90,54 @@ def sweep(model_name: str, recipes: list[str], methods: list[str], task: str, ou
     Example:
         >>> rows = lowbit.sweep("lit-fashion", ["w4"], ["rtn", "gptq"], "fashion-mnist", "out/s")  # doctest: +SKIP
     """
-    from lowbit.sweep import sweep as run
+    from lowbit.workflows.sweep import sweep as run
 
+    check_options("sweep", options, keyword_parameters(run)[5:])
     return run(model_name, recipes, methods, task, out_dir, **options)
 
 
 def qat(model_name: str, recipe: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
     """Quantization-aware training with distillation from the float model; writes a packed model to OUT/model.
 
-    ``options`` are the fields of ``lowbit.train.qat.QATArgs`` (data, steps, lr, batch_size, distill, ...).
+    ``options``: ``loss`` and ``block_ap`` (dicts or ``QATLoss`` / ``BlockAPStage``) and the other fields of
+    ``lowbit.workflows.qat.QATArgs`` (data, steps, lr, batch_size, ...).
 
     Example:
         >>> lowbit.qat("lit-fashion", "text=w1:binary", "out/qat", steps=150)  # doctest: +SKIP
     """
-    from lowbit.train.qat import QATArgs, run_qat
+    from lowbit.workflows.qat import qat as run
 
-    return run_qat(QATArgs(model=model_name, recipe=recipe, out=str(out_dir), **options))
+    return run(model_name, recipe, out_dir, **options)
+
+
+def train_clip(data: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Pre-train a ViT dual encoder from scratch (``lowbit.train.clip_train.ClipTrainArgs`` fields as options).
+
+    Example:
+        >>> lowbit.train_clip("fashion-mnist,shapes", "runs/tiny", steps=2000)  # doctest: +SKIP
+    """
+    from lowbit.workflows.train_clip import train_clip as run
+
+    return run(data, out_dir, **options)
+
+
+def shard_dataset(src: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Write a dataset as webdataset tar shards (options: shard_size, split, limit, image_format)."""
+    from lowbit.workflows.shards import shard_dataset as run
+
+    check_options("shard_dataset", options, keyword_parameters(run)[2:])
+    return run(src, out_dir, **options)
 
 
 def build(name: str = "lit-fashion", out: str | os.PathLike[str] | None = None, seed: int = 0,
           steps: int | None = None, **options: Any) -> dict[str, Any]:
-    """Re-train the trained parts of a built-in model (``lowbit.models.builders``); returns the build log.
+    """Re-train the trained parts of a built-in model (``lowbit.workflows.builders``); returns the build log.
 
     ``lit-fashion`` options: ``n_train``, ``n_test``; ``llava-fashion(-hd)``: ``run_dir`` (checkpoints; resumes).
     """
-    import inspect
+    from lowbit.workflows.builders import build as run
 
-    from lowbit.models.builders import BUILDERS
-
-    builder = BUILDERS.get(name)
-    accepted = [p for p in inspect.signature(builder).parameters if p not in ("out", "seed", "steps")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise LowbitError(f"build {name!r} does not take {', '.join(unknown)}; accepted options: "
-                          f"{', '.join(accepted) or '(none)'}")
-    return builder(out=out, seed=seed, steps=steps, **options)
+    return run(name, out=out, seed=seed, steps=steps, **options)
 
 
 def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:
@@ -133,12 +145,9 @@ def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool =
 
     ``quick`` times two shapes at M in {1, 16} with few repeats (a smoke run); the full run takes minutes.
     """
-    from lowbit.kernels.bench import run_kernel_bench
+    from lowbit.workflows.bench_kernels import bench_kernels as run
 
-    if quick:
-        return run_kernel_bench(shapes=[(768, 768), (4096, 4096)], ms=[1, 16], repeats=5, json_path=json_path,
-                                budget_s=3.0)
-    return run_kernel_bench(json_path=json_path)
+    return run(json_path=json_path, quick=quick)
 
 
 def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32), optimize: bool = False,
@@ -152,69 +161,57 @@ def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32), optim
     Example:
         >>> lowbit.bench_model("out/w4")["speedup"]["image_ms_b32"]  # doctest: +SKIP
     """
-    from lowbit.data import resolve_dataset
-    from lowbit.eval.footprint import measure_footprint
+    from lowbit.workflows.bench_model import bench_model as run
 
-    data = resolve_dataset("fashion-mnist", split="test", limit=32)
-    texts = [t.format(c) for c in (data.classnames or []) for t in data.templates][:32]
-    model = load(name_or_path, optimize=optimize, act_block=act_block)
-    packed_dir = model.source.get("checkpoint")
-    result: dict[str, Any] = {
-        "model": name_or_path, "task": "bench", "optimized": optimize, "act_block": act_block,
-        "footprint": measure_footprint(model, data.images, texts, checkpoint=packed_dir, batch_sizes=batch_sizes),
-    }
-    float_source = model.source.get("float_source")
-    if float_source:
-        reference = load(float_source["name"], **{**float_source.get("options", {}), "optimize": optimize})
-        ref = measure_footprint(reference, data.images, texts, batch_sizes=batch_sizes)
-        result["float_footprint"] = ref
-        result["speedup"] = {k: ref[k] / result["footprint"][k] for k in ref
-                             if k.endswith(tuple(f"_b{b}" for b in batch_sizes)) and result["footprint"].get(k)}
-    return result
+    return run(name_or_path, batch_sizes=batch_sizes, optimize=optimize, act_block=act_block)
 
 
 def chat(model: Any, image: Any, question: str, **options: Any) -> str:
     """Answer ``question`` about ``image`` (PIL image, path or bytes) with a generative (llava) model.
 
     ``model`` is a loaded model or a name/directory; ``options``: ``max_new_tokens``, ``do_sample``,
-    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` (a callable receiving text pieces), ``use_cache``.
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` (a callable receiving text pieces), ``use_cache``,
+    ``kv_bits``.
 
     Example:
         >>> lowbit.chat("llava-fashion-hd", "shoe.png", "What is this item?")  # doctest: +SKIP
         'sneaker'
     """
-    from lowbit.models.llava import LlavaModel
-    from lowbit.models.llava_generate import generate
+    from lowbit.workflows.chat import chat as run
 
-    loaded = load(model) if isinstance(model, str) else model
-    if not isinstance(loaded, LlavaModel):
-        kind = getattr(loaded, "family", type(loaded).__name__)
-        raise LowbitError(f"chat needs a generative model; received a {kind!r} model; accepted: llava-fashion-hd, "
-                          "llava-fashion, a Llava checkpoint directory or a quantized llava model")
-    return generate(loaded, image, question, **options)
+    return run(model, image, question, **options)
+
+
+def open_image(image: str | os.PathLike[str] | bytes) -> Image.Image:
+    """An image file (or its bytes) as RGB; one clear error for anything unreadable."""
+    from lowbit.models.preprocess import open_rgb
+
+    return open_rgb(image)
 
 
 def list_models() -> list[dict[str, str]]:
     """Built-in models, quantized checkpoints cached under ``$LOWBIT_HOME/models``, and families."""
-    from lowbit.models import FAMILIES, builtin_models
-    from lowbit.paths import lowbit_home
+    from lowbit.workflows.load import list_models as run
 
-    rows = [{"name": n, "kind": "built-in", "description": FAMILIES.get(f).description}
-            for n, f in sorted(builtin_models().items())]
-    for manifest in sorted((lowbit_home() / "models").glob("*/manifest.json")):
-        rows.append({"name": str(manifest.parent), "kind": "cached", "description": "lowbit packed checkpoint"})
-    rows += [{"name": f"{f}:<name or dir>", "kind": "family", "description": FAMILIES.get(f).description}
-             for f in FAMILIES]
-    return rows
+    return run()
 
 
 def demo(limit: int | None = None, out_dir: str | None = None) -> list[dict[str, Any]]:
     """The main job: the default model on Fashion-MNIST (zero-shot) and shapes (retrieval)."""
-    model = load("lit-fashion")
-    results = [evaluate(model, "fashion-mnist", limit=limit), evaluate(model, "shapes", limit=limit,
-                                                                        footprint=False)]
-    if out_dir:
-        from lowbit.eval.report import write_report
+    from lowbit.workflows.demo import demo as run
 
-        write_report(results, Path(out_dir))
-    return results
+    return run(limit=limit, out_dir=out_dir)
+
+
+def format_table(result: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """A readable terminal table of an ``evaluate`` / ``bench_model`` result."""
+    from lowbit.eval.report import format_table as run
+
+    return run(result)
+
+
+def markdown_table(results: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """A Markdown table of ``evaluate`` results."""
+    from lowbit.eval.report import markdown_table as run
+
+    return run(results)

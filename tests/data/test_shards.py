@@ -145,7 +145,7 @@ def test_labelled_set_without_captions_gets_template_captions(tmp_path):
 
 
 def test_cli_data_shard(tmp_path, capsys):
-    from lowbit.train.cli import main
+    from lowbit.cli.train import main
 
     assert main(["data", "shard", "shapes", "--out", str(tmp_path / "o"), "--shard-size", "5", "--limit", "12"]) == 0
     assert "wrote 12 samples in 3 shards" in capsys.readouterr().out

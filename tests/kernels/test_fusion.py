@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels import fast
-from lowbit.kernels.fusion import GROUP_ATTR, SHARED_INPUT_CHILDREN, fuse_shared_inputs, unfuse_shared_inputs
-from lowbit.kernels.quant_linear import QuantLinear, set_backend
+from lowbit.kernels.fusion import SHARED_INPUT_CHILDREN, fuse_shared_inputs, unfuse_shared_inputs
+from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear, set_backend
 from lowbit.quant.apply import quantize_
 from lowbit.quant.primitives import QuantSpec, to_packed
 from lowbit.quant.recipe import Recipe

@@ -81,7 +81,7 @@ def test_prefill_logits_match_a_full_forward() -> None:
 
 
 def test_packed_model_runs_its_fused_kernels_like_transformers() -> None:
-    from lowbit.kernels.fusion import GROUP_ATTR
+    from lowbit.kernels.quant_linear import GROUP_ATTR
     from lowbit.quant.apply import quantize_
 
     model = tiny_lm()

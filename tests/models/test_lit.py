@@ -53,7 +53,7 @@ def test_shapes_retrieval_above_chance(lit_model):
 def test_rebuild_heads_on_a_subset_is_deterministic_and_learns(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from lowbit.models.lit_build import HeadTraining, build_lit_heads
+    from lowbit.workflows.build_lit import HeadTraining, build_lit_heads
 
     monkeypatch.setenv("LOWBIT_HOME", str(tmp_path / "home"))
     hp = HeadTraining(steps=300, batch_size=256)

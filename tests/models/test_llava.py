@@ -156,8 +156,8 @@ def test_cli_chat_streams_answer(tiny, tiny_dir: Path, tmp_path: Path, capsys) -
 
 
 def test_answer_only_loss_masking(tiny) -> None:
-    from lowbit.models.llava_build import AnswerLoss
     from lowbit.models.llava_chat import IGNORE_INDEX, encode_conversation
+    from lowbit.workflows.build_llava import AnswerLoss
 
     tok = tiny.tokenizer
     turns = [("what is this item ?", "a bag"), ("is this a red circle ?", "no")]
@@ -179,8 +179,8 @@ def test_answer_only_loss_masking(tiny) -> None:
 
 
 def test_pruning_aware_answer_loss_reads_the_tokens_inference_keeps(tiny) -> None:
-    from lowbit.models.llava_build import AnswerLoss
     from lowbit.models.llava_chat import encode_conversation
+    from lowbit.workflows.build_llava import AnswerLoss
 
     enc = encode_conversation(tiny.tokenizer, [("what is this item ?", "a bag")], system=None)
     pixels = tiny.preprocess([_image(), _image((20, 20, 200))])

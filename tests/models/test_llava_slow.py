@@ -42,7 +42,7 @@ def test_one_python_call_chats_about_an_image(llava, tmp_path) -> None:
 @pytest.mark.slow
 def test_projector_retrains_on_a_subset() -> None:
     from lowbit.models.llava import LlavaConfig, from_parts
-    from lowbit.models.llava_build import ProjectorTraining, train_projector
+    from lowbit.workflows.build_llava import ProjectorTraining, train_projector
 
     model = from_parts("lit-fashion", "smollm2-135m-instruct", LlavaConfig())
     hp = ProjectorTraining(n_fashion=48, n_shapes=16, turns=2, align_steps=40, align_batch_size=32, steps=4,
@@ -79,7 +79,7 @@ def test_hd_projector_fine_tunes_from_the_sparse_grids() -> None:
     from dataclasses import replace
 
     from lowbit.models.llava import LlavaConfig, from_parts
-    from lowbit.models.llava_build import hd_training, train_projector
+    from lowbit.workflows.build_llava import hd_training, train_projector
 
     hp = replace(hd_training(), n_fashion=16, n_shapes=8, steps=2, batch_size=4, n_eval=0)
     losses = {}

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import pack_codes, unpack_codes
 from lowbit.kernels.quant_linear import QuantLinear
@@ -16,6 +15,7 @@ from lowbit.quant.binary import binary_scales
 from lowbit.quant.methods import QuantContext, get_method
 from lowbit.quant.primitives import QuantSpec
 from lowbit.quant.recipe import load_recipe
+from lowbit.workflows.checkpoint import load_quantized, save_quantized
 from tests.quant.qat_tiny import TinyDual, tiny_data
 
 GEN = torch.Generator().manual_seed(0)

@@ -184,7 +184,7 @@ def test_stage_saves_and_a_rerun_loads_instead_of_recomputing(tmp_path: Path) ->
 def test_qat_command_block_ap_then_scales_only(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from lowbit.train.qat_cli import main
+    from lowbit.cli.qat import main
 
     out = tmp_path / "run"
     argv = ["qat", "tiny-qat", "--recipe", RECIPE, "--data", "tiny-qat-data", "--block-ap", "--block-ap-samples",

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.kernels import fast
 from lowbit.kernels.offsets import OffsetLinear, OffsetPacked, group_sums
@@ -16,6 +15,7 @@ from lowbit.quant.apply import quantize_
 from lowbit.quant.minmax import minmax_pack
 from lowbit.quant.primitives import QuantSpec, fake_quantize
 from lowbit.quant.recipe import parse_short
+from lowbit.workflows.checkpoint import load_quantized, save_quantized
 from tests.quant.qat_tiny import TinyDual, tiny_data
 
 

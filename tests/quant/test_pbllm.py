@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.kernels.sparse_side import PBLLMLinear, SparseSidePacked, side_from_dense, side_to_dense
 from lowbit.quant.apply import quantize_
@@ -15,6 +14,7 @@ from lowbit.quant.methods import QuantContext, get_method
 from lowbit.quant.pbllm import expected_bits, salient_mask
 from lowbit.quant.primitives import QuantSpec
 from lowbit.quant.recipe import load_recipe
+from lowbit.workflows.checkpoint import load_quantized, save_quantized
 from tests.quant.qat_tiny import TinyDual, tiny_data
 
 GEN = torch.Generator().manual_seed(0)

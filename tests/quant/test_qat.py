@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import is_quantized, set_backend
 from lowbit.quant.apply import quantize_
@@ -22,6 +21,7 @@ from lowbit.quant.qat import QATLayer, convert_qat, prepare_qat, qat_layers, qat
 from lowbit.quant.recipe import load_recipe
 from lowbit.train.loop import TrainConfig
 from lowbit.train.qat import QATLoss, train_qat
+from lowbit.workflows.checkpoint import load_quantized, save_quantized
 from tests.quant.qat_tiny import TinyDual, tiny_data
 
 RECIPES = ["*=w1:binary", "*=w1.58", "*=w1:pbllm", "*=w4g8", "*=w3g8a", "*=w2", "*=w8"]
@@ -229,7 +229,7 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_qat_command_trains_folds_saves_and_resumes(tmp_path: Path) -> None:
     import lowbit
-    from lowbit.train.qat_cli import main
+    from lowbit.cli.qat import main
 
     out = tmp_path / "run"
     argv = ["qat", "tiny-qat", "--recipe", "vision=w1:binary,text=w1.58", "--data", "tiny-qat-data",

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.kernels.base3 import Base3Linear, Base3Packed, pack_trits, unpack_trits
 from lowbit.kernels.quant_linear import QuantLinear, QuantWeightParam
@@ -15,6 +14,7 @@ from lowbit.quant.apply import quantize_
 from lowbit.quant.methods import QuantContext, get_method
 from lowbit.quant.primitives import QuantSpec
 from lowbit.quant.recipe import Recipe, load_recipe
+from lowbit.workflows.checkpoint import load_quantized, save_quantized
 from tests.quant.qat_tiny import TinyDual, tiny_data
 
 GEN = torch.Generator().manual_seed(0)

@@ -180,7 +180,7 @@ def test_siglip_loss_trains_a_siglip_model(tmp_path):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    from lowbit.train.cli import main
+    from lowbit.cli.train import main
 
     assert main(["train", "clip", "--data", "shapes", "--out", str(tmp_path), "--model", "huge"]) == 2
     with pytest.raises(LowbitError, match="batch_size: received 0"):
@@ -189,7 +189,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 def test_lowbit_parser_has_train_clip_and_data_shard():
     from lowbit.cli import build_parser
-    from lowbit.train.cli import cmd_data_shard, cmd_train_clip
+    from lowbit.cli.train import cmd_data_shard, cmd_train_clip
 
     parser = build_parser()  # lowbit.cli calls register_cli(sub)
     args = parser.parse_args(["train", "clip", "--data", "fashion-mnist", "--out", "x", "--loss", "siglip", "--bf16",

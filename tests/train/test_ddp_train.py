@@ -29,8 +29,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     torchrun = VENV_BIN / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not installed")
-    _run([sys.executable, "-m", "lowbit.train.cli"], tmp_path / "one")
-    _run([str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2", "-m", "lowbit.train.cli"],
+    _run([sys.executable, "-m", "lowbit.cli.train"], tmp_path / "one")
+    _run([str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2", "-m", "lowbit.cli.train"],
          tmp_path / "two")
     one = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000003" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000003" / "model.safetensors"))

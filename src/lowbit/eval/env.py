@@ -28,11 +28,11 @@ def environment() -> dict[str, Any]:
     """
     import torch
 
-    import lowbit
+    from lowbit.version import __version__
 
     return {
         "torch": torch.__version__,
-        "lowbit": lowbit.__version__,
+        "lowbit": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),

@@ -132,6 +132,19 @@ def _sample_texts(data: ImageTextSet) -> list[str]:
     return [template.replace("{}", c, 1) for c in (data.classnames or [])][:FOOTPRINT_SAMPLES]
 
 
+def check_task_and_data(task: str, data: str | None = None) -> None:
+    """Fail fast (before seconds of model loading) on an unknown task or a data spec that is neither a registered
+    dataset nor an existing path."""
+    from pathlib import Path
+
+    from lowbit.data import DATASETS
+
+    TASKS.get(task)
+    if data and data not in DATASETS and not Path(data).exists():
+        raise LowbitError(f"data {data!r} is neither a dataset ({', '.join(DATASETS.names())}) nor an "
+                          "existing folder/index file (a folder with captions.csv, labels.csv or .jsonl)")
+
+
 def evaluate(
     model: DualEncoder,
     task: str,

@@ -53,8 +53,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
-from lowbit.kernels.fusion import GROUP_ATTR
 from lowbit.kernels.quant_linear import (
+    GROUP_ATTR,
     LINEAR_BACKENDS,
     ROW_ACT_BLOCK,
     QuantLinear,

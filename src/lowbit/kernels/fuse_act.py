@@ -32,9 +32,8 @@ from torch import nn
 
 from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.depthwise import DepthwiseKernel
-from lowbit.kernels.fusion import GROUP_ATTR
 from lowbit.kernels.graph import called_outside, fresh_source, module_graphs
-from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
 from lowbit.registry import Registry
 
 # "module.QualName" of an activation class -> the (lo, hi) its forward clamps to.

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.formats import PackedWeight
-from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
 from lowbit.registry import Registry, qualname
 
 # "module.QualName" of a parent class -> groups of child attribute names that its forward calls on one input.
@@ -42,7 +42,6 @@ SHARED_INPUT_CHILDREN.register("transformers.models.llama.modeling_llama.LlamaAt
     (("q_proj", "k_proj", "v_proj"),))
 SHARED_INPUT_CHILDREN.register("transformers.models.llama.modeling_llama.LlamaMLP")((("gate_proj", "up_proj"),))
 
-GROUP_ATTR = "_lowbit_shared"  # QuantLinear attribute: (SharedInputGroup, index) of a linked sibling
 
 
 def _fusable(members: list[Any]) -> bool:

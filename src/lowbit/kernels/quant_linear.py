@@ -39,6 +39,7 @@ PACKED_BUFFERS: tuple[str, ...] = ("qweight", "scales", "zeros", "input_scale")
 LinearBackend = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
 LINEAR_BACKENDS: Registry[LinearBackend] = Registry("linear backend")
 DEFAULT_BACKEND = "cpu"  # registered by lowbit.kernels.fast (imported by lowbit.kernels/__init__)
+GROUP_ATTR = "_lowbit_shared"  # attribute of a fused sibling: (SharedInputGroup, index), set by kernels.fusion
 
 
 def clamp_output(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:

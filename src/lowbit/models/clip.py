@@ -99,7 +99,7 @@ def is_hf_dual_encoder_dir(path: str) -> bool:
     return Path(path).is_dir() and _model_type(Path(path)) in SUPPORTED_TYPES
 
 
-def load_clip(name_or_path: str, max_text_tokens: int | None = None, **_: Any) -> HFDualEncoder:
+def load_clip(name_or_path: str, max_text_tokens: int | None = None) -> HFDualEncoder:
     """Load a CLIP/SigLIP checkpoint (local dir, or hub id when online) with its tokenizer and image processor.
 
     Example:

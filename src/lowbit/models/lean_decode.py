@@ -88,7 +88,7 @@ def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | No
 
 def _fused(members: Sequence[nn.Module]) -> Projections | None:
     """One call computing all ``members`` when they form one fused group, in order (lowbit.kernels.fusion)."""
-    from lowbit.kernels.fusion import GROUP_ATTR
+    from lowbit.kernels.quant_linear import GROUP_ATTR
 
     if not all(getattr(m, "backend", None) == "cpu" for m in members):  # groups serve the kernels backend only
         return None

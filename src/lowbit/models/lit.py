@@ -129,7 +129,7 @@ def packaged_heads_path(name: str = DEFAULT_NAME) -> Path:
     return ASSETS / name / "heads.safetensors"
 
 
-def load_lit(name: str = DEFAULT_NAME, heads: str | Path | None = None, **_: Any) -> LitDualEncoder:
+def load_lit(name: str = DEFAULT_NAME, heads: str | Path | None = None) -> LitDualEncoder:
     """Load the built-in LiT model: packaged towers + trained heads (packaged, or ``heads=`` a built file).
 
     Example:

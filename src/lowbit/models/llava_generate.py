@@ -25,7 +25,7 @@ from PIL import Image
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
-    from lowbit.models.llava import LlavaModel
+    from lowbit.models.llava_model import LlavaModel
     from lowbit.models.token_pruning import InLayerPrune
 
 ImageLike = Image.Image | str | os.PathLike[str] | bytes
@@ -239,7 +239,7 @@ def generate(model: LlavaModel, image: ImageLike, question: str, max_new_tokens:
         'sneaker'
         >>> generate(model, "shoe.png", "Describe it.", do_sample=True, seed=0, stream=print)  # doctest: +SKIP
     """
-    from lowbit.models.llava import open_rgb
+    from lowbit.models.preprocess import open_rgb
 
     if not question or not question.strip():
         raise LowbitError("the question is empty; accepted: a non-empty string")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.llava import LlavaConfig, LlavaModel, linear_widths
+from lowbit.models.llava_model import LlavaConfig, LlavaModel, linear_widths
 from lowbit.models.llava_vision import HFVisionTokens
 
 

@@ -148,7 +148,7 @@ def default_vision(image_size: int = 128, output_stride: int = 32) -> tuple[Visu
 
 def vision_from_model(name_or_path: str, **options: Any) -> tuple[VisualTokens, Preprocess]:
     """The vision tower of any lowbit model (built-in name or directory), as visual tokens."""
-    from lowbit.models import load_model
+    from lowbit.models.loading import load_model
 
     model = load_model(name_or_path)
     return VISION_ADAPTERS.get(model.source.get("family", type(model).__name__))(model, **options)

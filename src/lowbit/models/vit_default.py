@@ -10,7 +10,6 @@ seed and training log. Loading goes through the ``clip`` family, so it behaves l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from lowbit.errors import LowbitError, unknown_choice
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
@@ -24,7 +23,7 @@ BUILD_COMMAND = (
 )
 
 
-def load_vit_default(name: str = NAME, **options: Any) -> DualEncoder:
+def load_vit_default(name: str = NAME, max_text_tokens: int | None = None) -> DualEncoder:
     """Load the packaged ``clip-vit-tiny-fashion`` in eval mode (float32 on CPU).
 
     Example:
@@ -39,6 +38,7 @@ def load_vit_default(name: str = NAME, **options: Any) -> DualEncoder:
     if not (ASSET_DIR / "config.json").is_file():
         raise LowbitError(f"{NAME} is not packaged in this install ({ASSET_DIR} has no config.json); "
                           f"build it with: {BUILD_COMMAND}")
+    options = {} if max_text_tokens is None else {"max_text_tokens": max_text_tokens}
     model = load_clip(str(ASSET_DIR), **options)
     model.float().eval()  # the weights ship as fp16; CPU inference and quantization want float32
     model.source = {"family": "vit", "name": NAME, "options": dict(options)}

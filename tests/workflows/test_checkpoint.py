@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import lowbit.checkpoint as ckpt
-from lowbit.checkpoint import load_quantized, save_quantized
+import lowbit.workflows.checkpoint as ckpt
 from lowbit.errors import LowbitError
 from lowbit.models.base import DualEncoder
 from lowbit.quant.apply import quantize_
 from lowbit.quant.methods import METHODS, QuantContext, QuantResult
 from lowbit.quant.primitives import QuantSpec, to_packed
 from lowbit.quant.recipe import load_recipe
+from lowbit.workflows.checkpoint import load_quantized, save_quantized
 
 
 class _ScaledRTN:

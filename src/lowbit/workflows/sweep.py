@@ -19,8 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lowbit.eval import evaluate
 from lowbit.io import atomic_path, write_json
 from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
+from lowbit.workflows.load import load
+from lowbit.workflows.quantize import quantize, save
 
 
 def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_quantize: float | None,
@@ -67,7 +70,6 @@ def sweep(
     """
     import time
 
-    from lowbit import api
     from lowbit.eval.report import plot_accuracy_vs_bytes
     from lowbit.quant.recipe import load_recipe
 
@@ -75,8 +77,8 @@ def sweep(
     (out / "rows").mkdir(parents=True, exist_ok=True)
     combos = list(pairs) if pairs is not None else [(r, m) for r in recipes for m in methods]
     parsed = {(r, m): load_recipe(r).with_method(m) for r, m in combos}  # validate everything up front
-    float_model = api.load(model_name)
-    reference = api.evaluate(float_model, task, limit=limit, progress=progress)
+    float_model = load(model_name)
+    reference = evaluate(float_model, task, limit=limit, progress=progress)
     rows = [_row("float", "fp32", "-", reference, None, None)]
     for (recipe, method), parsed_recipe in parsed.items():
         label = f"{recipe}+{method}"
@@ -85,18 +87,18 @@ def sweep(
             rows.append(json.loads(done.read_text()))
             continue
         model = copy.deepcopy(float_model)
-        load = os.getloadavg()[0]
+        load_avg = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
-        report = api.quantize(model, parsed_recipe, calib_data=calib_data, calib_samples=calib_samples,
+        report = quantize(model, parsed_recipe, calib_data=calib_data, calib_samples=calib_samples,
                               progress=progress)
         seconds = round(time.perf_counter() - t0, 1)
-        timing = {"cpu_seconds_quantize": round(time.process_time() - c0, 1), "load_avg_1min": round(load, 2),
+        timing = {"cpu_seconds_quantize": round(time.process_time() - c0, 1), "load_avg_1min": round(load_avg, 2),
                   "calib_samples": calib_samples}
         ckpt = out / "checkpoints" / label
-        api.save(model, ckpt, report=report)
+        save(model, ckpt, report=report)
         del model
-        packed = api.load(str(ckpt))
-        result = api.evaluate(packed, task, limit=limit, reference=reference, checkpoint_dir=ckpt,
+        packed = load(str(ckpt))
+        result = evaluate(packed, task, limit=limit, reference=reference, checkpoint_dir=ckpt,
                               progress=progress)
         row = _row(label, recipe, method, result, seconds, report.to_dict(), timing)
         write_json(done, row)

@@ -358,3 +358,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], baselines: Sequence[str] = BA
                  *(f"{vals[c]:.3f}" if c in vals else "" for c in cols)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:
+    """The full kernel benchmark, or with ``quick`` two shapes at M in {1, 16} with few repeats (a smoke run)."""
+    if quick:
+        return run_kernel_bench(shapes=[(768, 768), (4096, 4096)], ms=[1, 16], repeats=5, json_path=json_path,
+                                budget_s=3.0)
+    return run_kernel_bench(json_path=json_path)

@@ -7,48 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from lowbit import api
+from lowbit.api import DEFAULT_CALIB_SAMPLES
+from lowbit.cli.base import Parser, add_act_block, print_json_or_table, run
+from lowbit.cli.qat import register_qat_cli
+from lowbit.cli.train import register_cli as register_train_and_data
 from lowbit.errors import LowbitError
-from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (problem + accepted form) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _print_json_or_table(result: dict[str, Any] | list[dict[str, Any]], json_path: str | None) -> None:
-    from lowbit.eval.report import format_table
-    from lowbit.io import write_json
-
-    if json_path:
-        write_json(json_path, result)
-    for row in result if isinstance(result, list) else [result]:
-        print(format_table(row))
-    if json_path:
-        print(f"wrote {json_path}")
-
-
-def _act_block(text: str) -> int | str:
-    """``--act-block`` value: ``row`` or a positive multiple of 32 (checked by the API, one clear line)."""
-    return text if text == "row" or not text.lstrip("-").isdigit() else int(text)
-
-
-def _add_act_block(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--act-block", type=_act_block, default=None, metavar="{row,N}",
-                   help="packed layers: activation quantization blocks of the CPU kernels, 'row' (one scale per row: "
-                        "faster at large batch) or a multiple of 32 inputs (default 128)")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     """List built-in models, models cached under $LOWBIT_HOME/models, and registered families."""
-    from lowbit import api
 
     for row in api.list_models():
         print(f"{row['name']:<28} {row['kind']:<10} {row['description']}")
@@ -56,37 +28,27 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate MODEL on a task: accuracy (or recall), footprint and, with --reference, fidelity."""
-    from lowbit import api
-    from lowbit.data import DATASETS
-    from lowbit.eval.tasks import TASKS
-
-    TASKS.get(args.task)  # fail on a bad task or data path before spending seconds loading the model
-    if args.data and args.data not in DATASETS and not Path(args.data).exists():
-        raise LowbitError(f"data {args.data!r} is neither a dataset ({', '.join(DATASETS.names())}) nor an "
-                          "existing folder/index file (a folder with captions.csv, labels.csv or .jsonl)")
+    api.check_task_and_data(args.task, args.data)  # a bad task or data path fails before seconds of loading
     model = api.load(args.model, optimize=args.optimize, act_block=args.act_block)
     reference = api.load(args.reference) if args.reference else None
     result = api.evaluate(
         model, args.task, limit=args.limit, data=args.data, reference=reference,
         footprint=not args.no_footprint, checkpoint_dir=args.model if Path(args.model).is_dir() else None,
     )
-    _print_json_or_table(result, args.json)
+    print_json_or_table(result, args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: load (or build) the default model, evaluate it on Fashion-MNIST and shapes, print a table."""
-    from lowbit import api
-    from lowbit.eval.report import markdown_table
 
     results = api.demo(limit=args.limit, out_dir=args.out)
-    print(markdown_table(results))
+    print(api.markdown_table(results))
     if args.out:
         print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     """Re-train the trained parts of a built-in model (lit-fashion heads, llava-fashion(-hd) projector)."""
-    from lowbit import api
 
     options: dict[str, Any] = {}
     for name in ("n_train", "n_test", "run_dir"):
@@ -98,7 +60,6 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Quantize MODEL with a recipe (preset, YAML file or short string) and save a packed checkpoint to OUT."""
-    from lowbit import api
 
     model = api.load(args.model)
     report = api.quantize(model, args.recipe, calib_data=args.calib_data, calib_samples=args.calib_samples,
@@ -110,7 +71,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Evaluate every recipe x method on a task; write JSON, Markdown and an accuracy-vs-bytes PNG."""
-    from lowbit import api
 
     rows = api.sweep(args.model, recipes=args.recipes.split(","), methods=args.methods.split(","),
                      task=args.task, out_dir=args.out, limit=args.limit, calib_samples=args.calib_samples)
@@ -119,22 +79,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Benchmarks: `bench kernels` (packed matmul vs torch/ONNX Runtime) or `bench model MODEL`."""
-    from lowbit import api
 
     if args.what == "kernels":
         api.bench_kernels(json_path=args.json, quick=args.quick)
     else:
         if not args.model:
             raise LowbitError("`lowbit bench model` needs a MODEL argument (a built-in name or a directory)")
-        _print_json_or_table(api.bench_model(args.model, optimize=args.optimize, act_block=args.act_block), args.json)
+        print_json_or_table(api.bench_model(args.model, optimize=args.optimize, act_block=args.act_block), args.json)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Ask a generative (llava) MODEL a question about an image; the answer streams to stdout."""
-    from lowbit import api
-    from lowbit.models.llava import open_rgb
-
-    image = open_rgb(args.image)  # a bad image fails before seconds of model loading
+    image = api.open_image(args.image)  # a bad image fails before seconds of model loading
     options = {k: v for k, v in (("prune_ratio", args.prune_ratio), ("prune_layer", args.prune_layer),
                                  ("kv_bits", args.kv_bits)) if v is not None}
     model = api.load(args.model, **options)
@@ -149,8 +105,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowbit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="lowbit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def verb(name: str, fn: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], description=fn.__doc__)
@@ -170,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true",
                    help="evaluate the model after optimize_for_inference_ (folded BatchNorm, depthwise kernel, fused "
                         "activations): accuracy and latency of what a deployment runs")
-    _add_act_block(p)
+    add_act_block(p)
 
     p = verb("chat", cmd_chat)
     p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, or a quantized one")
@@ -224,33 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--optimize", action="store_true",
                    help="bench model: load the model and its float source with optimize_for_inference_ applied")
-    _add_act_block(p)
-
-    from lowbit.train.cli import register_cli as register_train_and_data
-    from lowbit.train.qat_cli import register_qat_cli
+    add_act_block(p)
 
     register_train_and_data(sub)  # `lowbit train clip`, `lowbit data shard`
     register_qat_cli(sub)  # `lowbit qat`
     return parser
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and call the chosen verb: a ``LowbitError`` becomes one line and exit code 2."""
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lowbit.checkpoint as ckpt
+import lowbit.workflows.checkpoint as ckpt
 from lowbit.kernels import fast
 from lowbit.kernels.quant_linear import DEFAULT_BACKEND, QuantConv2d1x1, QuantLinear, set_backend
-from lowbit.models import load_model
-from tests.test_checkpoint import PIX, TOK, _quantized, build
+from lowbit.workflows.load import load as load_model
+from tests.workflows.test_checkpoint import PIX, TOK, _quantized, build
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -300,11 +300,11 @@ def build_llava_projector(target: str | Path, hp: ProjectorTraining = ProjectorT
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lowbit.models.llava_build --out FILE [--seed N] [--steps N] ...``: build and print the log."""
+    """``python -m lowbit.workflows.build_llava --out FILE [--seed N] [--steps N] ...``: build and print the log."""
     import argparse
 
     defaults = ProjectorTraining()
-    parser = argparse.ArgumentParser(prog="python -m lowbit.models.llava_build", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lowbit.workflows.build_llava", description=main.__doc__)
     parser.add_argument("--out", required=True, help="projector .safetensors file to write")
     parser.add_argument("--run-dir", help="checkpoints of the answer stage (a re-run resumes)")
     for name, value in asdict(defaults).items():

@@ -11,7 +11,7 @@ from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 
 @pytest.mark.slow
 def test_sweep_writes_report_and_orders_bytes(tmp_path):
-    from lowbit.sweep import sweep
+    from lowbit.workflows.sweep import sweep
 
     out = tmp_path / "sweep"
     recipes = ["w8", "vision=w4g64,text=w4g64,projector=w8"]

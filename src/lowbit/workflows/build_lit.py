@@ -7,7 +7,7 @@ caption of the image's class is a positive (captions repeat across a batch, so t
 punish correct matches); (4) heads saved as safetensors with the config, seed and metrics in the metadata.
 
 Example:
-    >>> from lowbit.models.lit_build import build_lit_heads
+    >>> from lowbit.workflows.build_lit import build_lit_heads
     >>> result = build_lit_heads("heads.safetensors", n_train=2000, n_test=1000)  # doctest: +SKIP
 """
 

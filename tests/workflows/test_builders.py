@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lowbit.cli import main
-from lowbit.models.builders import BUILDERS
+from lowbit.workflows.builders import BUILDERS
 
 
 def test_every_built_in_model_has_a_builder() -> None:
@@ -34,7 +34,7 @@ def test_llava_fashion_hd_builds_its_two_runs_in_order(tmp_path) -> None:
         calls.append((target, hp, run_dir))
         return {"held_out_accuracy": {"fashion-vqa": 0.0}, "hyperparameters": {"steps": hp.steps}}
 
-    with mock.patch("lowbit.models.llava_build.build_llava_projector", side_effect=fake_build):
+    with mock.patch("lowbit.workflows.build_llava.build_llava_projector", side_effect=fake_build):
         log = BUILDERS.get("llava-fashion-hd")(out=tmp_path / "p.safetensors", steps=7, run_dir=tmp_path / "runs")
     (t1, hp1, d1), (t2, hp2, d2) = calls
     assert hp1.init_from == str(packaged_projector_path("llava-fashion")) and (hp1.n_fashion, hp1.steps) == (2000, 450)

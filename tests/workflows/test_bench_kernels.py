@@ -1,11 +1,11 @@
-"""The kernel benchmark harness (lowbit.kernels.bench): rows carry what the issue asks, for every baseline."""
+"""The kernel benchmark harness (lowbit.workflows.bench_kernels): rows carry what the issue asks, for every baseline."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from lowbit.kernels.bench import BASELINES, run_kernel_bench
+from lowbit.workflows.bench_kernels import BASELINES, run_kernel_bench
 from tests.kernels.conftest import needs_kernels
 
 

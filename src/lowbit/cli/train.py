@@ -1,29 +1,28 @@
 """Command-line verbs of training and data preparation: ``lowbit train clip`` and ``lowbit data shard``.
 
 ``register_cli(sub)`` adds both verbs to ``lowbit``'s sub-command parser (one line in ``lowbit.cli``);
-``python -m lowbit.train.cli ...`` runs them stand-alone, which is also what ``torchrun`` launches::
+``python -m lowbit.cli.train ...`` runs them stand-alone, which is also what ``torchrun`` launches::
 
-    torchrun --nproc_per_node 2 -m lowbit.train.cli train clip --data fashion-mnist --steps 100 --out runs/a
+    torchrun --nproc_per_node 2 -m lowbit.cli.train train clip --data fashion-mnist --steps 100 --out runs/a
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lowbit import api
+from lowbit.cli.base import Parser, is_main_process, run
 from lowbit.errors import LowbitError
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
     """Pre-train a ViT dual encoder from scratch (CLIP or SigLIP loss); resumes from OUT when it has a checkpoint."""
-    from lowbit.train.clip_train import ClipTrainArgs, summary_line, train_clip
-    from lowbit.train.distributed import cleanup_distributed, is_main
-
-    try:
-        summary = train_clip(ClipTrainArgs(
-            data=args.data, out=args.out, model=args.model, loss=args.loss, steps=args.steps,
+    summary = api.train_clip(
+        args.data, args.out, model=args.model, loss=args.loss, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
             grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed, log_every=args.log_every,
             eval_every=args.eval_every, eval_task=args.eval_task or "", eval_limit=args.eval_limit,
@@ -31,11 +30,17 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
             positives=args.positives,
             num_workers=args.num_workers, limit=args.limit, progress=not args.no_progress,
             preset_overrides=_overrides(args.arch), export_fp16=args.export_fp16,
-        ))
-        if is_main():
-            print(summary_line(summary))
-    finally:
-        cleanup_distributed()
+    )
+    if is_main_process():
+        print(summary_line(summary))
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    ev = summary.get("final_eval") or {}
+    metric = json.dumps({k: round(v, 4) for k, v in ev.items() if isinstance(v, float)})
+    return (f"trained {summary['steps']} steps on {summary['world_size']} process(es) in {summary['seconds']} s; "
+            f"eval {metric}; model: {summary['model']}")
 
 
 def _overrides(items: list[str] | None) -> dict[str, int]:
@@ -51,13 +56,10 @@ def _overrides(items: list[str] | None) -> dict[str, int]:
 
 def cmd_data_shard(args: argparse.Namespace) -> None:
     """Write a dataset (any supported spec) as webdataset tar shards in the img2dataset layout."""
-    from lowbit.data import resolve_dataset
-    from lowbit.data.shards import write_shards
-
-    data = resolve_dataset(args.src, split=args.split, limit=args.limit)
-    manifest = write_shards(data, args.out, shard_size=args.shard_size, image_format=args.format)
+    manifest = api.shard_dataset(args.src, args.out, shard_size=args.shard_size, split=args.split, limit=args.limit,
+                                 image_format=args.format)
     print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out}"
-          + (f" ({data.skipped} unreadable images skipped)" if data.skipped else ""))
+          + (f" ({manifest['skipped']} unreadable images skipped)" if manifest["skipped"] else ""))
 
 
 def _add_train(sub: Any) -> None:
@@ -119,11 +121,9 @@ def register_cli(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m lowbit.train.cli``), same errors and exit codes as ``lowbit``."""
-    from lowbit.cli import _Parser, run
-
-    parser = _Parser(prog="lowbit", description=__doc__)
-    register_cli(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    """Stand-alone entry point (``python -m lowbit.cli.train``), same errors and exit codes as ``lowbit``."""
+    parser = Parser(prog="lowbit", description=__doc__)
+    register_cli(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     return run(parser, argv)
 
 

@@ -14,11 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lowbit.errors import check_options, keyword_parameters
 from lowbit.paths import lowbit_home
 from lowbit.registry import Registry
 
 if TYPE_CHECKING:
-    from lowbit.models.llava_build import ProjectorTraining
+    from lowbit.workflows.build_llava import ProjectorTraining
 
 Builder = Callable[..., dict[str, Any]]
 BUILDERS: Registry[Builder] = Registry("buildable model")
@@ -32,7 +33,7 @@ def _target(name: str, out: str | os.PathLike[str] | None, filename: str) -> Pat
 def build_lit(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
               n_train: int = 60000, n_test: int = 10000) -> dict[str, Any]:
     """Re-train lit-fashion's heads on ``n_train`` Fashion-MNIST images (+ shapes), evaluate on ``n_test``."""
-    from lowbit.models.lit_build import HeadTraining, build_lit_heads
+    from lowbit.workflows.build_lit import HeadTraining, build_lit_heads
 
     hp = HeadTraining(seed=seed) if steps is None else HeadTraining(seed=seed, steps=steps)
     target = _target("lit-fashion", out, "heads.safetensors")
@@ -41,7 +42,7 @@ def build_lit(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: i
 
 def _build_projector(name: str, hp: ProjectorTraining, out: str | os.PathLike[str] | None, steps: int | None,
                      run_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
-    from lowbit.models.llava_build import build_llava_projector
+    from lowbit.workflows.build_llava import build_llava_projector
 
     if steps is not None:
         hp = replace(hp, steps=steps)
@@ -54,7 +55,7 @@ def build_llava(out: str | os.PathLike[str] | None = None, seed: int = 0, steps:
                 run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Re-train llava-fashion's projector (visual instruction tuning); ``run_dir`` keeps checkpoints, so a
     killed build resumes."""
-    from lowbit.models.llava_build import ProjectorTraining
+    from lowbit.workflows.build_llava import ProjectorTraining
 
     return _build_projector("llava-fashion", ProjectorTraining(seed=seed), out, steps, run_dir)
 
@@ -62,10 +63,10 @@ def build_llava(out: str | os.PathLike[str] | None = None, seed: int = 0, steps:
 @BUILDERS.register("llava-fashion-hd")
 def build_llava_hd(out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
                    run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Build llava-fashion-hd's projector (12x12 visual tokens) as shipped: two runs (``llava_build.hd_runs``),
+    """Build llava-fashion-hd's projector (12x12 visual tokens) as shipped: two runs (``build_llava.hd_runs``),
     the first from llava-fashion's shipped projector, the second from the first's (written beside ``out`` as
     ``*.run1.safetensors``); ``steps`` sets the second run's; ``run_dir`` keeps both runs' checkpoints."""
-    from lowbit.models.llava_build import build_llava_projector, hd_runs
+    from lowbit.workflows.build_llava import build_llava_projector, hd_runs
 
     first, second = hd_runs(seed)
     target = _target("llava-fashion-hd", out, "projector.safetensors")
@@ -75,3 +76,11 @@ def build_llava_hd(out: str | os.PathLike[str] | None = None, seed: int = 0, ste
     second = replace(second, init_from=str(run1), steps=second.steps if steps is None else steps)
     logs.append(build_llava_projector(target, second, run_dir=dirs[1]))
     return {"projector": str(target), "run1": str(run1), **logs[-1], "runs": logs}
+
+
+def build(name: str, out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
+          **options: Any) -> dict[str, Any]:
+    """Run the builder registered for ``name``; options other than its own are refused with one line."""
+    builder = BUILDERS.get(name)
+    check_options(f"build {name!r}", options, keyword_parameters(builder, skip=("out", "seed", "steps")))
+    return builder(out=out, seed=seed, steps=steps, **options)

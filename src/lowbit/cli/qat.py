@@ -1,51 +1,55 @@
-"""The ``lowbit qat`` verb: quantization-aware training with distillation (``lowbit.train.qat.run_qat``).
+"""The ``lowbit qat`` verb: quantization-aware training with distillation (``lowbit.workflows.qat.run_qat``).
 
 ``register_qat_cli(sub)`` adds it to ``lowbit``'s sub-command parser (one line in ``lowbit.cli``);
-``python -m lowbit.train.qat_cli qat ...`` runs it stand-alone, which is also what ``torchrun`` launches::
+``python -m lowbit.cli.qat qat ...`` runs it stand-alone, which is also what ``torchrun`` launches::
 
     lowbit qat lit-fashion --recipe vision=w1.58,text=w1.58 --steps 300 --out runs/t
-    torchrun --nproc_per_node 2 -m lowbit.train.qat_cli qat lit-fashion --recipe ... --out runs/t
+    torchrun --nproc_per_node 2 -m lowbit.cli.qat qat lit-fashion --recipe ... --out runs/t
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lowbit import api
+from lowbit.cli.base import Parser, is_main_process, run
+
 
 def cmd_qat(args: argparse.Namespace) -> None:
     """Quantization-aware training of MODEL with a recipe, distilled from the float model; resumes from OUT."""
-    from lowbit.quant.block_ap import BlockAPConfig
-    from lowbit.train.block_ap_stage import BlockAPStage
-    from lowbit.train.distributed import cleanup_distributed, is_main
-    from lowbit.train.qat import QATArgs, QATLoss, run_qat, summary_line
-
     block_ap = None
     if args.block_ap:
-        block_ap = BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
-            steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
-            float_lr=args.block_ap_float_lr, match_norms=not args.no_match_norms, tail=not args.block_ap_no_tail))
+        block_ap = {"samples": args.block_ap_samples, "steps": args.block_ap_steps, "lr": args.block_ap_lr,
+                    "scale_lr": args.block_ap_scale_lr, "float_lr": args.block_ap_float_lr,
+                    "match_norms": not args.no_match_norms, "tail": not args.block_ap_no_tail}
+    summary = api.qat(
+        args.model, args.recipe, args.out, data=args.data, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples,
+        eval_every=args.eval_every, eval_samples=args.eval_samples, ckpt_every=args.ckpt_every,
+        log_every=args.log_every, progress=not args.no_progress, train=args.train, block_ap=block_ap,
+        loss={"distill": args.distill, "task_loss": args.task_loss, "task_weight": args.task_weight,
+              "temperature": args.temperature},
+    )
+    if is_main_process():
+        print(summary_line(summary))
 
-    try:
-        summary = run_qat(QATArgs(
-            model=args.model, recipe=args.recipe, out=args.out, data=args.data, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples,
-            eval_every=args.eval_every, eval_samples=args.eval_samples, ckpt_every=args.ckpt_every,
-            log_every=args.log_every, progress=not args.no_progress, train=args.train, block_ap=block_ap,
-            loss=QATLoss(distill=args.distill, task_loss=args.task_loss, task_weight=args.task_weight,
-                         temperature=args.temperature),
-        ))
-        if is_main():
-            print(summary_line(summary))
-    finally:
-        cleanup_distributed()
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    evals = summary.get("evals") or []
+    last_eval = json.dumps({k: round(v, 4) for k, v in (evals[-1]["eval"] if evals else {}).items()})
+    bits = (summary.get("totals") or summary.get("start_totals") or {}).get("bits_per_weight", 0.0)
+    return (f"QAT {summary['steps']} steps on {summary['world_size']} process(es); eval {last_eval}; "
+            f"{bits:.2f} bits/weight; model: {summary['model']}")
 
 
 def add_qat_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``lowbit qat`` (shared by ``register_qat_cli`` and the lead's cli.py)."""
+    """The arguments of ``lowbit qat`` (used by ``register_qat_cli``)."""
     p.set_defaults(func=cmd_qat)
     p.add_argument("model", help="built-in name (lit-fashion) or CLIP/SigLIP directory to quantize")
     p.add_argument("--recipe", required=True,
@@ -93,11 +97,9 @@ def register_qat_cli(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m lowbit.train.qat_cli qat ...``), same exit codes as ``lowbit``."""
-    from lowbit.cli import _Parser, run
-
-    parser = _Parser(prog="lowbit", description=__doc__)
-    register_qat_cli(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    """Stand-alone entry point (``python -m lowbit.cli.qat qat ...``), same exit codes as ``lowbit``."""
+    parser = Parser(prog="lowbit", description=__doc__)
+    register_qat_cli(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     return run(parser, argv)
 
 

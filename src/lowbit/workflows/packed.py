@@ -1,15 +1,16 @@
 """``lowbit``: a packed checkpoint directory written by ``lowbit quantize`` / ``lowbit.save``.
 
 The directory's manifest names the float source model; loading rebuilds it through its own family and swaps
-in the quantized modules (see ``lowbit.checkpoint``).
+in the quantized modules (see ``lowbit.workflows.checkpoint``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from lowbit.kernels.quant_linear import set_backend
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+from lowbit.workflows.checkpoint import load_quantized
 
 MANIFEST_FILE = "manifest.json"
 
@@ -19,7 +20,7 @@ def is_packed_dir(path: str) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
-def load_packed(path: str, backend: str | None = None, **_: Any) -> DualEncoder:
+def load_packed(path: str, backend: str | None = None) -> DualEncoder:
     """Load a packed checkpoint directory as a ready-to-run model.
 
     ``backend`` routes every packed linear / 1x1 conv through ``LINEAR_BACKENDS[backend]``: ``"cpu"`` (the
@@ -33,12 +34,8 @@ def load_packed(path: str, backend: str | None = None, **_: Any) -> DualEncoder:
         >>> model = load_packed("out/w4")  # doctest: +SKIP
         >>> exact = load_packed("out/w4", backend="reference")  # doctest: +SKIP
     """
-    from lowbit.checkpoint import load_quantized  # lazy: model code does not pull in the quant room
-
     model = load_quantized(path)
     if backend is not None:
-        from lowbit.kernels.quant_linear import set_backend
-
         set_backend(model, backend)
     model.source = {**model.source, "float_source": dict(model.source), "family": "lowbit",
                     "name": str(path), "checkpoint": str(path)}

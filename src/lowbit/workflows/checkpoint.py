@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lowbit
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
 from lowbit.kernels.fold_bn import is_folded
@@ -35,6 +34,7 @@ from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.quant.apply import module_paths, replace_module
 from lowbit.quant.recipe import Recipe
 from lowbit.quant.report import QuantReport
+from lowbit.version import __version__
 
 FORMAT = "lowbit-packed"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def save_quantized(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "torch_version": torch.__version__,
         "source": dict(getattr(model, "source", {}) or {}),
         "recipe": recipe.to_dict(),

@@ -1,0 +1,62 @@
+"""What every ``lowbit`` verb shares: the parser (usage errors are one line, exit 2), the runner (a
+``LowbitError`` is one line, exit 2), and result printing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from lowbit import api
+from lowbit.errors import LowbitError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (problem + accepted form) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def print_json_or_table(result: dict[str, Any] | list[dict[str, Any]], json_path: str | None) -> None:
+    from lowbit.io import write_json
+
+    if json_path:
+        write_json(json_path, result)
+    for row in result if isinstance(result, list) else [result]:
+        print(api.format_table(row))
+    if json_path:
+        print(f"wrote {json_path}")
+
+
+def act_block_value(text: str) -> int | str:
+    """``--act-block`` value: ``row`` or a positive multiple of 32 (checked by the API, one clear line)."""
+    return text if text == "row" or not text.lstrip("-").isdigit() else int(text)
+
+
+def add_act_block(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-block", type=act_block_value, default=None, metavar="{row,N}",
+                   help="packed layers: activation quantization blocks of the CPU kernels, 'row' (one scale per row: "
+                        "faster at large batch) or a multiple of 32 inputs (default 128)")
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and call the chosen verb: a ``LowbitError`` becomes one line and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank under torchrun (only rank 0 prints summaries)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
