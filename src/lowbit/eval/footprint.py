@@ -4,6 +4,10 @@
   low-bit weights live in buffers (``qweight`` uint8, ``scales`` fp16, ...) and are counted as stored, so
   this is what the model really occupies, not what it would occupy unpacked.
 - ``disk_bytes`` is the total size of the ``*.safetensors`` files of a checkpoint (None if none given).
+- ``file_bytes`` is what a user ships: every file of the checkpoint directory (weights, manifest, configs,
+  tokenizer); for a model with no checkpoint, its state dict as stored (``state_bytes``: each tensor once,
+  the safetensors payload). ``fp16_bytes`` is the same state dict with every float tensor cast to fp16: the
+  cheapest compression a user has, the row every low-bit result is compared with besides fp32.
 - ``peak_rss_mib`` is the *whole process's* high-water mark (``getrusage``), including Python, torch, the
   dataset and any other model loaded so far. It never goes down, so compare it across fresh processes.
 - Latencies are **encode only**: ``preprocess``/``tokenize`` run once outside the timer, then
@@ -70,6 +74,36 @@ def disk_bytes(checkpoint: str | os.PathLike[str]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def file_bytes(checkpoint: str | os.PathLike[str]) -> int:
+    """Total size of every file at ``checkpoint`` (a file, or a directory recursively): the whole artifact."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        raise LowbitError(f"no checkpoint at {str(path)!r}; accepted: a file or a checkpoint directory")
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``model``'s state dict with each storage counted once, every floating-point tensor taken as
+    ``float_dtype`` (None: as stored). Integer (packed) buffers always count as stored.
+
+    Example:
+        >>> state_bytes(torch.nn.Linear(4, 2)), state_bytes(torch.nn.Linear(4, 2), torch.float16)
+        (40, 20)
+    """
+    total, seen = 0, set()
+    for t in model.state_dict(keep_vars=True).values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            continue  # tied weights: one tensor on disk
+        seen.add(key)
+        size = t.element_size() if float_dtype is None or not t.is_floating_point() else \
+            torch.empty((), dtype=float_dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this whole process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -124,6 +158,10 @@ def measure_footprint(
 
     result: dict[str, Any] = dict(weight_bytes(model))
     result["disk_bytes"] = None if checkpoint is None else disk_bytes(checkpoint)
+    result["file_bytes"] = state_bytes(model) if checkpoint is None else file_bytes(checkpoint)
+    result["file_bytes_scope"] = ("state dict as stored (no checkpoint file)" if checkpoint is None
+                                  else "every file of the checkpoint directory")
+    result["fp16_bytes"] = state_bytes(model, torch.float16)
 
     def reps(b: int) -> int:
         return repeats if b == 1 else batch_repeats

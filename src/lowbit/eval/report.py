@@ -170,17 +170,54 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def whole_bytes(footprint: dict[str, Any]) -> float | None:
+    """The bytes a user ships: every file of the checkpoint, else the state dict, else weights in memory."""
+    for key in ("file_bytes", "disk_bytes", "weight_bytes"):
+        if footprint.get(key) is not None:
+            return float(footprint[key])
+    return None
+
+
 def _point(row: dict[str, Any]) -> tuple[str, str, float, float] | None:
-    """(label, group, bytes, accuracy) of an ``evaluate`` result or of a flat row with those keys."""
+    """(label, group, whole-model bytes, accuracy) of an ``evaluate`` result / sweep row (grouped by method when
+    the row names one, else by task) or of a flat row with ``label``, ``bytes``, ``accuracy``."""
     if "metrics" in row:
         head = headline(row.get("metrics") or {})
-        size = (row.get("footprint") or {}).get("weight_bytes")
+        size = whole_bytes(row.get("footprint") or {})
         if head is None or size is None:
             return None
-        return str(row.get("model")), f"{row.get('task')} ({head[0]})", float(size), head[1]
+        group = row["method"] if row.get("method") else f"{row.get('task')} ({head[0]})"
+        return str(row.get("model")), str(group), size, head[1]
     if row.get("accuracy") is None or row.get("bytes") is None:
         return None
     return str(row.get("label")), str(row.get("task", "")), float(row["bytes"]), float(row["accuracy"])
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# label offsets (points) tried in turn until a label overlaps neither another label nor a marker
+_LABEL_OFFSETS = ((5, 5), (5, -11), (-5, 5), (-5, -11), (5, 15), (5, -21), (-5, 15), (-5, -21), (12, 0),
+                  (-12, 0), (5, 25), (5, -31))
+
+
+def _place_labels(ax: Any, fig: Any, labelled: list[tuple[str, float, float]]) -> None:
+    """Annotate each point, moving a label to the first offset where its box overlaps no earlier label and no
+    marker (greedy; points in order of x then y)."""
+    renderer = fig.canvas.get_renderer()
+    markers = [ax.transData.transform((x, y)) for _, x, y in labelled]
+    placed: list[Any] = []
+    for label, x, y in sorted(labelled, key=lambda p: (p[1], p[2])):
+        for dx, dy in _LABEL_OFFSETS:
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                               ha="left" if dx >= 0 else "right")
+            box = text.get_window_extent(renderer).expanded(1.05, 1.1)
+            hits_marker = any(box.contains(mx, my) for mx, my in markers)
+            if not hits_marker and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
+        else:  # crowded: keep the first position rather than drop the label
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=_LABEL_OFFSETS[0], fontsize=7)
+            placed.append(text.get_window_extent(renderer))
 
 
 def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
@@ -218,30 +255,28 @@ def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: str | os.PathLi
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     groups = list(dict.fromkeys(p[1] for p in points))
-    for color, group in enumerate(groups):
+    for i, group in enumerate(groups):
         pts = [p for p in points if p[1] == group]
-        xs, ys = [p[2] for p in pts], [p[3] for p in pts]
-        ax.scatter(xs, ys, color=f"C{color}", label=group or None, zorder=3)
-        front = [pts[i] for i in pareto_front([(x, y) for x, y in zip(xs, ys, strict=True)])]
-        ax.step([p[2] for p in front], [p[3] for p in front], where="post", color=f"C{color}",
-                alpha=0.6, linestyle="--", zorder=2)
-        for label, _, x, y in pts:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter([p[2] for p in pts], [p[3] for p in pts], color=f"C{i}", marker=_MARKERS[i % len(_MARKERS)],
+                   s=36, label=group or None, zorder=3)
+    front = [points[i] for i in pareto_front([(p[2], p[3]) for p in points])]
+    ax.step([p[2] for p in front], [p[3] for p in front], where="post", color="0.4", alpha=0.7, linestyle="--",
+            zorder=2, label="Pareto front")
     sizes = [p[2] for p in points]
     if min(sizes) > 0 and max(sizes) / min(sizes) > 20:
         ax.set_xscale("log")  # fp32 vs 2-bit spans 16x+; a linear axis would crush the small models together
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))  # 20, 50, 100, 200 MiB, ...
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())  # 2..9 x 10^k labels would overlap
-    ax.margins(x=0.12)  # room for the labels of the outermost points
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     ax.set_ylim(0, 1.05)  # a fixed 0-1 scale keeps plots of different runs comparable by eye
-    ax.set_xlabel(f"weights in memory ({unit})")
-    ax.set_ylabel("accuracy (top-1, or mean R@1)")
-    ax.set_title("accuracy vs weight bytes (dashed: Pareto front)")
+    ax.set_xlabel(f"whole model file ({unit}; every checkpoint file)   \u2190 smaller is better")
+    ax.set_ylabel("accuracy (top-1, or mean R@1)   higher is better \u2192")
+    ax.set_title("accuracy vs whole-model bytes (dashed: Pareto front)")
     ax.grid(True, alpha=0.3)
-    if any(groups):
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    _place_labels(ax, fig, [(label, x, y) for label, _, x, y in points])
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lowbit.eval import evaluate
 from lowbit.io import atomic_path, write_json
 from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
@@ -51,6 +53,19 @@ def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_q
     }
 
 
+def _fp16_row(float_model: Any, task: str, limit: int | None, reference: dict[str, Any],
+              progress: bool) -> dict[str, Any]:
+    """The float model with its weights rounded to fp16 (computed in fp32, as a CPU user would run it): the
+    cheapest compression, the bytes every low-bit row must beat."""
+    from lowbit.eval.footprint import state_bytes
+
+    model = copy.deepcopy(float_model).half().float()
+    result = evaluate(model, task, limit=limit, reference=reference, progress=progress)
+    result["footprint"] = {**result["footprint"], "file_bytes": state_bytes(float_model, torch.float16),
+                           "file_bytes_scope": "fp16 state dict (every float tensor cast to fp16)"}
+    return _row("fp16", "fp16", "float", result, None, None)
+
+
 def sweep(
     model_name: str,
     recipes: list[str],
@@ -79,7 +94,8 @@ def sweep(
     parsed = {(r, m): load_recipe(r).with_method(m) for r, m in combos}  # validate everything up front
     float_model = load(model_name)
     reference = evaluate(float_model, task, limit=limit, progress=progress)
-    rows = [_row("float", "fp32", "-", reference, None, None)]
+    rows = [_row("fp32", "fp32", "float", reference, None, None), _fp16_row(float_model, task, limit, reference,
+                                                                             progress)]
     for (recipe, method), parsed_recipe in parsed.items():
         label = f"{recipe}+{method}"
         done = out / "rows" / f"{label}.json"
@@ -117,20 +133,25 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def sweep_markdown(rows: list[dict[str, Any]]) -> str:
-    """One table: accuracy kept, fidelity, bits and bytes, latency — per recipe x method."""
+    """One table: accuracy kept, fidelity, bits, whole-file bytes (and as a share of fp32), latency — per
+    recipe x method, fp32 and fp16 first."""
+    from lowbit.eval.report import whole_bytes
+
+    fp32 = whole_bytes(rows[0].get("footprint") or {}) if rows else None
     head = ("| recipe | method | top-1 / R@1 | kept | agreement | image cos | bits/weight (quantized) | "
-            "disk MiB | image ms b32 | quantize s |")
+            "file MiB | x fp32 | image ms b1 | image ms b32 | quantize s |")
     lines = [f"# Sweep: {rows[0].get('task')} on {rows[0].get('data', {}).get('n')} samples", "", head,
-             "|" + "---|" * 10]
+             "|" + "---|" * 12]
     for r in rows:
         metrics, fid, fp, q = r.get("metrics", {}), r.get("fidelity") or {}, r.get("footprint") or {}, \
             r.get("quantized") or {}
         acc = metrics.get("top1", metrics.get("i2t_r1"))
-        disk = fp.get("disk_bytes") or fp.get("weight_bytes")
+        size = whole_bytes(fp)
         lines.append(" | ".join([
             f"| {r['recipe']}", r["method"], _cell(acc, ".4f"), _cell(fid.get("accuracy_kept"), ".3f"),
             _cell(fid.get("agreement"), ".4f"), _cell(fid.get("image_cosine"), ".4f"),
-            _cell(q.get("bits_per_weight"), ".2f"), _cell(disk and disk / 2**20, ".2f"),
+            _cell(q.get("bits_per_weight"), ".2f"), _cell(size and size / 2**20, ".2f"),
+            _cell(size and fp32 and size / fp32, ".3f"), _cell(fp.get("image_ms_b1"), ".2f"),
             _cell(fp.get("image_ms_b32"), ".2f"), _cell(r.get("seconds_quantize"), ".1f"),
         ]) + " |")
     return "\n".join(lines) + "\n"
