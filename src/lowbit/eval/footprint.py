@@ -104,6 +104,15 @@ def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) 
     return total
 
 
+def current_rss_mib() -> float:
+    """Resident set size of this process now, in MiB (Linux ``/proc/self/statm``; else the peak so far)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mib()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this whole process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -190,6 +199,9 @@ def measure_footprint(
         bar.close()
         model.train(was_training)
     result["peak_rss_mib"] = peak_rss_mib()
+    load = getattr(model, "lowbit_load", None)  # set by lowbit.load: time and memory of loading this model
+    if isinstance(load, dict):
+        result["load"] = dict(load)
     result["threads"] = torch.get_num_threads()
     result["latency_scope"] = "encode only (preprocess/tokenize excluded); median ms per item after warm-up"
     result["peak_rss_scope"] = "whole process, high-water mark since start"

@@ -12,6 +12,10 @@ pace with the weights'. Below two bits the same recipe with other level sets:
   BitNet b1.58 absmean, so the zero threshold s/2 starts at half the absmean and is learned with s.
 - ``pbllm`` (bits 1): binary as above, plus on a FIXED salient mask (chosen by magnitude at preparation) the
   residual over the binary value quantized to int8 with a learnable per-row step (PB-LLM, arXiv:2310.00034).
+- ``pbllm-hessian``: the same, its salient mask by w² diag(H) from the calibration Hessian (``prepare_qat``
+  with a calibration provider), as the post-training method.
+- ``minmax`` (bits 2..8): ``w_q = clamp(round((w - m) / s), 0, 2^b - 1) * s + m`` with a learnable step s and
+  float group minimum m (the offset storage of the ``minmax`` method), initialised on its min/max grid.
 - ``lsq`` (bits 2..8; methods rtn, gptq, awq): the uniform grid of lowbit.quant.primitives — symmetric with
   a SIGNED step (levels -2^(b-1) .. 2^(b-1)-1), or asymmetric with a learnable zero point (rounded STE,
   as in LSQ+, Bhalgat et al. 2020, arXiv:2004.09576). Always initialised on the RTN grid: GPTQ's error
@@ -35,22 +39,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.base3 import BASE3_KINDS, Base3Packed
-from lowbit.kernels.sparse_side import (
-    PBLLM_KINDS,
-    SIDE_QMAX,
-    side_codes,
-    side_row_scales,
-    side_values_dense,
-)
+from lowbit.kernels.formats import expand_groups
+from lowbit.kernels.sparse_side import SIDE_QMAX, side_codes, side_row_scales, side_values_dense
+from lowbit.kernels.storage import find_format
 from lowbit.quant.binary import binary_codes, binary_scales, binary_values, check_bits, grouped
-from lowbit.quant.methods import QuantResult, check_options
+from lowbit.quant.methods import QuantContext, QuantResult, check_options
+from lowbit.quant.minmax import check_spec, minmax_codes, minmax_grid, minmax_pack
 from lowbit.quant.pbllm import DEFAULT_FRACTION, check_fraction, pbllm_pack, salient_mask
 from lowbit.quant.primitives import (
     MAX_SCALE,
@@ -61,7 +62,7 @@ from lowbit.quant.primitives import (
     packed_from_codes,
     quantize_codes,
 )
-from lowbit.quant.ternary import STORAGES, ternary_codes, ternary_levels, ternary_scales
+from lowbit.quant.ternary import stored_as, ternary_codes, ternary_levels, ternary_scales, ternary_storage
 from lowbit.registry import Registry
 
 
@@ -86,6 +87,13 @@ def fp16_ste(s: torch.Tensor) -> torch.Tensor:
     """``s`` rounded to the nearest float16 (magnitude clamped to [2^-24, 65504], sign kept), identity gradient."""
     sign = torch.where(s < 0, -1.0, 1.0)
     clamped = sign * s.abs().clamp(MIN_SCALE, MAX_SCALE)
+    return clamped + (clamped.detach().to(torch.float16).to(torch.float32) - clamped).detach()
+
+
+def fp16_value_ste(v: torch.Tensor) -> torch.Tensor:
+    """``v`` rounded to the nearest float16 (clamped to +-65504; zero stays zero), identity gradient: a stored
+    fp16 value that is not a step (the float minima of the offset format)."""
+    clamped = v.clamp(-MAX_SCALE, MAX_SCALE)
     return clamped + (clamped.detach().to(torch.float16).to(torch.float32) - clamped).detach()
 
 
@@ -208,6 +216,7 @@ class TernaryLSQ(FakeQuantizer):
         self.scale = nn.Parameter(ternary_scales(w, self.group_size))  # [N, G]
         self.g = 1.0 / math.sqrt(self.group_size)
         self.storage = storage
+        self.row = ternary_storage(storage, kind)  # the storage table's row of the ``storage`` option
 
     def _codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = stored_scale(self.scale.abs())
@@ -223,10 +232,7 @@ class TernaryLSQ(FakeQuantizer):
 
     def pack(self, w: torch.Tensor, shape: tuple[int, ...] | None = None) -> QuantResult:
         codes, s = self._codes(w)
-        packed = packed_from_codes(codes, s, None, self.spec, shape or tuple(w.shape))
-        if self.storage == "base3":
-            return QuantResult(packed=Base3Packed.from_packed(packed), kind=BASE3_KINDS[self.kind])
-        return QuantResult(packed=packed)
+        return stored_as(self.row, packed_from_codes(codes, s, None, self.spec, shape or tuple(w.shape)), self.kind)
 
 
 class PBLLMLSQ(BinaryLSQ):
@@ -234,9 +240,11 @@ class PBLLMLSQ(BinaryLSQ):
 
     name = "pbllm"
 
-    def __init__(self, w: torch.Tensor, spec: QuantSpec, kind: str, fraction: float) -> None:
-        mask = salient_mask(w, fraction)
+    def __init__(self, w: torch.Tensor, spec: QuantSpec, kind: str, fraction: float,
+                 hessian: torch.Tensor | None = None) -> None:
+        mask = salient_mask(w, fraction, hessian)  # by |w|, or by w^2 diag(H) (pbllm-hessian)
         super().__init__(w, spec, kind, exclude=mask)
+        self.stored_kind = find_format("side", 1).kind_for(kind, "pbllm")
         self.register_buffer("mask", mask)  # persistent: a resumed run must keep the same salient set
         residual = w - binary_values(binary_codes(w), self.scale.detach(), self.group_size)
         self.row_step = nn.Parameter(side_row_scales(residual, mask))  # [N]
@@ -256,55 +264,119 @@ class PBLLMLSQ(BinaryLSQ):
     def pack(self, w: torch.Tensor, shape: tuple[int, ...] | None = None) -> QuantResult:
         packed = pbllm_pack(w, self.spec, self.mask, shape or tuple(w.shape), scales=stored_scale(self.scale.abs()),
                             row_scale=stored_scale(self.row_step.abs()))
-        return QuantResult(packed=packed, kind=PBLLM_KINDS[self.kind])
+        return QuantResult(packed=packed, kind=self.stored_kind)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, salient={int(self.mask.sum())}"
 
 
+class MinMaxLSQ(FakeQuantizer):
+    """``q * s + m`` on the min/max grid with float group minima (``minmax``, offset storage): a learnable
+    positive step s and minimum m per group, both starting on ``minmax``'s grid. The minimum's gradient comes
+    from clipped weights only (LSQ+'s offset, Bhalgat et al. 2020, arXiv:2004.09576)."""
+
+    name = "minmax"
+
+    def __init__(self, w: torch.Tensor, spec: QuantSpec, kind: str) -> None:
+        check_spec(spec)
+        super().__init__(spec, w.shape[1], kind)
+        self.stored_kind = find_format("offset", spec.bits).kind_for(kind, "minmax")
+        s, m = minmax_grid(w, spec)  # fp16 [N, G]
+        self.scale = nn.Parameter(s.float())
+        self.minimum = nn.Parameter(m.float())
+        self.g = 1.0 / math.sqrt(self.group_size * spec.maxq)
+
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp16 steps and minima [N, G] the packed format stores."""
+        return stored_scale(self.scale.abs()).to(torch.float16), fp16_value_ste(self.minimum.detach()).to(torch.float16)
+
+    def exact(self, w: torch.Tensor) -> torch.Tensor:
+        s, m = self._grid()
+        k = w.shape[1]
+        # codes * s + m with the same float32 operations as OffsetPacked.dequantize
+        return (minmax_codes(w, s, m, self.spec) * expand_groups(s.float(), k, self.group_size)
+                + expand_groups(m.float(), k, self.group_size))
+
+    def surrogate(self, w: torch.Tensor) -> torch.Tensor:
+        s = fp16_ste(grad_scale(self.scale.abs(), self.g)).unsqueeze(-1)  # [N, G, 1]
+        m = fp16_value_ste(grad_scale(self.minimum, self.g)).unsqueeze(-1)
+        q = torch.clamp(round_ste((grouped(w, self.group_size) - m) / s), 0, self.spec.maxq)
+        return _ungroup(q * s + m, w.shape[1])
+
+    def pack(self, w: torch.Tensor, shape: tuple[int, ...] | None = None) -> QuantResult:
+        packed = minmax_pack(w.reshape(shape) if shape else w, self.spec, self._grid())
+        return QuantResult(packed=packed, kind=self.stored_kind)
+
+
 # --- registry: recipe method -> fake quantizer ----------------------------------------------------------------
-QuantizerFactory = Callable[[torch.Tensor, QuantSpec, dict[str, Any], str], FakeQuantizer]
-QAT_QUANTIZERS: Registry[QuantizerFactory] = Registry("QAT quantizer (recipe method)")
+QuantizerFactory = Callable[[torch.Tensor, QuantSpec, dict[str, Any], str, QuantContext], FakeQuantizer]
 
 
-def _uniform(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str) -> FakeQuantizer:
+@dataclass(frozen=True)
+class QATQuantizer:
+    """How a recipe method trains: ``make(w [N, K], spec, options, kind, ctx)`` builds its fake quantizer;
+    ``needs_calibration``: ``make`` reads the layer's calibration statistics in ``ctx`` (``prepare_qat`` then
+    needs a calibration provider)."""
+
+    make: QuantizerFactory
+    needs_calibration: bool = False
+
+
+QAT_QUANTIZERS: Registry[QATQuantizer] = Registry("QAT quantizer (recipe method)")
+
+
+def _uniform(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str, ctx: QuantContext) -> FakeQuantizer:
     # rtn/gptq/awq options configure post-training procedures; QAT starts from the RTN grid regardless.
     return BinaryLSQ(w, spec, kind) if spec.bits == 1 else UniformLSQ(w, spec, kind)
 
 
-def _binary(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str) -> FakeQuantizer:
+def _binary(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str, ctx: QuantContext) -> FakeQuantizer:
     check_options("binary", options, ())
     check_bits("binary", spec, 1, "'vision=w1:binary'")
     return BinaryLSQ(w, spec, kind)
 
 
-def _ternary(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str) -> FakeQuantizer:
+def _ternary(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str, ctx: QuantContext) -> FakeQuantizer:
     check_options("ternary", options, ("rule", "storage"))
     check_bits("ternary", spec, 2, "'vision=w1.58'")
-    storage = options.get("storage", "codes")
-    if storage not in STORAGES or (storage == "base3" and kind not in BASE3_KINDS):
-        raise LowbitError(f"ternary storage {storage!r} for a {kind} layer; accepted: {', '.join(STORAGES)}")
-    return TernaryLSQ(w, spec, kind, storage)
+    return TernaryLSQ(w, spec, kind, options.get("storage", "codes"))
 
 
-def _pbllm(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str) -> FakeQuantizer:
-    check_options("pbllm", options, ("fraction",))
-    check_bits("pbllm", spec, 1, "'text=w1:pbllm'")
-    if kind not in PBLLM_KINDS:
-        raise LowbitError(f"pbllm supports layer kinds {', '.join(PBLLM_KINDS)}; received {kind!r}")
-    return PBLLMLSQ(w, spec, kind, check_fraction(options.get("fraction", DEFAULT_FRACTION)))
+def _pbllm_factory(name: str, use_hessian: bool) -> QATQuantizer:
+    def make(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str,
+             ctx: QuantContext) -> FakeQuantizer:
+        check_options(name, options, ("fraction",))
+        check_bits(name, spec, 1, f"'text=w1:{name}'")
+        # As in post-training pbllm-hessian: a layer no calibration row reached is ranked by magnitude.
+        hessian = ctx.hessian if use_hessian else None
+        return PBLLMLSQ(w, spec, kind, check_fraction(options.get("fraction", DEFAULT_FRACTION)), hessian)
+
+    return QATQuantizer(make, needs_calibration=use_hessian)
 
 
-for _name, _factory in (("rtn", _uniform), ("gptq", _uniform), ("awq", _uniform), ("binary", _binary),
-                        ("ternary", _ternary), ("pbllm", _pbllm)):
-    QAT_QUANTIZERS.register(_name)(_factory)
+def _minmax(w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str, ctx: QuantContext) -> FakeQuantizer:
+    check_options("minmax", options, ())
+    return MinMaxLSQ(w, spec, kind)
 
 
-def make_quantizer(method: str, w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str) -> FakeQuantizer:
-    """The fake quantizer for a recipe rule's ``method`` on weight ``w`` [N, K] of layer ``kind``.
+for _name, _entry in (("rtn", QATQuantizer(_uniform)), ("gptq", QATQuantizer(_uniform)),
+                      ("awq", QATQuantizer(_uniform)), ("binary", QATQuantizer(_binary)),
+                      ("ternary", QATQuantizer(_ternary)), ("pbllm", _pbllm_factory("pbllm", False)),
+                      ("pbllm-hessian", _pbllm_factory("pbllm-hessian", True)), ("minmax", QATQuantizer(_minmax))):
+    QAT_QUANTIZERS.register(_name)(_entry)
+
+
+def make_quantizer(method: str, w: torch.Tensor, spec: QuantSpec, options: dict[str, Any], kind: str,
+                   ctx: QuantContext | None = None) -> FakeQuantizer:
+    """The fake quantizer for a recipe rule's ``method`` on weight ``w`` [N, K] of layer ``kind``; ``ctx``
+    carries the layer's calibration statistics for methods that read them (``QATQuantizer.needs_calibration``).
 
     Example:
         >>> make_quantizer("rtn", torch.randn(8, 32), QuantSpec(4, 16), {}, "linear").name
         'lsq'
     """
-    return QAT_QUANTIZERS.get(method)(w.detach().to(torch.float32), spec, dict(options), kind)
+    entry = QAT_QUANTIZERS.get(method)
+    if entry.needs_calibration and ctx is None:
+        raise LowbitError(f"the QAT quantizer of method {method!r} needs calibration statistics (e.g. its "
+                          "Hessian); pass a QuantContext (prepare_qat: calibration=...)")
+    return entry.make(w.detach().to(torch.float32), spec, dict(options), kind, ctx or QuantContext(kind=kind))

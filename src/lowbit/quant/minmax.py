@@ -28,7 +28,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import expand_groups, num_groups, pack_codes
-from lowbit.kernels.offsets import OFFSET_KINDS, OffsetPacked
+from lowbit.kernels.offsets import OffsetPacked
+from lowbit.kernels.storage import find_format
 from lowbit.quant.methods import METHODS, QuantContext, QuantResult, check_options
 from lowbit.quant.primitives import MAX_SCALE, MIN_SCALE, QuantSpec, _as_matrix
 
@@ -57,19 +58,33 @@ def minmax_grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return s, m
 
 
-def minmax_pack(weight: torch.Tensor, spec: QuantSpec) -> OffsetPacked:
-    """Quantize ``weight`` ([N, K] or a conv kernel) on its min/max grid into an ``OffsetPacked``."""
+def check_spec(spec: QuantSpec) -> None:
+    """LowbitError unless ``spec`` fits the offset grid (2 to 8 bits, no integer zero point)."""
     if spec.bits < 2 or not spec.symmetric:
         raise LowbitError(f"minmax needs 2 to 8 bits and no 'a' suffix (its float minimum replaces the integer "
                           f"zero point); received {spec}")
-    shape = tuple(weight.shape)
-    w = _as_matrix(weight)  # [N, K]
+
+
+def minmax_codes(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Float codes round((w - m) / s) clamped to [0, 2^b - 1] of ``w`` [N, K] on steps/minima [N, G] (fp16
+    values); ``codes * s + m`` (expanded) is then exactly ``OffsetPacked.dequantize``."""
     k = w.shape[1]
     gs = spec.group_size_for(k)
-    s, m = minmax_grid(w, spec)
     step = expand_groups(s.float(), k, gs)  # [N, K]
     low = expand_groups(m.float(), k, gs)
-    codes = torch.round((w - low) / step).clamp(0, spec.maxq).to(torch.uint8)
+    return torch.round((w - low) / step).clamp(0, spec.maxq)
+
+
+def minmax_pack(weight: torch.Tensor, spec: QuantSpec,
+                grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> OffsetPacked:
+    """Quantize ``weight`` ([N, K] or a conv kernel) on its min/max grid into an ``OffsetPacked``; ``grid``
+    (fp16 steps, fp16 minima [N, G]) defaults to ``minmax_grid`` (QAT passes its learned one)."""
+    check_spec(spec)
+    shape = tuple(weight.shape)
+    w = _as_matrix(weight)  # [N, K]
+    gs = spec.group_size_for(w.shape[1])
+    s, m = minmax_grid(w, spec) if grid is None else grid
+    codes = minmax_codes(w, s, m, spec).to(torch.uint8)
     return OffsetPacked(pack_codes(codes.contiguous(), spec.bits), s.contiguous(), None, spec.bits, gs, shape,
                         m.contiguous())
 
@@ -82,9 +97,9 @@ class MinMax:
     def quantize_weight(self, weight: torch.Tensor, spec: QuantSpec, ctx: QuantContext,
                         options: dict[str, Any]) -> QuantResult:
         check_options("minmax", options, ())
-        if ctx.kind not in OFFSET_KINDS:
-            raise LowbitError(f"minmax supports layer kinds {', '.join(OFFSET_KINDS)}; received {ctx.kind!r}")
-        return QuantResult(packed=minmax_pack(weight, spec), kind=OFFSET_KINDS[ctx.kind])
+        check_spec(spec)
+        kind = find_format("offset", spec.bits).kind_for(ctx.kind, "minmax")
+        return QuantResult(packed=minmax_pack(weight, spec), kind=kind)
 
 
 METHODS.register("minmax")(MinMax())

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.sparse_side import PBLLM_KINDS, SparseSidePacked, side_from_dense
+from lowbit.kernels.sparse_side import SparseSidePacked, side_from_dense
+from lowbit.kernels.storage import find_format
 from lowbit.quant.binary import binary_codes, binary_scales, binary_values, check_bits
 from lowbit.quant.methods import METHODS, QuantContext, QuantResult, check_options
 from lowbit.quant.primitives import QuantSpec, packed_from_codes
@@ -104,14 +105,13 @@ class PBLLM:
         check_options(self.name, options, _OPTIONS)
         check_bits(self.name, spec, 1, f"'text=w1:{self.name}'")
         fraction = check_fraction(options.get("fraction", DEFAULT_FRACTION))
-        if ctx.kind not in PBLLM_KINDS:
-            raise LowbitError(f"{self.name} supports layer kinds {', '.join(PBLLM_KINDS)}; received {ctx.kind!r}")
+        kind = find_format("side", 1).kind_for(ctx.kind, self.name)
         w = weight.reshape(weight.shape[0], -1).to(torch.float32)  # [N, K]
         hessian = ctx.hessian if self.use_hessian else None
         # A layer no calibration row reached has no Hessian: magnitude is the only salience left.
         mask = salient_mask(w, fraction, hessian)
         packed = pbllm_pack(w, spec, mask, tuple(weight.shape))
-        return QuantResult(packed=packed, kind=PBLLM_KINDS[ctx.kind])
+        return QuantResult(packed=packed, kind=kind)
 
 
 def expected_bits(k: int, fraction: float, group_size: int | None = None) -> float:

@@ -7,7 +7,8 @@ with the fake-quantized weight (``torch.func.functional_call``), so padding logi
 anything else in the module keep working. The quantizers (``lowbit.quant.fake_quant``: LSQ, Esser et al.
 2020, arXiv:1902.08153, with binary / ternary / PB-LLM level sets) start exactly on the post-training grid
 of the rule's method (RTN for rtn/gptq/awq), so an untrained ``convert_qat`` equals ``quantize_`` with RTN,
-binary, ternary or pbllm.
+binary, ternary, pbllm, pbllm-hessian (same calibration) or minmax. Every method of ``METHODS`` is registered in
+``QAT_QUANTIZERS``.
 
 ``convert_qat`` folds latent weights and learned steps into the packed format and the same quantized module
 kinds as ``quantize_`` (``QUANT_KINDS``), so ``lowbit.save``/``lowbit.load``/``lowbit eval`` cannot tell a QAT
@@ -30,7 +31,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.quant.apply import module_paths, plan_quantization, replace_module
-from lowbit.quant.fake_quant import FakeQuantizer, make_quantizer
+from lowbit.quant.fake_quant import QAT_QUANTIZERS, FakeQuantizer, make_quantizer
+from lowbit.quant.methods import CalibrationProvider, QuantContext
 from lowbit.quant.recipe import Recipe, load_recipe
 from lowbit.quant.report import FloatModule, ModuleQuant, QuantReport
 
@@ -117,11 +119,14 @@ def _stats(tower: str, name: str, path: str, kind: str, method: str, rule: int, 
     )
 
 
-def prepare_qat(model: nn.Module, recipe: Recipe | str, strict: bool = False) -> QuantReport:
+def prepare_qat(model: nn.Module, recipe: Recipe | str, strict: bool = False,
+                calibration: CalibrationProvider | None = None) -> QuantReport:
     """Wrap every layer a recipe rule quantizes in a ``QATLayer``, in place; returns the starting report.
 
     Latent weights and quantizer parameters get ``requires_grad=True``; nothing else is touched (freeze or
     unfreeze the rest yourself). The report's sizes and errors are those of folding right away.
+    ``calibration`` feeds the quantizers that start from calibration statistics (``pbllm-hessian``'s salient
+    mask), as ``quantize_`` feeds its methods (``stats_for`` before, ``on_quantized`` after each such layer).
 
     Example:
         >>> report = prepare_qat(model, "text=w1:pbllm,vision=skip,projector=skip")  # doctest: +SKIP
@@ -135,17 +140,30 @@ def prepare_qat(model: nn.Module, recipe: Recipe | str, strict: bool = False) ->
     if strict and violations:
         listed = "; ".join(f"{f.label} ({f.reason})" for f in violations)
         raise LowbitError(f"strict: {len(violations)} weight layer(s) would stay float: {listed}")
+    calibrated = [p for p in planned if QAT_QUANTIZERS.get(p.rule.method).needs_calibration]
+    if calibrated and calibration is None:
+        raise LowbitError(f"the QAT quantizer of method {calibrated[0].rule.method!r} (rule "
+                          f"{calibrated[0].rule_index}) needs calibration data; received calibration=None; "
+                          "pass a CalibrationProvider")
+    calibrated_ids = {id(p) for p in calibrated}
+    on_quantized = getattr(calibration, "on_quantized", None)
     paths = module_paths(model)
     for p in planned:
         assert p.rule.spec is not None  # skip rules are never planned
         w = p.module.weight.detach().reshape(p.module.weight.shape[0], -1).to(torch.float32)  # [N, K]
-        quantizer = make_quantizer(p.rule.method, w, p.rule.spec, p.rule.options, p.kind)
+        ctx = QuantContext(tower=p.tower, name=p.name, kind=p.kind)
+        if id(p) in calibrated_ids:
+            ctx = calibration.stats_for(p.tower, p.name, p.module)  # type: ignore[union-attr]
+            ctx.tower, ctx.name, ctx.kind = ctx.tower or p.tower, ctx.name or p.name, p.kind
+        quantizer = make_quantizer(p.rule.method, w, p.rule.spec, p.rule.options, p.kind, ctx)
         quantizer.to(p.module.weight.device)
         layer = QATLayer(p.module, quantizer, p.tower, p.name, p.kind, p.rule.method, p.rule_index)
         full = paths.get(id(p.module), [])
         if not full:
             raise LowbitError(f"{p.tower}/{p.name} is not a submodule of the model, so it cannot be wrapped")
         replace_module(model, full, layer)
+        if callable(on_quantized):  # the provider's contract: told after each layer's replacement
+            on_quantized(p.tower, p.name, layer)
         p.module.weight.requires_grad_(True)
         for t in quantizer.parameters():
             t.requires_grad_(True)

@@ -11,6 +11,9 @@ Storage (``storage`` option):
   (decoded (q - 2) * s; code 0, level -2, is never used): 2 + 16 G / K bits per weight, every kernel runs it.
 - ``base3``: the same codes five to a byte (``lowbit.kernels.base3``): 1.6 + 16 G / K bits per weight.
 
+Each is a row of the storage table (``lowbit.kernels.storage``: ``ternary``, ``ternary-base3``), chosen by
+its ``layout``.
+
 Recipes: ``vision=w2:ternary``, or ``vision=w1.58`` (alias; bits 2, method ternary). YAML:
 ``{method: ternary, bits: 2, options: {storage: base3}}``.
 
@@ -29,15 +32,18 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError, unknown_choice
-from lowbit.kernels.base3 import BASE3_KINDS, Base3Packed
-from lowbit.kernels.formats import expand_groups
+from lowbit.errors import unknown_choice
+from lowbit.kernels.formats import PackedWeight, expand_groups
+from lowbit.kernels.storage import StorageFormat, storage_formats
 from lowbit.quant.binary import check_bits, grouped
 from lowbit.quant.methods import METHODS, QuantContext, QuantResult, check_options
 from lowbit.quant.primitives import QuantSpec, packed_from_codes, round_scales
 
 RULES = ("absmean", "twn")
-STORAGES = ("codes", "base3")
+# The ``storage`` option names a layout of the storage table holding ternary codes {1, 2, 3}; ``codes`` first.
+TERNARY_STORAGE: dict[str, StorageFormat] = {
+    r.layout: r for r in sorted(storage_formats(), key=lambda r: r.layout != "codes") if r.code_range == (1, 3)}
+STORAGES = tuple(TERNARY_STORAGE)
 TWN_THRESHOLD = 0.7  # Li et al. 2016: Delta ~ 0.7 E|w| for Gaussian-like weights
 
 
@@ -52,6 +58,22 @@ def ternary_levels(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> to
     """Levels t = clamp(round(w / s), -1, 1) as float32 [N, K] for scales [N, G] (fp16-rounded first)."""
     s = expand_groups(round_scales(scales), w.shape[1], group_size)  # [N, K]
     return torch.round(w.to(torch.float32) / s).clamp(-1, 1)
+
+
+def ternary_storage(storage: Any, kind: str) -> StorageFormat:
+    """The table row of the ``storage`` option for a layer of ``kind`` (LowbitError if either is not accepted)."""
+    if storage not in TERNARY_STORAGE:
+        raise unknown_choice("ternary storage", str(storage), STORAGES)
+    row = TERNARY_STORAGE[storage]
+    row.kind_for(kind)  # raises for a layer kind the layout has no module for
+    return row
+
+
+def stored_as(row: StorageFormat, packed: PackedWeight, kind: str) -> QuantResult:
+    """``packed`` (standard 2-bit ternary codes) in the layout of ``row``, with its layer kind."""
+    if row.repack is None:
+        return QuantResult(packed=packed)
+    return QuantResult(packed=row.repack(packed), kind=row.kind_for(kind))
 
 
 def ternary_codes(levels: torch.Tensor) -> torch.Tensor:
@@ -83,11 +105,10 @@ class Ternary:
         """Ternarize ``weight`` [N, K] into 2-bit codes {1, 2, 3} (optionally stored in base 3)."""
         check_options("ternary", options, ("rule", "storage"))
         check_bits("ternary", spec, 2, "'vision=w2:ternary' or 'vision=w1.58'")
-        rule, storage = options.get("rule", "absmean"), options.get("storage", "codes")
+        rule = options.get("rule", "absmean")
         if rule not in RULES:
             raise unknown_choice("ternary rule", str(rule), RULES)
-        if storage not in STORAGES:
-            raise unknown_choice("ternary storage", str(storage), STORAGES)
+        row = ternary_storage(options.get("storage", "codes"), ctx.kind)
         w = weight.reshape(weight.shape[0], -1).to(torch.float32)  # [N, K]
         gs = spec.group_size_for(w.shape[1])
         if rule == "twn":
@@ -96,11 +117,7 @@ class Ternary:
             scales = ternary_scales(w, gs)
             levels = ternary_levels(w, scales, gs)
         packed = packed_from_codes(ternary_codes(levels), scales, None, spec, tuple(weight.shape))
-        if storage == "codes":
-            return QuantResult(packed=packed)
-        if ctx.kind not in BASE3_KINDS:
-            raise LowbitError(f"base-3 storage supports layer kinds {', '.join(BASE3_KINDS)}; received {ctx.kind!r}")
-        return QuantResult(packed=Base3Packed.from_packed(packed), kind=BASE3_KINDS[ctx.kind])
+        return stored_as(row, packed, ctx.kind)
 
 
 METHODS.register("ternary")(Ternary())

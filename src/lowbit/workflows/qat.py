@@ -27,6 +27,7 @@ from lowbit.data.base import ImageTextSet
 from lowbit.errors import LowbitError, check_options, dataclass_from_options, unknown_choice
 from lowbit.io import write_json
 from lowbit.models.base import DualEncoder
+from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.train import distributed as D
 from lowbit.train.block_ap_stage import BlockAPStage, run_block_ap_stage
 from lowbit.train.loop import TrainConfig, TrainState
@@ -63,6 +64,7 @@ class QATArgs:
     train: str = "all"
     block_ap: BlockAPStage | None = None
     progress: bool = True
+    calib_samples: int = DEFAULT_CALIB_SAMPLES  # for QAT quantizers that start from calibration statistics
 
 
 def _check_run_dir(args: QATArgs) -> None:
@@ -95,6 +97,8 @@ def run_qat(args: QATArgs) -> dict[str, Any]:
     """
     from lowbit.data import resolve_dataset
     from lowbit.eval import evaluate
+    from lowbit.quant.calibration import calibration_from_dataset
+    from lowbit.quant.fake_quant import QAT_QUANTIZERS
     from lowbit.quant.qat import convert_qat, prepare_qat
     from lowbit.quant.recipe import load_recipe
     from lowbit.workflows.checkpoint import save_quantized
@@ -114,7 +118,10 @@ def run_qat(args: QATArgs) -> dict[str, Any]:
     train_set = resolve_dataset(args.data, split="train", limit=args.train_samples)
     eval_set = resolve_dataset(args.data, split="test", limit=args.eval_samples) if args.eval_samples else None
     teacher, student = load(args.model), load(args.model)
-    start_report = prepare_qat(student, recipe)
+    calibration = None
+    if any(rule.spec is not None and QAT_QUANTIZERS.get(rule.method).needs_calibration for rule in recipe.rules):
+        calibration = calibration_from_dataset(student, args.data, n_samples=args.calib_samples)
+    start_report = prepare_qat(student, recipe, calibration=calibration)
 
     def eval_fn(encoder: DualEncoder, step: int) -> dict[str, Any]:
         result = evaluate(encoder, _eval_task(eval_set), data=eval_set, footprint=False, progress=False)
