@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
 
+import lowbit.models  # noqa: F401  (the lit spec registers EfficientNet's same-padding convs)
 from lowbit.kernels import fast
 from lowbit.kernels.depthwise import DepthwiseKernel, conv_padding, depthwise_kernels_, tf_same_padding
 from lowbit.kernels.quant_linear import QuantWeightParam

@@ -7,6 +7,7 @@ import torch
 from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
 
+import lowbit.models  # noqa: F401  (the lit spec registers EfficientNet's same-padding convs)
 from lowbit.kernels.quant_linear import QuantWeightParam
 from lowbit.kernels.static_padding import StaticSamePadding, static_same_padding_
 from lowbit.quant.primitives import QuantSpec, to_packed

@@ -13,16 +13,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import set_backend
-from lowbit.quant.block_ap import (
-    EMBEDDING_TAILS,
-    BlockAPConfig,
-    L2Normalize,
-    SpatialMean,
-    block_ap_,
-    match_norm_statistics,
-    register_tail,
-    tower_blocks,
-)
+from lowbit.models.spec import EMBEDDING_TAILS, L2Normalize, SpatialMean, register_tail, tower_blocks
+from lowbit.quant.block_ap import BlockAPConfig, block_ap_, match_norm_statistics
 from lowbit.quant.qat import convert_qat, prepare_qat, qat_parameters
 from lowbit.train.block_ap_stage import (
     STATE_FILE,

@@ -33,7 +33,9 @@ def _context(kind: str) -> QuantContext:
 
 
 def test_every_method_has_its_grid_listed() -> None:
-    assert set(method_names()) == set(GRIDS)
+    # lowbit's own methods (other tests register throwaway ones in the same process)
+    own = {n for n in method_names() if type(get_method(n)).__module__.startswith("lowbit.")}
+    assert own == set(GRIDS)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1x1"])

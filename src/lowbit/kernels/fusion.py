@@ -9,8 +9,10 @@ called with the same input tensor. Results equal the unfused layers' (the kernel
 the same int8 activations; tested in tests/kernels/test_fusion.py).
 
 Which children share an input is knowledge of the parent's ``forward``, so it lives in a registry keyed by the
-parent class (``SHARED_INPUT_CHILDREN``), never guessed from names. A parent class registered there promises
-that, in its forward, the listed children are called on one input tensor without modifying it in between.
+parent class (``SHARED_INPUT_CHILDREN``), never guessed from names, filled by the family specs'
+``shared_input_children`` (``lowbit.models.spec``; e.g. Llama, Mistral, Qwen2 in ``lowbit.models.hf_causal_lm``).
+A parent class registered there promises that, in its forward, the listed children are called on one input
+tensor without modifying it in between.
 The runtime check is still strict: a sibling served from the group must be called with the identical tensor
 object (and, outside inference mode, version) that produced it, else it computes on its own.
 
@@ -18,7 +20,7 @@ Only layers on the default ``cpu`` backend use the group (the reference backend 
 and only when the kernels can run (no autograd, CPU tensors); everything else takes the layer's own path.
 
 Example:
-    >>> SHARED_INPUT_CHILDREN.get("transformers.models.llama.modeling_llama.LlamaMLP")
+    >>> SHARED_INPUT_CHILDREN.get("transformers.models.llama.modeling_llama.LlamaMLP")  # doctest: +SKIP
     (('gate_proj', 'up_proj'),)
 """
 
@@ -36,12 +38,6 @@ from lowbit.registry import Registry, qualname
 
 # "module.QualName" of a parent class -> groups of child attribute names that its forward calls on one input.
 SHARED_INPUT_CHILDREN: Registry[tuple[tuple[str, ...], ...]] = Registry("shared-input projection parent")
-# transformers' Llama family (SmolLM2, the default VLM's language model): LlamaAttention.forward projects
-# hidden_states by q_proj, k_proj, v_proj in turn; LlamaMLP.forward computes act(gate_proj(x)) * up_proj(x).
-SHARED_INPUT_CHILDREN.register("transformers.models.llama.modeling_llama.LlamaAttention")(
-    (("q_proj", "k_proj", "v_proj"),))
-SHARED_INPUT_CHILDREN.register("transformers.models.llama.modeling_llama.LlamaMLP")((("gate_proj", "up_proj"),))
-
 
 
 def _fusable(members: list[Any]) -> bool:

@@ -4,9 +4,9 @@
 ``wanted`` accepts: the model itself if its forward traces, else each child holding one, recursively (a
 forward with data-dependent control flow does not trace; its own direct children are then out of reach and
 the subtree is listed as untraced). Convs, packed layers and BatchNorms are leaves (their forwards hold
-shape-dependent branches), as are torch's own modules. The graphs only locate modules and their data flow:
-the model keeps running its own forward, and a graph records the path the current configuration takes
-(branches on Python attributes are taken as they are now).
+shape-dependent branches), as are torch's own modules and the ``wanted`` ones. The graphs only locate modules
+and their data flow: the model keeps running its own forward, and a graph records the path the current
+configuration takes (branches on Python attributes are taken as they are now).
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ from lowbit.kernels.quant_linear import QuantLinear
 
 
 class _LeafTracer(fx.Tracer):
+    def __init__(self, wanted: Callable[[nn.Module], bool]) -> None:
+        super().__init__()
+        self.wanted = wanted
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, QuantLinear, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
-            m, qualname)
+        # wanted modules are leaves too: a registered class outside torch.nn (e.g. a family's clamp activation)
+        # must appear as one call, not as the ops of its forward
+        return isinstance(m, (nn.Conv2d, QuantLinear, nn.modules.batchnorm._BatchNorm)) or self.wanted(m) \
+            or super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -82,7 +88,7 @@ def module_graphs(model: nn.Module, wanted: Callable[[nn.Module], bool],
     if not any(wanted(m) for m in model.modules()):
         return [], []
     try:
-        return [ModuleGraph(prefix, model, _LeafTracer().trace(model))], []
+        return [ModuleGraph(prefix, model, _LeafTracer(wanted).trace(model))], []
     except Exception:  # noqa: BLE001 - any forward fx cannot trace (data-dependent control flow, ...): go down
         graphs: list[ModuleGraph] = []
         untraced: list[str] = []

@@ -13,7 +13,8 @@ with that symmetric padding while the conv is at stride 1 with odd kernels and z
 to the class's own forward otherwise (a later change of stride stays correct; dilation is read per call).
 
 Which classes pad this way is knowledge of their forward, so it is a registry (``SAME_PADDING_CONVS``: the
-"module.QualName" of the class), never guessed from names.
+"module.QualName" of the class), never guessed from names, filled by the family specs' ``same_padding_convs``
+(``lowbit.models.spec``; e.g. the EfficientNet convs of ``lowbit.models.lit``).
 
 Example:
     >>> static_same_padding_(model.vision)  # doctest: +SKIP
@@ -32,8 +33,6 @@ from lowbit.registry import Registry
 # "module.QualName" of a conv class whose forward applies TF "same" padding (total (k-1)*d at stride 1, low side
 # pad // 2) with F.pad before an unpadded conv.
 SAME_PADDING_CONVS: Registry[str] = Registry("dynamic same-padding conv class")
-SAME_PADDING_CONVS.register("efficientnet_lite_pytorch.utils.Conv2dDynamicSamePadding")(
-    "efficientnet-lite-pytorch: pads (k-1)*d at stride 1 with F.pad, then conv2d with padding 0")
 
 
 def registered_same_padding(module: nn.Module) -> bool:

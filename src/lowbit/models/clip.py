@@ -18,7 +18,8 @@ from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+from lowbit.models.base import DualEncoder, ModelFamily
+from lowbit.models.spec import FamilySpec, register_family
 
 SUPPORTED_TYPES = ("clip", "siglip")
 
@@ -132,11 +133,15 @@ def load_clip(name_or_path: str, max_text_tokens: int | None = None) -> HFDualEn
     return wrapper
 
 
-FAMILIES.register("clip")(
-    ModelFamily(
+SPEC = register_family(FamilySpec(
+    name="clip",
+    description="transformers CLIPModel / SiglipModel behind the DualEncoder interface",
+    families=(ModelFamily(
         name="clip",
         load=load_clip,
         claims_path=is_hf_dual_encoder_dir,
         description="Hugging Face CLIPModel / SiglipModel (local directory or hub id)",
-    )
-)
+    ),),
+    dual_encoder=HFDualEncoder,
+    towers=("vision", "text", "projector"),
+))

@@ -45,17 +45,13 @@ from transformers.generation.logits_process import (
 )
 
 from lowbit.errors import LowbitError
+from lowbit.models.spec import LEAN_ARCHITECTURES
 from lowbit.models.token_pruning import InLayerPrune, attention_received
-from lowbit.registry import Registry
 
-# model_type -> attention window of a config (None: full causal attention). Registered types have Llama's
+# LEAN_ARCHITECTURES: model_type -> attention window of a config (None: full causal attention), filled by the
+# family specs' ``lean_decode`` (lowbit.models.hf_causal_lm: llama, mistral, qwen2). Registered types have Llama's
 # module layout (model.embed_tokens / layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
 # post_attention_layernorm, mlp.{gate,up,down}_proj, mlp.act_fn} / norm / rotary_emb, lm_head) and forward.
-LEAN_ARCHITECTURES: Registry[Callable[[Any], int | None]] = Registry("lean-decoding architecture")
-LEAN_ARCHITECTURES.register("llama")(lambda config: None)
-# Mistral / Qwen2 differ from Llama only by a sliding window (Qwen2's q/k/v biases live in the Linear modules).
-LEAN_ARCHITECTURES.register("mistral")(lambda config: getattr(config, "sliding_window", None))
-LEAN_ARCHITECTURES.register("qwen2")(lambda config: getattr(config, "sliding_window", None))
 
 # RoPE types whose cos/sin depend only on the position (dynamic / longrope rescale with the sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")

@@ -20,8 +20,10 @@ from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+from lowbit.kernels.depthwise import tf_same_padding
+from lowbit.models.base import DualEncoder, ModelFamily
 from lowbit.models.preprocess import images_to_tensor
+from lowbit.models.spec import FamilySpec, L2Normalize, SpatialMean, register_family
 from lowbit.models.towers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +31,7 @@ from lowbit.models.towers import (
     MeanPooledEncoder,
     minilm_dir,
 )
+from lowbit.registry import qualname
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_NAME = "lit-fashion"
@@ -159,11 +162,65 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return json.loads(meta.get("lowbit", "{}"))
 
 
-FAMILIES.register("lit")(
-    ModelFamily(
+# --- what lowbit knows about the LiT towers (also the llava family's EfficientNet vision tower) ----------------
+_EFFICIENTNET_UTILS = "efficientnet_lite_pytorch.utils"
+
+
+class EfficientNetHead(nn.Module):
+    """The head conv + BN + activation of an EfficientNet, as the last block of its Block-AP chain."""
+
+    assembled = True  # a view built for Block-AP, never called by the network's own forward
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_head, net._bn1, net._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _efficientnet_blocks(tower: nn.Module) -> list[nn.Module]:
+    return [*tower.net._blocks, EfficientNetHead(tower.net)]
+
+
+def _dynamic_same_pad(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Conv2dDynamicSamePadding's own ``F.pad``: TF "same" padding for this input size."""
+    top, bottom = tf_same_padding(x.shape[-2], conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+    left, right = tf_same_padding(x.shape[-1], conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+    return nn.functional.pad(x, [left, right, top, bottom])
+
+
+def _vision_tail(model: DualEncoder) -> nn.Module:
+    # EfficientNetLite0Features pools the head's feature map; the image head standardises + projects.
+    return nn.Sequential(SpatialMean(), model.towers()["projector"]["image"], L2Normalize())
+
+
+SPEC = register_family(FamilySpec(
+    name="lit",
+    description="LiT dual encoder over EfficientNet-Lite0 (efficientnet-lite-pytorch) and a BERT encoder",
+    families=(ModelFamily(
         name="lit",
         load=load_lit,
         builtin_names=(DEFAULT_NAME,),
         description="LiT dual encoder: frozen EfficientNet-Lite0 + MiniLM towers, trained linear heads",
-    )
-)
+    ),),
+    dual_encoder=LitDualEncoder,
+    towers=("vision", "text", "projector"),
+    block_chains={
+        qualname(EfficientNetLite0Features): _efficientnet_blocks,  # MBConv blocks, then the head
+        qualname(MeanPooledEncoder): lambda tower: list(tower.encoder.encoder.layer),
+    },
+    embedding_tails={"vision": _vision_tail},
+    input_padding={
+        f"{_EFFICIENTNET_UTILS}.Conv2dDynamicSamePadding": _dynamic_same_pad,
+        f"{_EFFICIENTNET_UTILS}.Conv2dStaticSamePadding": lambda conv, x: conv.static_padding(x),
+    },
+    pointwise_convs={
+        f"{_EFFICIENTNET_UTILS}.Conv2dDynamicSamePadding": "TF 'same' padding is zero for a 1x1 stride-1 kernel",
+        f"{_EFFICIENTNET_UTILS}.Conv2dStaticSamePadding": "static 'same' padding is Identity for a 1x1 stride-1 kernel",
+    },
+    same_padding_convs={
+        f"{_EFFICIENTNET_UTILS}.Conv2dDynamicSamePadding":
+            "efficientnet-lite-pytorch: pads (k-1)*d at stride 1 with F.pad, then conv2d with padding 0",
+    },
+))

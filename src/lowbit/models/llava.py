@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import FAMILIES, ModelFamily
+from lowbit.models.base import ModelFamily
 from lowbit.models.llava_model import (  # noqa: F401  (re-exported: the family's public names)
     CALIBRATION_QUESTION,
     PROJECTOR_KINDS,
@@ -42,6 +42,7 @@ from lowbit.models.llava_model import (  # noqa: F401  (re-exported: the family'
     linear_widths,
 )
 from lowbit.models.preprocess import open_rgb  # noqa: F401  (re-exported)
+from lowbit.models.spec import FamilySpec, register_family
 
 # Built-in VLMs: the same tower, projector shape and LM; each ships its projector under assets/NAME/.
 # The default, llava-fashion-hd, reads a 12x12 grid (192 px, output stride 16: 144 visual tokens), the regime
@@ -168,12 +169,18 @@ def is_hf_llava_dir(path: str) -> bool:
         return False
 
 
-FAMILIES.register("llava")(
-    ModelFamily(
+# The language model's knowledge (fused q/k/v and gate/up, the lean decode engine) is its own spec's
+# (lowbit.models.hf_causal_lm); the EfficientNet vision tower's is the lit spec's.
+SPEC = register_family(FamilySpec(
+    name="llava",
+    description="LLaVA VLM: a lowbit vision tower -> projector -> a transformers causal LM",
+    families=(ModelFamily(
         name="llava",
         load=load_llava,
         builtin_names=BUILTIN_NAMES,
         claims_path=is_hf_llava_dir,
         description="LLaVA VLM: vision tower -> projector -> causal LM (built-in: EfficientNet-Lite0 + SmolLM2-135M)",
-    )
-)
+    ),),
+    dual_encoder=LlavaModel,
+    towers=("vision", "projector", "language"),
+))

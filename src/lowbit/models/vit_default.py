@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowbit.errors import LowbitError, unknown_choice
-from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+from lowbit.models.base import DualEncoder, ModelFamily
+from lowbit.models.spec import FamilySpec, register_family
 
 NAME = "clip-vit-tiny-fashion"
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / NAME
@@ -45,11 +46,14 @@ def load_vit_default(name: str = NAME, max_text_tokens: int | None = None) -> Du
     return model
 
 
-FAMILIES.register("vit")(
-    ModelFamily(
+# A CLIPModel loaded through the clip family: its architecture knowledge is the clip spec's; this spec adds the name.
+SPEC = register_family(FamilySpec(
+    name="vit",
+    description="the built-in clip-vit-tiny-fashion (a transformers CLIPModel)",
+    families=(ModelFamily(
         name="vit",
         load=load_vit_default,
         builtin_names=(NAME,),
         description="ViT-tiny CLIP trained from scratch by lowbit on Fashion-MNIST + shapes (packaged)",
-    )
-)
+    ),),
+))

@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS, is_quantized
+from lowbit.models.spec import pointwise_conv_class
 from lowbit.quant.methods import CalibrationProvider, QuantContext, get_method
 from lowbit.quant.recipe import Recipe, Rule, load_recipe
 from lowbit.quant.report import (
@@ -32,16 +33,6 @@ from lowbit.quant.report import (
     ModuleQuant,
     QuantReport,
 )
-from lowbit.registry import Registry, qualname
-
-# nn.Conv2d subclasses whose forward, for a 1x1 stride-1 kernel, is exactly a plain conv (so a channel-wise
-# linear may replace them). Keyed by "module.QualName"; subclasses not listed keep their own forward (kind conv).
-POINTWISE_CONV_CLASSES: Registry[str] = Registry("pointwise-compatible conv class")
-POINTWISE_CONV_CLASSES.register("torch.nn.modules.conv.Conv2d")("plain conv")
-POINTWISE_CONV_CLASSES.register("efficientnet_lite_pytorch.utils.Conv2dDynamicSamePadding")(
-    "TF 'same' padding is zero for a 1x1 stride-1 kernel")
-POINTWISE_CONV_CLASSES.register("efficientnet_lite_pytorch.utils.Conv2dStaticSamePadding")(
-    "static 'same' padding is Identity for a 1x1 stride-1 kernel")
 
 
 def layer_kind(module: nn.Module) -> tuple[str | None, str]:
@@ -58,7 +49,7 @@ def layer_kind(module: nn.Module) -> tuple[str | None, str]:
             and module.groups == 1
             and (module.padding in ("valid", "same") or tuple(module.padding) == (0, 0))
         )
-        plain = cls.forward is nn.Conv2d.forward or qualname(cls) in POINTWISE_CONV_CLASSES
+        plain = pointwise_conv_class(cls)  # the family specs' pointwise_convs (lowbit.models.spec)
         return ("conv1x1" if pointwise and plain else "conv"), ""
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return None, f"{cls.__name__} is not supported (lowbit quantizes nn.Linear and nn.Conv2d)"

@@ -12,15 +12,16 @@ target is the float teacher's block output on the float chain, so each block als
 it receives (errors do not compound unseen). The loss is the MSE normalised by the target's mean square.
 
 The LAST block of a tower is reconstructed through the rest of the model, up to the L2-normalised
-embedding (``EMBEDDING_TAILS``, per dual-encoder type: e.g. pooling + the projector head): the error that
-matters is the embedding's direction, and a projector over standardised features weighs feature channels
-very differently from an MSE on the raw feature map. The tail's own parameters (the projector, quantized or
-not) train with the block. ``BlockAPConfig.tail=False`` keeps the plain feature-map target.
+embedding (the ``embedding_tails`` of the family's spec, ``lowbit.models.spec``: e.g. pooling + the projector
+head): the error that matters is the embedding's direction, and a projector over standardised features weighs
+feature channels very differently from an MSE on the raw feature map. The tail's own parameters (the
+projector, quantized or not) train with the block. ``BlockAPConfig.tail=False`` keeps the plain feature-map target.
 
-Which modules are blocks is a per-tower-type registry (``BLOCK_CHAINS``): EfficientNet-Lite0 (its MBConv
-blocks, then the head conv + BN + activation), a Hugging Face encoder (its transformer layers), and any
-``nn.Sequential`` (its children). Blocks must be chained: block i's first positional input is block i-1's
-output; other arguments (attention masks, ...) are captured per batch from the model's own forward.
+Which modules are blocks is the ``block_chains`` of the family's spec (``lowbit.models.spec.BLOCK_CHAINS``, per
+tower class): e.g. EfficientNet-Lite0 (its MBConv blocks, then the head conv + BN + activation), a Hugging Face
+encoder (its transformer layers), and any ``nn.Sequential`` (its children). Blocks must be chained: block i's
+first positional input is block i-1's output; other arguments (attention masks, ...) are captured per batch
+from the model's own forward.
 
 Example:
     >>> prepare_qat(student, "vision=w1.58,text=w1.58")  # doctest: +SKIP
@@ -40,100 +41,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.base import DualEncoder
+from lowbit.models.spec import embedding_tail, tower_blocks
 from lowbit.quant.qat import QATLayer
-
-BlockChain = Callable[[nn.Module], list[nn.Module]]
-BLOCK_CHAINS: dict[type, BlockChain] = {}
-
-
-def register_chain(cls: type) -> Callable[[BlockChain], BlockChain]:
-    """Register the block chain of towers of type ``cls`` (and subclasses)."""
-
-    def add(fn: BlockChain) -> BlockChain:
-        BLOCK_CHAINS[cls] = fn
-        return fn
-
-    return add
-
-
-def tower_blocks(tower: nn.Module) -> list[nn.Module]:
-    """The chained blocks of ``tower`` (``BLOCK_CHAINS``, most specific registered type first)."""
-    for klass in type(tower).__mro__:
-        if klass in BLOCK_CHAINS:
-            return BLOCK_CHAINS[klass](tower)
-    names = ", ".join(sorted(c.__name__ for c in BLOCK_CHAINS))
-    raise LowbitError(f"block reconstruction does not know the blocks of a {type(tower).__name__} tower; "
-                      f"accepted tower types: {names}")
-
-
-@register_chain(nn.Sequential)
-def _sequential(tower: nn.Module) -> list[nn.Module]:
-    return list(tower.children())
-
-
-class _EfficientNetHead(nn.Module):
-    """The head conv + BN + activation of an EfficientNet, as the last block of its chain."""
-
-    assembled = True  # a view built here, never called by the network's own forward
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.bn, self.act = net._conv_head, net._bn1, net._swish
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-def _register_lit_towers() -> None:
-    from lowbit.models.towers import EfficientNetLite0Features, MeanPooledEncoder
-
-    @register_chain(EfficientNetLite0Features)
-    def _efficientnet(tower: nn.Module) -> list[nn.Module]:
-        return [*tower.net._blocks, _EfficientNetHead(tower.net)]
-
-    @register_chain(MeanPooledEncoder)
-    def _hf_encoder(tower: nn.Module) -> list[nn.Module]:
-        return list(tower.encoder.encoder.layer)
-
-
-_register_lit_towers()
-
-
-# --- embedding tails: last block output -> normalised embedding -----------------------------------------------------
-Tail = Callable[[DualEncoder], nn.Module]  # the model -> module mapping the last block's output to the embedding
-EMBEDDING_TAILS: dict[tuple[type, str], Tail] = {}
-
-
-def register_tail(cls: type, tower: str) -> Callable[[Tail], Tail]:
-    """Register how dual encoders of type ``cls`` turn ``tower``'s last block output into its embedding."""
-
-    def add(fn: Tail) -> Tail:
-        EMBEDDING_TAILS[(cls, tower)] = fn
-        return fn
-
-    return add
-
-
-def embedding_tail(model: DualEncoder, tower: str) -> nn.Module | None:
-    """The registered tail of ``model``'s ``tower`` (most specific model type first), or None."""
-    for klass in type(model).__mro__:
-        if (klass, tower) in EMBEDDING_TAILS:
-            return EMBEDDING_TAILS[(klass, tower)](model)
-    return None
-
-
-class SpatialMean(nn.Module):
-    """[B, C, H, W] -> [B, C]: global average pooling."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
-
-
-class L2Normalize(nn.Module):
-    """[B, D] -> unit rows (what the similarity sees)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(x, dim=-1)
 
 
 class _WithTail(nn.Module):
@@ -145,18 +54,6 @@ class _WithTail(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.tail(_run(self.block, x, (args, kwargs)))
-
-
-def _register_lit_tails() -> None:
-    from lowbit.models.lit import LitDualEncoder
-
-    @register_tail(LitDualEncoder, "vision")
-    def _lit_vision(model: DualEncoder) -> nn.Module:
-        # EfficientNetLite0Features pools the head's feature map; the image head standardises + projects.
-        return nn.Sequential(SpatialMean(), model.towers()["projector"]["image"], L2Normalize())
-
-
-_register_lit_tails()
 
 
 # --- configuration and report -------------------------------------------------------------------------------------

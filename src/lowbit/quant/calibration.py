@@ -28,6 +28,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import is_quantized
 from lowbit.models.base import DualEncoder
+from lowbit.models.spec import input_padding
 from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.quant.methods import QuantContext
 
@@ -45,30 +46,17 @@ class _Captured(Exception):
     """Raised from the forward hook to stop the forward once the target module's input is recorded."""
 
 
-def _tf_same_pad(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply the input padding of EfficientNet's TF-'same' conv subclasses, which pad inside ``forward``."""
-    static = getattr(module, "static_padding", None)
-    if isinstance(static, nn.Module):
-        return static(x)
-    ih, iw = x.shape[-2:]
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    dh, dw = module.dilation
-    pad_h = max((-(-ih // sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
-    pad_w = max((-(-iw // sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
-    return nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-
-
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded input patches [B, C*kh*kw, L] of a k x k conv (TF-"same" subclasses padded first)."""
+    """Unfolded input patches [B, C*kh*kw, L] of a k x k conv (classes padding their own input padded first)."""
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         raise LowbitError(f"calibration of a conv with padding={module.padding!r}, "
                           f"padding_mode={module.padding_mode!r} is not supported")
     if type(module).forward is not nn.Conv2d.forward:
-        if "SamePadding" not in type(module).__name__:
+        pad = input_padding(module)  # the family spec's calibration hook (lowbit.models.spec)
+        if pad is None:
             raise LowbitError(f"calibration of {type(module).__name__} (a Conv2d with its own forward) "
                               "is not supported for k x k kernels")
-        x = _tf_same_pad(module, x)
+        x = pad(module, x)
     return nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
 
 
@@ -76,9 +64,10 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows X [S, K] a module's weight [N, K] multiplies, from its input tensor ``x``.
 
     Linear: [..., K] -> [S, K]. Conv2d (groups=1): 1x1 input [B, C, H, W] -> [B*H*W, C]; k x k convs are
-    unfolded to [B*L, C*kh*kw], matching the weight viewed as [N, C*kh*kw]. EfficientNet's TF-"same" conv
-    subclasses (padding computed in ``forward``) are padded the same way first; other Conv2d subclasses
-    with their own ``forward`` are refused for k x k kernels, as their patches cannot be known here.
+    unfolded to [B*L, C*kh*kw], matching the weight viewed as [N, C*kh*kw]. Conv2d subclasses padding their
+    input in ``forward`` (e.g. EfficientNet's TF-"same" convs) are padded the same way first, by their family
+    spec's ``input_padding``; other Conv2d subclasses with their own ``forward`` are refused for k x k kernels,
+    as their patches cannot be known here.
     Grouped (e.g. depthwise) convs have one row space per group: see ``grouped_input_rows``.
     """
     if isinstance(module, nn.Conv2d):

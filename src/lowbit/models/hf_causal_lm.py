@@ -1,0 +1,39 @@
+"""Hugging Face causal LMs with Llama's layout (Llama, Mistral, Qwen2): the language model of the ``llava`` family.
+
+What lowbit knows about them: q/k/v of the attention and gate/up of the MLP read one input (one kernel call
+once packed, ``lowbit.kernels.fusion``), and the lean decode engine (``lowbit.models.lean_decode``) runs them,
+Mistral and Qwen2 within their sliding window. They differ from Llama only by that window (Qwen2's q/k/v biases
+live in the Linear modules), so one spec lists the three.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowbit.models.spec import FamilySpec, register_family
+
+_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> class name prefix
+
+
+def _full_causal(config: Any) -> int | None:
+    return None
+
+
+def _sliding_window(config: Any) -> int | None:
+    return getattr(config, "sliding_window", None)
+
+
+# Their Attention.forward projects hidden_states by q_proj, k_proj, v_proj in turn; MLP.forward computes
+# down_proj(act(gate_proj(x)) * up_proj(x)).
+_SHARED = {
+    f"transformers.models.{t}.modeling_{t}.{p}{part}": groups
+    for t, p in _ARCHITECTURES.items()
+    for part, groups in (("Attention", (("q_proj", "k_proj", "v_proj"),)), ("MLP", (("gate_proj", "up_proj"),)))
+}
+
+SPEC = register_family(FamilySpec(
+    name="hf-causal-lm",
+    description="transformers Llama / Mistral / Qwen2 causal LMs (e.g. SmolLM2, the default VLM's language model)",
+    shared_input_children=_SHARED,
+    lean_decode={"llama": _full_causal, "mistral": _sliding_window, "qwen2": _sliding_window},
+))
