@@ -12,7 +12,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, is_quantized
 from lowbit.quant.apply import layer_kind, quantize_
 from lowbit.quant.recipe import Recipe, load_recipe
-from lowbit.quant.report import NO_RULE, NOT_A_LAYER, SKIPPED, UNSUPPORTED
+from lowbit.quant.report import NO_OPT_IN, NO_RULE, NOT_A_LAYER, SKIPPED, UNSUPPORTED
 
 
 class Tiny(nn.Module):
@@ -76,7 +76,8 @@ def test_report_lists_float_modules_with_reasons() -> None:
     model = Tiny()
     report = quantize_(model, "model/dw=skip,model=w4g32", progress=False)
     kept = {f.name: f for f in report.float_modules}
-    assert kept["embed"].category == NOT_A_LAYER and "Embedding" in kept["embed"].reason
+    # an embedding table is a quantizable layer now, matched only by rules naming the embedding kind
+    assert kept["embed"].category == NO_OPT_IN and "embedding" in kept["embed"].reason
     assert kept["norm"].category == NOT_A_LAYER and "LayerNorm" in kept["norm"].reason
     assert kept["dw"].category == SKIPPED and "rule 0" in kept["dw"].reason
     assert not is_quantized(model.dw)
@@ -92,7 +93,7 @@ def test_strict_raises_for_unmatched_layers_only() -> None:
         quantize_(Tiny(), "model/fc*=w4,model/pw=w4,model/dw=skip", strict=True, progress=False)
     # skip rules and norms/embeddings are deliberate: strict accepts them
     report = quantize_(Tiny(), "model/dw=skip,*=w4g32", strict=True, progress=False)
-    assert {f.category for f in report.float_modules} == {NOT_A_LAYER, SKIPPED}
+    assert {f.category for f in report.float_modules} == {NOT_A_LAYER, NO_OPT_IN, SKIPPED}
     report = quantize_(Tiny(), "model/fc*=w4", progress=False)
     assert {f.name for f in report.float_modules if f.category == NO_RULE} == {"pw", "dw", "head"}
 

@@ -359,8 +359,8 @@ class QuantWeightParam(_PackedMixin):
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """True for modules holding packed weights."""
-    return isinstance(module, (QuantLinear, QuantWeightParam))
+    """True for modules holding packed weights (linears, convs, embedding tables)."""
+    return isinstance(module, _PackedMixin)
 
 
 def set_backend(model: nn.Module, backend: str) -> None:

@@ -19,11 +19,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.fusion import fuse_shared_inputs
-from lowbit.kernels.quant_linear import QUANT_KINDS, is_quantized
+from lowbit.kernels.quant_linear import PACKED_BUFFERS, QUANT_KINDS, is_quantized
 from lowbit.models.spec import pointwise_conv_class
 from lowbit.quant.methods import CalibrationProvider, QuantContext, get_method
-from lowbit.quant.recipe import Recipe, Rule, load_recipe
+from lowbit.quant.recipe import HEAD_KIND, OPT_IN_KINDS, Recipe, Rule, load_recipe
 from lowbit.quant.report import (
+    NO_OPT_IN,
     NO_RULE,
     NOT_A_LAYER,
     OUTSIDE,
@@ -51,9 +52,26 @@ def layer_kind(module: nn.Module) -> tuple[str | None, str]:
         )
         plain = pointwise_conv_class(cls)  # the family specs' pointwise_convs (lowbit.models.spec)
         return ("conv1x1" if pointwise and plain else "conv"), ""
+    if isinstance(module, nn.Embedding):
+        if cls.forward is not nn.Embedding.forward:
+            return None, f"{cls.__name__} overrides nn.Embedding.forward, so a packed lookup could change its output"
+        return "embedding", ""
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        return None, f"{cls.__name__} is not supported (lowbit quantizes nn.Linear and nn.Conv2d)"
+        return None, f"{cls.__name__} is not supported (lowbit quantizes nn.Linear, nn.Conv2d and nn.Embedding)"
     return None, ""
+
+
+def output_heads(towers: dict[str, nn.Module]) -> set[int]:
+    """ids of the towers' output heads (``get_output_embeddings()`` of transformers models): the ``lm_head``
+    kind of recipes."""
+    heads: set[int] = set()
+    for root in towers.values():
+        for m in root.modules():
+            get = getattr(m, "get_output_embeddings", None)
+            head = get() if callable(get) else None
+            if isinstance(head, nn.Linear):
+                heads.add(id(head))
+    return heads
 
 
 def model_towers(model: nn.Module) -> dict[str, nn.Module]:
@@ -80,9 +98,12 @@ def replace_module(model: nn.Module, paths: list[str], new: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child, new)
 
 
-def _own_params(module: nn.Module) -> tuple[int, int, list[str]]:
+def _own_params(module: nn.Module, float_bytes: int | None = None) -> tuple[int, int, list[str]]:
+    """(params, stored bytes, names) of ``module``'s own parameters; ``float_bytes`` per element for floating
+    ones when the recipe stores floats narrower than they are held (fp16)."""
     ps = list(module.named_parameters(recurse=False))
-    return sum(p.numel() for _, p in ps), sum(p.numel() * p.element_size() for _, p in ps), [n for n, _ in ps]
+    size = sum(p.numel() * (float_bytes if float_bytes and p.is_floating_point() else p.element_size()) for _, p in ps)
+    return sum(p.numel() for _, p in ps), size, [n for n, _ in ps]
 
 
 @dataclasses.dataclass
@@ -93,6 +114,7 @@ class _Planned:
     kind: str
     rule_index: int
     rule: Rule
+    tied_to: _Planned | None = None  # an output head sharing its weight with this planned embedding table
 
 
 def _walk(towers: dict[str, nn.Module]) -> Iterator[tuple[str, str, nn.Module]]:
@@ -109,6 +131,8 @@ def plan_quantization(
 ) -> tuple[list[_Planned], list[FloatModule], list[int]]:
     """Which layers get which rule; float-kept modules with reasons; how often each rule matched."""
     towers = model_towers(model)
+    heads = output_heads(towers)
+    float_bytes = 2 if recipe.float_dtype == "fp16" else None
     planned: list[_Planned] = []
     kept: list[FloatModule] = []
     used = [0] * len(recipe.rules)
@@ -118,7 +142,7 @@ def plan_quantization(
         if is_quantized(m):
             raise LowbitError(f"{tower}/{name} is already quantized ({type(m).__name__}); "
                               "quantize_ expects a float model")
-        n_params, n_bytes, pnames = _own_params(m)
+        n_params, n_bytes, pnames = _own_params(m, float_bytes)
         kind, why = layer_kind(m)
         tname = type(m).__name__
         if kind is None:
@@ -127,10 +151,12 @@ def plan_quantization(
                 reason = why or f"{tname} is not a weight layer lowbit quantizes (params: {', '.join(pnames)})"
                 kept.append(FloatModule(tower, name, tname, n_params, n_bytes, reason, category))
             continue
-        hit = recipe.match(tower, name, kind)
+        match_kind = HEAD_KIND if kind == "linear" and id(m) in heads else kind
+        hit = recipe.match(tower, name, match_kind)
         if hit is None:
+            category = NO_OPT_IN if match_kind in OPT_IN_KINDS else NO_RULE
             kept.append(FloatModule(tower, name, tname, n_params, n_bytes,
-                                    f"no recipe rule matches ({tower}, {name!r}, {kind})", NO_RULE))
+                                    f"no recipe rule matches ({tower}, {name!r}, {match_kind})", category))
             continue
         index, rule = hit
         used[index] += 1
@@ -138,14 +164,42 @@ def plan_quantization(
             kept.append(FloatModule(tower, name, tname, n_params, n_bytes,
                                     f"skipped by rule {index} ({rule.describe()})", SKIPPED))
         else:
+            if kind == "embedding" and get_method(rule.method).needs_calibration:
+                raise LowbitError(f"{tower}/{name}: an embedding table takes a method without calibration (rtn, "
+                                  f"minmax); rule {index} ({rule.describe()}) asks for {rule.method!r}")
             planned.append(_Planned(tower, name, m, kind, index, rule))
+    _tie_heads(planned)
     for path, m in model.named_modules():
         if id(m) not in covered:
-            n_params, n_bytes, pnames = _own_params(m)
+            n_params, n_bytes, pnames = _own_params(m, float_bytes)
             if n_params:
                 kept.append(FloatModule("", path, type(m).__name__, n_params, n_bytes,
                                         f"outside all towers (params: {', '.join(pnames)})", OUTSIDE))
     return planned, kept, used
+
+
+def _tie_heads(planned: list[_Planned]) -> None:
+    """An output head whose weight IS a planned embedding's weight (tied, as in SmolLM2 / Llama with
+    ``tie_word_embeddings``) reuses the table's packed tensors instead of being quantized on its own: one packed
+    copy, on disk and in memory. It is moved after its table so the table exists when the head is built."""
+    tables = {id(p.module.weight): p for p in planned if p.kind == "embedding"}
+    tied = [p for p in planned if p.kind == "linear" and id(p.module.weight) in tables]
+    for p in tied:
+        p.tied_to = tables[id(p.module.weight)]
+        planned.remove(p)
+        planned.append(p)
+
+
+def _round_floats_(model: nn.Module, float_dtype: str) -> None:
+    """Round every float tensor that is not a packed buffer to ``float_dtype`` in place (kept as float32, so
+    the model in memory computes exactly what the stored checkpoint will)."""
+    if float_dtype != "fp16":
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if t is not None and t.dtype == torch.float32 and name not in PACKED_BUFFERS:
+                    t.copy_(t.half().float())
 
 
 def quantize_(
@@ -185,15 +239,40 @@ def quantize_(
             )
     paths = module_paths(model)
     bar = tqdm(planned, desc="quantize", unit="layer", disable=not progress, leave=False)
+    built: dict[int, nn.Module] = {}  # id(float module) -> its quantized replacement
     for p in bar:
         bar.set_postfix_str(f"{p.tower}/{p.name}", refresh=False)
-        report.modules.append(_quantize_one(model, p, paths, calibration))
+        entry = _tie_one(model, p, paths, built) if p.tied_to is not None else _quantize_one(
+            model, p, paths, calibration, built)
+        report.modules.append(entry)
+    _round_floats_(model, recipe.float_dtype)
     fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
     return report
 
 
+def _tie_one(model: nn.Module, p: _Planned, paths: dict[int, list[str]], built: dict[int, nn.Module]) -> ModuleQuant:
+    """Build a tied head as a ``QuantLinear`` holding its table's packed tensors (the same tensor objects)."""
+    table = built[id(p.tied_to.module)]
+    bias = getattr(p.module, "bias", None)
+    head = QUANT_KINDS.get("linear").empty(p.module, table.bits, table.group_size, table.symmetric, False)
+    for name in ("qweight", "scales", "zeros"):
+        setattr(head, name, getattr(table, name))
+    if isinstance(bias, torch.Tensor):
+        head.bias.copy_(bias.detach().float())
+    full_paths = paths.get(id(p.module), [])
+    replace_module(model, full_paths, head)
+    table_path = paths[id(p.tied_to.module)][0]
+    return ModuleQuant(
+        tower=p.tower, name=p.name, path=full_paths[0], kind="linear", method=f"tied:{table_path}",
+        bits=table.bits, group_size=table.group_size, symmetric=table.symmetric, shape=list(table.weight_shape),
+        params=0, fp32_bytes=0, packed_bytes=0, bits_per_weight=0.0, weight_error=0.0, has_input_scale=False,
+        rule=p.rule_index,  # params and bytes 0: they are the table's, counted once there
+    )
+
+
 def _quantize_one(
-    model: nn.Module, p: _Planned, paths: dict[int, list[str]], calibration: CalibrationProvider | None
+    model: nn.Module, p: _Planned, paths: dict[int, list[str]], calibration: CalibrationProvider | None,
+    built: dict[int, nn.Module],
 ) -> ModuleQuant:
     method = get_method(p.rule.method)
     spec = p.rule.spec
@@ -217,6 +296,7 @@ def _quantize_one(
         raise LowbitError(f"{p.tower}/{p.name} is not a submodule of the model, so it cannot be replaced")
     kind = result.kind or p.kind  # a storage variant (PB-LLM side, base-3) may replace the standard kind
     new = QUANT_KINDS.get(kind).build(p.module, packed, result.input_scale)
+    built[id(p.module)] = new
     if new is not p.module:
         replace_module(model, full_paths, new)
     on_quantized = getattr(calibration, "on_quantized", None)

@@ -1,8 +1,12 @@
 """Quantization recipes: an ordered list of rules saying which layers get which method and format.
 
 A rule matches a layer by tower (``vision``, ``text``, ``projector``, or ``*``), an fnmatch glob on the
-layer's name inside its tower, and optionally its kind (``linear``, ``conv1x1``, ``conv``); the first
-matching rule wins. Sources, all through ``load_recipe``:
+layer's name inside its tower, and optionally its kinds; the first matching rule wins. Kinds: ``linear``,
+``conv1x1``, ``conv``, ``lm_head`` (a model's output head: a linear, so ``linear`` rules match it too) and
+``embedding`` (token / position tables: only rules that name ``embedding`` match them, so recipes written
+before embeddings were quantizable keep their meaning). ``float_dtype`` (``fp32`` or ``fp16``) is how the
+tensors no rule quantizes (norms, biases, tiny layers) are stored; ``quantize_`` rounds them to it in place.
+Sources, all through ``load_recipe``:
 
 - a preset name (``w8``, ``w4``, ``w3``, ``w2``: YAML files in ``lowbit/configs/recipes``),
 - a YAML file::
@@ -14,9 +18,10 @@ matching rule wins. Sources, all through ``load_recipe``:
         - {tower: "*", kinds: [conv], method: rtn, bits: 8, options: {}}
 
 - a short string: ``vision=w4g64:gptq,text=w4g64:gptq,projector=w8``; items are
-  ``TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD]`` (``a`` = asymmetric, METHOD defaults to rtn, no g = per
-  output channel) or ``TOWER[/PATTERN]=skip``; ``w1.58`` is short for ``w2:ternary`` (ternary weights in
-  2-bit codes, method lowbit.quant.ternary).
+  ``TOWER[/PATTERN][@KIND+KIND]=wBITS[gGROUP][a][:METHOD]`` (``a`` = asymmetric, METHOD defaults to rtn, no g =
+  per output channel; ``@embedding`` restricts the item to those kinds) or ``TOWER[/PATTERN]=skip``;
+  ``w1.58`` is short for ``w2:ternary`` (ternary weights in 2-bit codes, method lowbit.quant.ternary);
+  ``floats=fp16`` sets ``float_dtype``.
 
 Methods themselves cite their papers (lowbit.quant.rtn / gptq / awq); the recipe layer is format only.
 """
@@ -39,11 +44,16 @@ from lowbit.quant.primitives import QuantSpec
 
 RECIPE_VERSION = 1
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
-SHORT_FORM = "TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] or TOWER[/PATTERN]=skip"
+SHORT_FORM = ("TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] (TOWER[/PATTERN]@KIND+KIND=... for those kinds only), "
+              "TOWER[/PATTERN]=skip, or floats=fp16|fp32")
 _RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options",
                 "optional")
 _BITS_TEXT = ",".join(map(str, SUPPORTED_BITS))
 TERNARY_ALIAS = "w1.58"  # short-string alias of w2:ternary (lowbit.quant.ternary)
+FLOAT_DTYPES = ("fp32", "fp16")  # storage of the tensors no rule quantizes
+OPT_IN_KINDS = ("embedding",)  # matched only by rules naming them
+HEAD_KIND = "lm_head"  # a model's output head: a linear layer that rules may single out
+RULE_KINDS_EXTRA = (HEAD_KIND,)  # rule kinds that are not storage kinds
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,11 @@ class Rule:
         """Does this rule apply to layer ``name`` of ``tower`` (of ``kind``, if known)?"""
         if not fnmatch.fnmatchcase(tower, self.tower) or not fnmatch.fnmatchcase(name, self.pattern):
             return False
-        return self.kinds is None or kind is None or kind in self.kinds
+        if kind in OPT_IN_KINDS:
+            return self.kinds is not None and kind in self.kinds
+        if self.kinds is None or kind is None or kind in self.kinds:
+            return True
+        return kind == HEAD_KIND and "linear" in self.kinds  # the head is a linear layer
 
     def describe(self) -> str:
         """Short human form, e.g. ``vision/*attn*=w4g64:gptq`` (kinds in brackets when restricted)."""
@@ -98,6 +112,7 @@ class Recipe:
 
     rules: tuple[Rule, ...]
     name: str = ""
+    float_dtype: str = "fp32"
 
     def match(self, tower: str, name: str, kind: str | None = None) -> tuple[int, Rule] | None:
         """(index, rule) of the first rule matching the layer, or None."""
@@ -107,16 +122,21 @@ class Recipe:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": RECIPE_VERSION, "name": self.name, "rules": [r.to_dict() for r in self.rules]}
+        return {"version": RECIPE_VERSION, "name": self.name, "float_dtype": self.float_dtype,
+                "rules": [r.to_dict() for r in self.rules]}
 
     @classmethod
     def from_dict(cls, data: Any, name: str = "") -> Recipe:
         """Parse the YAML/JSON form; errors name the rule index and field."""
         if not isinstance(data, dict):
             raise LowbitError(f"recipe {name!r}: expected a mapping with 'rules'; received {type(data).__name__}")
-        unknown = sorted(set(data) - {"version", "name", "rules"})
+        unknown = sorted(set(data) - {"version", "name", "rules", "float_dtype"})
         if unknown:
-            raise LowbitError(f"recipe {name!r}: unknown top-level key(s) {unknown}; accepted: version, name, rules")
+            raise LowbitError(f"recipe {name!r}: unknown top-level key(s) {unknown}; accepted: version, name, "
+                              "float_dtype, rules")
+        float_dtype = data.get("float_dtype", "fp32")
+        if float_dtype not in FLOAT_DTYPES:
+            raise LowbitError(f"recipe {name!r}: float_dtype {float_dtype!r}; accepted: {', '.join(FLOAT_DTYPES)}")
         version = data.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise LowbitError(f"recipe {name!r}: unsupported version {version!r}; accepted: {RECIPE_VERSION}")
@@ -124,7 +144,7 @@ class Recipe:
         if not isinstance(rules, list) or not rules:
             raise LowbitError(f"recipe {name!r}: 'rules' must be a non-empty list; received {rules!r}")
         parsed = tuple(_rule_from_dict(i, r) for i, r in enumerate(rules))
-        return cls(parsed, name=str(data.get("name") or name))
+        return cls(parsed, name=str(data.get("name") or name), float_dtype=float_dtype)
 
     def describe(self) -> str:
         return ", ".join(r.describe() for r in self.rules)
@@ -157,7 +177,7 @@ class Recipe:
             if r.kinds is None or set(r.kinds) - set(matmul_kinds):
                 rules.append(replace(r, optional=True))  # the same layers of other kinds, as before
         rules = tuple(rules)
-        return Recipe(rules, name=f"{self.name}+{method}")
+        return Recipe(rules, name=f"{self.name}+{method}", float_dtype=self.float_dtype)
 
 
 def _rule_error(index: int, fieldname: str, message: str) -> LowbitError:
@@ -177,7 +197,8 @@ def _rule_from_dict(index: int, raw: Any) -> Rule:
     if kinds is not None:
         if isinstance(kinds, str):
             kinds = [kinds]
-        bad = [k for k in kinds if k not in QUANT_KINDS] if isinstance(kinds, list) else [kinds]
+        bad = [k for k in kinds if k not in QUANT_KINDS and k not in RULE_KINDS_EXTRA] \
+            if isinstance(kinds, list) else [kinds]
         if bad or not kinds:
             raise _rule_error(index, "kinds", f"received {raw.get('kinds')!r}; accepted: a list of "
                               f"{', '.join(QUANT_KINDS.names())}")
@@ -277,6 +298,7 @@ def parse_short(text: str) -> Recipe:
     which part of it is wrong.
     """
     rules: list[Rule] = []
+    float_dtype = "fp32"
     start = 0
     for piece in text.split(","):
         lead = len(piece) - len(piece.lstrip())
@@ -288,19 +310,34 @@ def parse_short(text: str) -> Recipe:
             target, eq, value = item.partition("=")
             if not eq:
                 raise _ShortError("missing '='")
+            if target.strip() == "floats":
+                if value.strip() not in FLOAT_DTYPES:
+                    raise _ShortError(f"floats takes {' or '.join(FLOAT_DTYPES)}")
+                float_dtype = value.strip()
+                start += len(piece) + 1
+                continue
+            target, at, kind_text = target.partition("@")
+            kinds = tuple(k.strip() for k in kind_text.split("+")) if at else None
+            if kinds is not None:
+                bad = [k for k in kinds if k not in QUANT_KINDS and k not in RULE_KINDS_EXTRA]
+                if bad or not all(kinds):
+                    raise _ShortError(f"unknown kind {(bad or [''])[0]!r} after '@'; accepted: "
+                                      f"{', '.join([*QUANT_KINDS.names(), *RULE_KINDS_EXTRA])}")
             tower, slash, pattern = target.partition("/")
             if not tower.strip():
                 raise _ShortError("missing tower name (use * for all towers)")
             if slash and not pattern.strip():
                 raise _ShortError("empty pattern after '/'")
             spec, method = _parse_value(value.strip())
-            rules.append(Rule(tower.strip(), pattern.strip() or "*", method, spec))
+            rules.append(Rule(tower.strip(), pattern.strip() or "*", method, spec, kinds=kinds))
         except _ShortError as err:
             raise LowbitError(
                 f"recipe error at character {pos + 1} ({item!r}): {err}; form: {SHORT_FORM}"
             ) from None
         start += len(piece) + 1
-    return Recipe(tuple(rules), name=text)
+    if not rules:
+        raise LowbitError(f"recipe {text!r} has no quantization rule; form: {SHORT_FORM}")
+    return Recipe(tuple(rules), name=text, float_dtype=float_dtype)
 
 
 # --- entry point ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Any
 SKIPPED = "skipped"  # an explicit skip rule
 NO_RULE = "no_rule"  # a Linear/Conv2d no rule matches
 UNSUPPORTED = "unsupported"  # a weight layer lowbit cannot quantize (e.g. Conv1d, Linear with custom forward)
-NOT_A_LAYER = "not_a_layer"  # norms, embeddings, loose parameters: float by design
+NOT_A_LAYER = "not_a_layer"  # norms, loose parameters: float by design
+NO_OPT_IN = "not_opted_in"  # an embedding table no rule names (embedding is an opt-in kind): float unless asked
 OUTSIDE = "outside_towers"  # parameters not under any tower
 STRICT_CATEGORIES = (NO_RULE, UNSUPPORTED)
 
