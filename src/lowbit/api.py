@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_task_and_data", "demo",
     "evaluate", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize", "save",
-    "shard_dataset", "sweep", "train_clip",
+    "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
 
 
@@ -182,6 +182,22 @@ def chat(model: Any, image: Any, question: str, **options: Any) -> str:
     return run(model, image, question, **options)
 
 
+def serve(model: Any, compare: Any = None, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Serve ``model`` (name, directory or loaded model) over HTTP until Ctrl-C / SIGTERM: OpenAI-style chat
+    completions (generative models) or embeddings + zero-shot classify (dual encoders), metrics and a web page.
+
+    ``compare``: a second model answering beside the first on the page (e.g. the float original);
+    ``options``: ``lowbit.workflows.serve.limits.Limits`` fields (``max_tokens``, ``max_queue``, ...) and
+    ``log_level``, ``graceful_timeout``. Needs ``pip install lowbit[serve]``.
+
+    Example:
+        >>> lowbit.serve("out/w4", compare="lit-fashion", port=8000)  # doctest: +SKIP
+    """
+    from lowbit.workflows.serve.server import serve as run
+
+    run(model, compare=compare, host=host, port=port, **options)
+
+
 def open_image(image: str | os.PathLike[str] | bytes) -> Image.Image:
     """An image file (or its bytes) as RGB; one clear error for anything unreadable."""
     from lowbit.models.preprocess import open_rgb
@@ -197,7 +213,7 @@ def list_models() -> list[dict[str, str]]:
 
 
 def demo(limit: int | None = None, out_dir: str | None = None) -> list[dict[str, Any]]:
-    """The main job: the default model on Fashion-MNIST (zero-shot) and shapes (retrieval)."""
+    """The main job: ``lit-fashion`` at fp32, fp16, w8 and w4, saved, reloaded and evaluated side by side."""
     from lowbit.workflows.demo import demo as run
 
     return run(limit=limit, out_dir=out_dir)
@@ -208,6 +224,13 @@ def format_table(result: dict[str, Any] | list[dict[str, Any]]) -> str:
     from lowbit.eval.report import format_table as run
 
     return run(result)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of ``sweep`` / ``demo`` rows: accuracy, fidelity, whole-file bytes, latency."""
+    from lowbit.workflows.sweep import sweep_markdown
+
+    return sweep_markdown(rows)
 
 
 def markdown_table(results: dict[str, Any] | list[dict[str, Any]]) -> str:

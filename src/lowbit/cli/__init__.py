@@ -15,6 +15,7 @@ from lowbit import api
 from lowbit.api import DEFAULT_CALIB_SAMPLES
 from lowbit.cli.base import Parser, add_act_block, print_json_or_table, run
 from lowbit.cli.qat import register_qat_cli
+from lowbit.cli.serve import register_serve_cli
 from lowbit.cli.train import register_cli as register_train_and_data
 from lowbit.errors import LowbitError
 
@@ -39,12 +40,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job: load (or build) the default model, evaluate it on Fashion-MNIST and shapes, print a table."""
-
-    results = api.demo(limit=args.limit, out_dir=args.out)
-    print(api.markdown_table(results))
+    """The main job: the default model at fp32, fp16, w8 and w4 side by side: accuracy, whole-file bytes, latency."""
+    rows = api.demo(limit=args.limit, out_dir=args.out)
+    print(api.sweep_table(rows))
     if args.out:
-        print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
+        print(f"wrote {args.out}/sweep.json, sweep.md and sweep.png")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("demo", cmd_demo)
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--out", help="also write demo.json / demo.md here")
+    p.add_argument("--out", help="also write sweep.json, sweep.md and the accuracy-vs-bytes plot sweep.png here")
 
     p = verb("build", cmd_build)
     p.add_argument("model", help="built-in model to build (lit-fashion, llava-fashion-hd, llava-fashion)")
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_train_and_data(sub)  # `lowbit train clip`, `lowbit data shard`
     register_qat_cli(sub)  # `lowbit qat`
+    register_serve_cli(sub)  # `lowbit serve`
     return parser
 
 

@@ -78,10 +78,13 @@ def sweep(
     keep_checkpoints: bool = False,
     progress: bool = True,
     pairs: list[tuple[str, str]] | None = None,
+    resume: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate the float model and every recipe x method; write JSON, Markdown and PNG into ``out_dir``.
+    """Evaluate the float model (fp32 and fp16) and every recipe x method; write JSON, Markdown and PNG into
+    ``out_dir``.
 
-    ``pairs`` (recipe, method) replaces the full recipes x methods grid with just those combinations.
+    ``pairs`` (recipe, method) replaces the full recipes x methods grid with just those combinations;
+    ``resume=False`` recomputes rows a previous run left in ``out_dir/rows``.
     """
     import time
 
@@ -99,7 +102,7 @@ def sweep(
     for (recipe, method), parsed_recipe in parsed.items():
         label = f"{recipe}+{method}"
         done = out / "rows" / f"{label}.json"
-        if done.exists():
+        if done.exists() and resume:
             rows.append(json.loads(done.read_text()))
             continue
         model = copy.deepcopy(float_model)

@@ -1,0 +1,200 @@
+"""Whole-model bytes (issue 16): every file of each packed checkpoint against fp32 and fp16, with accuracy
+measured after save + load.
+
+    .venv/bin/python benchmarks/bench_bytes.py                    # -> benchmarks/results/bytes.json / bytes.md
+    .venv/bin/python benchmarks/bench_bytes.py --only lit,vit --limit 2000   # a subset
+
+Rows (each quantized checkpoint is written, loaded back from disk and evaluated; ``file_bytes`` is every file of
+its directory: weights, manifest, configs, tokenizer):
+
+- ``lit-fashion`` (zero-shot Fashion-MNIST, the full test set unless ``--limit``): fp32, fp16 (weights rounded to
+  fp16), and the presets ``w8`` (RTN), ``w4`` / ``w3`` / ``w2`` (GPTQ): quantized embeddings, fp16 floats.
+- ``lit-fashion`` ``ternary`` / ``binary``: the QAT benchmark's recipes (benchmarks/bench_qat.py) plus the presets'
+  embeddings and fp16 floats, quantized post-training. The bytes of a checkpoint do not depend on the values,
+  so they are the QAT checkpoints' bytes; the accuracy shown is the post-training start's, not QAT's (QAT is
+  not re-run here: ``bench_qat.py``).
+- ``clip-vit-tiny-fashion``: fp32, fp16, w4 (GPTQ preset).
+- ``llava-fashion-hd`` (fashion-vqa, ``--vqa`` held-out questions): full precision (SmolLM2's dequantized Q4_1
+  weights: its "fp32"), fp16, and language w4 + vision/projector w8 + 4-bit embeddings, on the ``minmax`` grid
+  (Q4_1's: lossless for this LM) and on lowbit's generic integer grid (GPTQ); accuracy and mean KL of the first
+  answer token against full precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lowbit
+from lowbit.eval.env import environment
+from lowbit.eval.footprint import state_bytes
+from lowbit.eval.report import whole_bytes
+from lowbit.io import atomic_path, write_json
+from lowbit.quant.recipe import Recipe
+from lowbit.workflows.sweep import sweep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EMBEDDINGS = {"tower": "*", "pattern": "*", "kinds": ["embedding"], "method": "rtn", "bits": 4, "group_size": 32,
+              "symmetric": False}
+# bench_qat.py's recipes (its results: qat.json), plus the presets' embeddings and fp16 floats
+QAT_RULES = {
+    "ternary": [{"tower": "projector", "pattern": "*", "method": "rtn", "bits": 8},
+                {"tower": "*", "kinds": ["conv"], "method": "rtn", "bits": 8},
+                {"tower": "vision", "kinds": ["conv1x1"], "method": "ternary", "bits": 2,
+                 "options": {"storage": "base3"}},
+                {"tower": "text", "kinds": ["linear"], "method": "ternary", "bits": 2, "options": {"storage": "base3"}}],
+    "binary": [{"tower": "projector", "pattern": "*", "method": "rtn", "bits": 8},
+               {"tower": "*", "kinds": ["conv"], "method": "rtn", "bits": 8},
+               {"tower": "vision", "kinds": ["conv1x1"], "method": "binary", "bits": 1},
+               {"tower": "text", "kinds": ["linear"], "method": "binary", "bits": 1}],
+}
+VLM_RECIPES = {
+    "w4-minmax": "language@embedding=w4g32a:minmax,language=w4g32:minmax,vision=w8,projector=w8,floats=fp16",
+    "w4-gptq": "language@embedding=w4g32a,language=w4g32:gptq,vision=w8,projector=w8,floats=fp16",
+}
+VLM_CALIB = 64  # image+question sequences (as bench_vlm.py)
+TARGETS = {"lit-fashion": {"w4": (0.20, 1.0), "w8": (0.30, 0.3), "ternary": (0.10, None), "binary": (0.10, None)},
+           "clip-vit-tiny-fashion": {"w4": (0.20, None)}}
+VLM_TARGET_BYTES = 85e6
+
+
+def _compact(row: dict[str, Any], fp32_bytes: float) -> dict[str, Any]:
+    """The table's columns of a sweep / evaluate row."""
+    metrics = row.get("metrics") or {}
+    fid = row.get("fidelity") or {}
+    fp = row.get("footprint") or {}
+    size = whole_bytes(fp)
+    return {"label": row.get("label"), "accuracy": metrics.get("top1", metrics.get("i2t_r1", metrics.get("accuracy"))),
+            "agreement": fid.get("agreement"), "kl": fid.get("kl"), "file_bytes": size,
+            "ratio_fp32": size / fp32_bytes if size else None, "bits_per_weight": (row.get("quantized") or {}).get(
+                "bits_per_weight"), "image_ms_b1": fp.get("image_ms_b1"), "image_ms_b32": fp.get("image_ms_b32"),
+            "load": fp.get("load")}
+
+
+def dual_encoder_rows(name: str, pairs: list[tuple[str, str]], limit: int | None, work: Path) -> list[dict[str, Any]]:
+    rows = sweep(name, [], [], "fashion-mnist", work / name, limit=limit, pairs=pairs, resume=False, progress=False)
+    fp32 = whole_bytes(rows[0]["footprint"])
+    out = [_compact(r, fp32) for r in rows]
+    base = out[0]["accuracy"]
+    for r in out:
+        r["drop_pt"] = None if r["accuracy"] is None else round(100 * (base - r["accuracy"]), 2)
+    return out
+
+
+def qat_recipe_rows(limit: int | None, work: Path, fp32_bytes: float, fp32_accuracy: float) -> list[dict[str, Any]]:
+    float_model = lowbit.load("lit-fashion")
+    reference = lowbit.evaluate(float_model, "fashion-mnist", limit=limit, progress=False, footprint=False)
+    rows = []
+    for label, rules in QAT_RULES.items():
+        recipe = Recipe.from_dict({"version": 1, "float_dtype": "fp16", "rules": [EMBEDDINGS, *rules]}, name=label)
+        model = copy.deepcopy(float_model)
+        report = lowbit.quantize(model, recipe, progress=False)
+        lowbit.save(model, work / label, report=report)
+        packed = lowbit.load(str(work / label))
+        result = lowbit.evaluate(packed, "fashion-mnist", limit=limit, reference=reference, progress=False,
+                                 checkpoint_dir=work / label)
+        row = _compact({**result, "label": f"{label} (PTQ start; bytes = the QAT checkpoint's)",
+                        "quantized": report.totals()["total"]}, fp32_bytes)
+        row["drop_pt"] = round(100 * (fp32_accuracy - row["accuracy"]), 2)
+        rows.append(row)
+    return rows
+
+
+def vlm_rows(n_vqa: int, work: Path) -> list[dict[str, Any]]:
+    model = lowbit.load("llava-fashion-hd")
+    fp = lowbit.evaluate(model, "fashion-vqa", limit=n_vqa, progress=False)
+    fp32_bytes = float(state_bytes(model))
+    rows = [{"label": "full precision (dequantized Q4_1)", "accuracy": fp["metrics"]["accuracy"],
+             "file_bytes": fp32_bytes, "ratio_fp32": 1.0, "kl": 0.0},
+            {"label": "fp16 state dict", "file_bytes": float(state_bytes(model, torch.float16)), "ratio_fp32": 0.5}]
+    for label, spec in VLM_RECIPES.items():
+        quant = copy.deepcopy(model)
+        report = lowbit.quantize(quant, spec, calib_data="fashion-mnist", calib_samples=VLM_CALIB, progress=False)
+        lowbit.save(quant, work / label, report=report)
+        del quant
+        packed = lowbit.load(str(work / label))
+        result = lowbit.evaluate(packed, "fashion-vqa", limit=n_vqa, reference=fp, progress=False,
+                                 checkpoint_dir=work / label)
+        row = _compact({**result, "label": label, "quantized": report.totals()["total"]}, fp32_bytes)
+        row["recipe"] = spec
+        row["drop_pt"] = round(100 * (rows[0]["accuracy"] - row["accuracy"]), 2)
+        row["meets"] = bool(row["file_bytes"] <= VLM_TARGET_BYTES and row["drop_pt"] <= 1.0 and row["kl"] <= 0.05)
+        rows.append(row)
+        del packed
+    return rows
+
+
+def verdicts(models: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, targets in TARGETS.items():
+        for row in models.get(name, []):
+            key = str(row["label"]).split("+")[0].split(" ")[0]
+            if key in targets:
+                max_ratio, max_drop = targets[key]
+                ok = row["ratio_fp32"] <= max_ratio and (max_drop is None or row["drop_pt"] <= max_drop)
+                out[f"{name} {key}"] = {"ratio_fp32": round(row["ratio_fp32"], 4), "max_ratio": max_ratio,
+                                        "drop_pt": row["drop_pt"], "max_drop_pt": max_drop, "met": ok}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Whole-model bytes ({result['env'].get('cpu')}, load avg {result['load_avg_1min']:.2f})", ""]
+    for name, rows in result["models"].items():
+        lines += [f"## {name}", "", "| row | accuracy | drop pt | agreement | KL | file MiB | x fp32 | bits/weight |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            def cell(v: Any, fmt: str) -> str:
+                return "—" if v is None else format(v, fmt)
+            lines.append(f"| {r['label']} | {cell(r.get('accuracy'), '.4f')} | {cell(r.get('drop_pt'), '.2f')} | "
+                         f"{cell(r.get('agreement'), '.4f')} | {cell(r.get('kl'), '.4f')} | "
+                         f"{cell(r['file_bytes'] / 2**20, '.2f')} | {cell(r.get('ratio_fp32'), '.3f')} | "
+                         f"{cell(r.get('bits_per_weight'), '.2f')} |")
+        lines.append("")
+    lines += ["## Targets", "", *[f"- {k}: {v}" for k, v in result["targets"].items()], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="lit,qat,vit,llava", help="row groups: lit, qat, vit, llava")
+    parser.add_argument("--limit", type=int, help="Fashion-MNIST test images (default: all 10000)")
+    parser.add_argument("--vqa", type=int, default=200, help="held-out fashion-vqa questions")
+    parser.add_argument("--json", default=str(RESULTS / "bytes.json"))
+    args = parser.parse_args()
+    groups = set(args.only.split(","))
+    t0, load_avg = time.perf_counter(), os.getloadavg()[0]
+    models: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="lowbit-bytes-") as tmp:
+        work = Path(tmp)
+        if groups & {"lit", "qat"}:
+            pairs = [("w8", "rtn"), ("w4", "gptq"), ("w3", "gptq"), ("w2", "gptq")] if "lit" in groups else []
+            models["lit-fashion"] = dual_encoder_rows("lit-fashion", pairs, args.limit, work)
+            if "qat" in groups:
+                fp32 = models["lit-fashion"][0]
+                models["lit-fashion"] += qat_recipe_rows(args.limit, work, fp32["file_bytes"], fp32["accuracy"])
+        if "vit" in groups:
+            models["clip-vit-tiny-fashion"] = dual_encoder_rows("clip-vit-tiny-fashion", [("w4", "gptq")], args.limit,
+                                                                work)
+        if "llava" in groups:
+            models["llava-fashion-hd"] = vlm_rows(args.vqa, work)
+    result = {"benchmark": "bytes", "models": models, "targets": verdicts(models),
+              "llava_target": {"max_file_bytes": VLM_TARGET_BYTES, "max_drop_pt": 1.0, "max_kl": 0.05},
+              "limit": args.limit, "vqa": args.vqa, "seconds": round(time.perf_counter() - t0, 1),
+              "load_avg_1min": load_avg, "load_avg_1min_end": os.getloadavg()[0], "env": environment(),
+              "threads": torch.get_num_threads(), "command": "benchmarks/bench_bytes.py " + " ".join(
+                  f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json")}
+    write_json(args.json, result)
+    with atomic_path(Path(args.json).with_suffix(".md")) as out:
+        out.write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
