@@ -57,7 +57,7 @@ QAT_RULES = {
                {"tower": "text", "kinds": ["linear"], "method": "binary", "bits": 1}],
 }
 VLM_RECIPES = {
-    "w4-minmax": "language@embedding=w4g32a:minmax,language=w4g32:minmax,vision=w8,projector=w8,floats=fp16",
+    "w4-minmax": "language@embedding=w4g32a,language=w4g32:minmax,vision=w8,projector=w8,floats=fp16",
     "w4-gptq": "language@embedding=w4g32a,language=w4g32:gptq,vision=w8,projector=w8,floats=fp16",
 }
 VLM_CALIB = 64  # image+question sequences (as bench_vlm.py)

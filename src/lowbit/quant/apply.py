@@ -295,6 +295,10 @@ def _quantize_one(
     if not full_paths:
         raise LowbitError(f"{p.tower}/{p.name} is not a submodule of the model, so it cannot be replaced")
     kind = result.kind or p.kind  # a storage variant (PB-LLM side, base-3) may replace the standard kind
+    if p.kind == "embedding" and kind != "embedding":
+        raise LowbitError(f"{p.tower}/{p.name}: method {p.rule.method!r} stores its weights as {kind!r}, which has "
+                          "no embedding lookup; accepted for embedding tables: rtn (integer codes with or without a "
+                          "zero point, e.g. w4g32a)")
     new = QUANT_KINDS.get(kind).build(p.module, packed, result.input_scale)
     built[id(p.module)] = new
     if new is not p.module:
