@@ -25,8 +25,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Top-5 %", "top5", "pct"),
     ("I→T R@1 %", "i2t_r1", "pct"),
     ("T→I R@1 %", "t2i_r1", "pct"),
-    ("Weights", "weight_bytes", "bytes"),
-    ("Disk", "disk_bytes", "bytes"),
+    ("Weights in memory", "weight_bytes", "bytes"),
+    ("File", "file_bytes", "bytes"),
+    ("As fp16", "fp16_bytes", "bytes"),
     ("Image ms b1", "image_ms_b1", "ms"),
     ("Image ms b32", "image_ms_b32", "ms"),
     ("Text ms b1", "text_ms_b1", "ms"),
@@ -75,7 +76,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     row["n"] = metrics.get("n", (result.get("data") or {}).get("n"))
     for key in ("top1", "top5", "i2t_r1", "t2i_r1"):
         row[key] = metrics.get(key)
-    for key in ("weight_bytes", "disk_bytes", "image_ms_b1", "image_ms_b32", "text_ms_b1"):
+    for key in ("weight_bytes", "file_bytes", "fp16_bytes", "image_ms_b1", "image_ms_b32", "text_ms_b1"):
         row[key] = footprint.get(key)
     row["agreement"] = fid.get("agreement")
     row["accuracy_kept"] = fid.get("accuracy_kept")
