@@ -43,3 +43,22 @@ def write_tiny_llava(path: Path, text_hidden: int = 32, projector_out: int | Non
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def write_tiny_lm(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama causal LM with tied input/output embeddings and a chat template (a SmolLM2 stand-in)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(64)
+    tok.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -133,6 +133,32 @@ def load_clip(name_or_path: str, max_text_tokens: int | None = None) -> HFDualEn
     return wrapper
 
 
+# --- a self-contained packed checkpoint (lowbit.workflows.checkpoint) -----------------------------------------
+MODEL_DIR = "model"  # config, tokenizer and image processor files, inside the checkpoint's architecture directory
+
+
+def save_clip_architecture(model: HFDualEncoder, out: Path) -> dict[str, Any]:
+    """Write the transformers config, tokenizer and image processor under ``out``."""
+    model.model.config.save_pretrained(out / MODEL_DIR)
+    model.tokenizer.save_pretrained(out / MODEL_DIR)
+    model.image_processor.save_pretrained(out / MODEL_DIR)
+    return {"model": MODEL_DIR, "max_text_tokens": model.max_text_tokens}
+
+
+def clip_skeleton(path: Path, record: dict[str, Any]) -> HFDualEncoder:
+    """The CLIP/SigLIP model of a checkpoint's architecture record, without weights."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    root = path / record["model"]
+    model = AutoModel.from_config(AutoConfig.from_pretrained(root), dtype=torch.float32)
+    with warnings.catch_warnings():  # "requires torchvision, falling back to the PIL processor": fine here
+        warnings.simplefilter("ignore")
+        processor = AutoImageProcessor.from_pretrained(root)
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    wrapper = HFDualEncoder(model.eval(), tokenizer, processor, int(record["max_text_tokens"]))
+    return wrapper.requires_grad_(False)
+
+
 SPEC = register_family(FamilySpec(
     name="clip",
     description="transformers CLIPModel / SiglipModel behind the DualEncoder interface",
@@ -144,4 +170,6 @@ SPEC = register_family(FamilySpec(
     ),),
     dual_encoder=HFDualEncoder,
     towers=("vision", "text", "projector"),
+    save_architecture=save_clip_architecture,
+    skeleton=clip_skeleton,
 ))

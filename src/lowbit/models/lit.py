@@ -76,13 +76,15 @@ class LitDualEncoder(DualEncoder):
 
     family = "lit"
 
-    def __init__(self, config: LitConfig = LitConfig(), pretrained_towers: bool = True) -> None:
+    def __init__(self, config: LitConfig = LitConfig(), pretrained_towers: bool = True,
+                 text_dir: Path | None = None) -> None:
         super().__init__()
         from transformers import AutoTokenizer
 
+        text_dir = text_dir or minilm_dir()  # the text tower's config and tokenizer files
         self.config = config
         self.vision = EfficientNetLite0Features(pretrained=pretrained_towers)
-        self.text = MeanPooledEncoder(minilm_dir())
+        self.text = MeanPooledEncoder(text_dir, pretrained=pretrained_towers)
         self.projector = nn.ModuleDict(
             {
                 "image": StandardizedHead(self.vision.out_dim, config.embed_dim),
@@ -90,7 +92,7 @@ class LitDualEncoder(DualEncoder):
             }
         )
         self.log_scale = nn.Parameter(torch.tensor(2.6592))  # log(1/0.07), CLIP's initial temperature
-        self.tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
 
     # --- DualEncoder interface ---
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -154,6 +156,26 @@ def load_lit(name: str = DEFAULT_NAME, heads: str | Path | None = None) -> LitDu
     return model
 
 
+# --- a self-contained packed checkpoint (lowbit.workflows.checkpoint) -----------------------------------------
+TEXT_DIR = "text"  # the text tower's config.json and tokenizer files, inside the checkpoint's architecture dir
+
+
+def save_lit_architecture(model: LitDualEncoder, out: Path) -> dict[str, Any]:
+    """Write the text tower's config and tokenizer under ``out``; the record holds the ``LitConfig``.
+
+    The vision tower needs no file: EfficientNet-Lite0's architecture is ``efficientnet_lite_pytorch`` code.
+    """
+    model.text.encoder.config.save_pretrained(out / TEXT_DIR)
+    model.tokenizer.save_pretrained(out / TEXT_DIR)
+    return {"config": asdict(model.config), "vision": "efficientnet-lite0", "text": TEXT_DIR}
+
+
+def lit_skeleton(path: Path, record: dict[str, Any]) -> LitDualEncoder:
+    """The LiT model of a checkpoint's architecture record, without pretrained weights."""
+    model = LitDualEncoder(LitConfig(**record["config"]), pretrained_towers=False, text_dir=path / record["text"])
+    return model.eval().requires_grad_(False)
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
@@ -206,6 +228,8 @@ SPEC = register_family(FamilySpec(
     ),),
     dual_encoder=LitDualEncoder,
     towers=("vision", "text", "projector"),
+    save_architecture=save_lit_architecture,
+    skeleton=lit_skeleton,
     block_chains={
         qualname(EfficientNetLite0Features): _efficientnet_blocks,  # MBConv blocks, then the head
         qualname(MeanPooledEncoder): lambda tower: list(tower.encoder.encoder.layer),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,73 @@ def load_llava(name_or_path: str = DEFAULT_NAME, projector: str | os.PathLike[st
     return model
 
 
+# --- a self-contained packed checkpoint (lowbit.workflows.checkpoint) -----------------------------------------
+LANGUAGE_DIR, HF_DIR = "language", "llava"  # inside the checkpoint's architecture directory
+
+
+def _save_language(model: LlavaModel, out: Path) -> None:
+    """The LM's generation config and the tokenizer (with its chat template) under ``out``."""
+    model.language.generation_config.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+
+
+def save_llava_architecture(model: LlavaModel, out: Path) -> dict[str, Any] | None:
+    """Write what rebuilds ``model`` without weights under ``out``; the record holds the ``LlavaConfig``.
+
+    A HF Llava model: its whole Llava config (+ image processor) in ``llava/``. A built-in style model
+    (EfficientNet-Lite0 grid + ``Projector``): the LM's config in ``language/``, the grid and projector shapes
+    in the record. Any other assembly (``from_parts`` with another tower) returns None: not self-contained.
+    """
+    from lowbit.models.llava_vision import EfficientNetGrid
+
+    record: dict[str, Any] = {"config": asdict(model.config)}
+    hf_config = getattr(model, "hf_config", None)
+    if hf_config is not None:
+        hf_config.save_pretrained(out / HF_DIR)
+        _save_language(model, out / HF_DIR)
+        processor = getattr(model._preprocess, "processor", None)
+        if processor is not None:
+            processor.save_pretrained(out / HF_DIR)
+        return {**record, "kind": "hf-llava", "dir": HF_DIR}
+    if not (isinstance(model.vision, EfficientNetGrid) and isinstance(model.projector, Projector)):
+        return None
+    model.language.config.save_pretrained(out / LANGUAGE_DIR)
+    _save_language(model, out / LANGUAGE_DIR)
+    return {**record, "kind": "efficientnet-grid", "language": LANGUAGE_DIR,
+            "vision": {"out_dim": model.vision.out_dim, "output_stride": model.vision.output_stride},
+            "projector": {"kind": model.projector.kind, "in_dim": int(model.projector.mean.numel())}}
+
+
+def llava_skeleton(path: Path, record: dict[str, Any]) -> LlavaModel:
+    """The LLaVA model of a checkpoint's architecture record, without weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = LlavaConfig(**record["config"]).validated()
+    if record["kind"] == "hf-llava":
+        from transformers import LlavaForConditionalGeneration
+
+        from lowbit.models.llava_hf import assemble
+
+        root = path / record["dir"]
+        llava = LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(root), dtype=torch.float32)
+        llava.generation_config = GenerationConfig.from_pretrained(root)
+        return assemble(llava, root, AutoTokenizer.from_pretrained(root), config, empty=True)
+    if record["kind"] != "efficientnet-grid":
+        raise LowbitError(f"unknown llava architecture kind {record['kind']!r}; accepted: hf-llava, efficientnet-grid")
+    from lowbit.models.llava_vision import EfficientNetGrid, efficientnet_preprocess
+    from lowbit.models.towers import EfficientNetLite0Features
+
+    vision = EfficientNetGrid(EfficientNetLite0Features(pretrained=False).net, int(record["vision"]["out_dim"]),
+                              int(record["vision"]["output_stride"]))
+    lm_dir = path / record["language"]
+    lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm_dir), dtype=torch.float32)
+    lm.generation_config = GenerationConfig.from_pretrained(lm_dir)
+    projector = Projector(int(record["projector"]["in_dim"]), int(lm.config.hidden_size), record["projector"]["kind"])
+    model = LlavaModel(vision, projector, lm.eval(), AutoTokenizer.from_pretrained(lm_dir),
+                       efficientnet_preprocess(config.image_size), config)
+    return model.eval().requires_grad_(False)
+
+
 def is_hf_llava_dir(path: str) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
@@ -183,4 +250,6 @@ SPEC = register_family(FamilySpec(
     ),),
     dual_encoder=LlavaModel,
     towers=("vision", "projector", "language"),
+    save_architecture=save_llava_architecture,
+    skeleton=llava_skeleton,
 ))

@@ -64,8 +64,9 @@ def _check_projector_on_disk(path: Path, vision_dim: int, text_dim: int) -> None
                           f"the vision tower gives {vision_dim}-d features; accepted: matching widths")
 
 
-def _standalone_lm(llava: nn.Module) -> nn.Module:
-    """The checkpoint's decoder + lm_head as an ``AutoModelForCausalLM`` (no copy of the weights)."""
+def _standalone_lm(llava: nn.Module, empty: bool = False) -> nn.Module:
+    """The checkpoint's decoder + lm_head as an ``AutoModelForCausalLM`` (no copy of the weights); ``empty``:
+    ``llava`` itself has no weights yet (a packed checkpoint's skeleton)."""
     from transformers import AutoModelForCausalLM
 
     text_config = llava.config.text_config
@@ -73,11 +74,21 @@ def _standalone_lm(llava: nn.Module) -> nn.Module:
         lm = AutoModelForCausalLM.from_config(text_config)
     setattr(lm, lm.base_model_prefix, llava.model.language_model)
     lm.lm_head = llava.lm_head
-    if any(t.is_meta for t in [*lm.parameters(), *lm.buffers()]):
+    if not empty and any(t.is_meta for t in [*lm.parameters(), *lm.buffers()]):
         raise LowbitError(f"cannot re-assemble the language model ({type(lm).__name__}) of this Llava checkpoint; "
                           "accepted: decoder-only text models with a `model` and `lm_head`")
     lm.generation_config = llava.generation_config
     return lm.eval()
+
+
+class ProcessorPreprocess:
+    """PIL images -> pixels through a transformers image processor (kept, so a checkpoint can save it)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, images: list[Any]) -> torch.Tensor:
+        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
 
 def _preprocess(path: Path, image_size: int) -> Any:
@@ -86,9 +97,7 @@ def _preprocess(path: Path, image_size: int) -> Any:
     if (path / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(str(path))
-        return lambda images: processor(images=[im.convert("RGB") for im in images],
-                                        return_tensors="pt")["pixel_values"]
+        return ProcessorPreprocess(AutoImageProcessor.from_pretrained(str(path)))
     clip_mean, clip_std = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)  # CLIP's normalisation
     return lambda images: images_to_tensor(images, image_size, clip_mean, clip_std)
 
@@ -115,6 +124,16 @@ def load_hf_llava(path: str, **options: Any) -> LlavaModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LowbitError(f"cannot load the Llava checkpoint {root}: {first[:300]}") from None
     cfg = llava.config
+    config = LlavaConfig(image_size=int(cfg.vision_config.image_size), system=options.pop("system", None),
+                         **{k: v for k, v in options.items() if k in ("prune_ratio", "prune_layer", "max_new_tokens",
+                                                                    "kv_bits")})
+    return assemble(llava, root, AutoTokenizer.from_pretrained(str(root)), config)
+
+
+def assemble(llava: nn.Module, root: Path, tokenizer: Any, config: LlavaConfig, empty: bool = False) -> LlavaModel:
+    """A ``LlavaForConditionalGeneration`` taken apart into a ``LlavaModel`` (``root``: where its image processor
+    file may be); ``empty``: ``llava`` has no weights yet (a packed checkpoint's skeleton)."""
+    cfg = llava.config
     layer = cfg.vision_feature_layer
     if not isinstance(layer, int):
         raise LowbitError(f"vision_feature_layer {layer!r} (several layers) is not supported; accepted: one int")
@@ -123,10 +142,7 @@ def load_hf_llava(path: str, **options: Any) -> LlavaModel:
     problem = _projector_mismatch(projector, vision.out_dim, int(cfg.text_config.hidden_size))
     if problem:
         raise LowbitError(f"checkpoint {root} does not fit together: {problem}")
-    tokenizer = AutoTokenizer.from_pretrained(str(root))
-    config = LlavaConfig(image_size=int(cfg.vision_config.image_size), system=options.pop("system", None),
-                         **{k: v for k, v in options.items() if k in ("prune_ratio", "prune_layer", "max_new_tokens",
-                                                                    "kv_bits")})
-    model = LlavaModel(vision, projector, _standalone_lm(llava), tokenizer, _preprocess(root, config.image_size),
-                       config)
+    model = LlavaModel(vision, projector, _standalone_lm(llava, empty), tokenizer,
+                       _preprocess(root, config.image_size), config)
+    model.hf_config = cfg  # the whole Llava config: what a packed checkpoint writes to rebuild this model
     return model.eval().requires_grad_(False)

@@ -73,6 +73,7 @@ class Projector(nn.Module):
         super().__init__()
         if kind not in PROJECTOR_KINDS:
             raise unknown_choice("projector kind", kind, PROJECTOR_KINDS)
+        self.kind = kind
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ Tail = Callable[[DualEncoder], nn.Module]  # the model -> module mapping the las
 InputPadding = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]  # a conv and its input -> the input it convolves
 Clamp = Callable[[nn.Module], tuple[float, float]]  # an activation -> the (lo, hi) its forward clamps to
 Window = Callable[[Any], "int | None"]  # a causal LM's config -> its attention window (None: full causal)
+# A packed checkpoint's architecture: the model and a directory -> a JSON record (files written in the directory;
+# None: this model cannot be rebuilt from files), and (that directory, the record) -> the model built without
+# weights (lowbit.workflows.checkpoint).
+SaveArchitecture = Callable[[DualEncoder, Path], "dict[str, Any] | None"]
+Skeleton = Callable[[Path, dict[str, Any]], DualEncoder]
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class FamilySpec:
     - ``clamp_activations``: activation class -> its (lo, hi).
     - ``shared_input_children``: parent class -> groups of child names its forward calls on one input.
     - ``lean_decode``: causal-LM ``config.model_type`` -> its attention window (the lean decode engine runs it).
+    - ``save_architecture`` / ``skeleton``: what a self-contained packed checkpoint of a ``dual_encoder`` holds
+      besides its tensors (configs, tokenizer, processor files written in a directory, plus a JSON record),
+      and how to build the model from them without any weights (on the meta device; buffers real).
     """
 
     name: str
@@ -74,6 +83,8 @@ class FamilySpec:
     clamp_activations: Mapping[str, Clamp] = field(default_factory=dict)
     shared_input_children: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     lean_decode: Mapping[str, Window] = field(default_factory=dict)
+    save_architecture: SaveArchitecture | None = None
+    skeleton: Skeleton | None = None
 
     def validate(self) -> None:
         if self.embedding_tails and self.dual_encoder is None:
@@ -82,6 +93,10 @@ class FamilySpec:
         if unknown:
             raise LowbitError(f"family spec {self.name!r}: embedding tails of unknown towers {unknown}; "
                               f"its towers: {list(self.towers)}")
+        if (self.save_architecture is None) != (self.skeleton is None) or (
+                self.skeleton is not None and self.dual_encoder is None):
+            raise LowbitError(f"family spec {self.name!r}: save_architecture and skeleton come together, with a "
+                              "dual_encoder class")
 
 
 FAMILY_SPECS: Registry[FamilySpec] = Registry("family spec")
@@ -95,6 +110,16 @@ POINTWISE_CONV_CLASSES: Registry[str] = Registry("pointwise-compatible conv clas
 # model_type -> attention window of a config (None: full causal attention). Registered types have Llama's
 # module layout and forward (see lowbit.models.lean_decode).
 LEAN_ARCHITECTURES: Registry[Window] = Registry("lean-decoding architecture")
+
+
+def architecture_spec(model: nn.Module) -> FamilySpec | None:
+    """The spec whose ``dual_encoder`` is ``model``'s nearest class with checkpoint hooks, or None."""
+    for klass in type(model).__mro__:
+        for name in FAMILY_SPECS:
+            spec = FAMILY_SPECS.get(name)
+            if spec.dual_encoder is klass and spec.skeleton is not None:
+                return spec
+    return None
 
 
 def register_tail(cls: type, tower: str) -> Callable[[Tail], Tail]:

@@ -68,13 +68,16 @@ def minilm_dir() -> Path:
 class MeanPooledEncoder(nn.Module):
     """A transformers encoder + attention-masked mean pooling (the sentence-transformers recipe) -> [B, H]."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per load of a 90 MB model is noise on the CLI
-        self.encoder = AutoModel.from_pretrained(str(path))
+        if pretrained:
+            self.encoder = AutoModel.from_pretrained(str(path))
+        else:  # the architecture only, from the directory's config.json (a packed checkpoint fills the weights)
+            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
         self.out_dim = self.encoder.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:

@@ -197,8 +197,9 @@ def _round_floats_(model: nn.Module, float_dtype: str) -> None:
         return
     with torch.no_grad():
         for module in model.modules():
+            unsaved = module._non_persistent_buffers_set  # recomputed on load (RoPE inv_freq): never stored
             for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if t is not None and t.dtype == torch.float32 and name not in PACKED_BUFFERS:
+                if t is not None and t.dtype == torch.float32 and name not in PACKED_BUFFERS and name not in unsaved:
                     t.copy_(t.half().float())
 
 

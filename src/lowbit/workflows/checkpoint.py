@@ -1,16 +1,25 @@
-"""Save and load quantized models: ``model.safetensors`` (packed + float tensors) and ``manifest.json``.
+"""Save and load quantized models as self-contained directories (docs/PACKED_FORMAT.md, "Checkpoint directory").
 
 Layout of a checkpoint directory (written atomically: a crash leaves no directory under the target name):
 
-- ``model.safetensors``: the full state dict. Quantized layers hold the packed buffers of
-  docs/PACKED_FORMAT.md (``qweight``, ``scales``, ``zeros``, ``input_scale``) instead of ``weight``;
-  everything else is the float tensor as in the original model.
-- ``manifest.json``: ``format``/``format_version``, ``lowbit_version``, ``torch_version``, ``source`` (how
-  to rebuild the float model), ``recipe``, ``modules`` ({full module path: {tower, name, kind, bits,
-  group_size, symmetric, method, shape, has_input_scale}}), ``report`` and ``extra``.
+- ``model.safetensors``: the state dict. Quantized layers hold the packed buffers of docs/PACKED_FORMAT.md
+  (``qweight``, ``scales``, ``zeros``, ``input_scale``) instead of ``weight``; every other floating tensor is
+  stored in the recipe's ``float_dtype`` (fp16 or fp32) and read back as float32. Tensors sharing storage
+  (tied embeddings / LM heads) are written once.
+- ``architecture/``: what the model's family needs to build the model without weights (configs, tokenizer
+  with its chat template, image processor), written by the family's ``FamilySpec.save_architecture``.
+- ``manifest.json``: ``format``/``format_version`` (2), ``lowbit_version``, ``torch_version``, ``source`` (the
+  float model it came from: provenance only, never read to load), ``architecture`` ({family, record, files:
+  {path: bytes}} or null), ``storage`` ({float_dtype, tied: {alias key: stored key}}), ``recipe``, ``modules``
+  ({full module path: {tower, name, kind, bits, group_size, symmetric, method, shape, has_input_scale}}),
+  ``report`` and ``extra``. No timestamps: saving the same model twice gives the same bytes.
 
-Loading rebuilds the float architecture from ``source``, swaps in empty quantized modules of the recorded
-shapes, and loads the tensors strictly. Only safetensors are read — never pickles.
+Loading builds the family's skeleton on the meta device (``accelerate.init_empty_weights``: parameters empty,
+buffers real), swaps in empty quantized modules of the recorded shapes (meta too), and assigns the
+memory-mapped safetensors tensors strictly (``load_state_dict(assign=True)``: no copy, pages read on first
+touch). Nothing outside the directory is read, and only safetensors and JSON are read — never pickles.
+A directory without an architecture (format 1, or a model whose family has no hooks) is rebuilt from its float
+source instead, as format 1 did.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +38,128 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
+from lowbit.kernels import quant_embedding  # noqa: F401  (registers the ``embedding`` kind)
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS
+from lowbit.models import FAMILY_SPECS
+from lowbit.models.spec import architecture_spec
 from lowbit.quant.apply import module_paths, replace_module
 from lowbit.quant.recipe import Recipe
 from lowbit.quant.report import QuantReport
 from lowbit.version import __version__
 
 FORMAT = "lowbit-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no architecture, no storage section (rebuilt from the float source)
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+ARCHITECTURE_DIR = "architecture"
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _MODULE_FIELDS = ("tower", "name", "kind", "bits", "group_size", "symmetric", "method", "shape", "has_input_scale")
+ArchitectureWriter = Callable[[Path], "dict[str, Any] | None"]
 
 
-def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as contiguous tensors, cloning any that share storage (safetensors rejects sharing)."""
+# --- saving ------------------------------------------------------------------------------------------------------
+def packed_keys(model: nn.Module, modules: dict[str, Any]) -> set[str]:
+    """State-dict keys of packed buffers (stored as they are): a quantized module's buffers except its bias."""
+    keys: set[str] = set()
+    for path in modules:
+        module = model.get_submodule(path)
+        keys.update(f"{path}.{name}" for name, t in module._buffers.items() if t is not None and name != "bias")
+    return keys
+
+
+def _tensors_for_saving(model: nn.Module, packed: set[str],
+                        float_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(contiguous CPU tensors, {alias key: stored key}): a tensor reached under several keys (a tied weight, a
+    LM head holding the embedding's packed buffers) is stored once; floats not packed are cast to ``float_dtype``."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    tied: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
     for key, t in model.state_dict().items():
         t = t.detach()
         ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-        if ptr in seen or not t.is_contiguous():
-            t = t.contiguous().clone()  # tied weights, views: give each key its own storage
+        ident = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ptr != -1 and ident in first:
+            tied[key] = first[ident]
+            continue
+        if ptr in storages or not t.is_contiguous():
+            t = t.contiguous().clone()  # a view of another tensor: its own storage (safetensors rejects sharing)
         elif ptr != -1:
-            seen.add(ptr)
+            storages.add(ptr)
+            first[ident] = key
+        if t.is_floating_point() and key not in packed:
+            t = t.to(FLOAT_DTYPES[float_dtype])  # fp16: exact, quantize_ rounded the floats to fp16 values
         out[key] = t.cpu()
-    return out
+    return out, tied
+
+
+def _family_architecture(model: nn.Module) -> ArchitectureWriter:
+    """Writes ``model``'s architecture files through its family's hook; None when the family has none."""
+
+    def write(arch_dir: Path) -> dict[str, Any] | None:
+        spec = architecture_spec(model)
+        if spec is None or spec.save_architecture is None:
+            return None
+        arch_dir.mkdir()
+        record = spec.save_architecture(model, arch_dir)  # type: ignore[arg-type]
+        if record is None:
+            return None
+        files = {p.relative_to(arch_dir).as_posix(): p.stat().st_size
+                 for p in sorted(arch_dir.rglob("*")) if p.is_file()}
+        return {"family": spec.name, "record": record, "files": files}
+
+    return write
+
+
+def _loaded_architecture(manifest: dict[str, Any], files: dict[str, bytes]) -> ArchitectureWriter:
+    """Writes back the architecture files a packed model was loaded with, byte for byte."""
+
+    def write(arch_dir: Path) -> dict[str, Any] | None:
+        for name, data in files.items():
+            (arch_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (arch_dir / name).write_bytes(data)
+        return manifest.get("architecture")
+
+    return write
+
+
+def _write(model: nn.Module, out_dir: str | os.PathLike[str], parts: dict[str, Any],
+           architecture: ArchitectureWriter) -> Path:
+    """The one writer: ``parts`` = source, recipe, modules, report, extra of the manifest."""
+    if is_folded(model):
+        raise LowbitError("cannot save a model with BatchNorm folded into its convs (an inference transform); "
+                          "save the unfolded model and fold after loading: lowbit.load(dir, optimize=True)")
+    float_dtype = parts["recipe"].get("float_dtype", "fp32")
+    if float_dtype not in FLOAT_DTYPES:
+        raise LowbitError(f"recipe float_dtype {float_dtype!r} is not stored; accepted: {', '.join(FLOAT_DTYPES)}")
+    tensors, tied = _tensors_for_saving(model, packed_keys(model, parts["modules"]), float_dtype)
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lowbit_version": __version__,
+            "torch_version": torch.__version__,
+            "source": parts["source"],
+            "architecture": architecture(tmp / ARCHITECTURE_DIR),
+            "storage": {"float_dtype": float_dtype, "tied": tied},
+            "recipe": parts["recipe"],
+            "modules": parts["modules"],
+            "report": parts["report"],
+            "extra": parts["extra"],
+        }
+        try:
+            manifest_text = json.dumps(manifest, indent=2) + "\n"
+        except TypeError as err:
+            raise LowbitError(f"manifest is not JSON-serialisable ({err}); check model.source and extra") from None
+        # One metadata key: safetensors keeps metadata in a hash map, so several keys come out in random order.
+        save_file(tensors, str(tmp / WEIGHTS_FILE),
+                  metadata={"lowbit": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION})})
+        (tmp / MANIFEST_FILE).write_text(manifest_text)
+    return out_dir
 
 
 def save_quantized(
@@ -65,43 +169,35 @@ def save_quantized(
     out_dir: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir`` (replacing it atomically) with ``model.safetensors`` and ``manifest.json``.
+    """Write ``out_dir`` (replacing it atomically): ``model.safetensors``, ``architecture/``, ``manifest.json``.
 
     Refuses a model whose BatchNorms were folded (``lowbit.kernels.fold_bn``): the checkpoint contract is the
-    unfolded architecture, rebuilt from ``source``; fold after loading instead (``lowbit.load(dir, optimize=True)``).
+    unfolded architecture; fold after loading instead (``lowbit.load(dir, optimize=True)``).
     """
-    if is_folded(model):
-        raise LowbitError("cannot save a model with BatchNorm folded into its convs (an inference transform); "
-                          "save the unfolded model and fold after loading: lowbit.load(dir, optimize=True)")
     modules = {
         m.path: {"tower": m.tower, "name": m.name, "kind": m.kind, "bits": m.bits, "group_size": m.group_size,
                  "symmetric": m.symmetric, "method": m.method, "shape": list(m.shape),
                  "has_input_scale": m.has_input_scale}
         for m in report.modules
     }
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lowbit_version": __version__,
-        "torch_version": torch.__version__,
-        "source": dict(getattr(model, "source", {}) or {}),
-        "recipe": recipe.to_dict(),
-        "modules": modules,
-        "report": report.to_dict(),
-        "extra": extra or {},
-    }
-    try:
-        manifest_text = json.dumps(manifest, indent=2) + "\n"
-    except TypeError as err:
-        raise LowbitError(f"manifest is not JSON-serialisable ({err}); check model.source and extra") from None
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        save_file(_tensors_for_saving(model), str(tmp / WEIGHTS_FILE),
-                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        (tmp / MANIFEST_FILE).write_text(manifest_text)
-    return out_dir
+    parts = {"source": dict(getattr(model, "source", {}) or {}), "recipe": recipe.to_dict(), "modules": modules,
+             "report": report.to_dict(), "extra": extra or {}}
+    return _write(model, out_dir, parts, _family_architecture(model))
 
 
+def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+    """Save a model loaded by ``load_quantized`` again: same manifest, architecture files and tensors, so an
+    unchanged model gives a byte-identical directory."""
+    manifest = getattr(model, "lowbit_manifest", None)
+    if not isinstance(manifest, dict):
+        raise LowbitError("this model was not loaded from a packed checkpoint; save() needs the QuantReport "
+                          "returned by quantize() (quantize the model first)")
+    parts = {k: manifest[k] for k in ("source", "recipe", "modules", "report", "extra")}
+    files = getattr(model, "lowbit_architecture_files", {})
+    return _write(model, out_dir, parts, _loaded_architecture(manifest, files))
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of checkpoint directory ``path`` (LowbitError if missing or garbled)."""
     file = Path(path) / MANIFEST_FILE
@@ -115,8 +211,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise LowbitError(f"{str(file)!r} has format {got!r}; expected {FORMAT!r}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise LowbitError(f"{str(file)!r} has format_version {version!r}; this lowbit reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise LowbitError(f"{str(file)!r} has format_version {version!r}; this lowbit reads {FORMAT_VERSION} "
+                          f"(and {', '.join(str(v) for v in READABLE_VERSIONS if v != FORMAT_VERSION)})")
     modules = manifest.get("modules")
     if not isinstance(modules, dict):
         raise LowbitError(f"{str(file)!r}: 'modules' must be a mapping of module path -> metadata")
@@ -127,7 +224,53 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         if meta["kind"] not in QUANT_KINDS:
             raise LowbitError(f"{str(file)!r}: module {path!r} has kind {meta['kind']!r}; "
                               f"expected one of {', '.join(QUANT_KINDS.names())}")
+    storage = manifest.setdefault("storage", {"float_dtype": "fp32", "tied": {}})  # format 1: fp32, no ties
+    if (not isinstance(storage, dict) or storage.get("float_dtype") not in FLOAT_DTYPES
+            or not isinstance(storage.get("tied"), dict)):
+        raise LowbitError(f"{str(file)!r}: 'storage' must hold float_dtype ({' or '.join(FLOAT_DTYPES)}) and a "
+                          "'tied' mapping")
+    architecture = manifest.setdefault("architecture", None)
+    if architecture is not None and not (isinstance(architecture, dict) and isinstance(architecture.get("files"), dict)
+                                         and isinstance(architecture.get("record"), dict)):
+        raise LowbitError(f"{str(file)!r}: 'architecture' must hold family, record and files")
     return manifest
+
+
+def _read_architecture_files(root: Path, architecture: dict[str, Any]) -> dict[str, bytes]:
+    """Every recorded architecture file's bytes (kept on the model so it can be saved again as it was)."""
+    files: dict[str, bytes] = {}
+    for name, size in architecture["files"].items():
+        file = root / ARCHITECTURE_DIR / name
+        if not file.is_file():
+            raise LowbitError(f"{str(root)!r} lacks {ARCHITECTURE_DIR}/{name}, which its manifest lists; the "
+                              "checkpoint is incomplete (copy the whole directory)")
+        files[name] = file.read_bytes()
+        if len(files[name]) != size:
+            raise LowbitError(f"{str(file)!r} has {len(files[name])} bytes, its manifest says {size}; the "
+                              "checkpoint is damaged")
+    return files
+
+
+def _skeleton(root: Path, architecture: dict[str, Any]) -> nn.Module:
+    """The family's model without weights: parameters on the meta device, buffers real (RoPE tables etc.)."""
+    from accelerate import init_empty_weights
+
+    family = architecture.get("family")
+    if family not in FAMILY_SPECS or FAMILY_SPECS.get(family).skeleton is None:
+        known = [n for n in FAMILY_SPECS if FAMILY_SPECS.get(n).skeleton is not None]
+        raise LowbitError(f"{str(root)!r} was saved by model family {family!r}, which this lowbit cannot build; "
+                          f"accepted: {', '.join(known)}")
+    build = FAMILY_SPECS.get(family).skeleton
+    assert build is not None
+    try:
+        with init_empty_weights(include_buffers=False):
+            return build(root / ARCHITECTURE_DIR, architecture["record"])
+    except LowbitError:
+        raise
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        first = " ".join(str(err).split())[:300]
+        raise LowbitError(f"cannot build the {family} architecture recorded in {str(root)!r} "
+                          f"({type(err).__name__}: {first})") from None
 
 
 def default_float_builder(source: dict[str, Any]) -> nn.Module:
@@ -139,14 +282,10 @@ def default_float_builder(source: dict[str, Any]) -> nn.Module:
     return load_model(source["name"], **source.get("options", {}))
 
 
-def load_quantized(
-    path: str | os.PathLike[str], build_float: Callable[[dict[str, Any]], nn.Module] | None = None
-) -> nn.Module:
-    """Load a ``save_quantized`` directory: float model from ``source``, quantized modules, strict tensors."""
-    manifest = read_manifest(path)
-    model = (build_float or default_float_builder)(manifest.get("source") or {})
+def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
+    """Replace each recorded float module by an empty quantized one (on the meta device: the file fills it)."""
     paths = module_paths(model)
-    for mpath, meta in manifest["modules"].items():
+    for mpath, meta in modules.items():
         try:
             float_module = model.get_submodule(mpath)
         except AttributeError:
@@ -157,23 +296,66 @@ def load_quantized(
             got = None if not isinstance(weight, torch.Tensor) else list(weight.shape)
             raise LowbitError(f"checkpoint module {mpath!r} has weight shape {meta['shape']}; "
                               f"the rebuilt model has {got}")
-        new = QUANT_KINDS.get(meta["kind"]).empty(
-            float_module, int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
-            bool(meta["has_input_scale"]))
+        with torch.device("meta"):
+            new = QUANT_KINDS.get(meta["kind"]).empty(
+                float_module, int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
+                bool(meta["has_input_scale"]))
         if new is not float_module:
             replace_module(model, paths[id(float_module)], new)
-    weights = Path(path) / WEIGHTS_FILE
+
+
+def _read_tensors(root: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The file's tensors, memory-mapped; fp16-stored floats as float32, tied keys sharing one tensor."""
+    weights = root / WEIGHTS_FILE
     if not weights.is_file():
-        raise LowbitError(f"no {WEIGHTS_FILE} in {str(path)!r}; the checkpoint is incomplete")
+        raise LowbitError(f"no {WEIGHTS_FILE} in {str(root)!r}; the checkpoint is incomplete")
     try:
-        state = load_file(str(weights))
+        state = load_file(str(weights))  # mmap: nothing is read until a page is touched
     except (SafetensorError, OSError) as err:
         raise LowbitError(f"cannot read {str(weights)!r} ({err}); expected a safetensors file") from None
+    storage = manifest["storage"]
+    if storage["float_dtype"] == "fp16":
+        packed = packed_keys(model, manifest["modules"])
+        for key, t in state.items():
+            if t.dtype == torch.float16 and key not in packed:
+                state[key] = t.float()
+    for alias, stored in storage["tied"].items():
+        if stored not in state:
+            raise LowbitError(f"{str(root / MANIFEST_FILE)!r} ties {alias!r} to {stored!r}, which {WEIGHTS_FILE} "
+                              "lacks; the checkpoint is damaged")
+        state[alias] = state[stored]
+    return state
+
+
+def load_quantized(
+    path: str | os.PathLike[str], build_float: Callable[[dict[str, Any]], nn.Module] | None = None
+) -> nn.Module:
+    """Load a ``save_quantized`` directory in place: the family's weightless skeleton, empty quantized modules,
+    then the memory-mapped tensors assigned strictly. ``build_float(source)`` instead builds the model to fill
+    (needed for a directory without an architecture: format 1, or a family without checkpoint hooks)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    architecture = manifest["architecture"]
+    files: dict[str, bytes] = {}
+    if build_float is None and architecture is not None:
+        files = _read_architecture_files(root, architecture)
+        model = _skeleton(root, architecture)
+    else:
+        model = (build_float or default_float_builder)(manifest.get("source") or {})
+    _swap_in_empty(model, manifest["modules"])
+    state = _read_tensors(root, model, manifest)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # assign: the mapped tensors themselves, no copy
     except RuntimeError as err:
         first = " ".join(str(err).split())[:500]
-        raise LowbitError(f"{str(weights)!r} does not fit the rebuilt model: {first}") from None
+        raise LowbitError(f"{str(root / WEIGHTS_FILE)!r} does not fit the rebuilt model: {first}") from None
+    empty = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if empty:
+        raise LowbitError(f"{len(empty)} tensors of the rebuilt {type(model).__name__} got no value from "
+                          f"{str(root)!r} (first: {empty[0]}); the family's skeleton does not match the checkpoint")
     fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
-    model.lowbit_manifest = manifest  # what was loaded, for reports and the CLI
+    if architecture is not None and build_float is None:
+        model.source = dict(manifest["source"])  # the float model it came from (bench_model compares with it)
+    model.lowbit_manifest = manifest  # what was loaded: reports, the CLI, and save_loaded
+    model.lowbit_architecture_files = files
     return model.eval()

@@ -1,7 +1,8 @@
 """``lowbit``: a packed checkpoint directory written by ``lowbit quantize`` / ``lowbit.save``.
 
-The directory's manifest names the float source model; loading rebuilds it through its own family and swaps
-in the quantized modules (see ``lowbit.workflows.checkpoint``).
+The directory is self-contained: its family builds the model's skeleton from the directory's own architecture
+files, without weights, and the memory-mapped packed tensors are assigned in place (see
+``lowbit.workflows.checkpoint``); the float source it names is provenance only.
 """
 
 from __future__ import annotations

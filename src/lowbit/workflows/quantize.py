@@ -13,7 +13,7 @@ from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.quant.methods import get_method
 from lowbit.quant.recipe import Recipe, load_recipe
 from lowbit.quant.report import QuantReport
-from lowbit.workflows.checkpoint import save_quantized
+from lowbit.workflows.checkpoint import save_loaded, save_quantized
 
 
 def quantize(model: DualEncoder, recipe: str | Recipe, calib_data: str = "fashion-mnist",
@@ -28,7 +28,13 @@ def quantize(model: DualEncoder, recipe: str | Recipe, calib_data: str = "fashio
 
 
 def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
-    """Write a packed checkpoint (safetensors + manifest.json) atomically; returns its directory."""
+    """Write a packed checkpoint (safetensors + architecture + manifest.json) atomically; returns its directory.
+
+    ``report`` is the one ``quantize()`` returned; a model loaded from a packed directory needs none (its
+    manifest is kept on it) and saves to the same bytes.
+    """
+    if report is None and getattr(model, "lowbit_manifest", None) is not None:
+        return save_loaded(model, out_dir)
     if report is None or not report.recipe_spec:
         raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
     save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir)
