@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_path
+from lowbit.io import atomic_path, mmap_safetensors
 from lowbit.kernels import quant_embedding  # noqa: F401  (registers the ``embedding`` kind)
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
@@ -310,9 +309,11 @@ def _read_tensors(root: Path, model: nn.Module, manifest: dict[str, Any]) -> dic
     if not weights.is_file():
         raise LowbitError(f"no {WEIGHTS_FILE} in {str(root)!r}; the checkpoint is incomplete")
     try:
-        state = load_file(str(weights))  # mmap: nothing is read until a page is touched
-    except (SafetensorError, OSError) as err:
+        state = mmap_safetensors(weights)  # nothing is read until a page is touched, and then only that page
+    except OSError as err:
         raise LowbitError(f"cannot read {str(weights)!r} ({err}); expected a safetensors file") from None
+    except LowbitError as err:
+        raise LowbitError(f"cannot read {err}; expected the checkpoint's safetensors file") from None
     storage = manifest["storage"]
     if storage["float_dtype"] == "fp16":
         packed = packed_keys(model, manifest["modules"])
