@@ -77,7 +77,8 @@ def quantize(model: DualEncoder, recipe: str | Recipe, calib_data: str = "fashio
 
 
 def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
-    """Write a packed checkpoint (safetensors + manifest.json) atomically; returns its directory."""
+    """Write a packed checkpoint (safetensors + architecture files + manifest.json) atomically; returns its
+    directory. ``report`` is not needed for a model loaded from a packed directory (re-saved byte for byte)."""
     from lowbit.workflows.quantize import save as run
 
     return run(model, out_dir, report=report)
