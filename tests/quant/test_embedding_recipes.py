@@ -88,3 +88,20 @@ def test_fp16_floats_are_rounded_in_place_and_reported_at_two_bytes():
     assert not torch.equal(norm, model[1].weight)  # really rounded
     assert torch.equal(quantized[0].bias, model[0].bias.half().float())  # a packed layer's bias too
     assert fp16.totals()["total"]["float_bytes"] * 2 == fp32.totals()["total"]["float_bytes"]
+
+
+def test_qat_folds_embedding_tables_and_refuses_tied_heads():
+    from lowbit.quant.qat import convert_qat, prepare_qat, qat_layers
+
+    lm = _tiny_lm(tied=False)
+    prepare_qat(lm, "model@embedding=w4g32a,model=w4g32,floats=fp16")
+    assert "embedding" in {layer.kind for _, layer in qat_layers(lm)}
+    ids = torch.randint(0, 512, (1, 7))
+    lm(ids).logits.sum().backward()  # the table trains through its fake quantizer
+    assert lm.model.embed_tokens.module.weight.grad is not None
+    report = convert_qat(lm)
+    assert isinstance(lm.model.embed_tokens, QuantEmbedding) and report.recipe_spec["float_dtype"] == "fp16"
+    norm = lm.model.norm.weight
+    assert torch.equal(norm, norm.half().float())  # floats rounded as quantize_ rounds them
+    with pytest.raises(LowbitError, match="tied to its embedding table"):
+        prepare_qat(_tiny_lm(tied=True), "model@embedding=w4g32a,model=w4g32")

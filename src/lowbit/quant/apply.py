@@ -190,7 +190,7 @@ def _tie_heads(planned: list[_Planned]) -> None:
         planned.append(p)
 
 
-def _round_floats_(model: nn.Module, float_dtype: str) -> None:
+def round_floats_(model: nn.Module, float_dtype: str) -> None:
     """Round every float tensor that is not a packed buffer to ``float_dtype`` in place (kept as float32, so
     the model in memory computes exactly what the stored checkpoint will)."""
     if float_dtype != "fp16":
@@ -246,7 +246,7 @@ def quantize_(
         entry = _tie_one(model, p, paths, built) if p.tied_to is not None else _quantize_one(
             model, p, paths, calibration, built)
         report.modules.append(entry)
-    _round_floats_(model, recipe.float_dtype)
+    round_floats_(model, recipe.float_dtype)
     fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
     return report
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import QUANT_KINDS
-from lowbit.quant.apply import module_paths, plan_quantization, replace_module
+from lowbit.quant.apply import module_paths, plan_quantization, replace_module, round_floats_
 from lowbit.quant.fake_quant import QAT_QUANTIZERS, FakeQuantizer, make_quantizer
 from lowbit.quant.methods import CalibrationProvider, QuantContext
 from lowbit.quant.recipe import Recipe, load_recipe
@@ -140,6 +140,10 @@ def prepare_qat(model: nn.Module, recipe: Recipe | str, strict: bool = False,
     if strict and violations:
         listed = "; ".join(f"{f.label} ({f.reason})" for f in violations)
         raise LowbitError(f"strict: {len(violations)} weight layer(s) would stay float: {listed}")
+    tied = [p for p in planned if p.tied_to is not None]
+    if tied:  # one packed copy after folding would need the head to train through the table's quantizer
+        raise LowbitError(f"QAT of an output head tied to its embedding table ({tied[0].tower}/{tied[0].name}) is "
+                          "not supported; accepted: quantize the table post-training, or skip one of the two")
     calibrated = [p for p in planned if QAT_QUANTIZERS.get(p.rule.method).needs_calibration]
     if calibrated and calibration is None:
         raise LowbitError(f"the QAT quantizer of method {calibrated[0].rule.method!r} (rule "
@@ -196,7 +200,8 @@ def convert_qat(model: nn.Module) -> QuantReport:
     layers = qat_layers(model)
     if plan is None or not layers:
         raise LowbitError("convert_qat: the model has no QAT layers; call prepare_qat (and train) first")
-    report = QuantReport(float_modules=list(plan.float_modules), recipe=plan.recipe.name or plan.recipe.describe())
+    report = QuantReport(float_modules=list(plan.float_modules), recipe=plan.recipe.name or plan.recipe.describe(),
+                         recipe_spec=plan.recipe.to_dict())
     paths = module_paths(model)
     for path, layer in layers:
         w = layer.latent_matrix()  # [N, K]
@@ -209,5 +214,6 @@ def convert_qat(model: nn.Module) -> QuantReport:
         replace_module(model, paths[id(layer)], new)
         report.modules.append(_stats(layer.tower, layer.name, path, layer.kind, _method_label(layer), layer.rule,
                                      w, result, shape))
+    round_floats_(model, plan.recipe.float_dtype)  # as quantize_ does: memory holds what the checkpoint stores
     object.__setattr__(model, _PLAN_ATTR, None)
     return report
