@@ -15,9 +15,10 @@ its directory: weights, manifest, configs, tokenizer):
   not re-run here: ``bench_qat.py``).
 - ``clip-vit-tiny-fashion``: fp32, fp16, w4 (GPTQ preset).
 - ``llava-fashion-hd`` (fashion-vqa, ``--vqa`` held-out questions): full precision (SmolLM2's dequantized Q4_1
-  weights: its "fp32"), fp16, and language w4 + vision/projector w8 + 4-bit embeddings, on the ``minmax`` grid
-  (Q4_1's: lossless for this LM) and on lowbit's generic integer grid (GPTQ); accuracy and mean KL of the first
-  answer token against full precision.
+  weights: its "fp32"), fp16, and language w4 + vision/projector w8 + a quantized embedding table (which the tied
+  LM head shares): the LM on the ``minmax`` grid (Q4_1's: lossless for this LM) with an 8-bit group-32 table (the
+  GGUF file's own Q8_0 grid: lossless) or a 4-bit one, and on lowbit's generic integer grid (GPTQ); accuracy and
+  mean KL of the first answer token against full precision.
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ QAT_RULES = {
                {"tower": "vision", "kinds": ["conv1x1"], "method": "binary", "bits": 1},
                {"tower": "text", "kinds": ["linear"], "method": "binary", "bits": 1}],
 }
-VLM_RECIPES = {
-    "w4-minmax": "language@embedding=w4g32a,language=w4g32:minmax,vision=w8,projector=w8,floats=fp16",
-    "w4-gptq": "language@embedding=w4g32a,language=w4g32:gptq,vision=w8,projector=w8,floats=fp16",
+VLM_RECIPES = {  # the tied LM head reads the embedding table: its grid decides the logits' fidelity
+    "w4-minmax, 8-bit table": "language@embedding=w8g32,language=w4g32:minmax,vision=w8,projector=w8,floats=fp16",
+    "w4-minmax, 4-bit table": "language@embedding=w4g32a,language=w4g32:minmax,vision=w8,projector=w8,floats=fp16",
+    "w4-gptq, 8-bit table": "language@embedding=w8g32,language=w4g32:gptq,vision=w8,projector=w8,floats=fp16",
 }
 VLM_CALIB = 64  # image+question sequences (as bench_vlm.py)
 TARGETS = {"lit-fashion": {"w4": (0.20, 1.0), "w8": (0.30, 0.3)},
