@@ -14,7 +14,7 @@ def test_sweep_writes_report_and_orders_bytes(tmp_path):
     from lowbit.workflows.sweep import sweep
 
     out = tmp_path / "sweep"
-    recipes = ["w8", "vision=w4g64,text=w4g64,projector=w8"]
+    recipes = ["w8", "vision=w4g64,text=w4g64,text@embedding=w4g32a,projector=w8,floats=fp16"]
     rows = sweep("lit-fashion", recipes, ["rtn"], "fashion-mnist", out, limit=300, progress=False)
     assert [r["label"] for r in rows] == ["fp32", "fp16", "w8+rtn", f"{recipes[1]}+rtn"]
     for suffix in ("json", "md", "png"):
@@ -34,7 +34,7 @@ def test_sweep_writes_report_and_orders_bytes(tmp_path):
     assert w4["quantized"]["bits_per_weight"] < 4.6
     # per-tower bits and what stayed float, CPU seconds and the machine load beside the wall time
     assert set(w4["towers"]) >= {"vision", "text", "projector"}
-    assert w4["towers"]["text"]["float_params"] > 0  # the embeddings stay float
+    assert w4["towers"]["text"]["float_params"] > 0  # the norms stay float (stored as fp16)
     assert w8["cpu_seconds_quantize"] > 0 and w8["load_avg_1min"] >= 0 and w8["calib_samples"] == DEFAULT_CALIB_SAMPLES
     # A rerun resumes from the finished rows instead of recomputing them.
     saved = json.loads((out / "rows" / "w8+rtn.json").read_text())
