@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from lowbit import api
@@ -60,3 +60,11 @@ def is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def run_verbs(register: Callable[[Any], None], description: str | None, argv: Sequence[str] | None = None) -> int:
+    """A stand-alone ``lowbit`` with only the verbs ``register`` adds (what ``torchrun -m lowbit.cli.X`` runs):
+    the same parser, errors and exit codes as the full command."""
+    parser = Parser(prog="lowbit", description=description)
+    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    return run(parser, argv)

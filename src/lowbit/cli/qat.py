@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import Parser, is_main_process, run
+from lowbit.cli.base import is_main_process, run_verbs
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
@@ -98,9 +98,7 @@ def register_qat_cli(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m lowbit.cli.qat qat ...``), same exit codes as ``lowbit``."""
-    parser = Parser(prog="lowbit", description=__doc__)
-    register_qat_cli(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
-    return run(parser, argv)
+    return run_verbs(register_qat_cli, __doc__, argv)
 
 
 if __name__ == "__main__":

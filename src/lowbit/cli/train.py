@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import Parser, is_main_process, run
+from lowbit.cli.base import is_main_process, run_verbs
 from lowbit.errors import LowbitError
 
 
@@ -122,9 +122,7 @@ def register_cli(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m lowbit.cli.train``), same errors and exit codes as ``lowbit``."""
-    parser = Parser(prog="lowbit", description=__doc__)
-    register_cli(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
-    return run(parser, argv)
+    return run_verbs(register_cli, __doc__, argv)
 
 
 if __name__ == "__main__":
