@@ -14,9 +14,6 @@ from typing import Any
 from lowbit import api
 from lowbit.api import DEFAULT_CALIB_SAMPLES
 from lowbit.cli.base import Parser, add_act_block, print_json_or_table, run
-from lowbit.cli.qat import register_qat_cli
-from lowbit.cli.serve import register_serve_cli
-from lowbit.cli.train import register_cli as register_train_and_data
 from lowbit.errors import LowbitError
 
 
@@ -181,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true",
                    help="bench model: load the model and its float source with optimize_for_inference_ applied")
     add_act_block(p)
+
+    # imported here, not at the top: `python -m lowbit.cli.qat` (torchrun) must not find its module imported by
+    # the package first (runpy warns, and the module would run twice over)
+    from lowbit.cli.qat import register_qat_cli
+    from lowbit.cli.serve import register_serve_cli
+    from lowbit.cli.train import register_cli as register_train_and_data
 
     register_train_and_data(sub)  # `lowbit train clip`, `lowbit data shard`
     register_qat_cli(sub)  # `lowbit qat`
