@@ -382,19 +382,24 @@ def create_app(models: dict[str, DualEncoder], limits: Limits | None = None, com
     return Guard(app, limits, metrics)
 
 
+_METRIC_HELP = {  # Prometheus HELP text of every metric the app exports
+    "lowbit_requests_total": "HTTP requests by route, method and status",
+    "lowbit_errors_total": "HTTP responses with status >= 400 by route and status",
+    "lowbit_request_seconds": "request latency (to the end of the response) by route",
+    "lowbit_time_to_first_token_seconds": "chat completions: arrival to first text",
+    "lowbit_generated_tokens_total": "tokens generated",
+    "lowbit_rejected_total": "requests refused because a queue was full",
+    "lowbit_cancelled_total": "generations stopped because the client left",
+    "lowbit_batch_size": "texts + images per encoder forward",
+    "lowbit_forward_seconds": "encoder forward time per batch",
+    "lowbit_queue_depth": "requests waiting or running, per model",
+    "lowbit_generation_active": "chat completions decoding now, per model",
+    "lowbit_tokens_per_second": "tokens generated per second over the last 10 s",
+}
+
 def _describe(metrics: Metrics, backends: dict[str, Backend]) -> None:
-    metrics.describe("lowbit_requests_total", "HTTP requests by route, method and status")
-    metrics.describe("lowbit_errors_total", "HTTP responses with status >= 400 by route and status")
-    metrics.describe("lowbit_request_seconds", "request latency (to the end of the response) by route")
-    metrics.describe("lowbit_time_to_first_token_seconds", "chat completions: arrival to first text")
-    metrics.describe("lowbit_generated_tokens_total", "tokens generated")
-    metrics.describe("lowbit_rejected_total", "requests refused because a queue was full")
-    metrics.describe("lowbit_cancelled_total", "generations stopped because the client left")
-    metrics.describe("lowbit_batch_size", "texts + images per encoder forward")
-    metrics.describe("lowbit_forward_seconds", "encoder forward time per batch")
-    metrics.describe("lowbit_queue_depth", "requests waiting or running, per model")
-    metrics.describe("lowbit_generation_active", "chat completions decoding now, per model")
-    metrics.describe("lowbit_tokens_per_second", "tokens generated per second over the last 10 s")
+    for name, text in _METRIC_HELP.items():
+        metrics.describe(name, text)
     metrics.gauge("lowbit_queue_depth", lambda: {
         (("model", n),): float(b.pending if isinstance(b, Generator) else b.batcher.depth)
         for n, b in backends.items()})
