@@ -94,6 +94,7 @@ if "tiny-qat-data" not in DATASETS:
 def _worker(out_dir: str, steps: int, lr: float) -> None:
     """One run of binary QAT (torchrun or plain python), checkpoints in ``out_dir``."""
     from lowbit.quant.qat import prepare_qat
+    from lowbit.train import distributed as D
     from lowbit.train.loop import TrainConfig
     from lowbit.train.qat import QATLoss, train_qat
 
@@ -102,7 +103,13 @@ def _worker(out_dir: str, steps: int, lr: float) -> None:
     prepare_qat(student, "vision=w1:binary,text=w1:pbllm,projector=w4")
     config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_steps=1, batch_size=8, ckpt_every=steps,
                          log_every=1, out_dir=out_dir, progress=False)
-    train_qat(student, teacher, tiny_data(32), config, QATLoss(task_loss="clip", distill="both"))
+    try:
+        train_qat(student, teacher, tiny_data(32), config, QATLoss(task_loss="clip", distill="both"))
+        D.barrier()
+    finally:
+        # Leave the group before interpreter shutdown: a gloo group torn down by the garbage collector can abort
+        # a rank ("terminate called without an active exception", seen once in CI).
+        D.cleanup_distributed()
 
 
 if __name__ == "__main__":
