@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_task_and_data", "demo",
-    "evaluate", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize", "save",
-    "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
+    "evaluate", "export", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize",
+    "save", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
 
 
@@ -181,6 +181,22 @@ def chat(model: Any, image: Any, question: str, **options: Any) -> str:
     from lowbit.workflows.chat import chat as run
 
     return run(model, image, question, **options)
+
+
+def export(model: Any, format: str, out: str | os.PathLike[str], recipe: str | None = None,
+           **options: Any) -> dict[str, Any]:
+    """Write ``model`` for another runtime: ``gguf`` (llama.cpp), ``onnx`` (ONNX Runtime) or ``hf``
+    (transformers + compressed-tensors). Returns the export report (layers mapped, bytes, ...).
+
+    ``model`` is a loaded model or a name/directory (a packed checkpoint, or a float model plus ``recipe``);
+    ``options`` are the format's own (e.g. ``requantize`` for GGUF). The output is written atomically.
+
+    Example:
+        >>> lowbit.export("out/smollm-w4", "gguf", "smollm-q4_0.gguf")  # doctest: +SKIP
+    """
+    from lowbit.workflows.export.run import export_model as run
+
+    return run(model, format, out, recipe=recipe, **options)
 
 
 def serve(model: Any, compare: Any = None, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:

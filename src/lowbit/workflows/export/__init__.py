@@ -1,0 +1,81 @@
+"""``lowbit export``: a lowbit model written in a format another runtime runs (GGUF, ONNX, HF compressed-tensors).
+
+One file per format (``gguf.py``, ``onnx.py``, ``hf.py``), each ending in one ``register_export(ExportFormat(...))``.
+A format's ``write(model, tmp, options) -> report`` writes into a temporary path; ``export`` renames it onto
+``out`` only when the writer succeeded, so a failed or interrupted export never leaves a partial file under the
+final name and an existing output survives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowbit.errors import LowbitError, check_options
+from lowbit.io import atomic_path
+from lowbit.registry import Registry
+
+__all__ = ["EXPORT_FORMATS", "ExportFormat", "export", "register_export"]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export target.
+
+    Attributes:
+        name: the ``--format`` value.
+        description: one line: what runs the result.
+        write: ``(model, tmp_path, options) -> report`` (a JSON-ready dict); raises ``LowbitError`` for a model
+            the format cannot take, naming the layer and what would work.
+        is_dir: whether the output is a directory (else one file).
+        options: the option names ``write`` accepts (validated before any work).
+        suffix: the file name ending users expect (a hint in errors; not enforced).
+    """
+
+    name: str
+    description: str
+    write: Callable[[nn.Module, Path, Mapping[str, Any]], dict[str, Any]]
+    is_dir: bool = False
+    options: tuple[str, ...] = field(default_factory=tuple)
+    suffix: str = ""
+
+
+EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
+_FORMAT_MODULES = ("gguf", "onnx", "hf")  # imported on first use: each registers its row
+
+
+def register_export(fmt: ExportFormat) -> ExportFormat:
+    """Add a format to ``EXPORT_FORMATS`` (the one registration of a new export format)."""
+    return EXPORT_FORMATS.register(fmt.name)(fmt)
+
+
+def _load_formats() -> None:
+    for name in _FORMAT_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+
+
+def export(model: nn.Module, format: str, out: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Write ``model`` (a loaded lowbit model, packed or float) as ``format`` to ``out``, atomically.
+
+    Returns the writer's report, with ``format`` and ``out`` and the written size (``file_bytes``) added.
+    """
+    _load_formats()
+    fmt = EXPORT_FORMATS.get(format)
+    check_options(f"export --format {format}", options, fmt.options)
+    target = Path(out)
+    if str(out) == "" or target.name in ("", ".", ".."):
+        raise LowbitError(f"export: --out {str(out)!r} is not a file or directory name")
+    with atomic_path(target, is_dir=fmt.is_dir) as tmp:
+        report = dict(fmt.write(model, tmp, options))
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() else target.stat().st_size
+    return {"format": format, "out": str(target), "file_bytes": size, **report}
