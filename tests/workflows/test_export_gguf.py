@@ -74,8 +74,7 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def lowbit_weight(module: nn.Module) -> np.ndarray:
     if is_quantized(module):
-        packed = module.packed() if callable(module.packed) else module.packed
-        return packed.dequantize().float().numpy()
+        return module.packed.dequantize().float().numpy()
     return module.weight.detach().float().numpy()
 
 

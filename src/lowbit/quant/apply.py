@@ -248,7 +248,28 @@ def quantize_(
         report.modules.append(entry)
     round_floats_(model, recipe.float_dtype)
     fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
+    guard_save_pretrained(model)
     return report
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``save_pretrained`` of every transformers model holding packed layers refuse in one line.
+
+    transformers would write lowbit's buffers under names no loader knows, and ``from_pretrained`` would then
+    initialise those layers at random without an error; ``lowbit.export(model, "hf", DIR)`` writes the
+    compressed-tensors form transformers does load.
+    """
+    for module in model.modules():
+        if callable(getattr(module, "save_pretrained", None)) and hasattr(module, "config") \
+                and any(is_quantized(m) for m in module.modules()):
+            name = type(module).__name__
+
+            def refuse(*_: Any, _name: str = name, **__: Any) -> None:
+                raise LowbitError(f"{_name}.save_pretrained would write lowbit's packed layers in a form "
+                                  "transformers loads as random weights; use lowbit.export(model, 'hf', DIR) "
+                                  "(compressed-tensors) or lowbit.save(model, DIR)")
+
+            module.save_pretrained = refuse  # an instance attribute: the class stays untouched
 
 
 def _tie_one(model: nn.Module, p: _Planned, paths: dict[int, list[str]], built: dict[int, nn.Module]) -> ModuleQuant:

@@ -181,7 +181,6 @@ def _requantized(name: str, weight: torch.Tensor, bits: int, source: str) -> _Te
 def _weight_tensor(name: str, module: nn.Module, source: str, requantize: bool) -> _Tensor:
     if is_quantized(module):
         packed = module.packed  # type: ignore[attr-defined]
-        packed = packed() if callable(packed) else packed
         gguf_type, why = _exact_type(packed)
         if gguf_type is not None:
             return _Tensor(name, block_bytes(packed, gguf_type), gguf_type, source)
