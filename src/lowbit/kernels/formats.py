@@ -58,13 +58,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.clone()
     if 8 % bits == 0:
-        # 1/2/4 bits: whole codes per byte, so shift-and-sum groups of 8 // bits codes.
+        # 1/2/4 bits: whole codes per byte; OR the codes of each byte slot in, in uint8 (no wider copy).
         per = 8 // bits
-        padded = torch.zeros(n, nbytes * per, dtype=torch.int32, device=codes.device)
-        padded[:, :k] = codes.to(torch.int32)
-        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=codes.device)  # [per]
-        grouped = padded.view(n, nbytes, per)  # [N, B, per]
-        return (grouped << shifts).sum(dim=-1).to(torch.uint8)
+        grouped = codes if k == nbytes * per else torch.nn.functional.pad(codes, (0, nbytes * per - k))
+        grouped = grouped.view(n, nbytes, per)  # [N, B, per]
+        out = grouped[..., 0].clone()
+        for slot in range(1, per):
+            out |= grouped[..., slot] << (slot * bits)
+        return out
     # 3 bits (codes straddle bytes): explode to a bit stream, then regroup by 8.
     bitpos = torch.arange(bits, dtype=torch.int32, device=codes.device)  # [bits]
     stream_bits = (codes.to(torch.int32).unsqueeze(-1) >> bitpos) & 1  # [N, K, bits]

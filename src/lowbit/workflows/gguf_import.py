@@ -1,0 +1,154 @@
+"""GGUF blocks packed into lowbit layers without a float round trip: a GGUF model runs on lowbit's kernels.
+
+``pack_from_gguf(lm, path)`` takes the transformers model built from a GGUF file (its float weights, as
+transformers' GGUF loader dequantizes them) and replaces every linear and the embedding table whose GGUF type
+lowbit stores exactly with a packed module holding the file's own codes and fp16 steps — the inverse of
+``lowbit.workflows.export.gguf``:
+
+| GGUF  | lowbit storage                         |
+|-------|----------------------------------------|
+| Q8_0  | ``int8`` symmetric, group 32           |
+| Q4_0  | ``int4`` symmetric, group 32           |
+| Q4_1  | ``offset4`` (``minmax``), group 32     |
+| TQ2_0 | ``ternary``, group 256                 |
+
+Other types (K-quants such as Q4_K / Q6_K, F16, ...) keep transformers' float weights; the report lists them
+(a K-quant's super-block scales have no lowbit layout: they are dequantized, with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.formats import PackedWeight, pack_codes
+from lowbit.kernels.fusion import fuse_shared_inputs
+from lowbit.kernels.offsets import OffsetPacked
+from lowbit.kernels.quant_embedding import QuantEmbedding
+from lowbit.kernels.quant_linear import QUANT_KINDS
+from lowbit.kernels.storage import find_format
+from lowbit.workflows.export.gguf import ARCHITECTURES, QK, QK_K
+
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "TQ2_0": 66}
+
+
+def _fp16(raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).reshape(raw.shape[:-1]).copy())
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """[N, nb, 16] bytes -> [N, nb, 32] 4-bit codes: low nibbles are weights 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def packed_from_blocks(blocks: np.ndarray, gguf_type: str, k: int) -> PackedWeight:
+    """GGUF block bytes [N, K / block * bytes] -> the lowbit ``PackedWeight`` holding the same numbers."""
+    n = blocks.shape[0]
+    block = QK_K if gguf_type == "TQ2_0" else QK
+    b = blocks.reshape(n, k // block, _BLOCK_BYTES[gguf_type])
+    if gguf_type == "Q8_0":
+        codes, steps, bits = (b[..., 2:].view(np.int8).astype(np.int16) + 128), _fp16(b[..., :2]), 8
+    elif gguf_type == "Q4_0":
+        codes, steps, bits = _low_high(b[..., 2:]), _fp16(b[..., :2]), 4
+    elif gguf_type == "Q4_1":
+        codes = _low_high(b[..., 4:])
+        flat = torch.from_numpy(codes.reshape(n, k).astype(np.uint8))
+        return OffsetPacked(pack_codes(flat, 4), _fp16(b[..., :2]), None, 4, QK, (n, k), _fp16(b[..., 2:4]))
+    elif gguf_type == "TQ2_0":
+        q = b[..., :64].reshape(n, -1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)
+        codes, steps, bits = (q & 0x03).reshape(n, -1, 256) + 1, _fp16(b[..., 64:66]), 2  # q in 0..2 -> 1..3
+    else:
+        raise LowbitError(f"GGUF type {gguf_type} has no lowbit layout")
+    flat = torch.from_numpy(codes.reshape(n, k).astype(np.uint8))
+    return PackedWeight(pack_codes(flat, bits), steps, None, bits, block, (n, k))
+
+
+def _unpermute(packed: PackedWeight, n_head: int) -> PackedWeight:
+    """Undo llama.cpp's q/k row order (rows are whole blocks: every tensor is permuted alike)."""
+    rows = packed.out_features
+    order = torch.from_numpy(np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(rows)
+    fields = {name: getattr(packed, name) for name in ("qweight", "scales", "zeros", "offsets")
+              if getattr(packed, name, None) is not None}
+    moved = {name: t[inverse].contiguous() for name, t in fields.items()}
+    if isinstance(packed, OffsetPacked):
+        return OffsetPacked(moved["qweight"], moved["scales"], None, packed.bits, packed.group_size, packed.shape,
+                            moved["offsets"])
+    return PackedWeight(moved["qweight"], moved["scales"], None, packed.bits, packed.group_size, packed.shape)
+
+
+def _module_for(packed: PackedWeight, float_module: nn.Module) -> nn.Module:
+    if isinstance(float_module, nn.Embedding):
+        if isinstance(packed, OffsetPacked):
+            raise LowbitError("offset tables are not stored packed")
+        return QuantEmbedding.from_packed(packed, float_module.padding_idx)
+    layout = "offset" if isinstance(packed, OffsetPacked) else "codes"
+    row = find_format(layout, packed.bits, True)
+    bias = getattr(float_module, "bias", None)
+    return row.module.from_packed(packed, bias=bias)
+
+
+def pack_from_gguf(lm: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Replace ``lm``'s float layers by packed ones holding the GGUF file's codes; returns what was packed."""
+    import gguf
+
+    config = lm.config
+    if config.model_type not in ARCHITECTURES:
+        raise LowbitError(f"GGUF import packs Llama-family models ({', '.join(sorted(ARCHITECTURES))}); "
+                          f"received model_type {config.model_type!r}")
+    arch, permuted = ARCHITECTURES[config.model_type]
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    packed_layers: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    for module_path, module in list(lm.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        base = name_map.get_name(module_path)
+        t = tensors.get(f"{base}.weight") if base else None
+        if t is None:  # a tied head: no tensor of its own in the file
+            continue
+        gguf_type = t.tensor_type.name
+        if gguf_type not in _BLOCK_BYTES:
+            kept[module_path] = gguf_type
+            continue
+        k = int(module.weight.shape[1])
+        packed = packed_from_blocks(np.asarray(t.data).reshape(int(module.weight.shape[0]), -1), gguf_type, k)
+        leaf = module_path.rsplit(".", 1)[-1]
+        if permuted and leaf in ("q_proj", "k_proj"):
+            packed = _unpermute(packed, config.num_attention_heads if leaf == "q_proj"
+                                else config.num_key_value_heads)
+        try:
+            new = _module_for(packed, module)
+        except LowbitError:
+            kept[module_path] = gguf_type
+            continue
+        parent, _, child = module_path.rpartition(".")
+        setattr(lm.get_submodule(parent) if parent else lm, child, new)
+        packed_layers[module_path] = gguf_type
+    head, table = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if isinstance(head, nn.Linear) and isinstance(table, QuantEmbedding) and "output.weight" not in tensors:
+        lm.set_output_embeddings(_tied_head(head, table))
+        packed_layers["lm_head (tied)"] = packed_layers.get("model.embed_tokens", "")
+    fuse_shared_inputs(lm)  # q/k/v and gate/up share one kernel call, as after quantize_
+    k_quants = sorted({v for v in kept.values() if v not in ("F32", "F16", "BF16")})
+    if k_quants:
+        warnings.warn(f"GGUF types {', '.join(k_quants)} have no lowbit layout: those layers run on float weights "
+                      "dequantized by transformers", UserWarning, stacklevel=2)
+    return {"packed": packed_layers, "float": kept}
+
+
+def _tied_head(float_head: nn.Module, table: QuantEmbedding) -> nn.Module:
+    """The output head of a tied model as a packed linear holding the table's own tensors (stored once)."""
+    head = QUANT_KINDS.get("linear").empty(float_head, table.bits, table.group_size, table.symmetric, False)
+    for name in ("qweight", "scales", "zeros"):
+        setattr(head, name, getattr(table, name))
+    return head

@@ -1,0 +1,92 @@
+"""GGUF import: the file's Q8_0/Q4_0/Q4_1/TQ2_0 blocks packed into lowbit layers equal gguf-py's own
+dequantization, run on lowbit's kernels, and export back to the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.kernels.quant_embedding import QuantEmbedding
+from lowbit.kernels.quant_linear import is_quantized, set_backend
+from lowbit.quant.apply import quantize_
+from lowbit.workflows.export import export
+from lowbit.workflows.gguf_import import pack_from_gguf
+from tests.workflows.test_export_gguf import TinyChat
+
+
+def float_twin(model: TinyChat) -> torch.nn.Module:
+    """The float model transformers' GGUF loader would build: lowbit's dequantized weights in plain layers."""
+    import copy
+
+    config = model.language.config
+    twin = TinyChat(hidden=config.hidden_size, inter=config.intermediate_size)
+    state = {}
+    for name, module in model.language.named_modules():
+        if is_quantized(module):
+            state[f"{name}.weight"] = module.packed.dequantize()
+    twin.language.load_state_dict({**{k: v for k, v in copy.deepcopy(model.language).state_dict().items()
+                                      if k in twin.language.state_dict()}, **state}, strict=False)
+    return twin
+
+
+@pytest.mark.parametrize(("recipe", "hidden"), [("model=w4g32,model@embedding=w8g32", 64),
+                                                ("model=w4g32:minmax,model@embedding=w8g32", 64),
+                                                ("model=w8g64,model@embedding=w8g32", 64),
+                                                ("model=w1.58g256,model@embedding=w8g32", 256)])
+def test_export_import_round_trip_is_exact(tmp_path: Path, recipe: str, hidden: int) -> None:
+    from gguf import GGUFReader
+
+    model = TinyChat(hidden=hidden, inter=2 * hidden)
+    quantize_(model.language, recipe, progress=False)
+    export(model, "gguf", tmp_path / "a.gguf")
+    twin = float_twin(model)  # what a float load of the file gives
+    report = pack_from_gguf(twin.language, tmp_path / "a.gguf")
+    assert len(report["packed"]) == 2 * 7 + 1 + 1 and not report["float"]  # linears, table, tied head
+    lm = twin.language
+    assert isinstance(lm.model.embed_tokens, QuantEmbedding) and lm.lm_head.qweight is lm.model.embed_tokens.qweight
+    for name, module in model.language.named_modules():
+        if is_quantized(module):
+            np.testing.assert_array_equal(lm.get_submodule(name).packed.dequantize().numpy(),
+                                          module.packed.dequantize().numpy(), name)
+    export(twin, "gguf", tmp_path / "b.gguf")  # and back: the same blocks, byte for byte
+    a, b = GGUFReader(str(tmp_path / "a.gguf")), GGUFReader(str(tmp_path / "b.gguf"))
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert ta.name == tb.name and ta.tensor_type == tb.tensor_type
+        assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name
+
+
+def test_imported_model_runs_on_the_kernels_within_their_bound(tmp_path: Path) -> None:
+    model = TinyChat()
+    quantize_(model.language, "model=w4g32,model@embedding=w8g32", progress=False)
+    export(model, "gguf", tmp_path / "a.gguf")
+    twin = float_twin(model)
+    ids = torch.tensor([model.tokenizer("the quick brown fox answers a small question")["input_ids"]])
+    with torch.no_grad():
+        float_logits = twin.language(ids).logits
+        pack_from_gguf(twin.language, tmp_path / "a.gguf")
+        set_backend(twin.language, "reference")
+        assert torch.allclose(twin.language(ids).logits, float_logits, atol=1e-5, rtol=0)
+        set_backend(twin.language, "cpu")  # int8 activations: the kernels' stated bound, same top tokens
+        kernel_logits = twin.language(ids).logits
+    assert torch.equal(kernel_logits.argmax(-1), float_logits.argmax(-1))
+    assert float((kernel_logits - float_logits).abs().max() / float_logits.abs().max()) < 0.05
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_packs_losslessly() -> None:
+    """The shipped SmolLM2 GGUF (Q4_1 blocks, Q8_0 table) on lowbit's kernels: transformers' float logits exactly
+    on the reference backend."""
+    from lowbit.models.smollm import gguf_path, load_smollm2
+
+    lm, tokenizer = load_smollm2()
+    ids = torch.tensor([tokenizer("The capital of France is a city where")["input_ids"]])
+    with torch.no_grad():
+        float_logits = lm(ids).logits
+        report = pack_from_gguf(lm, gguf_path())
+        set_backend(lm, "reference")
+        packed_logits = lm(ids).logits
+    assert set(report["packed"].values()) == {"Q4_1", "Q8_0"} and len(report["packed"]) == 30 * 7 + 2
+    assert torch.equal(packed_logits, float_logits)
