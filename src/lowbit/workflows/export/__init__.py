@@ -1,6 +1,7 @@
 """``lowbit export``: a lowbit model written in a format another runtime runs (GGUF, ONNX, HF compressed-tensors).
 
-One file per format (``gguf.py``, ``onnx.py``, ``hf.py``), each ending in one ``register_export(ExportFormat(...))``.
+One file per format (``gguf.py``, ``onnx.py``, ``hf.py``), each ending in one ``register_export(ExportFormat(...))``;
+every module of this package is imported on the first export, so adding the file is the whole registration.
 A format's ``write(model, tmp, options) -> report`` writes into a temporary path; ``export`` renames it onto
 ``out`` only when the writer succeeded, so a failed or interrupted export never leaves a partial file under the
 final name and an existing output survives.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +49,7 @@ class ExportFormat:
 
 
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
-_FORMAT_MODULES = ("gguf", "onnx", "hf")  # imported on first use: each registers its row
+_NOT_FORMATS = frozenset({"run"})  # modules of this package that are not formats
 
 
 def register_export(fmt: ExportFormat) -> ExportFormat:
@@ -56,12 +58,10 @@ def register_export(fmt: ExportFormat) -> ExportFormat:
 
 
 def _load_formats() -> None:
-    for name in _FORMAT_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
+    """Import every format module of this package (on first use: each registers its row)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _NOT_FORMATS:
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def export(model: nn.Module, format: str, out: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
