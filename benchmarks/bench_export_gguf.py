@@ -190,7 +190,8 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp quantize to {ftype_name} failed")
         row(f"llama.cpp {ftype_name}", out, {"quantized_by": "llama.cpp quantize (RTN)"})
-    calib_texts = docstrings(list(CALIB_MODULES), 64 if quick else 256)
+    # ~128 tokens each: GPTQ needs many rows, not long documents
+    calib_texts = [t[:600] for t in docstrings(list(CALIB_MODULES), 64 if quick else 256)]
     speed: dict[str, Any] = {}
     for name, recipe in RECIPES.items():
         model = copy.deepcopy(llava)

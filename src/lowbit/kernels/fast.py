@@ -96,19 +96,31 @@ def _build_dir() -> Path:
 
 
 def _compile() -> ModuleType:
+    import fcntl
+
     from torch.utils.cpp_extension import load
 
     sources = [str(SOURCE_DIR / s) for s in SOURCES]
-    # -fopenmp: the parallel loops run on torch's own OpenMP team (the extension links the libgomp torch
-    # already loaded), see cpu/work_pool.h.
-    try:
-        return load(name=_EXT_NAME, sources=sources, extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=False)
-    except Exception as first:  # e.g. no OpenMP, or an old compiler without the AVX-512 target: retry plainly
-        log.info("lowbit kernels: build failed (%s); retrying without OpenMP and AVX-512", first)
-        return load(name=f"{_EXT_NAME}_basic", sources=sources,
-                    extra_cflags=["-O3", "-DNDEBUG", "-DLOWBIT_NO_AVX512", "-DLOWBIT_OMP_POOL=0"],
-                    build_directory=str(_build_dir()), verbose=False)
+    build_dir = _build_dir()
+    # torch's own build lock is a plain file: a builder killed mid-build leaves it, and every later process
+    # waits on it forever. An flock is released by the kernel when its holder dies, so under it a leftover
+    # torch lock can only be stale.
+    with open(build_dir / "lowbit.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.info("lowbit kernels: removing the build lock a killed build left in %s", build_dir)
+            stale.unlink(missing_ok=True)
+        # -fopenmp: the parallel loops run on torch's own OpenMP team (the extension links the libgomp torch
+        # already loaded), see cpu/work_pool.h.
+        try:
+            return load(name=_EXT_NAME, sources=sources, extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        except Exception as first:  # e.g. no OpenMP, or an old compiler without AVX-512: retry plainly
+            log.info("lowbit kernels: build failed (%s); retrying without OpenMP and AVX-512", first)
+            return load(name=f"{_EXT_NAME}_basic", sources=sources,
+                        extra_cflags=["-O3", "-DNDEBUG", "-DLOWBIT_NO_AVX512", "-DLOWBIT_OMP_POOL=0"],
+                        build_directory=str(build_dir), verbose=False)
 
 
 def _say_fallback_once(reason: str, category: type[Warning] | None) -> None:
