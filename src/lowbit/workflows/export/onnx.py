@@ -246,7 +246,7 @@ class _LinearStandIn(nn.Module):
             y = _PackedLinearOp.apply(x, self.key)
             y = y if self.bias is None else y + self.bias
         else:
-            y = F.linear(x, _PackedWeightOp.apply(x, self.key), self.bias)  # input_scale is folded into the marked weight
+            y = F.linear(x, _PackedWeightOp.apply(x, self.key), self.bias)  # input_scale folded into the weight
         y = clamp_output(self, y)
         return y.permute(0, 3, 1, 2) if self.conv1x1 else y
 
@@ -344,7 +344,7 @@ def stand_ins(model: nn.Module) -> Iterator[list[LayerPlan]]:
 
 
 # --- the graph rewrite: markers -> MatMulNBits / DequantizeLinear --------------------------------------------
-def _matmul_nbits_nodes(plan: LayerPlan, x: str, y: str) -> tuple[list[Any], list[Any]]:
+def _matmul_nbits_nodes(plan: LayerPlan, x: str, y: str, accuracy_level: int) -> tuple[list[Any], list[Any]]:
     from onnx import helper
 
     p, prefix = plan.packed, f"lowbit.{plan.key}"
@@ -353,7 +353,7 @@ def _matmul_nbits_nodes(plan: LayerPlan, x: str, y: str) -> tuple[list[Any], lis
     inits = [_tensor(f"{prefix}.{k}", v) for k, v in tensors.items()]
     node = helper.make_node("MatMulNBits", [x, *(i.name for i in inits)], [y], name=f"{plan.name}/MatMulNBits",
                             domain="com.microsoft", K=p.in_features, N=p.out_features, bits=p.bits,
-                            block_size=plan.block_size, accuracy_level=ACCURACY_LEVEL)
+                            block_size=plan.block_size, accuracy_level=accuracy_level)
     return [node], inits
 
 
@@ -396,7 +396,7 @@ def _weight_nodes(plan: LayerPlan, y: str) -> tuple[list[Any], list[Any]]:
     return nodes, inits
 
 
-def rewrite_markers(model: Any, plans: Sequence[LayerPlan]) -> Any:
+def rewrite_markers(model: Any, plans: Sequence[LayerPlan], accuracy_level: int = ACCURACY_LEVEL) -> Any:
     """Replace every marker node of the ONNX ``model`` by its plan's nodes; opsets set for ORT."""
     from onnx import helper
 
@@ -414,7 +414,7 @@ def rewrite_markers(model: Any, plans: Sequence[LayerPlan]) -> Any:
             new_nodes.append(helper.make_node("Identity", [done[node.op_type, key]], [out]))
             continue
         if node.op_type == "PackedLinear":
-            nodes, inits = _matmul_nbits_nodes(plan, node.input[0], out)
+            nodes, inits = _matmul_nbits_nodes(plan, node.input[0], out, accuracy_level)
         else:
             nodes, inits = _weight_nodes(plan, out)
         done[node.op_type, key] = out
@@ -484,9 +484,9 @@ def probe_inputs(model: DualEncoder) -> tuple[torch.Tensor, dict[str, torch.Tens
     return model.preprocess(images), model.tokenize(list(_PROBE_TEXTS))
 
 
-def _trace(tower: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequence[str], output: str,
-           dynamic: dict[str, dict[int, str]], what: str) -> Any:
-    """The tower as an ONNX ModelProto holding marker nodes (TorchScript exporter)."""
+def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequence[str], output: str,
+           dynamic: Mapping[str, Mapping[int, str]], what: str) -> Any:
+    """``module`` as an ONNX ModelProto holding marker nodes (TorchScript exporter)."""
     import io
 
     import onnx
@@ -495,16 +495,29 @@ def _trace(tower: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequen
     try:
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices and tracer warnings
             warnings.simplefilter("ignore")
-            torch.onnx.export(tower, args, buffer, dynamo=False, opset_version=OPSET, input_names=list(input_names),
-                              output_names=[output], dynamic_axes=dynamic, custom_opsets={MARKER_DOMAIN: 1},
-                              do_constant_folding=True)
+            torch.onnx.export(module, args, buffer, dynamo=False, opset_version=OPSET, input_names=list(input_names),
+                              output_names=[output], dynamic_axes={k: dict(v) for k, v in dynamic.items()},
+                              custom_opsets={MARKER_DOMAIN: 1}, do_constant_folding=True)
     except LowbitError:
         raise
-    except Exception as exc:  # torch cannot trace this tower: say why in one line
+    except Exception as exc:  # torch cannot trace this module: say why in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LowbitError(f"onnx export: torch.onnx.export could not trace the {what} tower "
+        raise LowbitError(f"onnx export: torch.onnx.export could not trace the {what} "
                           f"({type(exc).__name__}: {first[:200]})") from None
     return onnx.load_from_string(buffer.getvalue())
+
+
+def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequence[str], output: str,
+                  dynamic: Mapping[str, Mapping[int, str]] | None = None, accuracy_level: int = ACCURACY_LEVEL,
+                  what: str = "module", root: nn.Module | None = None) -> tuple[Any, list[LayerPlan]]:
+    """Any torch module holding packed layers as an ONNX ModelProto with them packed, and the layers' plans.
+
+    ``root`` is the module whose packed layers are swapped (``module`` itself by default; a tower wrapper passes
+    the whole model). ``accuracy_level`` is MatMulNBits' (0: float compute, for exactness checks)."""
+    target = root if root is not None else module
+    with stand_ins(target) as plans:
+        proto = _trace(module, args, input_names, output, dynamic or {}, what)
+    return rewrite_markers(proto, plans, accuracy_level), plans
 
 
 def ort_session(model: Any, threads: int = 0) -> Any:
@@ -577,12 +590,11 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
             expected_image = encoder.encode_image(pixels)
             expected_text = encoder.encode_text(tokens)
         names = list(tokens)
-        with stand_ins(encoder) as plans:
-            image = _trace(_ImageTower(encoder).eval(), (pixels,), [IMAGE_INPUT], IMAGE_OUTPUT,
-                           {IMAGE_INPUT: {0: "batch"}}, "image")
-            text = _trace(_TextTower(encoder, names).eval(), tuple(tokens[n] for n in names), names, TEXT_OUTPUT,
-                          {n: {0: "batch", 1: "sequence"} for n in names}, "text")
-            image, text = rewrite_markers(image, plans), rewrite_markers(text, plans)
+        image, plans = export_module(_ImageTower(encoder).eval(), (pixels,), [IMAGE_INPUT], IMAGE_OUTPUT,
+                                     {IMAGE_INPUT: {0: "batch"}}, what="image tower", root=encoder)
+        text, _ = export_module(_TextTower(encoder, names).eval(), tuple(tokens[n] for n in names), names,
+                                TEXT_OUTPUT, {n: {0: "batch", 1: "sequence"} for n in names}, what="text tower",
+                                root=encoder)
     finally:
         for m, flag in was_training.items():
             m.training = flag
@@ -634,6 +646,58 @@ def _save_tokenizer(model: DualEncoder, out: Path) -> None:
         processor.save_pretrained(str(out))
 
 
+# --- running the export: ONNX Runtime beside lowbit -----------------------------------------------------------
+class OrtDualEncoder:
+    """The two graphs of an export in ONNX Runtime sessions, fed by ``model``'s own preprocessing and tokenizer
+    (so a comparison isolates the graphs): ``encode_image``, ``encode_text``, ``embed_images``, ``embed_texts``
+    (the calls ``lowbit.eval.zeroshot.class_embeddings`` makes)."""
+
+    def __init__(self, path: str | Path, model: DualEncoder, threads: int = 0) -> None:
+        path = Path(path)
+        self.meta = json.loads((path / METADATA_FILE).read_text())
+        self.model = model
+        self.image = ort_session(path / self.meta["image"]["file"], threads)
+        self.text = ort_session(path / self.meta["text"]["file"], threads)
+        self.text_inputs = list(self.meta["text"]["inputs"])
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.image.run(None, {IMAGE_INPUT: pixels.numpy()})[0])
+
+    def encode_text(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(self.text.run(None, {n: tokens[n].numpy() for n in self.text_inputs})[0])
+
+    def embed_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool | str = False) -> torch.Tensor:
+        return torch.cat([self.encode_image(self.model.preprocess(images[i:i + batch_size]))
+                          for i in range(0, len(images), batch_size)])
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool | str = False) -> torch.Tensor:
+        return torch.cat([self.encode_text(self.model.tokenize(texts[i:i + batch_size]))
+                          for i in range(0, len(texts), batch_size)])
+
+
+def compare_with_lowbit(model: DualEncoder, path: str | Path, data: Any, threads: int = 0) -> dict[str, Any]:
+    """ORT (the export at ``path``) against ``model`` on lowbit's kernels, on a labelled ``data`` set: image
+    embedding cosine over its images, text cosine over every prompt (class names x templates), zero-shot top-1."""
+    from lowbit.eval.zeroshot import class_embeddings, classify_embeddings
+
+    ort_model = OrtDualEncoder(path, model, threads)
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    prompts = [t.replace("{}", c, 1) for c in data.classnames for t in data.templates]
+    with torch.inference_mode():
+        img_lb, img_ort = model.embed_images(data.images), ort_model.embed_images(data.images)
+        txt_lb, txt_ort = model.embed_texts(prompts), ort_model.embed_texts(prompts)
+        cls_lb = class_embeddings(model, data.classnames, data.templates)
+        cls_ort = class_embeddings(ort_model, data.classnames, data.templates)  # type: ignore[arg-type]
+    top1_lb = classify_embeddings(img_lb, cls_lb, labels, data.classnames)["top1"]
+    top1_ort = classify_embeddings(img_ort, cls_ort, labels, data.classnames)["top1"]
+    img_cos = F.cosine_similarity(img_lb.double(), img_ort.double(), dim=-1)
+    txt_cos = F.cosine_similarity(txt_lb.double(), txt_ort.double(), dim=-1)
+    return {"n_images": len(data), "n_prompts": len(prompts),
+            "image_cosine_min": img_cos.min().item(), "image_cosine_mean": img_cos.mean().item(),
+            "text_cosine_min": txt_cos.min().item(), "text_cosine_mean": txt_cos.mean().item(),
+            "top1_lowbit": top1_lb, "top1_ort": top1_ort, "top1_delta_pt": 100 * (top1_ort - top1_lb)}
+
+
 register_export(ExportFormat(
     name="onnx",
     description="ONNX Runtime: image.onnx + text.onnx, packed linears as com.microsoft MatMulNBits",
@@ -642,5 +706,6 @@ register_export(ExportFormat(
     suffix="",
 ))
 
-__all__ = ["LayerPlan", "check_exportable", "matmul_nbits_block", "matmul_nbits_tensors", "ort_session",
-           "plan_layer", "rewrite_markers", "stand_ins", "write_onnx"]
+__all__ = ["LayerPlan", "OrtDualEncoder", "check_exportable", "compare_with_lowbit", "export_module",
+           "matmul_nbits_block", "matmul_nbits_tensors", "ort_session", "plan_layer", "rewrite_markers", "stand_ins",
+           "write_onnx"]
