@@ -14,7 +14,6 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import fast
-from lowbit.kernels.offsets import OffsetLinear
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.kernels.storage import storage_format
 from lowbit.workflows.export import export
@@ -133,8 +132,9 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_tiny_dual_encoder_exports_and_matches(kind, tiny_dirs, tmp_path):
-    import lowbit
     from PIL import Image
+
+    import lowbit
 
     model = lowbit.load(str(tiny_dirs[kind]))
     lowbit.quantize(model, "vision=w4g16,text=w4g16,projector=w8", progress=False)
@@ -158,9 +158,8 @@ def test_tiny_dual_encoder_exports_and_matches(kind, tiny_dirs, tmp_path):
 
 
 def test_bad_inputs_are_one_line(tiny_dirs, tmp_path):
-    from tests.models.llava_tiny import write_tiny_llava
-
     import lowbit
+    from tests.models.llava_tiny import write_tiny_llava
 
     llava = lowbit.load(str(write_tiny_llava(tmp_path / "llava")))
     with pytest.raises(LowbitError, match="onnx export takes dual encoders") as err:
