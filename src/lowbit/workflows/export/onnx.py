@@ -582,6 +582,10 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
     import onnx
 
     encoder = check_exportable(model)
+    accuracy_level = options.get("accuracy_level", ACCURACY_LEVEL)
+    if accuracy_level not in (0, 1, 4):
+        raise LowbitError(f"onnx export: accuracy_level {accuracy_level!r} is not accepted; accepted: 4 (int8 "
+                          "activations, the default), 0 or 1 (float32 compute)")
     was_training = {m: m.training for m in encoder.modules()}
     encoder.eval()
     try:
@@ -591,10 +595,10 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
             expected_text = encoder.encode_text(tokens)
         names = list(tokens)
         image, plans = export_module(_ImageTower(encoder).eval(), (pixels,), [IMAGE_INPUT], IMAGE_OUTPUT,
-                                     {IMAGE_INPUT: {0: "batch"}}, what="image tower", root=encoder)
+                                     {IMAGE_INPUT: {0: "batch"}}, accuracy_level, "image tower", encoder)
         text, _ = export_module(_TextTower(encoder, names).eval(), tuple(tokens[n] for n in names), names,
-                                TEXT_OUTPUT, {n: {0: "batch", 1: "sequence"} for n in names}, what="text tower",
-                                root=encoder)
+                                TEXT_OUTPUT, {n: {0: "batch", 1: "sequence"} for n in names}, accuracy_level,
+                                "text tower", encoder)
     finally:
         for m, flag in was_training.items():
             m.training = flag
@@ -620,7 +624,7 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
         "logit_bias": None if bias is None else float(bias.detach()),
         "similarity": "logit_scale * image_embeds @ text_embeds.T (+ logit_bias)",
         "opset": {"": OPSET, "com.microsoft": 1},
-        "matmul_nbits_accuracy_level": ACCURACY_LEVEL,
+        "matmul_nbits_accuracy_level": accuracy_level,
         "layers": layers,
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -629,7 +633,7 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
         ops[layer["op"]] = ops.get(layer["op"], 0) + 1
     return {"files": ["image.onnx", "text.onnx", METADATA_FILE, f"{TOKENIZER_DIR}/"], "ops": ops,
             "probe_cosine": checks, "exporter": "torch.onnx.export(dynamo=False) + marker rewrite",
-            "accuracy_level": ACCURACY_LEVEL, "layers": layers}
+            "accuracy_level": accuracy_level, "layers": layers}
 
 
 def _graph_initializers(model: Any) -> set[str]:
@@ -703,6 +707,7 @@ register_export(ExportFormat(
     description="ONNX Runtime: image.onnx + text.onnx, packed linears as com.microsoft MatMulNBits",
     write=write_onnx,
     is_dir=True,
+    options=("accuracy_level",),
     suffix="",
 ))
 
