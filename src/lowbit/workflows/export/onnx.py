@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.formats import PackedWeight, num_groups, symmetric_zero
 from lowbit.kernels.quant_embedding import QuantEmbedding
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, clamp_output, is_quantized
@@ -473,6 +474,9 @@ def check_exportable(model: Any) -> DualEncoder:
         raise LowbitError(f"onnx export takes dual encoders with an image and a text tower (families "
                           f"{', '.join(SUPPORTED_FAMILIES)}: lit-fashion, clip-vit-tiny-fashion, HF CLIP/SigLIP "
                           f"dirs or their packed checkpoints); received {what}")
+    if is_folded(model):
+        raise LowbitError("onnx export: this model was optimized for inference (BatchNorm folded into its convs: "
+                          "lowbit.load(dir, optimize=True)); accepted: the model as loaded without optimize")
     return model
 
 
