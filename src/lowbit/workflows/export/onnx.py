@@ -252,20 +252,26 @@ class _LinearStandIn(nn.Module):
         return y.permute(0, 3, 1, 2) if self.conv1x1 else y
 
 
+EMBEDDING_BUFFER = "lowbit_packed_weight_"  # + key: the stand-in table's initializer, rewritten after the trace
+
+
 class _EmbeddingStandIn(nn.Module):
-    """A ``QuantEmbedding`` during export: a gather from the (DequantizeLinear'd) table."""
+    """A ``QuantEmbedding`` during export: a gather from a float table buffer with a marker name, whose
+    initializer the rewrite replaces by DequantizeLinear nodes (a marker op fails to trace when the ids are a
+    module buffer, as CLIP's position ids are; constant folding is off, so the table is never folded away)."""
 
     def __init__(self, plan: LayerPlan) -> None:
         super().__init__()
         self.key = plan.key
         self.padding_idx = plan.module.padding_idx
+        self.register_buffer(f"{EMBEDDING_BUFFER}{plan.key}", plan.weight)
 
     @property
-    def weight(self) -> torch.Tensor:  # for code that reads .weight's dtype or shape
-        return _ACTIVE[self.key].weight
+    def weight(self) -> torch.Tensor:
+        return self._buffers[f"{EMBEDDING_BUFFER}{self.key}"]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, _PackedWeightOp.apply(ids, self.key))
+        return F.embedding(ids, self.weight)
 
 
 class _ExportWeight:
@@ -421,6 +427,13 @@ def rewrite_markers(model: Any, plans: Sequence[LayerPlan], accuracy_level: int 
         done[node.op_type, key] = out
         new_nodes += nodes
         graph.initializer.extend(inits)
+    for init in list(graph.initializer):  # embedding tables: the stand-in's float buffer -> DequantizeLinear
+        key_text = init.name.rpartition(EMBEDDING_BUFFER)[2]
+        if EMBEDDING_BUFFER in init.name and key_text.isdigit():
+            nodes, inits = _weight_nodes(by_key[int(key_text)], init.name)
+            graph.initializer.remove(init)
+            new_nodes[:0] = nodes
+            graph.initializer.extend(inits)
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused(graph)
@@ -501,7 +514,7 @@ def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Seque
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, buffer, dynamo=False, opset_version=OPSET, input_names=list(input_names),
                               output_names=[output], dynamic_axes={k: dict(v) for k, v in dynamic.items()},
-                              custom_opsets={MARKER_DOMAIN: 1}, do_constant_folding=True)
+                              custom_opsets={MARKER_DOMAIN: 1}, do_constant_folding=False)
     except LowbitError:
         raise
     except Exception as exc:  # torch cannot trace this module: say why in one line
