@@ -118,8 +118,14 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 
 def merge_section(name: str, result: dict[str, Any], path: Path = OUT) -> None:
-    """Write ``result`` under ``name`` in ``path``, keeping the other sections."""
+    """Write ``result`` under ``name`` in ``path``, keeping the other sections; rows of models not run this time
+    (``--only``) are kept, each with the environment it was measured in."""
     data = json.loads(path.read_text()) if path.is_file() else {}
+    old_rows = data.get(name, {}).get("rows", [])
+    for row in result.get("rows", []):
+        row["environment"] = result.get("environment")
+    ran = {row.get("model") for row in result.get("rows", [])}
+    result["rows"] = [r for r in old_rows if r.get("model") not in ran] + result.get("rows", [])
     data[name] = result
     write_json(path, data)
 

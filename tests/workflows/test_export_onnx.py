@@ -122,6 +122,19 @@ def test_torch_onnx_export_of_a_packed_module_refuses(tmp_path):
         torch.onnx.export(model, (torch.randn(1, 64),), str(tmp_path / "m.onnx"), dynamo=False)
 
 
+# --- the built-in models: the numbers (500 images, every prompt) ------------------------------------------
+# The w4 preset's layout (4-bit embeddings with zero points, 8-bit projector and convs, 4-bit group-128 linears
+# and 1x1 convs) with RTN everywhere: GPTQ's calibration would take minutes; the export does not care who chose
+# the codes.
+W4_RTN = {"version": 1, "rules": [
+    {"tower": "*", "pattern": "*", "kinds": ["embedding"], "method": "rtn", "bits": 4, "group_size": 32,
+     "symmetric": False},
+    {"tower": "projector", "pattern": "*", "method": "rtn", "bits": 8},
+    {"tower": "*", "pattern": "*", "kinds": ["conv"], "method": "rtn", "bits": 8},
+    {"tower": "*", "pattern": "*", "kinds": ["linear", "conv1x1"], "method": "rtn", "bits": 4, "group_size": 128},
+]}
+
+
 # --- whole models ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
@@ -135,10 +148,12 @@ def test_tiny_dual_encoder_exports_and_matches(kind, tiny_dirs, tmp_path):
     from PIL import Image
 
     import lowbit
+    from lowbit.quant.recipe import Recipe
 
     model = lowbit.load(str(tiny_dirs[kind]))
-    lowbit.quantize(model, "vision=w4g16,text=w4g16,projector=w8", progress=False)
+    lowbit.quantize(model, Recipe.from_dict(W4_RTN, "w4-rtn"), progress=False)  # embeddings and the patch conv too
     report = export(model, "onnx", tmp_path / "out")
+    assert report["ops"]["DequantizeLinear"] >= 3  # token + position tables, the patch conv
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"image.onnx", "text.onnx", "lowbit_onnx.json", "tokenizer"}
     assert report["ops"]["MatMulNBits"] >= 8 and report["probe_cosine"]["image"] > 0.999
@@ -191,19 +206,6 @@ def test_failed_export_leaves_nothing_under_the_name(tiny_dirs, tmp_path, monkey
     with pytest.raises(LowbitError, match="came out empty"):
         export(model, "onnx", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-
-
-# --- the built-in models: the numbers (500 images, every prompt) ------------------------------------------
-# The w4 preset's layout (4-bit embeddings with zero points, 8-bit projector and convs, 4-bit group-128 linears
-# and 1x1 convs) with RTN everywhere: GPTQ's calibration would take minutes; the export does not care who chose
-# the codes.
-W4_RTN = {"version": 1, "rules": [
-    {"tower": "*", "pattern": "*", "kinds": ["embedding"], "method": "rtn", "bits": 4, "group_size": 32,
-     "symmetric": False},
-    {"tower": "projector", "pattern": "*", "method": "rtn", "bits": 8},
-    {"tower": "*", "pattern": "*", "kinds": ["conv"], "method": "rtn", "bits": 8},
-    {"tower": "*", "pattern": "*", "kinds": ["linear", "conv1x1"], "method": "rtn", "bits": 4, "group_size": 128},
-]}
 
 
 @pytest.mark.slow
