@@ -716,7 +716,8 @@ def compare_with_lowbit(model: DualEncoder, path: str | Path, data: Any, threads
     return {"n_images": len(data), "n_prompts": len(prompts),
             "image_cosine_min": img_cos.min().item(), "image_cosine_mean": img_cos.mean().item(),
             "text_cosine_min": txt_cos.min().item(), "text_cosine_mean": txt_cos.mean().item(),
-            "top1_lowbit": top1_lb, "top1_ort": top1_ort, "top1_delta_pt": round(100 * (top1_ort - top1_lb), 9)}  # one image of 500 is 0.2, not 0.2000...2
+            "top1_lowbit": top1_lb, "top1_ort": top1_ort,
+            "top1_delta_pt": round(100 * (top1_ort - top1_lb), 9)}  # one image of 500: 0.2, not 0.2000...2
 
 
 register_export(ExportFormat(
