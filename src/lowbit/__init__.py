@@ -16,6 +16,7 @@ from lowbit.api import (
     chat,
     demo,
     evaluate,
+    export,
     list_models,
     load,
     qat,
@@ -27,6 +28,6 @@ from lowbit.errors import LowbitError
 from lowbit.version import __version__
 
 __all__ = [
-    "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "list_models", "load", "qat",
-    "quantize", "save", "sweep", "__version__",
+    "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "export", "list_models", "load",
+    "qat", "quantize", "save", "sweep", "__version__",
 ]

@@ -10,16 +10,27 @@ import argparse
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import print_json_or_table
+from lowbit.io import write_json
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export MODEL for another runtime: GGUF (llama.cpp), ONNX (ONNX Runtime) or HF compressed-tensors."""
     options: dict[str, Any] = {}
-    if args.requantize:
-        options["requantize"] = True
+    for flag in ("requantize", "dequantize"):
+        if getattr(args, flag):
+            options[flag] = True
+    if args.accuracy_level is not None:
+        options["accuracy_level"] = args.accuracy_level
     report = api.export(args.model, args.format, args.out, recipe=args.recipe, **options)
-    print_json_or_table(report, args.json)
+    if args.json:
+        write_json(args.json, report)
+    mapped = report.get("tensor_types") or report.get("ops") or {}
+    print(f"wrote {report['out']} ({report['file_bytes'] / 1e6:.2f} MB, {args.format}); "
+          f"exact: {report.get('exact', 'see report')}" + (f"; {mapped}" if mapped else ""))
+    for row in report.get("requantized", []) + report.get("dequantized", []):
+        print(f"  not exact: {row}")
+    if args.json:
+        print(f"wrote {args.json}")
 
 
 def register_export_cli(sub: Any) -> None:
@@ -32,4 +43,8 @@ def register_export_cli(sub: Any) -> None:
     p.add_argument("--recipe", help="quantize MODEL with this recipe first (preset, YAML path or short string)")
     p.add_argument("--requantize", action="store_true",
                    help="gguf: re-quantize layers whose grid has no exact GGUF type (the added error is reported)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="hf: write layers compressed-tensors cannot hold as float (listed in the report)")
+    p.add_argument("--accuracy-level", type=int,
+                   help="onnx: MatMulNBits accuracy_level (4 = int8 compute, the default; 0/1 = float)")
     p.add_argument("--json", help="write the export report here")

@@ -25,6 +25,7 @@ from lowbit.kernels.quant_linear import (
     _packed_shapes,
     _PackedMixin,
     _register_packed,
+    refuse_onnx_trace,
 )
 
 
@@ -55,6 +56,7 @@ class QuantEmbedding(_PackedMixin, nn.Module):
         return table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        refuse_onnx_trace(self)
         if ids.dtype not in (torch.int64, torch.int32):
             raise LowbitError(f"QuantEmbedding expects integer ids; received {ids.dtype}")
         flat = ids.reshape(-1)

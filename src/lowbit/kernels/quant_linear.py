@@ -58,6 +58,20 @@ def reference_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return clamp_output(layer, F.linear(x, w.to(x.dtype), bias))
 
 
+ONNX_EXPORT_HINT = "lowbit export MODEL --format onnx --out DIR (lowbit.export)"
+
+
+def refuse_onnx_trace(module: nn.Module) -> None:
+    """Raise while torch's tracer runs (``torch.onnx.export(dynamo=False)``, ``torch.jit.trace``): the kernels
+    run outside it, so a traced packed module would be recorded as a constant (torch.onnx.export of a packed
+    lit-fashion wrote a graph of one Constant node). The tracing-state check costs ~60 ns a call
+    (``torch.onnx.is_in_onnx_export`` costs 1.5 us, too much for a decode step's ~200 calls)."""
+    if torch._C._get_tracing_state() is not None:
+        raise LowbitError(f"{type(module).__name__}: a packed module cannot be traced by torch.onnx.export / "
+                          f"torch.jit.trace (it would be recorded as a constant); export packed models with "
+                          f"`{ONNX_EXPORT_HINT}`")
+
+
 # --- packed-buffer helpers shared by all quantized modules ----------------------------------------------
 def _version(t: torch.Tensor) -> int:
     # Inference tensors have no version counter (and cannot be modified in place outside inference mode).
@@ -157,6 +171,7 @@ class _PackedMixin:
     def weight(self) -> torch.Tensor:
         """Read-only float view of the quantized weight, for code that reads ``.weight`` directly
         (e.g. ``nn.MultiheadAttention`` reading ``out_proj.weight``)."""
+        refuse_onnx_trace(self)  # type: ignore[arg-type]
         return self.effective_weight()
 
     def _drop_cache(self) -> None:
@@ -251,6 +266,7 @@ class QuantLinear(_PackedMixin, nn.Module):
         return LINEAR_BACKENDS.get(self.backend)(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_onnx_trace(self)
         s = self._buffers["input_scale"]  # direct: this runs ~200 times per decoded token
         if s is not None:
             x = x / s.to(x.dtype)

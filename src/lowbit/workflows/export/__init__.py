@@ -75,7 +75,11 @@ def export(model: nn.Module, format: str, out: str | os.PathLike[str], **options
     target = Path(out)
     if str(out) == "" or target.name in ("", ".", ".."):
         raise LowbitError(f"export: --out {str(out)!r} is not a file or directory name")
-    with atomic_path(target, is_dir=fmt.is_dir) as tmp:
-        report = dict(fmt.write(model, tmp, options))
+    try:
+        with atomic_path(target, is_dir=fmt.is_dir) as tmp:
+            report = dict(fmt.write(model, tmp, options))
+    except OSError as exc:  # an unwritable --out (read-only dir, a file in the way, disk full): one line
+        raise LowbitError(f"export: cannot write {target} ({exc.strerror or type(exc).__name__}); accepted: a "
+                          f"{'directory' if fmt.is_dir else 'file'} path in a writable directory") from None
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() else target.stat().st_size
     return {"format": format, "out": str(target), "file_bytes": size, **report}
