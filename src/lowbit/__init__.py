@@ -20,6 +20,7 @@ from lowbit.api import (
     load,
     qat,
     quantize,
+    quantize_,
     save,
     sweep,
 )
@@ -28,5 +29,5 @@ from lowbit.version import __version__
 
 __all__ = [
     "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "list_models", "load", "qat",
-    "quantize", "save", "sweep", "__version__",
+    "quantize", "quantize_", "save", "sweep", "__version__",
 ]

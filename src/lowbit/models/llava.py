@@ -250,6 +250,8 @@ SPEC = register_family(FamilySpec(
     ),),
     dual_encoder=LlavaModel,
     towers=("vision", "projector", "language"),
+    # the built-ins' projectors were trained on Fashion-MNIST questions; any other llava takes the default
+    calibration_data=lambda model: "fashion-mnist" if model.source.get("name") in BUILTIN_NAMES else None,
     save_architecture=save_llava_architecture,
     skeleton=llava_skeleton,
 ))

@@ -178,6 +178,21 @@ def plan_quantization(
     return planned, kept, used
 
 
+def no_match_error(model: nn.Module, recipe: Recipe, examples: int = 4) -> LowbitError:
+    """The one-line error for a recipe none of whose rules matches a layer of ``model``: the rules' patterns and
+    a few real layer paths (with their kinds) they could have named."""
+    towers = model_towers(model)
+    layers = [(tower, name, kind) for tower, name, m in _walk(towers) if name
+              for kind in [layer_kind(m)[0]] if kind is not None]
+    patterns = ", ".join(r.describe() for r in recipe.rules)
+    shown = ", ".join(f"{t}/{n} ({k})" for t, n, k in layers[:examples])
+    more = f" and {len(layers) - examples} more" if len(layers) > examples else ""
+    what = f"its layers are {shown}{more}" if layers else "it has no Linear, Conv2d or Embedding layer"
+    return LowbitError(f"recipe {recipe.name or patterns!r} matches no layer of this {type(model).__name__} "
+                       f"(rules: {patterns}; towers: {', '.join(towers)}); {what}; write TOWER/PATTERN with a "
+                       "glob on these dotted paths (e.g. '*/layers.*=w4g32' or '*=w8')")
+
+
 def _tie_heads(planned: list[_Planned]) -> None:
     """An output head whose weight IS a planned embedding's weight (tied, as in SmolLM2 / Llama with
     ``tie_word_embeddings``) reuses the table's packed tensors instead of being quantized on its own: one packed
@@ -222,6 +237,8 @@ def quantize_(
 
     recipe = load_recipe(recipe)
     planned, kept, used = plan_quantization(model, recipe)
+    if not any(used):
+        raise no_match_error(model, recipe)
     for index, count in enumerate(used):
         if count == 0 and not recipe.rules[index].optional:
             warnings.warn(f"recipe rule {index} ({recipe.rules[index].describe()}) matches no module",
