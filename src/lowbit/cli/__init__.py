@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("eval", cmd_eval)
     p.add_argument("model", help="built-in name (lit-fashion), CLIP/SigLIP dir, or lowbit quantized dir")
-    p.add_argument("--task", required=True, help="fashion-mnist, shapes, zeroshot, retrieval (see --help)")
-    p.add_argument("--data", help="dataset for zeroshot/retrieval: a name or a folder with captions.csv")
+    p.add_argument("--task", required=True, help="fashion-mnist, shapes, zeroshot, retrieval, fashion-vqa, text "
+                                                 "(language models: perplexity, KL against --reference)")
+    p.add_argument("--data", help="dataset for zeroshot/retrieval: a name or a folder with captions.csv; for text: a "
+                                  "text file")
     p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
     p.add_argument("--reference", help="model to measure fidelity against (e.g. the float original)")
     p.add_argument("--json", help="write the result JSON here")
