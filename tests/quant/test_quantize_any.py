@@ -94,3 +94,20 @@ def test_transformers_model_saves_and_loads_without_lowbit_knowing_it(tmp_path) 
     assert type(loaded) is type(model)
     assert loaded.lowbit_manifest["architecture"]["family"] == "transformers"
     assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_default_calibration_is_declared_by_the_family_never_fashion_mnist_by_default() -> None:
+    from lowbit.models.base import DualEncoder
+    from lowbit.workflows.quantize import default_calibration
+
+    def loaded_by(family: str, name: str) -> DualEncoder:
+        model = DualEncoder()
+        model.source = {"family": family, "name": name}
+        return model
+
+    assert default_calibration(loaded_by("lit", "lit-fashion")) == "fashion-mnist"  # built on it: its own data
+    assert default_calibration(loaded_by("vit", "clip-vit-tiny-fashion")) == "fashion-mnist"
+    assert default_calibration(loaded_by("llava", "llava-fashion-hd")) == "fashion-mnist"
+    assert default_calibration(loaded_by("llava", "/some/hf-llava")) == "scenes"  # any other model: generic
+    assert default_calibration(loaded_by("clip", "/some/clip")) == "scenes"
+    assert default_calibration(toy_cnn()) is None  # a bare module: example inputs or nothing
