@@ -108,3 +108,19 @@ def test_cli_chat_text_only_and_recipe_matching_nothing_exits_2(tmp_path: Path, 
     err = capsys.readouterr().err
     assert code == 2 and "matches no layer" in err and "language/model.layers.0.self_attn.q_proj (linear)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_llava_from_any_causal_lm_saves_quantized_and_loads_by_path(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lowbit.models.llava import LlavaModel, from_parts
+
+    model = from_parts("lit-fashion", str(save_tiny_causal_lm("qwen3", tmp_path / "qwen3")))
+    report = lowbit.quantize(model, "language=w4g32,projector=w8", progress=False)
+    set_backend(model, "reference")
+    lowbit.save(model, tmp_path / "vlm", report)
+    loaded = lowbit.load(str(tmp_path / "vlm"), backend="reference")
+    assert isinstance(loaded, LlavaModel) and loaded.lowbit_manifest["architecture"]["family"] == "llava"
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    assert lowbit.chat(loaded, image, "What is it?", max_new_tokens=5) == lowbit.chat(
+        model, image, "What is it?", max_new_tokens=5)
