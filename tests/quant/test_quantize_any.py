@@ -111,3 +111,8 @@ def test_default_calibration_is_declared_by_the_family_never_fashion_mnist_by_de
     assert default_calibration(loaded_by("llava", "/some/hf-llava")) == "scenes"  # any other model: generic
     assert default_calibration(loaded_by("clip", "/some/clip")) == "scenes"
     assert default_calibration(toy_cnn()) is None  # a bare module: example inputs or nothing
+
+
+def test_a_bare_module_without_calibration_data_is_told_what_to_pass() -> None:
+    with pytest.raises(LowbitError, match=r"method\(s\) gptq need calibration data .*accepted: calibration= example"):
+        lowbit.quantize_(toy_cnn(), "*=w4:gptq", progress=False)

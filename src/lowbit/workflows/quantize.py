@@ -124,6 +124,14 @@ def quantize(model: nn.Module, recipe: str | Recipe, calib_data: Calibration = N
     provider, record = None, None
     if needs_calibration(parsed):
         source = calib_data if calib_data is not None else default_calibration(model)
+        if source is None:
+            methods = sorted({r.method for r in parsed.rules if r.spec is not None
+                              and get_method(r.method).needs_calibration})
+            raise LowbitError(f"method(s) {', '.join(methods)} need calibration data and this {type(model).__name__} "
+                              "has no default; accepted: calibration= example inputs (a tensor, or a list of "
+                              "tensors / argument tuples / keyword dicts such as {'input_ids': ...}), a "
+                              "CalibrationProvider, a method without calibration (rtn, minmax), or a model loaded "
+                              "with lowbit.load (language models then calibrate on their own samples)")
         if source is not None:
             provider, record = calibration_provider(model, source, calib_samples, seed)
             if calib_data is None:
