@@ -124,3 +124,13 @@ def test_llava_from_any_causal_lm_saves_quantized_and_loads_by_path(tmp_path: Pa
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     assert lowbit.chat(loaded, image, "What is it?", max_new_tokens=5) == lowbit.chat(
         model, image, "What is it?", max_new_tokens=5)
+
+
+def test_presets_apply_without_warnings_or_calibration_they_do_not_need(tmp_path: Path) -> None:
+    model = lowbit.load(str(save_tiny_causal_lm("llama", tmp_path / "llama")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the presets' projector and conv rules are optional: no "matches no module"
+        report = lowbit.quantize(model, "w8", progress=False)
+    assert report.calibration is None  # w8's GPTQ rule is for k x k convs, which a language model lacks
+    kinds = {m.kind for m in report.modules}
+    assert kinds == {"embedding", "linear"} and any(m.method.startswith("tied:") for m in report.modules)

@@ -26,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.base import DualEncoder
 from lowbit.models.causal_lm import CausalLM, self_generated_windows, token_windows
 from lowbit.models.spec import family_calibration_data
-from lowbit.quant.apply import quantize_
+from lowbit.quant.apply import plan_quantization, quantize_
 from lowbit.quant.calibration import ModuleCalibrator, TokenCalibrator, calibration_from_dataset
 from lowbit.quant.defaults import (
     DEFAULT_CALIB_SAMPLES,
@@ -43,8 +43,11 @@ from lowbit.workflows.checkpoint import save_loaded, save_quantized
 Calibration = Any  # a CalibrationProvider, example inputs (a tensor or a sequence of them) or a dataset spec
 
 
-def needs_calibration(recipe: Recipe) -> bool:
-    return any(rule.spec is not None and get_method(rule.method).needs_calibration for rule in recipe.rules)
+def calibrated_methods(model: nn.Module, recipe: Recipe) -> list[str]:
+    """The methods needing calibration data that ``recipe`` applies to some layer of ``model`` (a preset's GPTQ
+    rule for convs costs a model without convs no calibration)."""
+    planned, _, _ = plan_quantization(model, recipe)
+    return sorted({p.rule.method for p in planned if get_method(p.rule.method).needs_calibration})
 
 
 def default_calibration(model: nn.Module) -> str | None:
@@ -122,11 +125,10 @@ def quantize(model: nn.Module, recipe: str | Recipe, calib_data: Calibration = N
     calibration source."""
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     provider, record = None, None
-    if needs_calibration(parsed):
+    methods = calibrated_methods(model, parsed)
+    if methods:
         source = calib_data if calib_data is not None else default_calibration(model)
         if source is None:
-            methods = sorted({r.method for r in parsed.rules if r.spec is not None
-                              and get_method(r.method).needs_calibration})
             raise LowbitError(f"method(s) {', '.join(methods)} need calibration data and this {type(model).__name__} "
                               "has no default; accepted: calibration= example inputs (a tensor, or a list of "
                               "tensors / argument tuples / keyword dicts such as {'input_ids': ...}), a "
