@@ -78,6 +78,11 @@ def is_causal_lm_path(path: str) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in architectures)
 
 
+def _no_images() -> LowbitError:
+    return LowbitError("a text-only language model takes no images; accepted: texts (calibration: a .txt file, chat "
+                       "JSONL or captions)")
+
+
 class CausalLM(DualEncoder):
     """A transformers causal LM and its tokenizer: one tower, ``language``."""
 
@@ -98,8 +103,7 @@ class CausalLM(DualEncoder):
         return {"language": self.language}
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        raise LowbitError("a text-only language model takes no images; accepted: texts (calibration: a .txt file, "
-                          "chat JSONL or captions)")
+        raise _no_images()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded ids and attention mask of plain texts (the tokenizer's special tokens added)."""
@@ -118,7 +122,7 @@ class CausalLM(DualEncoder):
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # [B, D]
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.preprocess([])  # type: ignore[return-value]  (raises)
+        raise _no_images()
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -189,7 +193,7 @@ def generate_ids(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int =
                               "eos_token_id": stops or None, "attention_mask": torch.ones_like(input_ids)}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        if seed is not None:
+        if seed is not None:  # generate draws from the global generator: seeding it is the only way in
             torch.manual_seed(seed)
     else:  # greedy, whatever the checkpoint's generation_config says
         kwargs.update(temperature=None, top_p=None, top_k=None)

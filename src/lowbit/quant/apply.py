@@ -227,6 +227,10 @@ def quantize_(
 ) -> QuantReport:
     """Quantize ``model`` in place following ``recipe``; returns the ``QuantReport``.
 
+    ``model`` is any ``nn.Module``: a ``DualEncoder``'s towers are its ``towers()``, anything else is one tower,
+    ``model``, whose rules match the dotted module paths by glob (``*/layers.*.mlp.*=w4g32``) and the layer
+    kinds. A recipe none of whose rules matches a layer is a ``LowbitError`` naming a few real paths.
+
     ``calibration`` feeds methods with ``needs_calibration`` (``stats_for`` before, ``on_quantized`` after
     each such layer). ``strict=True`` raises if any Linear/Conv2d would stay float without a skip rule.
 

@@ -354,6 +354,7 @@ class ModuleCalibrator(ActivationCalibrator):
                  sequential: str = "layer", tower: str = "model") -> None:
         if not len(inputs):
             raise LowbitError("calibration needs at least one example input; received none")
+        # the base class wants images or texts: one placeholder text, never tokenized (_paths is overridden)
         super().__init__(model, None, ["-"], max_rows=max_rows, seed=seed, sequential=sequential)  # type: ignore[arg-type]
         self.inputs = list(inputs)
         self.tower = tower
@@ -379,6 +380,7 @@ class TokenCalibrator(ActivationCalibrator):
                  max_rows: int = 4096, seed: int = 0, sequential: str = "block") -> None:
         if not len(windows):
             raise LowbitError("calibration needs at least one token window; received none")
+        # placeholder texts (one per window): the batches are given already tokenized, so they are never tokenized
         super().__init__(model, None, [""] * len(windows), batch_size=batch_size, max_rows=max_rows, seed=seed,
                          sequential=sequential)
         self._tokens = [_right_padded(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
