@@ -61,3 +61,9 @@ def test_image_folder_without_captions_and_shards(tmp_path: Path) -> None:
     write_shards(resolve_dataset("scenes", split="test", limit=5), tmp_path / "shards", shard_size=2, progress=False)
     shards = resolve_dataset(str(tmp_path / "shards"), limit=4)
     assert len(shards) == 4 and len(shards.captions) == 4 and shards.captions[0].startswith("a ")
+
+
+def test_a_text_file_without_a_suffix_is_text(tmp_path: Path) -> None:
+    licence = tmp_path / "LICENSE"
+    licence.write_text("GNU GENERAL PUBLIC LICENSE\n")
+    assert is_text_data(licence) and read_text_items(licence) == ["GNU GENERAL PUBLIC LICENSE\n"]

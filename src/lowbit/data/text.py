@@ -1,6 +1,7 @@
 """Text calibration and evaluation data: plain text files and chat JSONL.
 
-- a ``.txt`` / ``.md`` file: its text, whole (language models cut it into token windows);
+- a ``.txt`` / ``.md`` file or one without a suffix (``/usr/share/common-licenses/GPL-3``): its text, whole
+  (language models cut it into token windows);
 - a ``.jsonl`` file of conversations: each line an object with ``messages`` (a list of ``{"role", "content"}``,
   OpenAI / ShareGPT-after-conversion style) or a plain ``text`` field.
 
@@ -17,11 +18,11 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md", "")
 Message = dict[str, str]
 TextItem = str | list[Message]
-_ACCEPTED = ("a .txt/.md file, or a .jsonl file whose lines are objects with 'messages' (a list of {role, content}) "
-             "or 'text'")
+_ACCEPTED = ("a .txt/.md file (or one without a suffix), or a .jsonl file whose lines are objects with "
+             "'messages' (a list of {role, content}) or 'text'")
 
 
 def is_text_data(path: str | os.PathLike[str]) -> bool:
@@ -54,7 +55,7 @@ def read_text_items(path: str | os.PathLike[str], limit: int | None = None) -> l
     """The texts and conversations of ``path`` (see the module docstring); ``limit`` items at most."""
     p = Path(path)
     try:
-        if p.suffix.lower() in TEXT_SUFFIXES:
+        if p.suffix.lower() != ".jsonl":  # plain text, whatever its name (read_text_items is asked for text)
             text = p.read_text(encoding="utf-8")
             if not text.strip():
                 raise LowbitError(f"{str(p)!r} is empty; accepted: {_ACCEPTED}")
