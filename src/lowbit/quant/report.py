@@ -137,9 +137,9 @@ class QuantReport:
 
     def markdown(self, max_rows: int | None = None) -> str:
         """Tables: totals per tower, quantized layers, float-kept modules."""
-        calibrated = "" if not self.calibration else (
-            "Calibration: " + ", ".join(f"{k} {v}" for k, v in self.calibration.items()) + "\n\n")
-        lines = [f"## Quantization report ({self.recipe or 'recipe'})", "", *([calibrated] if calibrated else []),
+        calibrated = [] if not self.calibration else [
+            "Calibration: " + ", ".join(f"{k} {v}" for k, v in self.calibration.items()), ""]
+        lines = [f"## Quantization report ({self.recipe or 'recipe'})", "", *calibrated,
                  "| tower | layers | params | fp32 | packed | bits/w | rms err | kept float | x smaller |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for tower, t in self.totals().items():
