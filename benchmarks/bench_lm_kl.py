@@ -68,9 +68,10 @@ def main() -> None:
         rows.append(row)
         print(recipe, {k: round(row[k], 4) for k in ("perplexity", "kl_mean", "kl_p99", "same_top_p")},
               f"{seconds:.0f} s")
-    write_json(args.out, {"model": name, "data": args.data, "rows": rows, "env": environment(),
-                          "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-                          "note": "2-core machine shared by 4 agents while this ran; timings are indicative only"})
+        # after every row: a long run stopped early keeps what it measured
+        write_json(args.out, {"model": name, "data": args.data, "rows": rows, "env": environment(),
+                              "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+                              "note": "2-core machine shared by 4 agents while this ran; timings are indicative"})
     print(f"wrote {args.out}")
 
 
