@@ -21,6 +21,7 @@ from lowbit.api import (
     load,
     qat,
     quantize,
+    quantize_,
     save,
     sweep,
 )
@@ -29,5 +30,5 @@ from lowbit.version import __version__
 
 __all__ = [
     "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "export", "list_models", "load",
-    "qat", "quantize", "save", "sweep", "__version__",
+    "qat", "quantize", "quantize_", "save", "sweep", "__version__",
 ]

@@ -15,6 +15,7 @@ from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 
 if TYPE_CHECKING:
     from PIL import Image
+    from torch import nn
 
     from lowbit.models.base import DualEncoder
     from lowbit.quant.recipe import Recipe
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_task_and_data", "demo",
     "evaluate", "export", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize",
-    "save", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
+    "quantize_", "save", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
 
 
@@ -61,19 +62,38 @@ def check_task_and_data(task: str, data: str | None = None) -> None:
     run(task, data)
 
 
-def quantize(model: DualEncoder, recipe: str | Recipe, calib_data: str = "fashion-mnist",
+def quantize(model: DualEncoder, recipe: str | Recipe, calib_data: Any = None,
              calib_samples: int = DEFAULT_CALIB_SAMPLES, strict: bool = False, progress: bool = True) -> QuantReport:
     """Quantize ``model`` in place with a recipe (preset, YAML path or short string); returns the report.
 
-    Calibration data (images for the vision tower, captions for the text tower) is drawn from ``calib_data``
-    only when a rule's method needs it (GPTQ, AWQ).
+    Calibration data is drawn from ``calib_data`` (a dataset name, an image folder, captions CSV/JSONL, shards,
+    a text or chat-JSONL file) only when a rule's method needs it (GPTQ, AWQ); None: the family's own set, or
+    the domain-general default (see ``lowbit.workflows.quantize``). The report records which.
 
     Example:
         >>> report = lowbit.quantize(model, "vision=w4g64:gptq,text=w4g64:gptq,projector=w8")  # doctest: +SKIP
     """
     from lowbit.workflows.quantize import quantize as run
 
-    return run(model, recipe, calib_data=calib_data, calib_samples=calib_samples, strict=strict, progress=progress)
+    return run(model, recipe, calib_data, calib_samples=calib_samples, strict=strict, progress=progress)
+
+
+def quantize_(module: nn.Module, recipe: str | Recipe, calibration: Any = None, strict: bool = False,
+              progress: bool = True) -> QuantReport:
+    """Quantize any ``nn.Module`` in place (torchao style); returns the report listing every layer.
+
+    A module without ``towers()`` is one tower, ``model``: rules match the dotted module path by glob and the
+    layer kind (``*/features.*@conv=w8``, ``*=w4g32``); a recipe matching no layer is an error naming a few real
+    paths. ``calibration`` (for GPTQ/AWQ): example inputs (a tensor, or a list of tensors / argument tuples /
+    keyword dicts), a ``CalibrationProvider``, or for a lowbit model a dataset. A transformers model saved with
+    ``lowbit.save`` loads back by path (``lowbit.load(dir)``) from its config and packed tensors.
+
+    Example:
+        >>> report = lowbit.quantize_(cnn, "*=w4g32:gptq", calibration=torch.randn(16, 3, 32, 32))  # doctest: +SKIP
+    """
+    from lowbit.workflows.quantize import quantize as run
+
+    return run(module, recipe, calibration, strict=strict, progress=progress)
 
 
 def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
@@ -168,15 +188,17 @@ def bench_model(name_or_path: str, batch_sizes: tuple[int, ...] = (1, 32), optim
 
 
 def chat(model: Any, image: Any, question: str, **options: Any) -> str:
-    """Answer ``question`` about ``image`` (PIL image, path or bytes) with a generative (llava) model.
+    """Answer ``question`` about ``image`` (PIL image, path or bytes) with a generative (llava) model, or
+    ``question`` alone (``image=None``) with a text-only language model (a causal-LM directory or .gguf file).
 
     ``model`` is a loaded model or a name/directory; ``options``: ``max_new_tokens``, ``do_sample``,
-    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` (a callable receiving text pieces), ``use_cache``,
-    ``kv_bits``.
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` (a callable receiving text pieces), and for a
+    llava ``use_cache``, ``kv_bits``.
 
     Example:
         >>> lowbit.chat("llava-fashion-hd", "shoe.png", "What is this item?")  # doctest: +SKIP
         'sneaker'
+        >>> lowbit.chat("models/qwen3-0.6b", None, "Name a colour.")  # doctest: +SKIP
     """
     from lowbit.workflows.chat import chat as run
 

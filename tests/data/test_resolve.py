@@ -33,9 +33,10 @@ def test_unknown_lists_choices() -> None:
         resolve_dataset("imagenet")
     # other test modules may register datasets of their own; the built-ins lead the list either way
     names = ", ".join(DATASETS.names())
-    assert names.startswith("fashion-mnist, shapes")
+    assert names.startswith("fashion-mnist, scenes, shapes")
     assert str(err.value) == (
-        f"unknown dataset 'imagenet'; choose one of: {names}, or a folder with captions.csv/labels.csv/.jsonl"
+        f"unknown dataset 'imagenet'; choose one of: {names}, a folder of images (with or without "
+        "captions.csv/labels.csv/.jsonl), or a folder of webdataset shards"
     )
 
 

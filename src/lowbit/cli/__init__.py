@@ -86,8 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    """Ask a generative (llava) MODEL a question about an image; the answer streams to stdout."""
-    image = api.open_image(args.image)  # a bad image fails before seconds of model loading
+    """Ask a generative MODEL a question: a llava about an image (--image), a language model text only."""
+    image = api.open_image(args.image) if args.image else None  # a bad image fails before seconds of loading
     options = {k: v for k, v in (("prune_ratio", args.prune_ratio), ("prune_layer", args.prune_layer),
                                  ("kv_bits", args.kv_bits)) if v is not None}
     model = api.load(args.model, **options)
@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("eval", cmd_eval)
     p.add_argument("model", help="built-in name (lit-fashion), CLIP/SigLIP dir, or lowbit quantized dir")
-    p.add_argument("--task", required=True, help="fashion-mnist, shapes, zeroshot, retrieval (see --help)")
-    p.add_argument("--data", help="dataset for zeroshot/retrieval: a name or a folder with captions.csv")
+    p.add_argument("--task", required=True, help="fashion-mnist, shapes, zeroshot, retrieval, fashion-vqa, text "
+                                                 "(language models: perplexity, KL against --reference)")
+    p.add_argument("--data", help="dataset for zeroshot/retrieval: a name or a folder with captions.csv; for text: a "
+                                  "text file")
     p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
     p.add_argument("--reference", help="model to measure fidelity against (e.g. the float original)")
     p.add_argument("--json", help="write the result JSON here")
@@ -126,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_act_block(p)
 
     p = verb("chat", cmd_chat)
-    p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, or a quantized one")
-    p.add_argument("question", help="the question about the image")
-    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("model", help="generative model: llava-fashion(-hd), a Llava checkpoint dir, a causal-LM dir or "
+                                 ".gguf file, or a quantized one")
+    p.add_argument("question", help="the question (about the image, for a llava)")
+    p.add_argument("--image", help="image file (PNG, JPEG, ...): needed by llava models, refused by text-only LMs")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -157,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--recipe", required=True, help="preset (w8,w4,w3,w2), YAML path, or 'vision=w4g64:gptq,...'")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--calib-data", default="fashion-mnist", help="calibration dataset (name or folder)")
+    p.add_argument("--calib-data", default=None,
+                   help="calibration data: a dataset name, an image folder, captions CSV/JSONL, webdataset shards, a "
+                        ".txt file or chat JSONL (default: the model family's own set, else generated scenes for "
+                        "image models and text sampled from the model itself for language models)")
     p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
     p.add_argument("--strict", action="store_true", help="fail if any weight layer stays in float")
 

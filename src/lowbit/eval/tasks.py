@@ -9,6 +9,8 @@ A task pairs a dataset with what is measured on it. Built in:
   name or an image folder).
 - ``fashion-vqa`` / ``shapes-vqa``: generative (llava) models answer generated questions about the test images;
   exact-match accuracy, time to first token / decode speed, next-token agreement and KL (``lowbit.eval.vqa``).
+- ``text``: a language model on a text file (``data=``): perplexity; against a reference, llama.cpp's KL
+  statistics (mean, 99th percentile, same top token) (``lowbit.eval.text``).
 
 New tasks register with ``TASKS.register(name)(Task(...))``.
 """
@@ -29,6 +31,7 @@ from lowbit.eval.fidelity import accuracy_kept, fidelity
 from lowbit.eval.footprint import measure_footprint
 from lowbit.eval.results import Result
 from lowbit.eval.retrieval import retrieve
+from lowbit.eval.text import text_tasks
 from lowbit.eval.vqa import vqa_tasks
 from lowbit.eval.zeroshot import zeroshot_classify
 from lowbit.models.base import DualEncoder
@@ -57,6 +60,8 @@ class Task:
     footprint: Callable[..., dict[str, Any]] | None = None
     compare: Callable[[Result, Result], dict[str, Any]] | None = None
     fidelity_metrics: tuple[str, ...] = ()
+    # (data spec, limit) -> the set, for tasks whose data is not an image dataset (the text task: a text file)
+    loader: Callable[[Any, int | None], ImageTextSet] | None = None
 
 
 def _zeroshot(model: DualEncoder, data: ImageTextSet, batch_size: int, progress: bool) -> Result:
@@ -87,6 +92,7 @@ for _task in (
     Task("zeroshot", _zeroshot, None, description="zero-shot classification on data=<name or folder>"),
     Task("retrieval", _retrieval, None, description="image<->text retrieval on data=<name or folder>"),
     *vqa_tasks(Task),
+    *text_tasks(Task),
 ):
     TASKS.register(_task.name)(_task)
 
@@ -101,6 +107,8 @@ def _load_data(task: Task, data: DataSpec | None, limit: int | None) -> ImageTex
             "accepted: no data=, or task 'zeroshot'/'retrieval' with data="
         )
     spec = task.dataset if task.dataset is not None else data
+    if spec is not None and task.loader is not None:
+        return task.loader(spec, limit)
     if spec is None:
         raise LowbitError(
             f"task {task.name!r} needs data=; received none; accepted: a dataset name (e.g. 'fashion-mnist', "
@@ -177,7 +185,7 @@ def evaluate(
         raise LowbitError(f"batch_size must be positive; received {batch_size!r}; accepted: >= 1")
     start = time.perf_counter()
     dataset = _load_data(spec, data, limit)
-    if len(dataset) == 0:
+    if len(dataset) == 0 and not dataset.captions:
         raise LowbitError(f"dataset {dataset.name!r} has no usable images; received 0; accepted: >= 1 image")
 
     with _eval_mode(model):

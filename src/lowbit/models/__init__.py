@@ -4,7 +4,15 @@ force a family (``clip:openai/clip-vit-base-patch32`` when online). Packed lowbi
 registered by the layer above (``lowbit.workflows.packed``), since loading one combines models, quant and kernels.
 """
 
-from lowbit.models import clip, hf_causal_lm, lit, llava, vit_default  # noqa: F401  (registers the family specs)
+from lowbit.models import (  # noqa: F401  (registers the family specs)
+    causal_lm,
+    clip,
+    hf_causal_lm,
+    hf_pretrained,
+    lit,
+    llava,
+    vit_default,
+)
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
 from lowbit.models.loading import builtin_models, load_model, resolve_family
 from lowbit.models.spec import FAMILY_SPECS, FamilySpec, register_family

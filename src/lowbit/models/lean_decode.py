@@ -49,9 +49,10 @@ from lowbit.models.spec import LEAN_ARCHITECTURES
 from lowbit.models.token_pruning import InLayerPrune, attention_received
 
 # LEAN_ARCHITECTURES: model_type -> attention window of a config (None: full causal attention), filled by the
-# family specs' ``lean_decode`` (lowbit.models.hf_causal_lm: llama, mistral, qwen2). Registered types have Llama's
-# module layout (model.embed_tokens / layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
-# post_attention_layernorm, mlp.{gate,up,down}_proj, mlp.act_fn} / norm / rotary_emb, lm_head) and forward.
+# family specs' ``lean_decode`` (lowbit.models.hf_causal_lm: llama, mistral, qwen2, qwen3). Registered types have
+# Llama's module layout (model.embed_tokens / layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+# post_attention_layernorm, mlp.{gate,up,down}_proj, mlp.act_fn} / norm / rotary_emb, lm_head) and forward
+# (Qwen3 adds a per-head RMSNorm of q and k: self_attn.{q,k}_norm).
 
 # RoPE types whose cos/sin depend only on the position (dynamic / longrope rescale with the sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -110,6 +111,12 @@ def _linear(module: nn.Module) -> Linear:
     return module
 
 
+def _qk_norms(attention: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The weights of an attention's per-head q/k RMSNorms (Qwen3), or (None, None)."""
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    return (None, None) if q_norm is None or k_norm is None else (q_norm.weight, k_norm.weight)
+
+
 def _projections(members: Sequence[nn.Module]) -> Projections:
     fused = _fused(members)
     if fused is not None:
@@ -129,6 +136,8 @@ class _Layer:
     gate_up: Projections
     down: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
+    q_norm: torch.Tensor | None = None  # QK-norm weights [head_dim] (Qwen3), None without
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -196,7 +205,7 @@ class LeanDecoder:
                    _projections([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                    _linear(layer.self_attn.o_proj),
                    _projections([layer.mlp.gate_proj, layer.mlp.up_proj]), _linear(layer.mlp.down_proj),
-                   layer.mlp.act_fn)
+                   layer.mlp.act_fn, *_qk_norms(layer.self_attn))
             for layer in base.layers[:config.num_hidden_layers]
         ]
         self.pos = 0  # the next token's position (RoPE)
@@ -268,8 +277,10 @@ class LeanDecoder:
                 t = keep.shape[1]
             x = self._rms(h, layer.in_norm)
             q, k, v = layer.qkv(x)
-            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+            q, k = q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None:  # Qwen3's QK-norm: an RMSNorm over each head's vector, before RoPE
+                q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)  # type: ignore[arg-type]
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, KV, T, hd]
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = self.k_cache[i], self.v_cache[i]  # [B, KV, max_len, hd]

@@ -228,6 +228,7 @@ SPEC = register_family(FamilySpec(
     ),),
     dual_encoder=LitDualEncoder,
     towers=("vision", "text", "projector"),
+    calibration_data=lambda model: "fashion-mnist",  # its heads were trained on Fashion-MNIST: its own domain
     save_architecture=save_lit_architecture,
     skeleton=lit_skeleton,
     block_chains={

@@ -62,13 +62,13 @@ def _causal_lm(language: str | nn.Module) -> tuple[nn.Module, Any]:
 
     if language in (smollm.NAME, "smollm2"):
         return smollm.load_smollm2()
-    if not (Path(language) / "config.json").is_file():
-        raise LowbitError(f"language model {language!r} is neither {smollm.NAME!r} nor a directory with a "
-                          "transformers config.json; accepted: one of those")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lowbit.models.causal_lm import is_causal_lm_path, load_causal_lm
 
-    lm = AutoModelForCausalLM.from_pretrained(language, dtype="float32").eval()
-    return lm, AutoTokenizer.from_pretrained(language)
+    if not is_causal_lm_path(language):
+        raise LowbitError(f"language model {language!r} is neither {smollm.NAME!r}, a directory with a transformers "
+                          "*ForCausalLM config.json nor a .gguf file; accepted: one of those")
+    lm = load_causal_lm(language)  # the causal-lm family: config checked before weights, GGUF dequantized
+    return lm.language, lm.tokenizer
 
 
 def from_parts(vision: str = "lit-fashion", language: str = "smollm2-135m-instruct",
@@ -250,6 +250,8 @@ SPEC = register_family(FamilySpec(
     ),),
     dual_encoder=LlavaModel,
     towers=("vision", "projector", "language"),
+    # the built-ins' projectors were trained on Fashion-MNIST questions; any other llava takes the default
+    calibration_data=lambda model: "fashion-mnist" if model.source.get("name") in BUILTIN_NAMES else None,
     save_architecture=save_llava_architecture,
     skeleton=llava_skeleton,
 ))

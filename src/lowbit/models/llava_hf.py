@@ -114,6 +114,11 @@ def load_hf_llava(path: str, **options: Any) -> LlavaModel:
 
     root = Path(path)
     raw = _read_config(root)
+    if raw.get("model_type") != "llava" or not isinstance(raw.get("vision_config"), dict):
+        # refused before anything is allocated: a text-only config would otherwise build a default-sized Llava
+        raise LowbitError(f"{str(path)!r} is a {raw.get('model_type')!r} config without a vision_config, not a "
+                          "Llava model; accepted: a transformers Llava directory (model_type 'llava'); load a "
+                          "text-only causal LM with lowbit.load(dir), or give it to llava.from_parts(vision, dir)")
     vision_dim = int(raw.get("vision_config", {}).get("hidden_size", 0)) or None
     text_dim = int(raw.get("text_config", {}).get("hidden_size", 0)) or None
     if vision_dim and text_dim:  # refuse parts that cannot fit before transformers fails deep inside torch

@@ -31,6 +31,7 @@ def resolve_family(name_or_path: str) -> tuple[ModelFamily, str]:
         if FAMILIES.get(fam).claims_path(name_or_path):
             return FAMILIES.get(fam), name_or_path
     accepted = sorted(builtins) + ["a CLIP/SigLIP checkpoint directory", "a Llava checkpoint directory",
+                                   "a causal-LM directory (*ForCausalLM config) or .gguf file",
                                    "a lowbit quantized directory",
                                    "family:name (e.g. clip:openai/clip-vit-base-patch32)"]
     what = "directory" if Path(name_or_path).is_dir() else "model"

@@ -68,6 +68,10 @@ class FamilySpec:
     - ``save_architecture`` / ``skeleton``: what a self-contained packed checkpoint of a ``dual_encoder`` holds
       besides its tensors (configs, tokenizer, processor files written in a directory, plus a JSON record),
       and how to build the model from them without any weights (on the meta device; buffers real).
+    - ``checkpoint_classes``: "module.QualName"s of further classes (not ``DualEncoder``\\ s, e.g. transformers'
+      ``PreTrainedModel``) whose instances these hooks save, matched along the model's MRO.
+    - ``calibration_data``: the family's own default calibration set for one of its models (a dataset spec for
+      ``lowbit.data.resolve_dataset``), or None for lowbit's domain-general default (``lowbit.quant.defaults``).
     """
 
     name: str
@@ -85,6 +89,8 @@ class FamilySpec:
     lean_decode: Mapping[str, Window] = field(default_factory=dict)
     save_architecture: SaveArchitecture | None = None
     skeleton: Skeleton | None = None
+    checkpoint_classes: tuple[str, ...] = ()
+    calibration_data: Callable[[nn.Module], str | None] | None = None
 
     def validate(self) -> None:
         if self.embedding_tails and self.dual_encoder is None:
@@ -94,9 +100,9 @@ class FamilySpec:
             raise LowbitError(f"family spec {self.name!r}: embedding tails of unknown towers {unknown}; "
                               f"its towers: {list(self.towers)}")
         if (self.save_architecture is None) != (self.skeleton is None) or (
-                self.skeleton is not None and self.dual_encoder is None):
+                self.skeleton is not None and self.dual_encoder is None and not self.checkpoint_classes):
             raise LowbitError(f"family spec {self.name!r}: save_architecture and skeleton come together, with a "
-                              "dual_encoder class")
+                              "dual_encoder class or checkpoint_classes")
 
 
 FAMILY_SPECS: Registry[FamilySpec] = Registry("family spec")
@@ -112,14 +118,30 @@ POINTWISE_CONV_CLASSES: Registry[str] = Registry("pointwise-compatible conv clas
 LEAN_ARCHITECTURES: Registry[Window] = Registry("lean-decoding architecture")
 
 
-def architecture_spec(model: nn.Module) -> FamilySpec | None:
-    """The spec whose ``dual_encoder`` is ``model``'s nearest class with checkpoint hooks, or None."""
+def _family_of(model: nn.Module, wanted: Callable[[FamilySpec], bool]) -> FamilySpec | None:
+    """The spec (with ``wanted``) whose ``dual_encoder`` or ``checkpoint_classes`` is ``model``'s nearest class."""
     for klass in type(model).__mro__:
         for name in FAMILY_SPECS:
             spec = FAMILY_SPECS.get(name)
-            if spec.dual_encoder is klass and spec.skeleton is not None:
+            if (spec.dual_encoder is klass or qualname(klass) in spec.checkpoint_classes) and wanted(spec):
                 return spec
     return None
+
+
+def architecture_spec(model: nn.Module) -> FamilySpec | None:
+    """The spec of ``model``'s nearest class with checkpoint hooks, or None."""
+    return _family_of(model, lambda spec: spec.skeleton is not None)
+
+
+def family_calibration_data(model: nn.Module) -> str | None:
+    """The calibration set ``model``'s family declares for it (``FamilySpec.calibration_data``), or None: the
+    spec of the family that loaded it (``model.source["family"]``), else of its nearest class."""
+    loaded_by = (getattr(model, "source", None) or {}).get("family")
+    specs = [FAMILY_SPECS.get(n) for n in FAMILY_SPECS]
+    spec = next((s for s in specs if any(f.name == loaded_by for f in s.families)), None)
+    if spec is None or spec.calibration_data is None:
+        spec = _family_of(model, lambda spec: spec.calibration_data is not None)
+    return spec.calibration_data(model) if spec is not None and spec.calibration_data is not None else None
 
 
 def register_tail(cls: type, tower: str) -> Callable[[Tail], Tail]:

@@ -56,4 +56,5 @@ SPEC = register_family(FamilySpec(
         builtin_names=(NAME,),
         description="ViT-tiny CLIP trained from scratch by lowbit on Fashion-MNIST + shapes (packaged)",
     ),),
+    calibration_data=lambda model: "fashion-mnist",  # trained on Fashion-MNIST (+ shapes): its own domain
 ))

@@ -178,6 +178,21 @@ def plan_quantization(
     return planned, kept, used
 
 
+def no_match_error(model: nn.Module, recipe: Recipe, examples: int = 4) -> LowbitError:
+    """The one-line error for a recipe none of whose rules matches a layer of ``model``: the rules' patterns and
+    a few real layer paths (with their kinds) they could have named."""
+    towers = model_towers(model)
+    layers = [(tower, name, kind) for tower, name, m in _walk(towers) if name
+              for kind in [layer_kind(m)[0]] if kind is not None]
+    patterns = ", ".join(r.describe() for r in recipe.rules)
+    shown = ", ".join(f"{t}/{n} ({k})" for t, n, k in layers[:examples])
+    more = f" and {len(layers) - examples} more" if len(layers) > examples else ""
+    what = f"its layers are {shown}{more}" if layers else "it has no Linear, Conv2d or Embedding layer"
+    return LowbitError(f"recipe {recipe.name or patterns!r} matches no layer of this {type(model).__name__} "
+                       f"(rules: {patterns}; towers: {', '.join(towers)}); {what}; write TOWER/PATTERN with a "
+                       "glob on these dotted paths (e.g. '*/layers.*=w4g32' or '*=w8')")
+
+
 def _tie_heads(planned: list[_Planned]) -> None:
     """An output head whose weight IS a planned embedding's weight (tied, as in SmolLM2 / Llama with
     ``tie_word_embeddings``) reuses the table's packed tensors instead of being quantized on its own: one packed
@@ -212,6 +227,10 @@ def quantize_(
 ) -> QuantReport:
     """Quantize ``model`` in place following ``recipe``; returns the ``QuantReport``.
 
+    ``model`` is any ``nn.Module``: a ``DualEncoder``'s towers are its ``towers()``, anything else is one tower,
+    ``model``, whose rules match the dotted module paths by glob (``*/layers.*.mlp.*=w4g32``) and the layer
+    kinds. A recipe none of whose rules matches a layer is a ``LowbitError`` naming a few real paths.
+
     ``calibration`` feeds methods with ``needs_calibration`` (``stats_for`` before, ``on_quantized`` after
     each such layer). ``strict=True`` raises if any Linear/Conv2d would stay float without a skip rule.
 
@@ -222,6 +241,8 @@ def quantize_(
 
     recipe = load_recipe(recipe)
     planned, kept, used = plan_quantization(model, recipe)
+    if not any(used):
+        raise no_match_error(model, recipe)
     for index, count in enumerate(used):
         if count == 0 and not recipe.rules[index].optional:
             warnings.warn(f"recipe rule {index} ({recipe.rules[index].describe()}) matches no module",

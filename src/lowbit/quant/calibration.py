@@ -240,7 +240,7 @@ class ActivationCalibrator:
             return self._context(tower, module_name, module, self._block_cache.pop((tower, module_name)))
         block = self._block_of(tower, module_name)
         targets = {module_name: module}
-        for name, m in self.model.towers()[tower].named_modules():
+        for name, m in self.towers()[tower].named_modules():
             if (name == block or name.startswith(block + ".")) and isinstance(m, _CAPTURABLE) \
                     and not is_quantized(m):
                 targets.setdefault(name, m)
@@ -253,13 +253,17 @@ class ActivationCalibrator:
         if self._block_cache and self._block_of(tower, module_name) != self._block_of(*next(iter(self._block_cache))):
             self._block_cache.clear()
 
+    def towers(self) -> dict[str, nn.Module]:
+        """The model's towers, by the names ``quantize_`` hands to ``stats_for``."""
+        return self.model.towers()
+
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
     def _block_of(self, tower: str, module_name: str) -> str:
         """The outermost entry of an ``nn.ModuleList`` containing the module (a transformer layer, an
         EfficientNet block), or the module itself when it lies in no ModuleList."""
-        root = self.model.towers()[tower]
+        root = self.towers()[tower]
         parts = module_name.split(".")
         for i in range(1, len(parts)):
             if isinstance(root.get_submodule(".".join(parts[:i])), nn.ModuleList):
@@ -334,6 +338,61 @@ class ActivationCalibrator:
             inputs=stats.rows, hessian=hessian, tower=tower, name=module_name, kind=kind,
             extra={"act_abs_mean": act_abs_mean, "n_rows": stats.n_rows},
         )
+
+
+class ModuleCalibrator(ActivationCalibrator):
+    """Calibration of any ``nn.Module`` (``quantize_``'s single tower ``model``): its layers' inputs captured
+    while ``model`` runs on example inputs, each a tensor (``model(x)``), a tuple (``model(*x)``) or a mapping
+    (``model(**x)``; an ``attention_mask`` of the same [B, T] as a layer's input leaves the padding out).
+
+    Example:
+        >>> calib = ModuleCalibrator(cnn, [torch.randn(8, 3, 32, 32)])  # doctest: +SKIP
+        >>> quantize_(cnn, "*=w4:gptq", calibration=calib)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, inputs: Sequence[Any], max_rows: int = 4096, seed: int = 0,
+                 sequential: str = "layer", tower: str = "model") -> None:
+        if not len(inputs):
+            raise LowbitError("calibration needs at least one example input; received none")
+        # the base class wants images or texts: one placeholder text, never tokenized (_paths is overridden)
+        super().__init__(model, None, ["-"], max_rows=max_rows, seed=seed, sequential=sequential)  # type: ignore[arg-type]
+        self.inputs = list(inputs)
+        self.tower = tower
+
+    def towers(self) -> dict[str, nn.Module]:
+        return {self.tower: self.model}
+
+    def _paths(self, tower: str) -> list[tuple[str, Callable[[Any], Any], list[Any]]]:
+        return [("text", self._call, [b if isinstance(b, dict) else {"args": b} for b in self.inputs])]
+
+    def _call(self, batch: dict[str, Any]) -> Any:
+        if set(batch) == {"args"}:
+            args = batch["args"]
+            return self.model(*args) if isinstance(args, (tuple, list)) else self.model(args)
+        return self.model(**batch)
+
+
+class TokenCalibrator(ActivationCalibrator):
+    """Calibration of a language model on token windows (``encode_text`` of right-padded batches): texts cut to
+    windows, chat conversations, or sequences the model sampled itself (``lowbit.models.causal_lm``)."""
+
+    def __init__(self, model: DualEncoder, windows: Sequence[torch.Tensor], batch_size: int = 8,
+                 max_rows: int = 4096, seed: int = 0, sequential: str = "block") -> None:
+        if not len(windows):
+            raise LowbitError("calibration needs at least one token window; received none")
+        # placeholder texts (one per window): the batches are given already tokenized, so they are never tokenized
+        super().__init__(model, None, [""] * len(windows), batch_size=batch_size, max_rows=max_rows, seed=seed,
+                         sequential=sequential)
+        self._tokens = [_right_padded(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+def _right_padded(windows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    longest = max(int(w.numel()) for w in windows)
+    ids = torch.zeros(len(windows), longest, dtype=torch.long)
+    mask = torch.zeros(len(windows), longest, dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, : w.numel()], mask[i, : w.numel()] = w, 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _is_grouped(module: nn.Module) -> bool:

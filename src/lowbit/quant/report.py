@@ -73,6 +73,9 @@ class QuantReport:
     float_modules: list[FloatModule] = field(default_factory=list)
     recipe: str = ""
     recipe_spec: dict[str, Any] = field(default_factory=dict)  # Recipe.to_dict() of the recipe applied
+    # what the calibrated methods saw: {"source": name or path, "kind": images/texts/self-generated/inputs,
+    # "samples": n, "seed": s, ...}; None when no method needed calibration data
+    calibration: dict[str, Any] | None = None
 
     def strict_violations(self) -> list[FloatModule]:
         """Float-kept weight layers that no skip rule asked for."""
@@ -119,6 +122,7 @@ class QuantReport:
             "modules": [asdict(m) for m in self.modules],
             "float_modules": [asdict(f) for f in self.float_modules],
             "totals": self.totals(),
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -128,11 +132,14 @@ class QuantReport:
             float_modules=[FloatModule(**f) for f in data.get("float_modules", [])],
             recipe=data.get("recipe", ""),
             recipe_spec=data.get("recipe_spec", {}),
+            calibration=data.get("calibration"),
         )
 
     def markdown(self, max_rows: int | None = None) -> str:
         """Tables: totals per tower, quantized layers, float-kept modules."""
-        lines = [f"## Quantization report ({self.recipe or 'recipe'})", "",
+        calibrated = [] if not self.calibration else [
+            "Calibration: " + ", ".join(f"{k} {v}" for k, v in self.calibration.items()), ""]
+        lines = [f"## Quantization report ({self.recipe or 'recipe'})", "", *calibrated,
                  "| tower | layers | params | fp32 | packed | bits/w | rms err | kept float | x smaller |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for tower, t in self.totals().items():

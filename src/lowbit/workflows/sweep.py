@@ -73,7 +73,7 @@ def sweep(
     task: str,
     out_dir: str | os.PathLike[str],
     limit: int | None = None,
-    calib_data: str = "fashion-mnist",
+    calib_data: str | None = None,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     keep_checkpoints: bool = False,
     progress: bool = True,
@@ -108,8 +108,7 @@ def sweep(
         model = copy.deepcopy(float_model)
         load_avg = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
-        report = quantize(model, parsed_recipe, calib_data=calib_data, calib_samples=calib_samples,
-                              progress=progress)
+        report = quantize(model, parsed_recipe, calib_data, calib_samples=calib_samples, progress=progress)
         seconds = round(time.perf_counter() - t0, 1)
         timing = {"cpu_seconds_quantize": round(time.process_time() - c0, 1), "load_avg_1min": round(load_avg, 2),
                   "calib_samples": calib_samples}
