@@ -11,9 +11,9 @@ import torch
 
 from lowbit.kernels.quant_embedding import QuantEmbedding
 from lowbit.kernels.quant_linear import is_quantized, set_backend
+from lowbit.models.gguf_import import pack_from_gguf
 from lowbit.quant.apply import quantize_
 from lowbit.workflows.export import export
-from lowbit.workflows.gguf_import import pack_from_gguf
 from tests.workflows.test_export_gguf import TinyChat
 
 
@@ -90,3 +90,28 @@ def test_smollm2_gguf_packs_losslessly() -> None:
         packed_logits = lm(ids).logits
     assert set(report["packed"].values()) == {"Q4_1", "Q8_0"} and len(report["packed"]) == 30 * 7 + 2
     assert torch.equal(packed_logits, float_logits)
+
+
+def test_lowbit_load_packs_a_gguf_and_a_quantized_hf_directory(tmp_path: Path) -> None:
+    import lowbit
+    from lowbit.errors import LowbitError
+
+    model = TinyChat()
+    quantize_(model.language, "model=w4g32,model@embedding=w8g32", progress=False)
+    export(model, "gguf", tmp_path / "m.gguf")
+    export(model, "hf", tmp_path / "ct", dequantize=True)  # the packed table goes float: compressed-tensors has none
+    ids = torch.tensor([model.tokenizer("the quick brown fox")["input_ids"]])
+    set_backend(model.language, "reference")
+    with torch.no_grad():
+        want = model.language(ids).logits
+    for path, packed in ((tmp_path / "m.gguf", 2 * 7 + 2), (tmp_path / "ct", 2 * 7 + 1)):
+        loaded = lowbit.load(str(path))
+        report = loaded.lowbit_import
+        assert len(report.get("packed", {})) == packed or report.get("packed_layers") == packed
+        set_backend(loaded.language, "reference")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.language(ids).logits, want, rtol=0, atol=1e-5)
+        with pytest.raises(LowbitError, match="imported packed from another format"):
+            lowbit.save(loaded, tmp_path / "saved")
+    float_model = lowbit.load(str(tmp_path / "m.gguf"), packed=False)
+    assert not hasattr(float_model, "lowbit_import")

@@ -11,9 +11,9 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.quant_linear import set_backend
+from lowbit.models.hf_quantized import AWQ_ORDER, awq_layer, gptq_layer, load_quantized_hf
 from lowbit.quant.apply import quantize_
 from lowbit.workflows.export import export
-from lowbit.workflows.hf_import import AWQ_ORDER, awq_layer, gptq_layer, load_quantized_hf
 from tests.workflows.test_export_gguf import TinyChat
 
 FIXTURE = Path(__file__).with_name("fixtures") / "gptq_awq_tiny.json"

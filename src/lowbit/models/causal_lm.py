@@ -311,8 +311,13 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
     return lm, tokenizer
 
 
-def load_causal_lm(name_or_path: str) -> CausalLM:
+def load_causal_lm(name_or_path: str, packed: bool = True) -> CausalLM:
     """A text-only causal LM from an HF directory or a ``.gguf`` file, float32, eval mode.
+
+    Quantized checkpoints run on lowbit's kernels: a GGUF file's Q8_0/Q4_0/Q4_1/TQ2_0 blocks are packed as they
+    are (``lowbit.models.gguf_import``; ``packed=False`` keeps transformers' dequantized floats), and a directory
+    whose config carries a GPTQ, AWQ or compressed-tensors ``quantization_config`` is read into packed layers
+    (``lowbit.models.hf_quantized``).
 
     Example:
         >>> lm = load_causal_lm("models/Qwen3-0.6B")  # doctest: +SKIP
@@ -320,9 +325,20 @@ def load_causal_lm(name_or_path: str) -> CausalLM:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lowbit.models.gguf_import import ARCHITECTURES as GGUF_PACKED
+    from lowbit.models.gguf_import import pack_from_gguf
+    from lowbit.models.hf_quantized import load_quantized_hf
+
     path = Path(name_or_path)
+    imported: dict[str, Any] | None = None
     if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
         lm, tokenizer = _from_gguf(path)
+        if packed and lm.config.model_type in GGUF_PACKED:
+            imported = pack_from_gguf(lm, path)
+    elif (path / "config.json").is_file() and "quantization_config" in read_config(path):
+        check_causal_lm_config(read_config(path), repr(name_or_path))
+        lm, imported = load_quantized_hf(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     elif (path / "config.json").is_file():
         check_causal_lm_config(read_config(path), repr(name_or_path))  # before any weight is allocated
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -331,7 +347,9 @@ def load_causal_lm(name_or_path: str) -> CausalLM:
         raise LowbitError(f"{name_or_path!r} is neither a directory with a transformers config.json nor a "
                           f"{GGUF_SUFFIX} file; accepted: one of those")
     model = CausalLM(lm.eval(), tokenizer).eval().requires_grad_(False)
-    model.source = {"family": "causal-lm", "name": str(name_or_path), "options": {}}
+    model.source = {"family": "causal-lm", "name": str(name_or_path), "options": {} if packed else {"packed": False}}
+    if imported is not None:
+        model.lowbit_import = imported  # which layers hold the producer's integers, which stayed float
     return model
 
 

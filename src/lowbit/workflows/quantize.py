@@ -151,6 +151,10 @@ def save(model: nn.Module, out_dir: str | os.PathLike[str], report: QuantReport 
     """
     if report is None and getattr(model, "lowbit_manifest", None) is not None:
         return save_loaded(model, out_dir)
+    if report is None and getattr(model, "lowbit_import", None) is not None:
+        raise LowbitError("this model holds layers imported packed from another format (GGUF, GPTQ, AWQ, "
+                          "compressed-tensors); lowbit.save does not write those yet: lowbit.export it, or load it "
+                          "with packed=False and quantize it")
     if report is None or not report.recipe_spec:
         raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
     save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir)

@@ -39,17 +39,9 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import is_quantized
 from lowbit.kernels.storage import format_of
+from lowbit.models.gguf_import import ARCHITECTURES, QK, QK_K
 from lowbit.workflows.export import ExportFormat, register_export
 
-QK = 32  # weights per block of Q8_0 / Q4_0 / Q4_1
-QK_K = 256  # weights per block of TQ2_0
-
-# transformers model_type -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's RoPE pairing)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),  # llama.cpp runs Mistral as its llama architecture
-    "qwen2": ("qwen2", False),  # NeoX-style RoPE in llama.cpp too
-}
 # storage row name -> GGUF type holding its values exactly (narrower symmetric grids widen into Q4_0)
 EXACT_TYPES: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_0", "int3": "Q4_0", "int2": "Q4_0", "binary": "Q4_0",
                                "offset4": "Q4_1", "offset3": "Q4_1", "offset2": "Q4_1", "ternary": "TQ2_0",

@@ -139,6 +139,7 @@ def write_hf(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = inner.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(inner).__name__]  # what loaders dispatch on
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is not None and is_quantized(head):

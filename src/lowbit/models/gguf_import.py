@@ -33,8 +33,16 @@ from lowbit.kernels.offsets import OffsetPacked
 from lowbit.kernels.quant_embedding import QuantEmbedding
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.kernels.storage import find_format
-from lowbit.workflows.export.gguf import ARCHITECTURES, QK, QK_K
 
+QK = 32  # weights per block of Q8_0 / Q4_0 / Q4_1
+QK_K = 256  # weights per block of TQ2_0
+# transformers model_type -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's RoPE pairing);
+# shared with the GGUF export (lowbit.workflows.export.gguf)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),  # llama.cpp runs Mistral as its llama architecture
+    "qwen2": ("qwen2", False),  # NeoX-style RoPE in llama.cpp too
+}
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "TQ2_0": 66}
 
 
