@@ -152,7 +152,7 @@ def test_crash_mid_save_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", explode)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LowbitError, match="disk full; nothing was written"):
         save_quantized(model, report, recipe, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

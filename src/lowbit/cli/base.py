@@ -19,11 +19,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def print_json_or_table(result: dict[str, Any] | list[dict[str, Any]], json_path: str | None) -> None:
-    from lowbit.io import write_json
+OVERWRITE_HELP = ("replace an existing output that lowbit did not write (a non-empty directory, another file); "
+                  "never the source model")
+
+
+def print_json_or_table(result: dict[str, Any] | list[dict[str, Any]], json_path: str | None,
+                        overwrite: bool = False) -> None:
+    from lowbit.io import write_result_json
 
     if json_path:
-        write_json(json_path, result)
+        write_result_json(json_path, result, overwrite=overwrite)
     for row in result if isinstance(result, list) else [result]:
         print(api.format_table(row))
     if json_path:
@@ -45,6 +50,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     """Parse ``argv`` and call the chosen verb: a ``LowbitError`` becomes one line and exit code 2."""
     args = parser.parse_args(argv)
     try:
+        _check_json_output(args)
         args.func(args)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
@@ -53,6 +59,14 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         print("lowbit: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_json_output(args: argparse.Namespace) -> None:
+    """A ``--json`` path is judged before the verb runs (not after minutes of work)."""
+    from lowbit.io import check_output
+
+    if getattr(args, "json", None) is not None:
+        check_output(args.json, "json-result", overwrite=getattr(args, "overwrite", False), flag="--json")
 
 
 def is_main_process() -> bool:

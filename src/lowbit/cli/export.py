@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import print_json_or_table
+from lowbit.cli.base import OVERWRITE_HELP, print_json_or_table
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -18,8 +18,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     options: dict[str, Any] = {}
     if args.requantize:
         options["requantize"] = True
-    report = api.export(args.model, args.format, args.out, recipe=args.recipe, **options)
-    print_json_or_table(report, args.json)
+    report = api.export(args.model, args.format, args.out, recipe=args.recipe, overwrite=args.overwrite, **options)
+    print_json_or_table(report, args.json, overwrite=args.overwrite)
 
 
 def register_export_cli(sub: Any) -> None:
@@ -33,3 +33,4 @@ def register_export_cli(sub: Any) -> None:
     p.add_argument("--requantize", action="store_true",
                    help="gguf: re-quantize layers whose grid has no exact GGUF type (the added error is reported)")
     p.add_argument("--json", help="write the export report here")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

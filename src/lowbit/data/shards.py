@@ -43,12 +43,22 @@ from PIL import Image
 from lowbit.data.base import ImageTextSet
 from lowbit.data.images import _DECODE_ERRORS, ImageSkippedWarning, _to_rgb
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_path, write_json
+from lowbit.io import OutputKind, atomic_path, check_output, register_output_kind, write_json
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MANIFEST = "manifest.json"
 
+
+
+def _is_shard_output(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == "webdataset"
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+register_output_kind(OutputKind("shards", is_dir=True, recognize=_is_shard_output))
 
 class ShardWarning(UserWarning):
     """A shard was truncated or unreadable; the samples before the damage were kept."""
@@ -86,7 +96,7 @@ def _check_positive(name: str, value: int) -> int:
 
 def write_shards(
     dataset: ImageTextSet, out_dir: str | os.PathLike[str], shard_size: int = 1000, image_format: str = "jpg",
-    quality: int = 95, progress: bool = True,
+    quality: int = 95, progress: bool = True, overwrite: bool = False, sources: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Write ``dataset`` as tar shards of ``shard_size`` samples in ``out_dir`` (atomically); return the manifest.
 
@@ -98,6 +108,7 @@ def write_shards(
         {'samples': 5000, 'shards': ['00000.tar', ...], ...}
     """
     _check_positive("shard_size", shard_size)
+    check_output(out_dir, "shards", overwrite=overwrite, sources=sources)
     if image_format not in IMAGE_FORMATS:
         raise LowbitError(f"unknown image format {image_format!r}; choose one of: {', '.join(IMAGE_FORMATS)}")
     if dataset.captions is None and (dataset.labels is None or not dataset.classnames):

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_path, mmap_safetensors
+from lowbit.io import OutputKind, atomic_path, check_output, mmap_safetensors, register_output_kind
 from lowbit.kernels import quant_embedding  # noqa: F401  (registers the ``embedding`` kind)
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
@@ -57,6 +57,29 @@ ARCHITECTURE_DIR = "architecture"
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _MODULE_FIELDS = ("tower", "name", "kind", "bits", "group_size", "symmetric", "method", "shape", "has_input_scale")
 ArchitectureWriter = Callable[[Path], "dict[str, Any] | None"]
+
+
+def is_packed_checkpoint(path: Path) -> bool:
+    """A directory whose ``manifest.json`` carries lowbit's format key (what ``--out`` may replace)."""
+    file = path / MANIFEST_FILE
+    try:
+        if not file.is_file() or file.stat().st_size > 256 * 2**20:
+            return False
+        return json.loads(file.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+register_output_kind(OutputKind("packed-checkpoint", is_dir=True, recognize=is_packed_checkpoint))
+
+
+def model_sources(model: nn.Module) -> list[str]:
+    """The paths a model was made from (its float source directory, the packed directory it was loaded from):
+    an output must never equal, contain or lie inside one."""
+    source = getattr(model, "source", None) or {}
+    named = [source.get("name")] if isinstance(source, dict) and isinstance(source.get("name"), str) else []
+    loaded = getattr(model, "lowbit_path", None)
+    return [*named, *([str(loaded)] if loaded else [])]
 
 
 # --- saving ------------------------------------------------------------------------------------------------------
@@ -126,8 +149,9 @@ def _loaded_architecture(manifest: dict[str, Any], files: dict[str, bytes]) -> A
 
 
 def _write(model: nn.Module, out_dir: str | os.PathLike[str], parts: dict[str, Any],
-           architecture: ArchitectureWriter) -> Path:
+           architecture: ArchitectureWriter, overwrite: bool) -> Path:
     """The one writer: ``parts`` = source, recipe, modules, report, extra of the manifest."""
+    check_output(out_dir, "packed-checkpoint", overwrite=overwrite, sources=model_sources(model))
     if is_folded(model):
         raise LowbitError("cannot save a model with BatchNorm folded into its convs (an inference transform); "
                           "save the unfolded model and fold after loading: lowbit.load(dir, optimize=True)")
@@ -167,8 +191,12 @@ def save_quantized(
     recipe: Recipe,
     out_dir: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir`` (replacing it atomically): ``model.safetensors``, ``architecture/``, ``manifest.json``.
+
+    An existing ``out_dir`` is replaced only when it is a packed checkpoint or empty, unless ``overwrite``; it
+    is never the model's source directory (``lowbit.io.check_output``).
 
     Refuses a model whose BatchNorms were folded (``lowbit.kernels.fold_bn``): the checkpoint contract is the
     unfolded architecture; fold after loading instead (``lowbit.load(dir, optimize=True)``).
@@ -181,10 +209,10 @@ def save_quantized(
     }
     parts = {"source": dict(getattr(model, "source", {}) or {}), "recipe": recipe.to_dict(), "modules": modules,
              "report": report.to_dict(), "extra": extra or {}}
-    return _write(model, out_dir, parts, _family_architecture(model))
+    return _write(model, out_dir, parts, _family_architecture(model), overwrite)
 
 
-def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Save a model loaded by ``load_quantized`` again: same manifest, architecture files and tensors, so an
     unchanged model gives a byte-identical directory."""
     manifest = getattr(model, "lowbit_manifest", None)
@@ -193,7 +221,7 @@ def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
                           "returned by quantize() (quantize the model first)")
     parts = {k: manifest[k] for k in ("source", "recipe", "modules", "report", "extra")}
     files = getattr(model, "lowbit_architecture_files", {})
-    return _write(model, out_dir, parts, _loaded_architecture(manifest, files))
+    return _write(model, out_dir, parts, _loaded_architecture(manifest, files), overwrite)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -359,4 +387,5 @@ def load_quantized(
         model.source = dict(manifest["source"])  # the float model it came from (bench_model compares with it)
     model.lowbit_manifest = manifest  # what was loaded: reports, the CLI, and save_loaded
     model.lowbit_architecture_files = files
+    model.lowbit_path = str(root)  # where it came from: saving onto it again is refused
     return model.eval()
