@@ -331,6 +331,22 @@ def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
             replace_module(model, paths[id(float_module)], new)
 
 
+FINITE_CHECK_ELEMENTS = 2**20  # float tensors up to this size are checked for NaN/Inf at load; packed buffers always
+
+
+def _check_finite(weights: Path, state: dict[str, torch.Tensor], packed: set[str]) -> None:
+    """Refuse NaN/Inf in the scales (and other float buffers) of packed layers and in every float tensor up to
+    ``FINITE_CHECK_ELEMENTS`` (norms, biases, small heads): a checkpoint with them would score garbage. The
+    big float tensors (embedding tables) stay memory-mapped and unread; the codes are integers."""
+    for key, t in state.items():
+        if not t.is_floating_point() or (key not in packed and t.numel() > FINITE_CHECK_ELEMENTS):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise LowbitError(f"{str(weights)!r}: tensor {key!r} holds {bad} NaN/Inf value{'s' * (bad > 1)} of "
+                              f"{t.numel()}; accepted: finite values (the checkpoint is damaged; quantize again)")
+
+
 def _read_tensors(root: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The file's tensors, memory-mapped; fp16-stored floats as float32, tied keys sharing one tensor."""
     weights = root / WEIGHTS_FILE
@@ -343,8 +359,9 @@ def _read_tensors(root: Path, model: nn.Module, manifest: dict[str, Any]) -> dic
     except LowbitError as err:
         raise LowbitError(f"cannot read {err}; expected the checkpoint's safetensors file") from None
     storage = manifest["storage"]
+    packed = packed_keys(model, manifest["modules"])
+    _check_finite(weights, state, packed)
     if storage["float_dtype"] == "fp16":
-        packed = packed_keys(model, manifest["modules"])
         for key, t in state.items():
             if t.dtype == torch.float16 and key not in packed:
                 state[key] = t.float()
