@@ -164,7 +164,7 @@ def test_bad_checkpoints_raise_lowbit_errors(tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="not valid JSON"):
         load_quantized(tmp_path, build)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(LowbitError, match="expected 'lowbit-packed'"):
+    with pytest.raises(LowbitError, match="'format' is 'other'; accepted: 'lowbit-packed'"):
         load_quantized(tmp_path, build)
     _, out = _quantized(tmp_path)
     (out / "model.safetensors").write_bytes(b"garbage")

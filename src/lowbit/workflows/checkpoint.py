@@ -55,7 +55,6 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 ARCHITECTURE_DIR = "architecture"
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_MODULE_FIELDS = ("tower", "name", "kind", "bits", "group_size", "symmetric", "method", "shape", "has_input_scale")
 ArchitectureWriter = Callable[[Path], "dict[str, Any] | None"]
 
 
@@ -226,41 +225,19 @@ def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str], overwrite: bo
 
 # --- loading -----------------------------------------------------------------------------------------------------
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated manifest of checkpoint directory ``path`` (LowbitError if missing or garbled)."""
+    """The validated manifest of checkpoint directory ``path`` (``workflows/manifest.py``: types, ranges, known
+    format and version, a closed ``source``); one ``LowbitError`` if missing, garbled or out of range. Nothing
+    is built before this passes."""
+    from lowbit.limits import read_json
+    from lowbit.workflows.manifest import validate_manifest
+
     file = Path(path) / MANIFEST_FILE
-    if not file.is_file():
+    if not file.exists():
         raise LowbitError(f"no {MANIFEST_FILE} in {str(path)!r}; expected a directory written by save_quantized")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LowbitError(f"{str(file)!r} is not valid JSON ({err}); expected a lowbit manifest") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise LowbitError(f"{str(file)!r} has format {got!r}; expected {FORMAT!r}")
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise LowbitError(f"{str(file)!r} has format_version {version!r}; this lowbit reads {FORMAT_VERSION} "
-                          f"(and {', '.join(str(v) for v in READABLE_VERSIONS if v != FORMAT_VERSION)})")
-    modules = manifest.get("modules")
-    if not isinstance(modules, dict):
-        raise LowbitError(f"{str(file)!r}: 'modules' must be a mapping of module path -> metadata")
-    for path, meta in modules.items():
-        missing = [f for f in _MODULE_FIELDS if not isinstance(meta, dict) or f not in meta]
-        if missing:
-            raise LowbitError(f"{str(file)!r}: module {path!r} lacks {', '.join(missing)}")
-        if meta["kind"] not in QUANT_KINDS:
-            raise LowbitError(f"{str(file)!r}: module {path!r} has kind {meta['kind']!r}; "
-                              f"expected one of {', '.join(QUANT_KINDS.names())}")
-    storage = manifest.setdefault("storage", {"float_dtype": "fp32", "tied": {}})  # format 1: fp32, no ties
-    if (not isinstance(storage, dict) or storage.get("float_dtype") not in FLOAT_DTYPES
-            or not isinstance(storage.get("tied"), dict)):
-        raise LowbitError(f"{str(file)!r}: 'storage' must hold float_dtype ({' or '.join(FLOAT_DTYPES)}) and a "
-                          "'tied' mapping")
-    architecture = manifest.setdefault("architecture", None)
-    if architecture is not None and not (isinstance(architecture, dict) and isinstance(architecture.get("files"), dict)
-                                         and isinstance(architecture.get("record"), dict)):
-        raise LowbitError(f"{str(file)!r}: 'architecture' must hold family, record and files")
-    return manifest
+    manifest = read_json(file, "manifest", "a lowbit manifest (written by save_quantized)")
+    weights = Path(path) / WEIGHTS_FILE
+    size = weights.stat().st_size if weights.is_file() else None
+    return validate_manifest(manifest, file, FORMAT, READABLE_VERSIONS, tuple(FLOAT_DTYPES), size)
 
 
 def _read_architecture_files(root: Path, architecture: dict[str, Any]) -> dict[str, bytes]:
