@@ -154,3 +154,48 @@ def load_yaml(text: str, what: str, accepted: str) -> Any:
         raise LowbitError(f"{what} holds a value lowbit cannot read ({str(err)[:80]}); accepted: {accepted}") from None
     finally:
         loader.dispose()
+
+
+def decode_image(source: str | os.PathLike[str] | bytes, what: str | None = None) -> Any:
+    """Decode an image file (or its bytes) within bounds, as a PIL image in its own mode.
+
+    Refused in one ``LowbitError`` before the pixels are decoded: anything but a regular file (a FIFO would
+    block), more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb: a few KB of PNG declaring 100k x 100k),
+    an aspect ratio beyond ``MAX_ASPECT_RATIO`` (a 10000 x 1 strip, which an aspect-keeping processor would
+    blow up to gigabytes), and anything PIL cannot decode. JPEGs decode at a reduced scale when larger than
+    ``MAX_KEPT_IMAGE_SIDE``, and the result is downscaled to that longest side: what is kept in memory is small.
+    """
+    import io
+
+    from PIL import Image
+
+    accepted = (f"a readable PNG, JPEG, BMP, GIF or WebP file of at most {MAX_IMAGE_PIXELS} pixels and aspect "
+                f"ratio {MAX_ASPECT_RATIO}:1")
+    if isinstance(source, (bytes, bytearray)):
+        what = what or f"image of {len(source)} bytes"
+        stream: Any = io.BytesIO(source)
+    else:
+        what = what or f"image {str(source)!r}"
+        stream = check_regular_file(source, "image", accepted)
+    try:
+        with Image.open(stream) as img:
+            width, height = img.size
+            if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+                raise LowbitError(f"{what} is {width}x{height} pixels; accepted: {accepted}")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise LowbitError(f"{what} is {width}x{height} pixels (aspect ratio "
+                                  f"{max(width, height) / min(width, height):.0f}:1); accepted: {accepted}")
+            if img.format == "JPEG" and max(width, height) > MAX_KEPT_IMAGE_SIDE:
+                img.draft(img.mode, (MAX_KEPT_IMAGE_SIDE, MAX_KEPT_IMAGE_SIDE))  # decode at 1/2, 1/4 or 1/8 scale
+            img.load()  # Image.open is lazy: only load() decodes the pixels and finds truncated data
+            if max(img.size) > MAX_KEPT_IMAGE_SIDE:
+                img.thumbnail((MAX_KEPT_IMAGE_SIDE, MAX_KEPT_IMAGE_SIDE))
+            return img.copy()  # detached from the file, which the with-block closes
+    except LowbitError:
+        raise
+    except Image.DecompressionBombError:
+        raise LowbitError(f"{what} declares more than {MAX_IMAGE_PIXELS} pixels (a decompression bomb); accepted: "
+                          f"{accepted}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        first = " ".join(str(exc).split())[:120]
+        raise LowbitError(f"cannot decode {what} ({type(exc).__name__}: {first}); accepted: {accepted}") from None
