@@ -90,3 +90,23 @@ def test_a_fifo_is_refused_before_opening(tmp_path: Path) -> None:
 def test_json_hostile(text: str, message: str) -> None:
     with pytest.raises(LowbitError, match=message):
         loads_json(text, "manifest", "a lowbit manifest")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"image": "a.png", "caption": ' + "[" * 10000 + "]" * 10000 + "}", r"index\.jsonl:1 nests deeper than 8"),
+    ('{"image": "a.png", "caption": NaN}', r"index\.jsonl:1: NaN is not a JSON number"),
+])
+def test_jsonl_index_hostile(tmp_path: Path, line: str, message: str) -> None:
+    from lowbit.data.folder import load_folder
+
+    (tmp_path / "index.jsonl").write_text(line + "\n")
+    with pytest.raises(LowbitError, match=message):
+        load_folder(tmp_path)
+
+
+def test_jsonl_index_that_is_a_fifo(tmp_path: Path) -> None:
+    from lowbit.data.folder import load_folder
+
+    os.mkfifo(tmp_path / "index.jsonl")
+    with pytest.raises(LowbitError, match="is not a regular file"):
+        load_folder(tmp_path, index="index.jsonl")

@@ -16,6 +16,7 @@ from typing import Any
 from lowbit.errors import LowbitError
 
 MAX_JSON_DEPTH = 32  # a manifest nests 5 levels, a result 4: deeper is not lowbit's
+MAX_JSONL_DEPTH = 8  # one row of an image-caption index: an object of strings
 MAX_MANIFEST_BYTES = 64 * 2**20  # a 100k-module LLM manifest is ~40 MB
 MAX_RECIPE_CHARS = 10_000  # a short recipe string
 MAX_RECIPE_FILE_BYTES = 256 * 2**10  # a YAML recipe file

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from lowbit.data.base import ImageTextSet, check_limit
 from lowbit.data.images import ImageSkippedWarning, load_images
 from lowbit.errors import LowbitError
+from lowbit.limits import MAX_JSONL_DEPTH, check_regular_file, loads_json
 
 INDEX_NAMES: tuple[str, ...] = ("captions.csv", "labels.csv", "captions.jsonl", "labels.jsonl", "index.jsonl")
 IMAGE_KEYS: tuple[str, ...] = ("image", "file", "path")  # first one present wins
@@ -44,6 +44,7 @@ def find_index(folder: Path) -> Path:
 
 def _read_rows(index: Path) -> list[dict[str, Any]]:
     """Index rows as dicts with stripped, lower-case keys."""
+    check_regular_file(index, "index", _ACCEPTED)  # a FIFO would block forever
     try:
         if index.suffix.lower() == ".jsonl":
             rows = []
@@ -51,10 +52,8 @@ def _read_rows(index: Path) -> list[dict[str, Any]]:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise LowbitError(f"{index}:{lineno} is not valid JSON ({exc.msg})") from exc
+                    row = loads_json(line, f"{index}:{lineno}", f"one JSON object per line ({_ACCEPTED})",
+                                     max_depth=MAX_JSONL_DEPTH)
                     if not isinstance(row, dict):
                         kind = type(row).__name__
                         raise LowbitError(f"{index}:{lineno} is a JSON {kind}; expected an object")
@@ -106,8 +105,9 @@ def load_folder(
     if not folder.is_dir():
         raise LowbitError(f"dataset folder {folder} is not a directory; expected a folder with {_ACCEPTED}")
     index_path = find_index(folder) if index is None else folder / index
-    if not index_path.is_file():
+    if not index_path.exists():
         raise LowbitError(f"index file {index_path} not found; expected {_ACCEPTED}")
+    check_regular_file(index_path, "index file", _ACCEPTED)
     rows = _read_rows(index_path)
     if not rows:
         raise LowbitError(f"index {index_path} lists no images; expected {_ACCEPTED}")
