@@ -107,6 +107,8 @@ register_output_kind(json_result_kind("json-result"))
 def _final_name_problem(text: str) -> str | None:
     if text.strip() == "":
         return "is empty"
+    if "\x00" in text:
+        return "holds a NUL character"
     last = os.path.basename(os.path.normpath(text))
     if last in ("", ".", "..") or Path(text).resolve() == Path(Path(text).resolve().anchor):
         return "names the current, parent or root directory, not a new output"

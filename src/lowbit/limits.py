@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def check_regular_file(path: str | os.PathLike[str], what: str, accepted: str) -
         mode = p.stat().st_mode
     except FileNotFoundError:
         raise LowbitError(f"{what} {str(p)!r} does not exist; accepted: {accepted}") from None
+    except ValueError:  # a NUL in the name
+        raise LowbitError(f"{what} {str(p)!r} is not a usable path; accepted: {accepted}") from None
     except OSError as err:
         raise LowbitError(f"{what} {str(p)!r} cannot be read ({err.strerror or err}); accepted: {accepted}") from None
     if stat.S_ISDIR(mode):
@@ -139,8 +142,9 @@ def load_yaml(text: str, what: str, accepted: str) -> Any:
                                      for c in (item if isinstance(item, tuple) else (item,)))
         return memo[id(node)]
 
-    loader = BoundedLoader(text)
+    loader = None
     try:
+        loader = BoundedLoader(text)  # the reader refuses control characters already here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -154,7 +158,8 @@ def load_yaml(text: str, what: str, accepted: str) -> Any:
     except ValueError as err:  # e.g. an integer of more than 4300 digits
         raise LowbitError(f"{what} holds a value lowbit cannot read ({str(err)[:80]}); accepted: {accepted}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def decode_image(source: str | os.PathLike[str] | bytes, what: str | None = None) -> Any:
@@ -179,7 +184,8 @@ def decode_image(source: str | os.PathLike[str] | bytes, what: str | None = None
         what = what or f"image {str(source)!r}"
         stream = check_regular_file(source, "image", accepted)
     try:
-        with Image.open(stream) as img:
+        with warnings.catch_warnings(), Image.open(stream) as img:
+            warnings.simplefilter("ignore")  # PIL's notes on damaged EXIF/TIFF tags: the outcome says enough
             width, height = img.size
             if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
                 raise LowbitError(f"{what} is {width}x{height} pixels; accepted: {accepted}")

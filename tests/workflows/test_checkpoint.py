@@ -168,5 +168,5 @@ def test_bad_checkpoints_raise_lowbit_errors(tmp_path: Path) -> None:
         load_quantized(tmp_path, build)
     _, out = _quantized(tmp_path)
     (out / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(LowbitError, match="cannot read"):
+    with pytest.raises(LowbitError, match=r"cannot read|8 per byte of the weights file"):
         load_quantized(out, build)

@@ -167,7 +167,10 @@ def validate_manifest(manifest: Any, file: Path, fmt: str, versions: tuple[int, 
         raise c.fail("'format'", got, repr(fmt))
     version = manifest.get("format_version")
     if isinstance(version, bool) or version not in versions:
-        raise c.fail("'format_version'", version, f"{' or '.join(map(str, versions))} (this lowbit reads those)")
+        newest = max(versions)
+        older = ", ".join(str(v) for v in versions if v != newest)
+        raise c.fail("'format_version'", version, f"{' or '.join(map(str, versions))} (this lowbit reads {newest}"
+                     + (f", and {older}" if older else "") + ")")
     c.mapping(manifest, "the manifest", TOP_LEVEL_KEYS)
     for key, check in _SECTIONS:
         if key in manifest:
