@@ -154,3 +154,15 @@ def test_big_photos_are_kept_downscaled(tmp_path: Path) -> None:
     img = decode_image(path)
     assert max(img.size) == MAX_KEPT_IMAGE_SIDE and img.size == (1024, 768)
     assert api.open_image(path).size == (1024, 768)
+
+
+def test_a_100000_layer_config_is_refused_before_building(clip_dir: Path) -> None:
+    import json
+
+    config = json.loads((clip_dir / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 100_000
+    (clip_dir / "config.json").write_text(json.dumps(config))
+    t0 = time.perf_counter()
+    with pytest.raises(LowbitError, match=r"describes ~[\d,]+ parameters but the weight files hold [\d,]+ bytes"):
+        load_model(str(clip_dir))
+    assert time.perf_counter() - t0 < 1.0

@@ -63,11 +63,12 @@ def load_model(name_or_path: str, **options: Any) -> DualEncoder:
     optimize = options.pop("optimize", False)
     act_block = options.pop("act_block", None)
     check_act_block(act_block)  # before the seconds of loading
-    family, name = resolve_family(name_or_path)
-    accepted = keyword_parameters(family.load)[1:]  # the first parameter is the name
-    check_options(f"loading {name_or_path!r} ({family.name} family)", options,
-                  [*accepted, "optimize", "act_block"])
+    family: ModelFamily | None = None
     try:
+        family, name = resolve_family(name_or_path)  # reads configs: they may be damaged too
+        accepted = keyword_parameters(family.load)[1:]  # the first parameter is the name
+        check_options(f"loading {name_or_path!r} ({family.name} family)", options,
+                      [*accepted, "optimize", "act_block"])
         model = family.load(name, **options)
     except LowbitError:
         raise
@@ -75,7 +76,8 @@ def load_model(name_or_path: str, **options: Any) -> DualEncoder:
         if not _is_input_error(exc):
             raise
         first = " ".join(str(exc).split())[:240]
-        raise LowbitError(f"cannot load {name_or_path!r} as a {family.name} model ({type(exc).__name__}: {first}); "
+        kind = f"a {family.name} model" if family is not None else "a model"
+        raise LowbitError(f"cannot load {name_or_path!r} as {kind} ({type(exc).__name__}: {first}); "
                           "accepted: a complete model directory (config + safetensors / weights-only torch "
                           "files) or a built-in name") from None
     if act_block is not None:
