@@ -110,3 +110,38 @@ def test_jsonl_index_that_is_a_fifo(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "index.jsonl")
     with pytest.raises(LowbitError, match="is not a regular file"):
         load_folder(tmp_path, index="index.jsonl")
+
+
+class _Zeros:
+    """A file of ``n`` zero bytes, read in chunks (never held in memory)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        self.left -= size
+        return b"\0" * size
+
+
+def test_a_gzip_shard_declaring_a_huge_member_is_skipped_in_small_memory(tmp_path: Path) -> None:
+    import io as _io
+    import tarfile
+
+    from lowbit.data.shards import ShardStats, iter_raw
+
+    shard = tmp_path / "bomb.tar.gz"
+    with tarfile.open(shard, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("000000000.jpg")
+        info.size = 80 * 2**20
+        tar.addfile(info, _Zeros(info.size))  # type: ignore[arg-type]
+        for ext, data in (("txt", b"a caption"),):
+            small = tarfile.TarInfo(f"000000001.{ext}")
+            small.size = len(data)
+            tar.addfile(small, _io.BytesIO(data))
+    assert shard.stat().st_size < 1_000_000  # a small file ...
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.warns(UserWarning, match=r"member 000000000.jpg has 83886080 bytes; skipped \(accepted: at most"):
+        groups = list(iter_raw(shard, ShardStats()))
+    assert groups == [("000000001", {"txt": b"a caption"})]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 40 * 1024  # KB

@@ -28,6 +28,7 @@ MAX_GROUP_SIZE = 2**20  # quantization group size (per-channel groups are the wh
 MAX_DIM = 2**31  # one dimension of a tensor shape
 MAX_ELEMENTS = 2**40  # elements of one tensor (8 TB at one byte each: nothing real is larger)
 MAX_CONFIG_OVERSIZE = 4  # a model config may describe at most 4x the parameters its weight files could hold
+MAX_SHARD_MEMBER_BYTES = 64 * 2**20  # one file inside a webdataset tar shard (an image, caption or JSON)
 MAX_IMAGE_PIXELS = 64 * 2**20  # decoded pixels of one image (a 8192 x 8192 photo); PIL's bomb guard
 MAX_ASPECT_RATIO = 32  # longest side / shortest side of an image given to a model
 MAX_KEPT_IMAGE_SIDE = 1024  # decoded images kept in memory are downscaled to this longest side

@@ -41,9 +41,10 @@ import numpy as np
 from PIL import Image
 
 from lowbit.data.base import ImageTextSet
-from lowbit.data.images import _DECODE_ERRORS, ImageSkippedWarning, _to_rgb
+from lowbit.data.images import ImageSkippedWarning, _to_rgb
 from lowbit.errors import LowbitError
 from lowbit.io import OutputKind, atomic_path, check_output, register_output_kind, write_json
+from lowbit.limits import MAX_SHARD_MEMBER_BYTES, decode_image
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -187,6 +188,12 @@ def iter_raw(shard: Path, stats: ShardStats) -> Iterator[tuple[str, dict[str, by
                 if not member.isfile():
                     continue
                 k, ext = _split_key(member.name)
+                if member.size > MAX_SHARD_MEMBER_BYTES:  # a gzip of zeros declaring gigabytes: never read
+                    warnings.warn(f"shard {shard}: member {member.name} has {member.size} bytes; skipped (accepted: "
+                                  f"at most {MAX_SHARD_MEMBER_BYTES})", ShardWarning, stacklevel=2)
+                    stats.skipped += 1
+                    stats.reasons["member too large"] += 1
+                    continue
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
@@ -214,18 +221,17 @@ def decode(key: str, group: dict[str, bytes]) -> tuple[Sample | None, str]:
     if "json" in group:
         try:
             meta = json.loads(group["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, nested too deep: no metadata
             meta = {}
         meta = meta if isinstance(meta, dict) else {}
     caption = group["txt"].decode("utf-8", errors="replace").strip() if "txt" in group else meta.get("caption")
     if not caption or not isinstance(caption, str):
         return None, "no caption"
     try:
-        with Image.open(io.BytesIO(group[ext])) as img:
-            img.load()  # decode now: a cut or corrupt file fails here, not later inside a batch
-            rgb = _to_rgb(img)
-    except _DECODE_ERRORS as exc:
-        return None, f"bad image ({type(exc).__name__})"
+        # decode now (a cut or corrupt file fails here, not later inside a batch), bounded and downscaled
+        rgb = _to_rgb(decode_image(group[ext], what=f"image of sample {key}"))
+    except LowbitError as exc:
+        return None, f"bad image ({str(exc)[:80]})"
     label = meta.get("label")
     return Sample(key, rgb, caption, int(label) if isinstance(label, int) else None), ""
 
