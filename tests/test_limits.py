@@ -145,3 +145,20 @@ def test_a_gzip_shard_declaring_a_huge_member_is_skipped_in_small_memory(tmp_pat
         groups = list(iter_raw(shard, ShardStats()))
     assert groups == [("000000001", {"txt": b"a caption"})]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 40 * 1024  # KB
+
+
+def test_index_rows_outside_the_folder_are_not_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lowbit.data.folder import load_folder
+    from lowbit.data.images import ImageSkippedWarning
+
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "ok.png")
+    (data / "captions.csv").write_text(f"image,caption\nok.png,fine\n../secret.png,stolen\n{outside},stolen\n")
+    with pytest.warns(ImageSkippedWarning, match="is outside"):
+        loaded = load_folder(data)
+    assert loaded.captions == ["fine"]

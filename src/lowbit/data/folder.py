@@ -116,6 +116,7 @@ def load_folder(
     images: list[Image.Image] = []
     kept_texts: list[dict[str, str]] = []
     skipped = 0
+    root = Path(os.path.abspath(folder))
     for n, row in enumerate(rows, 1):
         if limit is not None and len(images) >= limit:
             break  # stop early: a small limit should not decode (or warn about) the whole folder
@@ -126,7 +127,14 @@ def load_folder(
             message = f"skipping row {n} of {index_path}: empty {', '.join(empty)}"
             warnings.warn(message, ImageSkippedWarning, stacklevel=2)
             continue
-        got, _, bad = load_images([folder / fields[image_key]])  # warns about a bad file itself
+        image = folder / fields[image_key]
+        # lexical, so symlinks placed inside the folder still work; "../../etc/passwd" and "/home/x.png" do not
+        if not Path(os.path.normpath(os.path.abspath(image))).is_relative_to(root):
+            skipped += 1
+            warnings.warn(f"skipping row {n} of {index_path}: {fields[image_key]!r} is outside {folder}; accepted: "
+                          "paths relative to the folder, inside it", ImageSkippedWarning, stacklevel=2)
+            continue
+        got, _, bad = load_images([image])  # warns about a bad file itself
         skipped += bad
         images += got
         kept_texts += [fields] * len(got)
