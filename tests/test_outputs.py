@@ -223,3 +223,12 @@ def test_run_directories_are_marked_and_resumable(tmp_path: Path) -> None:
         from lowbit.workflows import qat  # noqa: F401
 
         prepare_run_dir(tmp_path / "s", "qat-run")
+
+
+def test_an_evaluation_written_before_the_marker_is_still_replaced(tmp_path: Path) -> None:
+    old = tmp_path / "r.json"
+    old.write_text(json.dumps({"task": "fashion-mnist", "metrics": {"top1": 0.7}}))
+    check_output(old, "json-result", flag="--json")
+    old.write_text(json.dumps({"name": "my-package"}))
+    with pytest.raises(LowbitError, match="not a lowbit json-result"):
+        check_output(old, "json-result", flag="--json")

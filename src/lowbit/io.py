@@ -90,7 +90,9 @@ def _json_result_kind(path: Path) -> str | None:
     except (OSError, ValueError, RecursionError):
         return None
     if isinstance(data, dict):
-        return data.get(RESULT_KEY) if isinstance(data.get(RESULT_KEY), str) else None
+        if isinstance(data.get(RESULT_KEY), str):
+            return data[RESULT_KEY]
+        return "json-result" if {"task", "metrics"} <= set(data) else None  # an evaluation before the marker
     if isinstance(data, list) and data and all(isinstance(row, dict) for row in data):
         return "rows"  # a JSON array of result rows (benchmarks, sweeps): any lowbit result kind
     return None
