@@ -245,6 +245,53 @@ def jsonl_cases(work: Path) -> list[Case]:
     return items
 
 
+WORST_INPUTS = {  # the inputs that blew memory up before (issue 22), each measured in a fresh process
+    "billion-laughs YAML": "p = root / 'b.yaml'; p.write_text(cases.billion_laughs()); load_recipe(str(p))",
+    "100000x100000 PNG bomb": "decode_image(cases.bomb_png(100_000, 100_000))",
+    "20000x1 PNG strip": "decode_image(cases.strip_png(20_000, 1))",
+    "12 MP JPEG (kept)": "decode_image(PHOTO)",
+    "10^20 group size recipe": "load_recipe('*=w4g100000000000000000000')",
+    "10000-deep JSON manifest": "loads_json('[' * 10000 + ']' * 10000, 'manifest', 'JSON')",
+}
+
+
+_CHILD = """\
+import resource, sys, tempfile
+from pathlib import Path
+from PIL import Image
+from tests.fuzz import cases
+from lowbit.errors import LowbitError
+from lowbit.limits import decode_image, loads_json
+from lowbit.quant.recipe import load_recipe
+root = Path(tempfile.mkdtemp())
+PHOTO = root / "photo.jpg"
+if "PHOTO" in sys.argv[1]:  # made in a grandchild: its pixels must not count
+    import subprocess
+    subprocess.run([sys.executable, "-c", "from PIL import Image; import sys; "
+                    "Image.new('RGB', (4000, 3000), (9, 9, 9)).save(sys.argv[1])", str(PHOTO)], check=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    exec(sys.argv[1])
+except LowbitError:
+    pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def isolated_peaks() -> dict[str, float]:
+    """Peak RSS growth (MB) of each worst input, in a fresh interpreter after the imports."""
+    import subprocess
+
+    out = {}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    for name, code in WORST_INPUTS.items():
+        done = subprocess.run([sys.executable, "-c", _CHILD, code], capture_output=True, text=True, env=env,
+                              timeout=300)
+        out[name] = round(int(done.stdout.strip().splitlines()[-1]) / 1024, 1) if done.returncode == 0 else -1.0
+        print(f"  {name:<28} +{out[name]} MB", flush=True)
+    return out
+
+
 def main() -> None:
     rng = random.Random(SEED)
     results: list[dict[str, Any]] = []
@@ -292,7 +339,8 @@ def main() -> None:
     worst = max(results, key=lambda r: r["worst_peak_rss_growth_mb"])
     out = {"seed": SEED, "totals": totals, "worst_peak_rss_growth_mb": worst["worst_peak_rss_growth_mb"],
            "worst_input": f"{worst['category']}: {worst['worst_input']}",
-           "process_peak_rss_mb": round(_rss_kb() / 1024, 1), "categories": results}
+           "process_peak_rss_mb": round(_rss_kb() / 1024, 1),
+           "worst_inputs_isolated_peak_rss_growth_mb": isolated_peaks(), "categories": results}
     path = ROOT / "benchmarks" / "results" / "hostile.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
