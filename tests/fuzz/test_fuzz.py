@@ -48,8 +48,8 @@ def test_recipe_strings(text: str) -> None:
 @FAST
 @given(json_values)
 def test_recipe_mappings(data: Any) -> None:
-    _clean_or_ok(Recipe.from_dict, {"rules": [data]} if not isinstance(data, dict) else {"rules": [data]})
-    _clean_or_ok(Recipe.from_dict, data)
+    _clean_or_ok(Recipe.from_dict, {"rules": [data]})  # as one rule
+    _clean_or_ok(Recipe.from_dict, data)  # as the whole recipe
 
 
 @FAST
