@@ -256,7 +256,7 @@ WORST_INPUTS = {  # the inputs that blew memory up before (issue 22), each measu
 
 
 _CHILD = """\
-import resource, sys, tempfile
+import sys, tempfile
 from pathlib import Path
 from PIL import Image
 from tests.fuzz import cases
@@ -269,12 +269,15 @@ if "PHOTO" in sys.argv[1]:  # made in a grandchild: its pixels must not count
     import subprocess
     subprocess.run([sys.executable, "-c", "from PIL import Image; import sys; "
                     "Image.new('RGB', (4000, 3000), (9, 9, 9)).save(sys.argv[1])", str(PHOTO)], check=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():  # VmHWM: ru_maxrss would carry the parent's high-water mark across fork + exec
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+before = peak_kb()
 try:
     exec(sys.argv[1])
 except LowbitError:
     pass
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(peak_kb() - before)
 """
 
 
