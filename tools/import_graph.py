@@ -43,6 +43,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "registry": (1, "base"),
     "errors": (1, "base"),
     "io": (1, "base"),
+    "limits": (1, "base"),
     "paths": (1, "base"),
     "version": (1, "base"),
 }

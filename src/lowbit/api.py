@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from lowbit.quant.report import QuantReport
 
 __all__ = [
-    "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_task_and_data", "demo",
+    "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_checkpoint_output",
+    "check_task_and_data", "demo",
     "evaluate", "export", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize",
     "quantize_", "save", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
@@ -96,12 +97,25 @@ def quantize_(module: nn.Module, recipe: str | Recipe, calibration: Any = None, 
     return run(module, recipe, calibration, strict=strict, progress=progress)
 
 
-def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
+def save(model: DualEncoder, out_dir: str | os.PathLike[str], report: QuantReport | None = None,
+         overwrite: bool = False) -> Path:
     """Write a packed checkpoint (safetensors + architecture files + manifest.json) atomically; returns its
-    directory. ``report`` is not needed for a model loaded from a packed directory (re-saved byte for byte)."""
+    directory. ``report`` is not needed for a model loaded from a packed directory (re-saved byte for byte).
+
+    ``out_dir`` may replace only a packed checkpoint (or an empty directory) unless ``overwrite``, and never the
+    model's source directory."""
     from lowbit.workflows.quantize import save as run
 
-    return run(model, out_dir, report=report)
+    return run(model, out_dir, report=report, overwrite=overwrite)
+
+
+def check_checkpoint_output(out_dir: str | os.PathLike[str], source: str | None = None,
+                            overwrite: bool = False) -> None:
+    """Refuse at once an ``out_dir`` that ``save`` would refuse (before minutes of quantizing)."""
+    from lowbit.io import check_output
+    from lowbit.workflows.checkpoint import is_packed_checkpoint  # noqa: F401  (registers the output kind)
+
+    check_output(out_dir, "packed-checkpoint", overwrite=overwrite, sources=[source])
 
 
 def sweep(model_name: str, recipes: list[str], methods: list[str], task: str, out_dir: str | os.PathLike[str],
@@ -151,14 +165,14 @@ def shard_dataset(src: str, out_dir: str | os.PathLike[str], **options: Any) -> 
 
 
 def build(name: str = "lit-fashion", out: str | os.PathLike[str] | None = None, seed: int = 0,
-          steps: int | None = None, **options: Any) -> dict[str, Any]:
+          steps: int | None = None, overwrite: bool = False, **options: Any) -> dict[str, Any]:
     """Re-train the trained parts of a built-in model (``lowbit.workflows.builders``); returns the build log.
 
     ``lit-fashion`` options: ``n_train``, ``n_test``; ``llava-fashion(-hd)``: ``run_dir`` (checkpoints; resumes).
     """
     from lowbit.workflows.builders import build as run
 
-    return run(name, out=out, seed=seed, steps=steps, **options)
+    return run(name, out=out, seed=seed, steps=steps, overwrite=overwrite, **options)
 
 
 def bench_kernels(json_path: str | os.PathLike[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:
@@ -251,11 +265,11 @@ def list_models() -> list[dict[str, str]]:
     return run()
 
 
-def demo(limit: int | None = None, out_dir: str | None = None) -> list[dict[str, Any]]:
+def demo(limit: int | None = None, out_dir: str | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
     """The main job: ``lit-fashion`` at fp32, fp16, w8 and w4, saved, reloaded and evaluated side by side."""
     from lowbit.workflows.demo import demo as run
 
-    return run(limit=limit, out_dir=out_dir)
+    return run(limit=limit, out_dir=out_dir, overwrite=overwrite)
 
 
 def format_table(result: dict[str, Any] | list[dict[str, Any]]) -> str:

@@ -11,5 +11,11 @@ FASHION_MNIST_DIR = Path(os.environ.get("LOWBIT_FASHION_MNIST", "/usr/share/data
 def lowbit_home() -> Path:
     """The cache root: ``$LOWBIT_HOME`` or ``~/.cache/lowbit``; created on first use."""
     home = Path(os.environ.get("LOWBIT_HOME", Path.home() / ".cache" / "lowbit"))
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError(f"LOWBIT_HOME {str(home)!r} cannot be created ({err.strerror or err}); accepted: a "
+                          "writable directory (set LOWBIT_HOME)") from None
     return home

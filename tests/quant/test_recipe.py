@@ -113,7 +113,7 @@ def test_yaml_file_level_errors(tmp_path: Path) -> None:
         load_recipe(_yaml(tmp_path, "version: 2\nrules: [{bits: 8}]\n"))
     with pytest.raises(LowbitError, match="non-empty list"):
         load_recipe(_yaml(tmp_path, "version: 1\nrules: []\n"))
-    with pytest.raises(LowbitError, match="recipe file not found"):
+    with pytest.raises(LowbitError, match="recipe file .*missing.yaml. does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
 
 

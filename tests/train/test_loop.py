@@ -138,3 +138,32 @@ def test_checkpoint_loads_without_pickle(tmp_path):
 def test_bad_config_is_a_lowbit_error(tmp_path):
     with pytest.raises(LowbitError, match="steps"):
         train(_Net(), _loss, _batches(), _cfg(tmp_path, steps=0))
+
+
+@pytest.mark.parametrize("damage", ["truncated-tensors", "garbled-state"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    straight = _Net()
+    train(straight, _loss, _batches(), _cfg(tmp_path / "a"))
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:  # after the step-8 checkpoint
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_Net(), crashing_loss, _batches(), _cfg(tmp_path / "b"))
+    newest = latest_checkpoint(tmp_path / "b")
+    assert newest.name == "step-00000008"
+    if damage == "truncated-tensors":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (newest / "state.json").write_text("{garbled")
+    resumed = _Net()
+    with pytest.warns(UserWarning, match="step-00000008 is damaged"):
+        state = train(resumed, _loss, _batches(), _cfg(tmp_path / "b"))
+    assert state.resumed_from == 4 and state.step == 12
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)  # the same result as an uninterrupted run

@@ -152,7 +152,7 @@ def test_crash_mid_save_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", explode)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LowbitError, match="disk full; nothing was written"):
         save_quantized(model, report, recipe, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -164,9 +164,9 @@ def test_bad_checkpoints_raise_lowbit_errors(tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="not valid JSON"):
         load_quantized(tmp_path, build)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(LowbitError, match="expected 'lowbit-packed'"):
+    with pytest.raises(LowbitError, match="'format' is 'other'; accepted: 'lowbit-packed'"):
         load_quantized(tmp_path, build)
     _, out = _quantized(tmp_path)
     (out / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(LowbitError, match="cannot read"):
+    with pytest.raises(LowbitError, match=r"cannot read|8 per byte of the weights file"):
         load_quantized(out, build)

@@ -13,7 +13,7 @@ from typing import Any
 
 from lowbit import api
 from lowbit.api import DEFAULT_CALIB_SAMPLES
-from lowbit.cli.base import Parser, add_act_block, print_json_or_table, run
+from lowbit.cli.base import OVERWRITE_HELP, Parser, add_act_block, print_json_or_table, run
 from lowbit.errors import LowbitError
 
 
@@ -33,12 +33,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model, args.task, limit=args.limit, data=args.data, reference=reference,
         footprint=not args.no_footprint, checkpoint_dir=args.model if Path(args.model).is_dir() else None,
     )
-    print_json_or_table(result, args.json)
+    print_json_or_table(result, args.json, overwrite=args.overwrite)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: the default model at fp32, fp16, w8 and w4 side by side: accuracy, whole-file bytes, latency."""
-    rows = api.demo(limit=args.limit, out_dir=args.out)
+    rows = api.demo(limit=args.limit, out_dir=args.out, overwrite=args.overwrite)
     print(api.sweep_table(rows))
     if args.out:
         print(f"wrote {args.out}/sweep.json, sweep.md and sweep.png")
@@ -51,17 +51,18 @@ def cmd_build(args: argparse.Namespace) -> None:
     for name in ("n_train", "n_test", "run_dir"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    log = api.build(args.model, out=args.out, steps=args.steps, seed=args.seed, **options)
+    log = api.build(args.model, out=args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite, **options)
     print(json.dumps(log, indent=2))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Quantize MODEL with a recipe (preset, YAML file or short string) and save a packed checkpoint to OUT."""
 
+    api.check_checkpoint_output(args.out, source=args.model, overwrite=args.overwrite)  # before minutes of work
     model = api.load(args.model)
     report = api.quantize(model, args.recipe, calib_data=args.calib_data, calib_samples=args.calib_samples,
                           strict=args.strict)
-    api.save(model, args.out, report=report)
+    api.save(model, args.out, report=report, overwrite=args.overwrite)
     print(report.markdown())
     print(f"wrote {args.out}")
 
@@ -70,7 +71,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """Evaluate every recipe x method on a task; write JSON, Markdown and an accuracy-vs-bytes PNG."""
 
     rows = api.sweep(args.model, recipes=args.recipes.split(","), methods=args.methods.split(","),
-                     task=args.task, out_dir=args.out, limit=args.limit, calib_samples=args.calib_samples)
+                     task=args.task, out_dir=args.out, limit=args.limit, calib_samples=args.calib_samples,
+                     overwrite=args.overwrite)
     print(f"{len(rows)} rows; wrote {args.out}/sweep.json, sweep.md, sweep.png")
 
 
@@ -82,7 +84,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         if not args.model:
             raise LowbitError("`lowbit bench model` needs a MODEL argument (a built-in name or a directory)")
-        print_json_or_table(api.bench_model(args.model, optimize=args.optimize, act_block=args.act_block), args.json)
+        print_json_or_table(api.bench_model(args.model, optimize=args.optimize, act_block=args.act_block), args.json,
+                            overwrite=args.overwrite)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
     p.add_argument("--reference", help="model to measure fidelity against (e.g. the float original)")
     p.add_argument("--json", help="write the result JSON here")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-footprint", action="store_true", help="skip latency/size measurement")
     p.add_argument("--optimize", action="store_true",
                    help="evaluate the model after optimize_for_inference_ (folded BatchNorm, depthwise kernel, fused "
@@ -146,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("demo", cmd_demo)
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
     p.add_argument("--out", help="also write sweep.json, sweep.md and the accuracy-vs-bytes plot sweep.png here")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = verb("build", cmd_build)
     p.add_argument("model", help="built-in model to build (lit-fashion, llava-fashion-hd, llava-fashion)")
@@ -155,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, help="lit-fashion: training images (default 60000)")
     p.add_argument("--n-test", type=int, help="lit-fashion: test images (default 10000)")
     p.add_argument("--run-dir", help="llava-fashion(-hd): checkpoint directory (a re-run resumes)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = verb("quantize", cmd_quantize)
     p.add_argument("model")
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "image models and text sampled from the model itself for language models)")
     p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
     p.add_argument("--strict", action="store_true", help="fail if any weight layer stays in float")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = verb("sweep", cmd_sweep)
     p.add_argument("model")
@@ -175,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, help="evaluate on the first N samples only")
     p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = verb("bench", cmd_bench)
     p.add_argument("what", choices=["kernels", "model"])
     p.add_argument("model", nargs="?")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--optimize", action="store_true",
                    help="bench model: load the model and its float source with optimize_for_inference_ applied")
     add_act_block(p)

@@ -10,7 +10,8 @@ import argparse
 from typing import Any
 
 from lowbit import api
-from lowbit.io import write_json
+from lowbit.cli.base import OVERWRITE_HELP
+from lowbit.io import write_result_json
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -21,9 +22,9 @@ def cmd_export(args: argparse.Namespace) -> None:
             options[flag] = True
     if args.accuracy_level is not None:
         options["accuracy_level"] = args.accuracy_level
-    report = api.export(args.model, args.format, args.out, recipe=args.recipe, **options)
+    report = api.export(args.model, args.format, args.out, recipe=args.recipe, overwrite=args.overwrite, **options)
     if args.json:
-        write_json(args.json, report)
+        write_result_json(args.json, report, overwrite=args.overwrite)
     mapped = report.get("tensor_types") or report.get("ops") or {}
     print(f"wrote {report['out']} ({report['file_bytes'] / 1e6:.2f} MB, {args.format}); "
           f"exact: {report.get('exact', 'see report')}" + (f"; {mapped}" if mapped else ""))
@@ -48,3 +49,4 @@ def register_export_cli(sub: Any) -> None:
     p.add_argument("--accuracy-level", type=int,
                    help="onnx: MatMulNBits accuracy_level (4 = int8 compute, the default; 0/1 = float)")
     p.add_argument("--json", help="write the export report here")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

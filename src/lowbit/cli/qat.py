@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import is_main_process, run_verbs
+from lowbit.cli.base import OVERWRITE_HELP, is_main_process, run_verbs
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
@@ -32,6 +32,7 @@ def cmd_qat(args: argparse.Namespace) -> None:
         warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples,
         eval_every=args.eval_every, eval_samples=args.eval_samples, ckpt_every=args.ckpt_every,
         log_every=args.log_every, progress=not args.no_progress, train=args.train, block_ap=block_ap,
+        overwrite=args.overwrite,
         loss={"distill": args.distill, "task_loss": args.task_loss, "task_weight": args.task_weight,
               "temperature": args.temperature},
     )
@@ -55,6 +56,7 @@ def add_qat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True,
                    help="preset, YAML path or short string, e.g. 'vision=w1:binary,text=w1.58,projector=w8'")
     p.add_argument("--out", required=True, help="run directory: checkpoints, log, summary.json, model/ (packed)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--data", default="fashion-mnist", help="image-text data: dataset name or folder")
     p.add_argument("--steps", type=int, default=300, help="end-to-end steps (0: Block-AP only)")
     p.add_argument("--train", default="all", choices=["all", "scales"],

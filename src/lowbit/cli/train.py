@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import is_main_process, run_verbs
+from lowbit.cli.base import OVERWRITE_HELP, is_main_process, run_verbs
 from lowbit.errors import LowbitError
 
 
@@ -29,7 +29,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
             ckpt_every=args.ckpt_every, patch_dropout=args.patch_dropout, captions=args.captions,
             positives=args.positives,
             num_workers=args.num_workers, limit=args.limit, progress=not args.no_progress,
-            preset_overrides=_overrides(args.arch), export_fp16=args.export_fp16,
+            preset_overrides=_overrides(args.arch), export_fp16=args.export_fp16, overwrite=args.overwrite,
     )
     if is_main_process():
         print(summary_line(summary))
@@ -57,7 +57,7 @@ def _overrides(items: list[str] | None) -> dict[str, int]:
 def cmd_data_shard(args: argparse.Namespace) -> None:
     """Write a dataset (any supported spec) as webdataset tar shards in the img2dataset layout."""
     manifest = api.shard_dataset(args.src, args.out, shard_size=args.shard_size, split=args.split, limit=args.limit,
-                                 image_format=args.format)
+                                 image_format=args.format, overwrite=args.overwrite)
     print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out}"
           + (f" ({manifest['skipped']} unreadable images skipped)" if manifest["skipped"] else ""))
 
@@ -98,6 +98,7 @@ def _add_train(sub: Any) -> None:
     c.add_argument("--limit", type=int, help="use the first N samples of each dataset")
     c.add_argument("--export-fp16", metavar="DIR", help="also write the final model with float16 weights to DIR")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _add_data(sub: Any) -> None:
@@ -112,6 +113,7 @@ def _add_data(sub: Any) -> None:
     s.add_argument("--split", default="train")
     s.add_argument("--limit", type=int)
     s.add_argument("--format", default="jpg", choices=["jpg", "png", "webp"])
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def register_cli(sub: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from lowbit.data.base import ImageTextSet, check_limit
 from lowbit.data.images import ImageSkippedWarning, load_images
 from lowbit.errors import LowbitError
+from lowbit.limits import MAX_JSONL_DEPTH, check_regular_file, loads_json
 
 INDEX_NAMES: tuple[str, ...] = ("captions.csv", "labels.csv", "captions.jsonl", "labels.jsonl", "index.jsonl")
 IMAGE_KEYS: tuple[str, ...] = ("image", "file", "path")  # first one present wins
@@ -44,6 +44,7 @@ def find_index(folder: Path) -> Path:
 
 def _read_rows(index: Path) -> list[dict[str, Any]]:
     """Index rows as dicts with stripped, lower-case keys."""
+    check_regular_file(index, "index", _ACCEPTED)  # a FIFO would block forever
     try:
         if index.suffix.lower() == ".jsonl":
             rows = []
@@ -51,10 +52,8 @@ def _read_rows(index: Path) -> list[dict[str, Any]]:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise LowbitError(f"{index}:{lineno} is not valid JSON ({exc.msg})") from exc
+                    row = loads_json(line, f"{index}:{lineno}", f"one JSON object per line ({_ACCEPTED})",
+                                     max_depth=MAX_JSONL_DEPTH)
                     if not isinstance(row, dict):
                         kind = type(row).__name__
                         raise LowbitError(f"{index}:{lineno} is a JSON {kind}; expected an object")
@@ -106,8 +105,9 @@ def load_folder(
     if not folder.is_dir():
         raise LowbitError(f"dataset folder {folder} is not a directory; expected a folder with {_ACCEPTED}")
     index_path = find_index(folder) if index is None else folder / index
-    if not index_path.is_file():
+    if not index_path.exists():
         raise LowbitError(f"index file {index_path} not found; expected {_ACCEPTED}")
+    check_regular_file(index_path, "index file", _ACCEPTED)
     rows = _read_rows(index_path)
     if not rows:
         raise LowbitError(f"index {index_path} lists no images; expected {_ACCEPTED}")
@@ -116,6 +116,7 @@ def load_folder(
     images: list[Image.Image] = []
     kept_texts: list[dict[str, str]] = []
     skipped = 0
+    root = Path(os.path.abspath(folder))
     for n, row in enumerate(rows, 1):
         if limit is not None and len(images) >= limit:
             break  # stop early: a small limit should not decode (or warn about) the whole folder
@@ -126,7 +127,14 @@ def load_folder(
             message = f"skipping row {n} of {index_path}: empty {', '.join(empty)}"
             warnings.warn(message, ImageSkippedWarning, stacklevel=2)
             continue
-        got, _, bad = load_images([folder / fields[image_key]])  # warns about a bad file itself
+        image = folder / fields[image_key]
+        # lexical, so symlinks placed inside the folder still work; "../../etc/passwd" and "/home/x.png" do not
+        if not Path(os.path.normpath(os.path.abspath(image))).is_relative_to(root):
+            skipped += 1
+            warnings.warn(f"skipping row {n} of {index_path}: {fields[image_key]!r} is outside {folder}; accepted: "
+                          "paths relative to the folder, inside it", ImageSkippedWarning, stacklevel=2)
+            continue
+        got, _, bad = load_images([image])  # warns about a bad file itself
         skipped += bad
         images += got
         kept_texts += [fields] * len(got)

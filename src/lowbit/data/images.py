@@ -9,6 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from lowbit.errors import LowbitError
+from lowbit.limits import decode_image
+
 # Everything PIL and the OS raise for a file that is not a usable image. UnidentifiedImageError is an
 # OSError; truncated data raises OSError on ``load()``; some decoders raise SyntaxError/ValueError/EOFError
 # on malformed headers; DecompressionBombError guards against absurd sizes and is a plain Exception.
@@ -38,18 +41,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _open(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str]:
-    """Open and fully decode ``path``; return (image, "") or (None, reason)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return None, "empty file"
-        with Image.open(path) as img:
-            # Image.open is lazy: only load() decodes the pixels and finds truncated or corrupt data.
-            img.load()
-            return _to_rgb(img), ""
-    except FileNotFoundError:
+    """Open and fully decode ``path`` within ``lowbit.limits``' bounds (regular files only, no bombs, no extreme
+    aspect ratios, downscaled to ``MAX_KEPT_IMAGE_SIDE``); return (image, "") or (None, reason)."""
+    if not os.path.exists(path):
         return None, "file not found"
-    except _DECODE_ERRORS as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return None, "empty file"
+        return _to_rgb(decode_image(path)), ""
+    except LowbitError as exc:
+        return None, str(exc)
 
 
 def open_image(path: str | os.PathLike[str]) -> Image.Image | None:

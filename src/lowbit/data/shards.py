@@ -41,14 +41,25 @@ import numpy as np
 from PIL import Image
 
 from lowbit.data.base import ImageTextSet
-from lowbit.data.images import _DECODE_ERRORS, ImageSkippedWarning, _to_rgb
+from lowbit.data.images import ImageSkippedWarning, _to_rgb
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_path, write_json
+from lowbit.io import OutputKind, atomic_path, check_output, register_output_kind, write_json
+from lowbit.limits import MAX_SHARD_MEMBER_BYTES, decode_image
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MANIFEST = "manifest.json"
 
+
+
+def _is_shard_output(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == "webdataset"
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+register_output_kind(OutputKind("shards", is_dir=True, recognize=_is_shard_output))
 
 class ShardWarning(UserWarning):
     """A shard was truncated or unreadable; the samples before the damage were kept."""
@@ -86,7 +97,7 @@ def _check_positive(name: str, value: int) -> int:
 
 def write_shards(
     dataset: ImageTextSet, out_dir: str | os.PathLike[str], shard_size: int = 1000, image_format: str = "jpg",
-    quality: int = 95, progress: bool = True,
+    quality: int = 95, progress: bool = True, overwrite: bool = False, sources: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Write ``dataset`` as tar shards of ``shard_size`` samples in ``out_dir`` (atomically); return the manifest.
 
@@ -98,6 +109,7 @@ def write_shards(
         {'samples': 5000, 'shards': ['00000.tar', ...], ...}
     """
     _check_positive("shard_size", shard_size)
+    check_output(out_dir, "shards", overwrite=overwrite, sources=sources)
     if image_format not in IMAGE_FORMATS:
         raise LowbitError(f"unknown image format {image_format!r}; choose one of: {', '.join(IMAGE_FORMATS)}")
     if dataset.captions is None and (dataset.labels is None or not dataset.classnames):
@@ -176,6 +188,12 @@ def iter_raw(shard: Path, stats: ShardStats) -> Iterator[tuple[str, dict[str, by
                 if not member.isfile():
                     continue
                 k, ext = _split_key(member.name)
+                if member.size > MAX_SHARD_MEMBER_BYTES:  # a gzip of zeros declaring gigabytes: never read
+                    warnings.warn(f"shard {shard}: member {member.name} has {member.size} bytes; skipped (accepted: "
+                                  f"at most {MAX_SHARD_MEMBER_BYTES})", ShardWarning, stacklevel=2)
+                    stats.skipped += 1
+                    stats.reasons["member too large"] += 1
+                    continue
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
@@ -203,18 +221,17 @@ def decode(key: str, group: dict[str, bytes]) -> tuple[Sample | None, str]:
     if "json" in group:
         try:
             meta = json.loads(group["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, nested too deep: no metadata
             meta = {}
         meta = meta if isinstance(meta, dict) else {}
     caption = group["txt"].decode("utf-8", errors="replace").strip() if "txt" in group else meta.get("caption")
     if not caption or not isinstance(caption, str):
         return None, "no caption"
     try:
-        with Image.open(io.BytesIO(group[ext])) as img:
-            img.load()  # decode now: a cut or corrupt file fails here, not later inside a batch
-            rgb = _to_rgb(img)
-    except _DECODE_ERRORS as exc:
-        return None, f"bad image ({type(exc).__name__})"
+        # decode now (a cut or corrupt file fails here, not later inside a batch), bounded and downscaled
+        rgb = _to_rgb(decode_image(group[ext], what=f"image of sample {key}"))
+    except LowbitError as exc:
+        return None, f"bad image ({str(exc)[:80]})"
     label = meta.get("label")
     return Sample(key, rgb, caption, int(label) if isinstance(label, int) else None), ""
 

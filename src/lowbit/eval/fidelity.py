@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from lowbit.data.base import ImageTextSet
 from lowbit.errors import LowbitError
-from lowbit.eval.results import Outputs, Result, headline
+from lowbit.eval.results import NO_PREDICTION, Outputs, Result, headline
 from lowbit.models.base import DualEncoder
 
 
@@ -34,7 +34,8 @@ def _outputs(x: Outputs | Result) -> Outputs:
 def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     if a.shape[-1] != b.shape[-1]:
         return None
-    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+    cosine = F.cosine_similarity(a.float(), b.float(), dim=-1)
+    return float(cosine.nan_to_num(0.0, 0.0, 0.0).mean())  # a non-finite embedding agrees with nothing
 
 
 def fidelity(reference_outputs: Outputs | Result, candidate_outputs: Outputs | Result) -> dict[str, Any]:
@@ -61,7 +62,8 @@ def fidelity(reference_outputs: Outputs | Result, candidate_outputs: Outputs | R
             f"{cand.text_embeddings.shape[0]} texts; accepted: equal counts"
         )
     n = int(ref.predictions.numel())
-    agreement = float((ref.predictions == cand.predictions).float().mean()) if n else 0.0
+    agree = (ref.predictions == cand.predictions) & (cand.predictions != NO_PREDICTION)  # NaN output: no agreement
+    agreement = float(agree.float().mean()) if n else 0.0
     return {
         "basis": ref.kind,
         "n": n,

@@ -58,3 +58,21 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
     if metrics.get("i2t_r1") is not None and metrics.get("t2i_r1") is not None:
         return "mean_r1", (float(metrics["i2t_r1"]) + float(metrics["t2i_r1"])) / 2
     return None
+
+
+NO_PREDICTION = -1  # the prediction of a sample whose scores are not all finite: agrees with nothing
+
+
+def pessimistic_scores(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``scores`` with every non-finite entry made to lose: -inf where it is the sample's own (true) score,
+    +inf where it is a competitor's. Ranks computed as "how many others score at least as high" then count a
+    NaN/Inf score as a miss, never a hit (NaN compares false to everything, which counted it a hit before)."""
+    lose = torch.where(own, torch.tensor(-torch.inf), torch.tensor(torch.inf))
+    return torch.where(torch.isfinite(scores), scores, lose)
+
+
+def finite_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax, ``NO_PREDICTION`` for a row holding NaN/Inf (argmax would pick the first NaN)."""
+    ok = torch.isfinite(scores).all(dim=1)
+    return torch.where(ok, scores.nan_to_num(-torch.inf).argmax(dim=1), torch.full_like(ok, NO_PREDICTION,
+                                                                                          dtype=torch.long))

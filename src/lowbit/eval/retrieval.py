@@ -25,12 +25,13 @@ from torch.nn import functional as F
 
 from lowbit.data.base import ImageTextSet
 from lowbit.errors import LowbitError
-from lowbit.eval.results import Outputs, Result
+from lowbit.eval.results import Outputs, Result, finite_argmax, pessimistic_scores
 from lowbit.models.base import DualEncoder
 
 KS = (1, 5, 10)
 _CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 similarities per chunk
 
+_MISS = 2**62  # the rank of a query whose own score is not finite: beyond every k
 
 def unique_captions(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     """Distinct captions in first-seen order, and each caption's index into them.
@@ -67,19 +68,23 @@ def recall_at_k(
     best = torch.full((n_unique,), -torch.inf)  # best score of a matching image, per distinct caption
 
     for s in range(0, n, rows):
-        sim, ids = img[s : s + rows] @ cap.T, caption_ids[s : s + rows]  # [b, U]
+        raw, ids = img[s : s + rows] @ cap.T, caption_ids[s : s + rows]  # [b, U]
         own = F.one_hot(ids, n_unique).bool()
-        wrong_at_least = (sim >= sim.gather(1, ids[:, None])) & ~own
-        i2t_rank[s : s + rows] = (wrong_at_least.long() * copies).sum(dim=1)
-        predictions[s : s + rows] = sim.argmax(dim=1)
+        sim = pessimistic_scores(raw, own)  # a NaN/Inf score loses: a miss, never a hit
+        true = sim.gather(1, ids[:, None])
+        wrong_at_least = (sim >= true) & ~own
+        i2t_rank[s : s + rows] = torch.where(torch.isfinite(true[:, 0]), (wrong_at_least.long() * copies).sum(dim=1),
+                                             _MISS)
+        predictions[s : s + rows] = finite_argmax(raw)
         best = torch.maximum(best, sim.masked_fill(~own, -torch.inf).amax(dim=0))
 
     # Text->image needs each query's best matching image first, hence a second pass over the same chunks.
     t2i_rank = torch.zeros(n_unique, dtype=torch.long)
     for s in range(0, n, rows):
-        sim, ids = img[s : s + rows] @ cap.T, caption_ids[s : s + rows]
+        raw, ids = img[s : s + rows] @ cap.T, caption_ids[s : s + rows]
         own = F.one_hot(ids, n_unique).bool()
-        t2i_rank += ((sim >= best) & ~own).sum(dim=0)
+        t2i_rank += ((pessimistic_scores(raw, own) >= best) & ~own).sum(dim=0)
+    t2i_rank[~torch.isfinite(best)] = _MISS  # no matching image scored a finite value: a miss at every k
 
     metrics: dict[str, object] = {}
     query_rank = t2i_rank[caption_ids]  # one text query per image, i.e. per gallery caption

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from lowbit.data.base import ImageTextSet
 from lowbit.errors import LowbitError
-from lowbit.eval.results import Outputs, Result
+from lowbit.eval.results import Outputs, Result, finite_argmax, pessimistic_scores
 from lowbit.models.base import DualEncoder
 
 
@@ -67,10 +67,12 @@ def classify_embeddings(
         )
     image_emb = F.normalize(image_emb.float(), dim=-1)
     class_emb = F.normalize(class_emb.float(), dim=-1)
-    scores = image_emb @ class_emb.T  # [N, C] cosine
+    raw = image_emb @ class_emb.T  # [N, C] cosine
+    scores = pessimistic_scores(raw, F.one_hot(labels, n_classes).bool())
     true = scores.gather(1, labels[:, None])
-    # Pessimistic rank: how many *other* classes score at least as high as the true class.
-    rank = (scores >= true).sum(dim=1) - 1
+    # Pessimistic rank: how many *other* classes score at least as high as the true class; a non-finite true
+    # score is a miss even with one class.
+    rank = torch.where(torch.isfinite(true[:, 0]), (scores >= true).sum(dim=1) - 1, n_classes)
     k = min(5, n_classes)
     hit1 = (rank < 1).float()
     metrics: dict[str, object] = {
@@ -86,7 +88,7 @@ def classify_embeddings(
             if (labels == c).any()
         },
     }
-    outputs = Outputs(image_emb, class_emb, scores.argmax(dim=1), kind="zeroshot")
+    outputs = Outputs(image_emb, class_emb, finite_argmax(raw), kind="zeroshot")
     return Result(metrics, outputs)
 
 

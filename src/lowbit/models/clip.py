@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.limits import MAX_CONFIG_OVERSIZE, read_json
 from lowbit.models.base import DualEncoder, ModelFamily
 from lowbit.models.spec import FamilySpec, register_family
 
@@ -90,9 +91,36 @@ def _model_type(path: Path) -> str | None:
     if not config.is_file():
         return None
     try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return data.get("model_type") if isinstance(data, dict) else None
+
+
+def _tower_params(cfg: dict[str, Any]) -> int:
+    """Rough parameters of one transformer tower from its config: 12 H^2 per layer plus the embeddings."""
+    def number(key: str, default: int) -> int:
+        value = cfg.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+    hidden = number("hidden_size", 512)
+    return number("num_hidden_layers", 12) * 12 * hidden * hidden + number("vocab_size", 0) * hidden
+
+
+def check_config_size(path: Path) -> None:
+    """Refuse a config describing a model far larger than its weight files (a 100,000-layer ``config.json``
+    beside a small checkpoint would take minutes and gigabytes to build): the configured parameters at 2 bytes
+    each may be at most ``MAX_CONFIG_OVERSIZE`` times the bytes of the weight files, plus 64 MB."""
+    config = read_json(path / "config.json", "model config", "a transformers config.json")
+    if not isinstance(config, dict):
+        raise LowbitError(f"{str(path / 'config.json')!r} is not a JSON object; accepted: a transformers config")
+    towers = [c for c in (config.get("text_config"), config.get("vision_config")) if isinstance(c, dict)] or [config]
+    params = sum(_tower_params(c) for c in towers)
+    weights = sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    if 2 * params > MAX_CONFIG_OVERSIZE * weights + 64 * 2**20:
+        raise LowbitError(f"{str(path / 'config.json')!r} describes ~{params:,} parameters but the weight files hold "
+                          f"{weights:,} bytes; accepted: a config matching its weights (at most "
+                          f"{MAX_CONFIG_OVERSIZE}x their size)")
 
 
 def is_hf_dual_encoder_dir(path: str) -> bool:
@@ -109,6 +137,8 @@ def load_clip(name_or_path: str, max_text_tokens: int | None = None) -> HFDualEn
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     local = Path(name_or_path).is_dir()
+    if local:
+        check_config_size(Path(name_or_path))  # before transformers builds what the config says
     if local and _model_type(Path(name_or_path)) not in SUPPORTED_TYPES:
         found = _model_type(Path(name_or_path))
         raise LowbitError(

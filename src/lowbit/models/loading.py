@@ -38,6 +38,18 @@ def resolve_family(name_or_path: str) -> tuple[ModelFamily, str]:
     raise LowbitError(f"unknown {what} {name_or_path!r}; choose one of: {', '.join(accepted)}")
 
 
+def _is_input_error(exc: BaseException) -> bool:
+    """Errors a damaged or foreign model file raises while loading (safetensors' header errors, torch's
+    weights-only unpickler, truncated zip archives, JSON configs, missing files): the input's fault, not lowbit's."""
+    import pickle
+
+    if isinstance(exc, (OSError, ValueError, EOFError, RecursionError, pickle.UnpicklingError)):
+        return True
+    kind = type(exc).__name__
+    return kind == "SafetensorError" or (isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("PytorchStreamReader", "Weights only load failed", "invalid load key")))
+
+
 def load_model(name_or_path: str, **options: Any) -> DualEncoder:
     """Load any supported model in eval mode; ``optimize=True`` (any family, float or packed) then applies
     ``lowbit.kernels.inference.optimize_for_inference_`` (BatchNorm folded into the conv before it, static
@@ -52,11 +64,23 @@ def load_model(name_or_path: str, **options: Any) -> DualEncoder:
     optimize = options.pop("optimize", False)
     act_block = options.pop("act_block", None)
     check_act_block(act_block)  # before the seconds of loading
-    family, name = resolve_family(name_or_path)
-    accepted = keyword_parameters(family.load)[1:]  # the first parameter is the name
-    check_options(f"loading {name_or_path!r} ({family.name} family)", options,
-                  [*accepted, "optimize", "act_block"])
-    model = family.load(name, **options)
+    family: ModelFamily | None = None
+    try:
+        family, name = resolve_family(name_or_path)  # reads configs: they may be damaged too
+        accepted = keyword_parameters(family.load)[1:]  # the first parameter is the name
+        check_options(f"loading {name_or_path!r} ({family.name} family)", options,
+                      [*accepted, "optimize", "act_block"])
+        model = family.load(name, **options)
+    except LowbitError:
+        raise
+    except Exception as exc:
+        if not _is_input_error(exc):
+            raise
+        first = " ".join(str(exc).split())[:240]
+        kind = f"a {family.name} model" if family is not None else "a model"
+        raise LowbitError(f"cannot load {name_or_path!r} as {kind} ({type(exc).__name__}: {first}); "
+                          "accepted: a complete model directory (config + safetensors / weights-only torch "
+                          "files) or a built-in name") from None
     if act_block is not None:
         set_act_block(model, act_block)
     if optimize:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from lowbit.errors import LowbitError
+from lowbit.limits import decode_image
 
 
 def images_to_tensor(
@@ -39,14 +37,4 @@ def open_rgb(image: Image.Image | str | os.PathLike[str] | bytes) -> Image.Image
     """A PIL image from an image, a path or raw bytes; anything undecodable is one clear LowbitError."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    what = f"{len(image)} bytes" if isinstance(image, bytes) else repr(str(image))
-    try:
-        src = io.BytesIO(image) if isinstance(image, bytes) else Path(image)
-        with Image.open(src) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise LowbitError(f"image {what} does not exist; accepted: a path to a PNG/JPEG/... file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise LowbitError(f"cannot decode image {what} ({type(exc).__name__}); accepted: a readable PNG, JPEG, "
-                          "BMP, GIF or WebP file") from None
+    return decode_image(image).convert("RGB")  # bounded: regular files, no bombs, aspect, downscaled

@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import SUPPORTED_BITS
 from lowbit.kernels.quant_linear import QUANT_KINDS
+from lowbit.limits import MAX_GROUP_SIZE, MAX_RECIPE_CHARS, MAX_RECIPE_FILE_BYTES, load_yaml, read_text
 from lowbit.quant.methods import get_method, method_names
 from lowbit.quant.primitives import QuantSpec
 
@@ -49,6 +48,7 @@ SHORT_FORM = ("TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] (TOWER[/PATTERN]@KIND+K
 _RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options",
                 "optional")
 _BITS_TEXT = ",".join(map(str, SUPPORTED_BITS))
+_DIGITS = "0123456789"  # str.isdigit() also takes "²" and other digits int() refuses
 TERNARY_ALIAS = "w1.58"  # short-string alias of w2:ternary (lowbit.quant.ternary)
 FLOAT_DTYPES = ("fp32", "fp16")  # storage of the tensors no rule quantizes
 OPT_IN_KINDS = ("embedding",)  # matched only by rules naming them
@@ -130,19 +130,21 @@ class Recipe:
         """Parse the YAML/JSON form; errors name the rule index and field."""
         if not isinstance(data, dict):
             raise LowbitError(f"recipe {name!r}: expected a mapping with 'rules'; received {type(data).__name__}")
-        unknown = sorted(set(data) - {"version", "name", "rules", "float_dtype"})
+        unknown = sorted(map(str, set(data) - {"version", "name", "rules", "float_dtype"}))
         if unknown:
-            raise LowbitError(f"recipe {name!r}: unknown top-level key(s) {unknown}; accepted: version, name, "
+            raise LowbitError(f"recipe {name!r}: unknown top-level key(s) {_short(unknown)}; accepted: version, "
+                              "name, "
                               "float_dtype, rules")
         float_dtype = data.get("float_dtype", "fp32")
         if float_dtype not in FLOAT_DTYPES:
-            raise LowbitError(f"recipe {name!r}: float_dtype {float_dtype!r}; accepted: {', '.join(FLOAT_DTYPES)}")
+            raise LowbitError(f"recipe {name!r}: float_dtype {_short(float_dtype)}; accepted: "
+                              f"{', '.join(FLOAT_DTYPES)}")
         version = data.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
-            raise LowbitError(f"recipe {name!r}: unsupported version {version!r}; accepted: {RECIPE_VERSION}")
+            raise LowbitError(f"recipe {name!r}: unsupported version {_short(version)}; accepted: {RECIPE_VERSION}")
         rules = data.get("rules")
         if not isinstance(rules, list) or not rules:
-            raise LowbitError(f"recipe {name!r}: 'rules' must be a non-empty list; received {rules!r}")
+            raise LowbitError(f"recipe {name!r}: 'rules' must be a non-empty list; received {_short(rules)}")
         parsed = tuple(_rule_from_dict(i, r) for i, r in enumerate(rules))
         return cls(parsed, name=str(data.get("name") or name), float_dtype=float_dtype)
 
@@ -180,14 +182,22 @@ class Recipe:
         return Recipe(rules, name=f"{self.name}+{method}", float_dtype=self.float_dtype)
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters (a hostile value must not make a megabyte error line)."""
+    if isinstance(value, int) and value.bit_length() > 100:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _rule_error(index: int, fieldname: str, message: str) -> LowbitError:
     return LowbitError(f"recipe rule {index} field '{fieldname}': {message}")
 
 
 def _rule_from_dict(index: int, raw: Any) -> Rule:
     if not isinstance(raw, dict):
-        raise LowbitError(f"recipe rule {index}: expected a mapping; received {raw!r}")
-    unknown = sorted(set(raw) - set(_RULE_FIELDS))
+        raise LowbitError(f"recipe rule {index}: expected a mapping; received {_short(raw)}")
+    unknown = sorted(map(str, set(raw) - set(_RULE_FIELDS)))
     if unknown:
         raise _rule_error(index, unknown[0], f"unknown field; accepted: {', '.join(_RULE_FIELDS)}")
     for key in ("tower", "pattern"):
@@ -219,10 +229,11 @@ def _rule_from_dict(index: int, raw: Any) -> Rule:
     if "bits" not in raw:
         raise _rule_error(index, "bits", f"missing; bits must be one of {_BITS_TEXT} (or set skip: true)")
     bits, gs, sym = raw["bits"], raw.get("group_size"), raw.get("symmetric", True)
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise _rule_error(index, "bits", f"received {bits!r}; bits must be one of {_BITS_TEXT}")
-    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
-        raise _rule_error(index, "group_size", f"received {gs!r}; expected a positive integer or null (per-channel)")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise _rule_error(index, "bits", f"received {_short(bits)}; bits must be one of {_BITS_TEXT}")
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or not 1 <= gs <= MAX_GROUP_SIZE):
+        raise _rule_error(index, "group_size", f"received {_short(gs)}; expected an integer in 1..{MAX_GROUP_SIZE} "
+                          "or null (per-channel)")
     if not isinstance(sym, bool):
         raise _rule_error(index, "symmetric", f"received {sym!r}; expected true or false")
     try:
@@ -257,20 +268,22 @@ def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
         raise _ShortError(f"expected 'w<bits>' or 'skip', found {value!r}")
     i = 1
     j = i
-    while j < len(body) and body[j].isdigit():
+    while j < len(body) and body[j] in _DIGITS:
         j += 1
     if j == i:
-        raise _ShortError("missing bit width after 'w'")
+        raise _ShortError(f"missing bit width after 'w' (ASCII digits); bits must be one of {_BITS_TEXT}")
+    if j - i > 2:
+        raise _ShortError(f"bits must be one of {_BITS_TEXT}; received {j - i} digits")
     bits = int(body[i:j])
     if bits not in SUPPORTED_BITS:
         raise _ShortError(f"bits must be one of {_BITS_TEXT}; received {bits}")
     group: int | None = None
     if j < len(body) and body[j] == "g":
         k = j + 1
-        while k < len(body) and body[k].isdigit():
+        while k < len(body) and body[k] in _DIGITS:
             k += 1
-        if k == j + 1 or int(body[j + 1 : k]) < 1:
-            raise _ShortError("group size after 'g' must be a positive integer")
+        if k == j + 1 or k - j - 1 > 7 or not 1 <= int(body[j + 1 : k]) <= MAX_GROUP_SIZE:
+            raise _ShortError(f"group size after 'g' must be an integer in 1..{MAX_GROUP_SIZE} (ASCII digits)")
         group, j = int(body[j + 1 : k]), k
     symmetric = True
     if j < len(body) and body[j] == "a":
@@ -297,6 +310,9 @@ def parse_short(text: str) -> Recipe:
     Errors give the 1-based character position where the offending item starts, quote the item, and say
     which part of it is wrong.
     """
+    if len(text) > MAX_RECIPE_CHARS:
+        raise LowbitError(f"recipe of {len(text)} characters; accepted: at most {MAX_RECIPE_CHARS} ({SHORT_FORM}), or "
+                          "a YAML file")
     rules: list[Rule] = []
     float_dtype = "fp32"
     start = 0
@@ -332,7 +348,7 @@ def parse_short(text: str) -> Recipe:
             rules.append(Rule(tower.strip(), pattern.strip() or "*", method, spec, kinds=kinds))
         except _ShortError as err:
             raise LowbitError(
-                f"recipe error at character {pos + 1} ({item!r}): {err}; form: {SHORT_FORM}"
+                f"recipe error at character {pos + 1} ({_short(item)}): {err}; form: {SHORT_FORM}"
             ) from None
         start += len(piece) + 1
     if not rules:
@@ -348,14 +364,17 @@ def preset_names() -> list[str]:
 
 def load_recipe_file(path: str | Path, name: str | None = None) -> Recipe:
     """Read a YAML recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise LowbitError(f"recipe file not found: {str(path)!r}; expected a YAML file with 'rules'")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise LowbitError(f"recipe file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
+    accepted = "a YAML file with 'rules'"
+    text = read_text(path, "recipe file", accepted, MAX_RECIPE_FILE_BYTES)
+    data = load_yaml(text, f"recipe file {str(path)!r}", accepted)
     return Recipe.from_dict(data, name=name or str(path))
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL: not a file, maybe a short string
+        return False
 
 
 def load_recipe(spec: str | Recipe) -> Recipe:
@@ -371,9 +390,12 @@ def load_recipe(spec: str | Recipe) -> Recipe:
         raise LowbitError(f"empty recipe {spec!r}; choose a preset ({', '.join(preset_names())}), "
                           f"a .yaml path, or a short string {SHORT_FORM}")
     spec = spec.strip()
+    if len(spec) > MAX_RECIPE_CHARS or "\x00" in spec:
+        raise LowbitError(f"recipe of {len(spec)} characters{' with a NUL' if chr(0) in spec else ''}; accepted: at "
+                          f"most {MAX_RECIPE_CHARS} printable characters: a preset, a .yaml path or {SHORT_FORM}")
     if spec in preset_names():
         return load_recipe_file(PRESET_DIR / f"{spec}.yaml", name=spec)
-    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+    if spec.endswith((".yaml", ".yml")) or _is_file(spec):
         return load_recipe_file(spec)
     if "=" not in spec:
         raise LowbitError(f"unknown recipe {spec!r}; choose one of: {', '.join(preset_names())}, "

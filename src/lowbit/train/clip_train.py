@@ -25,7 +25,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_path, write_json
+from lowbit.io import (
+    OutputKind,
+    atomic_path,
+    check_output,
+    prepare_run_dir,
+    register_output_kind,
+    run_dir_kind,
+    write_json,
+    write_marker,
+)
 from lowbit.train import distributed as D
 from lowbit.train.loop import TrainConfig, TrainState, train
 from lowbit.train.losses import clip_loss, siglip_loss
@@ -36,6 +45,8 @@ POSITIVES: tuple[str, ...] = ("diagonal", "identical")  # identical: pairs with 
 TOKENIZER_DIR = "tokenizer"
 EXPORT_DIR = "model"
 
+register_output_kind(run_dir_kind("clip-train-run", "train_log.jsonl", TOKENIZER_DIR))
+register_output_kind(OutputKind("hf-model", is_dir=True))  # a model directory lowbit exported (its marker)
 
 @dataclass
 class ClipTrainArgs:
@@ -65,6 +76,7 @@ class ClipTrainArgs:
     limit: int | None = None
     progress: bool = True
     export_fp16: str | None = None  # also write the final model here with float16 weights (for packaging)
+    overwrite: bool = False  # write into / replace existing directories that are not lowbit's
     preset_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +158,7 @@ def export_model(hf: nn.Module, tokenizer: Any, processor: Any, out_dir: str | o
     from safetensors.torch import save_file
 
     with atomic_path(out_dir, is_dir=True) as tmp:
+        write_marker(tmp, "hf-model")
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -210,7 +223,14 @@ def train_clip(args: ClipTrainArgs) -> dict[str, Any]:
         raise LowbitError("no training data; received an empty --data; accepted: e.g. fashion-mnist,shapes")
     sets, shards = _resolve_sets(specs, args.limit)
     texts = caption_table(sets, args.captions).texts if sets else shard_captions(shards[0])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    check_output(args.out, "clip-train-run", overwrite=args.overwrite, sources=specs)
+    if args.export_fp16:
+        check_output(args.export_fp16, "hf-model", overwrite=args.overwrite, sources=[*specs, args.out],
+                     flag="--export-fp16")
+    D.barrier()  # every rank has judged the directories before any writes into them
+    if D.is_main():
+        prepare_run_dir(args.out, "clip-train-run", overwrite=args.overwrite, sources=specs)
+    D.barrier()
     tokenizer = _tokenizer(args, texts, preset.max_text_tokens)
     processor = image_processor(preset)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)

@@ -40,7 +40,13 @@ from lowbit.errors import LowbitError
 from lowbit.io import atomic_path
 from lowbit.train import distributed as D
 from lowbit.train.sampling import BatchFactory, local_batch_size
-from lowbit.train.state import capture_rng, latest_checkpoint, load_checkpoint, restore_optimizer, restore_rng
+from lowbit.train.state import (
+    capture_rng,
+    latest_checkpoint,
+    load_latest_checkpoint,
+    restore_optimizer,
+    restore_rng,
+)
 from lowbit.train.state import save_checkpoint as _save_checkpoint
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
@@ -178,10 +184,9 @@ def _resume(
     model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, rank: int, world: int
 ) -> tuple[int, list[dict[str, Any]], int | None]:
     """Load the newest checkpoint of ``config.out_dir`` if there is one: (start step, history, resumed step)."""
-    path = latest_checkpoint(config.out_dir) if config.out_dir else None
-    if path is None:
+    ckpt = load_latest_checkpoint(config.out_dir) if config.out_dir else None  # past a damaged newest one
+    if ckpt is None:
         return 0, [], None
-    ckpt = load_checkpoint(path)
     saved = ckpt.state.get("config", {})
     if saved.get("batch_size") not in (None, config.batch_size):
         raise LowbitError(

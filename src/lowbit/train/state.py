@@ -50,17 +50,40 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR / f"step-{step:08d}"
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``out_dir``, or None.
-
-    Only finished directories count: atomic writes mean a directory with this name is complete.
-    """
+def checkpoints_newest_first(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints under ``out_dir``, highest step first (atomic writes: a directory with this
+    name is complete, unless the disk damaged it since; ``load_latest_checkpoint`` falls back past those)."""
     root = Path(out_dir) / CHECKPOINT_DIR
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    found = [(s, p) for s, p in found if (p / "state.json").is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True) if (p / "state.json").is_file()]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``out_dir``, or None."""
+    found = checkpoints_newest_first(out_dir)
+    return found[0] if found else None
+
+
+def load_latest_checkpoint(out_dir: str | Path) -> Checkpoint | None:
+    """The newest checkpoint under ``out_dir`` that reads back whole; a damaged newer one (truncated tensors,
+    garbled state) is skipped with a warning. None when there is none; a ``LowbitError`` when all are damaged."""
+    import warnings
+
+    found = checkpoints_newest_first(out_dir)
+    errors = []
+    for path in found:
+        try:
+            return load_checkpoint(path)
+        except LowbitError as exc:
+            errors.append(str(exc))
+            warnings.warn(f"training checkpoint {path} is damaged ({str(exc)[:160]}); trying the previous one",
+                          UserWarning, stacklevel=2)
+    if found:
+        raise LowbitError(f"every training checkpoint under {out_dir} is damaged ({len(found)}; newest: "
+                          f"{errors[0][:200]}); accepted: delete {Path(out_dir) / CHECKPOINT_DIR} to start over")
+    return None
 
 
 def capture_rng() -> tuple[torch.Tensor, dict[str, Any]]:
@@ -159,7 +182,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             rng=load_file(str(path / "rng.safetensors")),
             state=state,
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (OSError, ValueError, KeyError, TypeError, RecursionError)) and \
+                type(exc).__name__ != "SafetensorError":
+            raise
         raise LowbitError(
             f"cannot read training checkpoint {path}: {exc}; expected a directory with model.safetensors, "
             "optimizer.safetensors, rng.safetensors and state.json (delete it to start over)"

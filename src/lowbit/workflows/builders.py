@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import check_options, keyword_parameters
+from lowbit.io import check_output
 from lowbit.paths import lowbit_home
 from lowbit.registry import Registry
 
@@ -79,8 +80,11 @@ def build_llava_hd(out: str | os.PathLike[str] | None = None, seed: int = 0, ste
 
 
 def build(name: str, out: str | os.PathLike[str] | None = None, seed: int = 0, steps: int | None = None,
-          **options: Any) -> dict[str, Any]:
-    """Run the builder registered for ``name``; options other than its own are refused with one line."""
+          overwrite: bool = False, **options: Any) -> dict[str, Any]:
+    """Run the builder registered for ``name``; options other than its own are refused with one line. ``out``
+    may replace only a file a build wrote (safetensors with lowbit's metadata) unless ``overwrite``."""
     builder = BUILDERS.get(name)
     check_options(f"build {name!r}", options, keyword_parameters(builder, skip=("out", "seed", "steps")))
+    if out is not None:
+        check_output(out, "lowbit-safetensors", overwrite=overwrite, sources=[options.get("run_dir")])
     return builder(out=out, seed=seed, steps=steps, **options)

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_path, mmap_safetensors
+from lowbit.io import OutputKind, atomic_path, check_output, mmap_safetensors, register_output_kind
 from lowbit.kernels import quant_embedding  # noqa: F401  (registers the ``embedding`` kind)
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
@@ -55,8 +55,30 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 ARCHITECTURE_DIR = "architecture"
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_MODULE_FIELDS = ("tower", "name", "kind", "bits", "group_size", "symmetric", "method", "shape", "has_input_scale")
 ArchitectureWriter = Callable[[Path], "dict[str, Any] | None"]
+
+
+def is_packed_checkpoint(path: Path) -> bool:
+    """A directory whose ``manifest.json`` carries lowbit's format key (what ``--out`` may replace)."""
+    file = path / MANIFEST_FILE
+    try:
+        if not file.is_file() or file.stat().st_size > 256 * 2**20:
+            return False
+        return json.loads(file.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+register_output_kind(OutputKind("packed-checkpoint", is_dir=True, recognize=is_packed_checkpoint))
+
+
+def model_sources(model: nn.Module) -> list[str]:
+    """The paths a model was made from (its float source directory, the packed directory it was loaded from):
+    an output must never equal, contain or lie inside one."""
+    source = getattr(model, "source", None) or {}
+    named = [source.get("name")] if isinstance(source, dict) and isinstance(source.get("name"), str) else []
+    loaded = getattr(model, "lowbit_path", None)
+    return [*named, *([str(loaded)] if loaded else [])]
 
 
 # --- saving ------------------------------------------------------------------------------------------------------
@@ -126,8 +148,9 @@ def _loaded_architecture(manifest: dict[str, Any], files: dict[str, bytes]) -> A
 
 
 def _write(model: nn.Module, out_dir: str | os.PathLike[str], parts: dict[str, Any],
-           architecture: ArchitectureWriter) -> Path:
+           architecture: ArchitectureWriter, overwrite: bool) -> Path:
     """The one writer: ``parts`` = source, recipe, modules, report, extra of the manifest."""
+    check_output(out_dir, "packed-checkpoint", overwrite=overwrite, sources=model_sources(model))
     if is_folded(model):
         raise LowbitError("cannot save a model with BatchNorm folded into its convs (an inference transform); "
                           "save the unfolded model and fold after loading: lowbit.load(dir, optimize=True)")
@@ -167,8 +190,12 @@ def save_quantized(
     recipe: Recipe,
     out_dir: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir`` (replacing it atomically): ``model.safetensors``, ``architecture/``, ``manifest.json``.
+
+    An existing ``out_dir`` is replaced only when it is a packed checkpoint or empty, unless ``overwrite``; it
+    is never the model's source directory (``lowbit.io.check_output``).
 
     Refuses a model whose BatchNorms were folded (``lowbit.kernels.fold_bn``): the checkpoint contract is the
     unfolded architecture; fold after loading instead (``lowbit.load(dir, optimize=True)``).
@@ -181,10 +208,10 @@ def save_quantized(
     }
     parts = {"source": dict(getattr(model, "source", {}) or {}), "recipe": recipe.to_dict(), "modules": modules,
              "report": report.to_dict(), "extra": extra or {}}
-    return _write(model, out_dir, parts, _family_architecture(model))
+    return _write(model, out_dir, parts, _family_architecture(model), overwrite)
 
 
-def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Save a model loaded by ``load_quantized`` again: same manifest, architecture files and tensors, so an
     unchanged model gives a byte-identical directory."""
     manifest = getattr(model, "lowbit_manifest", None)
@@ -193,46 +220,24 @@ def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
                           "returned by quantize() (quantize the model first)")
     parts = {k: manifest[k] for k in ("source", "recipe", "modules", "report", "extra")}
     files = getattr(model, "lowbit_architecture_files", {})
-    return _write(model, out_dir, parts, _loaded_architecture(manifest, files))
+    return _write(model, out_dir, parts, _loaded_architecture(manifest, files), overwrite)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated manifest of checkpoint directory ``path`` (LowbitError if missing or garbled)."""
+    """The validated manifest of checkpoint directory ``path`` (``workflows/manifest.py``: types, ranges, known
+    format and version, a closed ``source``); one ``LowbitError`` if missing, garbled or out of range. Nothing
+    is built before this passes."""
+    from lowbit.limits import read_json
+    from lowbit.workflows.manifest import validate_manifest
+
     file = Path(path) / MANIFEST_FILE
-    if not file.is_file():
+    if not file.exists():
         raise LowbitError(f"no {MANIFEST_FILE} in {str(path)!r}; expected a directory written by save_quantized")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LowbitError(f"{str(file)!r} is not valid JSON ({err}); expected a lowbit manifest") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise LowbitError(f"{str(file)!r} has format {got!r}; expected {FORMAT!r}")
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise LowbitError(f"{str(file)!r} has format_version {version!r}; this lowbit reads {FORMAT_VERSION} "
-                          f"(and {', '.join(str(v) for v in READABLE_VERSIONS if v != FORMAT_VERSION)})")
-    modules = manifest.get("modules")
-    if not isinstance(modules, dict):
-        raise LowbitError(f"{str(file)!r}: 'modules' must be a mapping of module path -> metadata")
-    for path, meta in modules.items():
-        missing = [f for f in _MODULE_FIELDS if not isinstance(meta, dict) or f not in meta]
-        if missing:
-            raise LowbitError(f"{str(file)!r}: module {path!r} lacks {', '.join(missing)}")
-        if meta["kind"] not in QUANT_KINDS:
-            raise LowbitError(f"{str(file)!r}: module {path!r} has kind {meta['kind']!r}; "
-                              f"expected one of {', '.join(QUANT_KINDS.names())}")
-    storage = manifest.setdefault("storage", {"float_dtype": "fp32", "tied": {}})  # format 1: fp32, no ties
-    if (not isinstance(storage, dict) or storage.get("float_dtype") not in FLOAT_DTYPES
-            or not isinstance(storage.get("tied"), dict)):
-        raise LowbitError(f"{str(file)!r}: 'storage' must hold float_dtype ({' or '.join(FLOAT_DTYPES)}) and a "
-                          "'tied' mapping")
-    architecture = manifest.setdefault("architecture", None)
-    if architecture is not None and not (isinstance(architecture, dict) and isinstance(architecture.get("files"), dict)
-                                         and isinstance(architecture.get("record"), dict)):
-        raise LowbitError(f"{str(file)!r}: 'architecture' must hold family, record and files")
-    return manifest
+    manifest = read_json(file, "manifest", "a lowbit manifest (written by save_quantized)")
+    weights = Path(path) / WEIGHTS_FILE
+    size = weights.stat().st_size if weights.is_file() else None
+    return validate_manifest(manifest, file, FORMAT, READABLE_VERSIONS, tuple(FLOAT_DTYPES), size)
 
 
 def _read_architecture_files(root: Path, architecture: dict[str, Any]) -> dict[str, bytes]:
@@ -303,6 +308,22 @@ def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
             replace_module(model, paths[id(float_module)], new)
 
 
+FINITE_CHECK_ELEMENTS = 2**20  # float tensors up to this size are checked for NaN/Inf at load; packed buffers always
+
+
+def _check_finite(weights: Path, state: dict[str, torch.Tensor], packed: set[str]) -> None:
+    """Refuse NaN/Inf in the scales (and other float buffers) of packed layers and in every float tensor up to
+    ``FINITE_CHECK_ELEMENTS`` (norms, biases, small heads): a checkpoint with them would score garbage. The
+    big float tensors (embedding tables) stay memory-mapped and unread; the codes are integers."""
+    for key, t in state.items():
+        if not t.is_floating_point() or (key not in packed and t.numel() > FINITE_CHECK_ELEMENTS):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise LowbitError(f"{str(weights)!r}: tensor {key!r} holds {bad} NaN/Inf value{'s' * (bad > 1)} of "
+                              f"{t.numel()}; accepted: finite values (the checkpoint is damaged; quantize again)")
+
+
 def _read_tensors(root: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The file's tensors, memory-mapped; fp16-stored floats as float32, tied keys sharing one tensor."""
     weights = root / WEIGHTS_FILE
@@ -315,8 +336,9 @@ def _read_tensors(root: Path, model: nn.Module, manifest: dict[str, Any]) -> dic
     except LowbitError as err:
         raise LowbitError(f"cannot read {err}; expected the checkpoint's safetensors file") from None
     storage = manifest["storage"]
+    packed = packed_keys(model, manifest["modules"])
+    _check_finite(weights, state, packed)
     if storage["float_dtype"] == "fp16":
-        packed = packed_keys(model, manifest["modules"])
         for key, t in state.items():
             if t.dtype == torch.float16 and key not in packed:
                 state[key] = t.float()
@@ -359,4 +381,5 @@ def load_quantized(
         model.source = dict(manifest["source"])  # the float model it came from (bench_model compares with it)
     model.lowbit_manifest = manifest  # what was loaded: reports, the CLI, and save_loaded
     model.lowbit_architecture_files = files
+    model.lowbit_path = str(root)  # where it came from: saving onto it again is refused
     return model.eval()

@@ -18,10 +18,11 @@ DEMO_MODEL = "lit-fashion"
 DEMO_PAIRS = (("w8", "rtn"), ("w4", "gptq"))
 
 
-def demo(limit: int | None = None, out_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def demo(limit: int | None = None, out_dir: str | None = None, progress: bool = True,
+         overwrite: bool = False) -> list[dict[str, Any]]:
     """The sweep rows of ``DEMO_PAIRS`` on ``DEMO_MODEL`` (recomputed, never resumed); with ``out_dir`` also
     ``sweep.json``, ``sweep.md`` and ``sweep.png`` there."""
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         out = Path(out_dir) if out_dir else Path(tmp)
         return sweep(DEMO_MODEL, [], [], "fashion-mnist", out, limit=limit, pairs=list(DEMO_PAIRS), resume=False,
-                     progress=progress)
+                     progress=progress, overwrite=overwrite)

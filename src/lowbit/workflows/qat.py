@@ -25,7 +25,7 @@ import torch
 
 from lowbit.data.base import ImageTextSet
 from lowbit.errors import LowbitError, check_options, dataclass_from_options, unknown_choice
-from lowbit.io import write_json
+from lowbit.io import check_output, prepare_run_dir, register_output_kind, run_dir_kind, write_json
 from lowbit.models.base import DualEncoder
 from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.train import distributed as D
@@ -37,6 +37,7 @@ MODEL_DIR = "model"  # the folded packed checkpoint inside the run directory
 RUN_FILE = "qat_run.json"
 _RUN_KEYS = ("model", "recipe", "data", "batch_size", "seed", "train_samples", "distill", "task_loss", "train",
              "block_ap")
+register_output_kind(run_dir_kind("qat-run", RUN_FILE))
 
 
 @dataclass
@@ -65,6 +66,7 @@ class QATArgs:
     block_ap: BlockAPStage | None = None
     progress: bool = True
     calib_samples: int = DEFAULT_CALIB_SAMPLES  # for QAT quantizers that start from calibration statistics
+    overwrite: bool = False  # write into an existing directory that is not a QAT run (never the model's own)
 
 
 def _check_run_dir(args: QATArgs) -> None:
@@ -72,7 +74,13 @@ def _check_run_dir(args: QATArgs) -> None:
     record = {k: (asdict(args)[k] if k not in ("distill", "task_loss") else getattr(args.loss, k)) for k in _RUN_KEYS}
     path = Path(args.out) / RUN_FILE
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as err:
+            raise LowbitError(f"{str(path)!r} is not a readable QAT run record ({type(err).__name__}); accepted: "
+                              "the file a previous `lowbit qat` wrote, or a new --out directory") from None
+        if not isinstance(saved, dict):
+            raise LowbitError(f"{str(path)!r} is not a QAT run record (a JSON object); accepted: a new --out")
         diff = {k: (saved.get(k), v) for k, v in record.items() if saved.get(k) != v}
         if diff:
             listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -112,7 +120,11 @@ def run_qat(args: QATArgs) -> dict[str, Any]:
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
     D.init_distributed()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    check_output(args.out, "qat-run", overwrite=args.overwrite, sources=[args.model, args.data])
+    D.barrier()  # every rank has judged the directory before any writes into it
+    if D.is_main():
+        prepare_run_dir(args.out, "qat-run", overwrite=args.overwrite, sources=[args.model, args.data])
+    D.barrier()
     _check_run_dir(args)
     D.barrier()
     train_set = resolve_dataset(args.data, split="train", limit=args.train_samples)

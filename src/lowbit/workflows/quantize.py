@@ -143,19 +143,21 @@ def quantize(model: nn.Module, recipe: str | Recipe, calib_data: Calibration = N
     return report
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike[str], report: QuantReport | None = None) -> Path:
+def save(model: nn.Module, out_dir: str | os.PathLike[str], report: QuantReport | None = None,
+         overwrite: bool = False) -> Path:
     """Write a packed checkpoint (safetensors + architecture + manifest.json) atomically; returns its directory.
 
     ``report`` is the one ``quantize()`` returned; a model loaded from a packed directory needs none (its
     manifest is kept on it) and saves to the same bytes.
     """
     if report is None and getattr(model, "lowbit_manifest", None) is not None:
-        return save_loaded(model, out_dir)
+        return save_loaded(model, out_dir, overwrite=overwrite)
     if report is None and getattr(model, "lowbit_import", None) is not None:
         raise LowbitError("this model holds layers imported packed from another format (GGUF, GPTQ, AWQ, "
                           "compressed-tensors); lowbit.save does not write those yet: lowbit.export it, or load it "
                           "with packed=False and quantize it")
     if report is None or not report.recipe_spec:
         raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
-    save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir)
+    save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir,
+                   overwrite=overwrite)
     return Path(out_dir)

@@ -16,17 +16,17 @@ import copy
 import json
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lowbit.eval import evaluate
-from lowbit.io import atomic_path, write_json
+from lowbit.io import atomic_path, prepare_run_dir, register_output_kind, run_dir_kind, write_json
 from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.workflows.load import load
 from lowbit.workflows.quantize import quantize, save
 
+register_output_kind(run_dir_kind("sweep", "sweep.json", "rows"))
 
 def _row(label: str, recipe: str, method: str, result: dict[str, Any], seconds_quantize: float | None,
          report: dict[str, Any] | None, timing: dict[str, float] | None = None) -> dict[str, Any]:
@@ -79,19 +79,21 @@ def sweep(
     progress: bool = True,
     pairs: list[tuple[str, str]] | None = None,
     resume: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate the float model (fp32 and fp16) and every recipe x method; write JSON, Markdown and PNG into
     ``out_dir``.
 
     ``pairs`` (recipe, method) replaces the full recipes x methods grid with just those combinations;
-    ``resume=False`` recomputes rows a previous run left in ``out_dir/rows``.
+    ``resume=False`` recomputes rows a previous run left in ``out_dir/rows``. ``out_dir`` must be new, empty or
+    a sweep's (``overwrite`` writes into any other directory) and never the model's own directory.
     """
     import time
 
     from lowbit.eval.report import plot_accuracy_vs_bytes
     from lowbit.quant.recipe import load_recipe
 
-    out = Path(out_dir)
+    out = prepare_run_dir(out_dir, "sweep", overwrite=overwrite, sources=[model_name])
     (out / "rows").mkdir(parents=True, exist_ok=True)
     combos = list(pairs) if pairs is not None else [(r, m) for r in recipes for m in methods]
     parsed = {(r, m): load_recipe(r).with_method(m) for r, m in combos}  # validate everything up front

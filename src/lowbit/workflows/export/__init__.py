@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.errors import LowbitError, check_options
-from lowbit.io import atomic_path
+from lowbit.errors import check_options
+from lowbit.io import OutputKind, atomic_path, check_output, register_output_kind, write_marker
 from lowbit.registry import Registry
 
 __all__ = ["EXPORT_FORMATS", "ExportFormat", "export", "register_export"]
@@ -38,6 +38,8 @@ class ExportFormat:
         is_dir: whether the output is a directory (else one file).
         options: the option names ``write`` accepts (validated before any work).
         suffix: the file name ending users expect (a hint in errors; not enforced).
+        magic: the first bytes of a file output (recognises an earlier export ``out`` may replace; a directory
+            output is recognised by lowbit's ``.lowbit-output`` marker instead).
     """
 
     name: str
@@ -46,6 +48,11 @@ class ExportFormat:
     is_dir: bool = False
     options: tuple[str, ...] = field(default_factory=tuple)
     suffix: str = ""
+    magic: bytes = b""
+
+    @property
+    def output_kind(self) -> str:
+        return f"export-{self.name}"
 
 
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -54,7 +61,26 @@ _NOT_FORMATS = frozenset({"run"})  # modules of this package that are not format
 
 def register_export(fmt: ExportFormat) -> ExportFormat:
     """Add a format to ``EXPORT_FORMATS`` (the one registration of a new export format)."""
+    register_output_kind(OutputKind(fmt.output_kind, is_dir=fmt.is_dir, recognize=None if fmt.is_dir else
+                                    lambda p: bool(fmt.magic) and _starts_with(p, fmt.magic)))
     return EXPORT_FORMATS.register(fmt.name)(fmt)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def check_export_output(format: str, out: str | os.PathLike[str], overwrite: bool = False,
+                        sources: tuple[str, ...] = ()) -> ExportFormat:
+    """The format of ``--format`` after ``out`` was judged (``lowbit.io.check_output``): before any work."""
+    _load_formats()
+    fmt = EXPORT_FORMATS.get(format)
+    check_output(out, fmt.output_kind, overwrite=overwrite, sources=sources)
+    return fmt
 
 
 def _load_formats() -> None:
@@ -64,22 +90,22 @@ def _load_formats() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def export(model: nn.Module, format: str, out: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+def export(model: nn.Module, format: str, out: str | os.PathLike[str], overwrite: bool = False,
+           **options: Any) -> dict[str, Any]:
     """Write ``model`` (a loaded lowbit model, packed or float) as ``format`` to ``out``, atomically.
 
-    Returns the writer's report, with ``format`` and ``out`` and the written size (``file_bytes``) added.
+    ``out`` may replace only an earlier export of the same format (or an empty directory) unless ``overwrite``,
+    and is never the directory the model came from. Returns the writer's report, with ``format`` and ``out``
+    and the written size (``file_bytes``) added.
     """
-    _load_formats()
-    fmt = EXPORT_FORMATS.get(format)
+    from lowbit.workflows.checkpoint import model_sources
+
+    fmt = check_export_output(format, out, overwrite, tuple(model_sources(model)))
     check_options(f"export --format {format}", options, fmt.options)
     target = Path(out)
-    if str(out) == "" or target.name in ("", ".", ".."):
-        raise LowbitError(f"export: --out {str(out)!r} is not a file or directory name")
-    try:
-        with atomic_path(target, is_dir=fmt.is_dir) as tmp:
-            report = dict(fmt.write(model, tmp, options))
-    except OSError as exc:  # an unwritable --out (read-only dir, a file in the way, disk full): one line
-        raise LowbitError(f"export: cannot write {target} ({exc.strerror or type(exc).__name__}); accepted: a "
-                          f"{'directory' if fmt.is_dir else 'file'} path in a writable directory") from None
+    with atomic_path(target, is_dir=fmt.is_dir) as tmp:
+        if fmt.is_dir:
+            write_marker(tmp, fmt.output_kind)
+        report = dict(fmt.write(model, tmp, options))
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() else target.stat().st_size
     return {"format": format, "out": str(target), "file_bytes": size, **report}

@@ -362,5 +362,5 @@ def write_gguf(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
 
 register_export(ExportFormat(
     name="gguf", description="one GGUF file for llama.cpp (llama-cli, llama-server): the language model",
-    write=write_gguf, options=("requantize",), suffix=".gguf",
+    write=write_gguf, options=("requantize",), suffix=".gguf", magic=b"GGUF",
 ))
