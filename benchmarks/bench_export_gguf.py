@@ -126,6 +126,8 @@ def speed_rounds(path: Path, lm: Any, prompt: list[int], new: int, threads: int,
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     ids = torch.tensor([prompt])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # lowbit's kernels and torch ops at the same thread count as llama.cpp
     rows: dict[str, list[tuple[float, float]]] = {"llama.cpp": [], "lowbit lean": []}
     for _ in range(rounds):
         llm.reset()
@@ -145,6 +147,7 @@ def speed_rounds(path: Path, lm: Any, prompt: list[int], new: int, threads: int,
         t2 = time.perf_counter()
         # decode time: the (new + 1)-token run minus its prefill (the 1-token run)
         rows["lowbit lean"].append((len(prompt) / (t1 - t0), new / max((t2 - t1) - (t1 - t0), 1e-9)))
+    torch.set_num_threads(before)
     return {name: {"prompt_tok_s": float(np.median([r[0] for r in v])),
                    "decode_tok_s": float(np.median([r[1] for r in v])), "rounds": len(v)}
             for name, v in rows.items()}
