@@ -94,6 +94,17 @@ class DualEncoder(nn.Module):
         return _batched(lambda chunk: self.encode_text(self.tokenize(chunk)), texts, batch_size, progress)
 
 
+def right_padded(rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Token id rows as one right-padded batch: ``input_ids`` (pad 0) and ``attention_mask`` [B, longest]."""
+    longest = max((len(r) for r in rows), default=0)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _batched(fn: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], batch_size: int,
              progress: bool | str) -> torch.Tensor:
     from tqdm.auto import tqdm

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import DualEncoder, ModelFamily
+from lowbit.models.base import DualEncoder, ModelFamily, right_padded
 from lowbit.models.hf_pretrained import pretrained_skeleton, save_pretrained_architecture
 from lowbit.models.spec import FamilySpec, register_family
 
@@ -108,13 +108,7 @@ class CausalLM(DualEncoder):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded ids and attention mask of plain texts (the tokenizer's special tokens added)."""
         rows = [list(self.tokenizer(t)["input_ids"])[: self.context_window] for t in texts]
-        longest = max((len(r) for r in rows), default=0)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return right_padded(rows)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.language(**tokens, output_hidden_states=True, logits_to_keep=1)

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from lowbit.errors import LowbitError, unknown_choice
-from lowbit.models.base import DualEncoder
+from lowbit.models.base import DualEncoder, right_padded
 from lowbit.models.llava_chat import prompt_ids, render
 from lowbit.models.llava_vision import OUTPUT_STRIDES, Preprocess, VisualTokens
 from lowbit.models.token_pruning import InLayerPrune, kept_count, prune_tokens
@@ -202,13 +202,7 @@ class LlavaModel(DualEncoder):
         """Each text as a one-message chat prompt, right-padded ids and attention mask."""
         rows = [self.tokenizer(render(self.tokenizer, [{"role": "user", "content": t}], True),
                                add_special_tokens=False)["input_ids"] for t in texts]
-        longest = max((len(r) for r in rows), default=0)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return right_padded(rows)
 
     def _mean_hidden(self, out: Any, mask: torch.Tensor) -> torch.Tensor:
         hidden = out.hidden_states[-1]  # [B, T, D]
