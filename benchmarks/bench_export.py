@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_export.py --sections onnx       # -> benchmarks/results/export.json
     .venv/bin/python benchmarks/bench_export.py --sections onnx --only clip-vit-tiny-fashion --rounds 5
 
-One function per section (``onnx_section``; GGUF adds its own), each returning a JSON-ready dict; ``main`` merges
+One function per section (``onnx_section``; ``gguf_section``: ``bench_export_gguf.py``, ``--sections gguf``),
+each returning a JSON-ready dict; ``main`` merges
 each section into ``benchmarks/results/export.json`` under its name, leaving the other sections as they are.
 
 ONNX: for lit-fashion and clip-vit-tiny-fashion quantized with the ``w4`` preset (GPTQ, 512 calibration samples),
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -112,8 +114,17 @@ def onnx_section(models: tuple[str, ...] = ONNX_MODELS, recipe: str = "w4", limi
     }
 
 
+def gguf_section(args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2 exported to GGUF and run by llama.cpp beside lowbit (``bench_export_gguf.py``, its own docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_export_gguf import run
+
+    return run(quick=False, threads=2)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "onnx": lambda a: onnx_section(tuple(a.only.split(",")) if a.only else ONNX_MODELS, a.recipe, a.limit, a.rounds),
+    "gguf": gguf_section,
 }
 
 
