@@ -133,6 +133,21 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a CLI process with ``code``. Under torchrun (``WORLD_SIZE`` > 1) the interpreter's teardown is skipped
+    once output is flushed: a rank torn down by it sometimes aborts in C++ ("terminate called without an active
+    exception", seen in CI after the run had finished and its checkpoints were written), which would turn a
+    finished distributed run into a failed one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def run_verbs(register: Callable[[Any], None], description: str | None, argv: Sequence[str] | None = None) -> int:
     """A stand-alone ``lowbit`` with only the verbs ``register`` adds (what ``torchrun -m lowbit.cli.X`` runs):
     the same parser, errors and exit codes as the full command."""

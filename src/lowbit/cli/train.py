@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from lowbit import api
-from lowbit.cli.base import OVERWRITE_HELP, is_main_process, run_verbs
+from lowbit.cli.base import OVERWRITE_HELP, exit_process, is_main_process, run_verbs
 from lowbit.errors import LowbitError
 
 
@@ -128,5 +127,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
 
