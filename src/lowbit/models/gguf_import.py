@@ -43,7 +43,13 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "mistral": ("llama", True),  # llama.cpp runs Mistral as its llama architecture
     "qwen2": ("qwen2", False),  # NeoX-style RoPE in llama.cpp too
 }
-_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "TQ2_0": 66}
+PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "TQ2_0")  # the GGUF types lowbit stores exactly
+
+
+def rope_row_order(rows: int, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order: within each head, rows (0, d/2, 1, d/2 + 1, ...) become pairs side by side
+    (its converter's permutation for the llama architecture); ``w[order]`` is the GGUF tensor."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
 
 
 def _fp16(raw: np.ndarray) -> torch.Tensor:
@@ -57,9 +63,11 @@ def _low_high(qs: np.ndarray) -> np.ndarray:
 
 def packed_from_blocks(blocks: np.ndarray, gguf_type: str, k: int) -> PackedWeight:
     """GGUF block bytes [N, K / block * bytes] -> the lowbit ``PackedWeight`` holding the same numbers."""
+    import gguf
+
     n = blocks.shape[0]
-    block = QK_K if gguf_type == "TQ2_0" else QK
-    b = blocks.reshape(n, k // block, _BLOCK_BYTES[gguf_type])
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type]]
+    b = blocks.reshape(n, k // block, block_bytes)
     if gguf_type == "Q8_0":
         codes, steps, bits = (b[..., 2:].view(np.int8).astype(np.int16) + 128), _fp16(b[..., :2]), 8
     elif gguf_type == "Q4_0":
@@ -80,7 +88,7 @@ def packed_from_blocks(blocks: np.ndarray, gguf_type: str, k: int) -> PackedWeig
 def _unpermute(packed: PackedWeight, n_head: int) -> PackedWeight:
     """Undo llama.cpp's q/k row order (rows are whole blocks: every tensor is permuted alike)."""
     rows = packed.out_features
-    order = torch.from_numpy(np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows))
+    order = torch.from_numpy(rope_row_order(rows, n_head))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(rows)
     fields = {name: getattr(packed, name) for name in ("qweight", "scales", "zeros", "offsets")
@@ -125,7 +133,7 @@ def pack_from_gguf(lm: nn.Module, path: str | Path) -> dict[str, Any]:
         if t is None:  # a tied head: no tensor of its own in the file
             continue
         gguf_type = t.tensor_type.name
-        if gguf_type not in _BLOCK_BYTES:
+        if gguf_type not in PACKED_TYPES:
             kept[module_path] = gguf_type
             continue
         k = int(module.weight.shape[1])

@@ -39,7 +39,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import is_quantized
 from lowbit.kernels.storage import format_of
-from lowbit.models.gguf_import import ARCHITECTURES, QK, QK_K
+from lowbit.models.gguf_import import ARCHITECTURES, QK, QK_K, rope_row_order
 from lowbit.workflows.export import ExportFormat, register_export
 
 # storage row name -> GGUF type holding its values exactly (narrower symmetric grids widen into Q4_0)
@@ -187,11 +187,8 @@ def _weight_tensor(name: str, module: nn.Module, source: str, requantize: bool) 
 
 
 def _permute_rows(t: _Tensor, n_head: int) -> None:
-    """llama.cpp's q/k row order: within each head, rows (0, d/2, 1, d/2 + 1, ...) -> pairs side by side."""
-    rows = t.data.shape[0]
-    head_dim = rows // n_head
-    order = np.arange(rows).reshape(n_head, 2, head_dim // 2).swapaxes(1, 2).reshape(rows)
-    t.data = np.ascontiguousarray(t.data[order])
+    """Rows in llama.cpp's q/k order (``rope_row_order``; whole rows move, so blocks stay exact)."""
+    t.data = np.ascontiguousarray(t.data[rope_row_order(t.data.shape[0], n_head)])
 
 
 # --- the model's tensors -----------------------------------------------------------------------------------
