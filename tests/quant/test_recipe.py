@@ -132,3 +132,13 @@ def test_with_method_swaps_the_main_rules_and_keeps_options_of_unchanged_ones() 
     conv = awq.match("vision", "net._blocks.1._depthwise_conv", "conv")[1]
     assert (conv.method, conv.options) == ("gptq", {"percdamp": 0.1})  # 8-bit rules are not the main rules
     assert awq.match("projector", "text", "linear")[1].method == "rtn"
+
+
+def test_a_field_name_with_a_newline_stays_one_line() -> None:
+    """Found by the fuzz suite: a hostile field name was printed raw and broke the one-line error."""
+    from lowbit.errors import LowbitError
+    from lowbit.quant.recipe import Recipe
+
+    with pytest.raises(LowbitError, match=r"field '\\n': unknown field") as err:
+        Recipe.from_dict({"rules": [{"\n": None}]})
+    assert "\n" not in str(err.value)

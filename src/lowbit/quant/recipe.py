@@ -191,7 +191,7 @@ def _short(value: Any) -> str:
 
 
 def _rule_error(index: int, fieldname: str, message: str) -> LowbitError:
-    return LowbitError(f"recipe rule {index} field '{fieldname}': {message}")
+    return LowbitError(f"recipe rule {index} field {_short(fieldname)}: {message}")  # repr: a name may hold newlines
 
 
 def _rule_from_dict(index: int, raw: Any) -> Rule:
