@@ -25,7 +25,7 @@ __all__ = [
     "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_checkpoint_output",
     "check_task_and_data", "demo",
     "evaluate", "export", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize",
-    "quantize_", "save", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
+    "quantize_", "save", "search", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
 
 
@@ -129,6 +129,19 @@ def sweep(model_name: str, recipes: list[str], methods: list[str], task: str, ou
 
     check_options("sweep", options, keyword_parameters(run)[5:])
     return run(model_name, recipes, methods, task, out_dir, **options)
+
+
+def search(model: str | nn.Module, **options: Any) -> dict[str, Any]:
+    """A mixed-precision recipe under one budget (``budget_bits``, ``budget_mb`` or ``budget_ms``): per-layer
+    widths from measured, cached sensitivities; ``out`` writes the YAML recipe (see ``lowbit.workflows.search``).
+
+    Example:
+        >>> result = lowbit.search("lit-fashion", budget_bits=3.0, out="lit-3bit.yaml")  # doctest: +SKIP
+    """
+    from lowbit.workflows.search import search as run
+
+    check_options("search", options, keyword_parameters(run, skip=("model",)))
+    return run(model, **options)
 
 
 def qat(model_name: str, recipe: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:

@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the package first (runpy warns, and the module would run twice over)
     from lowbit.cli.export import register_export_cli
     from lowbit.cli.qat import register_qat_cli
+    from lowbit.cli.search import register_search_cli
     from lowbit.cli.serve import register_serve_cli
     from lowbit.cli.train import register_cli as register_train_and_data
 
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_qat_cli(sub)  # `lowbit qat`
     register_serve_cli(sub)  # `lowbit serve`
     register_export_cli(sub)  # `lowbit export`
+    register_search_cli(sub)  # `lowbit search`
     return parser
 
 
