@@ -29,8 +29,8 @@ def _layers(n: int, seed: int) -> list[SearchLayer]:
 def _brute(layers: list[SearchLayer], metric: str, budget: float) -> float:
     best = float("inf")
     for pick in itertools.product(*[range(len(la.choices)) for la in layers]):
-        if sum(la.cost(i, metric) for la, i in zip(layers, pick)) <= budget:
-            best = min(best, sum(la.choices[i].loss for la, i in zip(layers, pick)))
+        if sum(la.cost(i, metric) for la, i in zip(layers, pick, strict=False)) <= budget:
+            best = min(best, sum(la.choices[i].loss for la, i in zip(layers, pick, strict=False)))
     return best
 
 
@@ -42,9 +42,9 @@ def test_solve_respects_the_budget_exactly_and_matches_brute_force(metric: str, 
     high = sum(max(la.cost(i, metric) for i in range(4)) for la in layers)
     for budget in [low + frac * (high - low) for frac in (0.0, 0.13, 0.4, 0.77)] + [high]:
         chosen = solve(layers, metric, budget)
-        cost = sum(la.cost(i, metric) for la, i in zip(layers, chosen))
+        cost = sum(la.cost(i, metric) for la, i in zip(layers, chosen, strict=False))
         assert cost <= budget  # never over, not even by rounding
-        loss = sum(la.choices[i].loss for la, i in zip(layers, chosen))
+        loss = sum(la.choices[i].loss for la, i in zip(layers, chosen, strict=False))
         best = _brute(layers, metric, budget)
         assert loss <= best * 1.02 + 1e-12  # the DP over costs rounded up to 1/20000 of the spare budget: near-exact
         assert solve(layers, metric, budget) == chosen  # deterministic

@@ -252,7 +252,7 @@ def solve(layers: Sequence[SearchLayer], metric: str, budget: float, resolution:
         raise InfeasibleBudget(f"budget {budget:g} is below the smallest feasible {floor:g}", floor)
     base = [int(np.argmin(c)) for c in costs]  # first cheapest: narrowest width
     best = [int(np.argmin(loss)) for loss in losses]
-    if math.fsum(float(c[i]) for c, i in zip(costs, best)) <= budget:
+    if math.fsum(float(c[i]) for c, i in zip(costs, best, strict=False)) <= budget:
         return best  # everything at its most accurate width fits
     spare = budget - floor
     extra = [c - c.min() for c in costs]
@@ -264,7 +264,7 @@ def solve(layers: Sequence[SearchLayer], metric: str, budget: float, resolution:
     dp = np.full(cap + 1, np.inf)
     dp[0] = 0.0
     picks = np.zeros((len(layers), cap + 1), dtype=np.int8)
-    for li, (u, loss) in enumerate(zip(units, losses)):
+    for li, (u, loss) in enumerate(zip(units, losses, strict=False)):
         new = np.full(cap + 1, np.inf)
         pick = np.zeros(cap + 1, dtype=np.int8)
         for ci in range(len(u)):
@@ -287,9 +287,9 @@ def _spend_rest(chosen: list[int], costs: list[np.ndarray], losses: list[np.ndar
     """Greedy upgrades (largest loss decrease per unit of cost first) that still fit the exact budget: what the
     rounding of the dynamic program left unspent."""
     while True:
-        left = budget - math.fsum(float(c[i]) for c, i in zip(costs, chosen))
+        left = budget - math.fsum(float(c[i]) for c, i in zip(costs, chosen, strict=False))
         best: tuple[float, int, int] | None = None
-        for li, (c, loss) in enumerate(zip(costs, losses)):
+        for li, (c, loss) in enumerate(zip(costs, losses, strict=False)):
             i = chosen[li]
             for j in range(len(c)):
                 gain, more = float(loss[i] - loss[j]), float(c[j] - c[i])
@@ -305,12 +305,12 @@ def _spend_rest(chosen: list[int], costs: list[np.ndarray], losses: list[np.ndar
 def summarize(layers: Sequence[SearchLayer], chosen: Sequence[int]) -> dict[str, Any]:
     """Totals of an assignment: average bits per searched weight, bytes, ms, predicted loss, bits histogram."""
     params = sum(layer.params for layer in layers)
-    picked = [layer.choices[i] for layer, i in zip(layers, chosen)]
+    picked = [layer.choices[i] for layer, i in zip(layers, chosen, strict=False)]
     histogram: dict[str, int] = {}
-    for layer, c in zip(layers, picked):
+    for layer, c in zip(layers, picked, strict=False):
         histogram[f"w{c.bits}"] = histogram.get(f"w{c.bits}", 0) + layer.params
     ms = [c.ms for c in picked]
     return {"layers": len(layers), "params": params,
-            "avg_bits": sum(c.bits * layer.params for layer, c in zip(layers, picked)) / max(params, 1),
+            "avg_bits": sum(c.bits * layer.params for layer, c in zip(layers, picked, strict=False)) / max(params, 1),
             "bytes": sum(c.nbytes for c in picked), "ms": None if None in ms else sum(ms),  # type: ignore[arg-type]
             "predicted_loss": sum(c.loss for c in picked), "params_by_width": dict(sorted(histogram.items()))}

@@ -41,7 +41,6 @@ from lowbit.quant.mixed import (
     InfeasibleBudget,
     LanguageProbe,
     SearchLayer,
-    cheapest_cost,
     measure_layer_ms,
     measure_sensitivity,
     solve,
@@ -100,11 +99,11 @@ def mixed_recipe(base: Recipe, layers: Sequence[SearchLayer], chosen: Sequence[i
                  group_size: int | None, options: dict[str, Any], name: str) -> Recipe:
     """Explicit rules for the layers off the most common width, then ``base`` with its main rules at it."""
     params: dict[int, int] = {}
-    for layer, i in zip(layers, chosen):
+    for layer, i in zip(layers, chosen, strict=False):
         params[layer.choices[i].bits] = params.get(layer.choices[i].bits, 0) + layer.params
     common = max(sorted(params), key=lambda b: params[b])
     rules: list[Rule] = []
-    for layer, i in zip(layers, chosen):
+    for layer, i in zip(layers, chosen, strict=False):
         bits = layer.choices[i].bits
         if bits != common:
             rules.append(Rule(layer.tower, _glob_literal(layer.name), method, QuantSpec(bits, group_size, True),
@@ -289,7 +288,7 @@ def search(model: str | nn.Module, budget_bits: float | None = None, budget_mb: 
         "method": method, "widths": list(widths), "group_size": group_size, "base": base_recipe.name,
         "expected": expected, "sensitivity": record, "recipe": recipe.to_dict(),
         "layers": [{"tower": la.tower, "name": la.name, "params": la.params, "bits": la.choices[i].bits}
-                   for la, i in zip(layers, chosen)],
+                   for la, i in zip(layers, chosen, strict=False)],
     }
     if measure:
         with tempfile.TemporaryDirectory(prefix="lowbit-search-") as tmp:
