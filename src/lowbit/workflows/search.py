@@ -128,6 +128,9 @@ def _probe(model: nn.Module, provider: Any, n: int) -> Any:
     token windows)."""
     if isinstance(provider, TokenCalibrator):
         return LanguageProbe(getattr(model, "language", model), provider.token_batches()[0])
+    towers = model.towers() if isinstance(model, DualEncoder) else {}
+    if "language" in towers and getattr(provider, "texts", None):  # a llava: its LM on the calibration texts
+        return LanguageProbe(towers["language"], model.tokenize(provider.texts[:n]))
     if isinstance(model, DualEncoder) and getattr(provider, "images", None) and getattr(provider, "texts", None):
         return DualEncoderProbe(model, model.preprocess(provider.images[:n]), model.tokenize(provider.texts[:n]))
     raise LowbitError(f"search measures sensitivity on a dual encoder (images and texts) or a causal language "

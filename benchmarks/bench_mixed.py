@@ -1,0 +1,156 @@
+"""Mixed precision under a budget (issue 21): ``lowbit search`` on lit-fashion against uniform recipes, measured
+after save + load on the kernels, on the same evaluation as benchmarks/bench_bytes.py (zero-shot Fashion-MNIST,
+the full 10000-image test set unless ``--limit``).
+
+    flock /work/heavy.lock .venv/bin/python benchmarks/bench_mixed.py            # -> results/mixed.json, mixed.png
+    flock /work/heavy.lock .venv/bin/python benchmarks/bench_mixed.py --budgets 3.0 --limit 500   # a quick check
+
+Rows: fp32; the uniform presets ``w4`` / ``w3`` / ``w2`` (GPTQ, act-order + clip search, groups of 128 / 32 / 32,
+the same embeddings, projector and k x k conv rules), re-measured here unless ``--uniform-from bytes.json``; and
+one searched mix per ``--budgets`` value (average bits per searched weight: the linear / 1x1-conv layers the
+presets' main rule quantizes, widths 2,3,4,8 in groups of 32, GPTQ with the presets' options; everything else as
+the presets). Sensitivities are measured once (cached under $LOWBIT_HOME/search). Targets: at 3.0 bits a drop
+<= 1 pt (uniform w3: 3.0 pt in bytes.json), at 2.5 bits <= 3 pt, without QAT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lowbit
+from lowbit.eval.env import environment
+from lowbit.eval.report import whole_bytes
+from lowbit.io import write_json
+from lowbit.quant.recipe import Recipe
+from lowbit.workflows.search import search
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL, TASK = "lit-fashion", "fashion-mnist"
+TARGETS = {3.0: 1.0, 2.5: 3.0}  # budget bits -> max drop pt
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _measure(float_model: Any, reference: dict[str, Any], recipe: Any, label: str, limit: int | None,
+             work: Path) -> dict[str, Any]:
+    """Quantize a copy, save, load from disk, evaluate on the kernels against the float reference."""
+    t0, c0 = time.perf_counter(), _cpu()
+    model = copy.deepcopy(float_model)
+    report = lowbit.quantize(model, recipe, progress=False)
+    out = work / label.replace(" ", "_")
+    lowbit.save(model, out, report=report)
+    del model
+    packed = lowbit.load(str(out))
+    result = lowbit.evaluate(packed, TASK, limit=limit, reference=reference, progress=False, checkpoint_dir=out)
+    top1, base = result["metrics"]["top1"], reference["metrics"]["top1"]
+    fp = result.get("footprint") or {}
+    return {"label": label, "accuracy": top1, "drop_pt": round(100 * (base - top1), 2),
+            "agreement": (result.get("fidelity") or {}).get("agreement"), "file_bytes": whole_bytes(fp),
+            "bits_per_weight": report.totals()["total"].get("bits_per_weight"),
+            "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu() - c0, 1)}
+
+
+def plot(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for kind, marker, color in (("uniform", "s", "tab:gray"), ("searched", "o", "tab:blue")):
+        pts = sorted((r["file_bytes"] / 1e6, 100 * r["accuracy"], r["label"]) for r in rows if r["kind"] == kind)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if
+                kind == "searched" else ":", label=f"{kind} ({'lowbit search' if kind == 'searched' else 'presets'})")
+        for i, (x, y, label) in enumerate(pts):
+            dy = 7 if kind == "searched" else -13  # searched above their points, uniform below: no overlap
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8, color=color,
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    ax.axhline(100 * fp32["accuracy"], color="tab:green", linestyle="--", linewidth=1,
+               label=f"fp32 ({fp32['file_bytes'] / 1e6:.0f} MB)")
+    ax.set_xlabel("whole checkpoint, MB (every file; smaller is better ←)")
+    ax.set_ylabel("zero-shot Fashion-MNIST top-1, % (higher is better ↑)")
+    ax.set_title("lit-fashion: searched mixed precision vs uniform recipes (after save + load)")
+    ax.margins(x=0.12, y=0.1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="2.5,3.0,3.5", help="average bits per searched weight")
+    parser.add_argument("--uniform", default="w4,w3,w2", help="uniform presets to measure alongside")
+    parser.add_argument("--uniform-from", help="take the uniform rows from this bytes.json instead of re-measuring")
+    parser.add_argument("--limit", type=int, help="Fashion-MNIST test images (default: all 10000)")
+    parser.add_argument("--json", default=str(RESULTS / "mixed.json"))
+    args = parser.parse_args()
+    t0, load_avg = time.perf_counter(), os.getloadavg()[0]
+    float_model = lowbit.load(MODEL)
+    reference = lowbit.evaluate(float_model, TASK, limit=args.limit, progress=False)
+    fp32 = {"label": "fp32", "accuracy": reference["metrics"]["top1"],
+            "file_bytes": whole_bytes(reference.get("footprint") or {})}
+    rows: list[dict[str, Any]] = []
+    searches: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
+        work = Path(tmp)
+        for budget in [float(b) for b in args.budgets.split(",") if b]:
+            c0, s0 = _cpu(), time.perf_counter()
+            found = search(float_model, budget_bits=budget, measure=False)
+            search_cpu = round(_cpu() - c0, 1)
+            recipe = Recipe.from_dict(found["recipe"], name=found["recipe"]["name"])
+            row = {**_measure(float_model, reference, recipe, f"searched {budget:g} bits", args.limit, work),
+                   "kind": "searched", "budget_bits": budget, "expected": found["expected"],
+                   "search_cpu_seconds": search_cpu, "search_seconds": round(time.perf_counter() - s0, 1),
+                   "sensitivity_cached": found["sensitivity"]["cached"]}
+            if budget in TARGETS:
+                row["target_max_drop_pt"] = TARGETS[budget]
+                row["meets_target"] = row["drop_pt"] <= TARGETS[budget]
+            rows.append(row)
+            searches[f"{budget:g}"] = {"recipe": found["recipe"], "layers": found["layers"],
+                                       "sensitivity": found["sensitivity"]}
+            print(json.dumps({k: v for k, v in row.items() if k != "expected"}), flush=True)
+        if args.uniform_from:
+            prior = json.loads(Path(args.uniform_from).read_text())["models"][MODEL]
+            wanted = set(args.uniform.split(","))
+            for r in prior:
+                key = str(r["label"]).split("+")[0]
+                if key in wanted:
+                    rows.append({**{k: r[k] for k in ("accuracy", "drop_pt", "agreement", "file_bytes",
+                                                     "bits_per_weight")}, "label": f"uniform {key}",
+                                 "kind": "uniform", "source": args.uniform_from})
+        else:
+            for preset in [u for u in args.uniform.split(",") if u]:
+                rows.append({**_measure(float_model, reference, preset, f"uniform {preset}", args.limit, work),
+                             "kind": "uniform"})
+                print(json.dumps(rows[-1]), flush=True)
+    json_path = Path(args.json)
+    plot(rows, fp32, json_path.with_suffix(".png"))
+    result = {"benchmark": "mixed", "model": MODEL, "task": TASK, "limit": args.limit, "fp32": fp32, "rows": rows,
+              "searches": searches, "targets": {f"{b:g} bits": {"max_drop_pt": d, "met": next(
+                  (r["meets_target"] for r in rows if r.get("budget_bits") == b), None)} for b, d in TARGETS.items()},
+              "seconds": round(time.perf_counter() - t0, 1), "load_avg_1min": load_avg,
+              "load_avg_1min_end": os.getloadavg()[0], "env": environment(), "threads": torch.get_num_threads(),
+              "command": "benchmarks/bench_mixed.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json")}
+    write_json(json_path, result)
+    print(json.dumps(result["targets"]))
+
+
+if __name__ == "__main__":
+    main()
