@@ -63,6 +63,47 @@ def _measure(float_model: Any, reference: dict[str, Any], recipe: Any, label: st
             "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu() - c0, 1)}
 
 
+LLAVA_BASE = "language@embedding=w8g32,language=w4g32:gptq,vision=w8,projector=w8,floats=fp16"  # bytes.json's
+LLAVA_CALIB = 64  # image+question sequences, as bench_vlm.py / bench_bytes.py
+
+
+def llava_rows(n_vqa: int, budget: float, work: Path) -> dict[str, Any]:
+    """llava-fashion-hd's language model: a searched mix at ``budget`` average bits against uniform w4 GPTQ with the
+    same options (the search's own recipe with every layer at 4 bits), mean KL of the first answer token against
+    full precision on the same held-out fashion-vqa questions, after save + load."""
+    model = lowbit.load("llava-fashion-hd")
+    reference = lowbit.evaluate(model, "fashion-vqa", limit=n_vqa, progress=False)
+    common = {"base": LLAVA_BASE, "calib_data": TASK, "calib_samples": LLAVA_CALIB, "probe_samples": 16,
+              "measure": False}
+    c0 = _cpu()
+    found = search(model, budget_bits=budget, **common)
+    search_cpu = round(_cpu() - c0, 1)
+    uniform = search(model, budget_bits=4.0, widths=[4], **common)
+    rows = []
+    for label, chosen in ((f"searched {budget:g} bits", found), ("uniform w4 gptq", uniform)):
+        quant = copy.deepcopy(model)
+        recipe = Recipe.from_dict(chosen["recipe"], name=label)
+        report = lowbit.quantize(quant, recipe, calib_data=TASK, calib_samples=LLAVA_CALIB, progress=False)
+        out = work / label.replace(" ", "_")
+        lowbit.save(quant, out, report=report)
+        del quant
+        packed = lowbit.load(str(out))
+        result = lowbit.evaluate(packed, "fashion-vqa", limit=n_vqa, reference=reference, progress=False,
+                                 checkpoint_dir=out)
+        rows.append({"label": label, "accuracy": result["metrics"]["accuracy"],
+                     "kl": (result.get("fidelity") or {}).get("kl"),
+                     "file_bytes": whole_bytes(result.get("footprint") or {}),
+                     "avg_bits_searched": chosen["expected"]["avg_bits"],
+                     "params_by_width": chosen["expected"]["params_by_width"]})
+        print(json.dumps(rows[-1]), flush=True)
+        del packed
+    return {"model": "llava-fashion-hd (language model searched)", "vqa": n_vqa, "base": LLAVA_BASE,
+            "full_precision_accuracy": reference["metrics"]["accuracy"], "rows": rows, "search_cpu_seconds": search_cpu,
+            "target": "searched mix <= 4.0 average bits with lower mean KL than uniform w4 GPTQ",
+            "met": bool(rows[0]["avg_bits_searched"] <= 4.0 and rows[0]["kl"] < rows[1]["kl"]),
+            "layers": found["layers"]}
+
+
 def plot(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -76,7 +117,7 @@ def plot(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if
                 kind == "searched" else ":", label=f"{kind} ({'lowbit search' if kind == 'searched' else 'presets'})")
-        for i, (x, y, label) in enumerate(pts):
+        for x, y, label in pts:
             dy = 7 if kind == "searched" else -13  # searched above their points, uniform below: no overlap
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8, color=color,
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
@@ -98,8 +139,20 @@ def main() -> None:
     parser.add_argument("--uniform", default="w4,w3,w2", help="uniform presets to measure alongside")
     parser.add_argument("--uniform-from", help="take the uniform rows from this bytes.json instead of re-measuring")
     parser.add_argument("--limit", type=int, help="Fashion-MNIST test images (default: all 10000)")
+    parser.add_argument("--llava", type=int, help="instead: llava-fashion-hd's LM on this many fashion-vqa questions")
     parser.add_argument("--json", default=str(RESULTS / "mixed.json"))
     args = parser.parse_args()
+    if args.llava:
+        t0, load_avg = time.perf_counter(), os.getloadavg()[0]
+        with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
+            section = llava_rows(args.llava, 4.0, Path(tmp))
+        section.update(seconds=round(time.perf_counter() - t0, 1), load_avg_1min=load_avg,
+                       load_avg_1min_end=os.getloadavg()[0], env=environment(), threads=torch.get_num_threads(),
+                       command=f"benchmarks/bench_mixed.py --llava {args.llava}")
+        previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+        write_json(args.json, {**previous, "llava": section})
+        print(json.dumps({k: section[k] for k in ("rows", "met")}))
+        return
     t0, load_avg = time.perf_counter(), os.getloadavg()[0]
     float_model = lowbit.load(MODEL)
     reference = lowbit.evaluate(float_model, TASK, limit=args.limit, progress=False)
@@ -148,7 +201,8 @@ def main() -> None:
               "load_avg_1min_end": os.getloadavg()[0], "env": environment(), "threads": torch.get_num_threads(),
               "command": "benchmarks/bench_mixed.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json")}
-    write_json(json_path, result)
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    write_json(json_path, {**result, **({"llava": previous["llava"]} if "llava" in previous else {})})
     print(json.dumps(result["targets"]))
 
 
