@@ -324,6 +324,10 @@ def write_recipe(result: dict[str, Any], out: str | os.PathLike[str]) -> None:
              f"samples, calibration {json.dumps(result['sensitivity'].get('calibration'))}"]
     if "measured" in result:
         lines.append(f"# measured after save + load on the kernels: {json.dumps(result['measured'])}")
-    body = yaml.safe_dump(result["recipe"], sort_keys=False, default_flow_style=None, width=120)
+    recipe = result["recipe"]
+    head = {k: v for k, v in recipe.items() if k != "rules"}
+    body = yaml.safe_dump(head, sort_keys=False) + "rules:\n" + "".join(  # one rule a line, as the presets
+        f"  - {yaml.safe_dump(r, sort_keys=False, default_flow_style=True, width=10**6).strip()}\n"
+        for r in recipe["rules"])
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n" + body)
