@@ -47,12 +47,16 @@ from transformers.generation.logits_process import (
 from lowbit.errors import LowbitError
 from lowbit.models.spec import LEAN_ARCHITECTURES
 from lowbit.models.token_pruning import InLayerPrune, attention_received
+from lowbit.registry import qualname
 
 # LEAN_ARCHITECTURES: model_type -> attention window of a config (None: full causal attention), filled by the
 # family specs' ``lean_decode`` (lowbit.models.hf_causal_lm: llama, mistral, qwen2, qwen3). Registered types have
 # Llama's module layout (model.embed_tokens / layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
 # post_attention_layernorm, mlp.{gate,up,down}_proj, mlp.act_fn} / norm / rotary_emb, lm_head) and forward
 # (Qwen3 adds a per-head RMSNorm of q and k: self_attn.{q,k}_norm).
+
+# Activation modules computing exactly F.silu (the native step calls at::silu), by "module.QualName".
+SILU_CLASSES = ("torch.nn.modules.activation.SiLU", "transformers.activations.SiLUActivation")
 
 # RoPE types whose cos/sin depend only on the position (dynamic / longrope rescale with the sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -138,6 +142,7 @@ class _Layer:
     act: Callable[[torch.Tensor], torch.Tensor]
     q_norm: torch.Tensor | None = None  # QK-norm weights [head_dim] (Qwen3), None without
     k_norm: torch.Tensor | None = None
+    modules: tuple[nn.Module, ...] = ()  # q, k, v, o, gate, up, down (for the native step)
 
 
 @dataclass
@@ -182,9 +187,12 @@ class LeanDecoder:
     """Prefill + one-token steps of a Llama-family HF causal LM ``model`` over its own modules.
 
     The layers' callables are bound at construction: build the engine after quantizing or loading weights.
+    ``native`` (default): one-token steps of a float32 model whose layer projections all run on the packed
+    kernels go through the kernels' ``DecoderStack`` (``_native_stack``): the same ops from C++, one call per
+    token; False keeps every step in Python.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, native: bool = True) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise LowbitError(reason)
@@ -205,9 +213,13 @@ class LeanDecoder:
                    _projections([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                    _linear(layer.self_attn.o_proj),
                    _projections([layer.mlp.gate_proj, layer.mlp.up_proj]), _linear(layer.mlp.down_proj),
-                   layer.mlp.act_fn, *_qk_norms(layer.self_attn))
+                   layer.mlp.act_fn, *_qk_norms(layer.self_attn),
+                   (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
             for layer in base.layers[:config.num_hidden_layers]
         ]
+        self.native = native
+        self._stack: Any = None  # the kernels' DecoderStack for one-token steps (bound by reset), or None
         self.pos = 0  # the next token's position (RoPE)
         self.fill = [0] * len(self.layers)  # filled KV-cache entries per layer (fewer after FastV pruning)
         self.k_cache: torch.Tensor | None = None
@@ -234,6 +246,7 @@ class LeanDecoder:
             self._rope_len = max_len
         self.pos = 0
         self.fill = [0] * len(self.layers)
+        self._stack = _native_stack(self) if self.native else None
 
     # -- the network ---------------------------------------------------------------------------------------
     def _rms(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -324,7 +337,17 @@ class LeanDecoder:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (ids [B]) at the next position; logits [B, V] for the position after it."""
-        return self.lm_head(self._forward(self.embed(tokens[:, None])))
+        h = self.embed(tokens[:, None])
+        if self._stack is None or h.dtype != torch.float32:
+            return self.lm_head(self._forward(h))
+        assert self.k_cache is not None and self.v_cache is not None, "reset() first"
+        if max(self.fill) + 1 > self.k_cache.shape[3]:
+            raise LowbitError(f"position {self.pos + 1} is past the {self.k_cache.shape[3]} positions reset() made "
+                              "room for")
+        h = self._stack.step(h.contiguous(), self.k_cache, self.v_cache, self.fill, self.cos, self.sin, self.pos)
+        self.fill = [f + 1 for f in self.fill]
+        self.pos += 1
+        return self.lm_head(self._rms(h[:, -1], self.norm))
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -369,6 +392,49 @@ class LeanDecoder:
                 break
             logits = self.step(tokens)
         return LeanGeneration(out[:, :n], kept)
+
+
+def _native_stack(engine: LeanDecoder) -> Any:
+    """The kernels' ``DecoderStack`` over ``engine``'s layers, or None unless every layer qualifies: a float32
+    model, SiLU MLPs, no QK-norm, q/k/v and gate/up each one fused packed group and o/down plain packed linears,
+    all on the ``cpu`` backend with the kernels available (the conditions under which ``_forward`` runs exactly
+    these kernel calls and ops)."""
+    from lowbit.kernels import fast
+    from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
+
+    ext = fast.extension()
+    if ext is None or not hasattr(ext, "DecoderStack") or engine.norm.dtype != torch.float32:
+        return None
+
+    def plain(m: nn.Module) -> Any:  # a packed linear computing alone on the kernels: its prepared call
+        ok = (isinstance(m, QuantLinear) and type(m)._matmul is QuantLinear._matmul and m.backend == "cpu"
+              and not m.weight_shape[2:] and m.input_scale is None and m.output_clamp is None
+              and GROUP_ATTR not in m.__dict__)
+        return fast.prepared(m).call if ok else None
+
+    def fused(members: tuple[nn.Module, ...]) -> Any:  # one fused group in member order: its prepared call
+        links = [m.__dict__.get(GROUP_ATTR) for m in members]
+        if any(link is None for link in links) or len({id(link[0]) for link in links}) != 1:
+            return None
+        group = links[0][0]  # type: ignore[index]
+        if list(group.members) != list(members) or any(getattr(m, "backend", None) != "cpu" for m in members):
+            return None
+        handle = group._handle()
+        return None if handle is None else handle.call
+
+    calls: list[list[Any]] = [[], [], [], []]
+    for layer in engine.layers:
+        if layer.q_norm is not None or qualname(type(layer.act)) not in SILU_CLASSES or len(layer.modules) != 7:
+            return None
+        q, k, v, o, gate, up, down = layer.modules
+        row = [fused((q, k, v)), plain(o), fused((gate, up)), plain(down)]
+        if any(c is None for c in row):
+            return None
+        for bucket, c in zip(calls, row, strict=True):
+            bucket.append(c)
+    return ext.DecoderStack([layer.in_norm.contiguous() for layer in engine.layers],
+                            [layer.post_norm.contiguous() for layer in engine.layers], *calls,
+                            heads=engine.heads, kv_heads=engine.kv_heads, head_dim=engine.head_dim, eps=engine.eps)
 
 
 def lean_generate(model: nn.Module, input_ids: torch.Tensor | None = None,

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -238,6 +239,9 @@ class Prepared {
     return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
   }
 
+  int64_t n() const { return N_; }
+  int64_t k() const { return K_; }
+
   // The outputs of the layers sharing this call: views [..., splits[i]] of one [..., N] result.
   std::vector<torch::Tensor> forward_split(const torch::Tensor& x) const {
     return forward(x).split_with_sizes(splits_, -1);
@@ -250,6 +254,101 @@ class Prepared {
   bool full_byte_;
   int64_t N_, K_, KB_, T_, G_ = 1, gb_, ab_;
   std::vector<int64_t> splits_;
+};
+
+// One decode step (one new token per row) through a stack of Llama-layout decoder layers whose projections are
+// all prepared packed weights: the op sequence of lowbit/models/lean_decode.py's `_forward` for T = 1 (the same
+// ATen ops for RMSNorm, attention, SiLU and the residual adds, RoPE elementwise in the same float operations),
+// called from C++ so that a token costs one Python call instead of ~35 small torch calls per layer.
+class DecoderStack {
+ public:
+  DecoderStack(std::vector<torch::Tensor> in_norms, std::vector<torch::Tensor> post_norms,
+               std::vector<py::object> qkv, std::vector<py::object> o, std::vector<py::object> gate_up,
+               std::vector<py::object> down, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps)
+      : in_norms_(std::move(in_norms)), post_norms_(std::move(post_norms)), keep_alive_(),
+        H_(heads), KV_(kv_heads), hd_(head_dim), eps_(eps) {
+    const size_t L = in_norms_.size();
+    TORCH_CHECK(post_norms_.size() == L && qkv.size() == L && o.size() == L && gate_up.size() == L &&
+                    down.size() == L, "lowbit decoder stack: one of each per layer");
+    TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim % 2 == 0,
+                "lowbit decoder stack: bad head geometry");
+    for (size_t i = 0; i < L; ++i) {
+      for (auto* list : {&qkv, &o, &gate_up, &down}) keep_alive_.push_back((*list)[i]);
+      qkv_.push_back(qkv[i].cast<const Prepared*>());
+      o_.push_back(o[i].cast<const Prepared*>());
+      gate_up_.push_back(gate_up[i].cast<const Prepared*>());
+      down_.push_back(down[i].cast<const Prepared*>());
+      TORCH_CHECK(qkv_[i]->n() == (H_ + 2 * KV_) * hd_ && o_[i]->k() == H_ * hd_ && gate_up_[i]->n() % 2 == 0 &&
+                      down_[i]->k() * 2 == gate_up_[i]->n(),
+                  "lowbit decoder stack: projection shapes do not match the heads");
+    }
+  }
+
+  // h [B, 1, D] float32 at position `pos` -> the hidden state after every layer [B, 1, D]. Layer i's K/V go
+  // to entry fill[i] of k_cache[i] / v_cache[i] ([L, B, KV, max_len, hd], float32, contiguous); cos / sin:
+  // [max_len, hd] (sin with the rotate-half sign folded in, as lean_decode.py keeps it).
+  torch::Tensor step(torch::Tensor h, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                     const std::vector<int64_t>& fill, const torch::Tensor& cos, const torch::Tensor& sin,
+                     int64_t pos) const {
+    const int64_t L = static_cast<int64_t>(qkv_.size());
+    TORCH_CHECK(h.dim() == 3 && h.size(1) == 1 && h.scalar_type() == torch::kFloat, "lowbit decoder stack: h [B, 1, D] float32");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 && k_cache.size(0) == L &&
+                    k_cache.size(1) == h.size(0) && k_cache.size(2) == KV_ && k_cache.size(4) == hd_,
+                "lowbit decoder stack: caches must be float32 [L, B, KV, max_len, hd]");
+    TORCH_CHECK(static_cast<int64_t>(fill.size()) == L, "lowbit decoder stack: one fill per layer");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
+                    sin.scalar_type() == torch::kFloat && cos.size(-1) == hd_ && pos >= 0 && pos < cos.size(0),
+                "lowbit decoder stack: cos/sin [max_len, hd] float32 covering pos");
+    const int64_t B = h.size(0), D = h.size(2), max_len = k_cache.size(3), half = hd_ / 2;
+    const float* c = cos.data_ptr<float>() + pos * hd_;
+    const float* s = sin.data_ptr<float>() + pos * hd_;
+    // x * cos + swap_halves(x) * sin, elementwise as torch computes it (two products, one sum).
+    auto rope = [&](const float* x, float* out) {
+      for (int64_t j = 0; j < hd_; ++j) {
+        const float a = x[j] * c[j];
+        const float b = x[j < half ? j + half : j - half] * s[j];
+        out[j] = a + b;
+      }
+    };
+    if (!h.is_contiguous()) h = h.contiguous();
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t f = fill[i];
+      TORCH_CHECK(f >= 0 && f < max_len, "lowbit decoder stack: the KV cache is full");
+      const torch::Tensor x = at::rms_norm(h, {D}, in_norms_[i], eps_);
+      const torch::Tensor qkv = qkv_[i]->forward(x);  // [B, 1, (H + 2 KV) * hd]
+      const float* qp = qkv.data_ptr<float>();
+      auto q = torch::empty({B, H_, 1, hd_}, h.options());
+      float* qo = q.data_ptr<float>();
+      float* kc = k_cache[i].data_ptr<float>();
+      float* vc = v_cache[i].data_ptr<float>();
+      const int64_t row = (H_ + 2 * KV_) * hd_;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* src = qp + b * row;
+        for (int64_t n = 0; n < H_; ++n) rope(src + n * hd_, qo + (b * H_ + n) * hd_);
+        for (int64_t g = 0; g < KV_; ++g) {
+          const int64_t at_ = ((b * KV_ + g) * max_len + f) * hd_;
+          rope(src + (H_ + g) * hd_, kc + at_);
+          std::memcpy(vc + at_, src + (H_ + KV_ + g) * hd_, sizeof(float) * hd_);
+        }
+      }
+      const torch::Tensor attn = at::scaled_dot_product_attention(
+          q, k_cache[i].narrow(2, 0, f + 1), v_cache[i].narrow(2, 0, f + 1), c10::nullopt, 0.0, false,
+          c10::nullopt, H_ != KV_);  // [B, H, 1, hd]
+      h = h + o_[i]->forward(attn.reshape({B, 1, H_ * hd_}));
+      const torch::Tensor gu = gate_up_[i]->forward(at::rms_norm(h, {D}, post_norms_[i], eps_));
+      const int64_t F = gu.size(-1) / 2;
+      h = h + down_[i]->forward(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F));
+    }
+    return h;
+  }
+
+ private:
+  std::vector<torch::Tensor> in_norms_, post_norms_;
+  std::vector<py::object> keep_alive_;  // the Prepared objects below stay owned by Python
+  std::vector<const Prepared*> qkv_, o_, gate_up_, down_;
+  int64_t H_, KV_, hd_;
+  double eps_;
 };
 
 // One-off call (tests, benchmarks): validates the weight, then computes.
@@ -327,6 +426,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &Prepared::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
            py::arg("hi") = 0.0)
       .def("split", &Prepared::forward_split, py::arg("x"));
+  py::class_<DecoderStack>(m, "DecoderStack", "Llama-layout decoder layers on prepared weights: step(...) -> h")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<py::object>,
+                    std::vector<py::object>, std::vector<py::object>, std::vector<py::object>, int64_t, int64_t,
+                    int64_t, double>(),
+           py::arg("in_norms"), py::arg("post_norms"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"))
+      .def("step", &DecoderStack::step, py::arg("h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("fill"),
+           py::arg("cos"), py::arg("sin"), py::arg("pos"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
   m.def("dwconv", &dwconv, "depthwise conv over channels-last float maps (taps [KH, KW, C])", py::arg("x"),
