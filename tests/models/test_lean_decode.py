@@ -90,7 +90,7 @@ def test_packed_model_runs_its_fused_kernels_like_transformers() -> None:
          "symmetric": True}]})
     quantize_(model, recipe, progress=False)
     assert sum(GROUP_ATTR in m.__dict__ for m in model.modules()) == 3 * 5  # q/k/v and gate/up of 3 layers
-    engine = LeanDecoder(model)
+    engine = LeanDecoder(model, native=False)
     calls = [0]
     group = model.model.layers[0].self_attn.q_proj.__dict__[GROUP_ATTR][0]
     outputs = group.outputs
@@ -100,6 +100,44 @@ def test_packed_model_runs_its_fused_kernels_like_transformers() -> None:
     out = engine.generate(ids, max_new_tokens=STEPS, return_logits=True)
     assert calls[0] == STEPS  # one fused q/k/v call per forward (prefill + 19 steps)
     assert_matches(ref, out)
+    # The native step (the kernels' DecoderStack: the same ops from C++, one call per token) is bit-equal.
+    native = LeanDecoder(model)
+    got = native.generate(ids, max_new_tokens=STEPS, return_logits=True)
+    assert native._stack is not None
+    assert calls[0] == STEPS + 1  # only its prefill went through Python
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, got.logits, strict=True))
+    assert_matches(ref, got)
+
+
+def test_native_step_only_where_every_layer_qualifies() -> None:
+    from lowbit.quant.apply import quantize_
+
+    float_model = tiny_lm(kv_heads=4)
+    assert LeanDecoder(float_model)._stack is None
+    engine = LeanDecoder(float_model)
+    engine.prefill(prompt())
+    assert engine._stack is None  # float projections: the Python loop
+    model = copy.deepcopy(float_model)
+    quantize_(model, Recipe.from_dict({"version": 1, "name": "w8", "rules": [
+        {"tower": "*", "pattern": "model.layers.0.*", "kinds": ["linear"], "method": "rtn", "bits": 8, "group_size": 32,
+         "symmetric": True}]}), progress=False)
+    engine = LeanDecoder(model)
+    engine.prefill(prompt())
+    assert engine._stack is None  # layers 1 and 2 are float
+    model = copy.deepcopy(float_model)
+    quantize_(model, Recipe.from_dict({"version": 1, "name": "w8", "rules": [
+        {"tower": "*", "pattern": "*", "kinds": ["linear"], "method": "rtn", "bits": 8, "group_size": None,
+         "symmetric": True}]}), progress=False)
+    ids = prompt()
+    ref = hf_generate(copy.deepcopy(model), input_ids=ids, attention_mask=torch.ones_like(ids))
+    engine = LeanDecoder(model)
+    out = engine.generate(ids, max_new_tokens=STEPS, return_logits=True)
+    assert engine._stack is not None  # MHA (kv_heads == heads), per-channel 8-bit: native
+    assert_matches(ref, out)
+    engine.prefill(ids, max_len=PROMPT + 1)
+    engine.step(out.tokens[:, 0])
+    with pytest.raises(LowbitError, match="past the"):
+        engine.step(out.tokens[:, 1])
 
 
 def test_stop_ids_callback_and_sampling() -> None:

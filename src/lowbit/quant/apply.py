@@ -354,10 +354,14 @@ def _quantize_one(
 
 def _module_stats(p: _Planned, path: str, weight: torch.Tensor, new: Any, packed: Any,
                   kind: str | None = None) -> ModuleQuant:
+    cache = getattr(new, "_lowbit_cache", {})
+    cached = "weight" in cache
     with torch.no_grad():
         wq = new.effective_weight().reshape(weight.shape)  # [N, K], input_scale folded
         norm = float(weight.norm())
         err = float((weight - wq).norm()) / norm if norm > 0 else float((weight - wq).norm())
+    if not cached:  # a float copy made only for this error: the layer stays packed-sized in memory
+        cache.pop("weight", None)
     params = weight.numel()
     return ModuleQuant(
         tower=p.tower, name=p.name, path=path, kind=kind or p.kind, method=p.rule.method, bits=packed.bits,
