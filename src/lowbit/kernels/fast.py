@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import act_quant
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
 from lowbit.kernels.quant_linear import (
     GROUP_ATTR,
@@ -430,6 +431,13 @@ def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if call is None:
         return reference_backend(layer, x)
     clamp = layer.output_clamp  # a fused activation: clamped in the kernel's write-out
+    if layer.act_spec is not None:  # activation quantization (lowbit.kernels.act_quant)
+        static = act_quant.kernel_static(layer)
+        if static is not None:  # the precomputed scale: no per-row maximum pass
+            scale, lo, hi = static
+            return call(x, clamp is not None, *(clamp or (0.0, 0.0)), act_scale=scale, act_lo=lo, act_hi=hi)
+        if not act_quant.kernel_dynamic(layer):
+            x = act_quant.input_quant(layer, x)  # emulated grid; the kernels' dynamic int8 rounding on top
     return call(x) if clamp is None else call(x, True, *clamp)
 
 

@@ -49,6 +49,7 @@ def _fusable(members: list[Any]) -> bool:
         type(m)._matmul is QuantLinear._matmul  # variants with their own matmul (e.g. PB-LLM's side) stay apart
         and not m.weight_shape[2:]  # linears, not 1x1 convs
         and m.input_scale is None  # each sibling would divide x itself: no shared input tensor left
+        and m.act_spec is None  # each sibling rounds x to its own activation grid
         and m.output_clamp is None  # an activation fused into the layer (lowbit.kernels.fuse_act)
         and m.act_block == first.act_block  # one activation quantization for the shared call
         and (m.in_features, m.bits, m.group_size, m.zeros is None) ==

@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import act_quant
 from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.formats import PackedWeight, check_bits, num_groups, packed_row_bytes
 from lowbit.registry import Registry
 
-PACKED_BUFFERS: tuple[str, ...] = ("qweight", "scales", "zeros", "input_scale")
+# act_scale / act_zero: calibrated static activation scales (lowbit.kernels.act_quant), stored float32 as they are
+PACKED_BUFFERS: tuple[str, ...] = ("qweight", "scales", "zeros", "input_scale", "act_scale", "act_zero")
 
 LinearBackend = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
 LINEAR_BACKENDS: Registry[LinearBackend] = Registry("linear backend")
@@ -53,6 +55,8 @@ def clamp_output(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 def reference_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """x [..., K] (already divided by ``input_scale``) -> x @ W_q^T + bias [..., N], via the cached dequant
     (then the layer's fused ``output_clamp``, if any)."""
+    if layer.act_spec is not None:  # the activation grid in float: exact (integers times a scale)
+        x = act_quant.input_quant(layer, x)
     w = layer.dequantized_weight()  # [N, K] float32
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return clamp_output(layer, F.linear(x, w.to(x.dtype), bias))
@@ -187,7 +191,8 @@ class _PackedMixin:
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .half()/.double()/.to(dtype) must not touch the stored format (fp16 scales, fp32 input_scale; a
         # bf16 round trip would corrupt scales): packed buffers follow device moves only.
-        keep = {n: t for n in ("scales", "input_scale") if (t := getattr(self, n, None)) is not None}
+        kept = ("scales", "input_scale", *act_quant.ACT_BUFFERS)
+        keep = {n: t for n in kept if (t := getattr(self, n, None)) is not None}
         out = super()._apply(fn, recurse)  # type: ignore[misc]
         for name, old in keep.items():
             new = self._buffers[name]  # type: ignore[attr-defined]
@@ -224,6 +229,7 @@ class QuantLinear(_PackedMixin, nn.Module):
     backend: str = DEFAULT_BACKEND
     output_clamp: tuple[float, float] | None = None
     act_block: int | str | None = None
+    act_spec: act_quant.ActSpec | None = None  # activation quantization (lowbit.kernels.act_quant), None: a16
 
     def __init__(
         self,
@@ -277,7 +283,8 @@ class QuantLinear(_PackedMixin, nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}"
+        acts = "" if self.act_spec is None else f", acts={self.act_spec.short()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}{acts}"
 
 
 class QuantConv2d1x1(QuantLinear):

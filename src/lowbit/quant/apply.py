@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import act_quant
 from lowbit.kernels.fusion import fuse_shared_inputs
-from lowbit.kernels.quant_linear import PACKED_BUFFERS, QUANT_KINDS, is_quantized
+from lowbit.kernels.quant_linear import PACKED_BUFFERS, QUANT_KINDS, QuantLinear, is_quantized
 from lowbit.models.spec import pointwise_conv_class
 from lowbit.quant.methods import CalibrationProvider, QuantContext, get_method
 from lowbit.quant.recipe import HEAD_KIND, OPT_IN_KINDS, Recipe, Rule, load_recipe
@@ -254,6 +255,11 @@ def quantize_(
         raise LowbitError(f"strict: {len(violations)} weight layer(s) would stay float: {listed}; "
                           "add a rule for them (or an explicit skip rule)")
     for p in planned:
+        static = p.rule.activations is not None and not p.rule.activations.dynamic
+        if static and calibration is None:
+            raise LowbitError(f"rule {p.rule_index} ({p.rule.describe()}) quantizes activations with static scales, "
+                              "which need calibration data; received calibration=None; pass a CalibrationProvider "
+                              "or use dynamic activations (e.g. a8dk)")
         if get_method(p.rule.method).needs_calibration and calibration is None:
             raise LowbitError(
                 f"method {p.rule.method!r} (rule {p.rule_index}: {p.rule.describe()}) needs calibration data; "
@@ -267,6 +273,12 @@ def quantize_(
         entry = _tie_one(model, p, paths, built) if p.tied_to is not None else _quantize_one(
             model, p, paths, calibration, built)
         report.modules.append(entry)
+    static = [(p.tower, p.name, built[id(p.module)]) for p in planned
+              if takes_activations(p, built.get(id(p.module), p.module)) and not p.rule.activations.dynamic]
+    if static:  # one pass over the calibration data with every weight quantized (lowbit.quant.act_calibration)
+        from lowbit.quant.act_calibration import calibrate_static
+
+        calibrate_static(calibration, static)  # type: ignore[arg-type]
     round_floats_(model, recipe.float_dtype)
     fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
     guard_save_pretrained(model)
@@ -325,6 +337,8 @@ def _quantize_one(
     else:
         ctx = QuantContext()
     ctx.tower, ctx.name, ctx.kind = ctx.tower or p.tower, ctx.name or p.name, p.kind
+    if p.rule.activations is not None:
+        ctx.extra["act_spec"] = p.rule.activations  # methods that balance weights against activations read it
     shape = tuple(p.module.weight.shape)
     weight = p.module.weight.detach().to(torch.float32).reshape(shape[0], -1)  # [N, K]
     result = method.quantize_weight(weight.clone(), spec, ctx, dict(p.rule.options))
@@ -343,13 +357,25 @@ def _quantize_one(
                           "no embedding lookup; accepted for embedding tables: rtn (integer codes with or without a "
                           "zero point, e.g. w4g32a)")
     new = QUANT_KINDS.get(kind).build(p.module, packed, result.input_scale)
+    if takes_activations(p, new):
+        act_quant.attach(new, p.rule.activations)  # static scales: filled by calibrate_static after every layer
     built[id(p.module)] = new
     if new is not p.module:
         replace_module(model, full_paths, new)
     on_quantized = getattr(calibration, "on_quantized", None)
     if callable(on_quantized):
         on_quantized(p.tower, p.name, new)
-    return _module_stats(p, full_paths[0], weight, new, packed, kind)
+    stats = _module_stats(p, full_paths[0], weight, new, packed, kind)
+    stats.activations = p.rule.activations.to_dict() if takes_activations(p, new) else None  # type: ignore[union-attr]
+    return stats
+
+
+def takes_activations(p: _Planned, new: nn.Module) -> bool:
+    """Does the rule quantize this layer's input? Its ``activations`` apply to the packed linears and pointwise
+    convs in the standard storage (the kernels' matmul); other kinds (k x k convs, embedding tables, storage
+    variants) keep float inputs under the same rule, which their report record (``activations: None``) shows."""
+    return p.rule.activations is not None and isinstance(new, QuantLinear) and \
+        type(new)._matmul is QuantLinear._matmul
 
 
 def _module_stats(p: _Planned, path: str, weight: torch.Tensor, new: Any, packed: Any,

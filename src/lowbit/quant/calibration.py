@@ -111,6 +111,7 @@ class _RowStats:
         self.gen = generator
         self.gram: torch.Tensor | None = None  # float64 [K, K]
         self.abs_sum: torch.Tensor | None = None  # float64 [K], for AWQ's mean |x|
+        self.abs_max: torch.Tensor | None = None  # float32 [K], for SmoothQuant's max |x|
         self.n_rows = 0
         self.rows: torch.Tensor | None = None  # float32 [<=max_rows, K]
         self.keys: torch.Tensor | None = None  # float32 [<=max_rows]
@@ -124,6 +125,8 @@ class _RowStats:
         self.gram = part if self.gram is None else self.gram + part
         abs_part = x64.abs().sum(dim=0)  # [K]
         self.abs_sum = abs_part if self.abs_sum is None else self.abs_sum + abs_part
+        top = x.abs().amax(dim=0)
+        self.abs_max = top if self.abs_max is None else torch.maximum(self.abs_max, top)
         self.n_rows += x.shape[0]
         if self.max_rows <= 0:
             return
@@ -336,7 +339,7 @@ class ActivationCalibrator:
                 "group_hessians": hessian, "act_abs_mean": act_abs_mean, "n_rows": stats.n_rows})
         return QuantContext(
             inputs=stats.rows, hessian=hessian, tower=tower, name=module_name, kind=kind,
-            extra={"act_abs_mean": act_abs_mean, "n_rows": stats.n_rows},
+            extra={"act_abs_mean": act_abs_mean, "act_abs_max": stats.abs_max, "n_rows": stats.n_rows},
         )
 
 

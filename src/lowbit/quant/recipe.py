@@ -20,6 +20,9 @@ Sources, all through ``load_recipe``:
 - a short string: ``vision=w4g64:gptq,text=w4g64:gptq,projector=w8``; items are
   ``TOWER[/PATTERN][@KIND+KIND]=wBITS[gGROUP][a][:METHOD]`` (``a`` = asymmetric, METHOD defaults to rtn, no g =
   per output channel; ``@embedding`` restricts the item to those kinds) or ``TOWER[/PATTERN]=skip``;
+  activations follow the weights as ``aBITS[d][k|gGROUP][z]`` (``w8a8``: int8 activations, static per-tensor
+  scales calibrated once; ``d`` dynamic, ``k`` per token, ``gN`` per group, ``z`` asymmetric; ``w4aa8``:
+  asymmetric weights, then a8; YAML: ``activations: a8`` or a mapping, lowbit.kernels.act_quant);
   ``w1.58`` is short for ``w2:ternary`` (ternary weights in 2-bit codes, method lowbit.quant.ternary);
   ``floats=fp16`` sets ``float_dtype``.
 
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import act_quant
+from lowbit.kernels.act_quant import ActSpec
 from lowbit.kernels.formats import SUPPORTED_BITS
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.limits import MAX_GROUP_SIZE, MAX_RECIPE_CHARS, MAX_RECIPE_FILE_BYTES, load_yaml, read_text
@@ -44,9 +49,10 @@ from lowbit.quant.primitives import QuantSpec
 RECIPE_VERSION = 1
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 SHORT_FORM = ("TOWER[/PATTERN]=wBITS[gGROUP][a][:METHOD] (TOWER[/PATTERN]@KIND+KIND=... for those kinds only), "
-              "TOWER[/PATTERN]=skip, or floats=fp16|fp32")
+              "TOWER[/PATTERN]=skip, or floats=fp16|fp32; activations follow the weights as aBITS[d][k|gGROUP][z] "
+              "(w8a8, w4g64a8dk)")
 _RULE_FIELDS = ("tower", "pattern", "kinds", "method", "bits", "group_size", "symmetric", "skip", "options",
-                "optional")
+                "optional", "activations")
 _BITS_TEXT = ",".join(map(str, SUPPORTED_BITS))
 _DIGITS = "0123456789"  # str.isdigit() also takes "²" and other digits int() refuses
 TERNARY_ALIAS = "w1.58"  # short-string alias of w2:ternary (lowbit.quant.ternary)
@@ -69,6 +75,7 @@ class Rule:
     # may match no layer without the "matches no module" warning: with_method's rule for the layers of other
     # kinds, which the model may not have or an earlier rule may already take
     optional: bool = False
+    activations: ActSpec | None = None  # input activation quantization (lowbit.kernels.act_quant); None: a16
 
     @property
     def skip(self) -> bool:
@@ -88,7 +95,8 @@ class Rule:
         """Short human form, e.g. ``vision/*attn*=w4g64:gptq`` (kinds in brackets when restricted)."""
         where = self.tower if self.pattern == "*" else f"{self.tower}/{self.pattern}"
         kinds = "" if self.kinds is None else f"[{'+'.join(self.kinds)}]"
-        what = "skip" if self.spec is None else f"{self.spec.short()}:{self.method}"
+        acts = "" if self.activations is None else self.activations.short()
+        what = "skip" if self.spec is None else f"{self.spec.short()}{acts}:{self.method}"
         return f"{where}{kinds}={what}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +111,8 @@ class Rule:
         out.update(method=self.method, **self.spec.to_dict())
         if self.options:
             out["options"] = dict(self.options)
+        if self.activations is not None:
+            out["activations"] = self.activations.to_dict()
         return out
 
 
@@ -222,7 +232,7 @@ def _rule_from_dict(index: int, raw: Any) -> Rule:
     if not isinstance(skip, bool):
         raise _rule_error(index, "skip", f"expected true or false; received {skip!r}")
     if skip:
-        extra = sorted(set(raw) & {"method", "bits", "group_size", "symmetric", "options"})
+        extra = sorted(set(raw) & {"method", "bits", "group_size", "symmetric", "options", "activations"})
         if extra:
             raise _rule_error(index, extra[0], "a skip rule takes only tower, pattern and kinds")
         return Rule(**common, method="", spec=None)
@@ -248,7 +258,13 @@ def _rule_from_dict(index: int, raw: Any) -> Rule:
     options = raw.get("options") or {}
     if not isinstance(options, dict):
         raise _rule_error(index, "options", f"expected a mapping; received {options!r}")
-    return Rule(**common, method=method, spec=spec, options=dict(options))
+    try:
+        activations = act_quant.spec_from_rule_value(raw.get("activations"))
+    except (LowbitError, TypeError) as err:
+        raise _rule_error(index, "activations", f"{err}; accepted: a short form such as a8 / a4z / a8dk / a8g64, "
+                          "a16 (none) or a mapping of bits, dynamic, granularity, group_size, symmetric, "
+                          "calibration, percentile") from None
+    return Rule(**common, method=method, spec=spec, options=dict(options), activations=activations)
 
 
 # --- short strings ------------------------------------------------------------------------------------------
@@ -256,10 +272,10 @@ class _ShortError(Exception):
     """A malformed short-string item (the caller adds the position)."""
 
 
-def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
-    """``wBITS[gGROUP][a][:METHOD]`` or ``skip`` -> (spec, method); raises _ShortError."""
+def _parse_value(value: str) -> tuple[QuantSpec | None, str, ActSpec | None]:
+    """``wBITS[gGROUP][a][aBITS...][:METHOD]`` or ``skip`` -> (spec, method, activations); raises _ShortError."""
     if value == "skip":
-        return None, ""
+        return None, "", None
     body, colon, method = value.partition(":")
     default_method = "rtn"
     if body.startswith(TERNARY_ALIAS):  # log2(3) = 1.58 bits: ternary weights, stored as 2-bit codes
@@ -286,8 +302,15 @@ def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
             raise _ShortError(f"group size after 'g' must be an integer in 1..{MAX_GROUP_SIZE} (ASCII digits)")
         group, j = int(body[j + 1 : k]), k
     symmetric = True
-    if j < len(body) and body[j] == "a":
+    if j < len(body) and body[j] == "a" and body[j + 1:j + 2] not in tuple(_DIGITS):  # 'a' + digit: activations
         symmetric, j = False, j + 1
+    activations = None
+    if j < len(body) and body[j] == "a":
+        try:
+            activations = act_quant.spec_from_rule_value(body[j:])
+        except LowbitError as err:
+            raise _ShortError(str(err)) from None
+        j = len(body)
     if j != len(body):
         raise _ShortError(f"unexpected {body[j:]!r}")
     if colon:
@@ -301,7 +324,7 @@ def _parse_value(value: str) -> tuple[QuantSpec | None, str]:
         spec = QuantSpec(bits, group, symmetric)
     except LowbitError as err:
         raise _ShortError(str(err)) from None
-    return spec, method
+    return spec, method, activations
 
 
 def parse_short(text: str) -> Recipe:
@@ -344,8 +367,9 @@ def parse_short(text: str) -> Recipe:
                 raise _ShortError("missing tower name (use * for all towers)")
             if slash and not pattern.strip():
                 raise _ShortError("empty pattern after '/'")
-            spec, method = _parse_value(value.strip())
-            rules.append(Rule(tower.strip(), pattern.strip() or "*", method, spec, kinds=kinds))
+            spec, method, activations = _parse_value(value.strip())
+            rules.append(Rule(tower.strip(), pattern.strip() or "*", method, spec, kinds=kinds,
+                              activations=activations))
         except _ShortError as err:
             raise LowbitError(
                 f"recipe error at character {pos + 1} ({_short(item)}): {err}; form: {SHORT_FORM}"

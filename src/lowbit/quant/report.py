@@ -42,6 +42,7 @@ class ModuleQuant:
     weight_error: float
     has_input_scale: bool = False
     rule: int = -1  # index of the recipe rule that chose this
+    activations: dict[str, Any] | None = None  # ActSpec.to_dict() of its input quantization (None: a16)
 
     @property
     def label(self) -> str:

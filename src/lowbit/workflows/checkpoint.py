@@ -11,7 +11,9 @@ Layout of a checkpoint directory (written atomically: a crash leaves no director
 - ``manifest.json``: ``format``/``format_version`` (2), ``lowbit_version``, ``torch_version``, ``source`` (the
   float model it came from: provenance only, never read to load), ``architecture`` ({family, record, files:
   {path: bytes}} or null), ``storage`` ({float_dtype, tied: {alias key: stored key}}), ``recipe``, ``modules``
-  ({full module path: {tower, name, kind, bits, group_size, symmetric, method, shape, has_input_scale}}),
+  ({full module path: {tower, name, kind, bits, group_size, symmetric, method, shape, has_input_scale[,
+  activations]}}: ``activations`` is the layer's ``ActSpec``, whose static scales are the ``act_scale`` /
+  ``act_zero`` tensors),
   ``report`` and ``extra``. No timestamps: saving the same model twice gives the same bytes.
 
 Loading builds the family's skeleton on the meta device (``accelerate.init_empty_weights``: parameters empty,
@@ -37,7 +39,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io import OutputKind, atomic_path, check_output, mmap_safetensors, register_output_kind
-from lowbit.kernels import quant_embedding  # noqa: F401  (registers the ``embedding`` kind)
+from lowbit.kernels import act_quant, quant_embedding  # noqa: F401  (quant_embedding registers the ``embedding`` kind)
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS
@@ -203,7 +205,8 @@ def save_quantized(
     modules = {
         m.path: {"tower": m.tower, "name": m.name, "kind": m.kind, "bits": m.bits, "group_size": m.group_size,
                  "symmetric": m.symmetric, "method": m.method, "shape": list(m.shape),
-                 "has_input_scale": m.has_input_scale}
+                 "has_input_scale": m.has_input_scale,
+                 **({} if m.activations is None else {"activations": dict(m.activations)})}
         for m in report.modules
     }
     parts = {"source": dict(getattr(model, "source", {}) or {}), "recipe": recipe.to_dict(), "modules": modules,
@@ -304,6 +307,8 @@ def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
             new = QUANT_KINDS.get(meta["kind"]).empty(
                 float_module, int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
                 bool(meta["has_input_scale"]))
+        if meta.get("activations") is not None:  # a static scheme's act_scale / act_zero come from the file
+            act_quant.attach(new, act_quant.ActSpec.from_dict(meta["activations"]))
         if new is not float_module:
             replace_module(model, paths[id(float_module)], new)
 

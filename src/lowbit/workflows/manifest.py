@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.act_quant import ActSpec
 from lowbit.kernels.formats import SUPPORTED_BITS
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.limits import MAX_DIM, MAX_GROUP_SIZE
@@ -22,6 +23,7 @@ TOP_LEVEL_KEYS = ("format", "format_version", "lowbit_version", "torch_version",
 SOURCE_KEYS = ("family", "name", "options")
 REFUSED_OPTIONS = ("trust_remote_code",)  # a checkpoint never asks to run code from elsewhere
 MODULE_FIELDS = ("tower", "name", "kind", "bits", "group_size", "symmetric", "method", "shape", "has_input_scale")
+OPTIONAL_MODULE_FIELDS = ("activations",)  # the layer's activation quantization (lowbit.kernels.act_quant)
 MAX_SHAPE_RANK = 5  # [N, C, kh, kw] at most (+1 for safety)
 
 
@@ -121,7 +123,7 @@ def _modules(c: _Check, modules: Any, weights_bytes: int | None) -> None:
     most = MAX_DIM if weights_bytes is None else 8 * weights_bytes  # no weight takes under one bit on disk
     for path, meta in modules.items():
         where = f"module {path!r}"
-        meta = c.mapping(meta, where, MODULE_FIELDS)
+        meta = c.mapping(meta, where, MODULE_FIELDS + OPTIONAL_MODULE_FIELDS)
         missing = [f for f in MODULE_FIELDS if f not in meta]
         if missing:
             raise LowbitError(f"{str(c.file)!r}: {where} lacks {', '.join(missing)}; accepted: a module record with "
@@ -143,6 +145,15 @@ def _modules(c: _Check, modules: Any, weights_bytes: int | None) -> None:
         c.integer(meta["group_size"], f"{where} field 'group_size'", 1, min(MAX_GROUP_SIZE, width))
         c.flag(meta["symmetric"], f"{where} field 'symmetric'")
         c.flag(meta["has_input_scale"], f"{where} field 'has_input_scale'")
+        if meta.get("activations") is not None:
+            if meta["kind"] not in ("linear", "conv1x1"):
+                raise c.fail(f"{where} field 'activations'", meta["activations"], "null for a kind other than "
+                             "linear and conv1x1")
+            try:
+                ActSpec.from_dict(meta["activations"])
+            except (LowbitError, TypeError) as err:
+                raise c.fail(f"{where} field 'activations'", meta["activations"],
+                             f"an activation scheme ({err})") from None
 
 
 _SECTIONS: tuple[tuple[str, Callable[[_Check, Any], Any]], ...] = (

@@ -26,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.base import DualEncoder
 from lowbit.models.causal_lm import CausalLM, self_generated_windows, token_windows
 from lowbit.models.spec import family_calibration_data
+from lowbit.quant.act_calibration import STATIC_ACTIVATIONS
 from lowbit.quant.apply import plan_quantization, quantize_
 from lowbit.quant.calibration import ModuleCalibrator, TokenCalibrator, calibration_from_dataset
 from lowbit.quant.defaults import (
@@ -47,7 +48,10 @@ def calibrated_methods(model: nn.Module, recipe: Recipe) -> list[str]:
     """The methods needing calibration data that ``recipe`` applies to some layer of ``model`` (a preset's GPTQ
     rule for convs costs a model without convs no calibration)."""
     planned, _, _ = plan_quantization(model, recipe)
-    return sorted({p.rule.method for p in planned if get_method(p.rule.method).needs_calibration})
+    methods = {p.rule.method for p in planned if get_method(p.rule.method).needs_calibration}
+    if any(p.rule.activations is not None and not p.rule.activations.dynamic for p in planned):
+        methods.add(STATIC_ACTIVATIONS)  # calibrated scales (lowbit.quant.act_calibration)
+    return sorted(methods)
 
 
 def default_calibration(model: nn.Module) -> str | None:

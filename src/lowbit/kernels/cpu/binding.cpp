@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -97,7 +98,7 @@ int64_t act_group_stride(int64_t KB, int64_t rg) { return rg == 1 ? act_row_stri
 void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb, int64_t ab,
          int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp, const uint16_t* sp,
          const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N, int64_t T, const float* biasp,
-         float* yp, bool clamp, float lo, float hi) {
+         float* yp, bool clamp, float lo, float hi, const lowbit::ActStatic* st) {
   const int threads = at::get_num_threads();
   const bool small = M <= lowbit::kSmallMaxM;
   // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
@@ -112,7 +113,7 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
   // running costs more than the quantization (measured at 2 threads, M = 197, K = 768: ~10x the call).
   const int64_t row_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
   lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
-    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, ldq, rg, ap, isp, u8);
+    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, ldq, rg, ap, isp, u8, st);
     // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
     // point of symmetric formats, so the kernels need no zero-point data for them).
     for (int64_t m = m0; m < m1; ++m) {
@@ -208,8 +209,10 @@ class Prepared {
   }
 
   // y [..., N] = x [..., K] . W^T (+ bias), clamped to [lo, hi] when clamp (a fused activation); x of any float
-  // dtype and layout, y has x's dtype.
-  torch::Tensor forward(const torch::Tensor& x_in, bool clamp = false, double lo = 0.0, double hi = 0.0) const {
+  // dtype and layout, y has x's dtype. act_scale > 0: x is rounded with that static scale to integers in
+  // [act_lo, act_hi] (lowbit_kernels.h: ActStatic) instead of per-row / per-block scales computed here.
+  torch::Tensor forward(const torch::Tensor& x_in, bool clamp = false, double lo = 0.0, double hi = 0.0,
+                        double act_scale = 0.0, double act_lo = -127.0, double act_hi = 127.0) const {
     TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K_, "lowbit linear: x has ", x_in.size(-1),
                 " features, the weight expects K=", K_);
     TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
@@ -219,6 +222,13 @@ class Prepared {
     std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
     out_sizes.back() = N_;
     auto y = torch::empty(out_sizes, x.options());
+    TORCH_CHECK(act_scale >= 0.0 && std::isfinite(act_scale) && act_lo >= -127.0 && act_hi <= 127.0 &&
+                    act_lo <= 0.0 && act_hi >= 0.0 && act_lo == std::nearbyint(act_lo) && act_hi == std::nearbyint(act_hi),
+                "lowbit linear: a static activation scale must be finite and >= 0 with integer limits "
+                "-127 <= act_lo <= 0 <= act_hi <= 127");
+    const float sc = static_cast<float>(act_scale);
+    const lowbit::ActStatic st{sc, sc > 0.0f ? 1.0f / sc : 0.0f, static_cast<float>(act_lo),
+                               static_cast<float>(act_hi)};
     if (M > 0 && N_ > 0) {
       const KernelTable* kt = current_table().load();
       // xq [row groups, group stride] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
@@ -234,7 +244,7 @@ class Prepared {
           reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
           zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
           bias_.defined() ? bias_.data_ptr<float>() : nullptr, y.data_ptr<float>(), clamp, static_cast<float>(lo),
-          static_cast<float>(hi));
+          static_cast<float>(hi), act_scale > 0.0 ? &st : nullptr);
     }
     return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
   }
@@ -424,7 +434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
            py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("splits"))
       .def("__call__", &Prepared::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
-           py::arg("hi") = 0.0)
+           py::arg("hi") = 0.0, py::arg("act_scale") = 0.0, py::arg("act_lo") = -127.0, py::arg("act_hi") = 127.0)
       .def("split", &Prepared::forward_split, py::arg("x"));
   py::class_<DecoderStack>(m, "DecoderStack", "Llama-layout decoder layers on prepared weights: step(...) -> h")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<py::object>,

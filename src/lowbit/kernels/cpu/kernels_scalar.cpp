@@ -13,21 +13,24 @@ namespace {
 
 // Must match the SIMD quantize bit for bit (see kernels_simd_impl.h): one scale per `ab` 32-blocks.
 void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
-              int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8) {
+              int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8, const ActStatic* st) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     auto value = [&](int64_t k) { return k < K ? xr[k] : 0.0f; };
     for (int64_t kb0 = 0; kb0 < KB; kb0 += ab) {
       const int64_t kb1 = std::min(KB, kb0 + ab);
       float amax = 0.0f;
-      for (int64_t k = kb0 * kBlock; k < kb1 * kBlock; ++k) amax = std::max(amax, std::fabs(value(k)));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      if (st == nullptr) {
+        for (int64_t k = kb0 * kBlock; k < kb1 * kBlock; ++k) amax = std::max(amax, std::fabs(value(k)));
+      }
+      const float inv = st != nullptr ? st->inv : amax > 0.0f ? 127.0f / amax : 0.0f;
+      const float lo = st != nullptr ? st->lo : -127.0f, hi = st != nullptr ? st->hi : 127.0f;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
-        a[m * KB + kb] = amax / 127.0f;
+        a[m * KB + kb] = st != nullptr ? st->scale : amax / 127.0f;
         int32_t s = 0;
         int8_t* q = xq + (m / rg) * ldq + (kb * rg + m % rg) * kBlock;
         for (int i = 0; i < kBlock; ++i) {
-          const float prod = value(kb * kBlock + i) * inv;
+          const float prod = std::min(hi, std::max(lo, value(kb * kBlock + i) * inv));  // static: clamp first
           const int32_t qi = static_cast<int32_t>(std::nearbyint(prod));  // round half to even
           q[i] = static_cast<int8_t>(u8 ? static_cast<uint8_t>(qi + 128) : qi);  // u8: the byte of xq + 128
           s += qi;

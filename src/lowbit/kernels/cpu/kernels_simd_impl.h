@@ -334,7 +334,7 @@ void gemm_small(const Tiles& w, const Acts& x, const float* bias, float* y, int6
 // match kernels_scalar.cpp bit for bit: a = amax / 127, inv = 127 / amax, q = round-half-even(x * inv) -- all
 // single IEEE float operations. a is stored once per 32-block (repeated across the activation block).
 void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1, int8_t* xq,
-              int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8) {
+              int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8, const ActStatic* st) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(u8 ? 0x80 : 0));  // xq + 128 as a byte: xq ^ 0x80
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -353,7 +353,7 @@ void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, in
     for (int64_t kb0 = 0; kb0 < KB; kb0 += ab) {
       const int64_t kb1 = std::min(KB, kb0 + ab);
       __m256 mx = _mm256_setzero_ps();
-      for (int64_t kb = kb0; kb < kb1; ++kb) {
+      for (int64_t kb = kb0; st == nullptr && kb < kb1; ++kb) {  // static scale: no maximum pass
         __m256 v[4];
         load_block(kb, v);
         mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
@@ -363,14 +363,21 @@ void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, in
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
       const float amax = _mm_cvtss_f32(m4);
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const float inv = st != nullptr ? st->inv : amax > 0.0f ? 127.0f / amax : 0.0f;
       const __m256 vinv = _mm256_set1_ps(inv);
+      // Dynamic scales never leave [-127, 127]; a static one can, so it clamps in float (before the int
+      // conversion, which would turn an overflow into INT_MIN).
+      const __m256 vlo = _mm256_set1_ps(st != nullptr ? st->lo : -127.0f);
+      const __m256 vhi = _mm256_set1_ps(st != nullptr ? st->hi : 127.0f);
+      const float scale = st != nullptr ? st->scale : amax / 127.0f;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         __m256 v[4];
         load_block(kb, v);
-        a[m * KB + kb] = amax / 127.0f;
+        a[m * KB + kb] = scale;
         __m256i q[4];
-        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));  // nearest-even
+        for (int i = 0; i < 4; ++i) {
+          q[i] = _mm256_cvtps_epi32(_mm256_min_ps(vhi, _mm256_max_ps(vlo, _mm256_mul_ps(v[i], vinv))));  // nearest-even
+        }
         __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));

@@ -77,6 +77,15 @@ struct DwConv {
   float lo, hi;
 };
 
+// A precomputed (static) activation scale: x is rounded to clamp(x * inv, lo, hi) with one scale for the whole
+// tensor (no per-row maximum pass); lo/hi are integers within [-127, 127] (a4: [-7, 7], an asymmetric grid with
+// zero point z: [-z, 2^bits - 1 - z]). Passed as nullptr for the dynamic per-row / per-block quantization.
+struct ActStatic {
+  float scale;  // a: x ~= a * xq
+  float inv;    // 1 / a in float32 (the reference rounds x * inv the same way)
+  float lo, hi;
+};
+
 struct KernelTable {
   const char* name;
   int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
@@ -85,9 +94,10 @@ struct KernelTable {
   int64_t (*large_scratch)(int64_t KB);
   // Quantize rows [m0, m1) of x (row stride ldx, K valid columns) into xq (row groups of rg rows, group
   // stride ldq: the Acts layout) / a / isum (row stride KB), one scale per `ab` consecutive 32-blocks
-  // (repeated in `a` for each of them); u8: store xq + 128 (isum stays the sum of the signed codes).
+  // (repeated in `a` for each of them); u8: store xq + 128 (isum stays the sum of the signed codes). With `st`,
+  // every block takes the static scale st->scale instead (ActStatic).
   void (*quantize)(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, int64_t m0, int64_t m1,
-                   int8_t* xq, int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8);
+                   int8_t* xq, int64_t ldq, int64_t rg, float* a, int32_t* isum, bool u8, const ActStatic* st);
   // y[m, n] for all M rows (M <= kSmallMaxM) and tiles [t0, t1), unpacking weights in registers.
   void (*gemm_small)(const Tiles& w, const Acts& x, const float* bias, float* y, int64_t t0, int64_t t1);
   // Rows [m0, m1) (at most kLargeMChunk of them) x tiles [t0, t1) for any M: tiles are unpacked once into
