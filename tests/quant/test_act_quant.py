@@ -13,6 +13,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant
 from lowbit.kernels.act_quant import ActSpec
+from lowbit.kernels.attn_quant import AttnQuant, AttnSpec, quantize_probs
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.quant.act_calibration import collect_ranges
 from lowbit.quant.apply import quantize_
@@ -137,8 +138,8 @@ IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "blue", "green", "white
 TEXTS = ["a red circle on the left", "a blue square", "a photo of the green triangle", "the right"]
 
 
-@pytest.mark.parametrize("recipe", ("vision=w8a8,text=w8a8,projector=w8a8",
-                                    "vision=w4g32a8:smoothquant,text=w8a4z,projector=w8a8g16"))
+@pytest.mark.parametrize("recipe", ("vision=w8a8,text=w8a8,projector=w8a8,attention=a8",
+                                    "vision=w4g32a8:smoothquant,text=w8a4z,projector=w8a8g16,attention=a4l"))
 def test_static_scales_round_trip_through_save_and_load(tmp_path: Path, recipe: str) -> None:
     model = _tiny_clip(tmp_path).eval()
     calib = ActivationCalibrator(model, IMAGES, TEXTS, batch_size=2)
@@ -150,7 +151,9 @@ def test_static_scales_round_trip_through_save_and_load(tmp_path: Path, recipe: 
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(("activations" in meta) == (meta["kind"] == "linear") for meta in manifest["modules"].values())
     assert report.modules[0].kind == "conv" and report.modules[0].activations is None  # k x k: float inputs
+    assert len(report.attention) == 4 and manifest["recipe"]["attention"]["bits"] == parsed.attention.bits
     loaded = load_quantized(out)
+    assert sum(isinstance(m, AttnQuant) for m in loaded.modules()) == 4
     pix = model.preprocess(IMAGES)
     tok = model.tokenize(TEXTS)
     with torch.no_grad():
@@ -211,3 +214,35 @@ def test_smoothquant_beats_plain_w8a8_on_an_outlier_channel() -> None:
     assert gptq.input_scale is not None
     with pytest.raises(LowbitError, match="base="):
         get_method("smoothquant").quantize_weight(w, QuantSpec(8), ctx, {"base": "awq"})
+
+
+# --- attention matmuls --------------------------------------------------------------------------------------
+def test_attention_schemes_parse() -> None:
+    assert load_recipe("*=w8a8,attention=a8").attention == AttnSpec(8, "uniform", 8)
+    assert load_recipe("*=w4a4,attention=a4l").attention == AttnSpec(4, "log2", 4)
+    assert load_recipe("*=w8,attention=a8p4l").attention == AttnSpec(8, "log2", 4)
+    assert load_recipe("*=w8,attention=a16").attention is None
+    assert Recipe.from_dict(load_recipe("*=w8,attention=a4l").to_dict()).attention == AttnSpec(4, "log2", 4)
+    with pytest.raises(LowbitError, match="aBITS"):
+        load_recipe("*=w8,attention=a9")
+
+
+def test_log2_probabilities_keep_the_small_ones() -> None:
+    p = torch.softmax(torch.randn(64, 197, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    log2 = quantize_probs(p, AttnSpec(4, "log2", 4))
+    uniform = quantize_probs(p, AttnSpec(4, "uniform", 4))
+    assert torch.all((log2 == 0) | (torch.log2(log2) == torch.log2(log2).round()))  # powers of two
+    # at 4 bits the uniform grid (step 1/15) zeroes nearly every probability; log2 keeps the mass
+    assert float((p - log2).abs().sum(-1).mean()) < 0.6 * float((p - uniform).abs().sum(-1).mean())
+
+
+def test_quantized_attention_stays_close_to_float(tmp_path: Path) -> None:
+    model = _tiny_clip(tmp_path).eval()
+    pix = model.preprocess(IMAGES)
+    with torch.no_grad():
+        ref = model.encode_image(pix)
+    quantize_(model, "vision=w8,text=w8,projector=w8,attention=a8",
+              calibration=ActivationCalibrator(model, IMAGES, TEXTS, batch_size=2), progress=False)
+    with torch.no_grad():
+        got = model.encode_image(pix)
+    assert float(torch.nn.functional.cosine_similarity(got, ref).min()) > 0.99

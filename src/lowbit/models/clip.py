@@ -202,4 +202,6 @@ SPEC = register_family(FamilySpec(
     towers=("vision", "text", "projector"),
     save_architecture=save_clip_architecture,
     skeleton=clip_skeleton,
+    quantizable_attention=("transformers.models.clip.modeling_clip.CLIPAttention",
+                           "transformers.models.siglip.modeling_siglip.SiglipAttention"),
 ))

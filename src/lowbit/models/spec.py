@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.attn_quant import QUANTIZABLE_ATTENTION
 from lowbit.kernels.fuse_act import CLAMP_ACTIVATIONS
 from lowbit.kernels.fusion import SHARED_INPUT_CHILDREN
 from lowbit.kernels.static_padding import SAME_PADDING_CONVS
@@ -65,6 +66,8 @@ class FamilySpec:
     - ``clamp_activations``: activation class -> its (lo, hi).
     - ``shared_input_children``: parent class -> groups of child names its forward calls on one input.
     - ``lean_decode``: causal-LM ``config.model_type`` -> its attention window (the lean decode engine runs it).
+    - ``quantizable_attention``: attention classes whose forward calls transformers' attention dispatch with
+      q, k, v (their QKᵀ / AV matmuls can be quantized: ``lowbit.kernels.attn_quant``).
     - ``save_architecture`` / ``skeleton``: what a self-contained packed checkpoint of a ``dual_encoder`` holds
       besides its tensors (configs, tokenizer, processor files written in a directory, plus a JSON record),
       and how to build the model from them without any weights (on the meta device; buffers real).
@@ -87,6 +90,7 @@ class FamilySpec:
     clamp_activations: Mapping[str, Clamp] = field(default_factory=dict)
     shared_input_children: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     lean_decode: Mapping[str, Window] = field(default_factory=dict)
+    quantizable_attention: tuple[str, ...] = ()
     save_architecture: SaveArchitecture | None = None
     skeleton: Skeleton | None = None
     checkpoint_classes: tuple[str, ...] = ()
@@ -171,6 +175,9 @@ def register_family(spec: FamilySpec) -> FamilySpec:
     for entries, registry in targets:
         for key, value in entries.items():
             registry.register(key)(value)
+    for name in spec.quantizable_attention:
+        if name not in QUANTIZABLE_ATTENTION:  # two families may run the same attention class
+            QUANTIZABLE_ATTENTION.register(name)(True)
     return spec
 
 

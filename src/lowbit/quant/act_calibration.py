@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels import act_quant
+from lowbit.kernels import act_quant, attn_quant
 from lowbit.kernels.act_quant import ActSpec
+from lowbit.kernels.attn_quant import AttnSpec
 
 STATIC_ACTIVATIONS = "static activations"  # what needs calibration data, as workflows.quantize lists methods
 MAX_SAMPLES = 1 << 20  # values kept per scale for percentiles
@@ -84,6 +85,21 @@ def _paths_of(calibration: Any, tower: str) -> list[tuple[str, Callable[[Any], A
     return paths(tower)
 
 
+def run_calibration(calibration: Any, towers: Sequence[str], mask: list[torch.Tensor | None] | None = None) -> None:
+    """Run the calibration batches of every input path reaching ``towers`` once (``mask[0]``: the attention mask
+    of the text batch in flight, for hooks that leave padding out)."""
+    done: set[str] = set()
+    for tower in dict.fromkeys(towers):
+        for kind, forward, batches in _paths_of(calibration, tower):
+            if kind in done:  # one pass per input path feeds every tower on it
+                continue
+            done.add(kind)
+            for batch in batches:
+                if mask is not None:
+                    mask[0] = batch.get("attention_mask") if kind == "text" and isinstance(batch, dict) else None
+                forward(batch)
+
+
 @torch.no_grad()
 def collect_ranges(calibration: Any, targets: Sequence[tuple[str, str, nn.Module]],
                    specs: Sequence[ActSpec] | None = None, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -115,16 +131,7 @@ def collect_ranges(calibration: Any, targets: Sequence[tuple[str, str, nn.Module
         for i, (_, _, m) in enumerate(targets):
             m.act_spec = None  # calibrate on the float activations (the instance attribute shadows the class's)
             handles.append(m.register_forward_pre_hook(hook_for(i)))
-        towers = list(dict.fromkeys(t for t, _, _ in targets))
-        done: set[str] = set()
-        for tower in towers:
-            for kind, forward, batches in _paths_of(calibration, tower):
-                if kind in done:  # one pass per input path feeds every tower on it
-                    continue
-                done.add(kind)
-                for batch in batches:
-                    mask[0] = batch.get("attention_mask") if kind == "text" and isinstance(batch, dict) else None
-                    forward(batch)
+        run_calibration(calibration, [t for t, _, _ in targets], mask)
     finally:
         for h in handles:
             h.remove()
@@ -147,3 +154,32 @@ def calibrate_static(calibration: Any, targets: Sequence[tuple[str, str, nn.Modu
     for (_, _, m), (lo, hi) in zip(targets, collect_ranges(calibration, targets, seed=seed), strict=True):
         scale, zero = act_quant.scales_from_range(m.act_spec, lo, hi)
         act_quant.attach(m, m.act_spec, scale, zero)
+
+
+@torch.no_grad()
+def calibrate_attention(calibration: Any, towers: dict[str, nn.Module], spec: AttnSpec) -> list[str]:
+    """Give every quantizable attention module of ``towers`` the scheme ``spec`` and calibrate its q/k/v scales
+    (max |.| over the calibration data, with the linears' own quantization on); returns their "tower/name"s."""
+    quants = [(f"{tower}/{name}", tower, attn_quant.attach(m, spec))
+              for tower, root in towers.items() for name, m in attn_quant.attention_modules(root)]
+    if not quants:
+        raise LowbitError(f"recipe attention={spec.short()}: this model has no attention module lowbit can quantize "
+                          f"(accepted classes: {', '.join(attn_quant.QUANTIZABLE_ATTENTION.names()) or 'none'})")
+    model = getattr(calibration, "model", None)
+    was_training = bool(model is not None and model.training)
+    for _, _, q in quants:
+        q.calibrating = True
+    try:
+        if model is not None:
+            model.eval()
+        run_calibration(calibration, [t for _, t, _ in quants])
+    finally:
+        for _, _, q in quants:
+            q.calibrating = False
+        if model is not None:
+            model.train(was_training)
+    empty = [label for label, _, q in quants if float(q.q_scale) <= 0 or float(q.k_scale) <= 0]
+    if empty:
+        raise LowbitError(f"{len(empty)} attention module(s) saw no calibration input (first: {empty[0]}); "
+                          "drop attention= from the recipe or calibrate with data reaching them")
+    return [label for label, _, _ in quants]

@@ -254,6 +254,9 @@ def quantize_(
         listed = "; ".join(f"{f.label} ({f.reason})" for f in violations)
         raise LowbitError(f"strict: {len(violations)} weight layer(s) would stay float: {listed}; "
                           "add a rule for them (or an explicit skip rule)")
+    if recipe.attention is not None and calibration is None:
+        raise LowbitError(f"recipe attention={recipe.attention.short()} quantizes attention matmuls with static "
+                          "scales, which need calibration data; received calibration=None")
     for p in planned:
         static = p.rule.activations is not None and not p.rule.activations.dynamic
         if static and calibration is None:
@@ -279,6 +282,10 @@ def quantize_(
         from lowbit.quant.act_calibration import calibrate_static
 
         calibrate_static(calibration, static)  # type: ignore[arg-type]
+    if recipe.attention is not None:  # quantized QKᵀ / AV matmuls (lowbit.kernels.attn_quant), scales calibrated
+        from lowbit.quant.act_calibration import calibrate_attention
+
+        report.attention = calibrate_attention(calibration, model_towers(model), recipe.attention)
     round_floats_(model, recipe.float_dtype)
     fuse_shared_inputs(model)  # siblings reading one input share a kernel call (lowbit.kernels.fusion)
     guard_save_pretrained(model)

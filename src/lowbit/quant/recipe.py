@@ -24,7 +24,9 @@ Sources, all through ``load_recipe``:
   scales calibrated once; ``d`` dynamic, ``k`` per token, ``gN`` per group, ``z`` asymmetric; ``w4aa8``:
   asymmetric weights, then a8; YAML: ``activations: a8`` or a mapping, lowbit.kernels.act_quant);
   ``w1.58`` is short for ``w2:ternary`` (ternary weights in 2-bit codes, method lowbit.quant.ternary);
-  ``floats=fp16`` sets ``float_dtype``.
+  ``floats=fp16`` sets ``float_dtype``; ``attention=a8`` quantizes the QKᵀ / AV matmuls of every attention module
+  the model's family declares quantizable (``a4l``: 4-bit with log2 probabilities; YAML: ``attention:``,
+  lowbit.kernels.attn_quant).
 
 Methods themselves cite their papers (lowbit.quant.rtn / gptq / awq); the recipe layer is format only.
 """
@@ -40,6 +42,7 @@ from typing import Any
 from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant
 from lowbit.kernels.act_quant import ActSpec
+from lowbit.kernels.attn_quant import AttnSpec
 from lowbit.kernels.formats import SUPPORTED_BITS
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.limits import MAX_GROUP_SIZE, MAX_RECIPE_CHARS, MAX_RECIPE_FILE_BYTES, load_yaml, read_text
@@ -123,6 +126,7 @@ class Recipe:
     rules: tuple[Rule, ...]
     name: str = ""
     float_dtype: str = "fp32"
+    attention: AttnSpec | None = None  # quantized QKᵀ / AV matmuls of every attention (lowbit.kernels.attn_quant)
 
     def match(self, tower: str, name: str, kind: str | None = None) -> tuple[int, Rule] | None:
         """(index, rule) of the first rule matching the layer, or None."""
@@ -132,19 +136,26 @@ class Recipe:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": RECIPE_VERSION, "name": self.name, "float_dtype": self.float_dtype,
-                "rules": [r.to_dict() for r in self.rules]}
+        out: dict[str, Any] = {"version": RECIPE_VERSION, "name": self.name, "float_dtype": self.float_dtype,
+                               "rules": [r.to_dict() for r in self.rules]}
+        if self.attention is not None:
+            out["attention"] = self.attention.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, name: str = "") -> Recipe:
         """Parse the YAML/JSON form; errors name the rule index and field."""
         if not isinstance(data, dict):
             raise LowbitError(f"recipe {name!r}: expected a mapping with 'rules'; received {type(data).__name__}")
-        unknown = sorted(map(str, set(data) - {"version", "name", "rules", "float_dtype"}))
+        unknown = sorted(map(str, set(data) - {"version", "name", "rules", "float_dtype", "attention"}))
         if unknown:
             raise LowbitError(f"recipe {name!r}: unknown top-level key(s) {_short(unknown)}; accepted: version, "
                               "name, "
-                              "float_dtype, rules")
+                              "float_dtype, rules, attention")
+        try:
+            attention = AttnSpec.parse(data.get("attention"))
+        except (LowbitError, TypeError) as err:
+            raise LowbitError(f"recipe {name!r}: attention: {err}") from None
         float_dtype = data.get("float_dtype", "fp32")
         if float_dtype not in FLOAT_DTYPES:
             raise LowbitError(f"recipe {name!r}: float_dtype {_short(float_dtype)}; accepted: "
@@ -156,7 +167,7 @@ class Recipe:
         if not isinstance(rules, list) or not rules:
             raise LowbitError(f"recipe {name!r}: 'rules' must be a non-empty list; received {_short(rules)}")
         parsed = tuple(_rule_from_dict(i, r) for i, r in enumerate(rules))
-        return cls(parsed, name=str(data.get("name") or name), float_dtype=float_dtype)
+        return cls(parsed, name=str(data.get("name") or name), float_dtype=float_dtype, attention=attention)
 
     def describe(self) -> str:
         return ", ".join(r.describe() for r in self.rules)
@@ -189,7 +200,7 @@ class Recipe:
             if r.kinds is None or set(r.kinds) - set(matmul_kinds):
                 rules.append(replace(r, optional=True))  # the same layers of other kinds, as before
         rules = tuple(rules)
-        return Recipe(rules, name=f"{self.name}+{method}", float_dtype=self.float_dtype)
+        return Recipe(rules, name=f"{self.name}+{method}", float_dtype=self.float_dtype, attention=self.attention)
 
 
 def _short(value: Any) -> str:
@@ -338,6 +349,7 @@ def parse_short(text: str) -> Recipe:
                           "a YAML file")
     rules: list[Rule] = []
     float_dtype = "fp32"
+    attention = None
     start = 0
     for piece in text.split(","):
         lead = len(piece) - len(piece.lstrip())
@@ -353,6 +365,13 @@ def parse_short(text: str) -> Recipe:
                 if value.strip() not in FLOAT_DTYPES:
                     raise _ShortError(f"floats takes {' or '.join(FLOAT_DTYPES)}")
                 float_dtype = value.strip()
+                start += len(piece) + 1
+                continue
+            if target.strip() == "attention":  # quantized attention matmuls: attention=a8 (a4l: log2 probs)
+                try:
+                    attention = AttnSpec.parse(value.strip())
+                except LowbitError as err:
+                    raise _ShortError(str(err)) from None
                 start += len(piece) + 1
                 continue
             target, at, kind_text = target.partition("@")
@@ -377,7 +396,7 @@ def parse_short(text: str) -> Recipe:
         start += len(piece) + 1
     if not rules:
         raise LowbitError(f"recipe {text!r} has no quantization rule; form: {SHORT_FORM}")
-    return Recipe(tuple(rules), name=text, float_dtype=float_dtype)
+    return Recipe(tuple(rules), name=text, float_dtype=float_dtype, attention=attention)
 
 
 # --- entry point ----------------------------------------------------------------------------------------------

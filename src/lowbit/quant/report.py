@@ -77,6 +77,7 @@ class QuantReport:
     # what the calibrated methods saw: {"source": name or path, "kind": images/texts/self-generated/inputs,
     # "samples": n, "seed": s, ...}; None when no method needed calibration data
     calibration: dict[str, Any] | None = None
+    attention: list[str] = field(default_factory=list)  # "tower/name" of the attention modules quantized
 
     def strict_violations(self) -> list[FloatModule]:
         """Float-kept weight layers that no skip rule asked for."""
@@ -124,6 +125,7 @@ class QuantReport:
             "float_modules": [asdict(f) for f in self.float_modules],
             "totals": self.totals(),
             "calibration": self.calibration,
+            **({"attention": list(self.attention)} if self.attention else {}),
         }
 
     @classmethod

@@ -40,12 +40,14 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io import OutputKind, atomic_path, check_output, mmap_safetensors, register_output_kind
 from lowbit.kernels import act_quant, quant_embedding  # noqa: F401  (quant_embedding registers the ``embedding`` kind)
+from lowbit.kernels.attn_quant import AttnSpec, attention_modules
+from lowbit.kernels.attn_quant import attach as attn_attach
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.models import FAMILY_SPECS
 from lowbit.models.spec import architecture_spec
-from lowbit.quant.apply import module_paths, replace_module
+from lowbit.quant.apply import model_towers, module_paths, replace_module
 from lowbit.quant.recipe import Recipe
 from lowbit.quant.report import QuantReport
 from lowbit.version import __version__
@@ -313,6 +315,19 @@ def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
             replace_module(model, paths[id(float_module)], new)
 
 
+def _attach_attention(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Empty attention quantizers (their scales come from the file) where the recipe quantized attention."""
+    try:
+        spec = AttnSpec.parse(manifest["recipe"].get("attention"))
+    except (LowbitError, TypeError) as err:
+        raise LowbitError(f"manifest 'recipe.attention' is not an attention scheme ({err})") from None
+    if spec is None:
+        return
+    for root in model_towers(model).values():
+        for _, module in attention_modules(root):
+            attn_attach(module, spec)
+
+
 FINITE_CHECK_ELEMENTS = 2**20  # float tensors up to this size are checked for NaN/Inf at load; packed buffers always
 
 
@@ -371,6 +386,7 @@ def load_quantized(
     else:
         model = (build_float or default_float_builder)(manifest.get("source") or {})
     _swap_in_empty(model, manifest["modules"])
+    _attach_attention(model, manifest)
     state = _read_tensors(root, model, manifest)
     try:
         model.load_state_dict(state, strict=True, assign=True)  # assign: the mapped tensors themselves, no copy
