@@ -246,3 +246,48 @@ def test_quantized_attention_stays_close_to_float(tmp_path: Path) -> None:
     with torch.no_grad():
         got = model.encode_image(pix)
     assert float(torch.nn.functional.cosine_similarity(got, ref).min()) > 0.99
+
+
+# --- RepQ-ViT -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", (ActSpec(4, symmetric=False), ActSpec(4)), ids=lambda s: s.short())
+def test_repq_reparameterisation_is_exact_in_float(tmp_path: Path, spec: ActSpec) -> None:
+    from lowbit.quant.repq import reparameterize
+
+    model = _tiny_clip(tmp_path).eval()
+    pix, tok = model.preprocess(IMAGES), model.tokenize(TEXTS)
+    with torch.no_grad():
+        ref_img, ref_txt = model.encode_image(pix), model.encode_text(tok)
+    towers = model.towers()
+    targets = [(t, n, m) for t, root in towers.items() for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+    ln = towers["vision"].encoder.layers[0].layer_norm1
+    before = ln.weight.clone()
+    changed = reparameterize(ActivationCalibrator(model, IMAGES, TEXTS, batch_size=2), towers, targets,
+                             [spec] * len(targets))
+    assert "vision/encoder.layers.0.layer_norm1" in changed and len(changed) == 9  # 2 per layer, + the pooled one
+    assert not torch.equal(ln.weight, before)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pix), ref_img, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(tok), ref_txt, rtol=1e-5, atol=1e-5)
+    # the reparameterised post-LayerNorm channels share one range: their per-channel grids are now equal
+    q = towers["vision"].encoder.layers[0].self_attn.q_proj
+    seen: list[torch.Tensor] = []
+    handle = q.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model.encode_image(pix)
+    handle.remove()
+    x = torch.cat(seen)
+    width = x.amax(0) - x.amin(0) if not spec.symmetric else x.abs().amax(0)
+    assert float(width.std() / width.mean()) < 0.05
+
+
+def test_repq_recipe_quantizes_and_round_trips(tmp_path: Path) -> None:
+    model = _tiny_clip(tmp_path).eval()
+    recipe = load_recipe("vision=w8a4z:repq,text=w8a8,projector=w8a8,attention=a4l")
+    report = quantize_(model, recipe, calibration=ActivationCalibrator(model, IMAGES, TEXTS, batch_size=2),
+                       progress=False)
+    assert len(report.transforms["repq"]["repq_layernorms"]) == 4  # the vision tower's 2 layers x 2 norms
+    out = save_quantized(model, report, recipe, tmp_path / "ckpt")
+    loaded = load_quantized(out)
+    pix = model.preprocess(IMAGES)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pix), model.encode_image(pix))

@@ -157,6 +157,10 @@ def fake_quant(x: torch.Tensor, spec: ActSpec, scale: torch.Tensor | None = None
             raise LowbitError("a static activation scheme needs its calibrated scales (act_scale); calibrate it")
         scale = scale.to(torch.float32).reshape(-1, 1)  # [S, 1] against [..., G, group]
         zero = None if zero is None else zero.to(torch.float32).reshape(-1, 1)
+    if spec.granularity == "tensor" and not spec.dynamic and float(scale) > 0:  # the rule, in place
+        lo, hi = grid_limits(spec, zero)
+        inv = 1.0 / scale.reshape(())  # float32, as the kernels' 1 / a
+        return (xf * inv).round_().clamp_(float(lo), float(hi)).mul_(scale.reshape(())).to(dtype)
     lo, hi = grid_limits(spec, zero)
     out = round_to_grid(xg, scale, lo, hi)
     out = out.reshape(*out.shape[:-2], -1)[..., :k]
@@ -210,10 +214,25 @@ def input_quant(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_static(layer: nn.Module) -> tuple[float, float, float] | None:
-    """(scale, lo, hi) for the kernels' static entry when the layer's scheme runs there natively, else None."""
+    """(scale, lo, hi) for the kernels' static entry when the layer's scheme runs there natively, else None.
+
+    Cached on the layer until its scale buffers change (reading a tensor element per call costs microseconds,
+    a tenth of a small layer's kernel call)."""
     spec = getattr(layer, "act_spec", None)
     if spec is None or spec.dynamic or spec.granularity != "tensor":
         return None
+    bufs = layer._buffers
+    key = (spec, *[(id(t), -1 if t.is_inference() else t._version) for n in ACT_BUFFERS
+                   if (t := bufs.get(n)) is not None])
+    hit = layer.__dict__.get("_lowbit_static")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    args = _static_args(layer, spec)
+    layer.__dict__["_lowbit_static"] = (key, args, [bufs.get(n) for n in ACT_BUFFERS])  # keep ids alive
+    return args
+
+
+def _static_args(layer: nn.Module, spec: ActSpec) -> tuple[float, float, float] | None:
     scale = float(layer._buffers["act_scale"][0])
     if spec.symmetric:
         lo, hi = -float(spec.qmax), float(spec.qmax)

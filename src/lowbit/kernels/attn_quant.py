@@ -102,10 +102,10 @@ class AttnQuant(nn.Module):
                 buf.copy_(torch.maximum(buf, top.reshape(1)))
 
 
-def _round(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    from lowbit.kernels.act_quant import round_to_grid
-
-    return round_to_grid(x, scale, -float(qmax), float(qmax)).to(x.dtype)
+def _codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The integer codes of x on the symmetric grid of ``scale`` (lowbit.kernels.act_quant's rounding rule), as
+    floats: the matmuls multiply codes, and the scales are applied once to their results."""
+    return (x.float() * (1.0 / scale.reshape(()))).round_().clamp_(-qmax, qmax)
 
 
 def quantize_probs(p: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
@@ -126,10 +126,10 @@ def quantized_attention(module: nn.Module, quant: AttnQuant, query: torch.Tensor
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the key/value heads
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    q = _round(query, quant.q_scale, qmax)
-    k = _round(key, quant.k_scale, qmax)
-    v = _round(value, quant.v_scale, qmax)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    cq, ck = _codes(query, quant.q_scale, qmax), _codes(key, quant.k_scale, qmax)
+    cv = _codes(value, quant.v_scale, qmax)
+    scores = torch.matmul(cq, ck.transpose(-1, -2)).mul_(quant.q_scale * quant.k_scale * scaling)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
@@ -139,9 +139,13 @@ def quantized_attention(module: nn.Module, quant: AttnQuant, query: torch.Tensor
         t, s = scores.shape[-2:]
         keep = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
         scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(quantize_probs(probs, spec), v)
-    return out.transpose(1, 2).contiguous()
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if spec.probs == "uniform":  # integer codes again: the step 1 / (2^pbits - 1) joins v's scale
+        levels = (1 << spec.probs_bits) - 1
+        out = torch.matmul(probs.mul_(levels).round_(), cv).mul_(quant.v_scale / levels)
+    else:
+        out = torch.matmul(quantize_probs(probs, spec), cv).mul_(quant.v_scale)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
 
 
 _installed: dict[str, Any] = {}

@@ -268,6 +268,13 @@ def quantize_(
                 f"method {p.rule.method!r} (rule {p.rule_index}: {p.rule.describe()}) needs calibration data; "
                 f"received calibration=None; pass a CalibrationProvider or use a method that needs none (e.g. rtn)"
             )
+    for name in dict.fromkeys(p.rule.method for p in planned):
+        # a method may first transform the float model as a whole (RepQ-ViT reparameterises LayerNorms): exact in
+        # float, before any of its layers is quantized
+        prepare = getattr(get_method(name), "prepare_model", None)
+        if callable(prepare):
+            targets = [(p.tower, p.name, p.module, p.rule) for p in planned if p.rule.method == name]
+            report.transforms[name] = prepare(calibration, model_towers(model), targets)
     paths = module_paths(model)
     bar = tqdm(planned, desc="quantize", unit="layer", disable=not progress, leave=False)
     built: dict[int, nn.Module] = {}  # id(float module) -> its quantized replacement

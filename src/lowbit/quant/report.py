@@ -78,6 +78,7 @@ class QuantReport:
     # "samples": n, "seed": s, ...}; None when no method needed calibration data
     calibration: dict[str, Any] | None = None
     attention: list[str] = field(default_factory=list)  # "tower/name" of the attention modules quantized
+    transforms: dict[str, Any] = field(default_factory=dict)  # method -> what its prepare_model changed (RepQ)
 
     def strict_violations(self) -> list[FloatModule]:
         """Float-kept weight layers that no skip rule asked for."""
@@ -126,6 +127,7 @@ class QuantReport:
             "totals": self.totals(),
             "calibration": self.calibration,
             **({"attention": list(self.attention)} if self.attention else {}),
+            **({"transforms": dict(self.transforms)} if self.transforms else {}),
         }
 
     @classmethod
@@ -136,6 +138,8 @@ class QuantReport:
             recipe=data.get("recipe", ""),
             recipe_spec=data.get("recipe_spec", {}),
             calibration=data.get("calibration"),
+            attention=list(data.get("attention", [])),
+            transforms=dict(data.get("transforms", {})),
         )
 
     def markdown(self, max_rows: int | None = None) -> str:
