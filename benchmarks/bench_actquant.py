@@ -62,6 +62,9 @@ ROWS: dict[str, tuple[str, Any, float | None]] = {
          "activations": "a4z"} for t in ("vision", "text")] + [
         {"tower": "projector", "bits": 8, "activations": "a8"}], "attention": "a4l"}, None),
     "lit-w8a8": (LIT, "vision=w8a8,text=w8a8,projector=w8a8,attention=a8", 0.5),
+    "lit-w8a8-percentile": (LIT, {"rules": [
+        {"tower": t, "bits": 8, "activations": {"bits": 8, "calibration": "percentile", "percentile": 99.99}}
+        for t in ("vision", "text", "projector")], "attention": "a8"}, 0.5),
 }
 LATENCY_PAIR = ("vit-w8-dynamic", "vit-w8a8")  # the issue's comparison
 LATENCY_EXTRA = ("vit-w8a8-linears",)  # static linears alone (float attention): what the kernels' entry changes

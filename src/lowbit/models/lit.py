@@ -236,6 +236,7 @@ SPEC = register_family(FamilySpec(
         qualname(MeanPooledEncoder): lambda tower: list(tower.encoder.encoder.layer),
     },
     embedding_tails={"vision": _vision_tail},
+    quantizable_attention=("transformers.models.bert.modeling_bert.BertSelfAttention",),  # the MiniLM text tower
     input_padding={
         f"{_EFFICIENTNET_UTILS}.Conv2dDynamicSamePadding": _dynamic_same_pad,
         f"{_EFFICIENTNET_UTILS}.Conv2dStaticSamePadding": lambda conv, x: conv.static_padding(x),

@@ -24,6 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant, attn_quant
 from lowbit.kernels.act_quant import ActSpec
 from lowbit.kernels.attn_quant import AttnSpec
+from lowbit.kernels.quant_linear import QuantConv2d1x1
 
 STATIC_ACTIVATIONS = "static activations"  # what needs calibration data, as workflows.quantize lists methods
 MAX_SAMPLES = 1 << 20  # values kept per scale for percentiles
@@ -117,6 +118,8 @@ def collect_ranges(calibration: Any, targets: Sequence[tuple[str, str, nn.Module
             m = mask[0]
             if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
                 x = x[m.bool()]  # padding tokens carry no signal
+            if isinstance(mod, QuantConv2d1x1):  # [B, C, H, W]: channels last, as its matmul sees them
+                x = x.permute(0, 2, 3, 1)
             s = mod._buffers.get("input_scale")
             ranges[i].add(x if s is None else x / s.to(x.dtype))
 

@@ -39,9 +39,13 @@ MIN_SCALE = 1e-4
 
 
 def smoothing_scale(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``s_j = max|X_j|^α / max|W_j|^(1-α)`` [K], clamped away from 0 and rounded to fp16 values."""
+    """``s_j = max|X_j|^α / max|W_j|^(1-α)`` [K] (max|X_j| at least a tenth of the median channel's), clamped
+    away from 0 and rounded to fp16 values."""
     w_max = weight.abs().amax(dim=0).clamp_min(1e-8)
-    s = act_max.clamp_min(1e-8).pow(alpha) / w_max.pow(1.0 - alpha)
+    # a channel (nearly) dead on the calibration data must not get a tiny s: an input it rarely sees would then be
+    # multiplied by up to 1/s and blow the per-tensor range (seen on EfficientNet's ReLU6 channels)
+    floor = max(1e-5, 0.1 * float(act_max.median()))
+    s = act_max.clamp_min(floor).pow(alpha) / w_max.pow(1.0 - alpha)
     s = s.clamp(MIN_SCALE, 1.0 / MIN_SCALE)
     return s.half().float()
 
