@@ -318,7 +318,7 @@ def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
 def _attach_attention(model: nn.Module, manifest: dict[str, Any]) -> None:
     """Empty attention quantizers (their scales come from the file) where the recipe quantized attention."""
     try:
-        spec = AttnSpec.parse(manifest["recipe"].get("attention"))
+        spec = AttnSpec.parse((manifest.get("recipe") or {}).get("attention"))
     except (LowbitError, TypeError) as err:
         raise LowbitError(f"manifest 'recipe.attention' is not an attention scheme ({err})") from None
     if spec is None:
