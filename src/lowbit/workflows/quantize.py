@@ -51,6 +51,8 @@ def calibrated_methods(model: nn.Module, recipe: Recipe) -> list[str]:
     methods = {p.rule.method for p in planned if get_method(p.rule.method).needs_calibration}
     if any(p.rule.activations is not None and not p.rule.activations.dynamic for p in planned):
         methods.add(STATIC_ACTIVATIONS)  # calibrated scales (lowbit.quant.act_calibration)
+    if recipe.attention is not None:
+        methods.add(f"attention={recipe.attention.short()}")  # q/k/v scales, calibrated too
     return sorted(methods)
 
 
