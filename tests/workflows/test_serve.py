@@ -26,6 +26,7 @@ import openai  # noqa: E402
 
 from lowbit.workflows.serve.app import create_app  # noqa: E402
 from lowbit.workflows.serve.limits import Limits  # noqa: E402
+from tests.fuzz.cases import strip_png  # noqa: E402
 from tests.models.conftest import write_tiny  # noqa: E402
 from tests.models.llava_tiny import write_tiny_llava  # noqa: E402
 
@@ -254,6 +255,45 @@ def test_bad_input_is_a_json_4xx_and_the_server_lives(live: LiveServer, case: st
     error = r.json()["error"]
     assert error["code"] == code and error["message"]
     assert httpx.get(live.url + "/health").status_code == 200
+
+
+def _png_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(("route", "field"), [("/v1/classify", "image"), ("/v1/embeddings", "input"),
+                                              ("/v1/chat/completions", "messages")])
+@pytest.mark.parametrize(("data", "status", "code", "says"), [
+    (bomb_png(100_000), 413, "max_image_pixels", "max_image_pixels"),
+    (strip_png(20_000, 1), 400, "invalid_image", "aspect ratio 20000:1"),  # 16k pixels: only the aspect refuses
+    (strip_png(1, 20_000), 400, "invalid_image", "aspect ratio 20000:1"),
+], ids=["bomb-100000x100000", "strip-20000x1", "strip-1x20000"])
+def test_hostile_images_on_every_image_route_are_refused_quickly(live: LiveServer, route: str, field: str,
+                                                                 data: bytes, status: int, code: str,
+                                                                 says: str) -> None:
+    url = _png_url(data)
+    body: dict[str, Any] = {"image": {"model": "tiny-clip", "image": url, "labels": ["a", "b"]},
+                            "input": {"model": "tiny-clip", "input": [{"type": "image_url", "image_url": url}]},
+                            "messages": {"model": "tiny-llava", "messages": chat_messages(url=url)}}[field]
+    t0 = time.perf_counter()
+    r = httpx.post(live.url + route, json=body, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and says in r.json()["error"]["message"]
+    assert elapsed < 10  # a hang bound, not a timing: refused from the header, before any pixel is decoded
+
+
+def test_a_local_image_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Any) -> None:
+    import os
+
+    from lowbit.workflows.serve.images import load_image
+    from lowbit.workflows.serve.limits import ApiError
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ApiError, match="not a regular file") as err:
+        load_image(str(fifo), Limits(allow_local_files=True))
+    assert err.value.status == 400
 
 
 def test_body_without_content_length_is_capped(live: LiveServer) -> None:
