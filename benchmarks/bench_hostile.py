@@ -4,7 +4,9 @@ Runs every case of ``tests/fuzz/cases.py`` per category (fixed seed: the same ca
 and weight-file cases built here, each under a 10 s alarm, and writes ``benchmarks/results/hostile.json``:
 per category the cases tried, successes, clean errors (one-line ``LowbitError``), tracebacks (any other
 exception, or a CLI internal error), hangs, silent accepts (invalid input accepted), outputs lost, and the
-largest growth of the process's peak RSS with the input that caused it. About a minute on 2 cores.
+largest growth of the process's peak RSS with the input that caused it. Category ``kill-9``: real CLI processes
+of ``quantize``, ``qat`` and ``train clip`` killed at random moments (``tests/fuzz/kill9.py``). About five
+minutes on 2 cores (run it under ``flock /work/heavy.lock``).
 
     PYTHONPATH=src:. python benchmarks/bench_hostile.py
 """
@@ -295,8 +297,49 @@ def isolated_peaks() -> dict[str, float]:
     return out
 
 
+KILL_TRIALS = 8  # per verb, each 2 kills then a run to the end
+
+
+def kill_category(work: Path, rng: random.Random, trials: int = KILL_TRIALS) -> dict[str, Any]:
+    """kill -9 at random moments of real ``quantize`` / ``qat`` / ``train clip`` processes (``tests/fuzz/kill9.py``).
+    A case is one kill that hit a running process: ``ok`` when what it left was whole (the old or the new
+    checkpoint, loadable training checkpoints), the next run cleaned its temporaries and ended with the
+    uninterrupted run's result bit for bit; a lost or mixed output counts as lost, a different result as silent
+    (a resume that lies), a failed rerun as a traceback."""
+    from tests.fuzz import kill9
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"category": "kill-9", "cases": 0, "ok": 0, "clean_errors": 0, "tracebacks": 0, "hangs": 0,
+                           "silent_accepts": 0, "valid_refused": 0, "outputs_lost": 0, "verbs": {}, "examples": {}}
+    for verb in kill9.verbs():
+        kill9.reference(verb, work)
+        stats = Counter()
+        for i in range(trials):
+            found = kill9.trial(verb, work / f"{verb.name}-{i}", rng, kills=2, first_in_write=i % 2 == 0)
+            stats["kills"] += found["killed"]
+            stats["temporaries_left_by_kills"] += found["left_by_kills"] > 0
+            stats["old_checkpoint_kept"] += found["old_kept"]
+            bad = ("tracebacks" if found["error"] else "outputs_lost" if found["lost"] or found["leftovers"]
+                   else "silent_accepts" if not found["same"] else "")
+            if bad:
+                row[bad] += 1
+                row["examples"].setdefault(bad, []).append(f"{verb.name}-{i}: {found}"[:300])
+            else:
+                row["ok"] += found["killed"]
+            row["cases"] += found["killed"] if not bad else 1
+        row["verbs"][verb.name] = {"trials": trials, "reference_seconds": round(verb.ref_seconds, 2), **stats}
+    row["worst_peak_rss_growth_mb"] = 0.0  # the parent only waits; the children's peak is below
+    row["worst_child_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    row["worst_input"] = "largest CLI process (killed or not)"
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"kill-9         {row['cases']:>5} kills  ok {row['ok']:>5}  tracebacks {row['tracebacks']}  "
+          f"lost {row['outputs_lost']}  resumed differently {row['silent_accepts']}  {row['verbs']}", flush=True)
+    return row
+
+
 def main() -> None:
     rng = random.Random(SEED)
+    load_before = os.getloadavg()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lowbit-hostile-") as tmp:
         work = Path(tmp)
@@ -337,10 +380,16 @@ def main() -> None:
                                    for i, a in enumerate(cases.cli_argv(rng, root, 300))])
         row["outputs_lost"] = int(not (root / "docs" / "thesis.tex").exists())
         results.append(row)
+        results.append(kill_category(work / "kill9", rng))
     totals = {k: sum(r[k] for r in results) for k in ("cases", "ok", "clean_errors", "tracebacks", "hangs",
                                                       "silent_accepts", "valid_refused", "outputs_lost")}
     worst = max(results, key=lambda r: r["worst_peak_rss_growth_mb"])
-    out = {"seed": SEED, "totals": totals, "worst_peak_rss_growth_mb": worst["worst_peak_rss_growth_mb"],
+    from lowbit.eval.env import environment
+
+    out = {"seed": SEED, "command": "PYTHONPATH=src:. python benchmarks/bench_hostile.py", "env": environment(),
+           "load_average": {"before": [round(x, 2) for x in load_before],
+                            "after": [round(x, 2) for x in os.getloadavg()]},
+           "totals": totals, "worst_peak_rss_growth_mb": worst["worst_peak_rss_growth_mb"],
            "worst_input": f"{worst['category']}: {worst['worst_input']}",
            "process_peak_rss_mb": round(_rss_kb() / 1024, 1),
            "worst_inputs_isolated_peak_rss_growth_mb": isolated_peaks(), "categories": results}

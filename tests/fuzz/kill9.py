@@ -170,6 +170,7 @@ def check_whole(verb: Verb, work: Path, old: dict[str, Any] | None) -> str:
     """'' when what the killed run left is whole, else what is wrong."""
     out = verb.output(work)
     if verb.name == "quantize":
+        import tests.models.tiny_family  # noqa: F401  (the family the checkpoint names)
         from lowbit.workflows.load import load
 
         try:
