@@ -9,7 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, pack_codes, unpack_codes
 from lowbit.kernels.reference import reference_linear
 
-BITS = (1, 2, 3, 4, 8)
+BITS = (1, 2, 3, 4, 6, 8)
 SHAPES = ((7, 13), (3, 1), (5, 130), (1, 8), (4, 0))
 
 

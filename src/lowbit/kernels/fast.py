@@ -28,7 +28,8 @@ one scale per row (``"row"``) gives about 0.75-0.9% on Gaussian inputs, and an o
 whole row. In exchange the large-M GEMM converts its integer sums to float 2x less often (per-channel) and,
 for grouped symmetric weights on AVX-512 VNNI, needs no zero-point work per row (``cpu/kernels_gemm_impl.h``).
 
-Supported: bits 1 (binary), 2 (int2 / ternary), 3 (run in a 4-bit container), 4 and 8, symmetric or with zero
+Supported: bits 1 (binary), 2 (int2 / ternary), 3 (run in a 4-bit container), 4, 6 (run in an 8-bit container)
+and 8, symmetric or with zero
 points, per-channel or group sizes that are multiples of 32; any K (tails are zero padded) and any N. Other
 group sizes, an empty weight, or inputs that require grad use the reference path. If the extension cannot be
 built (no compiler, ...) or ``LOWBIT_DISABLE_KERNELS=1`` is set, everything still works through
@@ -53,7 +54,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant
-from lowbit.kernels.formats import PackedWeight, symmetric_zero
+from lowbit.kernels.formats import PackedWeight, symmetric_zero, unpack_codes
 from lowbit.kernels.quant_linear import (
     GROUP_ATTR,
     LINEAR_BACKENDS,
@@ -209,7 +210,7 @@ class FastWeight:
         scales: float16 [T, G, 8] effective scales s (binary: 2*s).
         zeros: uint8 [T, G, 8] zero points (asymmetric formats), or None.
         zero_const: the constant zero point of symmetric formats (2^(bits-1); 1/2 for binary).
-        cb: container bits of ``tiles`` (3-bit codes use 4).
+        cb: container bits of ``tiles`` (3-bit codes use 4, 6-bit codes 8).
         full_byte: codes use all 8 bits (selects the saturation-safe AVX2 dot product).
         n, k: output and input features.
         group_blocks: 32-input blocks per group.
@@ -328,23 +329,26 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
             reason = "binary scale 2*s overflows float16"
     if reason is None and not is_available():
         reason = unavailable_reason()
-    cb = 4 if bits == 3 else bits
+    cb = {3: 4, 6: 8}.get(bits, bits)  # 3 and 6 bits straddle bytes: run them in the next whole container
     n, k = packed.out_features, packed.in_features
     zero_const = symmetric_zero(bits) if packed.zeros is None else 1.0
     if reason is not None:
-        return FastWeight(packed, None, None, None, zero_const, cb, bits == 8, n, k, 0, reason)
+        return FastWeight(packed, None, None, None, zero_const, cb, cb == 8, n, k, 0, reason)
     g = packed.scales.shape[1]
     kb = -(-k // BLOCK)
     group_blocks = kb if g == 1 else packed.group_size // BLOCK
     ext = _extension()
-    tiles = ext.repack(packed.qweight, bits, n, k, cb)  # type: ignore[union-attr]
+    if bits == 6:  # the C++ repack reads 1/2/3/4/8-bit streams: widen the 6-bit codes to bytes first (load time)
+        tiles = ext.repack(unpack_codes(packed.qweight, 6, k), 8, n, k, cb)  # type: ignore[union-attr]
+    else:
+        tiles = ext.repack(packed.qweight, bits, n, k, cb)  # type: ignore[union-attr]
     tiled_scales = _tile_rows(scales.to(torch.float16), n)
     zeros = None if packed.zeros is None else _tile_rows(packed.zeros, n)
     act_blocks = act_blocks_for(group_blocks, g == 1, act_block, kb)
-    call = ext.Prepared(tiles, tiled_scales, zeros, zero_const, bias, cb, bits == 8, n, k,  # type: ignore[union-attr]
+    call = ext.Prepared(tiles, tiled_scales, zeros, zero_const, bias, cb, cb == 8, n, k,  # type: ignore[union-attr]
                         group_blocks, act_blocks, list(splits or []))
     return FastWeight(packed=packed, tiles=tiles, scales=tiled_scales, zeros=zeros, zero_const=zero_const, cb=cb,
-                      full_byte=bits == 8, n=n, k=k, group_blocks=group_blocks, reason=None, act_blocks=act_blocks,
+                      full_byte=cb == 8, n=n, k=k, group_blocks=group_blocks, reason=None, act_blocks=act_blocks,
                       call=call)
 
 

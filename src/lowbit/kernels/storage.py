@@ -233,7 +233,7 @@ def _unpack_bits(bits: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     return lambda packed, k: unpack_codes(packed, bits, k)
 
 
-_FAST = "fast.linear (int8 activations; 3 bits in a 4-bit container)"
+_FAST = "fast.linear (int8 activations; 3 bits in a 4-bit container, 6 in an 8-bit one)"
 # GGUF / ONNX equivalents of the plain rows: (bits, symmetric) -> (gguf, onnx, group). Q8_0 / Q4_0 are
 # d * (q - z) with one fp16 step per 32 weights, our symmetric grid at g32; MatMulNBits holds 4-bit groups
 # with or without zero points (its default zero point is 8, ours); DequantizeLinear holds int8 per axis.
@@ -244,7 +244,7 @@ _PLAIN_EQUIVALENTS: dict[tuple[int, bool], tuple[str | None, str | None, int | N
     (4, False): (None, "MatMulNBits", None),
 }
 
-for _bits in (8, 4, 3, 2):
+for _bits in (8, 6, 4, 3, 2):  # 6: embedding tables between 8 and 4 bits (issue 16); the kernels run it as 8
     for _sym in (True, False):
         _gguf, _onnx, _group = _PLAIN_EQUIVALENTS.get((_bits, _sym), (None, None, None))
         register_format(StorageFormat(
