@@ -141,7 +141,9 @@ def test_spec_validation(kwargs: dict, message: str) -> None:
                          ids=lambda s: s.short())
 def test_clip_search_never_worse_than_rtn_and_helps_heavy_tails(spec: QuantSpec) -> None:
     g = torch.Generator().manual_seed(1)
-    w = torch.distributions.StudentT(3.0).sample((16, 96))  # heavy tails: the absmax range wastes levels
+    with torch.random.fork_rng():  # StudentT draws from the global RNG: seeded, so test order cannot change w
+        torch.manual_seed(1)
+        w = torch.distributions.StudentT(3.0).sample((16, 96))  # heavy tails: the absmax range wastes levels
     c = torch.rand(96, generator=g) + 0.1  # per-input weights (a Hessian diagonal)
     ratios = clip_ratios(20, 0.5)
     assert ratios[0] == 1.0 and len(ratios) == 11 and min(ratios) == pytest.approx(0.5)
