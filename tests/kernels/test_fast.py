@@ -159,9 +159,8 @@ def test_cpp_repack_matches_python_layout(bits: int, shape: tuple[int, int]) -> 
     needs_kernels()
     n, k = shape
     codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
-    cb = 4 if bits == 3 else bits
-    tiles = fast._extension().repack(pack_codes(codes, bits), bits, n, k, cb)  # type: ignore[union-attr]
-    assert torch.equal(tiles, fast._tile_codes(codes, cb))
+    tiles = fast.repack(pack_codes(codes, bits), bits, n, k)
+    assert torch.equal(tiles, fast._tile_codes(codes, fast.container_bits(bits)))
 
 
 def test_isas_agree() -> None:

@@ -311,6 +311,20 @@ def act_blocks_for(group_blocks: int, per_channel: bool, act_block: int | str | 
     return max(d for d in range(1, MAX_ACT_BLOCKS + 1) if group_blocks % d == 0)
 
 
+def container_bits(bits: int) -> int:
+    """Bits per code in the kernel tiles: 3 and 6-bit codes straddle bytes, so they run in 4 and 8 bits."""
+    return {3: 4, 6: 8}.get(bits, bits)
+
+
+def repack(qweight: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """The stored bitstream [N, ceil(K*bits/8)] as kernel tiles (``_tile_codes``'s layout), once at load time.
+    The C++ repack reads 1/2/3/4/8-bit streams: 6-bit codes are widened to bytes first."""
+    ext = _extension()
+    if bits == 6:
+        return ext.repack(unpack_codes(qweight, 6, k), 8, n, k, 8)  # type: ignore[union-attr]
+    return ext.repack(qweight, bits, n, k, container_bits(bits))  # type: ignore[union-attr]
+
+
 def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list[int] | None = None,
             act_block: int | str | None = None) -> FastWeight:
     """Repack ``packed`` once into the kernel layout (call at load time, not per forward).
@@ -329,7 +343,7 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
             reason = "binary scale 2*s overflows float16"
     if reason is None and not is_available():
         reason = unavailable_reason()
-    cb = {3: 4, 6: 8}.get(bits, bits)  # 3 and 6 bits straddle bytes: run them in the next whole container
+    cb = container_bits(bits)
     n, k = packed.out_features, packed.in_features
     zero_const = symmetric_zero(bits) if packed.zeros is None else 1.0
     if reason is not None:
@@ -338,10 +352,7 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
     kb = -(-k // BLOCK)
     group_blocks = kb if g == 1 else packed.group_size // BLOCK
     ext = _extension()
-    if bits == 6:  # the C++ repack reads 1/2/3/4/8-bit streams: widen the 6-bit codes to bytes first (load time)
-        tiles = ext.repack(unpack_codes(packed.qweight, 6, k), 8, n, k, cb)  # type: ignore[union-attr]
-    else:
-        tiles = ext.repack(packed.qweight, bits, n, k, cb)  # type: ignore[union-attr]
+    tiles = repack(packed.qweight, bits, n, k)
     tiled_scales = _tile_rows(scales.to(torch.float16), n)
     zeros = None if packed.zeros is None else _tile_rows(packed.zeros, n)
     act_blocks = act_blocks_for(group_blocks, g == 1, act_block, kb)
