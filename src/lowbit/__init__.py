@@ -17,6 +17,7 @@ from lowbit.api import (
     demo,
     evaluate,
     export,
+    finetune,
     list_models,
     load,
     qat,
@@ -29,6 +30,6 @@ from lowbit.errors import LowbitError
 from lowbit.version import __version__
 
 __all__ = [
-    "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "export", "list_models", "load",
-    "qat", "quantize", "quantize_", "save", "sweep", "__version__",
+    "LowbitError", "bench_kernels", "bench_model", "build", "chat", "demo", "evaluate", "export", "finetune",
+    "list_models", "load", "qat", "quantize", "quantize_", "save", "sweep", "__version__",
 ]

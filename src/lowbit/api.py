@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_checkpoint_output",
     "check_task_and_data", "demo",
-    "evaluate", "export", "format_table", "list_models", "load", "markdown_table", "open_image", "qat", "quantize",
-    "quantize_", "save", "search", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
+    "evaluate", "export", "finetune", "format_table", "list_models", "load", "markdown_table", "open_image", "qat",
+    "quantize", "quantize_", "save", "search", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
 
 
@@ -156,6 +156,21 @@ def qat(model_name: str, recipe: str, out_dir: str | os.PathLike[str], **options
     from lowbit.workflows.qat import qat as run
 
     return run(model_name, recipe, out_dir, **options)
+
+
+def finetune(model_name: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """QLoRA: LoRA adapters trained on a (packed) model without un-packing it; adapters saved in PEFT format to
+    OUT/adapters, optionally merged into a new packed checkpoint OUT/model (``merge=True``).
+
+    ``options``: the fields of ``lowbit.workflows.finetune.FinetuneArgs`` (lora, targets, alpha, dropout, data,
+    steps, lr, batch_size, teacher, distill, merge, ...).
+
+    Example:
+        >>> lowbit.finetune("runs/w2", "runs/ft", lora=8, targets="vision@conv1x1")  # doctest: +SKIP
+    """
+    from lowbit.workflows.finetune import finetune as run
+
+    return run(model_name, out_dir, **options)
 
 
 def train_clip(data: str, out_dir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:

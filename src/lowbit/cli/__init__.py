@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: `python -m lowbit.cli.qat` (torchrun) must not find its module imported by
     # the package first (runpy warns, and the module would run twice over)
     from lowbit.cli.export import register_export_cli
+    from lowbit.cli.finetune import register_finetune_cli
     from lowbit.cli.qat import register_qat_cli
     from lowbit.cli.search import register_search_cli
     from lowbit.cli.serve import register_serve_cli
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_train_and_data(sub)  # `lowbit train clip`, `lowbit data shard`
     register_qat_cli(sub)  # `lowbit qat`
+    register_finetune_cli(sub)  # `lowbit finetune`
     register_serve_cli(sub)  # `lowbit serve`
     register_export_cli(sub)  # `lowbit export`
     register_search_cli(sub)  # `lowbit search`

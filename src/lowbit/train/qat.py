@@ -139,16 +139,18 @@ class TeacherCache:
         return torch.stack([self.images[i] for i in indices]), torch.stack(texts)
 
 
-def qat_batches(student: DualEncoder, teacher: TeacherCache, data: ImageTextSet, global_batch: int,
+def qat_batches(student: DualEncoder, teacher: TeacherCache | None, data: ImageTextSet, global_batch: int,
                 seed: int) -> BatchFactory:
-    """Resumable batches of ``{"pixels", "tokens", "teacher_image", "teacher_text"}`` over ``data``."""
+    """Resumable batches of ``{"pixels", "tokens", "teacher_image", "teacher_text"}`` over ``data`` (without the
+    teacher's embeddings when ``teacher`` is None: training without distillation)."""
 
     def collate(indices: np.ndarray, step: int) -> dict[str, Any]:
         idx = [int(i) for i in indices]
         captions = [sample_caption(data, i, step, seed) for i in idx]
-        t_img, t_txt = teacher.embed(idx, captions)
-        return {"pixels": student.preprocess([data.images[i] for i in idx]), "tokens": student.tokenize(captions),
-                "teacher_image": t_img, "teacher_text": t_txt}
+        batch = {"pixels": student.preprocess([data.images[i] for i in idx]), "tokens": student.tokenize(captions)}
+        if teacher is not None:
+            batch["teacher_image"], batch["teacher_text"] = teacher.embed(idx, captions)
+        return batch
 
     return index_batches(len(data), global_batch, seed, collate)
 
@@ -181,7 +183,8 @@ def qat_loss_fn(weights: QATLoss) -> LossFn:
 
     def loss_fn(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         img, txt = model(batch["pixels"], batch["tokens"])
-        t_img, t_txt = batch["teacher_image"].to(img.dtype), batch["teacher_text"].to(txt.dtype)
+        if weights.distill != "none":
+            t_img, t_txt = batch["teacher_image"].to(img.dtype), batch["teacher_text"].to(txt.dtype)
         enc: DualEncoder = unwrap(model).model
         out: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())

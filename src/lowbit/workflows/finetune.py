@@ -1,0 +1,288 @@
+"""``lowbit finetune``: QLoRA — LoRA adapters trained on a low-bit model without un-packing it.
+
+Loads MODEL (a packed checkpoint, or any model ``lowbit.load`` reads: its float layers then carry plain LoRA),
+attaches adapters (``lowbit.quant.lora``: rank, alpha, dropout, targets in the recipes' pattern language) and
+trains them on the shared loop (``lowbit.train.loop``: progress, evaluations, atomic checkpoints holding only the
+adapters and their optimizer state, resume after kill -9, DDP under torchrun):
+
+- dual encoders: the contrastive loss of ``lowbit qat`` (CLIP or SigLIP) on image-caption pairs, plus
+  distillation (KL over similarity rows and embedding cosine, ``lowbit.train.qat``) from ``teacher`` (the float
+  model) when one is given;
+- llava: cross-entropy on the answer tokens of generated instruction conversations (``fashion-vqa`` /
+  ``shapes-vqa`` train split: images disjoint from the test split), the projector training's loss
+  (``lowbit.workflows.build_llava.AnswerLoss``) with the visual tokens cached.
+
+Run directory ``OUT``: ``checkpoints/``, ``train_log.jsonl``, ``finetune_run.json`` (the arguments; a rerun with
+different ones is refused), ``adapters/`` (PEFT format: ``peft.PeftModel.from_pretrained(float_model, OUT/adapters)``
+loads them; ``lowbit.quant.lora.load_adapters(packed, OUT/adapters)`` too), ``summary.json`` and, with ``merge``,
+``model/``: the adapters folded into the packed weights on their own grid, a new packed checkpoint, with the
+merge error in the summary.
+
+Example:
+    >>> finetune("runs/w2-gptq", "runs/ft", lora=8, targets="vision@conv1x1", teacher="lit-fashion")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError, check_options
+from lowbit.io import check_output, prepare_run_dir, register_output_kind, run_dir_kind, write_json
+from lowbit.models.base import DualEncoder
+from lowbit.quant.lora import (
+    LoraConfig,
+    attach_lora,
+    load_lora_state,
+    lora_layers,
+    lora_state,
+    merge_lora,
+    save_adapters,
+)
+from lowbit.train import distributed as D
+from lowbit.train.loop import TrainConfig, TrainState, train
+from lowbit.train.qat import DISTILL_MODES, TASK_LOSSES, PairEncoder, QATLoss
+
+RUN_FILE = "finetune_run.json"
+ADAPTER_DIR = "adapters"
+MODEL_DIR = "model"
+_RUN_KEYS = ("model", "lora", "alpha", "dropout", "targets", "data", "batch_size", "seed", "train_samples", "teacher",
+             "distill", "task_loss")
+register_output_kind(run_dir_kind("finetune-run", RUN_FILE))
+
+
+@dataclass
+class FinetuneArgs:
+    """Everything ``run_finetune`` (and ``lowbit finetune``) takes. ``data`` None: fashion-mnist for dual
+    encoders, fashion-vqa for llava. ``alpha`` None: 2 * rank."""
+
+    model: str
+    out: str
+    lora: int = 8
+    targets: str = "*"
+    alpha: float | None = None
+    dropout: float = 0.0
+    data: str | None = None
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    train_samples: int = 2000
+    eval_every: int = 0
+    eval_samples: int = 500
+    ckpt_every: int = 50
+    log_every: int = 10
+    teacher: str | None = None  # the float model to distil from (dual encoders)
+    distill: str = "both"  # with a teacher
+    task_loss: str = "clip"
+    task_weight: float = 0.5
+    temperature: float = 1.0
+    turns: int = 1  # llava: conversation turns per image
+    merge: bool = False
+    progress: bool = True
+    overwrite: bool = False
+
+    def lora_config(self) -> LoraConfig:
+        alpha = 2.0 * self.lora if self.alpha is None else float(self.alpha)
+        return LoraConfig(r=self.lora, alpha=alpha, dropout=self.dropout, targets=self.targets, seed=self.seed)
+
+    def validate(self) -> None:
+        self.lora_config().validate()
+        if self.distill not in DISTILL_MODES or self.task_loss not in TASK_LOSSES:
+            raise LowbitError(f"finetune loss: distill {self.distill!r} (accepted: {', '.join(DISTILL_MODES)}), "
+                              f"task_loss {self.task_loss!r} (accepted: {', '.join(TASK_LOSSES)})")
+        if self.steps < 1 or self.train_samples < 1 or self.turns < 1:
+            raise LowbitError(f"finetune: steps, train_samples and turns must be >= 1; received {self.steps}, "
+                              f"{self.train_samples}, {self.turns}")
+
+
+class AdapterState:
+    """Mixin for the module the loop trains: its state dict is the adapters alone, so checkpoints hold a few
+    MB (adapters + their AdamW moments), not the frozen packed model."""
+
+    adapter_root: nn.Module
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {k: v.detach() for k, v in lora_state(self.adapter_root).items()}
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        load_lora_state(self.adapter_root, dict(state))
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
+class AdapterPair(AdapterState, PairEncoder):
+    """``PairEncoder`` (frozen batch-norm statistics) whose adapters' dropout follows train/eval."""
+
+    def __init__(self, model: DualEncoder) -> None:
+        super().__init__(model)
+        self.adapter_root = model
+
+    def train(self, mode: bool = True) -> AdapterPair:
+        super().train(mode)
+        for m in lora_layers(self.model).values():
+            m.lora_dropout.train(mode)
+        return self
+
+
+class AdapterAnswerLoss(AdapterState, nn.Module):
+    """llava's answer loss with the whole model registered (DDP must see the adapters); eval mode inside."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from lowbit.workflows.build_llava import AnswerLoss
+
+        super().__init__()
+        self.model, self.adapter_root = model, model
+        object.__setattr__(self, "_loss", AnswerLoss(model))
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self._loss(batch)
+
+    def train(self, mode: bool = True) -> AdapterAnswerLoss:
+        super().train(mode)
+        self.model.eval()
+        for m in lora_layers(self.model).values():
+            m.lora_dropout.train(mode)
+        return self
+
+
+def _check_run_dir(args: FinetuneArgs) -> None:
+    record = {k: asdict(args)[k] for k in _RUN_KEYS}
+    path = Path(args.out) / RUN_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as err:
+            raise LowbitError(f"{str(path)!r} is not a readable finetune run record ({type(err).__name__}); accepted: "
+                              "the file a previous `lowbit finetune` wrote, or a new --out directory") from None
+        diff = {k: (saved.get(k), v) for k, v in record.items() if not isinstance(saved, dict) or saved.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise LowbitError(f"{args.out} holds a different finetune run ({listed}); accepted: the same arguments, "
+                              "or a new --out directory")
+    elif D.is_main():
+        write_json(path, {**record, "args": asdict(args)})
+
+
+def _is_llava(model: nn.Module) -> bool:
+    from lowbit.models.llava_model import LlavaModel
+
+    return isinstance(model, LlavaModel)
+
+
+def _dual_run(args: FinetuneArgs, model: DualEncoder, config: TrainConfig) -> tuple[TrainState, Any]:
+    from lowbit.data import resolve_dataset
+    from lowbit.eval import evaluate
+    from lowbit.train.qat import TeacherCache, qat_batches, qat_loss_fn
+    from lowbit.workflows.load import load
+
+    data = args.data or "fashion-mnist"
+    train_set = resolve_dataset(data, split="train", limit=args.train_samples)
+    eval_set = resolve_dataset(data, split="test", limit=args.eval_samples) if args.eval_samples else None
+    task = "zeroshot" if eval_set is not None and eval_set.labels is not None and eval_set.classnames else "retrieval"
+    teacher = None
+    if args.teacher:
+        t = load(args.teacher)
+        t.requires_grad_(False)
+        teacher = TeacherCache(t, train_set)
+    loss = QATLoss(distill=args.distill if teacher is not None else "none", task_loss=args.task_loss,
+                   task_weight=args.task_weight if teacher is not None else 1.0, temperature=args.temperature)
+
+    def eval_fn(pair: nn.Module, step: int) -> dict[str, Any]:
+        result = evaluate(pair.model, task, data=eval_set, footprint=False, progress=False)
+        return {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
+
+    state = train(AdapterPair(model), qat_loss_fn(loss), qat_batches(model, teacher, train_set, config.batch_size,
+                  args.seed), config, eval_fn=eval_fn if eval_set is not None else None)
+    return state, {"data": data, "task": task, "loss": asdict(loss)}
+
+
+def _llava_run(args: FinetuneArgs, model: nn.Module, config: TrainConfig) -> tuple[TrainState, Any]:
+    from lowbit.data.vqa import load_vqa
+    from lowbit.eval import evaluate
+    from lowbit.train.sampling import index_batches
+    from lowbit.workflows.build_llava import conversations, visual_features
+
+    name = args.data or "fashion-vqa"
+    data = load_vqa(name, "train", limit=args.train_samples, turns_per_image=args.turns, seed=args.seed)
+    feats, scores = visual_features(model, data, progress=args.progress)
+    convs = conversations(model, data)
+
+    def collate(idx: np.ndarray, step: int) -> dict[str, Any]:
+        i = torch.as_tensor(idx)
+        return {"tokens": feats[i], "scores": scores[i], "pre": [convs[j].pre for j in idx],
+                "post": [convs[j].post for j in idx], "labels": [convs[j].labels for j in idx]}
+
+    def eval_fn(wrapper: nn.Module, step: int) -> dict[str, Any]:
+        result = evaluate(wrapper.model, name, limit=args.eval_samples, footprint=False, progress=False)
+        return {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
+
+    random.seed(args.seed)
+    state = train(AdapterAnswerLoss(model), lambda m, b: m(b), index_batches(len(convs), args.batch_size, args.seed,
+                  collate), config, eval_fn=eval_fn if args.eval_samples else None)
+    return state, {"data": name, "task": name, "loss": "answer tokens cross-entropy", "conversations": len(convs)}
+
+
+def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
+    """Load, attach adapters, train (resuming from ``args.out``), save the adapters (PEFT format), optionally
+    merge into a new packed checkpoint. Returns (and writes to ``OUT/summary.json``) the summary."""
+    from lowbit.workflows.load import load
+    from lowbit.workflows.quantize import save
+
+    args.validate()
+    lora_config = args.lora_config()
+    t0 = time.perf_counter()
+    D.init_distributed()
+    check_output(args.out, "finetune-run", overwrite=args.overwrite, sources=[args.model, args.data, args.teacher])
+    D.barrier()
+    if D.is_main():
+        prepare_run_dir(args.out, "finetune-run", overwrite=args.overwrite,
+                        sources=[args.model, args.data, args.teacher])
+    D.barrier()
+    _check_run_dir(args)
+    D.barrier()
+    model = load(args.model)
+    report = attach_lora(model, lora_config)
+    config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                         batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every,
+                         eval_every=args.eval_every, ckpt_every=args.ckpt_every, out_dir=args.out,
+                         progress=args.progress)
+    t_train = time.perf_counter()
+    state, what = (_llava_run if _is_llava(model) else _dual_run)(args, model, config)
+    train_seconds = time.perf_counter() - t_train
+    out = Path(args.out)
+    summary: dict[str, Any] = {
+        "model": args.model, "adapters": str(out / ADAPTER_DIR), "lora": report.to_dict(), **what,
+        "steps": state.step, "resumed_from": state.resumed_from, "world_size": D.world_size(), "last": state.last,
+        "evals": [h for h in state.history if "eval" in h], "train_seconds": round(train_seconds, 1),
+        "threads": torch.get_num_threads(),
+    }
+    if D.is_main():
+        save_adapters(model, out / ADAPTER_DIR, lora_config, base_model=args.model)
+        if args.merge:
+            summary["merge"] = {k: v for k, v in merge_lora(model).items() if k != "layers"}
+            save(model, out / MODEL_DIR, overwrite=True)
+            summary["merged_model"] = str(out / MODEL_DIR)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(out / "summary.json", summary)
+    D.barrier()
+    return summary
+
+
+def finetune(model: str, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """``run_finetune`` from plain options (the ``FinetuneArgs`` fields); unknown names are refused."""
+    check_options("finetune", options, [f.name for f in fields(FinetuneArgs) if f.name not in ("model", "out")])
+    try:
+        return run_finetune(FinetuneArgs(model=model, out=str(out_dir), **options))
+    finally:
+        D.cleanup_distributed()

@@ -1,0 +1,101 @@
+"""``lowbit finetune`` (QLoRA) on the tiny dual encoder: a packed model trains its adapters on the shared loop,
+a run killed after a checkpoint and resumed equals the uninterrupted one, the CLI saves PEFT adapters and a
+merged packed checkpoint, and bad targets are one line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.quant import lora as L
+from tests.quant.qat_tiny import tiny_data  # noqa: F401  (registers tiny-qat and tiny-qat-data)
+
+OPTS = {"data": "tiny-qat-data", "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "train_samples": 24,
+        "eval_samples": 0, "log_every": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> str:
+    model = lowbit.load("tiny-qat")
+    report = lowbit.quantize(model, "*=w4g8", progress=False)
+    out = tmp_path_factory.mktemp("packed") / "w4"
+    lowbit.save(model, out, report=report)
+    return str(out)
+
+
+def adapters(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapters" / L.ADAPTER_WEIGHTS))
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(packed: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit.train.qat as qat_mod
+
+    torch.set_num_threads(1)
+    opts = {**OPTS, "lora": 4, "targets": "vision@conv1x1,text", "steps": 6, "ckpt_every": 3, "teacher": "tiny-qat"}
+    full = lowbit.finetune(packed, tmp_path / "full", **opts)
+    assert full["steps"] == 6 and full["lora"]["layers"] == 3
+    real = qat_mod.qat_batches
+
+    def dying(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202  the process "dies" asking for step 4's batch
+        factory = real(*args, **kwargs)
+
+        def gen(start, rank, world):  # noqa: ANN001, ANN202
+            for step, batch in enumerate(factory(start, rank, world), start):
+                if step == 4:
+                    raise KeyboardInterrupt("killed")
+                yield batch
+
+        return gen
+
+    monkeypatch.setattr(qat_mod, "qat_batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.finetune(packed, tmp_path / "cut", **opts)
+    monkeypatch.setattr(qat_mod, "qat_batches", real)
+    resumed = lowbit.finetune(packed, tmp_path / "cut", **opts)
+    assert resumed["resumed_from"] == 3
+    a, b = adapters(tmp_path / "full"), adapters(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) == 6
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)  # trained
+    # checkpoints hold the adapters only (and their optimizer state), not the packed model
+    ckpt = load_file(str(tmp_path / "full" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert set(ckpt) == {k.removeprefix(L.PEFT_PREFIX) for k in a}
+
+
+def test_cli_saves_adapters_and_merged_checkpoint(packed: str, tmp_path: Path) -> None:
+    from lowbit.cli.finetune import main
+
+    out = tmp_path / "run"
+    argv = ["finetune", packed, "--lora", "2", "--targets", "text,projector", "--data", "tiny-qat-data",
+            "--steps", "3", "--batch-size", "8", "--lr", "1e-2", "--train-samples", "16", "--eval-samples", "8",
+            "--merge", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lora"]["layers"] == 4 and summary["evals"][-1]["eval"]["top1"] >= 0
+    assert 0 <= summary["merge"]["rel_rms"] < 1 and summary["merge"]["delta_rel_rms"] > 0
+    config = json.loads((out / "adapters" / L.ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    assert config["target_modules"] == ["projector.image", "projector.text", "text.0", "text.2"]
+    merged = lowbit.load(str(out / "model"))
+    assert not L.lora_layers(merged)
+    with_adapters = lowbit.load(packed)
+    L.load_adapters(with_adapters, out / "adapters")
+    assert len(L.lora_layers(with_adapters)) == 4
+    bad = list(argv)
+    bad[argv.index("--targets") + 1] = "vision/nothing"
+    assert main([*bad[:-3], "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_bad_options_are_one_line(packed: str, tmp_path: Path) -> None:
+    with pytest.raises(LowbitError, match="exceeds layer"):
+        lowbit.finetune(packed, tmp_path / "r", **{**OPTS, "lora": 64, "steps": 1})
+    with pytest.raises(LowbitError, match="does not take rank"):
+        lowbit.finetune(packed, tmp_path / "r2", rank=4)
