@@ -395,7 +395,7 @@ def peft_config(model: nn.Module, config: LoraConfig, base_model: str | None = N
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none",
         "target_modules": sorted(lora_layers(model)), "fan_in_fan_out": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
-        "revision": None, "lowbit": {"targets": [t.describe() for t in parse_targets(config.targets)]},
+        "revision": None,
     }
 
 
