@@ -99,3 +99,25 @@ def test_bad_options_are_one_line(packed: str, tmp_path: Path) -> None:
         lowbit.finetune(packed, tmp_path / "r", **{**OPTS, "lora": 64, "steps": 1})
     with pytest.raises(LowbitError, match="does not take rank"):
         lowbit.finetune(packed, tmp_path / "r2", rank=4)
+
+
+def test_llava_answer_loss_trains_language_adapters(tmp_path: Path) -> None:
+    """The llava path: adapters on the packed language model's q/v projections, answer-token loss on generated
+    instructions; the saved adapters load onto the float model with PEFT."""
+    peft = pytest.importorskip("peft")
+    from tests.models.llava_tiny import write_tiny_llava
+
+    torch.set_num_threads(1)
+    src = write_tiny_llava(tmp_path / "float", max_positions=512)
+    model = lowbit.load(str(src))
+    lowbit.save(model, tmp_path / "w4", report=lowbit.quantize(model, "language=w4g16", progress=False))
+    summary = lowbit.finetune(str(tmp_path / "w4"), tmp_path / "ft", lora=2,
+                              targets="language/*q_proj,language/*v_proj", steps=3, batch_size=2, lr=1e-2, train_samples=4, eval_samples=0, ckpt_every=3,
+                              log_every=1, progress=False)
+    assert summary["lora"]["layers"] == 4 and summary["conversations"] == 4
+    log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < h["loss"] < 20 for h in log if "loss" in h)
+    state = adapters(tmp_path / "ft")
+    assert any(float(v.abs().sum()) > 0 for k, v in state.items() if "lora_B" in k)
+    peft_model = peft.PeftModel.from_pretrained(lowbit.load(str(src)), str(tmp_path / "ft" / "adapters"))
+    assert len([n for n, _ in peft_model.named_modules() if n.endswith("q_proj.lora_A")]) == 2
