@@ -112,8 +112,8 @@ def test_llava_answer_loss_trains_language_adapters(tmp_path: Path) -> None:
     model = lowbit.load(str(src))
     lowbit.save(model, tmp_path / "w4", report=lowbit.quantize(model, "language=w4g16", progress=False))
     summary = lowbit.finetune(str(tmp_path / "w4"), tmp_path / "ft", lora=2,
-                              targets="language/*q_proj,language/*v_proj", steps=3, batch_size=2, lr=1e-2, train_samples=4, eval_samples=0, ckpt_every=3,
-                              log_every=1, progress=False)
+                              targets="language/*q_proj,language/*v_proj", steps=3, batch_size=2, lr=1e-2,
+                              train_samples=4, eval_samples=0, ckpt_every=3, log_every=1, progress=False)
     assert summary["lora"]["layers"] == 4 and summary["conversations"] == 4
     log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
     assert all(0 < h["loss"] < 20 for h in log if "loss" in h)
