@@ -97,6 +97,8 @@ def test_cli_saves_adapters_and_merged_checkpoint(packed: str, tmp_path: Path) -
 def test_bad_options_are_one_line(packed: str, tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="exceeds layer"):
         lowbit.finetune(packed, tmp_path / "r", **{**OPTS, "lora": 64, "steps": 1})
+    with pytest.raises(LowbitError, match="is not one"):
+        lowbit.finetune("tiny-qat", tmp_path / "r3", **{**OPTS, "lora": 2, "steps": 1, "merge": True})
     with pytest.raises(LowbitError, match="does not take rank"):
         lowbit.finetune(packed, tmp_path / "r2", rank=4)
 

@@ -252,6 +252,9 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     _check_run_dir(args)
     D.barrier()
     model = load(args.model)
+    if args.merge and getattr(model, "lowbit_manifest", None) is None:
+        raise LowbitError(f"merge writes a new packed checkpoint: {args.model!r} is not one; accepted: a packed "
+                          "directory (lowbit quantize ... --out DIR), or no merge (the adapters are saved either way)")
     report = attach_lora(model, lora_config)
     config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                          batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every,
