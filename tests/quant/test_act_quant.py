@@ -291,3 +291,12 @@ def test_repq_recipe_quantizes_and_round_trips(tmp_path: Path) -> None:
     pix = model.preprocess(IMAGES)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(pix), model.encode_image(pix))
+
+
+def test_export_refuses_quantized_activations(tmp_path: Path) -> None:
+    from lowbit.workflows.export import export
+
+    model = _tiny_clip(tmp_path).eval()
+    quantize_(model, "vision=w8a8dk,text=w8,projector=w8", progress=False)
+    with pytest.raises(LowbitError, match="quantize their activations"):
+        export(model, "onnx", tmp_path / "onnx")

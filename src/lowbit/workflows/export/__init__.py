@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.errors import check_options
+from lowbit.errors import LowbitError, check_options
 from lowbit.io import OutputKind, atomic_path, check_output, register_output_kind, write_marker
 from lowbit.registry import Registry
 
@@ -98,10 +98,17 @@ def export(model: nn.Module, format: str, out: str | os.PathLike[str], overwrite
     and is never the directory the model came from. Returns the writer's report, with ``format`` and ``out``
     and the written size (``file_bytes``) added.
     """
+    from lowbit.kernels.attn_quant import AttnQuant
     from lowbit.workflows.checkpoint import model_sources
 
     fmt = check_export_output(format, out, overwrite, tuple(model_sources(model)))
     check_options(f"export --format {format}", options, fmt.options)
+    quantized_inputs = [name for name, m in model.named_modules()
+                        if getattr(m, "act_spec", None) is not None or isinstance(m, AttnQuant)]
+    if quantized_inputs:  # the formats carry weights only: the activation grids would be dropped silently
+        raise LowbitError(f"export --format {format}: {len(quantized_inputs)} module(s) quantize their activations "
+                          f"or attention (first: {quantized_inputs[0]}), which {format} files do not carry; "
+                          "export a recipe without activations (a16) or attention=")
     target = Path(out)
     with atomic_path(target, is_dir=fmt.is_dir) as tmp:
         if fmt.is_dir:
