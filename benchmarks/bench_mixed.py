@@ -44,6 +44,19 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def proxy_agreement(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well GPTQ's Hessian-weighted error tr(dW H dWᵀ) (HAWQ-style proxy) ranks the (layer, width) choices
+    against the measured probe KL: Spearman correlation over all choices below 8 bits."""
+    import numpy as np
+
+    pairs = [(c["loss"], c["proxy"]) for la in layers for c in la["choices"]
+             if c["bits"] < 8 and c["proxy"] == c["proxy"]]  # NaN: no Hessian
+    if len(pairs) < 3:
+        return {"n": len(pairs)}
+    loss, proxy = (np.argsort(np.argsort(np.array(v))) for v in zip(*pairs, strict=True))
+    return {"n": len(pairs), "spearman": round(float(np.corrcoef(loss, proxy)[0, 1]), 4)}
+
+
 def _measure(float_model: Any, reference: dict[str, Any], recipe: Any, label: str, limit: int | None,
              work: Path) -> dict[str, Any]:
     """Quantize a copy, save, load from disk, evaluate on the kernels against the float reference."""
@@ -177,6 +190,9 @@ def main() -> None:
             rows.append(row)
             searches[f"{budget:g}"] = {"recipe": found["recipe"], "layers": found["layers"],
                                        "sensitivity": found["sensitivity"]}
+            if "proxy_vs_measured" not in searches:
+                cache = json.loads(Path(found["sensitivity"]["cache_file"]).read_text())
+                searches["proxy_vs_measured"] = proxy_agreement(cache["layers"])
             print(json.dumps({k: v for k, v in row.items() if k != "expected"}), flush=True)
         if args.uniform_from:
             prior = json.loads(Path(args.uniform_from).read_text())["models"][MODEL]
