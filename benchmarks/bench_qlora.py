@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -69,7 +70,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0, load0 = time.perf_counter(), os.getloadavg()
-    out: dict[str, Any] = {"config": vars(args), "n": args.eval_samples,
+    out: dict[str, Any] = {"command": "flock /work/heavy.lock .venv/bin/python benchmarks/bench_qlora.py "
+                           + shlex.join(sys.argv[1:]), "config": vars(args), "n": args.eval_samples,
                            "eval": f"zero-shot top-1, first {args.eval_samples} Fashion-MNIST test images",
                            "qat_row": qat_row()}
     if not (Path(args.packed) / "manifest.json").is_file():
