@@ -12,13 +12,14 @@ and transformers; a llama.cpp row imports only ``llama_cpp`` and numpy), and one
 * lowbit rows: packed checkpoints (``lowbit.quantize`` + ``lowbit.save``), loaded in place (memory-mapped) by
   ``lowbit.load`` in the worker and run by the lean engine (``LeanDecoder``) on the kernels. Every linear at
   the row's format; the tied token table / output head 8-bit groups of 32 (what llama.cpp's Q4_0 and Q8_0 keep
-  for it); GPTQ rows calibrated on Python standard-library docstrings (``bench_export_gguf.docstrings``).
+  for it); GPTQ rows calibrated on 64 windows of 128 tokens of Python standard-library docstrings
+  (``bench_export_gguf.docstrings``, block-sequential).
 
 Measured per row (median over rounds; best-of-rounds also kept):
 
 * prompt tok/s at 32 and 170 tokens (prefill + the first token's logits);
 * decode tok/s: 128 greedy tokens after the 32-token prompt (EOS ignored);
-* peak RSS of the worker (``ru_maxrss``) and its RSS after the runs;
+* peak RSS of the worker (VmHWM) and its RSS after the runs;
 * next-token agreement with the full-precision model, teacher-forced on its greedy 128-token continuations of
   both prompts (256 positions); llama.cpp's from its own logits (``bench_export_gguf.llama_logits``);
 * lowbit rows: the lean engine's 32 greedy tokens equal transformers' ``generate`` on the same packed model.
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,13 +49,13 @@ PROMPT = ("You are a helpful assistant. Describe in a few sentences what a Fashi
           "looks like.")
 PROMPTS = {"short": 32, "long": 170}  # prompt tokens
 NEW_TOKENS = 128
+CALIB_WINDOWS = 64  # GPTQ: 64 windows of 128 tokens (block-sequential calibration)
 EMBED = "language@embedding=w8g32"  # the tied table and head: llama.cpp's Q4_0 / Q8_0 keep them Q8_0
 LOWBIT = {  # row name -> recipe (None: the float model itself)
     "fp32": None,
     "w8": f"{EMBED},language=w8",
     "w4g128 RTN": f"{EMBED},language=w4g128",
     "w4g128 GPTQ": f"{EMBED},language=w4g128:gptq",
-    "w4g32 GPTQ": f"{EMBED},language=w4g32:gptq",
     "w2g64 RTN": f"{EMBED},language=w2g64",
 }
 LLAMA = {"F32": None, "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
@@ -66,16 +66,14 @@ TARGETS = [  # (lowbit row, llama.cpp row, metric, at least this ratio), at 2 th
 ]
 
 
-def rss_now_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MB (VmHWM: this process's peak RSS; ``ru_maxrss`` would carry the
+    parent's peak across ``exec``)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
@@ -249,7 +247,7 @@ def worker_main(engine: str, path: str, task_file: str) -> None:
     task = json.loads(Path(task_file).read_text())
     load = os.getloadavg()
     result = WORKERS[engine](path, task)
-    result.update(peak_rss_mb=round(peak_rss_mb(), 1), rss_after_mb=round(rss_now_mb(), 1),
+    result.update(peak_rss_mb=round(status_mb("VmHWM"), 1), rss_after_mb=round(status_mb("VmRSS"), 1),
                   load_average_start=[round(x, 2) for x in load])
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -315,11 +313,12 @@ def prepare(work: Path, threads: int, rows: list[str]) -> tuple[dict[str, Path],
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
             report = lowbit.quantize(m, recipe, calib_data=str(calib) if ":gptq" in recipe else None,
-                                     calib_samples=256, progress=False)
+                                     calib_samples=CALIB_WINDOWS, progress=False)
             seconds = time.perf_counter() - t0
             lowbit.save(m, out, report, overwrite=True)
             total = report.totals()["total"]
             (out / "bench.json").write_text(json.dumps({"recipe": recipe, "quantize_s": round(seconds, 1),
+                                                        "calibration": report.calibration,
                                                         "bits_per_weight": round(total["bits_per_weight"], 3)}))
             del m
         quant[f"lowbit {name}"] = json.loads((out / "bench.json").read_text())
@@ -424,7 +423,7 @@ def main() -> None:
         targets.append({"lowbit": "w4g128 RTN", "llama.cpp": "Q4_0", "metric": "peak_rss_mb (lower is better)",
                         "threads": t2, "ratio": ratio, "target": 1.2, "met": ratio <= 1.2})
     q4 = by.get(("llama.cpp Q4_0", threads[0]), {}).get("next_token_agreement")
-    for lb in ("w4g128 RTN", "w4g128 GPTQ", "w4g32 GPTQ"):
+    for lb in ("w4g128 RTN", "w4g128 GPTQ"):
         mine = by.get((f"lowbit {lb}", threads[0]), {}).get("next_token_agreement")
         if mine is not None and q4 is not None:
             targets.append({"lowbit": lb, "llama.cpp": "Q4_0", "metric": "next_token_agreement (difference)",
