@@ -220,6 +220,7 @@ class LeanDecoder:
         ]
         self.native = native
         self._stack: Any = None  # the kernels' DecoderStack for one-token steps (bound by reset), or None
+        self._stack_key: list[int] = []  # ids of the prepared calls it holds
         self.pos = 0  # the next token's position (RoPE)
         self.fill = [0] * len(self.layers)  # filled KV-cache entries per layer (fewer after FastV pruning)
         self.k_cache: torch.Tensor | None = None
@@ -432,6 +433,10 @@ def _native_stack(engine: LeanDecoder) -> Any:
             return None
         for bucket, c in zip(calls, row, strict=True):
             bucket.append(c)
+    key = [id(c) for bucket in calls for c in bucket]
+    if engine._stack is not None and engine._stack_key == key:  # the same prepared weights: keep the stack
+        return engine._stack
+    engine._stack_key = key
     return ext.DecoderStack([layer.in_norm.contiguous() for layer in engine.layers],
                             [layer.post_norm.contiguous() for layer in engine.layers], *calls,
                             heads=engine.heads, kv_heads=engine.kv_heads, head_dim=engine.head_dim, eps=engine.eps)
