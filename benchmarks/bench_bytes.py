@@ -72,6 +72,7 @@ VLM_RECIPES = {  # the tied LM head reads the embedding table: its grid decides 
     "w4g128-minmax, 6-bit table": "language@embedding=w6g32,language=w4g128:minmax,vision=w8,projector=w8,"
                                   "floats=fp16",
 }
+LIT_PAIRS = [("w8", "rtn"), ("w4", "gptq"), ("w3", "gptq"), ("w2", "gptq")]  # (preset, method) rows of lit-fashion
 VLM_CALIB = 64  # image+question sequences (as bench_vlm.py)
 TARGETS = {"lit-fashion": {"w4": (0.20, 1.0), "w8": (0.30, 0.3)},
            "lit-fashion (QAT recipes)": {"ternary": (0.10, None), "binary": (0.10, None)},
@@ -120,6 +121,17 @@ def qat_recipe_rows(limit: int | None, work: Path) -> list[dict[str, Any]]:
         row["drop_pt"] = round(100 * (fp32_accuracy - row["accuracy"]), 2)
         rows.append(row)
     return rows
+
+
+def merge_rows(fresh: list[dict[str, Any]], previous: dict[str, Any], model: str, order: list[str],
+               date: str) -> list[dict[str, Any]]:
+    """A partial run's rows (dated) with the previous run's rows it did not re-measure, in ``order``."""
+    for r in fresh:
+        r["measured"] = date
+    labels = {r["label"] for r in fresh}
+    kept = [r for r in previous.get("models", {}).get(model, []) if r["label"] not in labels]
+    rows = {r["label"]: r for r in kept + fresh}
+    return [rows[k] for k in order if k in rows] + [r for r in kept if r["label"] not in order]
 
 
 def vlm_rows(n_vqa: int, work: Path, only: str | None = None) -> list[dict[str, Any]]:
@@ -185,6 +197,8 @@ def main() -> None:
     parser.add_argument("--vqa", type=int, default=200, help="held-out fashion-vqa questions")
     parser.add_argument("--vlm-rows", help="llava rows to measure, ';'-separated labels of VLM_RECIPES (default: "
                         "all); the other rows of the group are kept from the previous results")
+    parser.add_argument("--lit-recipes", help="lit-fashion presets to measure, ','-separated (default: all); the "
+                        "other preset rows are kept from the previous results")
     parser.add_argument("--json", default=str(RESULTS / "bytes.json"))
     args = parser.parse_args()
     groups = set(args.only.split(","))
@@ -195,7 +209,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lowbit-bytes-") as tmp:
         work = Path(tmp)
         if "lit" in groups:
-            pairs = [("w8", "rtn"), ("w4", "gptq"), ("w3", "gptq"), ("w2", "gptq")]
+            wanted = args.lit_recipes.split(",") if args.lit_recipes else [r for r, _ in LIT_PAIRS]
+            pairs = [(r, m) for r, m in LIT_PAIRS if r in wanted]
             models["lit-fashion"] = dual_encoder_rows("lit-fashion", pairs, args.limit, work)
         if "qat" in groups:
             models["lit-fashion (QAT recipes)"] = qat_recipe_rows(args.limit, work)
@@ -205,14 +220,13 @@ def main() -> None:
         if "llava" in groups:
             models["llava-fashion-hd"] = vlm_rows(args.vqa, work, args.vlm_rows)
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-    if args.vlm_rows and "llava-fashion-hd" in models:  # the rows not re-measured stay, with their own date
-        fresh = {r["label"] for r in models["llava-fashion-hd"]}
-        for r in models["llava-fashion-hd"]:
-            r["measured"] = run_info["date"]
-        kept = [r for r in previous.get("models", {}).get("llava-fashion-hd", []) if r["label"] not in fresh]
+    if args.vlm_rows and "llava-fashion-hd" in models:
         order = [r["label"] for r in models["llava-fashion-hd"][:2]] + list(VLM_RECIPES)
-        rows = {r["label"]: r for r in kept + models["llava-fashion-hd"]}
-        models["llava-fashion-hd"] = [rows[k] for k in order if k in rows]
+        models["llava-fashion-hd"] = merge_rows(models["llava-fashion-hd"], previous, "llava-fashion-hd", order,
+                                                run_info["date"])
+    if args.lit_recipes and "lit-fashion" in models:
+        order = ["fp32", "fp16"] + [f"{r}+{m}" for r, m in LIT_PAIRS]
+        models["lit-fashion"] = merge_rows(models["lit-fashion"], previous, "lit-fashion", order, run_info["date"])
     runs = {**previous.get("runs", {}), **{name: run_info for name in models}}  # when each group was measured
     models = {**previous.get("models", {}), **models}  # a subset run keeps the other groups' rows
     result = {"benchmark": "bytes", "models": models, "targets": verdicts(models), "runs": runs,
