@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,25 @@ from torch import nn
 
 from lowbit.data.base import DATASETS, ImageTextSet
 from lowbit.models.base import FAMILIES, DualEncoder, ModelFamily
+
+
+def dying_at(real: Callable[..., Any], step: int) -> Callable[..., Any]:
+    """``lowbit.train.qat.qat_batches`` whose process "dies" (KeyboardInterrupt) when ``step`` asks for its batch:
+    an interrupted run for the resume tests, with every checkpoint before ``step`` written."""
+
+    def factory(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+        batches = real(*args, **kwargs)
+
+        def gen(start: int, rank: int, world: int) -> Any:
+            for at, batch in enumerate(batches(start, rank, world), start):
+                if at == step:
+                    raise KeyboardInterrupt("killed")
+                yield batch
+
+        return gen
+
+    return factory
+
 
 CLASSES = ["ring", "bar", "dot", "cross"]
 TEMPLATES = ["a {}", "the {} picture"]

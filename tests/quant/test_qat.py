@@ -22,7 +22,7 @@ from lowbit.quant.recipe import load_recipe
 from lowbit.train.loop import TrainConfig
 from lowbit.train.qat import QATLoss, train_qat
 from lowbit.workflows.checkpoint import load_quantized, save_quantized
-from tests.quant.qat_tiny import TinyDual, tiny_data
+from tests.quant.qat_tiny import TinyDual, dying_at, tiny_data
 
 RECIPES = ["*=w1:binary", "*=w1.58", "*=w1:pbllm", "*=w4g8", "*=w3g8a", "*=w2", "*=w8"]
 GEN = torch.Generator().manual_seed(0)
@@ -175,18 +175,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, monkeypat
     full = run(tmp_path / "full")
     real = qat_mod.qat_batches
 
-    def dying(*args, **kwargs):  # the process "dies" when step 4 asks for its batch (checkpoint at 3 exists)
-        factory = real(*args, **kwargs)
-
-        def gen(start, rank, world):
-            for step, batch in enumerate(factory(start, rank, world), start):
-                if step == 4:
-                    raise KeyboardInterrupt("killed")
-                yield batch
-
-        return gen
-
-    monkeypatch.setattr(qat_mod, "qat_batches", dying)
+    monkeypatch.setattr(qat_mod, "qat_batches", dying_at(real, 4))  # checkpoint at 3 exists
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
     monkeypatch.setattr(qat_mod, "qat_batches", real)

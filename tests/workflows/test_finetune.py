@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.quant import lora as L
-from tests.quant.qat_tiny import tiny_data  # noqa: F401  (registers tiny-qat and tiny-qat-data)
+from tests.quant.qat_tiny import dying_at, tiny_data  # noqa: F401  (registers tiny-qat and tiny-qat-data)
 
 OPTS = {"data": "tiny-qat-data", "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "train_samples": 24,
         "eval_samples": 0, "log_every": 1, "progress": False}
@@ -43,18 +43,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(packed: str, tmp_path: Pa
     assert full["steps"] == 6 and full["lora"]["layers"] == 3
     real = qat_mod.qat_batches
 
-    def dying(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202  the process "dies" asking for step 4's batch
-        factory = real(*args, **kwargs)
-
-        def gen(start, rank, world):  # noqa: ANN001, ANN202
-            for step, batch in enumerate(factory(start, rank, world), start):
-                if step == 4:
-                    raise KeyboardInterrupt("killed")
-                yield batch
-
-        return gen
-
-    monkeypatch.setattr(qat_mod, "qat_batches", dying)
+    monkeypatch.setattr(qat_mod, "qat_batches", dying_at(real, 4))  # checkpoint at 3 exists
     with pytest.raises(KeyboardInterrupt):
         lowbit.finetune(packed, tmp_path / "cut", **opts)
     monkeypatch.setattr(qat_mod, "qat_batches", real)
