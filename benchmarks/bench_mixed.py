@@ -132,7 +132,9 @@ def plot(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None:
                 kind == "searched" else ":", label=f"{kind} ({'lowbit search' if kind == 'searched' else 'presets'})")
         for x, y, label in pts:
             dy = 7 if kind == "searched" else -13  # searched above their points, uniform below: no overlap
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8, color=color,
+            last = x == max(r["file_bytes"] / 1e6 for r in rows)  # the rightmost label goes left, inside the axes
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(-5 if last else 5, dy), fontsize=8,
+                        color=color, ha="right" if last else "left",
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
     ax.axhline(100 * fp32["accuracy"], color="tab:green", linestyle="--", linewidth=1,
                label=f"fp32 ({fp32['file_bytes'] / 1e6:.0f} MB)")
@@ -153,8 +155,13 @@ def main() -> None:
     parser.add_argument("--uniform-from", help="take the uniform rows from this bytes.json instead of re-measuring")
     parser.add_argument("--limit", type=int, help="Fashion-MNIST test images (default: all 10000)")
     parser.add_argument("--llava", type=int, help="instead: llava-fashion-hd's LM on this many fashion-vqa questions")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON's rows")
     parser.add_argument("--json", default=str(RESULTS / "mixed.json"))
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.json).read_text())
+        plot(saved["rows"], saved["fp32"], Path(args.json).with_suffix(".png"))
+        return
     if args.llava:
         t0, load_avg = time.perf_counter(), os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
@@ -178,11 +185,11 @@ def main() -> None:
         for budget in [float(b) for b in args.budgets.split(",") if b]:
             c0, s0 = _cpu(), time.perf_counter()
             found = search(float_model, budget_bits=budget, measure=False)
-            search_cpu = round(_cpu() - c0, 1)
+            search_cpu, search_seconds = round(_cpu() - c0, 1), round(time.perf_counter() - s0, 1)
             recipe = Recipe.from_dict(found["recipe"], name=found["recipe"]["name"])
             row = {**_measure(float_model, reference, recipe, f"searched {budget:g} bits", args.limit, work),
                    "kind": "searched", "budget_bits": budget, "expected": found["expected"],
-                   "search_cpu_seconds": search_cpu, "search_seconds": round(time.perf_counter() - s0, 1),
+                   "search_cpu_seconds": search_cpu, "search_seconds": search_seconds,
                    "sensitivity_cached": found["sensitivity"]["cached"]}
             if budget in TARGETS:
                 row["target_max_drop_pt"] = TARGETS[budget]
