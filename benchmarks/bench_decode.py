@@ -114,6 +114,7 @@ def lowbit_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
         engine.generate(prompts["long"], max_new_tokens=1)
         out["prompt_long_tok_s"].append(PROMPTS["long"] / (time.perf_counter() - t0))
     result: dict[str, Any] = {k: max(v) for k, v in out.items()}
+    result["peak_rss_mb"] = round(status_mb("VmHWM"), 1)  # before the agreement's full-sequence logits
     if task.get("agreement"):
         hits = []
         for key, ref in task["references"].items():
@@ -156,6 +157,7 @@ def llama_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
         out["decode_tok_s"].append(NEW_TOKENS / decode)
         out["prompt_long_tok_s"].append(PROMPTS["long"] / run(task["prompts"]["long"], 0)[0])
     result: dict[str, Any] = {k: max(v) for k, v in out.items()}
+    result["peak_rss_mb"] = round(status_mb("VmHWM"), 1)  # before the agreement's logits_all context
     if task.get("agreement"):
         del llm  # the logits run below opens its own context
         from bench_export_gguf import llama_logits
@@ -247,7 +249,8 @@ def worker_main(engine: str, path: str, task_file: str) -> None:
     task = json.loads(Path(task_file).read_text())
     load = os.getloadavg()
     result = WORKERS[engine](path, task)
-    result.update(peak_rss_mb=round(status_mb("VmHWM"), 1), rss_after_mb=round(status_mb("VmRSS"), 1),
+    result.setdefault("peak_rss_mb", round(status_mb("VmHWM"), 1))
+    result.update(rss_after_mb=round(status_mb("VmRSS"), 1),
                   load_average_start=[round(x, 2) for x in load])
     print("RESULT " + json.dumps(result), flush=True)
 
