@@ -14,10 +14,11 @@ from lowbit.quant.primitives import QuantSpec
 
 G = torch.Generator().manual_seed(3)
 N, K = 16, 64
-UNIFORM = [QuantSpec(b, 32, sym) for b in (8, 4, 3, 2) for sym in (True, False)] + [QuantSpec(1, 32)]
+UNIFORM = [QuantSpec(b, 32, sym) for b in (8, 6, 4, 3, 2) for sym in (True, False)] + [QuantSpec(1, 32)]
 # method -> the (spec, options) its grid allows
 GRIDS: dict[str, list[tuple[QuantSpec, dict[str, Any]]]] = {
     **{m: [(s, {}) for s in UNIFORM] for m in ("rtn", "gptq", "awq")},
+    **{m: [(s, {}) for s in UNIFORM] for m in ("smoothquant", "repq")},  # transforms over a base method (rtn)
     "binary": [(QuantSpec(1, 32), {})],
     "ternary": [(QuantSpec(2, 32), {}), (QuantSpec(2, 32), {"storage": "base3"})],
     "pbllm": [(QuantSpec(1, 32), {})],
