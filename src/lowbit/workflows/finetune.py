@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -50,6 +49,7 @@ from lowbit.quant.lora import (
 from lowbit.train import distributed as D
 from lowbit.train.loop import TrainConfig, TrainState, train
 from lowbit.train.qat import DISTILL_MODES, TASK_LOSSES, PairEncoder, QATLoss
+from lowbit.workflows.run_record import check_run_record
 
 RUN_FILE = "finetune_run.json"
 ADAPTER_DIR = "adapters"
@@ -157,21 +157,7 @@ class AdapterAnswerLoss(AdapterState, nn.Module):
 
 
 def _check_run_dir(args: FinetuneArgs) -> None:
-    record = {k: asdict(args)[k] for k in _RUN_KEYS}
-    path = Path(args.out) / RUN_FILE
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as err:
-            raise LowbitError(f"{str(path)!r} is not a readable finetune run record ({type(err).__name__}); accepted: "
-                              "the file a previous `lowbit finetune` wrote, or a new --out directory") from None
-        diff = {k: (saved.get(k), v) for k, v in record.items() if not isinstance(saved, dict) or saved.get(k) != v}
-        if diff:
-            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise LowbitError(f"{args.out} holds a different finetune run ({listed}); accepted: the same arguments, "
-                              "or a new --out directory")
-    elif D.is_main():
-        write_json(path, {**record, "args": asdict(args)})
+    check_run_record(args.out, RUN_FILE, "finetune", {k: asdict(args)[k] for k in _RUN_KEYS}, asdict(args))
 
 
 def _is_llava(model: nn.Module) -> bool:

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +31,7 @@ from lowbit.train import distributed as D
 from lowbit.train.block_ap_stage import BlockAPStage, run_block_ap_stage
 from lowbit.train.loop import TrainConfig, TrainState
 from lowbit.train.qat import TRAIN_MODES, QATLoss, train_qat
+from lowbit.workflows.run_record import check_run_record
 
 MODEL_DIR = "model"  # the folded packed checkpoint inside the run directory
 RUN_FILE = "qat_run.json"
@@ -72,22 +72,7 @@ class QATArgs:
 def _check_run_dir(args: QATArgs) -> None:
     """Refuse to resume a run directory that holds a different run; record this one otherwise (rank 0)."""
     record = {k: (asdict(args)[k] if k not in ("distill", "task_loss") else getattr(args.loss, k)) for k in _RUN_KEYS}
-    path = Path(args.out) / RUN_FILE
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as err:
-            raise LowbitError(f"{str(path)!r} is not a readable QAT run record ({type(err).__name__}); accepted: "
-                              "the file a previous `lowbit qat` wrote, or a new --out directory") from None
-        if not isinstance(saved, dict):
-            raise LowbitError(f"{str(path)!r} is not a QAT run record (a JSON object); accepted: a new --out")
-        diff = {k: (saved.get(k), v) for k, v in record.items() if saved.get(k) != v}
-        if diff:
-            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise LowbitError(f"{args.out} holds a different QAT run ({listed}); accepted: the same arguments, "
-                              "or a new --out directory")
-    elif D.is_main():
-        write_json(path, {**record, "args": asdict(args)})
+    check_run_record(args.out, RUN_FILE, "qat", record, asdict(args))
 
 
 def _eval_task(data: ImageTextSet) -> str:
