@@ -86,8 +86,10 @@ _state: dict[str, object] = {"loaded": False, "ext": None, "reason": None}
 def _build_dir() -> Path:
     # One directory per interpreter / torch version (the extension's ABI depends on both) and per version of
     # the sources: checkouts of different lowbit versions sharing one $LOWBIT_HOME would otherwise rebuild
-    # over each other's extension (and could load the other's).
-    digest = hashlib.sha1()
+    # over each other's extension (and could load the other's). The source directory is in the key too: ninja
+    # rebuilds whenever build.ninja names other source paths, so two checkouts alternating on one build
+    # directory would recompile at every switch.
+    digest = hashlib.sha1(str(SOURCE_DIR.resolve()).encode() + b"\0")
     for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
         digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
     tag = (f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
