@@ -87,7 +87,7 @@ def llava_rows(n_vqa: int, budget: float, work: Path) -> dict[str, Any]:
     model = lowbit.load("llava-fashion-hd")
     reference = lowbit.evaluate(model, "fashion-vqa", limit=n_vqa, progress=False)
     common = {"base": LLAVA_BASE, "calib_data": TASK, "calib_samples": LLAVA_CALIB, "probe_samples": 16,
-              "measure": False}
+              "measure": False, "progress": True}
     c0 = _cpu()
     found = search(model, budget_bits=budget, **common)
     search_cpu = round(_cpu() - c0, 1)
