@@ -31,8 +31,8 @@ import lowbit
 from lowbit.eval.env import environment
 from lowbit.eval.report import whole_bytes
 from lowbit.io import write_json
-from lowbit.quant.recipe import Recipe
-from lowbit.workflows.search import search
+from lowbit.quant.recipe import Recipe, load_recipe
+from lowbit.workflows.search import DEFAULT_OPTIONS, search, uniform_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL, TASK = "lit-fashion", "fashion-mnist"
@@ -91,7 +91,11 @@ def llava_rows(n_vqa: int, budget: float, work: Path) -> dict[str, Any]:
     c0 = _cpu()
     found = search(model, budget_bits=budget, **common)
     search_cpu = round(_cpu() - c0, 1)
-    uniform = search(model, budget_bits=4.0, widths=[4], **common)
+    # The baseline is the search's own recipe with every searched layer at 4 bits (same method, options, groups)
+    searched_params = sum(layer["params"] for layer in found["layers"])
+    uniform = {"recipe": uniform_recipe(load_recipe(LLAVA_BASE), 4, "gptq", 32, DEFAULT_OPTIONS["gptq"],
+                                        "uniform w4 gptq").to_dict(),
+               "expected": {"avg_bits": 4.0, "params_by_width": {"w4": searched_params}}}
     rows = []
     for label, chosen in ((f"searched {budget:g} bits", found), ("uniform w4 gptq", uniform)):
         quant = copy.deepcopy(model)

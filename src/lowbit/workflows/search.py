@@ -108,11 +108,18 @@ def mixed_recipe(base: Recipe, layers: Sequence[SearchLayer], chosen: Sequence[i
         if bits != common:
             rules.append(Rule(layer.tower, _glob_literal(layer.name), method, QuantSpec(bits, group_size, True),
                               dict(options), kinds=(layer.kind,)))
+    uniform = uniform_recipe(base, common, method, group_size, options, name)
+    return Recipe(tuple(rules) + uniform.rules, name=name, float_dtype=base.float_dtype)
+
+
+def uniform_recipe(base: Recipe, bits: int, method: str, group_size: int | None, options: dict[str, Any],
+                   name: str) -> Recipe:
+    """``base`` with its main rules at ``bits`` by ``method``: what a search writes when every searched layer takes
+    one width (a search's uniform baseline, with nothing to measure)."""
     mains = main_rule_indices(base)
-    for i, r in enumerate(base.rules):
-        rules.append(replace(r, method=method, spec=QuantSpec(common, group_size, True), options=dict(options))
-                     if i in mains else r)
-    return Recipe(tuple(rules), name=name, float_dtype=base.float_dtype)
+    rules = tuple(replace(r, method=method, spec=QuantSpec(bits, group_size, True), options=dict(options))
+                  if i in mains else r for i, r in enumerate(base.rules))
+    return Recipe(rules, name=name, float_dtype=base.float_dtype)
 
 
 def _model_digest(model: nn.Module) -> str:
