@@ -80,14 +80,14 @@ LLAVA_BASE = "language@embedding=w8g32,language=w4g32:gptq,vision=w8,projector=w
 LLAVA_CALIB = 64  # image+question sequences, as bench_vlm.py / bench_bytes.py
 
 
-def llava_rows(n_vqa: int, budget: float, work: Path) -> dict[str, Any]:
+def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int]) -> dict[str, Any]:
     """llava-fashion-hd's language model: a searched mix at ``budget`` average bits against uniform w4 GPTQ with the
     same options (the search's own recipe with every layer at 4 bits), mean KL of the first answer token against
     full precision on the same held-out fashion-vqa questions, after save + load."""
     model = lowbit.load("llava-fashion-hd")
     reference = lowbit.evaluate(model, "fashion-vqa", limit=n_vqa, progress=False)
     common = {"base": LLAVA_BASE, "calib_data": TASK, "calib_samples": LLAVA_CALIB, "probe_samples": 16,
-              "measure": False, "progress": True}
+              "measure": False, "progress": True, "widths": widths}
     c0 = _cpu()
     found = search(model, budget_bits=budget, **common)
     search_cpu = round(_cpu() - c0, 1)
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--uniform-from", help="take the uniform rows from this bytes.json instead of re-measuring")
     parser.add_argument("--limit", type=int, help="Fashion-MNIST test images (default: all 10000)")
     parser.add_argument("--llava", type=int, help="instead: llava-fashion-hd's LM on this many fashion-vqa questions")
+    parser.add_argument("--widths", default="2,3,4,8", help="widths the search chooses from")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON's rows")
     parser.add_argument("--json", default=str(RESULTS / "mixed.json"))
     args = parser.parse_args()
@@ -169,10 +170,10 @@ def main() -> None:
     if args.llava:
         t0, load_avg = time.perf_counter(), os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
-            section = llava_rows(args.llava, 4.0, Path(tmp))
+            section = llava_rows(args.llava, 4.0, Path(tmp), [int(w) for w in args.widths.split(",")])
         section.update(seconds=round(time.perf_counter() - t0, 1), load_avg_1min=load_avg,
                        load_avg_1min_end=os.getloadavg()[0], env=environment(), threads=torch.get_num_threads(),
-                       command=f"benchmarks/bench_mixed.py --llava {args.llava}")
+                       command=f"benchmarks/bench_mixed.py --llava {args.llava} --widths {args.widths}")
         previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
         write_json(args.json, {**previous, "llava": section})
         print(json.dumps({k: section[k] for k in ("rows", "met")}))
