@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -214,6 +215,92 @@ def test_smoothquant_beats_plain_w8a8_on_an_outlier_channel() -> None:
     assert gptq.input_scale is not None
     with pytest.raises(LowbitError, match="base="):
         get_method("smoothquant").quantize_weight(w, QuantSpec(8), ctx, {"base": "awq"})
+
+
+class _Block(nn.Module):
+    """A norm read by two linears (pre-norm, ``post_ln=False``) or also by the residual (post-LN)."""
+
+    def __init__(self, post_ln: bool, norm: type[nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.post_ln = post_ln
+        self.inp = nn.Linear(32, 48)
+        self.norm = norm(48)
+        self.q, self.k = nn.Linear(48, 48), nn.Linear(48, 48)
+        self.out = nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.inp(x))
+        z = self.q(y) * torch.sigmoid(self.k(y))
+        return self.out(z + y if self.post_ln else z)
+
+
+def _outlier_inputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(64, 32, generator=g) for _ in range(2)]
+
+
+def _with_outliers(block: _Block) -> _Block:
+    with torch.no_grad():  # outlier channels in the norm's output, as in transformer activations
+        block.norm.weight[:3] = 40.0
+    return block.eval()
+
+
+@pytest.mark.parametrize("norm", (nn.LayerNorm, nn.RMSNorm), ids=("layernorm", "rmsnorm"))
+def test_smoothquant_folds_into_the_norm_exactly(norm: type[nn.Module]) -> None:
+    from lowbit.quant.smoothquant import fold_into_norms
+
+    model = _with_outliers(_Block(post_ln=False, norm=norm))
+    x = torch.cat(_outlier_inputs())
+    with torch.no_grad():
+        ref, top = model(x), model.norm(model.inp(x)).abs().amax(0)
+    rule = load_recipe("*=w8a8:smoothquant").rules[0]
+    targets = [("model", n, m, rule) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    done = fold_into_norms(ModuleCalibrator(model, _outlier_inputs()), {"model": model}, targets)
+    assert list(done["folded"]) == ["model/norm"] and done["folded"]["model/norm"] is not None
+    assert sorted(done["layers"]) == ["model/k", "model/q"]  # one shared scale for the norm's two readers
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-4)  # the float function is unchanged
+        assert float(model.norm(model.inp(x)).abs().amax(0)[:3].max()) < float(top[:3].min())  # outliers shrank
+
+
+def test_smoothquant_keeps_an_input_scale_where_the_norm_feeds_a_residual() -> None:
+    model = _with_outliers(_Block(post_ln=True))
+    x = torch.cat(_outlier_inputs())
+    with torch.no_grad():
+        ref = model(x)
+    norm_weight = model.norm.weight.clone()
+    report = quantize_(model, "*=w8a8:smoothquant", calibration=ModuleCalibrator(model, _outlier_inputs()),
+                       progress=False)
+    assert report.transforms["smoothquant"] == {"folded": {}, "layers": []}  # the fold was tried and undone
+    assert torch.equal(model.norm.weight, norm_weight)
+    assert model.q.input_scale is not None  # per layer, as an input scale
+    with torch.no_grad():
+        assert float(torch.nn.functional.cosine_similarity(model(x), ref).min()) > 0.99
+
+
+def test_smoothquant_folded_layers_carry_no_input_scale(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    float_model = _with_outliers(_Block(post_ln=False))
+    x = torch.cat(_outlier_inputs())
+
+    def readers_error(m: _Block) -> float:  # relative error of the norm's two readers' outputs
+        with torch.no_grad():
+            y, y_ref = m.norm(m.inp(x)), float_model.norm(float_model.inp(x))
+            ref = torch.cat([float_model.q(y_ref), float_model.k(y_ref)])
+            return float((torch.cat([m.q(y), m.k(y)]) - ref).norm() / ref.norm())
+
+    plain = copy.deepcopy(float_model)
+    quantize_(plain, "*=w8a8", calibration=ModuleCalibrator(plain, _outlier_inputs()), progress=False)
+    model = copy.deepcopy(float_model)
+    recipe = load_recipe("*=w8a8:smoothquant")
+    report = quantize_(model, recipe, calibration=ModuleCalibrator(model, _outlier_inputs()), progress=False)
+    assert sorted(report.transforms["smoothquant"]["layers"]) == ["model/k", "model/q"]
+    assert model.q.input_scale is None and model.k.input_scale is None  # no division left at run time
+    assert readers_error(model) < 0.5 * readers_error(plain)
+    loaded = load_quantized(save_quantized(model, report, recipe, tmp_path / "ckpt"),
+                            build_float=lambda source: copy.deepcopy(float_model))  # the folded norm is saved
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
 
 
 # --- attention matmuls --------------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ def quantize_(
     for p in bar:
         bar.set_postfix_str(f"{p.tower}/{p.name}", refresh=False)
         entry = _tie_one(model, p, paths, built) if p.tied_to is not None else _quantize_one(
-            model, p, paths, calibration, built)
+            model, p, paths, calibration, built, report.transforms.get(p.rule.method))
         report.modules.append(entry)
     static = [(p.tower, p.name, built[id(p.module)]) for p in planned
               if takes_activations(p, built.get(id(p.module), p.module)) and not p.rule.activations.dynamic]
@@ -341,7 +341,7 @@ def _tie_one(model: nn.Module, p: _Planned, paths: dict[int, list[str]], built: 
 
 def _quantize_one(
     model: nn.Module, p: _Planned, paths: dict[int, list[str]], calibration: CalibrationProvider | None,
-    built: dict[int, nn.Module],
+    built: dict[int, nn.Module], prepared: dict[str, Any] | None = None,
 ) -> ModuleQuant:
     method = get_method(p.rule.method)
     spec = p.rule.spec
@@ -353,6 +353,8 @@ def _quantize_one(
     ctx.tower, ctx.name, ctx.kind = ctx.tower or p.tower, ctx.name or p.name, p.kind
     if p.rule.activations is not None:
         ctx.extra["act_spec"] = p.rule.activations  # methods that balance weights against activations read it
+    if prepared is not None:
+        ctx.extra["prepared"] = prepared  # what the method's own prepare_model did to the model as a whole
     shape = tuple(p.module.weight.shape)
     weight = p.module.weight.detach().to(torch.float32).reshape(shape[0], -1)  # [N, K]
     result = method.quantize_weight(weight.clone(), spec, ctx, dict(p.rule.options))
