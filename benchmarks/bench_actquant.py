@@ -25,6 +25,7 @@ the same process one after the other, with the CPU model and load average record
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bits_per_weight_quantized": round(report.totals()["total"]["bits_per_weight"], 3),
             "quantize_wall_s": round(seconds, 1), "quantize_cpu_s": round(cpu, 1),
             "load_avg_1min_at_quantize": round(load0, 2), "calib_samples": args.calib_samples,
+            "transforms": {k: {f: len(v) if isinstance(v, (list, dict)) else v for f, v in t.items()}
+                           for k, t in report.transforms.items()},  # e.g. how many norms SmoothQuant folded into
         }
         if target is not None:
             row["target_max_drop_pt"] = target
@@ -190,7 +193,19 @@ def main() -> None:
     args = parser.parse_args()
     args.command = "python benchmarks/bench_actquant.py " + " ".join(sys.argv[1:])
     result = run(args)
-    write_json(Path(args.out), result)
+    out = Path(args.out)
+    if args.rows and out.is_file():  # a partial re-run replaces its rows and keeps the others' measurements
+        previous = json.loads(out.read_text())
+        mine = {r["label"] for r in result["rows"]}
+        result["rows"] = [r for r in previous["rows"] if r["label"] not in mine] + result["rows"]
+        result["rows"].sort(key=lambda r: list(ROWS).index(r["label"]))
+        for key in ("image_latency_w8a8_static_vs_w8_dynamic", "w4a4_repq_margin_over_minmax_pt"):
+            if result[key] is None:
+                result[key] = previous.get(key)
+        result["float"] = {**previous.get("float", {}), **result["float"]}
+        result["partial_reruns"] = previous.get("partial_reruns", []) + [
+            {"command": args.command, "rows": sorted(mine), "env": result["env"]}]
+    write_json(out, result)
     print(f"wrote {args.out}")
 
 
