@@ -26,7 +26,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples, eval_every=args.eval_every,
         eval_samples=args.eval_samples, ckpt_every=args.ckpt_every, log_every=args.log_every, teacher=args.teacher,
         distill=args.distill, task_loss=args.task_loss, task_weight=args.task_weight, turns=args.turns,
-        merge=args.merge, progress=not args.no_progress, overwrite=args.overwrite,
+        merge=args.merge, grad_checkpoint=args.grad_checkpoint, progress=not args.no_progress, overwrite=args.overwrite,
     )
     if is_main_process():
         print(summary_line(summary))
@@ -51,9 +51,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory: checkpoints, log, adapters/ (PEFT), summary.json")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--lora", type=int, default=8, help="adapter rank r")
-    p.add_argument("--targets", default="*",
+    p.add_argument("--targets", default=None,
                    help="layers to adapt: TOWER[/PATTERN][@KIND+KIND] items, comma separated (kinds: linear, "
-                        "conv1x1), e.g. 'vision@conv1x1,text/*attention*'")
+                        "conv1x1), e.g. 'vision@conv1x1,text/*attention*' (default: every layer of a dual encoder; "
+                        "for llava the language model's decoder blocks, not its output head)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scaling alpha/r; default 2r)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input")
     p.add_argument("--data", default=None,
@@ -73,6 +74,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true",
                    help="also fold the adapters into a new packed checkpoint OUT/model (re-rounded on each layer's "
                         "grid; the merge error is reported)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="llava: recompute each decoder block in the backward instead of keeping its activations "
+                        "(less memory, ~1 more forward per step; the same gradients)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-samples", type=int, default=500, help="test samples per evaluation (0: none)")
     p.add_argument("--ckpt-every", type=int, default=50)

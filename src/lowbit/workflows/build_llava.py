@@ -148,7 +148,10 @@ class AnswerLoss(nn.Module):
         for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):  # right padding: positions start at 0
             embeds[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
             target[i, : len(lab)] = torch.tensor(lab)
-        hidden = m.language.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, T, D]
+        # no KV cache: nothing decodes after this forward (and a cache written inside a gradient-checkpointed block
+        # would be written again when the backward recomputes it)
+        hidden = m.language.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                          use_cache=False).last_hidden_state  # [B, T, D]
         shifted = target[:, 1:]  # token t+1 is predicted at position t
         keep = shifted != IGNORE_INDEX  # [B, T-1]
         logits = m.language.get_output_embeddings()(hidden[:, :-1][keep])  # [n_answer_tokens, V]

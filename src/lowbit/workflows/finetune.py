@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,12 @@ register_output_kind(run_dir_kind("finetune-run", RUN_FILE))
 @dataclass
 class FinetuneArgs:
     """Everything ``run_finetune`` (and ``lowbit finetune``) takes. ``data`` None: fashion-mnist for dual
-    encoders, fashion-vqa for llava. ``alpha`` None: 2 * rank."""
+    encoders, fashion-vqa for llava. ``alpha`` None: 2 * rank. ``targets`` None: ``default_targets``."""
 
     model: str
     out: str
     lora: int = 8
-    targets: str = "*"
+    targets: str | None = None
     alpha: float | None = None
     dropout: float = 0.0
     data: str | None = None
@@ -90,12 +91,15 @@ class FinetuneArgs:
     temperature: float = 1.0
     turns: int = 1  # llava: conversation turns per image
     merge: bool = False
+    grad_checkpoint: bool = False  # llava: recompute each decoder block in the backward (activation memory)
     progress: bool = True
     overwrite: bool = False
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, model: nn.Module | None = None) -> LoraConfig:
+        """The adapters' config; ``targets`` None is resolved on ``model`` (``default_targets``)."""
         alpha = 2.0 * self.lora if self.alpha is None else float(self.alpha)
-        return LoraConfig(r=self.lora, alpha=alpha, dropout=self.dropout, targets=self.targets, seed=self.seed)
+        targets = self.targets if self.targets is not None else (default_targets(model) if model is not None else "*")
+        return LoraConfig(r=self.lora, alpha=alpha, dropout=self.dropout, targets=targets, seed=self.seed)
 
     def validate(self) -> None:
         self.lora_config().validate()
@@ -105,6 +109,17 @@ class FinetuneArgs:
         if self.steps < 1 or self.train_samples < 1 or self.turns < 1:
             raise LowbitError(f"finetune: steps, train_samples and turns must be >= 1; received {self.steps}, "
                               f"{self.train_samples}, {self.turns}")
+
+
+def default_targets(model: nn.Module) -> str:
+    """Every adaptable layer of a dual encoder (``*``); for llava, the linears of the language model's decoder
+    blocks: not its output head (tied to the input embeddings in SmolLM2: a [vocab, D] adapter there buys little
+    for its cost) and not the vision tower (training reads cached vision tokens, so adapters there never train)."""
+    if not _is_llava(model):
+        return "*"
+    decoder = model.language.get_decoder()
+    prefix = next((name for name, m in model.language.named_modules() if m is decoder), "")
+    return f"language/{prefix}.*" if prefix else "language"
 
 
 class AdapterState:
@@ -193,30 +208,79 @@ def _dual_run(args: FinetuneArgs, model: DualEncoder, config: TrainConfig) -> tu
     return state, {"data": data, "task": task, "loss": asdict(loss)}
 
 
-def _llava_run(args: FinetuneArgs, model: nn.Module, config: TrainConfig) -> tuple[TrainState, Any]:
+def llava_batches(model: nn.Module, data: str, train_samples: int, batch_size: int, turns: int = 1, seed: int = 0,
+                  progress: bool = False) -> tuple[Any, int, float]:
+    """The llava training batches (``train``'s ``BatchFactory``) of ``data``'s train split: cached vision tokens
+    (images disjoint from the test split) and encoded conversations. Returns (factory, conversations, seconds
+    spent on the vision tokens: the tower runs once per image, before training, and its tokens are cached)."""
     from lowbit.data.vqa import load_vqa
-    from lowbit.eval import evaluate
     from lowbit.train.sampling import index_batches
     from lowbit.workflows.build_llava import conversations, visual_features
 
-    name = args.data or "fashion-vqa"
-    data = load_vqa(name, "train", limit=args.train_samples, turns_per_image=args.turns, seed=args.seed)
-    feats, scores = visual_features(model, data, progress=args.progress)
-    convs = conversations(model, data)
+    t = time.perf_counter()
+    vqa = load_vqa(data, "train", limit=train_samples, turns_per_image=turns, seed=seed)
+    feats, scores = visual_features(model, vqa, progress=progress)
+    convs = conversations(model, vqa)
+    seconds = time.perf_counter() - t
 
     def collate(idx: np.ndarray, step: int) -> dict[str, Any]:
         i = torch.as_tensor(idx)
         return {"tokens": feats[i], "scores": scores[i], "pre": [convs[j].pre for j in idx],
                 "post": [convs[j].post for j in idx], "labels": [convs[j].labels for j in idx]}
 
+    return index_batches(len(convs), batch_size, seed, collate), len(convs), seconds
+
+
+class _Recomputed:
+    """A module's ``forward`` while gradient checkpointing: under autograd its activations are not kept but
+    recomputed in the backward (``torch.utils.checkpoint``, non-reentrant); the gradients are the same."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Gradient checkpointing of a llava language model's decoder blocks (in place; returns how many).
+
+    QLoRA's memory is the frozen packed weights plus activations; without this the activations kept for the
+    backward (every block's attention and MLP intermediates, ~0.4 GB per 178-token sample on SmolLM2-135M)
+    dominate it. Works in eval mode (transformers' own switch only acts in training mode, and the answer loss
+    keeps the model in eval mode)."""
+    blocks = getattr(model.language.get_decoder(), "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise LowbitError(f"gradient checkpointing: {type(model.language).__name__}'s decoder has no `layers` list; "
+                          "accepted: a decoder-block language model (or no --grad-checkpoint)")
+    for block in blocks:
+        if not isinstance(block.__dict__.get("forward"), _Recomputed):
+            block.forward = _Recomputed(block.forward)
+    return len(blocks)
+
+
+def _llava_run(args: FinetuneArgs, model: nn.Module, config: TrainConfig) -> tuple[TrainState, Any]:
+    from lowbit.eval import evaluate
+
+    name = args.data or "fashion-vqa"
+    batches, n_convs, feature_seconds = llava_batches(model, name, args.train_samples, args.batch_size, args.turns,
+                                                      args.seed, args.progress)
+
     def eval_fn(wrapper: nn.Module, step: int) -> dict[str, Any]:
         result = evaluate(wrapper.model, name, limit=args.eval_samples, footprint=False, progress=False)
         return {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
 
     random.seed(args.seed)
-    state = train(AdapterAnswerLoss(model), lambda m, b: m(b), index_batches(len(convs), args.batch_size, args.seed,
-                  collate), config, eval_fn=eval_fn if args.eval_samples else None)
-    return state, {"data": name, "task": name, "loss": "answer tokens cross-entropy", "conversations": len(convs)}
+    if args.grad_checkpoint:
+        checkpoint_blocks(model)
+    state = train(AdapterAnswerLoss(model), lambda m, b: m(b), batches, config,
+                  eval_fn=eval_fn if args.eval_samples else None)
+    return state, {"data": name, "task": name, "loss": "answer tokens cross-entropy", "conversations": n_convs,
+                   "vision_token_seconds": round(feature_seconds, 1)}
 
 
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
@@ -226,7 +290,6 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     from lowbit.workflows.quantize import save
 
     args.validate()
-    lora_config = args.lora_config()
     t0 = time.perf_counter()
     D.init_distributed()
     check_output(args.out, "finetune-run", overwrite=args.overwrite, sources=[args.model, args.data, args.teacher])
@@ -241,7 +304,15 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     if args.merge and getattr(model, "lowbit_manifest", None) is None:
         raise LowbitError(f"merge writes a new packed checkpoint: {args.model!r} is not one; accepted: a packed "
                           "directory (lowbit quantize ... --out DIR), or no merge (the adapters are saved either way)")
+    if args.grad_checkpoint and not _is_llava(model):
+        raise LowbitError("grad_checkpoint recomputes a llava language model's decoder blocks; accepted: a llava "
+                          f"model, received a {type(model).__name__}")
+    lora_config = args.lora_config(model)
     report = attach_lora(model, lora_config)
+    vision = [path for path, row in report.layers.items() if row["tower"] == "vision"]
+    if _is_llava(model) and vision:
+        raise LowbitError(f"llava finetune trains on cached vision-tower tokens: adapters on the vision tower "
+                          f"({vision[0]}, ...) would never train; accepted: language and projector targets")
     config = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                          batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every,
                          eval_every=args.eval_every, ckpt_every=args.ckpt_every, out_dir=args.out,
