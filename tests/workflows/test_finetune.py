@@ -139,3 +139,49 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
     for k in one:  # measured: equal to 1.5e-8 (float summation order of the gathered gradients)
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # they did train
+
+
+def test_llava_default_targets_and_gradient_checkpointing(tmp_path: Path) -> None:
+    """llava's default targets are the LM's decoder blocks (not the head, not the vision tower, which trains on
+    cached tokens and is refused); recomputing the blocks keeps fewer activations and gives the same gradients."""
+    from lowbit.workflows.finetune import AdapterAnswerLoss, checkpoint_blocks, default_targets, llava_batches
+    from tests.models.llava_tiny import write_tiny_llava
+
+    torch.set_num_threads(1)
+    src = write_tiny_llava(tmp_path / "float", max_positions=512)
+    with pytest.raises(LowbitError, match="vision tower"):
+        lowbit.finetune(str(src), tmp_path / "v", lora=2, targets="vision", steps=1, batch_size=2,
+                        train_samples=2, eval_samples=0, progress=False)
+    model = lowbit.load(str(src))
+    lowbit.quantize(model, "language=w4g16", progress=False)
+    report = L.attach_lora(model, L.LoraConfig(r=2, targets=default_targets(model)))
+    assert {row["tower"] for row in report.layers.values()} == {"language"}
+    assert len(report.layers) == 2 * 7 and not any("lm_head" in p or "embed" in p for p in report.layers)
+    with torch.no_grad():  # non-zero B: the gradients reach the A matrices too
+        for m in L.lora_layers(model).values():
+            m.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    batches, _, _ = llava_batches(model, "fashion-vqa", 2, 2)
+    batch = next(iter(batches(0, 0, 1)))
+    loss = AdapterAnswerLoss(model).train()
+
+    def step() -> tuple[int, dict[str, torch.Tensor]]:
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        for p in L.lora_parameters(model):
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = loss(batch)
+        out["loss"].backward()
+        return saved, {k: v.grad.clone() for k, v in L.lora_state(model).items()}
+
+    kept, plain = step()
+    assert checkpoint_blocks(model) == 2
+    kept_recomputed, recomputed = step()
+    assert kept_recomputed < kept / 2
+    for k in plain:
+        torch.testing.assert_close(recomputed[k], plain[k], rtol=0, atol=1e-6, msg=k)
