@@ -126,6 +126,7 @@ def speed_rounds(path: Path, lm: Any, prompt: list[int], new: int, threads: int,
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     ids = torch.tensor([prompt])
+    load_before = os.getloadavg()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # lowbit's kernels and torch ops at the same thread count as llama.cpp
     rows: dict[str, list[tuple[float, float]]] = {"llama.cpp": [], "lowbit lean": []}
@@ -148,9 +149,14 @@ def speed_rounds(path: Path, lm: Any, prompt: list[int], new: int, threads: int,
         # decode time: the (new + 1)-token run minus its prefill (the 1-token run)
         rows["lowbit lean"].append((len(prompt) / (t1 - t0), new / max((t2 - t1) - (t1 - t0), 1e-9)))
     torch.set_num_threads(before)
-    return {name: {"prompt_tok_s": float(np.median([r[0] for r in v])),
-                   "decode_tok_s": float(np.median([r[1] for r in v])), "rounds": len(v)}
-            for name, v in rows.items()}
+    out: dict[str, Any] = {name: {"prompt_tok_s": float(np.median([r[0] for r in v])),
+                                  "decode_tok_s": float(np.median([r[1] for r in v])), "rounds": len(v)}
+                           for name, v in rows.items()}
+    # the machine under this row: thread counts actually used and load average before / after it
+    out["threads"] = {"llama.cpp": threads, "torch": threads}
+    out["load_avg_before"], out["load_avg_after"] = [round(x, 2) for x in load_before], \
+        [round(x, 2) for x in os.getloadavg()]
+    return out
 
 
 def run(quick: bool, threads: int) -> dict[str, Any]:

@@ -56,6 +56,33 @@ def test_matmul_nbits_weight_is_bit_exact(fmt, shape):
     assert (np.abs(y4 - ref) <= bound).all()
 
 
+# (format, rows, inputs, group): per-channel 8-bit wider than lowbit's 128-input activation block (the projector
+# heads), a group of 256 (two activation blocks per group), zero points, a group the kernels leave to the
+# reference path (16: float activations in lowbit, so float compute in ORT), a row shorter than a block
+DEFAULT_LEVEL_SHAPES = [("int8", 64, 1280, 1280), ("uint8", 16, 200, 200), ("int4", 32, 512, 256),
+                        ("uint4", 32, 192, 64), ("int4", 24, 40, 40), ("int4", 16, 128, 16)]
+
+
+@pytest.mark.skipif(not fast.is_available(), reason="lowbit's CPU kernels are not built here")
+@pytest.mark.parametrize("spec", DEFAULT_LEVEL_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_default_export_computes_as_lowbit_kernels(spec):
+    """By default each MatMulNBits rounds activations where and as lowbit's kernel does (its activation blocks,
+    or float where lowbit runs float): ORT's output equals lowbit's own to float rounding, not merely within
+    two independent int8 errors (~1.5% each: what per-channel blocks spanning the row gave)."""
+    fmt, n, k, group = spec
+    layer = _layer(fmt, n, k, group)
+    x = torch.randn(33, k, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 4, k)
+    proto, plans = onnx_export.export_module(nn.Sequential(layer), (x,), ["x"], "y", {"x": {0: "m"}})
+    got = torch.from_numpy(onnx_export.ort_session(proto).run(None, {"x": x.numpy()})[0]).double()
+    with torch.no_grad():
+        ours = layer(x).double()
+    record = plans[0].record()
+    assert record["accuracy_level"] == (0 if group == 16 else 4), record
+    if record["accuracy_level"] == 4:
+        assert record["block_size"] == min(record["lowbit_activation_block"], max(16, 1 << (k - 1).bit_length()))
+    assert float((got - ours).norm() / ours.norm()) < 2e-6, record
+
+
 def test_matmul_nbits_zero_points_only_when_stored():
     sym, _ = onnx_export.export_module(nn.Sequential(_layer("int4", 8, 64, 32)), (torch.randn(1, 64),), ["x"], "y")
     asym, _ = onnx_export.export_module(nn.Sequential(_layer("uint4", 8, 64, 32)), (torch.randn(1, 64),), ["x"], "y")
@@ -211,11 +238,10 @@ def test_failed_export_leaves_nothing_under_the_name(tiny_dirs, tmp_path, monkey
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lit-fashion", "clip-vit-tiny-fashion"])
 def test_builtin_model_ort_matches_lowbit(name, tmp_path):
-    """On 500 Fashion-MNIST images and every prompt: the export at accuracy_level 0 equals lowbit's reference
-    backend (the graph is the packed model, exactly); at accuracy_level 4 (int8 activations in ORT) it stays
-    within 0.2 pt top-1 and mean cosine 0.999 of lowbit's own kernels. Both sides quantize activations to int8,
-    blocked differently, and through EfficientNet's 49 convs the two approximations part: lit-fashion's worst
-    image reaches cosine 0.9972 (measured), so the per-image floor asserted there is 0.995."""
+    """On 500 Fashion-MNIST images and every prompt, the issue's bounds: ORT's embeddings of the default export
+    (int8 activations in lowbit's own blocks where lowbit's kernels round them) against lowbit's kernels, min
+    cosine >= 0.999 and top-1 within 0.2 pt; the export at accuracy_level 0 equals lowbit's reference backend
+    (the graph is the packed model, exactly). Before the blocks matched, lit-fashion's worst image was 0.9984."""
     import lowbit
     from lowbit.data.resolve import resolve_dataset
     from lowbit.kernels.quant_linear import set_backend
@@ -226,12 +252,11 @@ def test_builtin_model_ort_matches_lowbit(name, tmp_path):
     report = export(model, "onnx", tmp_path / "int8")
     export(model, "onnx", tmp_path / "float", accuracy_level=0)
     assert report["ops"]["MatMulNBits"] >= 40 and "float" not in report["ops"]
+    assert report["accuracy_level"]["per_layer"] == {"4": report["ops"]["MatMulNBits"]}  # every one int8, matched
     data = resolve_dataset("fashion-mnist", limit=500)
     kernels = onnx_export.compare_with_lowbit(model, tmp_path / "int8", data)
     assert kernels["n_images"] == 500 and kernels["n_prompts"] == 10 * len(data.templates)
-    floor = 0.995 if name == "lit-fashion" else 0.999
-    assert kernels["image_cosine_min"] >= floor and kernels["text_cosine_min"] >= 0.999, kernels
-    assert kernels["image_cosine_mean"] >= 0.999, kernels
+    assert kernels["image_cosine_min"] >= 0.999 and kernels["text_cosine_min"] >= 0.999, kernels
     assert abs(kernels["top1_delta_pt"]) <= 0.2, kernels
     set_backend(model, "reference")
     exact = onnx_export.compare_with_lowbit(model, tmp_path / "float", resolve_dataset("fashion-mnist", limit=100))

@@ -313,6 +313,17 @@ def act_blocks_for(group_blocks: int, per_channel: bool, act_block: int | str | 
     return max(d for d in range(1, MAX_ACT_BLOCKS + 1) if group_blocks % d == 0)
 
 
+def activation_block(packed: PackedWeight, act_block: int | str | None = None) -> int | None:
+    """Inputs per int8 activation block (one scale per row and block) the kernels use for ``packed`` with a
+    layer's ``act_block`` setting, or None where they do not run it (the reference path: float activations).
+    What another runtime must reproduce to round activations as lowbit does (``workflows/export/onnx.py``)."""
+    if _unsupported_reason(packed) is not None or not is_available():
+        return None
+    g = packed.scales.shape[1]
+    kb = -(-packed.in_features // BLOCK)
+    return act_blocks_for(kb if g == 1 else packed.group_size // BLOCK, g == 1, act_block, kb) * BLOCK
+
+
 def container_bits(bits: int) -> int:
     """Bits per code in the kernel tiles: 3 and 6-bit codes straddle bytes, so they run in 4 and 8 bits."""
     return {3: 4, 6: 8}.get(bits, bits)

@@ -10,8 +10,15 @@ rewritten: each marker becomes
 - ``com.microsoft::MatMulNBits`` (4 or 8 bits, ``block_size`` = lowbit's group size, which must be a power of
   two >= 16, or any size when the layer is per output channel: one block then spans the row), the codes
   repacked into its ``[N, n_blocks, blob]`` layout, zero points only where lowbit stores them (its default,
-  2^(bits-1), is lowbit's implied symmetric zero), ``accuracy_level`` 4 (int8 activations per block, as
-  lowbit's own kernels; the weight itself is bit-exact);
+  2^(bits-1), is lowbit's implied symmetric zero); the weight is bit-exact. ``accuracy_level`` is chosen per
+  layer so that ONNX Runtime computes what lowbit's own kernels compute: 4 (int8 activations, one scale per row
+  and block of ``block_size`` inputs) where lowbit's CPU kernel rounds the layer's activations to int8, with
+  ``block_size`` set to lowbit's activation block (a per-channel or coarser weight scale is repeated over the
+  blocks, exactly), and 0 (float activations) where lowbit runs the layer on float activations (its reference
+  path) or its activation blocks have no MatMulNBits form. Blocked differently (ORT's per-channel block used
+  to span the whole row, lowbit's 128 inputs), the two int8 roundings were independent errors: on lit-fashion's
+  8-bit projector heads about 1.5% each, which put ORT's image embeddings 0.9984 from lowbit's. An explicit
+  ``accuracy_level`` (4, or 0/1 for float compute) applies to every layer;
 - or ``DequantizeLinear`` (opset 21, blocked along the input axis; 4-bit codes as UINT4, 8-bit as UINT8,
   2/3-bit codes widened to UINT8, binary as INT8 {-1, 1}) feeding the float op (Conv, Gather, MatMul), plus
   an ``Add`` of the group minima for the offset (minmax) layout: the weight is bit-exact, stored packed;
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import fast
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.formats import PackedWeight, num_groups, symmetric_zero
 from lowbit.kernels.quant_embedding import QuantEmbedding
@@ -47,7 +55,9 @@ from lowbit.workflows.export import ExportFormat, register_export
 
 MARKER_DOMAIN = "lowbit_export"  # the marker ops' domain: never left in a written graph
 OPSET = 21  # blocked DequantizeLinear and UINT4 need opset 21
-ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block (lowbit's kernels quantize activations to int8 too)
+INT8_LEVEL = 4  # MatMulNBits accuracy_level: int8 activations per row and block (as lowbit's CPU kernels)
+FLOAT_LEVEL = 0  # MatMulNBits accuracy_level: float32 compute (as lowbit's reference path)
+ACCURACY_LEVELS = (0, 1, 4)  # accepted as an explicit option; None (default): per layer, as lowbit computes it
 METADATA_FILE = "lowbit_onnx.json"
 TOKENIZER_DIR = "tokenizer"
 SUPPORTED_FAMILIES = ("lit", "clip")  # DualEncoder.family of the models with an image and a text tower
@@ -68,6 +78,8 @@ class LayerPlan:
     op: str
     block_size: int | None = None
     why: str = ""
+    accuracy_level: int | None = None  # MatMulNBits only
+    activation_block: int | None = None  # inputs per int8 activation block of lowbit's kernel (None: float)
     weight: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # the effective float weight (tracing)
 
     def __post_init__(self) -> None:
@@ -80,6 +92,8 @@ class LayerPlan:
         return {"layer": self.name, "module": type(self.module).__name__, "op": self.op, "bits": p.bits,
                 "group_size": p.group_size, "symmetric": p.symmetric, "format": type(p).__name__,
                 "block_size": self.block_size, "exact_weight": True, "packed": self.op != "float",
+                **({"accuracy_level": self.accuracy_level, "lowbit_activation_block": self.activation_block}
+                   if self.op == "MatMulNBits" else {}),
                 **({"note": self.why} if self.why else {})}
 
 
@@ -87,28 +101,73 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def matmul_nbits_block(packed: PackedWeight) -> tuple[int | None, str]:
-    """The MatMulNBits ``block_size`` holding ``packed`` exactly, or (None, why not)."""
+def _is_pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0  # MatMulNBits' block_size: a power of two >= 16
+
+
+def lowbit_activation_block(module: nn.Module) -> int | None:
+    """Inputs per int8 activation block lowbit's kernel uses for this packed linear as it is set up now (its
+    backend and ``act_block``), or None when lowbit computes it on float activations."""
+    if getattr(module, "backend", None) != "cpu":
+        return None
+    return fast.activation_block(module.packed, getattr(module, "act_block", None))
+
+
+def matmul_nbits_block(packed: PackedWeight, act_inputs: int | None = None,
+                       accuracy_level: int | None = None) -> tuple[int | None, int, str]:
+    """(``block_size``, ``accuracy_level``, note) of the MatMulNBits node holding ``packed`` exactly, or
+    (None, 0, why not).
+
+    ``act_inputs`` is lowbit's int8 activation block for the layer (``lowbit_activation_block``; None: lowbit
+    computes it on float activations). ORT's level 4 rounds activations per row and per weight block, so the
+    block is lowbit's activation block wherever it can hold the weight (a per-channel scale, or a group's,
+    repeated over several blocks: exact). ``accuracy_level`` None picks 4 where the blocks then match and 0
+    where lowbit computes in float or its blocks have no MatMulNBits form: either way both runtimes compute the
+    same numbers up to float rounding. An explicit level is used as given (the note says where it parts)."""
     if type(packed) is not PackedWeight:
-        return None, f"{type(packed).__name__} has no MatMulNBits form"
+        return None, FLOAT_LEVEL, f"{type(packed).__name__} has no MatMulNBits form"
     if packed.bits not in (4, 8):
-        return None, f"MatMulNBits is used for 4 and 8 bits here; {packed.bits}-bit codes go to DequantizeLinear"
+        return (None, FLOAT_LEVEL,
+                f"MatMulNBits is used for 4 and 8 bits here; {packed.bits}-bit codes go to DequantizeLinear")
     k, gs = packed.in_features, packed.group_size
-    if gs >= k:  # per output channel: one block spans the row, padded to a power of two (the pad is never read)
-        return max(16, _next_pow2(k)), ""
-    if gs >= 16 and gs & (gs - 1) == 0:
-        return gs, ""
-    return None, f"group size {gs} is not a power of two >= 16 (MatMulNBits' block_size)"
+    per_channel = gs >= k
+    if per_channel:  # one block spans the row, padded to a power of two (the pad is never read)
+        block = max(16, _next_pow2(k))
+    elif _is_pow2(gs):
+        block = gs
+    else:
+        return None, FLOAT_LEVEL, f"group size {gs} is not a power of two >= 16 (MatMulNBits' block_size)"
+    if act_inputs is None:
+        level = FLOAT_LEVEL if accuracy_level is None else accuracy_level
+        return block, level, ("" if level in (0, 1) else
+                              "lowbit computes this layer on float activations; ORT rounds them to int8 here")
+    if act_inputs >= k and per_channel:
+        matched = True  # one int8 block per row on both sides
+    elif act_inputs < k and _is_pow2(act_inputs) and (per_channel or gs % act_inputs == 0):
+        block, matched = act_inputs, True
+    else:
+        matched = False
+    if accuracy_level is not None:
+        parted = accuracy_level == INT8_LEVEL and not matched
+        return block, accuracy_level, (f"int8 activation blocks differ: ORT {block} inputs, lowbit {act_inputs}"
+                                       if parted else "")
+    if matched:
+        return block, INT8_LEVEL, ""
+    return block, FLOAT_LEVEL, (f"lowbit's int8 activation blocks of {act_inputs} inputs have no MatMulNBits form "
+                                f"over {gs}-input weight groups: float compute here")
 
 
-def plan_layer(name: str, key: int, module: nn.Module, linear: bool) -> LayerPlan:
-    """The op a packed module becomes: MatMulNBits for linears where it holds the grid, else DequantizeLinear
-    (every plain and offset grid), else a float initializer (said in the report)."""
+def plan_layer(name: str, key: int, module: nn.Module, linear: bool,
+               accuracy_level: int | None = None) -> LayerPlan:
+    """The op a packed module becomes: MatMulNBits for linears where it holds the grid (its block and level:
+    ``matmul_nbits_block``), else DequantizeLinear (every plain and offset grid), else a float initializer
+    (said in the report)."""
     packed = module.packed
     if linear:
-        block, why = matmul_nbits_block(packed)
+        act = lowbit_activation_block(module)
+        block, level, why = matmul_nbits_block(packed, act, accuracy_level)
         if block is not None:
-            return LayerPlan(name, key, module, packed, "MatMulNBits", block)
+            return LayerPlan(name, key, module, packed, "MatMulNBits", block, why, level, act)
     else:
         why = "a conv / embedding weight: DequantizeLinear feeding the float op"
     if _dq_spec(packed) is not None:
@@ -130,16 +189,18 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 def matmul_nbits_tensors(packed: PackedWeight, block: int) -> dict[str, np.ndarray]:
     """``B`` uint8 [N, n_blocks, block*bits/8], ``scales`` float32 [N * n_blocks] and, when lowbit stores zero
-    points, ``zero_points`` uint8 (4-bit: two per byte along each row's blocks, padded per row)."""
+    points, ``zero_points`` uint8 (4-bit: two per byte along each row's blocks, padded per row). ``block``
+    divides lowbit's group (or the group spans the row): each block takes its group's scale and zero."""
     n, k, bits = packed.out_features, packed.in_features, packed.bits
     n_blocks = num_groups(k, block)
     codes = np.zeros((n, n_blocks * block), np.uint8)
     codes[:, :k] = packed.codes().numpy()
     blob = codes if bits == 8 else _pack_nibbles(codes)  # rows of whole blocks: the flat nibble order is per row
+    group_of = np.minimum(np.arange(n_blocks) * block // packed.group_size, packed.scales.shape[1] - 1)
     out = {"B": blob.reshape(n, n_blocks, block * bits // 8),
-           "scales": packed.scales.float().numpy().reshape(-1)}  # [N, G] with G == n_blocks (checked by the plan)
+           "scales": np.ascontiguousarray(packed.scales.float().numpy()[:, group_of]).reshape(-1)}
     if packed.zeros is not None:
-        z = packed.zeros.numpy()
+        z = np.ascontiguousarray(packed.zeros.numpy()[:, group_of])
         if bits == 4:
             padded = np.zeros((n, 2 * num_groups(n_blocks, 2)), np.uint8)
             padded[:, :n_blocks] = z
@@ -310,8 +371,9 @@ def _export_class(base: type) -> type:
 
 
 @contextlib.contextmanager
-def stand_ins(model: nn.Module) -> Iterator[list[LayerPlan]]:
-    """Swap every packed module of ``model`` for its export stand-in; yields the plans; restores on exit."""
+def stand_ins(model: nn.Module, accuracy_level: int | None = None) -> Iterator[list[LayerPlan]]:
+    """Swap every packed module of ``model`` for its export stand-in; yields the plans; restores on exit.
+    ``accuracy_level``: MatMulNBits' for every layer (None: per layer, ``matmul_nbits_block``)."""
     plans: list[LayerPlan] = []
     undo: list[Any] = []
     try:
@@ -320,7 +382,7 @@ def stand_ins(model: nn.Module) -> Iterator[list[LayerPlan]]:
                 continue
             key = len(plans)
             if isinstance(module, QuantLinear):
-                plan = plan_layer(name, key, module, linear=True)
+                plan = plan_layer(name, key, module, linear=True, accuracy_level=accuracy_level)
                 stand_in: nn.Module = _LinearStandIn(plan)
             elif isinstance(module, QuantEmbedding):
                 plan = plan_layer(name, key, module, linear=False)
@@ -351,7 +413,7 @@ def stand_ins(model: nn.Module) -> Iterator[list[LayerPlan]]:
 
 
 # --- the graph rewrite: markers -> MatMulNBits / DequantizeLinear --------------------------------------------
-def _matmul_nbits_nodes(plan: LayerPlan, x: str, y: str, accuracy_level: int) -> tuple[list[Any], list[Any]]:
+def _matmul_nbits_nodes(plan: LayerPlan, x: str, y: str) -> tuple[list[Any], list[Any]]:
     from onnx import helper
 
     p, prefix = plan.packed, f"lowbit.{plan.key}"
@@ -360,7 +422,7 @@ def _matmul_nbits_nodes(plan: LayerPlan, x: str, y: str, accuracy_level: int) ->
     inits = [_tensor(f"{prefix}.{k}", v) for k, v in tensors.items()]
     node = helper.make_node("MatMulNBits", [x, *(i.name for i in inits)], [y], name=f"{plan.name}/MatMulNBits",
                             domain="com.microsoft", K=p.in_features, N=p.out_features, bits=p.bits,
-                            block_size=plan.block_size, accuracy_level=accuracy_level)
+                            block_size=plan.block_size, accuracy_level=plan.accuracy_level)
     return [node], inits
 
 
@@ -403,7 +465,7 @@ def _weight_nodes(plan: LayerPlan, y: str) -> tuple[list[Any], list[Any]]:
     return nodes, inits
 
 
-def rewrite_markers(model: Any, plans: Sequence[LayerPlan], accuracy_level: int = ACCURACY_LEVEL) -> Any:
+def rewrite_markers(model: Any, plans: Sequence[LayerPlan]) -> Any:
     """Replace every marker node of the ONNX ``model`` by its plan's nodes; opsets set for ORT."""
     from onnx import helper
 
@@ -421,7 +483,7 @@ def rewrite_markers(model: Any, plans: Sequence[LayerPlan], accuracy_level: int 
             new_nodes.append(helper.make_node("Identity", [done[node.op_type, key]], [out]))
             continue
         if node.op_type == "PackedLinear":
-            nodes, inits = _matmul_nbits_nodes(plan, node.input[0], out, accuracy_level)
+            nodes, inits = _matmul_nbits_nodes(plan, node.input[0], out)
         else:
             nodes, inits = _weight_nodes(plan, out)
         done[node.op_type, key] = out
@@ -525,16 +587,17 @@ def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Seque
 
 
 def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequence[str], output: str,
-                  dynamic: Mapping[str, Mapping[int, str]] | None = None, accuracy_level: int = ACCURACY_LEVEL,
+                  dynamic: Mapping[str, Mapping[int, str]] | None = None, accuracy_level: int | None = None,
                   what: str = "module", root: nn.Module | None = None) -> tuple[Any, list[LayerPlan]]:
     """Any torch module holding packed layers as an ONNX ModelProto with them packed, and the layers' plans.
 
     ``root`` is the module whose packed layers are swapped (``module`` itself by default; a tower wrapper passes
-    the whole model). ``accuracy_level`` is MatMulNBits' (0: float compute, for exactness checks)."""
+    the whole model). ``accuracy_level`` is MatMulNBits' for every layer (0: float compute, for exactness
+    checks); None chooses it per layer so that ORT computes as lowbit does (``matmul_nbits_block``)."""
     target = root if root is not None else module
-    with stand_ins(target) as plans:
+    with stand_ins(target, accuracy_level) as plans:
         proto = _trace(module, args, input_names, output, dynamic or {}, what)
-    return rewrite_markers(proto, plans, accuracy_level), plans
+    return rewrite_markers(proto, plans), plans
 
 
 def ort_session(model: Any, threads: int = 0) -> Any:
@@ -599,10 +662,11 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
     import onnx
 
     encoder = check_exportable(model)
-    accuracy_level = options.get("accuracy_level", ACCURACY_LEVEL)
-    if accuracy_level not in (0, 1, 4):
-        raise LowbitError(f"onnx export: accuracy_level {accuracy_level!r} is not accepted; accepted: 4 (int8 "
-                          "activations, the default), 0 or 1 (float32 compute)")
+    accuracy_level = options.get("accuracy_level")
+    if accuracy_level is not None and (isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS):
+        raise LowbitError(f"onnx export: accuracy_level {accuracy_level!r} is not accepted; accepted: none (the "
+                          "default: per layer, 4 where lowbit's kernel rounds activations to int8, in its blocks, "
+                          "0 where it computes in float), 4 (int8 everywhere), 0 or 1 (float32 compute)")
     was_training = {m: m.training for m in encoder.modules()}
     encoder.eval()
     try:
@@ -641,7 +705,7 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
         "logit_bias": None if bias is None else float(bias.detach()),
         "similarity": "logit_scale * image_embeds @ text_embeds.T (+ logit_bias)",
         "opset": {"": OPSET, "com.microsoft": 1},
-        "matmul_nbits_accuracy_level": accuracy_level,
+        "matmul_nbits_accuracy_level": _level_summary(accuracy_level, plans),
         "layers": layers,
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -650,7 +714,19 @@ def write_onnx(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[
         ops[layer["op"]] = ops.get(layer["op"], 0) + 1
     return {"files": ["image.onnx", "text.onnx", METADATA_FILE, f"{TOKENIZER_DIR}/"], "ops": ops,
             "probe_cosine": checks, "exporter": "torch.onnx.export(dynamo=False) + marker rewrite",
-            "accuracy_level": accuracy_level, "layers": layers}
+            "accuracy_level": _level_summary(accuracy_level, plans), "layers": layers}
+
+
+def _level_summary(accuracy_level: int | None, plans: Sequence[LayerPlan]) -> Any:
+    """The option as given, or how many MatMulNBits layers run at each level when chosen per layer."""
+    if accuracy_level is not None:
+        return accuracy_level
+    counts: dict[str, int] = {}
+    for p in plans:
+        if p.op == "MatMulNBits":
+            counts[str(p.accuracy_level)] = counts.get(str(p.accuracy_level), 0) + 1
+    return {"per_layer": counts, "rule": "4 (int8, lowbit's activation blocks) where lowbit's kernel rounds "
+            "activations to int8, 0 where it computes in float"}
 
 
 def _graph_initializers(model: Any) -> set[str]:
