@@ -111,7 +111,33 @@ def test_lowbit_load_packs_a_gguf_and_a_quantized_hf_directory(tmp_path: Path) -
         set_backend(loaded.language, "reference")
         with torch.no_grad():
             torch.testing.assert_close(loaded.language(ids).logits, want, rtol=0, atol=1e-5)
-        with pytest.raises(LowbitError, match="imported packed from another format"):
-            lowbit.save(loaded, tmp_path / "saved")
+        assert_resaves_exactly(loaded, tmp_path / f"saved-{path.name}", ids, packed)
     float_model = lowbit.load(str(tmp_path / "m.gguf"), packed=False)
     assert not hasattr(float_model, "lowbit_import")
+    with pytest.raises(LowbitError, match="no packed layer to save"):
+        float_model.lowbit_import = {"packed": {}}
+        lowbit.save(float_model, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
+def assert_resaves_exactly(loaded: torch.nn.Module, out: Path, ids: torch.Tensor, layers: int) -> None:
+    """``lowbit.save`` of an imported model: a normal packed checkpoint holding the producer's integers, which
+    loads back to the same outputs (reference and kernels) and saves again to the same bytes."""
+    import json
+
+    import lowbit
+
+    lowbit.save(loaded, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    methods = {m["method"] for m in manifest["modules"].values()}
+    assert len(manifest["modules"]) == layers and len(methods) == 1 and methods.pop().startswith("import:")
+    assert manifest["extra"]["imported"] == json.loads(json.dumps(loaded.lowbit_import))
+    back = lowbit.load(str(out))
+    for backend in ("reference", "cpu"):
+        set_backend(loaded.language, backend)
+        set_backend(back.language, backend)
+        with torch.no_grad():
+            assert torch.equal(back.language(ids).logits, loaded.language(ids).logits), backend
+    lowbit.save(back, out.with_name(out.name + "-again"))
+    assert (out / "model.safetensors").read_bytes() == (out.with_name(out.name + "-again") /
+                                                        "model.safetensors").read_bytes()

@@ -119,7 +119,7 @@ def write_gptq_dir(model: TinyChat, out: Path, desc_act: bool) -> dict[str, torc
         weights[path] = gptq_reference(q, zeros, scales, g_idx)
     out.mkdir()
     save_file(state, str(out / "model.safetensors"))
-    config = lm.config.to_dict()
+    config = {**lm.config.to_dict(), "architectures": [type(lm).__name__]}  # as save_pretrained writes it
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": desc_act,
                                      "sym": False, "checkpoint_format": "gptq"}
     (out / "config.json").write_text(json.dumps(config))
@@ -139,6 +139,21 @@ def test_gptq_directory_loads_and_runs_on_the_kernels(tmp_path: Path, desc_act: 
     set_backend(loaded, "reference")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model.language(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_desc_act_import_saves_as_a_lowbit_checkpoint(tmp_path: Path) -> None:
+    """The permuted (desc_act) layers keep their input order through ``lowbit.save`` / ``lowbit.load``."""
+    import lowbit
+    from tests.workflows.test_gguf_import import assert_resaves_exactly
+
+    model = TinyChat()
+    write_gptq_dir(model, tmp_path / "gptq", desc_act=True)
+    model.tokenizer.save_pretrained(str(tmp_path / "gptq"))
+    loaded = lowbit.load(str(tmp_path / "gptq"))
+    ids = torch.tensor([model.tokenizer("the quick brown fox answers")["input_ids"]])
+    assert_resaves_exactly(loaded, tmp_path / "saved", ids, 2 * 7)
+    manifest = json.loads((tmp_path / "saved" / "manifest.json").read_text())
+    assert {m["kind"] for m in manifest["modules"].values()} == {"permuted_linear"}
 
 
 def test_compressed_tensors_export_loads_back(tmp_path: Path) -> None:

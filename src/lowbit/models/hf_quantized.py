@@ -30,7 +30,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, check_bits, pack_codes
-from lowbit.kernels.quant_linear import QuantLinear
+from lowbit.kernels.quant_linear import QUANT_KINDS, QuantKind, QuantLinear
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's nibble order inside each int32
 
@@ -48,7 +48,10 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 class PermutedQuantLinear(QuantLinear):
-    """A packed linear reading its inputs in a stored order (GPTQ ``desc_act``: groups contiguous after it)."""
+    """A packed linear reading its inputs in a stored order (GPTQ ``desc_act``: groups contiguous after it).
+    Saved by ``lowbit.save`` as manifest kind ``permuted_linear`` (its ``input_order`` buffer beside the codes)."""
+
+    manifest_kind = "permuted_linear"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +59,18 @@ class PermutedQuantLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.index_select(-1, self.input_order))
+
+
+def _permuted_empty(m: nn.Module, bits: int, group_size: int, symmetric: bool, has_input_scale: bool) -> QuantLinear:
+    return PermutedQuantLinear(m.in_features, m.out_features, bits, group_size, symmetric,
+                               getattr(m, "bias", None) is not None, has_input_scale)
+
+
+QUANT_KINDS.register(PermutedQuantLinear.manifest_kind)(QuantKind(
+    PermutedQuantLinear.manifest_kind,
+    build=lambda m, p, s: PermutedQuantLinear.from_packed(p, getattr(m, "bias", None), s),
+    empty=_permuted_empty,
+))
 
 
 def gptq_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,

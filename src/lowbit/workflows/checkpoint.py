@@ -45,7 +45,10 @@ from lowbit.kernels.attn_quant import attach as attn_attach
 from lowbit.kernels.fold_bn import is_folded
 from lowbit.kernels.fusion import fuse_shared_inputs
 from lowbit.kernels.quant_linear import QUANT_KINDS
-from lowbit.models import FAMILY_SPECS
+from lowbit.models import (
+    FAMILY_SPECS,
+    hf_quantized,  # noqa: F401  (registers the ``permuted_linear`` kind of GPTQ desc_act)
+)
 from lowbit.models.spec import architecture_spec
 from lowbit.quant.apply import model_towers, module_paths, replace_module
 from lowbit.quant.recipe import Recipe
@@ -214,6 +217,58 @@ def save_quantized(
     parts = {"source": dict(getattr(model, "source", {}) or {}), "recipe": recipe.to_dict(), "modules": modules,
              "report": report.to_dict(), "extra": extra or {}}
     return _write(model, out_dir, parts, _family_architecture(model), overwrite)
+
+
+def manifest_kind(module: nn.Module) -> str:
+    """The manifest ``kind`` (a ``QUANT_KINDS`` name) that rebuilds the packed ``module`` empty for loading: its
+    class's own ``manifest_kind`` (e.g. GPTQ's permuted linear), else its storage row's kind for its shape."""
+    from lowbit.kernels.quant_embedding import QuantEmbedding
+    from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear
+    from lowbit.kernels.storage import format_of
+
+    own = getattr(type(module), "manifest_kind", None)
+    if isinstance(own, str):
+        return own
+    if isinstance(module, QuantEmbedding):
+        return "embedding"
+    standard = "conv1x1" if isinstance(module, QuantConv2d1x1) else "linear" if isinstance(module, QuantLinear) \
+        else "conv"
+    return format_of(module.packed).kind_for(standard)  # type: ignore[union-attr]
+
+
+def save_imported(model: nn.Module, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Save a model ``lowbit.load`` imported packed from another format (GGUF, GPTQ, AWQ, compressed-tensors) as
+    a normal packed checkpoint: every packed layer as it holds the producer's integers (method
+    ``import:<format>``, weight error 0: nothing is re-rounded), every float tensor in fp32 (as imported, so the
+    reloaded model computes the same numbers). What was imported is kept under ``extra.imported``."""
+    from lowbit.kernels.quant_linear import is_quantized
+    from lowbit.quant.apply import model_towers
+    from lowbit.quant.report import ModuleQuant
+
+    imported = dict(getattr(model, "lowbit_import", None) or {})
+    fmt = str(imported.get("method") or ("gguf" if "packed" in imported else "hf"))
+    paths = {id(m): p for p, m in model.named_modules()}
+    towers = [(name, paths.get(id(t), "")) for name, t in model_towers(model).items()]
+    report = QuantReport(recipe=f"imported:{fmt}")
+    for path, module in model.named_modules():
+        if not is_quantized(module):
+            continue
+        tower, prefix = max(((t, p) for t, p in towers if not p or path.startswith(f"{p}.")),
+                            key=lambda tp: len(tp[1]), default=("", ""))
+        packed = module.packed  # type: ignore[attr-defined]
+        params = packed.out_features * packed.in_features
+        report.modules.append(ModuleQuant(
+            tower=tower, name=path[len(prefix) + 1:] if prefix else path, path=path, kind=manifest_kind(module),
+            method=f"import:{fmt}", bits=packed.bits, group_size=packed.group_size, symmetric=packed.symmetric,
+            shape=list(packed.shape), params=params, fp32_bytes=4 * params, packed_bytes=packed.nbytes,
+            bits_per_weight=8 * packed.nbytes / max(params, 1), weight_error=0.0,
+            has_input_scale=module._buffers.get("input_scale") is not None))
+    if not report.modules:
+        raise LowbitError("this imported model holds no packed layer to save; load it with packed=False and quantize "
+                          "it, or export it")
+    recipe = Recipe(rules=(), name=report.recipe, float_dtype="fp32")
+    report.recipe_spec = recipe.to_dict()
+    return save_quantized(model, report, recipe, out_dir, extra={"imported": imported}, overwrite=overwrite)
 
 
 def save_loaded(model: nn.Module, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:

@@ -39,7 +39,7 @@ from lowbit.quant.defaults import (
 from lowbit.quant.methods import get_method
 from lowbit.quant.recipe import Recipe, load_recipe
 from lowbit.quant.report import QuantReport
-from lowbit.workflows.checkpoint import save_loaded, save_quantized
+from lowbit.workflows.checkpoint import save_imported, save_loaded, save_quantized
 
 Calibration = Any  # a CalibrationProvider, example inputs (a tensor or a sequence of them) or a dataset spec
 
@@ -159,9 +159,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike[str], report: QuantReport 
     if report is None and getattr(model, "lowbit_manifest", None) is not None:
         return save_loaded(model, out_dir, overwrite=overwrite)
     if report is None and getattr(model, "lowbit_import", None) is not None:
-        raise LowbitError("this model holds layers imported packed from another format (GGUF, GPTQ, AWQ, "
-                          "compressed-tensors); lowbit.save does not write those yet: lowbit.export it, or load it "
-                          "with packed=False and quantize it")
+        return save_imported(model, out_dir, overwrite=overwrite)  # the producer's integers, as imported
     if report is None or not report.recipe_spec:
         raise LowbitError("save() needs the QuantReport returned by quantize(); quantize the model first")
     save_quantized(model, report, Recipe.from_dict(report.recipe_spec, name=report.recipe), out_dir,
