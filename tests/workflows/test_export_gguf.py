@@ -187,3 +187,68 @@ def test_llama_cpp_loads_the_file_and_matches_lowbit_logits(tmp_path: Path, reci
     # Stated bound: mean KL <= 1e-3 and the same top token at every position.
     assert float(kl_rows(ours, theirs).mean()) < 1e-3
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}  # a 64-token original context: two frequencies in the smooth band
+
+
+def scaled_rope_chat(scaling: dict) -> TinyChat:
+    """A tiny llama with RoPE scaling, weights drawn wide enough (std 0.1) that the scaling moves the logits."""
+    model = TinyChat()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.language.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    config = model.language.config
+    config.rope_parameters = {**config.rope_parameters, **scaling}
+    model.language.model.rotary_emb = type(model.language.model.rotary_emb)(config=config)
+    return model
+
+
+@pytest.mark.parametrize(("scaling", "lowbit_key"), [(LLAMA3, True), (LLAMA3, False),
+                                                     ({"rope_type": "linear", "factor": 4.0}, True)],
+                         ids=["llama3", "llama3-converter-layout", "linear"])
+def test_rope_scaling_exported_and_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scaling: dict,
+                                            lowbit_key: bool) -> None:
+    """llama3 RoPE scaling goes out as llama.cpp's rope_freqs tensor, linear as its scaling metadata: llama.cpp
+    then rotates as transformers does (KL against lowbit far below the scaling's own effect), and lowbit's import
+    restores the config, from its own key or (``lowbit_key=False``: a file as llama.cpp's converter writes it)
+    from the tensor alone."""
+    import lowbit
+    from lowbit.kernels.quant_linear import set_backend
+    from lowbit.workflows.export import gguf as gguf_export
+
+    if not lowbit_key:
+        monkeypatch.setattr(gguf_export, "ROPE_KEY", "general.unused_test_key")
+    model = scaled_rope_chat(scaling)
+    quantize_(model.language, "model=w4g32,model@embedding=w8g32", progress=False)
+    report = export(model, "gguf", tmp_path / "r.gguf")
+    tensors = gguf_tensors(tmp_path / "r.gguf")
+    assert ("rope_freqs.weight" in tensors) == (scaling["rope_type"] == "llama3"), report
+    ids = model.tokenizer(" ".join([TEXTS[0], TEXTS[1], TEXTS[2]] * 4))["input_ids"]
+    ours, theirs = lowbit_logits(model, ids), llama_cpp_logits(tmp_path / "r.gguf", ids)
+    rotary, config = model.language.model.rotary_emb, model.language.config
+    model.language.model.rotary_emb = type(rotary)(config=type(config)(**{**config.to_dict(), "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0}}))
+    unscaled = lowbit_logits(model, ids)  # the same weights without the scaling: what the file must not give
+    model.language.model.rotary_emb = rotary
+    assert float(kl_rows(ours, theirs).mean()) < 1e-3 < float(kl_rows(ours, unscaled).mean()) / 10
+    back = lowbit.load(str(tmp_path / "r.gguf"))
+    want = {**scaling, "rope_theta": 10000.0}
+    assert {k: back.language.config.rope_parameters[k] for k in want} == want
+    set_backend(back.language, "reference")
+    with torch.no_grad():
+        got = back.language(torch.tensor([ids])).logits[0].double().numpy()
+    np.testing.assert_allclose(got, ours, rtol=0, atol=1e-5)
+
+
+def test_other_rope_scaling_refused_in_one_line(tmp_path: Path) -> None:
+    model = TinyChat()
+    model.language.config.rope_parameters = {**model.language.config.rope_parameters, "rope_type": "yarn",
+                                             "factor": 4.0}
+    with pytest.raises(LowbitError, match=r"^GGUF export: RoPE scaling 'yarn' is not written; accepted: plain "
+                                          r"RoPE, linear, llama3$"):
+        export(model, "gguf", tmp_path / "y.gguf")
+    assert not list(tmp_path.iterdir())

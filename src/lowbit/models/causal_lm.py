@@ -291,6 +291,9 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
     weights are plain floats, and it would make the model refuse to save)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lowbit.models.gguf_import import ARCHITECTURES as GGUF_ARCHITECTURES
+    from lowbit.models.gguf_import import read_rope_scaling
+
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -301,6 +304,8 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
     lm.hf_quantizer = None
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
+    if lm.config.model_type in GGUF_ARCHITECTURES:
+        read_rope_scaling(lm, path)  # transformers' GGUF loader leaves RoPE scaling out for these architectures
     check_causal_lm_config(lm.config.to_dict(), repr(str(path)))
     return lm, tokenizer
 

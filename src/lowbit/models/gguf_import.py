@@ -44,6 +44,101 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "qwen2": ("qwen2", False),  # NeoX-style RoPE in llama.cpp too
 }
 PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "TQ2_0")  # the GGUF types lowbit stores exactly
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors of RoPE's angles (llama3 scaling)
+ROPE_KEY = "lowbit.rope_parameters"  # transformers' rope parameters as JSON (llama.cpp ignores the key)
+LLAMA3_CONTEXT = 8192  # original_max_position_embeddings llama.cpp's converter assumes (every Llama 3.x uses it)
+
+
+# --- RoPE scaling: transformers' rope_parameters <-> GGUF (shared with the export) --------------------------
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's RoPE parameters (transformers 5 ``rope_parameters``, or the older ``rope_scaling`` +
+    ``rope_theta``) with ``rope_type`` and ``rope_theta`` always present."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    return rope
+
+
+def _default_inv_freq(config: Any, theta: float) -> torch.Tensor:
+    """RoPE's unscaled inverse frequencies, computed as transformers computes them (float32)."""
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def rope_frequency_factors(config: Any) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` (float32 [head_dim / 2]) for the config's llama3 scaling: each frequency's
+    divisor, the unscaled inverse frequency over transformers' own scaled one (so both runtimes rotate by the
+    same angles; its converter computes the same numbers from the same formula)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = rope_parameters(config)
+    scaled, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config)
+    return (_default_inv_freq(config, float(rope["rope_theta"])) / scaled.float()).numpy().astype(np.float32)
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _llama3_from_factors(config: Any, factors: np.ndarray) -> dict[str, Any]:
+    """llama3 parameters reproducing a ``rope_freqs`` tensor written by llama.cpp's converter (which keeps only
+    the factors): ``factor`` is the largest; the smoothed band is linear in 1 / wavelength, which with
+    ``low_freq_factor`` 1 gives ``high_freq_factor`` and the original context. Checked by recomputing them."""
+    factor = float(factors.max())
+    inv = _default_inv_freq(config, float(rope_parameters(config)["rope_theta"])).double().numpy()
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    params: dict[str, Any] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": LLAMA3_CONTEXT}
+    if band.sum() >= 2:  # smooth = (L / wavelen - lf) / (hf - lf) = a / wavelen + b
+        smooth = (1 / factors[band].astype(np.float64) - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(inv[band] / (2 * np.pi), smooth, 1)
+        params["high_freq_factor"] = round(1 - 1 / b, 4)
+        params["original_max_position_embeddings"] = int(round(-a / b))
+    return params
+
+
+def read_rope_scaling(lm: nn.Module, path: str | Path) -> dict[str, Any] | None:
+    """Put a GGUF file's RoPE scaling, which transformers' GGUF loader does not read for these architectures,
+    into ``lm``'s config and rotary embeddings: lowbit's own key (the exact transformers parameters), else
+    llama.cpp's ``rope.scaling.type`` linear + factor, else a ``rope_freqs`` tensor (llama3, its parameters
+    recovered and checked against the tensor). Returns the parameters applied (None: plain RoPE)."""
+    import json
+
+    import gguf
+
+    config = lm.config
+    arch = ARCHITECTURES.get(config.model_type, (config.model_type, False))[0]
+    reader = gguf.GGUFReader(str(path))
+    theta = float(rope_parameters(config)["rope_theta"])
+    raw = _field(reader, ROPE_KEY)
+    scaling_type = _field(reader, f"{arch}.rope.scaling.type")
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if raw is not None:
+        params = dict(json.loads(raw))
+    elif scaling_type == "linear":
+        params = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise LowbitError(f"{str(path)!r}: RoPE scaling {scaling_type!r} is not read; accepted: linear, and "
+                          "llama3 (a rope_freqs tensor)")
+    elif freqs is not None:
+        factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+        if np.allclose(factors, 1.0):
+            return None
+        params = _llama3_from_factors(config, factors)
+    else:
+        return None
+    params["rope_theta"] = theta
+    config.rope_parameters = params
+    if freqs is not None and not np.allclose(rope_frequency_factors(config), np.asarray(freqs.data).reshape(-1),
+                                             rtol=1e-5, atol=0):
+        raise LowbitError(f"{str(path)!r}: its {ROPE_FREQS} tensor is not a llama3 RoPE scaling lowbit can "
+                          "reproduce; accepted: the factors of llama.cpp's converter or of lowbit's export")
+    for name, module in list(lm.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):  # recomputes inv_freq from the new parameters
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent) if parent else lm, child, type(module)(config=config))
+    return params
 
 
 def rope_row_order(rows: int, n_head: int) -> np.ndarray:

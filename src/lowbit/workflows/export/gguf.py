@@ -21,6 +21,10 @@ measured and reported.
 
 llama.cpp's ``llama`` architecture applies RoPE to interleaved pairs where transformers rotates halves, so the
 rows of ``q``/``k`` are permuted as llama.cpp's own converter does (rows are independent blocks: exact).
+RoPE scaling in the config (``rope_parameters`` / ``rope_scaling``) is written as llama.cpp's converter writes
+it: ``linear`` as ``rope.scaling.type`` + ``rope.scaling.factor``, ``llama3`` as the ``rope_freqs`` tensor of
+per-frequency divisors; transformers' parameters also go under ``lowbit.rope_parameters`` for lowbit's import
+(``models.gguf_import.read_rope_scaling``). Other scalings (yarn, dynamic, longrope) are refused in one line.
 """
 
 from __future__ import annotations
@@ -39,13 +43,23 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import is_quantized
 from lowbit.kernels.storage import format_of
-from lowbit.models.gguf_import import ARCHITECTURES, QK, QK_K, rope_row_order
+from lowbit.models.gguf_import import (
+    ARCHITECTURES,
+    QK,
+    QK_K,
+    ROPE_FREQS,
+    ROPE_KEY,
+    rope_frequency_factors,
+    rope_parameters,
+    rope_row_order,
+)
 from lowbit.workflows.export import ExportFormat, register_export
 
 # storage row name -> GGUF type holding its values exactly (narrower symmetric grids widen into Q4_0)
 EXACT_TYPES: dict[str, str] = {"int8": "Q8_0", "int4": "Q4_0", "int3": "Q4_0", "int2": "Q4_0", "binary": "Q4_0",
                                "offset4": "Q4_1", "offset3": "Q4_1", "offset2": "Q4_1", "ternary": "TQ2_0",
                                "ternary-base3": "TQ2_0"}
+ROPE_SCALINGS = ("linear", "llama3")  # transformers rope types written (linear: metadata; llama3: rope_freqs)
 # tokenizer pre-splitting rules llama.cpp knows, by what a model's name says (llama.cpp identifies them by a
 # hash of tokenized text; lowbit names the ones it can recognise and says so otherwise)
 PRE_TOKENIZERS: tuple[tuple[str, str], ...] = (("smollm", "smollm"), ("qwen2", "qwen2"), ("llama-3", "llama-bpe"),
@@ -285,11 +299,8 @@ def _write_gguf(lm: nn.Module, tokenizer: Any, tensors: list[_Tensor], path: Pat
 
     config = lm.config
     arch, _ = ARCHITECTURES[config.model_type]
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise LowbitError(f"GGUF export: RoPE scaling {rope.get('rope_type')!r} is not written yet; models with "
-                          "plain RoPE export")
-    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None)  # transformers 5 moved it
+    rope = rope_parameters(config)
+    theta = rope["rope_theta"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(str(getattr(config, "_name_or_path", "") or config.model_type))
@@ -302,6 +313,7 @@ def _write_gguf(lm: nn.Module, tokenizer: Any, tensors: list[_Tensor], path: Pat
     writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
+    _add_rope_scaling(writer, config, rope)
     writer.add_vocab_size(config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     counts: dict[str, int] = {}
@@ -338,12 +350,42 @@ def _write_gguf(lm: nn.Module, tokenizer: Any, tensors: list[_Tensor], path: Pat
     return {"pre_tokenizer": _pre_tokenizer(lm, tokenizer), "vocab": len(tokens), "chat_template": bool(template)}
 
 
+def rope_scaling_tensors(lm: nn.Module) -> list[_Tensor]:
+    """llama3 RoPE scaling as llama.cpp reads it: the ``rope_freqs`` tensor of per-frequency divisors (its
+    converter's layout); any other scaling than linear (metadata) and llama3 is refused in one line."""
+    config = lm.config
+    rope = rope_parameters(config)
+    kind = rope["rope_type"]
+    if kind not in ("default", *ROPE_SCALINGS):
+        raise LowbitError(f"GGUF export: RoPE scaling {kind!r} is not written; accepted: plain RoPE, "
+                          f"{', '.join(ROPE_SCALINGS)}")
+    if kind == "llama3" and not ARCHITECTURES[config.model_type][1]:  # llama.cpp reads rope_freqs for llama only
+        raise LowbitError(f"GGUF export: llama3 RoPE scaling is written for the llama architecture; this is "
+                          f"{config.model_type!r}")
+    if kind != "llama3":
+        return []
+    return [_Tensor(ROPE_FREQS, rope_frequency_factors(config), "F32", "rotary_emb")]
+
+
+def _add_rope_scaling(writer: Any, config: Any, rope: dict[str, Any]) -> None:
+    """Linear scaling as llama.cpp's metadata (``rope.scaling.type``/``factor``); with any scaling, transformers'
+    own parameters under ``lowbit.rope_parameters`` too, so lowbit's import restores the config exactly."""
+    import gguf
+
+    if rope["rope_type"] == "default":
+        return
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_string(ROPE_KEY, json.dumps({k: v for k, v in rope.items() if k != "rope_theta"}, sort_keys=True))
+
+
 def write_gguf(model: nn.Module, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     """The export format's writer: ``model``'s language model as one GGUF file at ``out``."""
     import shutil
 
     lm, tokenizer = language_model(model)
-    tensors = collect_tensors(lm, requantize=bool(options.get("requantize", False)))
+    tensors = rope_scaling_tensors(lm) + collect_tensors(lm, requantize=bool(options.get("requantize", False)))
     try:
         meta = _write_gguf(lm, tokenizer, tensors, out)
     finally:
