@@ -169,6 +169,72 @@ def test_compressed_tensors_export_loads_back(tmp_path: Path) -> None:
         assert torch.equal(loaded(ids).logits, model.language(ids).logits)
 
 
+def write_compressed_tensors_dir(model: TinyChat, out: Path, bits: int, group: int | None) -> None:
+    """``model`` quantized and saved by compressed-tensors' own library: asymmetric pack-quantized (zero points),
+    min-max ranges per group (``group``) or per channel (None), fp16 like a real checkpoint."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    lm = model.language.half()
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group" if group else "channel",
+                            group_size=group)
+    apply_quantization_config(lm, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, format="pack-quantized",
+        ignore=["lm_head"]))
+    for module in lm.modules():
+        if hasattr(module, "weight_zero_point"):
+            w = module.weight.detach().float()
+            w = w.reshape(w.shape[0], -1, group or w.shape[1])
+            scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(lm)
+    compressor.compress_model(lm)
+    lm.save_pretrained(out)
+    compressor.update_config(str(out))
+    model.tokenizer.save_pretrained(str(out))
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (3, 32), (8, None)])
+def test_compressed_tensors_zero_points_equal_its_own_dequantization(tmp_path: Path, bits: int,
+                                                                     group: int | None) -> None:
+    """An asymmetric pack-quantized checkpoint written by compressed-tensors itself: every layer imported packed
+    with its zero points equals compressed-tensors' own decompression, and the model runs on the kernels."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    import lowbit
+
+    write_compressed_tensors_dir(TinyChat(), tmp_path / "ct", bits, group)
+    state = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    scheme = QuantizationScheme(**{**json.loads((tmp_path / "ct" / "config.json").read_text())[
+        "quantization_config"]["config_groups"]["group_0"], "format": None})
+    loaded = lowbit.load(str(tmp_path / "ct"))
+    assert loaded.lowbit_import == {"method": "compressed-tensors", "packed_layers": 2 * 7}
+    for path, module in loaded.language.named_modules():
+        if not hasattr(module, "packed"):
+            continue
+        assert module.zeros is not None and module.bits == bits
+        mine = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == path}
+        mine["weight_scale"] = mine["weight_scale"].float()  # fp16 -> fp32 exactly: its formula without fp16 rounding
+        theirs = PackedQuantizationCompressor.decompress(mine, scheme)["weight"]
+        assert torch.equal(module.packed.dequantize(), theirs), path
+    ids = torch.tensor([loaded.tokenizer("the quick brown fox answers")["input_ids"]])
+    set_backend(loaded.language, "reference")
+    with torch.no_grad():
+        ref = loaded.language(ids).logits
+        set_backend(loaded.language, "cpu")  # int8 activations: within the kernels' stated bound
+        got = loaded.language(ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.05
+
+
 def test_bad_checkpoints_are_one_line(tmp_path: Path) -> None:
     model = TinyChat()
     write_gptq_dir(model, tmp_path / "gptq", False)

@@ -13,6 +13,7 @@ the producer's integers and fp16 scales (never a float round trip):
 | AWQ (GEMM)         | qweight int32 [K, N/8] (order 0,2,4,6,1,3,5,7) | uint4 with zeros                            |
 |                    | qzeros int32 [G, N/8], scales fp16 [G, N]   |                                                |
 | compressed-tensors | weight_packed int32 [N, K*b/32], weight_scale | int<b> (the same bitstream as lowbit's rows) |
+|                    | weight_zero_point int32 [N*b/32, G] (asym.) | uint<b> with zeros (packed along N in CT)       |
 
 The published layouts are the contract (GPTQ: AutoGPTQ/GPTQModel's ``QuantLinear`` v1 format; AWQ: AutoAWQ's
 ``WQLinear_GEMM``); ``tests/workflows/test_hf_import.py`` checks each against a pinned fixture computed by the
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.formats import PackedWeight, check_bits, pack_codes
+from lowbit.kernels.formats import PackedWeight, check_bits, pack_codes, unpack_codes
 from lowbit.kernels.quant_linear import QUANT_KINDS, QuantKind, QuantLinear
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's nibble order inside each int32
@@ -119,14 +120,32 @@ def awq_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     return QuantLinear.from_packed(packed, bias=bias)
 
 
+def _bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int32 words [R, W], each row a dense LSB-first bitstream of ``count`` codes -> uint8 codes [R, count]."""
+    raw = words.contiguous().view(torch.uint8)[:, :(count * bits + 7) // 8].contiguous()
+    return unpack_codes(raw, bits, count)
+
+
 def compressed_tensors_layer(weight_packed: torch.Tensor, weight_scale: torch.Tensor, shape: torch.Tensor,
-                             bits: int, group_size: int | None, bias: torch.Tensor | None = None) -> QuantLinear:
-    """A compressed-tensors pack-quantized (symmetric) layer as a lowbit packed linear: the same bitstream."""
+                             bits: int, group_size: int | None, bias: torch.Tensor | None = None,
+                             weight_zero_point: torch.Tensor | None = None) -> QuantLinear:
+    """A compressed-tensors pack-quantized layer as a lowbit packed linear: the same bitstream. Zero points
+    (asymmetric schemes) are packed the same way but along the output rows (``packed_dim=0``): per group, a
+    bitstream of N codes offset by 2^(b-1), which is lowbit's unsigned zero point as it stands.
+
+    Scales become fp16, lowbit's stored type: exact for fp16 and for bf16 scales in fp16's range; float32 scales
+    are rounded (each weight then within 2^-11 relative of compressed-tensors' own dequantization)."""
     n, k = (int(d) for d in shape.tolist())
     row_bytes = (k * bits + 7) // 8
     qweight = weight_packed.contiguous().view(torch.uint8)[:, :row_bytes].contiguous()
     scales = weight_scale.reshape(n, -1).to(torch.float16)
-    packed = PackedWeight(qweight, scales, None, bits, group_size or k, (n, k))
+    zeros = None
+    if weight_zero_point is not None:
+        zeros = _bitstream(weight_zero_point.t(), bits, n).t().contiguous()  # [G, N] -> [N, G]
+        if zeros.shape != scales.shape:
+            raise ValueError(f"weight_zero_point holds {tuple(zeros.shape)} zero points for "
+                             f"{tuple(scales.shape)} scales")
+    packed = PackedWeight(qweight, scales, zeros, bits, group_size or k, (n, k))
     return QuantLinear.from_packed(packed, bias=bias)
 
 
@@ -173,11 +192,10 @@ def load_quantized_hf(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]
             elif method == "compressed-tensors" and f"{path}.weight_packed" in state:
                 scheme = next(g["weights"] for g in qc["config_groups"].values()
                               if path in g["targets"] or "Linear" in g["targets"])
-                if not scheme.get("symmetric", True):
-                    raise LowbitError("zero points are not read yet")
+                zero_point = None if scheme.get("symmetric", True) else state.pop(f"{path}.weight_zero_point")
                 layer = compressed_tensors_layer(state.pop(f"{path}.weight_packed"), state.pop(f"{path}.weight_scale"),
                                                  state.pop(f"{path}.weight_shape"), int(scheme["num_bits"]),
-                                                 scheme.get("group_size"), bias)
+                                                 scheme.get("group_size"), bias, zero_point)
             else:
                 if bias is not None:
                     state[f"{path}.bias"] = bias

@@ -6,7 +6,8 @@ dense bitstream per row, so a row's bytes, padded to whole int32 words, are ``we
 are stored offset by 2^(b-1) in both; lowbit's fp16 steps are ``weight_scale``.
 
 Exact: symmetric grids of 2..8 bits in plain code layout, per group or per output row, in ``nn.Linear``
-layers. Everything else (zero points, which transformers' compressed-tensors loader fails to read back, packed
+layers. Everything else (zero points, which transformers' compressed-tensors loader fails to read back even when
+compressed-tensors wrote them itself, though lowbit's import reads them: ``models.hf_quantized``, packed
 embedding tables, ``minmax`` minima, binary, base-3 ternary, PB-LLM, packed convs) has no compressed-tensors
 form that transformers reads: it is refused in one line naming the layer, unless ``dequantize=True``, which
 writes it as float in the model's float dtype and lists it in the report with the relative error of that cast.
@@ -75,8 +76,10 @@ def _exact(module: nn.Module) -> tuple[PackedWeight | None, str]:
         return None, f"{row.name} storage has no compressed-tensors form"
     if not packed.symmetric:
         # compressed-tensors writes zero points packed along the rows, but the model transformers builds to load
-        # them expects them unpacked: they fail to load (size mismatch; compressed-tensors 0.20, transformers 5)
-        return None, f"{row.name} zero points do not load in transformers' compressed-tensors path"
+        # them expects them unpacked: they fail to load (size mismatch; compressed-tensors 0.20, transformers 5),
+        # compressed-tensors' own asymmetric output included (tests/workflows/test_hf_import.py reads it instead)
+        return None, (f"{row.name} zero points do not load in transformers' compressed-tensors path (its loader "
+                      "expects them unpacked: a size mismatch, compressed-tensors' own asymmetric files included)")
     return packed, ""
 
 
