@@ -47,6 +47,7 @@ def register_export_cli(sub: Any) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="hf: write layers compressed-tensors cannot hold as float (listed in the report)")
     p.add_argument("--accuracy-level", type=int,
-                   help="onnx: MatMulNBits accuracy_level (4 = int8 compute, the default; 0/1 = float)")
+                   help="onnx: MatMulNBits accuracy_level for every layer (default: per layer as lowbit computes "
+                        "it: 4 = int8 in lowbit's activation blocks, 0 = float where lowbit runs float; 4/0/1 force)")
     p.add_argument("--json", help="write the export report here")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
