@@ -88,7 +88,7 @@ def onnx_row(name: str, recipe: str, limit: int, rounds: int, work: Path) -> dic
                                     "ort_over_lowbit": t["ort"] / t["lowbit"]}
     return {
         "model": name, "recipe": recipe, "quantize_s": quantize_s, "export_s": export_s,
-        "ops": exported["ops"], "accuracy": accuracy, "latency": latency,
+        "ops": exported["ops"], "accuracy_level": exported["accuracy_level"], "accuracy": accuracy, "latency": latency,
         "bytes": {"onnx_dir": dir_bytes(work / f"{name}-onnx"),
                   "onnx_graphs": sum((work / f"{name}-onnx" / f).stat().st_size for f in ("image.onnx", "text.onnx")),
                   "lowbit_checkpoint_dir": dir_bytes(Path(ckpt))},
@@ -109,7 +109,8 @@ def onnx_section(models: tuple[str, ...] = ONNX_MODELS, recipe: str = "w4", limi
         "environment": {**environment(), "onnxruntime": ort.__version__, "threads_each": THREADS,
                         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                         "note": "2 threads each on a 2-core machine shared with other jobs: latency is noisy"},
-        "method": "interleaved rounds (lowbit then ORT), median; MatMulNBits accuracy_level 4 (int8 activations)",
+        "method": "interleaved rounds (lowbit then ORT), median; the default export: MatMulNBits accuracy_level per "
+                  "layer (4 with lowbit's int8 activation blocks where lowbit's kernel rounds activations, else 0)",
         "rows": rows,
     }
 
