@@ -3,6 +3,7 @@ dequantization, run on lowbit's kernels, and export back to the same bytes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +124,6 @@ def test_lowbit_load_packs_a_gguf_and_a_quantized_hf_directory(tmp_path: Path) -
 def assert_resaves_exactly(loaded: torch.nn.Module, out: Path, ids: torch.Tensor, layers: int) -> None:
     """``lowbit.save`` of an imported model: a normal packed checkpoint holding the producer's integers, which
     loads back to the same outputs (reference and kernels) and saves again to the same bytes."""
-    import json
-
     import lowbit
 
     lowbit.save(loaded, out)
@@ -141,3 +140,21 @@ def assert_resaves_exactly(loaded: torch.nn.Module, out: Path, ids: torch.Tensor
     lowbit.save(back, out.with_name(out.name + "-again"))
     assert (out / "model.safetensors").read_bytes() == (out.with_name(out.name + "-again") /
                                                         "model.safetensors").read_bytes()
+
+
+def test_imported_q4_1_and_tq2_0_save_as_their_variant_kinds(tmp_path: Path) -> None:
+    """GGUF Q4_1 layers import as lowbit's offset (minmax) layers and TQ2_0 as ternary: both re-save and reload."""
+    import lowbit
+
+    for recipe, hidden, kinds in (("model=w4g32:minmax,model@embedding=w8g32", 64, {"offset_linear", "embedding",
+                                                                                     "linear"}),
+                                  ("model=w1.58g256,model@embedding=w8g32", 256, {"linear", "embedding"})):
+        model = TinyChat(hidden=hidden, inter=2 * hidden)
+        quantize_(model.language, recipe, progress=False)
+        path = tmp_path / f"m{hidden}.gguf"
+        export(model, "gguf", path)
+        loaded = lowbit.load(str(path))
+        ids = torch.tensor([model.tokenizer("the quick brown fox")["input_ids"]])
+        out = tmp_path / f"saved{hidden}"
+        assert_resaves_exactly(loaded, out, ids, 2 * 7 + 2)
+        assert {m["kind"] for m in json.loads((out / "manifest.json").read_text())["modules"].values()} == kinds
