@@ -11,10 +11,13 @@ ONNX: for lit-fashion and clip-vit-tiny-fashion quantized with the ``w4`` preset
 the export (``lowbit.api.export(model, "onnx", dir)``) run by ONNX Runtime against the same packed model on
 lowbit's kernels:
 
+- two exports: the default (MatMulNBits float compute: lowbit's quantized model exactly) and ``accuracy_level=4``
+  (int8 activations in lowbit's own activation blocks);
 - accuracy: zero-shot top-1 on ``--limit`` Fashion-MNIST test images with every prompt template, and the image /
-  text embedding cosine (lowbit.workflows.export.onnx.compare_with_lowbit);
-- latency of the image embedding at batch 1 and 32, interleaved rounds (lowbit, then ORT, each round), both on
-  2 threads (``torch.set_num_threads(2)``; ORT ``intra_op_num_threads=2``), median of the rounds;
+  text embedding cosine (lowbit.workflows.export.onnx.compare_with_lowbit), each export against lowbit's
+  reference backend (the quantized model exactly) and against its default CPU kernels (int8 activations);
+- latency of the image embedding at batch 1 and 32, interleaved rounds (lowbit, ORT default, ORT int8, each
+  round), all on 2 threads (``torch.set_num_threads(2)``; ORT ``intra_op_num_threads=2``), median of the rounds;
 - bytes: the ONNX directory (graphs + JSON + tokenizer) against the lowbit checkpoint directory.
 
 The machine's CPU model and load average (before and after) are recorded: the numbers are only as quiet as it.
@@ -65,6 +68,7 @@ def interleaved_latency(calls: dict[str, Callable[[], Any]], rounds: int) -> dic
 
 def onnx_row(name: str, recipe: str, limit: int, rounds: int, work: Path) -> dict[str, Any]:
     from lowbit.data.resolve import resolve_dataset
+    from lowbit.kernels.quant_linear import set_backend
     from lowbit.workflows.export.onnx import OrtDualEncoder, compare_with_lowbit
 
     model = lowbit.load(name)
@@ -73,22 +77,33 @@ def onnx_row(name: str, recipe: str, limit: int, rounds: int, work: Path) -> dic
     quantize_s = time.perf_counter() - start
     ckpt = lowbit.save(model, work / f"{name}-ckpt", report=report)
     start = time.perf_counter()
-    exported = api.export(model, "onnx", work / f"{name}-onnx")
+    exported = api.export(model, "onnx", work / f"{name}-onnx")  # the default: float compute
     export_s = time.perf_counter() - start
+    int8 = api.export(model, "onnx", work / f"{name}-onnx-int8", accuracy_level=4)
     data = resolve_dataset("fashion-mnist", limit=limit)
-    accuracy = compare_with_lowbit(model, work / f"{name}-onnx", data, threads=THREADS)
-    ort_model = OrtDualEncoder(work / f"{name}-onnx", model, threads=THREADS)
+    accuracy: dict[str, Any] = {}
+    for backend in ("reference", "cpu"):  # lowbit's quantized model exactly, and lowbit's default int8 kernels
+        set_backend(model, backend)
+        for export_name, suffix in (("default", ""), ("int8", "-int8")):
+            accuracy[f"{export_name}_vs_lowbit_{backend}"] = compare_with_lowbit(
+                model, work / f"{name}-onnx{suffix}", data, threads=THREADS)
+    set_backend(model, "cpu")
+    sessions = {"ort": OrtDualEncoder(work / f"{name}-onnx", model, threads=THREADS),
+                "ort_int8": OrtDualEncoder(work / f"{name}-onnx-int8", model, threads=THREADS)}
     latency: dict[str, Any] = {}
     for batch in (1, 32):
         pixels = model.preprocess(data.images[:batch])
         with torch.inference_mode():
             t = interleaved_latency({"lowbit": lambda p=pixels: model.encode_image(p),
-                                     "ort": lambda p=pixels: ort_model.encode_image(p)}, rounds)
+                                     **{k: lambda p=pixels, o=o: o.encode_image(p) for k, o in sessions.items()}},
+                                    rounds)
         latency[f"batch{batch}"] = {"lowbit_ms": 1e3 * t["lowbit"], "ort_ms": 1e3 * t["ort"],
-                                    "ort_over_lowbit": t["ort"] / t["lowbit"]}
+                                    "ort_int8_ms": 1e3 * t["ort_int8"], "ort_over_lowbit": t["ort"] / t["lowbit"],
+                                    "ort_int8_over_lowbit": t["ort_int8"] / t["lowbit"]}
     return {
         "model": name, "recipe": recipe, "quantize_s": quantize_s, "export_s": export_s,
-        "ops": exported["ops"], "accuracy_level": exported["accuracy_level"], "accuracy": accuracy, "latency": latency,
+        "ops": exported["ops"], "accuracy_level": exported["accuracy_level"],
+        "accuracy_level_int8": int8["accuracy_level"], "accuracy": accuracy, "latency": latency,
         "bytes": {"onnx_dir": dir_bytes(work / f"{name}-onnx"),
                   "onnx_graphs": sum((work / f"{name}-onnx" / f).stat().st_size for f in ("image.onnx", "text.onnx")),
                   "lowbit_checkpoint_dir": dir_bytes(Path(ckpt))},
@@ -109,8 +124,10 @@ def onnx_section(models: tuple[str, ...] = ONNX_MODELS, recipe: str = "w4", limi
         "environment": {**environment(), "onnxruntime": ort.__version__, "threads_each": THREADS,
                         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                         "note": "2 threads each on a 2-core machine shared with other jobs: latency is noisy"},
-        "method": "interleaved rounds (lowbit then ORT), median; the default export: MatMulNBits accuracy_level per "
-                  "layer (4 with lowbit's int8 activation blocks where lowbit's kernel rounds activations, else 0)",
+        "method": "interleaved rounds (lowbit, ORT default export, ORT int8 export), median. Default export: "
+                  "MatMulNBits accuracy_level 0 (float compute: lowbit's quantized model exactly); int8 export: "
+                  "accuracy_level 4 with lowbit's activation blocks. Accuracy against lowbit's reference backend "
+                  "(the quantized model exactly) and its default int8 kernels",
         "rows": rows,
     }
 

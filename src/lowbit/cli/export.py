@@ -47,7 +47,7 @@ def register_export_cli(sub: Any) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="hf: write layers compressed-tensors cannot hold as float (listed in the report)")
     p.add_argument("--accuracy-level", type=int,
-                   help="onnx: MatMulNBits accuracy_level for every layer (default: per layer as lowbit computes "
-                        "it: 4 = int8 in lowbit's activation blocks, 0 = float where lowbit runs float; 4/0/1 force)")
+                   help="onnx: MatMulNBits accuracy_level (0, the default: float compute, lowbit's quantized model "
+                        "exactly; 4: int8 activations where and as lowbit's CPU kernels round them)")
     p.add_argument("--json", help="write the export report here")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
