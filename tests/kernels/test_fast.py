@@ -153,7 +153,7 @@ def test_input_scale_matches_reference(isa: str) -> None:
     assert ((y - ref).norm() / ref.norm()).item() < REL_TOL
 
 
-@pytest.mark.parametrize("bits", (1, 2, 3, 4, 6, 8))
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 5, 6, 8))
 @pytest.mark.parametrize("shape", ((8, 32), (37, 200), (5, 1)), ids=lambda s: f"N{s[0]}K{s[1]}")
 def test_cpp_repack_matches_python_layout(bits: int, shape: tuple[int, int]) -> None:
     needs_kernels()

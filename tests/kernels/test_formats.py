@@ -9,7 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, pack_codes, unpack_codes
 from lowbit.kernels.reference import reference_linear
 
-BITS = (1, 2, 3, 4, 6, 8)
+BITS = (1, 2, 3, 4, 5, 6, 8)
 SHAPES = ((7, 13), (3, 1), (5, 130), (1, 8), (4, 0))
 
 
@@ -40,7 +40,7 @@ def test_pack_rejects_out_of_range_and_bad_bits() -> None:
     with pytest.raises(LowbitError, match="does not fit"):
         pack_codes(torch.tensor([[4]], dtype=torch.uint8), 2)
     with pytest.raises(LowbitError, match="bits must be one of"):
-        pack_codes(torch.zeros(1, 1, dtype=torch.uint8), 5)
+        pack_codes(torch.zeros(1, 1, dtype=torch.uint8), 7)
 
 
 def test_packed_weight_dequantize_and_reference_linear() -> None:

@@ -22,6 +22,7 @@ def _table(bits: int, group_size: int, symmetric: bool, v: int = 300, d: int = 9
 
 
 @pytest.mark.parametrize("bits, group_size, symmetric", [(8, 32, True), (6, 32, True), (6, 64, False),
+                                                         (5, 64, True), (5, 32, False),
                                                          (4, 32, True), (4, 64, False),
                                                          (3, 96, True), (2, 32, False)])
 def test_gather_equals_dequantized_reference(bits, group_size, symmetric):

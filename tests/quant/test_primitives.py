@@ -21,7 +21,7 @@ from lowbit.quant.primitives import (
 
 SPECS = [
     QuantSpec(bits, gs, sym)
-    for bits in (1, 2, 3, 4, 6, 8)
+    for bits in (1, 2, 3, 4, 5, 6, 8)
     for gs in (None, 16, 48, 1000)  # 48 does not divide 100: short last group; 1000 >= K: per-channel
     for sym in (True, False)
     if not (bits == 1 and not sym)
@@ -126,7 +126,7 @@ def test_scales_are_fp16_representable_and_columnwise_helpers_agree() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bits": 5}, "bits must be one of 1,2,3,4,6,8"),
+        ({"bits": 7}, "bits must be one of 1,2,3,4,5,6,8"),
         ({"bits": 4, "group_size": 0}, "group_size"),
         ({"bits": 1, "symmetric": False}, "1-bit"),
         ({"bits": 4, "symmetric": "yes"}, "symmetric"),

@@ -48,8 +48,8 @@ def test_short_strings_parse() -> None:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("vision=w9", r"character 1 \('vision=w9'\): bits must be one of 1,2,3,4,6,8"),
-        ("text=w4g64:gptq,vision=w9", r"character 17 \('vision=w9'\): bits must be one of 1,2,3,4,6,8"),
+        ("vision=w9", r"character 1 \('vision=w9'\): bits must be one of 1,2,3,4,5,6,8"),
+        ("text=w4g64:gptq,vision=w9", r"character 17 \('vision=w9'\): bits must be one of 1,2,3,4,5,6,8"),
         ("vision=w4, text=w4g0", r"character 12 \('text=w4g0'\): group size"),
         ("vision=w4:nope", r"unknown quantization method 'nope'; choose one of: .*rtn"),
         ("vision=w4x", r"unexpected 'x'"),
@@ -93,7 +93,7 @@ rules:
 @pytest.mark.parametrize(
     "rules, message",
     [
-        ("- {tower: vision, bits: 9}", r"rule 0 field 'bits': received 9; bits must be one of 1,2,3,4,6,8"),
+        ("- {tower: vision, bits: 9}", r"rule 0 field 'bits': received 9; bits must be one of 1,2,3,4,5,6,8"),
         ("- {bits: 8}\n  - {tower: text, bits: 4, method: foo}", r"rule 1 field 'method': unknown .*'foo'"),
         ("- {bits: 4, group_size: -1}", r"rule 0 field 'group_size'"),
         ("- {bits: 4, bitz: 3}", r"rule 0 field 'bitz': unknown field"),

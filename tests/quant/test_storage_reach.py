@@ -14,7 +14,7 @@ from lowbit.quant.primitives import QuantSpec
 
 G = torch.Generator().manual_seed(3)
 N, K = 16, 64
-UNIFORM = [QuantSpec(b, 32, sym) for b in (8, 6, 4, 3, 2) for sym in (True, False)] + [QuantSpec(1, 32)]
+UNIFORM = [QuantSpec(b, 32, sym) for b in (8, 6, 5, 4, 3, 2) for sym in (True, False)] + [QuantSpec(1, 32)]
 # method -> the (spec, options) its grid allows
 GRIDS: dict[str, list[tuple[QuantSpec, dict[str, Any]]]] = {
     **{m: [(s, {}) for s in UNIFORM] for m in ("rtn", "gptq", "awq")},
@@ -24,6 +24,7 @@ GRIDS: dict[str, list[tuple[QuantSpec, dict[str, Any]]]] = {
     "pbllm": [(QuantSpec(1, 32), {})],
     "pbllm-hessian": [(QuantSpec(1, 32), {})],
     "minmax": [(QuantSpec(b, 32), {}) for b in (8, 4, 3, 2)],
+    "kquant": [(QuantSpec(b, 32), {}) for b in (8, 6, 4, 3, 2)],
 }
 
 

@@ -122,7 +122,7 @@ def first_token_fn(model: Any, image: Any, question: str) -> Callable[[], torch.
 def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] | None = None, repeats: int = 5,
                   decode_tokens: int = 32) -> dict[str, Any]:
     """Time to first token and decode speed at batch 1 on the first sample, plus sizes and peak RSS."""
-    from lowbit.eval.footprint import disk_bytes, peak_rss_mib, weight_bytes
+    from lowbit.eval.footprint import disk_bytes, file_bytes, peak_rss_mib, state_bytes, weight_bytes
     from lowbit.models.llava_generate import forced_tokens
 
     model = _require_llava(model)
@@ -146,6 +146,11 @@ def vqa_footprint(model: Any, data: VQASet, checkpoint: str | os.PathLike[str] |
     result: dict[str, Any] = dict(weight_bytes(model))
     result.update({
         "disk_bytes": None if checkpoint is None else disk_bytes(checkpoint),
+        # what a user ships (the same keys as lowbit.eval.footprint): every file, tokenizer and manifest included
+        "file_bytes": state_bytes(model) if checkpoint is None else file_bytes(checkpoint),
+        "file_bytes_scope": ("state dict as stored (no checkpoint file)" if checkpoint is None
+                             else "every file of the checkpoint directory"),
+        "fp16_bytes": state_bytes(model, torch.float16),
         "ttft_ms": ttft * 1000,
         # None when noise made the longer run no slower than the 1-token run: no honest rate to report
         "decode_tok_s": decode_tokens / (many - one) if many > one else None,

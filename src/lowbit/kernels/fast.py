@@ -28,7 +28,7 @@ one scale per row (``"row"``) gives about 0.75-0.9% on Gaussian inputs, and an o
 whole row. In exchange the large-M GEMM converts its integer sums to float 2x less often (per-channel) and,
 for grouped symmetric weights on AVX-512 VNNI, needs no zero-point work per row (``cpu/kernels_gemm_impl.h``).
 
-Supported: bits 1 (binary), 2 (int2 / ternary), 3 (run in a 4-bit container), 4, 6 (run in an 8-bit container)
+Supported: bits 1 (binary), 2 (int2 / ternary), 3 (run in a 4-bit container), 4, 5 and 6 (run in an 8-bit container)
 and 8, symmetric or with zero
 points, per-channel or group sizes that are multiples of 32; any K (tails are zero padded) and any N. Other
 group sizes, an empty weight, or inputs that require grad use the reference path. If the extension cannot be
@@ -212,7 +212,7 @@ class FastWeight:
         scales: float16 [T, G, 8] effective scales s (binary: 2*s).
         zeros: uint8 [T, G, 8] zero points (asymmetric formats), or None.
         zero_const: the constant zero point of symmetric formats (2^(bits-1); 1/2 for binary).
-        cb: container bits of ``tiles`` (3-bit codes use 4, 6-bit codes 8).
+        cb: container bits of ``tiles`` (3-bit codes use 4, 5 and 6-bit codes 8).
         full_byte: codes use all 8 bits (selects the saturation-safe AVX2 dot product).
         n, k: output and input features.
         group_blocks: 32-input blocks per group.
@@ -325,16 +325,16 @@ def activation_block(packed: PackedWeight, act_block: int | str | None = None) -
 
 
 def container_bits(bits: int) -> int:
-    """Bits per code in the kernel tiles: 3 and 6-bit codes straddle bytes, so they run in 4 and 8 bits."""
-    return {3: 4, 6: 8}.get(bits, bits)
+    """Bits per code in the kernel tiles: 3, 5 and 6-bit codes straddle bytes, so they run in 4, 8 and 8 bits."""
+    return {3: 4, 5: 8, 6: 8}.get(bits, bits)
 
 
 def repack(qweight: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     """The stored bitstream [N, ceil(K*bits/8)] as kernel tiles (``_tile_codes``'s layout), once at load time.
-    The C++ repack reads 1/2/3/4/8-bit streams: 6-bit codes are widened to bytes first."""
+    The C++ repack reads 1/2/3/4/8-bit streams: 5 and 6-bit codes are widened to bytes first."""
     ext = _extension()
-    if bits == 6:
-        return ext.repack(unpack_codes(qweight, 6, k), 8, n, k, 8)  # type: ignore[union-attr]
+    if bits in (5, 6):
+        return ext.repack(unpack_codes(qweight, bits, k), 8, n, k, 8)  # type: ignore[union-attr]
     return ext.repack(qweight, bits, n, k, container_bits(bits))  # type: ignore[union-attr]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
-SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
 
 
 def check_bits(bits: int) -> int:
@@ -147,7 +147,7 @@ class PackedWeight:
         qweight: uint8 [N, ceil(K*bits/8)], codes packed LSB-first along K.
         scales: float16 [N, G], G = ceil(K / group_size).
         zeros: uint8 [N, G] integer zero points (asymmetric), or None (symmetric, implied 2^(bits-1)).
-        bits: code width, one of 1, 2, 3, 4, 6, 8.
+        bits: code width, one of 1, 2, 3, 4, 5, 6, 8.
         group_size: effective group size along K (K itself for per-channel).
         shape: the original weight shape, e.g. (N, K) for linear or (N, C, kh, kw) for conv; K = prod(shape[1:]).
     """

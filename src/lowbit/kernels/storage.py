@@ -12,12 +12,14 @@ CPU kernel path, and stays within its bound.
 | int8 / uint8    | 8    | codes  | 0..255       | 8 + scales (+ zeros) | Q8_0 (g32)    | DequantizeLinear  |
 | int4 / uint4    | 4    | codes  | 0..15        | 4 + ...              | Q4_0 (g32)    | MatMulNBits       |
 | int3 / uint3    | 3    | codes  | 0..7         | 3 + ...              | -             | -                 |
+| int5/6, uint5/6 | 5, 6 | codes  | 0..31, 0..63 | 5, 6 + ...           | -             | -                 |
 | int2 / uint2    | 2    | codes  | 0..3         | 2 + ...              | -             | -                 |
 | ternary         | 2    | codes  | 1..3         | 2 + scales           | TQ2_0 (g256)  | -                 |
 | ternary-base3   | 2    | base3  | 1..3, 5/byte | 1.6 + scales         | TQ1_0 (g256)  | -                 |
 | binary          | 1    | codes  | 0..1         | 1 + scales           | -             | -                 |
 | pbllm           | 1    | side   | 0..1 + CSR   | 1 + scales + side    | -             | -                 |
 | offset2..8      | b    | offset | 0..2^b-1     | b + scales + minima  | Q4_1 (b4 g32) | -                 |
+| superblock2..8  | b    | superblock | 0..2^b-1 | b + 12/g + 32/(8g)   | (Q4_K layout) | -                 |
 
 ``int<b>`` is symmetric (implied zero point 2^(b-1); the GGUF Q8_0 / Q4_0 decoding ``d * (q - z)`` with signed
 steps), ``uint<b>`` stores uint8 zero points. A GGUF equivalence holds at the group it names; every row also
@@ -47,6 +49,7 @@ from lowbit.kernels.formats import PackedWeight, num_groups, pack_codes, unpack_
 from lowbit.kernels.offsets import OFFSET_KINDS, OffsetLinear, OffsetPacked
 from lowbit.kernels.quant_linear import QuantLinear
 from lowbit.kernels.sparse_side import PBLLM_KINDS, PBLLMLinear, SparseSidePacked, side_from_dense
+from lowbit.kernels.superblock import SUB_MAX, SUPERBLOCK_KINDS, SuperBlockLinear, SuperBlockPacked, num_super
 from lowbit.registry import Registry
 
 STANDARD_KINDS: tuple[str, ...] = ("linear", "conv1x1", "conv")  # the kinds every row can hold
@@ -62,8 +65,9 @@ class StorageFormat:
         name: the row's key, e.g. ``int4``, ``ternary-base3``, ``offset4``.
         bits: width of the codes the quantizers produce and the kernels read (base-3 holds 2-bit codes).
         symmetric: True when no integer zero points are stored (the implied 2^(bits-1); binary: 1/2).
-        layout: ``codes`` (docs/PACKED_FORMAT.md), ``base3``, ``offset`` (float group minima) or ``side``
-            (PB-LLM's CSR residuals); with ``bits`` and ``symmetric`` it identifies the row (``find_format``).
+        layout: ``codes`` (docs/PACKED_FORMAT.md), ``base3``, ``offset`` (float group minima), ``superblock``
+            (the offset grid with 6-bit group steps and minima, k-quants) or ``side`` (PB-LLM's CSR residuals);
+            with ``bits`` and ``symmetric`` it identifies the row (``find_format``).
         code_range: the smallest and largest code used (ternary: 1..3).
         bits_per_weight: stored bits per weight of the codes alone (scales, zeros, minima, side come on top).
         pack: codes uint8 [N, K] -> the stored code tensor (uint8 [N, bytes per row]).
@@ -216,6 +220,19 @@ def _offset_sampler(bits: int) -> Sampler:
     return sample
 
 
+def _superblock_sampler(bits: int) -> Sampler:
+    def sample(n: int, k: int, gs: int, g: torch.Generator) -> PackedWeight:
+        groups = num_groups(k, gs)
+        codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+        sc = torch.randint(1, SUB_MAX + 1, (n, groups), generator=g, dtype=torch.uint8)
+        mn = torch.randint(0, SUB_MAX + 1, (n, groups), generator=g, dtype=torch.uint8)
+        d = (torch.rand(n, num_super(groups), generator=g) * 1e-3 + 1e-4).to(torch.float16)  # steps up to ~0.07
+        dmin = (torch.rand(n, num_super(groups), generator=g) * 2e-3 * (1 << (bits - 1)) / 8).to(torch.float16)
+        return SuperBlockPacked.from_codes(codes, sc, mn, d, dmin, bits, gs, (n, k))
+
+    return sample
+
+
 def _side_sample(n: int, k: int, gs: int, g: torch.Generator) -> PackedWeight:
     base = _uniform_sampler(1, True, 0)(n, k, gs, g)
     mask = torch.rand(n, k, generator=g) < 0.1  # PB-LLM's default salient fraction
@@ -233,7 +250,7 @@ def _unpack_bits(bits: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     return lambda packed, k: unpack_codes(packed, bits, k)
 
 
-_FAST = "fast.linear (int8 activations; 3 bits in a 4-bit container, 6 in an 8-bit one)"
+_FAST = "fast.linear (int8 activations; 3 bits in a 4-bit container, 5 and 6 in an 8-bit one)"
 # GGUF / ONNX equivalents of the plain rows: (bits, symmetric) -> (gguf, onnx, group). Q8_0 / Q4_0 are
 # d * (q - z) with one fp16 step per 32 weights, our symmetric grid at g32; MatMulNBits holds 4-bit groups
 # with or without zero points (its default zero point is 8, ours); DequantizeLinear holds int8 per axis.
@@ -244,7 +261,7 @@ _PLAIN_EQUIVALENTS: dict[tuple[int, bool], tuple[str | None, str | None, int | N
     (4, False): (None, "MatMulNBits", None),
 }
 
-for _bits in (8, 6, 4, 3, 2):  # 6: embedding tables between 8 and 4 bits (issue 16); the kernels run it as 8
+for _bits in (8, 6, 5, 4, 3, 2):  # 6, 5: embedding tables between 8 and 4 bits (issue 16); run as 8 bits
     for _sym in (True, False):
         _gguf, _onnx, _group = _PLAIN_EQUIVALENTS.get((_bits, _sym), (None, None, None))
         register_format(StorageFormat(
@@ -287,4 +304,13 @@ for _bits in (8, 4, 3, 2):
         kinds=OFFSET_KINDS, kernel=f"{_FAST} on base() + float (group sums of x) @ (m + 2^(b-1) s)",
         bound=f"{INT8_ACT_BOUND}, over the symmetric part base() only", error_bound=offset_bound,
         sample=_offset_sampler(_bits), gguf="Q4_1" if _q41 else None, group=32 if _q41 else None,
+    ))
+for _bits in (8, 6, 4, 3, 2):  # k-quants: the offset grid with 6-bit group steps and minima (Q4_K's layout at 4)
+    register_format(StorageFormat(
+        name=f"superblock{_bits}", bits=_bits, symmetric=True, layout="superblock",
+        code_range=(0, (1 << _bits) - 1), bits_per_weight=float(_bits), pack=_pack_bits(_bits),
+        unpack=_unpack_bits(_bits), module=SuperBlockLinear, kinds=SUPERBLOCK_KINDS,
+        kernel=f"the offset row's path on the group steps and minima rebuilt once ({_FAST})",
+        bound=f"{INT8_ACT_BOUND}, over the symmetric part base() only", error_bound=offset_bound,
+        sample=_superblock_sampler(_bits),
     ))

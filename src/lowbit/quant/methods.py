@@ -32,7 +32,7 @@ from lowbit.registry import Registry
 BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "lowbit.quant.rtn", "lowbit.quant.gptq", "lowbit.quant.awq",
     "lowbit.quant.binary", "lowbit.quant.ternary", "lowbit.quant.pbllm", "lowbit.quant.minmax",
-    "lowbit.quant.smoothquant", "lowbit.quant.repq",
+    "lowbit.quant.kquant", "lowbit.quant.smoothquant", "lowbit.quant.repq",
 )
 
 

@@ -58,10 +58,10 @@ def minmax_grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return s, m
 
 
-def check_spec(spec: QuantSpec) -> None:
+def check_spec(spec: QuantSpec, method: str = "minmax") -> None:
     """LowbitError unless ``spec`` fits the offset grid (2 to 8 bits, no integer zero point)."""
     if spec.bits < 2 or not spec.symmetric:
-        raise LowbitError(f"minmax needs 2 to 8 bits and no 'a' suffix (its float minimum replaces the integer "
+        raise LowbitError(f"{method} needs 2 to 8 bits and no 'a' suffix (its float minimum replaces the integer "
                           f"zero point); received {spec}")
 
 

@@ -1,0 +1,146 @@
+"""Super-block storage (llama.cpp's k-quants idea, Q4_K): group steps and minima quantized to 6 bits.
+
+An ``offset`` weight (``lowbit.kernels.offsets``: ``w = q * s + m`` per group) spends two float16 values on each
+group: one extra bit per weight at group 32 (Q4_1: 5.0 bits at 4 bits). Here the groups of a row are gathered in
+super-blocks of ``GROUPS_PER_SUPER`` = 8 groups (256 weights at group 32); a super-block stores one fp16 step
+``d`` and one fp16 minimum step ``dmin``, each group 6-bit codes ``sc`` and ``mn``:
+
+    s[n, g] = fp16(d[n, j] * sc[n, g]),    m[n, g] = fp16(-(dmin[n, j] * mn[n, g])),    j = min(g // 8, S - 1)
+
+(products in float32, rounded to float16). ``W[n, k] = q[n, k] * s[n, g] + m[n, g]`` in float32 with
+``g = k // group_size``: once ``s`` and ``m`` are rebuilt (once, at first use, cached) the weight *is* an
+``offset`` weight, so it runs on the offset path of the kernels unchanged, bit for bit the reference.
+
+| buffer         | dtype   | shape               | meaning |
+|----------------|---------|---------------------|---------|
+| ``qweight``      | uint8   | [N, ceil(K*b/8)]    | codes q in [0, 2^b - 1], as in docs/PACKED_FORMAT.md |
+| ``sub_scales``   | uint8   | [N, ceil(G*6/8)]    | ``sc`` in [0, 63], 6-bit codes packed LSB-first like ``qweight`` |
+| ``sub_mins``     | uint8   | [N, ceil(G*6/8)]    | ``mn`` in [0, 63], likewise |
+| ``super_scales`` | float16 | [N, S], S = max(1, G // 8) | ``d`` of each super-block |
+| ``super_mins``   | float16 | [N, S]              | ``dmin`` of each super-block |
+
+At 4 bits, group 32 this is 4 + 12/32 + 32/256 = 4.5 bits per weight (Q4_K's size) instead of 5.0. A row's
+leftover groups join its last super-block (8 to 15 groups; K = 576: 18 groups in super-blocks of 8 and 10, 4.49
+bits per weight, where a short third super-block would cost 4.56), and a row of fewer than 8 groups is one
+super-block. As in Q4_K the
+minimum is never above zero (``m = -dmin * mn``): a group of positive weights starts its grid at 0. Not Q4_K
+byte for byte: llama.cpp multiplies ``d * sc`` in float32 where this format rounds the product to float16 (the
+steps the kernels read), so GGUF export does not claim it. The quantizer (``lowbit.quant.kquant``) chooses the
+6-bit codes first and rounds the weights on the grid they give, the one stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.formats import num_groups, pack_codes, packed_row_bytes, unpack_codes
+from lowbit.kernels.offsets import OffsetPacked, _OffsetMixin
+from lowbit.kernels.variants import ShapeSpec, variant_family
+
+SUB_BITS = 6  # width of the group step / minimum codes
+SUB_MAX = (1 << SUB_BITS) - 1
+GROUPS_PER_SUPER = 8
+
+
+def num_super(groups: int) -> int:
+    """Super-blocks S = max(1, G // 8) of a row of ``groups`` groups (the last takes the leftover groups)."""
+    return max(1, groups // GROUPS_PER_SUPER)
+
+
+def super_index(groups: int) -> torch.Tensor:
+    """int64 [G]: the super-block of each group, ``min(g // 8, S - 1)``."""
+    return (torch.arange(groups) // GROUPS_PER_SUPER).clamp(max=num_super(groups) - 1)
+
+
+def rebuild_grid(sub_scales: torch.Tensor, sub_mins: torch.Tensor, super_scales: torch.Tensor,
+                 super_mins: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16 steps ``s`` and minima ``m`` [N, G] the stored codes mean (the module docstring's formula)."""
+    sc = unpack_codes(sub_scales, SUB_BITS, groups).float()  # [N, G]
+    mn = unpack_codes(sub_mins, SUB_BITS, groups).float()
+    idx = super_index(groups)
+    d, dmin = super_scales.float()[:, idx], super_mins.float()[:, idx]  # [N, G]
+    return (d * sc).to(torch.float16), (-(dmin * mn)).to(torch.float16)
+
+
+@dataclass
+class SuperBlockPacked(OffsetPacked):
+    """An ``OffsetPacked`` whose ``scales`` / ``offsets`` are rebuilt from 6-bit group codes and fp16 super-block
+    steps (``build``); ``nbytes`` counts what is stored (codes, group codes, super-block steps)."""
+
+    sub_scales: torch.Tensor
+    sub_mins: torch.Tensor
+    super_scales: torch.Tensor
+    super_mins: torch.Tensor
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, g = tuple(self.scales.shape)
+        expected = {"sub_scales": ((n, packed_row_bytes(g, SUB_BITS)), torch.uint8, self.sub_scales),
+                    "sub_mins": ((n, packed_row_bytes(g, SUB_BITS)), torch.uint8, self.sub_mins),
+                    "super_scales": ((n, num_super(g)), torch.float16, self.super_scales),
+                    "super_mins": ((n, num_super(g)), torch.float16, self.super_mins)}
+        for name, (shape, dtype, t) in expected.items():
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise LowbitError(f"SuperBlockPacked.{name}: received {t.dtype} {tuple(t.shape)}; expected {dtype} "
+                                  f"{shape} for weight shape {self.shape}, group_size={self.group_size}")
+
+    @classmethod
+    def build(cls, qweight: torch.Tensor, sub_scales: torch.Tensor, sub_mins: torch.Tensor,
+              super_scales: torch.Tensor, super_mins: torch.Tensor, bits: int, group_size: int,
+              shape: tuple[int, ...]) -> SuperBlockPacked:
+        """The weight the stored tensors mean (its group steps and minima rebuilt)."""
+        groups = num_groups(int(torch.Size(shape[1:]).numel()), group_size)
+        s, m = rebuild_grid(sub_scales, sub_mins, super_scales, super_mins, groups)
+        return cls(qweight, s, None, bits, group_size, shape, m, sub_scales, sub_mins, super_scales, super_mins)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor,
+                   bits: int, group_size: int, shape: tuple[int, ...]) -> SuperBlockPacked:
+        """Pack uint8 ``codes`` [N, K], group codes ``sc`` / ``mn`` [N, G] (0..63) and fp16 ``d`` / ``dmin`` [N, S]."""
+        return cls.build(pack_codes(codes.contiguous(), bits), pack_codes(sc.contiguous(), SUB_BITS),
+                         pack_codes(mn.contiguous(), SUB_BITS), d.contiguous(), dmin.contiguous(), bits, group_size,
+                         shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: qweight + the 6-bit group codes + the fp16 super-block steps."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.sub_scales, self.sub_mins,
+                                                           self.super_scales, self.super_mins))
+
+
+class _SuperBlockMixin(_OffsetMixin):
+    EXTRA_FIELDS = {"sub_scales": "sub_scales", "sub_mins": "sub_mins", "super_scales": "super_scales",
+                    "super_mins": "super_mins"}
+    DROPPED = ("zeros", "scales")  # the steps are rebuilt from the group codes, not stored
+    PACKED_TYPE = SuperBlockPacked
+
+    def _groups(self) -> tuple[int, int]:
+        n, k = self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel())
+        return n, num_groups(k, self.group_size)  # type: ignore[attr-defined]
+
+    def _extra_shapes(self) -> dict[str, ShapeSpec]:
+        n, g = self._groups()
+        codes = ((n, packed_row_bytes(g, SUB_BITS)), torch.uint8)
+        steps = ((n, num_super(g)), torch.float16)
+        return {"sub_scales": codes, "sub_mins": codes, "super_scales": steps, "super_mins": steps}
+
+    @property
+    def packed(self) -> SuperBlockPacked:
+        """The stored tensors with the group steps and minima rebuilt once (cached until a buffer changes)."""
+        b = self._buffers  # type: ignore[attr-defined]
+        _, g = self._groups()
+        grid = self._cached("superblock_grid", lambda: torch.stack(rebuild_grid(
+            b["sub_scales"], b["sub_mins"], b["super_scales"], b["super_mins"], g)))  # [2, N, G] fp16
+        return SuperBlockPacked(b["qweight"], grid[0], None, self.bits, self.group_size,  # type: ignore[attr-defined]
+                                self.weight_shape, grid[1], b["sub_scales"], b["sub_mins"], b["super_scales"],
+                                b["super_mins"])
+
+    def extra_repr(self) -> str:
+        return f"{super(_OffsetMixin, self).extra_repr()}, super-blocks of {GROUPS_PER_SUPER} groups"  # type: ignore[misc]
+
+
+SuperBlockLinear, SuperBlockConv2d1x1, SuperBlockWeightParam, SUPERBLOCK_KINDS = variant_family(
+    "superblock", _SuperBlockMixin, "SuperBlock", "group steps and minima in 6 bits per super-block")
