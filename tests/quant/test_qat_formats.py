@@ -54,7 +54,9 @@ def test_every_method_is_registered_for_qat() -> None:
     # lowbit's own methods (other tests register throwaway ones in the same process)
     own = {n for n in method_names() if type(METHODS.get(n)).__module__.startswith("lowbit.")}
     assert own >= {"rtn", "gptq", "awq", "minmax", "pbllm", "pbllm-hessian"}
-    ptq_only = {"smoothquant", "repq"}  # post-training transforms over a base method: QAT refuses them in one line
+    # post-training transforms over a base method, and kquant (a trained grid's steps would be re-rounded to 6 bits
+    # after training: no exact fold): QAT refuses them in one line
+    ptq_only = {"smoothquant", "repq", "kquant"}
     assert own - ptq_only <= set(QAT_QUANTIZERS.names())
     for name in ptq_only:
         with pytest.raises(LowbitError, match=f"unknown QAT quantizer .*'{name}'; choose one of"):

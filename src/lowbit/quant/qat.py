@@ -8,7 +8,8 @@ anything else in the module keep working. The quantizers (``lowbit.quant.fake_qu
 2020, arXiv:1902.08153, with binary / ternary / PB-LLM level sets) start exactly on the post-training grid
 of the rule's method (RTN for rtn/gptq/awq), so an untrained ``convert_qat`` equals ``quantize_`` with RTN,
 binary, ternary, pbllm, pbllm-hessian (same calibration) or minmax. Every method of ``METHODS`` is registered in
-``QAT_QUANTIZERS``.
+``QAT_QUANTIZERS`` except the post-training ones: smoothquant and repq (transforms over a base method) and kquant
+(its steps are re-rounded to 6 bits after they are chosen: a trained grid would not fold exactly).
 
 ``convert_qat`` folds latent weights and learned steps into the packed format and the same quantized module
 kinds as ``quantize_`` (``QUANT_KINDS``), so ``lowbit.save``/``lowbit.load``/``lowbit eval`` cannot tell a QAT
