@@ -21,7 +21,7 @@ its directory: weights, manifest, configs, tokenizer):
   GGUF file's own Q8_0 grid: lossless), a 6-bit or a 4-bit one, and on lowbit's generic integer grid (GPTQ); the
   LM in groups of 128 on the minmax grid (no longer Q4_1's exact grid) with the 6-bit table; the LM on ``kquant``
   (Q4_1's grid with its steps and minima in 6 bits per super-block of 8 groups, 4.5 bits/weight) with the 6-bit
-  table and with a 5-bit table in groups of 64; accuracy and mean KL
+  table and with a 5-bit table in groups of 64 or 128; accuracy and mean KL
   of the first answer token against full precision. The target is 85 MB = 85e6 bytes (81.06 MiB): the table
   shows MiB, ``file_bytes`` and ``meets`` are in bytes.
 """
@@ -78,6 +78,8 @@ VLM_RECIPES = {  # the tied LM head reads the embedding table: its grid decides 
     "w4-kquant, 6-bit table": "language@embedding=w6g32,language=w4g32:kquant,vision=w8,projector=w8,floats=fp16",
     # and a 5-bit table in groups of 64 (5.25 bits/weight): the whole directory under 85 MB
     "w4-kquant, 5-bit table": "language@embedding=w5g64,language=w4g32:kquant,vision=w8,projector=w8,floats=fp16",
+    "w4-kquant, 5-bit table g128": "language@embedding=w5g128,language=w4g32:kquant,vision=w8,projector=w8,"
+                                   "floats=fp16",
 }
 # the llava rows measured before the VQA footprint counted every file of the directory (issue 16's "whole file")
 SAFETENSORS_ONLY = "model.safetensors only (tokenizer, configs and manifest not counted: measured before the VQA " \
