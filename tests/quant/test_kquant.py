@@ -10,8 +10,10 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import expand_groups
+from lowbit.kernels.quant_embedding import embedding_reference
+from lowbit.kernels.quant_linear import QUANT_KINDS
 from lowbit.kernels.storage import format_of
-from lowbit.kernels.superblock import SuperBlockLinear, SuperBlockPacked, num_super
+from lowbit.kernels.superblock import SuperBlockEmbedding, SuperBlockLinear, SuperBlockPacked, num_super
 from lowbit.quant.kquant import kquant_pack
 from lowbit.quant.methods import QuantContext, get_method
 from lowbit.quant.minmax import minmax_pack
@@ -40,6 +42,23 @@ def test_super_blocks_and_stored_bits() -> None:
     assert kquant_pack(torch.randn(4, 2048, generator=G), QuantSpec(4, 32)).nbytes * 8 == 4.5 * 4 * 2048  # Q4_K's
 
 
+def test_super_groups_set_the_stored_width_and_a_module_loads_any() -> None:
+    w = q41_weight(6, 1536)  # 48 groups
+    packed = kquant_pack(w, QuantSpec(4, 32), super_groups=16)
+    assert packed.super_scales.shape == (6, 3) and packed.nbytes * 8 < 4.45 * w.numel()
+    state = SuperBlockLinear.from_packed(packed).state_dict()
+    empty = SuperBlockLinear(1536, 6, 4, 32, bias=False)  # from the manifest's fields alone: S = 48 // 8
+    assert empty.super_scales.shape == (6, 6)
+    empty.load_state_dict(state)  # the stored width wins
+    assert torch.equal(empty.dequantized_weight(), packed.dequantize())
+    with pytest.raises(LowbitError, match="super_groups"):
+        get_method("kquant").quantize_weight(w, QuantSpec(4, 32), QuantContext(None, None, kind="linear"),
+                                             {"super_groups": 0})
+    with pytest.raises(LowbitError, match="super_scales"):
+        SuperBlockPacked.build(packed.qweight, packed.sub_scales, packed.sub_mins, torch.zeros(6, 0).half(),
+                               torch.zeros(6, 0).half(), 4, 32, (6, 1536))
+
+
 def test_codes_are_rounded_on_the_stored_grid() -> None:
     w = torch.randn(16, 300, generator=G)  # a short last group, one super-block of 10 groups
     packed = kquant_pack(w, QuantSpec(3, 32))
@@ -60,12 +79,21 @@ def test_q41_weights_lose_a_twentieth_of_a_step() -> None:
 
 
 def test_kquant_refuses_what_its_grid_cannot_hold() -> None:
-    ctx = QuantContext(inputs=None, hessian=None, kind="embedding")
-    with pytest.raises(LowbitError, match="supports layer kinds"):
-        get_method("kquant").quantize_weight(torch.randn(4, 64), QuantSpec(4, 32), ctx, {})
     with pytest.raises(LowbitError, match="kquant needs 2 to 8 bits"):
         get_method("kquant").quantize_weight(torch.randn(4, 64), QuantSpec(4, 32, False),
                                              QuantContext(None, None, kind="linear"), {})
+
+
+def test_table_gather_equals_the_dequantized_reference() -> None:
+    emb = torch.nn.Embedding(300, 576, padding_idx=0)
+    result = get_method("kquant").quantize_weight(emb.weight.detach(), QuantSpec(5, 64),
+                                                  QuantContext(None, None, kind="embedding"), {})
+    assert result.kind == "superblock_embedding"
+    table = QUANT_KINDS.get(result.kind).build(emb, result.packed, None)
+    assert isinstance(table, SuperBlockEmbedding) and table.scales is None
+    ids = torch.tensor([[0, 299, 5], [7, 7, 123]])
+    assert torch.equal(table(ids), embedding_reference(table, ids))
+    assert torch.equal(table(ids), torch.nn.functional.embedding(ids, result.packed.dequantize()))
 
 
 def test_tiny_lm_saves_smaller_and_reloads_byte_identical(tmp_path: Path) -> None:
@@ -74,8 +102,8 @@ def test_tiny_lm_saves_smaller_and_reloads_byte_identical(tmp_path: Path) -> Non
     sizes, logits = {}, {}
     for method in ("minmax", "kquant"):
         model = lowbit.load(str(lm))
-        report = lowbit.quantize(model, f"language@embedding=w5g64,language=w4g32:{method},floats=fp16",
-                                 progress=False)
+        report = lowbit.quantize(model, f"language@embedding=w5g64:{method if method == 'kquant' else 'rtn'},"
+                                 f"language=w4g32:{method},floats=fp16", progress=False)
         lowbit.save(model, tmp_path / method, report=report)
         sizes[method] = report.totals()["total"]["packed_bytes"]  # the tiny file is mostly safetensors header
         with torch.no_grad():
@@ -83,7 +111,12 @@ def test_tiny_lm_saves_smaller_and_reloads_byte_identical(tmp_path: Path) -> Non
     layer = model.language.model.layers[0].mlp.down_proj
     assert isinstance(layer, SuperBlockLinear) and layer.scales is None  # steps rebuilt, not stored
     assert sizes["kquant"] < sizes["minmax"]
+    table, head = model.language.model.embed_tokens, model.language.lm_head
+    assert isinstance(table, SuperBlockEmbedding) and isinstance(head, SuperBlockLinear)
+    assert head.qweight is table.qweight and head.super_scales is table.super_scales  # one copy, tied
     loaded = lowbit.load(str(tmp_path / "kquant"))
+    table, head = loaded.language.model.embed_tokens, loaded.language.lm_head
+    assert head.qweight is table.qweight and head.sub_mins is table.sub_mins  # re-tied on load
     with torch.no_grad():
         assert torch.equal(loaded.language(ids).logits, logits["kquant"])
         layer = loaded.language.model.layers[0].mlp.down_proj

@@ -24,7 +24,7 @@ GRIDS: dict[str, list[tuple[QuantSpec, dict[str, Any]]]] = {
     "pbllm": [(QuantSpec(1, 32), {})],
     "pbllm-hessian": [(QuantSpec(1, 32), {})],
     "minmax": [(QuantSpec(b, 32), {}) for b in (8, 4, 3, 2)],
-    "kquant": [(QuantSpec(b, 32), {}) for b in (8, 6, 4, 3, 2)],
+    "kquant": [(QuantSpec(b, 32), {}) for b in (8, 6, 5, 4, 3, 2)],
 }
 
 

@@ -28,6 +28,9 @@ from lowbit.kernels.quant_linear import (
     refuse_onnx_trace,
 )
 
+# manifest kinds whose module is a lookup table (a ``QuantEmbedding``): what a recipe's embedding rule may produce
+EMBEDDING_KINDS: set[str] = {"embedding"}
+
 
 class QuantEmbedding(_PackedMixin, nn.Module):
     """``nn.Embedding`` with packed rows.
@@ -37,6 +40,8 @@ class QuantEmbedding(_PackedMixin, nn.Module):
     id, ``(q - z) * s`` of its row. ``padding_idx`` is kept for code that reads it (its row is whatever was
     quantized, normally zeros, which every grid represents exactly).
     """
+
+    HEAD_KIND = "linear"  # the manifest kind of an output head tied to this table (it holds the same buffers)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int, symmetric: bool = True,
                  padding_idx: int | None = None) -> None:
@@ -63,10 +68,13 @@ class QuantEmbedding(_PackedMixin, nn.Module):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise LowbitError(f"embedding ids must be in [0, {self.num_embeddings}); received "
                               f"[{int(flat.min())}, {int(flat.max())}]")
+        return self._rows(flat).dequantize().reshape(*ids.shape, self.embedding_dim)
+
+    def _rows(self, flat: torch.Tensor) -> PackedWeight:
+        """The packed rows ``flat`` [M] of the table (gathered, never the whole table)."""
         zeros = self.zeros
-        rows = PackedWeight(self.qweight[flat], self.scales[flat], None if zeros is None else zeros[flat],
+        return PackedWeight(self.qweight[flat], self.scales[flat], None if zeros is None else zeros[flat],
                             self.bits, self.group_size, (flat.numel(), self.embedding_dim))
-        return rows.dequantize().reshape(*ids.shape, self.embedding_dim)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._drop_cache()

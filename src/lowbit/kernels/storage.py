@@ -305,7 +305,7 @@ for _bits in (8, 4, 3, 2):
         bound=f"{INT8_ACT_BOUND}, over the symmetric part base() only", error_bound=offset_bound,
         sample=_offset_sampler(_bits), gguf="Q4_1" if _q41 else None, group=32 if _q41 else None,
     ))
-for _bits in (8, 6, 4, 3, 2):  # k-quants: the offset grid with 6-bit group steps and minima (Q4_K's layout at 4)
+for _bits in (8, 6, 5, 4, 3, 2):  # k-quants: the offset grid with 6-bit group steps and minima (Q4_K's layout at 4)
     register_format(StorageFormat(
         name=f"superblock{_bits}", bits=_bits, symmetric=True, layout="superblock",
         code_range=(0, (1 << _bits) - 1), bits_per_weight=float(_bits), pack=_pack_bits(_bits),

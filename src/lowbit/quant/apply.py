@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant
 from lowbit.kernels.fusion import fuse_shared_inputs
+from lowbit.kernels.quant_embedding import EMBEDDING_KINDS
 from lowbit.kernels.quant_linear import PACKED_BUFFERS, QUANT_KINDS, QuantLinear, is_quantized
 from lowbit.models.spec import pointwise_conv_class
 from lowbit.quant.methods import CalibrationProvider, QuantContext, get_method
@@ -323,16 +324,17 @@ def _tie_one(model: nn.Module, p: _Planned, paths: dict[int, list[str]], built: 
     """Build a tied head as a ``QuantLinear`` holding its table's packed tensors (the same tensor objects)."""
     table = built[id(p.tied_to.module)]
     bias = getattr(p.module, "bias", None)
-    head = QUANT_KINDS.get("linear").empty(p.module, table.bits, table.group_size, table.symmetric, False)
-    for name in ("qweight", "scales", "zeros"):
-        setattr(head, name, getattr(table, name))
+    head = QUANT_KINDS.get(table.HEAD_KIND).empty(p.module, table.bits, table.group_size, table.symmetric, False)
+    for name, tensor in table._buffers.items():  # the table's packed tensors (its buffers are exactly those)
+        if tensor is not None:
+            setattr(head, name, tensor)
     if isinstance(bias, torch.Tensor):
         head.bias.copy_(bias.detach().float())
     full_paths = paths.get(id(p.module), [])
     replace_module(model, full_paths, head)
     table_path = paths[id(p.tied_to.module)][0]
     return ModuleQuant(
-        tower=p.tower, name=p.name, path=full_paths[0], kind="linear", method=f"tied:{table_path}",
+        tower=p.tower, name=p.name, path=full_paths[0], kind=table.HEAD_KIND, method=f"tied:{table_path}",
         bits=table.bits, group_size=table.group_size, symmetric=table.symmetric, shape=list(table.weight_shape),
         params=0, fp32_bytes=0, packed_bytes=0, bits_per_weight=0.0, weight_error=0.0, has_input_scale=False,
         rule=p.rule_index,  # params and bytes 0: they are the table's, counted once there
@@ -368,10 +370,10 @@ def _quantize_one(
     if not full_paths:
         raise LowbitError(f"{p.tower}/{p.name} is not a submodule of the model, so it cannot be replaced")
     kind = result.kind or p.kind  # a storage variant (PB-LLM side, base-3) may replace the standard kind
-    if p.kind == "embedding" and kind != "embedding":
+    if p.kind == "embedding" and kind not in EMBEDDING_KINDS:
         raise LowbitError(f"{p.tower}/{p.name}: method {p.rule.method!r} stores its weights as {kind!r}, which has "
                           "no embedding lookup; accepted for embedding tables: rtn (integer codes with or without a "
-                          "zero point, e.g. w4g32a)")
+                          "zero point, e.g. w4g32a) or kquant (super-blocks, e.g. w5g64:kquant)")
     new = QUANT_KINDS.get(kind).build(p.module, packed, result.input_scale)
     if takes_activations(p, new):
         act_quant.attach(new, p.rule.activations)  # static scales: filled by calibrate_static after every layer
