@@ -372,10 +372,14 @@ def _swap_in_empty(model: nn.Module, modules: dict[str, Any]) -> None:
             got = None if not isinstance(weight, torch.Tensor) else list(weight.shape)
             raise LowbitError(f"checkpoint module {mpath!r} has weight shape {meta['shape']}; "
                               f"the rebuilt model has {got}")
-        with torch.device("meta"):
-            new = QUANT_KINDS.get(meta["kind"]).empty(
-                float_module, int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
-                bool(meta["has_input_scale"]))
+        try:
+            with torch.device("meta"):
+                new = QUANT_KINDS.get(meta["kind"]).empty(
+                    float_module, int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]),
+                    bool(meta["has_input_scale"]))
+        except AttributeError:  # e.g. kind 'embedding' recorded for a Linear: the kind cannot hold this module
+            raise LowbitError(f"checkpoint module {mpath!r} is a {type(float_module).__name__} in the rebuilt model; "
+                              f"its manifest kind {meta['kind']!r} cannot hold one") from None
         if meta.get("activations") is not None:  # a static scheme's act_scale / act_zero come from the file
             act_quant.attach(new, act_quant.ActSpec.from_dict(meta["activations"]))
         if new is not float_module:
