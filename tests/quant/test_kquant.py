@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,9 @@ def test_tiny_lm_saves_smaller_and_reloads_byte_identical(tmp_path: Path) -> Non
         assert torch.allclose(layer(x), reference, atol=1e-4, rtol=1e-3)  # the offset path on the rebuilt grid
     lowbit.save(loaded, tmp_path / "again")
     assert_same_bytes(tmp_path / "kquant", tmp_path / "again")
+
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())  # a kind that cannot hold the module
+    manifest["modules"]["language.model.layers.0.mlp.down_proj"]["kind"] = "superblock_embedding"
+    (tmp_path / "again" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LowbitError, match="is a Linear in the rebuilt model; its manifest kind 'superblock_embedding'"):
+        lowbit.load(str(tmp_path / "again"))
