@@ -66,6 +66,22 @@ def interleaved_latency(calls: dict[str, Callable[[], Any]], rounds: int) -> dic
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def int8_stability(model: Any, data: Any, eps: float = 1e-7) -> dict[str, float]:
+    """How far lowbit's own int8 image embeddings move when the pixels are perturbed by ``eps`` (relative, seeded):
+    the floor under any second int8 implementation's agreement with them (rounding flips decorrelate downstream)."""
+    import torch.nn.functional as F
+
+    noise = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        cos = []
+        for i in range(0, len(data.images), 64):
+            pixels = model.preprocess(data.images[i:i + 64])
+            moved = pixels * (1 + eps * torch.randn(pixels.shape, generator=noise))
+            cos.append(F.cosine_similarity(model.encode_image(pixels).double(), model.encode_image(moved).double()))
+    c = torch.cat(cos)
+    return {"eps": eps, "image_cosine_min": c.min().item(), "image_cosine_mean": c.mean().item()}
+
+
 def onnx_row(name: str, recipe: str, limit: int, rounds: int, work: Path) -> dict[str, Any]:
     from lowbit.data.resolve import resolve_dataset
     from lowbit.kernels.quant_linear import set_backend
@@ -88,6 +104,7 @@ def onnx_row(name: str, recipe: str, limit: int, rounds: int, work: Path) -> dic
             accuracy[f"{export_name}_vs_lowbit_{backend}"] = compare_with_lowbit(
                 model, work / f"{name}-onnx{suffix}", data, threads=THREADS)
     set_backend(model, "cpu")
+    accuracy["lowbit_cpu_perturbed_1e-7"] = int8_stability(model, data)
     sessions = {"ort": OrtDualEncoder(work / f"{name}-onnx", model, threads=THREADS),
                 "ort_int8": OrtDualEncoder(work / f"{name}-onnx-int8", model, threads=THREADS)}
     latency: dict[str, Any] = {}
