@@ -158,3 +158,40 @@ def test_imported_q4_1_and_tq2_0_save_as_their_variant_kinds(tmp_path: Path) -> 
         out = tmp_path / f"saved{hidden}"
         assert_resaves_exactly(loaded, out, ids, 2 * 7 + 2)
         assert {m["kind"] for m in json.loads((out / "manifest.json").read_text())["modules"].values()} == kinds
+
+
+def converter_rope_factors(theta: float, dim: int, factor: float, low: float, high: float, context: int) -> np.ndarray:
+    """llama.cpp's ``convert_hf_to_gguf.py`` (LlamaModel.generate_extra_tensors) rope_freqs for llama3, as written
+    there: per frequency 1, ``factor``, or the smoothed divisor in between."""
+    import math
+
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_wavelen, high_wavelen = context / low, context / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_parameters_recovered_from_a_converter_rope_freqs_tensor() -> None:
+    """A Llama 3.2-shaped RoPE (head_dim 64, theta 5e5, factor 32): the parameters read back from the factors alone
+    equal the config's, and transformers' frequencies from them equal the converter's tensor."""
+    import transformers
+
+    from lowbit.models.gguf_import import _llama3_from_factors, rope_frequency_factors
+
+    config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    factors = converter_rope_factors(500000.0, 64, 32.0, 1.0, 4.0, 8192)
+    params = _llama3_from_factors(config, factors)
+    assert params == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}
+    config.rope_parameters = {**params, "rope_theta": 500000.0}
+    np.testing.assert_allclose(rope_frequency_factors(config), factors, rtol=1e-6)
