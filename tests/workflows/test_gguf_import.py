@@ -195,3 +195,31 @@ def test_llama3_rope_parameters_recovered_from_a_converter_rope_freqs_tensor() -
                       "original_max_position_embeddings": 8192}
     config.rope_parameters = {**params, "rope_theta": 500000.0}
     np.testing.assert_allclose(rope_frequency_factors(config), factors, rtol=1e-6)
+
+
+def test_k_quants_load_dequantized_with_a_warning(tmp_path: Path) -> None:
+    """A GGUF quantized by llama.cpp's own quantize to Q4_K_M: K-quant layers (their 256-weight super-blocks of
+    6-bit sub-scales have no lowbit layout) run on transformers' dequantized floats, with one warning naming the
+    types; the model's logits equal transformers' float load of the file."""
+    import warnings
+
+    import lowbit
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = TinyChat(hidden=256, inter=512)
+    export(model, "gguf", tmp_path / "f32.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "k.gguf").encode(),
+                                          params) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = lowbit.load(str(tmp_path / "k.gguf"))
+    said = [str(w.message) for w in caught if "have no lowbit layout" in str(w.message)]
+    assert len(said) == 1 and "Q4_K" in said[0] and "Q6_K" in said[0], said
+    assert set(loaded.lowbit_import["float"].values()) >= {"Q4_K", "Q6_K"}
+    reference = lowbit.load(str(tmp_path / "k.gguf"), packed=False)
+    ids = torch.tensor([model.tokenizer("the quick brown fox")["input_ids"]])
+    set_backend(loaded.language, "reference")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.language(ids).logits, reference.language(ids).logits, rtol=0, atol=1e-5)
