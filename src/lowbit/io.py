@@ -334,6 +334,34 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _MAX_HEADER = 100 * 2**20  # a header larger than this is not a checkpoint's
+# mmap_safetensors' maps: (first address, length, weak reference to the map), for release_pages.
+_MAPS: list[tuple[int, int, Any]] = []
+
+
+def release_pages(t: Any) -> int:
+    """Drop this process's resident pages of ``t`` where it is a view of an ``mmap_safetensors`` map and was
+    never written (``_version`` 0: the pages are still the file's); returns the bytes released.
+
+    For data read once and kept in another form (the kernels repack packed weights into their own tiles at
+    load time): the pages stay in the page cache, and a later read maps them again (a minor fault), so
+    nothing changes but the resident set. Pages shared with a neighbouring tensor are kept.
+    """
+    import mmap
+
+    if t._version != 0 or t.numel() == 0:
+        return 0
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    for base, length, ref in _MAPS:
+        mapped = ref()
+        if mapped is None or not base <= start < end <= base + length:
+            continue
+        page = mmap.PAGESIZE
+        first, last = -(-(start - base) // page) * page, (end - base) // page * page
+        if last <= first:
+            return 0
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return last - first
+    return 0
 
 
 def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -394,6 +422,11 @@ def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
         mapped.madvise(mmap.MADV_RANDOM)
     out: dict[str, Any] = {}
+    if mapped is not None:
+        import weakref
+
+        _MAPS[:] = [m for m in _MAPS if m[2]() is not None]
+        _MAPS.append((torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr(), size, weakref.ref(mapped)))
     for key, info in header.items() if isinstance(header, dict) else ():
         if key == "__metadata__":
             continue

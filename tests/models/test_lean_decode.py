@@ -39,13 +39,19 @@ def prompt() -> torch.Tensor:
     return torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
 
 
-def assert_matches(ref, out) -> None:
-    """Tokens equal and every step's logits (prefill first) within 1e-4 of transformers' (relative to max)."""
+# A packed model's engine runs the kernels' RMSNorm / attention / silu (cpu/kernels_decode_impl.h), equal to
+# torch's to float32 rounding; one rounding step can move an int8 activation of the next packed matmul by one
+# level (the kernels' bound, a_b / 2 per input): observed up to 2.5e-3 of the largest logit, on one step in 20.
+PACKED_REL = 1e-2
+
+
+def assert_matches(ref, out, rel: float = 1e-4) -> None:
+    """Tokens equal and every step's logits (prefill first) within ``rel`` of transformers' (relative to max)."""
     new = ref.sequences[:, -STEPS:]
     assert out.tokens.tolist() == new.tolist()
     assert len(out.logits) == len(ref.logits) == STEPS
     for a, b in zip(ref.logits, out.logits, strict=True):
-        assert float((a.float() - b).abs().max() / a.float().abs().max()) < 1e-4
+        assert float((a.float() - b).abs().max() / a.float().abs().max()) < rel
 
 
 @pytest.mark.parametrize(("model_type", "kv_heads"), [("llama", 2), ("llama", 4), ("mistral", 2), ("qwen2", 1)])
@@ -99,14 +105,14 @@ def test_packed_model_runs_its_fused_kernels_like_transformers() -> None:
     ref = hf_generate(copy.deepcopy(model), input_ids=ids, attention_mask=torch.ones_like(ids))
     out = engine.generate(ids, max_new_tokens=STEPS, return_logits=True)
     assert calls[0] == STEPS  # one fused q/k/v call per forward (prefill + 19 steps)
-    assert_matches(ref, out)
+    assert_matches(ref, out, PACKED_REL)
     # The native step (the kernels' DecoderStack: the same ops from C++, one call per token) is bit-equal.
     native = LeanDecoder(model)
     got = native.generate(ids, max_new_tokens=STEPS, return_logits=True)
     assert native._stack is not None
     assert calls[0] == STEPS + 1  # only its prefill went through Python
     assert all(torch.equal(a, b) for a, b in zip(out.logits, got.logits, strict=True))
-    assert_matches(ref, got)
+    assert_matches(ref, got, PACKED_REL)
 
 
 def test_native_step_only_where_every_layer_qualifies() -> None:
@@ -133,7 +139,7 @@ def test_native_step_only_where_every_layer_qualifies() -> None:
     engine = LeanDecoder(model)
     out = engine.generate(ids, max_new_tokens=STEPS, return_logits=True)
     assert engine._stack is not None  # MHA (kv_heads == heads), per-channel 8-bit: native
-    assert_matches(ref, out)
+    assert_matches(ref, out, PACKED_REL)
     engine.prefill(ids, max_len=PROMPT + 1)
     engine.step(out.tokens[:, 0])
     with pytest.raises(LowbitError, match="past the"):
@@ -195,9 +201,19 @@ def test_smollm2_greedy_equals_generate_fp32_and_w4() -> None:
     for model in (lm, packed):  # each against transformers running the same (float or packed) modules
         with torch.inference_mode():
             ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                                 do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
-        out = LeanDecoder(model).generate(ids, max_new_tokens=32).tokens[0]
-        assert out.tolist() == ref.tolist()
+                                 do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                                 return_dict_in_generate=True)
+        want = ref.sequences[0, ids.shape[1]:].tolist()
+        got = LeanDecoder(model).generate(ids, max_new_tokens=32).tokens[0].tolist()
+        if model is lm:
+            assert got == want
+            continue
+        # Packed: the engine's RMSNorm / attention / silu are the kernels' (PACKED_REL), and over 30 layers their
+        # rounding moves logits by up to ~1: the tokens are transformers' until a near tie, if any, late.
+        first = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        if first is not None:
+            logits = ref.logits[first][0]
+            assert first >= 16 and float(logits.max() - logits[got[first]]) < 0.5
 
 
 def fastv_reference(model, ids: torch.Tensor, prune) -> tuple[torch.Tensor, object]:

@@ -338,6 +338,15 @@ def repack(qweight: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     return ext.repack(qweight, bits, n, k, container_bits(bits))  # type: ignore[union-attr]
 
 
+def release_packed(packed: PackedWeight) -> int:
+    """Drop the resident pages of ``packed``'s stored tensors where they are an unmodified memory map of a
+    checkpoint (``lowbit.io.release_pages``): once repacked into tiles the kernels never read them, so a loaded
+    model does not hold its weights twice. Bytes released."""
+    from lowbit.io import release_pages
+
+    return sum(release_pages(t) for t in (packed.qweight, packed.scales, packed.zeros) if t is not None)
+
+
 def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list[int] | None = None,
             act_block: int | str | None = None) -> FastWeight:
     """Repack ``packed`` once into the kernel layout (call at load time, not per forward).
@@ -371,6 +380,7 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
     act_blocks = act_blocks_for(group_blocks, g == 1, act_block, kb)
     call = ext.Prepared(tiles, tiled_scales, zeros, zero_const, bias, cb, cb == 8, n, k,  # type: ignore[union-attr]
                         group_blocks, act_blocks, list(splits or []))
+    release_packed(packed)  # the tiles hold the codes now; the reference fallback maps the rows again if needed
     return FastWeight(packed=packed, tiles=tiles, scales=tiled_scales, zeros=zeros, zero_const=zero_const, cb=cb,
                       full_byte=cb == 8, n=n, k=k, group_blocks=group_blocks, reason=None, act_blocks=act_blocks,
                       call=call)

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -129,6 +130,15 @@ class SharedInputGroup:
         with torch.inference_mode(False), torch.no_grad():
             packed, bias = _concat(self.members)
             handle = fast.prepare(packed, bias, splits=[m.out_features for m in self.members], act_block=act_block)
+        if handle.call is not None:
+            # The group is only ever computed by its call: the stacked copy of the rows is not kept (its
+            # description stays, on the meta device), and the siblings' memory-mapped rows, now in the
+            # kernels' tiles, leave the resident set.
+            handle = dataclasses.replace(handle, packed=dataclasses.replace(
+                packed, qweight=packed.qweight.to("meta"), scales=packed.scales.to("meta"),
+                zeros=None if packed.zeros is None else packed.zeros.to("meta")))
+            for m in self.members:
+                fast.release_packed(m.packed)
         # The buffers are kept alive with the state: their ids cannot be reused while it is compared.
         self._prepared = (state, handle, [list(m._buffers.values()) for m in self.members])
         return handle

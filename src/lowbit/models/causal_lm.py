@@ -83,6 +83,19 @@ def _no_images() -> LowbitError:
                        "JSONL or captions)")
 
 
+class DeferredTokenizer:
+    """A tokenizer read from ``path`` when first used: a loaded packed checkpoint that only decodes token ids
+    (the lean engine) never holds one (SmolLM2's fast tokenizer is ~45 MB resident)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+
 class CausalLM(DualEncoder):
     """A transformers causal LM and its tokenizer: one tower, ``language``."""
 
@@ -91,8 +104,18 @@ class CausalLM(DualEncoder):
     def __init__(self, language: nn.Module, tokenizer: Any) -> None:
         super().__init__()
         self.language = language
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # or a DeferredTokenizer, read on first use
         self.register_buffer("_log_scale", torch.zeros(()), persistent=False)
+
+    @property
+    def tokenizer(self) -> Any:
+        if isinstance(self._tokenizer, DeferredTokenizer):
+            self._tokenizer = self._tokenizer.load()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
 
     @property
     def context_window(self) -> int:
@@ -358,11 +381,8 @@ def save_causal_lm_architecture(model: CausalLM, out: Path) -> dict[str, Any]:
 
 
 def causal_lm_skeleton(path: Path, record: dict[str, Any]) -> CausalLM:
-    from transformers import AutoTokenizer
-
-    lm = pretrained_skeleton(path, record)
-    lm.__dict__.pop("lowbit_tokenizer", None)
-    return CausalLM(lm, AutoTokenizer.from_pretrained(path)).eval().requires_grad_(False)
+    lm = pretrained_skeleton(path, record, tokenizer=False)
+    return CausalLM(lm, DeferredTokenizer(path)).eval().requires_grad_(False)
 
 
 SPEC = register_family(FamilySpec(

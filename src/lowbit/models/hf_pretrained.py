@@ -49,9 +49,10 @@ def save_pretrained_architecture(model: nn.Module, out: Path, tokenizer: Any = N
     return {"class": name}
 
 
-def pretrained_skeleton(path: Path, record: dict[str, Any]) -> nn.Module:
+def pretrained_skeleton(path: Path, record: dict[str, Any], tokenizer: bool = True) -> nn.Module:
     """The recorded transformers class built from the saved config, without weights (the caller holds
-    ``init_empty_weights``); its generation config and tokenizer (``lowbit_tokenizer``) read back when saved."""
+    ``init_empty_weights``); its generation config and tokenizer (``lowbit_tokenizer``) read back when saved
+    (``tokenizer=False``: not read, for a caller that reads it itself when needed)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -59,7 +60,7 @@ def pretrained_skeleton(path: Path, record: dict[str, Any]) -> nn.Module:
     model = cls._from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    if any((path / f).is_file() for f in _TOKENIZER_FILES):
+    if tokenizer and any((path / f).is_file() for f in _TOKENIZER_FILES):
         setattr(model, TOKENIZER_ATTR, AutoTokenizer.from_pretrained(path))
     return model.eval()
 

@@ -219,6 +219,8 @@ class LeanDecoder:
             for layer in base.layers[:config.num_hidden_layers]
         ]
         self.native = native
+        self._ops = _decode_ops(model)  # the kernels' decode ops (float32 rows), or None: torch's ops
+        self._silu = [qualname(type(layer.act)) in SILU_CLASSES for layer in self.layers]
         self._stack: Any = None  # the kernels' DecoderStack for one-token steps (bound by reset), or None
         self._stack_key: list[int] = []  # ids of the prepared calls it holds
         self.pos = 0  # the next token's position (RoPE)
@@ -251,8 +253,11 @@ class LeanDecoder:
 
     # -- the network ---------------------------------------------------------------------------------------
     def _rms(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps)) as one fused op; equal to it bit for bit in float32
+        # LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps)) as one fused op: the kernels' (what the native step
+        # runs) on a packed float32 model, else torch's, equal to LlamaRMSNorm bit for bit in float32
         # (tests/models/test_lean_decode.py compares logits with transformers').
+        if self._ops is not None and h.dtype == torch.float32 and weight.dtype == torch.float32:
+            return self._ops.rms_norm(h, weight, self.eps)
         if h.dtype != torch.float32:  # half-precision models: LlamaRMSNorm's float32 inside, op for op
             x = h.to(torch.float32)
             return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
@@ -302,18 +307,24 @@ class LeanDecoder:
             kc[:, :, fill:fill + t] = k
             vc[:, :, fill:fill + t] = v
             self.fill[i] = fill + t
-            if not causal:  # one new token: attend to the filled prefix of the cache
-                k, v = kc[:, :, :fill + t], vc[:, :, :fill + t]
-            # (a prefill starts at 0: its own k, v are the whole prefix; SDPA is ~3x faster on them than on
-            # the strided cache slice)
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                  enable_gqa=self.heads != self.kv_heads)  # [B, H, T, hd]
+            if not causal and self._ops is not None and q.dtype == torch.float32:
+                attn = self._ops.decode_attention(q, kc, vc, fill + t)  # one token: the native step's attention
+            else:
+                if not causal:  # one new token: attend to the filled prefix of the cache
+                    k, v = kc[:, :, :fill + t], vc[:, :, :fill + t]
+                # (a prefill starts at 0: its own k, v are the whole prefix; SDPA is ~3x faster on them than on
+                # the strided cache slice)
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                      enable_gqa=self.heads != self.kv_heads)  # [B, H, T, hd]
             if prune is not None and i == prune.layer - 1:
                 scores = attention_received(q, k, prune.start, prune.count)  # [B, count]
             h = h + layer.o(attn.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x)
-            h = h + layer.down(layer.act(gate) * up)
+            if self._ops is not None and self._silu[i] and gate.dtype == torch.float32:
+                h = h + layer.down(self._ops.silu_mul(gate, up))
+            else:
+                h = h + layer.down(layer.act(gate) * up)
         self.pos = start + positions
         return self._rms(h[:, -1], self.norm)
 
@@ -345,10 +356,12 @@ class LeanDecoder:
         if max(self.fill) + 1 > self.k_cache.shape[3]:
             raise LowbitError(f"position {self.pos + 1} is past the {self.k_cache.shape[3]} positions reset() made "
                               "room for")
-        h = self._stack.step(h.contiguous(), self.k_cache, self.v_cache, self.fill, self.cos, self.sin, self.pos)
+        out = self._stack.step(h, self.k_cache, self.v_cache, self.fill, self.cos, self.sin, self.pos)
         self.fill = [f + 1 for f in self.fill]
         self.pos += 1
-        return self.lm_head(self._rms(h[:, -1], self.norm))
+        if self._stack.has_head:  # the final norm and the packed lm_head ran in the same call: logits [B, V]
+            return out
+        return self.lm_head(self._rms(out[:, -1], self.norm))
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -395,6 +408,19 @@ class LeanDecoder:
         return LeanGeneration(out[:, :n], kept)
 
 
+def _decode_ops(model: nn.Module) -> Any:
+    """The kernels' small decode ops (RMSNorm, one-token attention, silu * up: what the native step runs, so the
+    Python loop and it agree bit for bit) for a model with packed layers, or None (float models keep torch's ops
+    and never build the kernels for them)."""
+    from lowbit.kernels import fast
+    from lowbit.kernels.quant_linear import QuantLinear
+
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return None
+    ext = fast.extension()
+    return ext if ext is not None and hasattr(ext, "decode_attention") else None
+
+
 def _native_stack(engine: LeanDecoder) -> Any:
     """The kernels' ``DecoderStack`` over ``engine``'s layers, or None unless every layer qualifies: a float32
     model, SiLU MLPs, no QK-norm, q/k/v and gate/up each one fused packed group and o/down plain packed linears,
@@ -410,7 +436,7 @@ def _native_stack(engine: LeanDecoder) -> Any:
     def plain(m: nn.Module) -> Any:  # a packed linear computing alone on the kernels: its prepared call
         ok = (isinstance(m, QuantLinear) and type(m)._matmul is QuantLinear._matmul and m.backend == "cpu"
               and not m.weight_shape[2:] and m.input_scale is None and m.output_clamp is None
-              and GROUP_ATTR not in m.__dict__)
+              and getattr(m, "act_spec", None) is None and GROUP_ATTR not in m.__dict__)
         return fast.prepared(m).call if ok else None
 
     def fused(members: tuple[nn.Module, ...]) -> Any:  # one fused group in member order: its prepared call
@@ -434,12 +460,15 @@ def _native_stack(engine: LeanDecoder) -> Any:
         for bucket, c in zip(calls, row, strict=True):
             bucket.append(c)
     key = [id(c) for bucket in calls for c in bucket]
+    head = plain(engine.model.lm_head)  # a plain packed lm_head runs in the same call (else Python runs it)
+    key.append(id(head))
     if engine._stack is not None and engine._stack_key == key:  # the same prepared weights: keep the stack
         return engine._stack
     engine._stack_key = key
     return ext.DecoderStack([layer.in_norm.contiguous() for layer in engine.layers],
                             [layer.post_norm.contiguous() for layer in engine.layers], *calls,
-                            heads=engine.heads, kv_heads=engine.kv_heads, head_dim=engine.head_dim, eps=engine.eps)
+                            heads=engine.heads, kv_heads=engine.kv_heads, head_dim=engine.head_dim, eps=engine.eps,
+                            norm=engine.norm, head=head)
 
 
 def lean_generate(model: nn.Module, input_ids: torch.Tensor | None = None,

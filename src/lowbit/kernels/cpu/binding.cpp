@@ -226,27 +226,32 @@ class Prepared {
                     act_lo <= 0.0 && act_hi >= 0.0 && act_lo == std::nearbyint(act_lo) && act_hi == std::nearbyint(act_hi),
                 "lowbit linear: a static activation scale must be finite and >= 0 with integer limits "
                 "-127 <= act_lo <= 0 <= act_hi <= 127");
+    compute(x.data_ptr<float>(), M, y.data_ptr<float>(), clamp, lo, hi, act_scale, act_lo, act_hi);
+    return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+  }
+
+  // y [M, N] = x [M, K] . W^T (+ bias) on raw contiguous float32 rows (the decoder stack's buffers: no tensor
+  // is made per call); the arguments after y as in forward().
+  void compute(const float* xp, int64_t M, float* yp, bool clamp = false, double lo = 0.0, double hi = 0.0,
+               double act_scale = 0.0, double act_lo = -127.0, double act_hi = 127.0) const {
     const float sc = static_cast<float>(act_scale);
     const lowbit::ActStatic st{sc, sc > 0.0f ? 1.0f / sc : 0.0f, static_cast<float>(act_lo),
                                static_cast<float>(act_hi)};
-    if (M > 0 && N_ > 0) {
-      const KernelTable* kt = current_table().load();
-      // xq [row groups, group stride] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
-      const int64_t rg = act_row_group(kt, M);
-      const size_t o_a = round64(static_cast<size_t>(ceil_div(M, rg) * act_group_stride(KB_, rg)));
-      const size_t o_is = o_a + round64(static_cast<size_t>(M * KB_) * 4);
-      const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB_) * 4);
-      const size_t total = o_gs + round64(static_cast<size_t>(M * G_) * 4);
-      thread_local std::vector<int64_t> buf;
-      if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
-      run(kt, x.data_ptr<float>(), M, K_, KB_, G_, gb_, ab_, arena<int8_t>(buf, 0), arena<float>(buf, o_a),
-          arena<int32_t>(buf, o_is), arena<float>(buf, o_gs), w_.data_ptr<uint8_t>(),
-          reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
-          zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
-          bias_.defined() ? bias_.data_ptr<float>() : nullptr, y.data_ptr<float>(), clamp, static_cast<float>(lo),
-          static_cast<float>(hi), act_scale > 0.0 ? &st : nullptr);
-    }
-    return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+    if (M <= 0 || N_ <= 0) return;
+    const KernelTable* kt = current_table().load();
+    // xq [row groups, group stride] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
+    const int64_t rg = act_row_group(kt, M);
+    const size_t o_a = round64(static_cast<size_t>(ceil_div(M, rg) * act_group_stride(KB_, rg)));
+    const size_t o_is = o_a + round64(static_cast<size_t>(M * KB_) * 4);
+    const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB_) * 4);
+    const size_t total = o_gs + round64(static_cast<size_t>(M * G_) * 4);
+    thread_local std::vector<int64_t> buf;
+    if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
+    run(kt, xp, M, K_, KB_, G_, gb_, ab_, arena<int8_t>(buf, 0), arena<float>(buf, o_a), arena<int32_t>(buf, o_is),
+        arena<float>(buf, o_gs), w_.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
+        zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
+        bias_.defined() ? bias_.data_ptr<float>() : nullptr, yp, clamp, static_cast<float>(lo), static_cast<float>(hi),
+        act_scale > 0.0 ? &st : nullptr);
   }
 
   int64_t n() const { return N_; }
@@ -266,15 +271,68 @@ class Prepared {
   std::vector<int64_t> splits_;
 };
 
+// Heads of one query token over a KV cache on the current kernels (lowbit_kernels.h: DecodeAttention), on the
+// work pool when the heads are worth it (each head costs ~4 n hd flops; a parallel region a few microseconds).
+void attend_heads(const lowbit::DecodeAttention& a, int64_t B) {
+  const KernelTable* kt = current_table().load();
+  const int64_t heads = B * a.heads;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, a.n * a.hd));
+  lowbit::parallel_chunks(heads, grain, at::get_num_threads(), [&](int64_t h0, int64_t h1) { kt->attend(a, h0, h1); });
+}
+
+// The decode ops for lean_decode.py's Python loop (the native step below runs the same functions, so the two are
+// bit-equal). rms_norm: x [..., D] float32 -> y of its shape.
+torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && w_in.scalar_type() == torch::kFloat && x_in.dim() >= 1 &&
+                  w_in.dim() == 1 && x_in.size(-1) == w_in.size(0), "lowbit rms_norm: float32 x [..., D], w [D]");
+  const torch::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  auto y = torch::empty_like(x);
+  const int64_t D = x.size(-1), rows = D > 0 ? x.numel() / D : 0;
+  if (rows > 0) current_table().load()->rms_norm(x.data_ptr<float>(), w.data_ptr<float>(), D, static_cast<float>(eps),
+                                                 y.data_ptr<float>(), 0, rows);
+  return y;
+}
+
+// silu(gate) * up, float32 of one shape (any layout).
+torch::Tensor silu_mul(const torch::Tensor& g_in, const torch::Tensor& u_in) {
+  TORCH_CHECK(g_in.scalar_type() == torch::kFloat && u_in.scalar_type() == torch::kFloat &&
+                  g_in.sizes() == u_in.sizes(), "lowbit silu_mul: float32 gate and up of one shape");
+  const torch::Tensor g = g_in.contiguous(), u = u_in.contiguous();
+  auto y = torch::empty_like(g);
+  if (g.numel() > 0) current_table().load()->silu_mul(g.data_ptr<float>(), u.data_ptr<float>(), g.numel(), y.data_ptr<float>());
+  return y;
+}
+
+// One query token q [B, H, 1, hd] over the first n entries of a cache layer k, v [B, KV, max_len, hd] (float32,
+// contiguous): [B, H, 1, hd] (scaled_dot_product_attention with GQA, scale 1/sqrt(hd)).
+torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v, int64_t n) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes() &&
+                  q_in.size(0) == k.size(0) && q_in.size(3) == k.size(3) && k.size(1) > 0 &&
+                  q_in.size(1) % k.size(1) == 0 && n >= 1 && n <= k.size(2) && k.is_contiguous() && v.is_contiguous() &&
+                  q_in.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+                  v.scalar_type() == torch::kFloat,
+              "lowbit decode_attention: float32 q [B, H, 1, hd], contiguous k, v [B, KV, max_len, hd], 1 <= n <= max_len");
+  const torch::Tensor q = q_in.contiguous();
+  auto out = torch::empty_like(q);
+  const int64_t hd = q.size(3);
+  const lowbit::DecodeAttention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
+                                  q.size(1), k.size(1), hd, n, k.size(2) * hd,
+                                  static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
+  attend_heads(a, q.size(0));
+  return out;
+}
+
 // One decode step (one new token per row) through a stack of Llama-layout decoder layers whose projections are
-// all prepared packed weights: the op sequence of lowbit/models/lean_decode.py's `_forward` for T = 1 (the same
-// ATen ops for RMSNorm, attention, SiLU and the residual adds, RoPE elementwise in the same float operations),
-// called from C++ so that a token costs one Python call instead of ~35 small torch calls per layer.
+// all prepared packed weights: the op sequence of lowbit/models/lean_decode.py's `_forward` for T = 1 with the
+// same functions (the kernels' rms_norm, decode attention and silu_mul; RoPE and the residual adds in the same
+// float operations), on buffers allocated once, so that a token costs one Python call and no tensor per op.
+// With a head (the final norm's weight and the prepared lm_head), step returns the logits [B, V].
 class DecoderStack {
  public:
   DecoderStack(std::vector<torch::Tensor> in_norms, std::vector<torch::Tensor> post_norms,
                std::vector<py::object> qkv, std::vector<py::object> o, std::vector<py::object> gate_up,
-               std::vector<py::object> down, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps)
+               std::vector<py::object> down, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
+               const c10::optional<torch::Tensor>& norm, const py::object& head)
       : in_norms_(std::move(in_norms)), post_norms_(std::move(post_norms)), keep_alive_(),
         H_(heads), KV_(kv_heads), hd_(head_dim), eps_(eps) {
     const size_t L = in_norms_.size();
@@ -289,28 +347,50 @@ class DecoderStack {
       gate_up_.push_back(gate_up[i].cast<const Prepared*>());
       down_.push_back(down[i].cast<const Prepared*>());
       TORCH_CHECK(qkv_[i]->n() == (H_ + 2 * KV_) * hd_ && o_[i]->k() == H_ * hd_ && gate_up_[i]->n() % 2 == 0 &&
-                      down_[i]->k() * 2 == gate_up_[i]->n(),
+                      down_[i]->k() * 2 == gate_up_[i]->n() && o_[i]->n() == down_[i]->n() &&
+                      qkv_[i]->k() == o_[i]->n() && gate_up_[i]->k() == o_[i]->n() &&
+                      in_norms_[i].numel() == o_[i]->n() && post_norms_[i].numel() == o_[i]->n(),
                   "lowbit decoder stack: projection shapes do not match the heads");
+      in_norms_[i] = in_norms_[i].to(torch::kFloat).contiguous();
+      post_norms_[i] = post_norms_[i].to(torch::kFloat).contiguous();
+    }
+    if (!head.is_none()) {
+      TORCH_CHECK(norm.has_value() && norm->defined(), "lowbit decoder stack: a head needs the final norm");
+      keep_alive_.push_back(head);
+      head_ = head.cast<const Prepared*>();
+      norm_ = norm->to(torch::kFloat).contiguous();
+      TORCH_CHECK(L > 0 && head_->k() == o_[0]->n() && norm_.numel() == head_->k(),
+                  "lowbit decoder stack: the head does not match the hidden size");
     }
   }
 
-  // h [B, 1, D] float32 at position `pos` -> the hidden state after every layer [B, 1, D]. Layer i's K/V go
-  // to entry fill[i] of k_cache[i] / v_cache[i] ([L, B, KV, max_len, hd], float32, contiguous); cos / sin:
-  // [max_len, hd] (sin with the rotate-half sign folded in, as lean_decode.py keeps it).
-  torch::Tensor step(torch::Tensor h, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+  // h [B, 1, D] float32 at position `pos` -> the hidden state after every layer [B, 1, D], or with a head the
+  // logits [B, V] of the final-normed state. Layer i's K/V go to entry fill[i] of k_cache[i] / v_cache[i]
+  // ([L, B, KV, max_len, hd], float32, contiguous); cos / sin: [max_len, hd] (sin with the rotate-half sign
+  // folded in, as lean_decode.py keeps it). Not for concurrent callers (the buffers are the stack's own).
+  torch::Tensor step(const torch::Tensor& h_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                      const std::vector<int64_t>& fill, const torch::Tensor& cos, const torch::Tensor& sin,
-                     int64_t pos) const {
+                     int64_t pos) {
     const int64_t L = static_cast<int64_t>(qkv_.size());
-    TORCH_CHECK(h.dim() == 3 && h.size(1) == 1 && h.scalar_type() == torch::kFloat, "lowbit decoder stack: h [B, 1, D] float32");
+    TORCH_CHECK(h_in.dim() == 3 && h_in.size(1) == 1 && h_in.scalar_type() == torch::kFloat && L > 0 &&
+                    h_in.size(2) == o_[0]->n(), "lowbit decoder stack: h [B, 1, D] float32");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat &&
-                    k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 && k_cache.size(0) == L &&
-                    k_cache.size(1) == h.size(0) && k_cache.size(2) == KV_ && k_cache.size(4) == hd_,
+                    v_cache.scalar_type() == torch::kFloat && k_cache.sizes() == v_cache.sizes() &&
+                    k_cache.dim() == 5 && k_cache.size(0) == L && k_cache.size(1) == h_in.size(0) &&
+                    k_cache.size(2) == KV_ && k_cache.size(4) == hd_,
                 "lowbit decoder stack: caches must be float32 [L, B, KV, max_len, hd]");
     TORCH_CHECK(static_cast<int64_t>(fill.size()) == L, "lowbit decoder stack: one fill per layer");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
-                    sin.scalar_type() == torch::kFloat && cos.size(-1) == hd_ && pos >= 0 && pos < cos.size(0),
+                    sin.scalar_type() == torch::kFloat && cos.size(-1) == hd_ && sin.sizes() == cos.sizes() &&
+                    pos >= 0 && pos < cos.size(0),
                 "lowbit decoder stack: cos/sin [max_len, hd] float32 covering pos");
-    const int64_t B = h.size(0), D = h.size(2), max_len = k_cache.size(3), half = hd_ / 2;
+    const int64_t B = h_in.size(0), D = h_in.size(2), max_len = k_cache.size(3), half = hd_ / 2;
+    const int64_t F = gate_up_[0]->n() / 2, row = (H_ + 2 * KV_) * hd_;
+    for (int64_t i = 0; i < L; ++i) {
+      TORCH_CHECK(fill[i] >= 0 && fill[i] < max_len, "lowbit decoder stack: the KV cache is full");
+      TORCH_CHECK(gate_up_[i]->n() == 2 * F, "lowbit decoder stack: layers of one MLP width");
+    }
+    const KernelTable* kt = current_table().load();
     const float* c = cos.data_ptr<float>() + pos * hd_;
     const float* s = sin.data_ptr<float>() + pos * hd_;
     // x * cos + swap_halves(x) * sin, elementwise as torch computes it (two products, one sum).
@@ -321,42 +401,61 @@ class DecoderStack {
         out[j] = a + b;
       }
     };
-    if (!h.is_contiguous()) h = h.contiguous();
+    // Buffers: x (normed) [B, D] | qkv [B, row] | q [B, H, hd] | attn [B, H, hd] | gu [B, 2F] | act [B, F] | y [B, D].
+    const int64_t sizes[] = {B * D, B * row, B * H_ * hd_, B * H_ * hd_, B * 2 * F, B * F, B * D};
+    int64_t total = 0;
+    for (int64_t n : sizes) total += (n + 15) / 16 * 16;  // 64-byte aligned parts
+    if (static_cast<int64_t>(buf_.size()) < total + 16) buf_.resize(static_cast<size_t>(total + 16));
+    float* parts[7];
+    float* cur = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf_.data()) + 63) / 64 * 64);
+    for (int j = 0; j < 7; ++j) {
+      parts[j] = cur;
+      cur += (sizes[j] + 15) / 16 * 16;
+    }
+    float *x = parts[0], *qkv = parts[1], *q = parts[2], *attn = parts[3], *gu = parts[4], *act = parts[5], *y = parts[6];
+    torch::Tensor h = h_in.contiguous().clone();  // the residual stream, returned
+    float* hp = h.data_ptr<float>();
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd_)));
     for (int64_t i = 0; i < L; ++i) {
       const int64_t f = fill[i];
-      TORCH_CHECK(f >= 0 && f < max_len, "lowbit decoder stack: the KV cache is full");
-      const torch::Tensor x = at::rms_norm(h, {D}, in_norms_[i], eps_);
-      const torch::Tensor qkv = qkv_[i]->forward(x);  // [B, 1, (H + 2 KV) * hd]
-      const float* qp = qkv.data_ptr<float>();
-      auto q = torch::empty({B, H_, 1, hd_}, h.options());
-      float* qo = q.data_ptr<float>();
+      kt->rms_norm(hp, in_norms_[i].data_ptr<float>(), D, static_cast<float>(eps_), x, 0, B);
+      qkv_[i]->compute(x, B, qkv);
       float* kc = k_cache[i].data_ptr<float>();
       float* vc = v_cache[i].data_ptr<float>();
-      const int64_t row = (H_ + 2 * KV_) * hd_;
       for (int64_t b = 0; b < B; ++b) {
-        const float* src = qp + b * row;
-        for (int64_t n = 0; n < H_; ++n) rope(src + n * hd_, qo + (b * H_ + n) * hd_);
+        const float* src = qkv + b * row;
+        for (int64_t n = 0; n < H_; ++n) rope(src + n * hd_, q + (b * H_ + n) * hd_);
         for (int64_t g = 0; g < KV_; ++g) {
-          const int64_t at_ = ((b * KV_ + g) * max_len + f) * hd_;
-          rope(src + (H_ + g) * hd_, kc + at_);
-          std::memcpy(vc + at_, src + (H_ + KV_ + g) * hd_, sizeof(float) * hd_);
+          const int64_t off = ((b * KV_ + g) * max_len + f) * hd_;
+          rope(src + (H_ + g) * hd_, kc + off);
+          std::memcpy(vc + off, src + (H_ + KV_ + g) * hd_, sizeof(float) * hd_);
         }
       }
-      const torch::Tensor attn = at::scaled_dot_product_attention(
-          q, k_cache[i].narrow(2, 0, f + 1), v_cache[i].narrow(2, 0, f + 1), c10::nullopt, 0.0, false,
-          c10::nullopt, H_ != KV_);  // [B, H, 1, hd]
-      h = h + o_[i]->forward(attn.reshape({B, 1, H_ * hd_}));
-      const torch::Tensor gu = gate_up_[i]->forward(at::rms_norm(h, {D}, post_norms_[i], eps_));
-      const int64_t F = gu.size(-1) / 2;
-      h = h + down_[i]->forward(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F));
+      attend_heads(lowbit::DecodeAttention{q, kc, vc, attn, H_, KV_, hd_, f + 1, max_len * hd_, scale}, B);
+      o_[i]->compute(attn, B, y);
+      for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];
+      kt->rms_norm(hp, post_norms_[i].data_ptr<float>(), D, static_cast<float>(eps_), x, 0, B);
+      gate_up_[i]->compute(x, B, gu);
+      for (int64_t b = 0; b < B; ++b) kt->silu_mul(gu + b * 2 * F, gu + b * 2 * F + F, F, act + b * F);
+      down_[i]->compute(act, B, y);
+      for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];
     }
-    return h;
+    if (head_ == nullptr) return h;
+    kt->rms_norm(hp, norm_.data_ptr<float>(), D, static_cast<float>(eps_), x, 0, B);
+    auto logits = torch::empty({B, head_->n()}, h.options());
+    head_->compute(x, B, logits.data_ptr<float>());
+    return logits;
   }
+
+  bool has_head() const { return head_ != nullptr; }
 
  private:
   std::vector<torch::Tensor> in_norms_, post_norms_;
   std::vector<py::object> keep_alive_;  // the Prepared objects below stay owned by Python
   std::vector<const Prepared*> qkv_, o_, gate_up_, down_;
+  const Prepared* head_ = nullptr;
+  torch::Tensor norm_;
+  std::vector<float> buf_;
   int64_t H_, KV_, hd_;
   double eps_;
 };
@@ -439,11 +538,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecoderStack>(m, "DecoderStack", "Llama-layout decoder layers on prepared weights: step(...) -> h")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<py::object>,
                     std::vector<py::object>, std::vector<py::object>, std::vector<py::object>, int64_t, int64_t,
-                    int64_t, double>(),
+                    int64_t, double, const c10::optional<torch::Tensor>&, const py::object&>(),
            py::arg("in_norms"), py::arg("post_norms"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
-           py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"))
+           py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("norm") = py::none(), py::arg("head") = py::none())
+      .def_property_readonly("has_head", &DecoderStack::has_head)
       .def("step", &DecoderStack::step, py::arg("h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("fill"),
            py::arg("cos"), py::arg("sin"), py::arg("pos"));
+  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows (the decode step's)", py::arg("x"), py::arg("w"),
+        py::arg("eps"));
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, float32", py::arg("gate"), py::arg("up"));
+  m.def("decode_attention", &decode_attention, "one query token over the first n KV-cache entries", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("n"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
   m.def("dwconv", &dwconv, "depthwise conv over channels-last float maps (taps [KH, KW, C])", py::arg("x"),

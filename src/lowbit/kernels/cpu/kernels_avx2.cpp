@@ -3,10 +3,12 @@
 // The target pragma scopes the wide instructions to this file, so the extension builds with the default
 // (portable) compiler flags and binding.cpp only calls in here after checking the CPU at run time.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "lowbit_kernels.h"
 
@@ -20,6 +22,7 @@
 #include "kernels_simd_impl.h"
 #include "kernels_gemm_impl.h"
 #include "kernels_dwconv_impl.h"
+#include "kernels_decode_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
 #pragma GCC pop_options
@@ -27,7 +30,8 @@
 // Outside the target region: taking the addresses runs no wide instruction.
 namespace lowbit {
 const KernelTable* avx2_kernels() {
-  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large, avx2::dwconv};
+  static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large, avx2::dwconv, /*u8_rows=*/false,
+                                 avx2::rms_norm, avx2::silu_mul, avx2::attend};
   return &table;
 }
 }  // namespace lowbit

@@ -4,10 +4,12 @@
 // Only 256-bit (ymm, AVX-512VL) forms are used, so the tile layout is shared with the AVX2 path. Building
 // with -DLOWBIT_NO_AVX512 (fast.py retries that way if the compiler rejects the target) leaves a stub.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "lowbit_kernels.h"
 
@@ -21,6 +23,7 @@
 #include "kernels_simd_impl.h"
 #include "kernels_gemm_impl.h"
 #include "kernels_dwconv_impl.h"
+#include "kernels_decode_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
 #pragma GCC pop_options
@@ -29,7 +32,8 @@
 namespace lowbit {
 const KernelTable* avx512vnni_kernels() {
   static const KernelTable table{"avx512vnni", 2 * avx512vnni::kGemmPairs, avx512vnni::kGemmMB, avx512vnni::gemm_scratch_bytes, avx512vnni::quantize, avx512vnni::gemm_small,
-                                 avx512vnni::gemm_large, avx512vnni::dwconv, /*u8_rows=*/true};
+                                 avx512vnni::gemm_large, avx512vnni::dwconv, /*u8_rows=*/true,
+                                 avx512vnni::rms_norm, avx512vnni::silu_mul, avx512vnni::attend};
   return &table;
 }
 }  // namespace lowbit

@@ -139,6 +139,45 @@ void dwconv(const DwConv& p, int64_t r0, int64_t r1) {
   }
 }
 
+// The small float ops of a decode step (lowbit_kernels.h), plainly: same formulas as kernels_decode_impl.h
+// (std::exp instead of its polynomial, sums in another order).
+void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) ss += x[r * D + i] * x[r * D + i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) y[r * D + i] = x[r * D + i] * inv * w[i];
+  }
+}
+
+void silu_mul(const float* g, const float* u, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
+  std::vector<float> p(static_cast<size_t>(a.n));
+  for (int64_t bh = h0; bh < h1; ++bh) {
+    const int64_t b = bh / a.heads, g = (bh % a.heads) / (a.heads / a.kv_heads);
+    const float* q = a.q + bh * a.hd;
+    const float* k = a.k + (b * a.kv_heads + g) * a.kv_stride;
+    const float* v = a.v + (b * a.kv_heads + g) * a.kv_stride;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < a.n; ++j) {
+      float s = 0.0f;
+      for (int64_t i = 0; i < a.hd; ++i) s += q[i] * k[j * a.hd + i];
+      p[j] = s * a.scale;
+      mx = std::max(mx, p[j]);
+    }
+    for (int64_t j = 0; j < a.n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+    float* out = a.out + bh * a.hd;
+    for (int64_t i = 0; i < a.hd; ++i) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < a.n; ++j) acc += p[j] * v[j * a.hd + i];
+      out[i] = acc / sum;
+    }
+  }
+}
+
 }  // namespace
 
 float half_to_float(uint16_t h) {
@@ -157,7 +196,8 @@ float half_to_float(uint16_t h) {
 }
 
 const KernelTable* scalar_kernels() {
-  static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv};
+  static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv,
+                                 /*u8_rows=*/false, rms_norm, silu_mul, attend};
   return &table;
 }
 

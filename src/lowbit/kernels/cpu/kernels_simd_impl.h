@@ -131,6 +131,10 @@ constexpr int small_nt(int mb) { return mb <= 3 ? 2 : 1; }
 constexpr int nacc_for(int, int) { return 1; }  // int16 adds have 1-cycle latency: one chain suffices
 #endif
 constexpr bool kGroupAcc = LOWBIT_GROUP_ACC;
+#ifndef LOWBIT_PREFETCH
+#define LOWBIT_PREFETCH 1
+#endif
+constexpr bool kPrefetch = LOWBIT_PREFETCH;  // software prefetch of the next tiles in the fused path
 
 LB_INLINE __m256 load_scales(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -161,9 +165,12 @@ LB_INLINE void pin(__m256i& v) { asm("" : "+x"(v)); }
 // One register block: rows [m0, m0+MB) of x against tiles [t0, t0+NT), whose weights start at wbase with a
 // byte stride tstride per tile and container width CB. PC: per-channel (G == 1), scale applied at the end.
 // All register-block loops are compile-time (static_for) so the accumulator arrays become registers.
+// next (or nullptr): the NT tiles computed after these, prefetched while these are computed, an equal share
+// per K-block. A decode step streams every weight once from RAM, and the hardware prefetchers restart at
+// each 4 KB page (a tile pair at K = 576 spans ~4.6 KB), so without this the GEMV waits on memory latency.
 template <class D, int CB, int MB, int NT, int NACC, bool PC>
 void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t tstride, int64_t t0,
-                 int64_t m0, const float* bias, float* y) {
+                 int64_t m0, const float* bias, float* y, const uint8_t* next = nullptr) {
   const int64_t KB = w.KB, G = w.G, gb = w.gb, ldx = x.ldx;
   __m256 out[MB][NT];
   static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
@@ -195,6 +202,13 @@ void tile_kernel(const Tiles& w, const Acts& x, const uint8_t* wbase, int64_t ts
         });
       });
       constexpr int kLoads = CB;  // vector loads (groups of unpacked vectors) per block
+      if (next != nullptr) {
+        constexpr int kShare = NT * kBlock * CB;  // bytes of the next tiles per K-block
+        const uint8_t* pf = next + kb * kShare;
+        static_for<0, (kShare + 63) / 64>([&](auto l) __attribute__((always_inline)) {
+          _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * decltype(l)::value), _MM_HINT_T0);
+        });
+      }
       const uint8_t* wb = wbase + kb * kBlock * CB;
       const int8_t* xb = xrow + kb * kBlock;
       static_for<0, kLoads>([&](auto pc) __attribute__((always_inline)) {
@@ -288,7 +302,8 @@ void small_rows(const Tiles& w, const Acts& x, const float* bias, float* y, int6
   const int64_t tstride = w.KB * kBlock * CB;
   int64_t t = t0;
   for (; t + NT <= t1; t += NT) {
-    tile_kernel<D, CB, MB, NT, NACC, PC>(w, x, w.w + t * tstride, tstride, t, 0, bias, y);
+    tile_kernel<D, CB, MB, NT, NACC, PC>(w, x, w.w + t * tstride, tstride, t, 0, bias, y,
+                                         kPrefetch && t + 2 * NT <= t1 ? w.w + (t + NT) * tstride : nullptr);
   }
   for (; t < t1; ++t) {
     tile_kernel<D, CB, MB, 1, nacc_for(MB, 1), PC>(w, x, w.w + t * tstride, tstride, t, 0, bias, y);

@@ -86,6 +86,17 @@ struct ActStatic {
   float lo, hi;
 };
 
+// One query token's attention over a KV cache (decode): for row b and head h (kv group g = h / (heads /
+// kv_heads)), out[b, h] = softmax_j(q[b, h] . k[b, g, j] * scale) . v[b, g, j] over the first n cached entries.
+struct DecodeAttention {
+  const float* q;     // [B, heads, hd]
+  const float* k;     // [B, kv_heads, kv_stride / hd, hd]: entries j < n of each (b, g) are read
+  const float* v;     // like k
+  float* out;         // [B, heads, hd]
+  int64_t heads, kv_heads, hd, n, kv_stride;
+  float scale;
+};
+
 struct KernelTable {
   const char* name;
   int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
@@ -109,6 +120,11 @@ struct KernelTable {
   // gemm_large takes unsigned activations (Acts::u8) for grouped weights with an integral zero point and one
   // activation scale per row: the zero point then costs nothing per row (kernels_gemm_impl.h, ROW).
   bool u8_rows = false;
+  // The small float ops of a decode step (kernels_decode_impl.h; scalar: kernels_scalar.cpp):
+  // RMSNorm of rows [r0, r1) of x [*, D] (y may be x); y = silu(g) * u; heads [h0, h1) of B * heads.
+  void (*rms_norm)(const float* x, const float* w, int64_t D, float eps, float* y, int64_t r0, int64_t r1) = nullptr;
+  void (*silu_mul)(const float* g, const float* u, int64_t n, float* y) = nullptr;
+  void (*attend)(const DecodeAttention& a, int64_t h0, int64_t h1) = nullptr;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile

@@ -1,0 +1,83 @@
+"""The decode step's small float ops on the kernels (cpu/kernels_decode_impl.h, scalar twin in
+kernels_scalar.cpp): RMSNorm, silu(gate) * up and one-token attention over a KV cache, against torch's
+``F.rms_norm``, ``F.silu`` and ``F.scaled_dot_product_attention`` (GQA).
+
+They sum in float32 in another order than torch (and the SIMD exp is a polynomial, relative error < 2e-7),
+so they equal torch to float32 rounding: asserted at 2e-6 relative to the output's scale, on every ISA, with
+1 and 2 threads, over odd sizes (vector tails: D, n, hd not multiples of 8; one cached entry; B = 2; GQA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import fast
+from tests.kernels.conftest import needs_kernels
+
+REL = 2e-6
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request: pytest.FixtureRequest):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 33), (1, 576), (4, 1, 64)])
+def test_rms_norm_equals_torch(isa: str, threads: int, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    got = fast.extension().rms_norm(x, w, 1e-5)  # type: ignore[union-attr]
+    assert got.shape == x.shape
+    assert rel_err(got, F.rms_norm(x, (shape[-1],), w, 1e-5)) < REL
+    strided = x.reshape(-1, shape[-1]).T.contiguous().T  # any layout: the same rows
+    assert torch.equal(fast.extension().rms_norm(strided, w, 1e-5), got.reshape(-1, shape[-1]))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 45, 1536])
+def test_silu_mul_equals_torch(isa: str, threads: int, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    gu = torch.randn(2, 1, 2 * n, generator=g) * 6  # exp over a wide range, large negative gates included
+    gate, up = gu.split(n, dim=-1)  # strided views, as the fused gate/up call returns them
+    got = fast.extension().silu_mul(gate, up)  # type: ignore[union-attr]
+    assert rel_err(got, F.silu(gate) * up) < REL
+
+
+# (B, heads, kv_heads, hd, n cached, max_len)
+ATTENTION = [(1, 9, 3, 64, 1, 4), (1, 9, 3, 64, 161, 200), (2, 4, 2, 12, 17, 17), (1, 3, 3, 20, 9, 31),
+             (2, 2, 1, 8, 40, 41), (1, 1, 1, 6, 5, 5)]
+
+
+@pytest.mark.parametrize(("b", "heads", "kv", "hd", "n", "max_len"), ATTENTION)
+def test_decode_attention_equals_sdpa(isa: str, threads: int, b: int, heads: int, kv: int, hd: int, n: int,
+                                      max_len: int) -> None:
+    g = torch.Generator().manual_seed(n * hd)
+    q = torch.randn(b, heads, 1, hd, generator=g) * 2
+    k = torch.randn(b, kv, max_len, hd, generator=g) * 2
+    v = torch.randn(b, kv, max_len, hd, generator=g)
+    k[:, :, n:] = v[:, :, n:] = float("nan")  # entries past n are never read
+    got = fast.extension().decode_attention(q, k, v, n)  # type: ignore[union-attr]
+    want = F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=heads != kv)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < REL
+
+
+def test_decode_ops_refuse_bad_input() -> None:
+    needs_kernels()
+    ext = fast.extension()
+    q, k = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="1 <= n <= max_len"):
+        ext.decode_attention(q, k, k, 6)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="float32 x"):
+        ext.rms_norm(torch.zeros(2, 3), torch.zeros(4), 1e-5)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="one shape"):
+        ext.silu_mul(torch.zeros(3), torch.zeros(4))  # type: ignore[union-attr]
