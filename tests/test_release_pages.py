@@ -29,6 +29,8 @@ def test_release_pages_drops_resident_pages_and_keeps_values(tmp_path: Path) -> 
     assert rss_file_kb() < before - 6 * 1024  # the resident set shrank by about the tensor
     assert torch.equal(state["big"], big)  # read again: the same bytes
     assert release_pages(torch.ones(10)) == 0  # not a mapped tensor
+    with torch.inference_mode():  # mapped under inference mode: no version counter, so never released
+        assert release_pages(mmap_safetensors(tmp_path / "m.safetensors")["big"]) == 0
     state["other"].add_(1)  # written in memory: copy-on-write pages that must not be dropped
     assert release_pages(state["other"]) == 0
     assert int(state["other"].sum()) == 2**20

@@ -348,7 +348,7 @@ def release_pages(t: Any) -> int:
     """
     import mmap
 
-    if t._version != 0 or t.numel() == 0:
+    if t.is_inference() or t._version != 0 or t.numel() == 0:  # an inference tensor has no version to tell
         return 0
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     for base, length, ref in _MAPS:
