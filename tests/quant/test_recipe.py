@@ -21,13 +21,14 @@ def test_presets_parse_and_round_trip() -> None:
     assert w8.match("text", "encoder.layer.0.attention.self.query", "linear")[1].spec == QuantSpec(8)
     w4 = load_recipe("w4")
     assert w4.match("projector", "image", "linear")[1].spec == QuantSpec(8)
-    for name in ("w4", "w3", "w2"):  # stem and depthwise convs: 8-bit GPTQ in the low-bit presets
+    for name in ("w3", "w2"):  # stem and depthwise convs: 8-bit GPTQ in the lower-bit presets
         dw = load_recipe(name).match("vision", "net._blocks.3._depthwise_conv", "conv")[1]
         assert (dw.method, dw.spec) == ("gptq", QuantSpec(8))
-    assert w8.match("vision", "net._blocks.3._depthwise_conv", "conv")[1].skip  # w8: float, data-free
-    hit = w8.match("vision", "net._blocks.3._expand_conv", "conv1x1")[1]
-    assert (hit.method, hit.spec) == ("rtn", QuantSpec(8, 32, False))
-    hit = w4.match("vision", "net._blocks.3._expand_conv", "conv1x1")[1]
+    for recipe in (w8, w4):  # convs data-free (issue 20, out of domain): k x k float, 1x1 8-bit g32 asymmetric RTN
+        assert recipe.match("vision", "net._blocks.3._depthwise_conv", "conv")[1].skip
+        hit = recipe.match("vision", "net._blocks.3._expand_conv", "conv1x1")[1]
+        assert (hit.method, hit.spec) == ("rtn", QuantSpec(8, 32, False))
+    hit = w4.match("text", "encoder.layer.0.attention.self.query", "linear")[1]
     assert (hit.method, hit.spec) == ("gptq", QuantSpec(4, 128))
     assert hit.options == {"act_order": True, "clip_search": True}
     assert load_recipe("w3").match("text", "x", "linear")[1].spec == QuantSpec(3, 32)

@@ -158,9 +158,9 @@ def test_torch_onnx_export_of_a_packed_module_refuses(tmp_path):
 
 
 # --- the built-in models: the issue's numbers (500 images, every prompt) ------------------------------------------
-# The w4 preset's layout (4-bit embeddings with zero points, 8-bit projector and convs, 4-bit group-128 linears
-# and 1x1 convs) with RTN everywhere: GPTQ's calibration would take minutes; the export does not care who chose
-# the codes.
+# A low-bit layout that reaches every exported op (4-bit embeddings with zero points, 8-bit projector and convs,
+# 4-bit group-128 linears and 1x1 convs: the w4 preset's before its convs became data-free, issue 20) with RTN
+# everywhere: GPTQ's calibration would take minutes; the export does not care who chose the codes.
 W4_RTN = {"version": 1, "rules": [
     {"tower": "*", "pattern": "*", "kinds": ["embedding"], "method": "rtn", "bits": 4, "group_size": 32,
      "symmetric": False},
