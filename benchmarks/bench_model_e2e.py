@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_model_e2e.py [--threads 1] [--json benchmarks/results/bench_model.json]
 
-The w4 model uses the w4 preset's formats (4-bit groups of 128 on Linear / 1x1 conv, 8-bit other convs and
-projector) quantized with RTN, which needs no calibration: latency depends on the packed formats only.
+The w4 model uses the w4 preset's formats as they were when this benchmark was written (4-bit groups of 128 on
+Linear / 1x1 conv, 8-bit other convs and projector; the preset now keeps convs data-free at 8 bits / float for
+out-of-domain fidelity) quantized with RTN, which needs no calibration: latency depends on the packed formats only.
 ``*_folded`` rows are the same models after ``optimize_for_inference_`` (BatchNorm folded into the convs,
 static same-padding, in-place activations, depthwise convs on lowbit's kernel, clamp activations fused into the
 kernel layers feeding them): ``fp32_folded`` is the honest float baseline with the same graph optimisations, so
