@@ -39,6 +39,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ def llava_finetune_args(args: argparse.Namespace, packed: Path, out: Path, steps
                         progress=False, overwrite=True)
 
 
-def llava_section(args: argparse.Namespace) -> dict[str, Any]:
+def llava_section(args: argparse.Namespace, publish: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """fp, then per width PTQ and QLoRA, the memory probes after the first width; ``publish`` gets the section
+    so far after each part (``complete`` false until the end), so a cut-short run still leaves its rows."""
     root = Path(args.llava_dir)
     log = Path(args.log) if args.log else None
 
@@ -155,6 +158,17 @@ def llava_section(args: argparse.Namespace) -> dict[str, Any]:
     fp_acc = fp["metrics"]["accuracy"]
     say(f"fp {fp_acc}")
     rows: dict[str, Any] = {}
+    out: dict[str, Any] = {"model": LLAVA, "n": args.vqa, "eval": f"fashion-vqa accuracy, first {args.vqa} held-out "
+                           "test questions (greedy answers); kl / agreement: first answer token against fp",
+                           "fp": _metrics(fp), "rows": rows, "notes": LLAVA_NOTES, "threads": args.threads}
+
+    def snapshot(complete: bool) -> None:
+        out["table"] = llava_table(fp_acc, rows)
+        out["complete"] = complete
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        out["load_average"] = {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]}
+        publish(out)
+
     steps_by_bits = dict(zip(args.widths, args.llava_steps, strict=True))
     for bits in args.widths:
         packed, quant_s = llava_checkpoint(bits, root)
@@ -191,16 +205,12 @@ def llava_section(args: argparse.Namespace) -> dict[str, Any]:
             "qlora_gap_pt": round(100 * (fp_acc - acc), 2), "target_gap_pt": LLAVA_TOLERANCE_PT.get(bits),
             "met": LLAVA_TOLERANCE_PT.get(bits) is not None and 100 * (fp_acc - acc) <= LLAVA_TOLERANCE_PT[bits],
         }
-    out: dict[str, Any] = {"model": LLAVA, "n": args.vqa, "eval": f"fashion-vqa accuracy, first {args.vqa} held-out "
-                           "test questions (greedy answers); kl / agreement: first answer token against fp",
-                           "fp": _metrics(fp), "rows": rows, "notes": LLAVA_NOTES,
-                           "table": llava_table(fp_acc, rows)}
-    if args.mem_steps:
-        out["memory"] = memory_rows(args, root)
-        say(f"memory {out['memory']['ratio']} (no checkpointing: {out['memory']['no_checkpoint']['ratio']})")
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["load_average"] = {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]}
-    out["threads"] = args.threads
+        snapshot(False)
+        if bits == 4 and args.mem_steps:
+            out["memory"] = memory_rows(args, root)
+            say(f"memory {out['memory']['ratio']} (no checkpointing: {out['memory']['no_checkpoint']['ratio']})")
+            snapshot(False)
+    snapshot(True)
     return out
 
 
@@ -335,11 +345,13 @@ def main() -> None:
         return
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if args.llava:
-        llava = llava_section(args)
-        llava["command"] = ("flock /work/accuracy.lock flock -s /work/heavy.lock env OMP_NUM_THREADS=1 "
-                            ".venv/bin/python benchmarks/bench_qlora.py " + shlex.join(sys.argv[1:]))
-        llava["env"] = environment()
-        write_json(Path(args.out), {**previous, "llava": llava})
+        command = ("flock /work/accuracy.lock flock -s /work/heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python "
+                   "benchmarks/bench_qlora.py " + shlex.join(sys.argv[1:]))
+
+        def publish(section: dict[str, Any]) -> None:
+            write_json(Path(args.out), {**previous, "llava": section | {"command": command, "env": environment()}})
+
+        llava = llava_section(args, publish)
         print(llava["table"])
         print(json.dumps({k: {"met": r["met"], "gap": r["qlora_gap_pt"]} for k, r in llava["rows"].items()}
                          | {"memory": llava.get("memory", {}).get("ratio")}))
