@@ -87,6 +87,9 @@ LLAVA_NOTES = {
             "templates are shared, the images (and so the image-question pairs) are disjoint",
     "task_training": "the adapters are trained on the evaluated task's own (train-split) distribution, which the "
                      "full-precision model never was (only its projector was): QLoRA can pass full precision",
+    "grad_checkpoint": "the recovery runs keep activations (faster); --grad-checkpoint recomputes them with the same "
+                       "gradients (tests/workflows/test_finetune.py), so the memory rows' checkpointed pair applies "
+                       "to the same training",
 }
 
 
@@ -326,10 +329,10 @@ def main() -> None:
     p.add_argument("--llava", action="store_true", help="the llava-fashion-hd section (lit rows of --out kept)")
     p.add_argument("--vqa", type=int, default=500, help="held-out fashion-vqa questions")
     p.add_argument("--widths", type=lambda t: [int(x) for x in t.split(",")], default=[4, 3])
-    p.add_argument("--llava-steps", type=lambda t: [int(x) for x in t.split(",")], default=[150, 150],
+    p.add_argument("--llava-steps", type=lambda t: [int(x) for x in t.split(",")], default=[100, 100],
                    help="steps per width")
     p.add_argument("--llava-lora", type=int, default=8)
-    p.add_argument("--llava-lr", type=float, default=5e-4)
+    p.add_argument("--llava-lr", type=float, default=1e-3)
     p.add_argument("--llava-batch", type=int, default=8)
     p.add_argument("--llava-train-samples", type=int, default=2000)
     p.add_argument("--llava-dir", default="/tmp/qlora-llava")
