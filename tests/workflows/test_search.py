@@ -74,7 +74,7 @@ def test_infeasible_budget_is_one_line_naming_the_smallest(tiny: tuple[str, Path
     with pytest.raises(LowbitError, match="exactly one budget"):
         api.search(name, budget_bits=3.0, budget_ms=1.0, cache_dir=cache, **CALIB)
     with pytest.raises(LowbitError, match="widths"):
-        api.search(name, budget_bits=3.0, widths=[5], cache_dir=cache, **CALIB)
+        api.search(name, budget_bits=3.0, widths=[7], cache_dir=cache, **CALIB)
     code = main(["search", name, "--budget-bits", "1.9", "--widths", "2,x", "--out", str(tmp_path / "r.yaml")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--widths" in err

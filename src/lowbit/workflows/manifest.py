@@ -118,6 +118,18 @@ def _storage(c: _Check, storage: Any, float_dtypes: tuple[str, ...]) -> None:
         c.string(stored, f"'storage.tied.{alias}'")
 
 
+def kinds_summary(names: list[str]) -> str:
+    """The registered kinds, storage variants brace-grouped by prefix (``offset_{conv,linear}``): a one-line error
+    stays short as variants are added."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        prefix, _, base = name.rpartition("_") if "_" in name else ("", "", name)
+        groups.setdefault(prefix, []).append(base)
+    parts = [", ".join(groups.pop("", []))]
+    parts += [f"{p}_{{{','.join(b)}}}" if len(b) > 1 else f"{p}_{b[0]}" for p, b in groups.items()]
+    return ", ".join(x for x in parts if x)
+
+
 def _modules(c: _Check, modules: Any, weights_bytes: int | None) -> None:
     modules = c.mapping(modules, "'modules'")
     most = MAX_DIM if weights_bytes is None else 8 * weights_bytes  # no weight takes under one bit on disk
@@ -131,7 +143,7 @@ def _modules(c: _Check, modules: Any, weights_bytes: int | None) -> None:
         for key in ("tower", "name", "method"):
             c.string(meta[key], f"{where} field '{key}'")
         if not isinstance(meta["kind"], str) or meta["kind"] not in QUANT_KINDS:
-            raise c.fail(f"{where} field 'kind'", meta["kind"], ", ".join(QUANT_KINDS.names()))
+            raise c.fail(f"{where} field 'kind'", meta["kind"], kinds_summary(QUANT_KINDS.names()))
         c.integer(meta["bits"], f"{where} field 'bits'", 1, 8, SUPPORTED_BITS)
         shape = meta["shape"]
         if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_SHAPE_RANK:
