@@ -108,7 +108,8 @@ def reproduce(recipe: Path, qat: QATArgs) -> str:
             f"--out {qat.out}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The options (their defaults are the measured recipe; bench_bytes.py trains with them too)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="w2,ternary,pbllm,binary")
     ap.add_argument("--eval-samples", type=int, default=2000)
@@ -131,7 +132,24 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--update", action="store_true",
                     help="keep the other methods' rows already in --out (runs of single methods in parallel)")
-    args = ap.parse_args()
+    return ap
+
+
+def qat_args(recipe: Path, out: Path, args: argparse.Namespace) -> QATArgs:
+    """The ``run_qat`` arguments of one method's run from the options of ``parser``."""
+    return QATArgs(
+        model="lit-fashion", recipe=str(recipe), out=str(out), steps=args.e2e_steps,
+        train=args.e2e_train, lr=args.e2e_lr, scale_lr=args.e2e_scale_lr, batch_size=args.batch_size,
+        warmup_steps=max(args.e2e_steps // 10, 0), train_samples=args.train_samples,
+        eval_samples=500, eval_every=0, ckpt_every=min(50, max(args.e2e_steps, 1)), loss=QATLoss(), progress=False,
+        block_ap=BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
+            steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
+            float_lr=args.block_ap_float_lr, tail=not args.block_ap_no_tail)),
+    )
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
@@ -154,15 +172,7 @@ def main() -> None:
         ptq = {"top1": top1(model, args.eval_samples), **footprint(report), "quantize_seconds": round(seconds, 1)}
         del model
         print("ptq", method, json.dumps(ptq), flush=True)
-        qat = QATArgs(
-            model="lit-fashion", recipe=str(recipe), out=str(run_dir / f"qat-both-{method}"), steps=args.e2e_steps,
-            train=args.e2e_train, lr=args.e2e_lr, scale_lr=args.e2e_scale_lr, batch_size=args.batch_size,
-            warmup_steps=max(args.e2e_steps // 10, 0), train_samples=args.train_samples,
-            eval_samples=500, eval_every=0, ckpt_every=min(50, max(args.e2e_steps, 1)), loss=QATLoss(), progress=False,
-            block_ap=BlockAPStage(samples=args.block_ap_samples, block=BlockAPConfig(
-                steps=args.block_ap_steps, lr=args.block_ap_lr, scale_lr=args.block_ap_scale_lr,
-                float_lr=args.block_ap_float_lr, tail=not args.block_ap_no_tail)),
-        )
+        qat = qat_args(recipe, run_dir / f"qat-both-{method}", args)
         t, wall = time.perf_counter(), time.time()
         summary = run_qat(qat)
         seconds = time.perf_counter() - t

@@ -192,6 +192,31 @@ def test_tied_tensors_are_stored_once_and_floats_as_fp16(builtin_style: tuple[An
     assert all(torch.equal(state[k], reference[k]) for k in state)
 
 
+def test_floats_beyond_fp16_stay_float32(tmp_path: Path) -> None:
+    """QAT's batch-norm moment matching can leave running variances near 1e13: as fp16 they were inf and every
+    output NaN. Such a tensor stays float32 in memory and on disk; the others are fp16; a re-save is identical."""
+    src = write_tiny(tmp_path / "float", "clip")
+    model = lowbit.load(str(src))
+    norm = model.model.vision_model.post_layernorm
+    with torch.no_grad():
+        norm.weight.mul_(1e9)  # beyond 65504 (the layer norm's output scale only)
+    big = norm.weight.detach().clone()
+    report = lowbit.quantize(model, "vision=w8,text=w8,floats=fp16", progress=False)
+    assert torch.equal(norm.weight, big)  # not rounded to inf in memory either
+    out = lowbit.save(model, tmp_path / "q", report=report)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    key = "model.vision_model.post_layernorm.weight"
+    assert dtypes.pop(key) == "F32" and "F16" in dtypes.values()
+    loaded = lowbit.load(str(out))
+    assert torch.equal(loaded.state_dict()[key], big)
+    pixels = model.preprocess([_image()])
+    got, expected = _outputs(loaded, pixels, [QUESTION]), _outputs(model, pixels, [QUESTION])
+    assert all(torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
+    lowbit.save(loaded, tmp_path / "again")
+    assert_same_bytes(out, tmp_path / "again")
+
+
 def test_a_tensor_left_on_meta_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_tiny(tmp_path / "float", "clip")
     model = lowbit.load(str(src))

@@ -207,16 +207,28 @@ def _tie_heads(planned: list[_Planned]) -> None:
         planned.append(p)
 
 
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def fits_fp16(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is within fp16's range. One that is not stays float32 where a recipe stores
+    floats as fp16: batch-norm statistics re-estimated by QAT's moment matching on a block whose quantized
+    input has a huge spread reach 1e13, and an inf running variance turns every output into NaN."""
+    return t.numel() == 0 or float(t.detach().abs().max()) <= FP16_MAX
+
+
 def round_floats_(model: nn.Module, float_dtype: str) -> None:
     """Round every float tensor that is not a packed buffer to ``float_dtype`` in place (kept as float32, so
-    the model in memory computes exactly what the stored checkpoint will)."""
+    the model in memory computes exactly what the stored checkpoint will; beyond fp16's range: kept exact, as
+    the checkpoint stores it)."""
     if float_dtype != "fp16":
         return
     with torch.no_grad():
         for module in model.modules():
             unsaved = module._non_persistent_buffers_set  # recomputed on load (RoPE inv_freq): never stored
             for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if t is not None and t.dtype == torch.float32 and name not in PACKED_BUFFERS and name not in unsaved:
+                if (t is not None and t.dtype == torch.float32 and name not in PACKED_BUFFERS and name not in unsaved
+                        and fits_fp16(t)):
                     t.copy_(t.half().float())
 
 

@@ -50,7 +50,7 @@ from lowbit.models import (
     hf_quantized,  # noqa: F401  (registers the ``permuted_linear`` kind of GPTQ desc_act)
 )
 from lowbit.models.spec import architecture_spec
-from lowbit.quant.apply import model_towers, module_paths, replace_module
+from lowbit.quant.apply import fits_fp16, model_towers, module_paths, replace_module
 from lowbit.quant.recipe import Recipe
 from lowbit.quant.report import QuantReport
 from lowbit.version import __version__
@@ -101,7 +101,8 @@ def packed_keys(model: nn.Module, modules: dict[str, Any]) -> set[str]:
 def _tensors_for_saving(model: nn.Module, packed: set[str],
                         float_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(contiguous CPU tensors, {alias key: stored key}): a tensor reached under several keys (a tied weight, a
-    LM head holding the embedding's packed buffers) is stored once; floats not packed are cast to ``float_dtype``."""
+    LM head holding the embedding's packed buffers) is stored once; floats not packed are cast to ``float_dtype``
+    (fp16: those beyond its range stay float32)."""
     out: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     first: dict[tuple[Any, ...], str] = {}
@@ -118,7 +119,7 @@ def _tensors_for_saving(model: nn.Module, packed: set[str],
         elif ptr != -1:
             storages.add(ptr)
             first[ident] = key
-        if t.is_floating_point() and key not in packed:
+        if t.is_floating_point() and key not in packed and (float_dtype != "fp16" or fits_fp16(t)):
             t = t.to(FLOAT_DTYPES[float_dtype])  # fp16: exact, quantize_ rounded the floats to fp16 values
         out[key] = t.cpu()
     return out, tied
