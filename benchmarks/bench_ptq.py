@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         calib_samples=args.calib_samples, keep_checkpoints=True, progress=False, pairs=pairs)
     if args.sweep_only:
         return {"rows": rows}
-    float_row, quant_rows = rows[0], rows[1:]
+    float_row = rows[0]
+    quant_rows = [r for r in rows[1:] if r.get("quantized")]  # the sweep's fp16 row has no quantize report
     subset_ref = {"metrics": float_row["metrics"]}
     full_ref = _full_eval(sweep_dir, "float", args.model) if full else None
     measured: list[dict[str, Any]] = []
