@@ -139,13 +139,19 @@ def fresh_run_dir(path: Path) -> None:
 def llava_finetune_args(args: argparse.Namespace, packed: Path, out: Path, steps: int) -> FinetuneArgs:
     return FinetuneArgs(model=str(packed), out=str(out), lora=args.llava_lora, steps=steps,
                         batch_size=args.llava_batch, lr=args.llava_lr, train_samples=args.llava_train_samples,
-                        warmup_steps=min(10, steps), eval_samples=0, ckpt_every=steps, log_every=10,
+                        warmup_steps=min(10, steps), eval_samples=0, ckpt_every=min(50, steps), log_every=10,
                         progress=False, overwrite=True)
 
 
-def llava_section(args: argparse.Namespace, publish: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def llava_section(args: argparse.Namespace, previous: dict[str, Any] | None,
+                  publish: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """fp, then per width PTQ and QLoRA, the memory probes after the first width; ``publish`` gets the section
-    so far after each part (``complete`` false until the end), so a cut-short run still leaves its rows."""
+    so far after each part (``complete`` false until the end), so a cut-short run still leaves its rows.
+
+    ``previous``: the section of an earlier run of this script (``--reuse-baselines``): its fp and PTQ metrics
+    are taken over instead of re-evaluated (same code, same packed checkpoints, greedy decoding: deterministic),
+    its rows of widths not run now and its memory rows are kept, each with the command that measured it; the new
+    QLoRA evaluations then have no fp reference (no kl / agreement)."""
     root = Path(args.llava_dir)
     log = Path(args.log) if args.log else None
 
@@ -155,15 +161,27 @@ def llava_section(args: argparse.Namespace, publish: Callable[[dict[str, Any]], 
                 f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
     t0, load0 = time.perf_counter(), os.getloadavg()
-    fp_model = lowbit.load(LLAVA)
-    fp = vqa_eval(fp_model, args.vqa)
-    del fp_model
-    fp_acc = fp["metrics"]["accuracy"]
+    if previous is not None:
+        if previous.get("n") != args.vqa:
+            raise SystemExit(f"--reuse-baselines: the previous section has n={previous.get('n')}, not --vqa {args.vqa}")
+        fp, fp_metrics = None, previous["fp"] | {"measured_by": previous["command"]}
+    else:
+        fp_model = lowbit.load(LLAVA)
+        fp = vqa_eval(fp_model, args.vqa)
+        del fp_model
+        fp_metrics = _metrics(fp)
+    fp_acc = fp_metrics["accuracy"]
     say(f"fp {fp_acc}")
     rows: dict[str, Any] = {}
+    if previous is not None:  # rows of other widths, as measured then
+        rows.update({k: r | {"measured_by": r.get("measured_by", previous["command"])}
+                     for k, r in previous["rows"].items() if int(k[1:]) not in args.widths})
     out: dict[str, Any] = {"model": LLAVA, "n": args.vqa, "eval": f"fashion-vqa accuracy, first {args.vqa} held-out "
                            "test questions (greedy answers); kl / agreement: first answer token against fp",
-                           "fp": _metrics(fp), "rows": rows, "notes": LLAVA_NOTES, "threads": args.threads}
+                           "fp": fp_metrics, "rows": rows, "notes": LLAVA_NOTES, "threads": args.threads}
+    if previous is not None and "memory" in previous and not (4 in args.widths and args.mem_steps):
+        out["memory"] = previous["memory"] | {"measured_by": previous["memory"].get("measured_by",
+                                                                                   previous["command"])}
 
     def snapshot(complete: bool) -> None:
         out["table"] = llava_table(fp_acc, rows)
@@ -174,39 +192,51 @@ def llava_section(args: argparse.Namespace, publish: Callable[[dict[str, Any]], 
 
     steps_by_bits = dict(zip(args.widths, args.llava_steps, strict=True))
     for bits in args.widths:
+        row_load0 = os.getloadavg()
         packed, quant_s = llava_checkpoint(bits, root)
-        ptq = vqa_eval(lowbit.load(str(packed)), args.vqa, reference=fp)
-        say(f"w{bits} ptq {ptq['metrics']['accuracy']} (quantize {quant_s} s)")
+        if previous is not None and f"w{bits}" in previous["rows"] and quant_s is None:
+            before = previous["rows"][f"w{bits}"]
+            ptq_metrics, ptq_by = before["ptq"], before.get("measured_by", previous["command"])
+        else:
+            ptq = vqa_eval(lowbit.load(str(packed)), args.vqa, reference=fp)
+            ptq_metrics, ptq_by = _metrics(ptq), None
+        say(f"w{bits} ptq {ptq_metrics['accuracy']} (quantize {quant_s} s)")
         run = root / f"w{bits}-run"
         fresh_run_dir(run)
         ft = llava_finetune_args(args, packed, run, steps_by_bits[bits])
         cpu0, t = time.process_time(), time.perf_counter()
         summary = run_finetune(ft)
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu0
+        cpu0, t = time.process_time(), time.perf_counter()
         fresh = lowbit.load(str(packed))
         load_adapters(fresh, run / "adapters")
         qlora = vqa_eval(fresh, args.vqa, reference=fp)
+        eval_wall, eval_cpu = time.perf_counter() - t, time.process_time() - cpu0
         del fresh
         acc = qlora["metrics"]["accuracy"]
-        say(f"w{bits} qlora {acc} ({summary['train_seconds']} s)")
+        say(f"w{bits} qlora {acc} ({summary['train_seconds']} s, cpu {cpu:.0f} s)")
         log_rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
         rates = [h["samples_per_s"] for h in log_rows if "samples_per_s" in h]
         rows[f"w{bits}"] = {
             "recipe": llava_recipe(bits), "checkpoint": str(packed), "quantize_seconds": quant_s,
-            "ptq": _metrics(ptq), "ptq_gap_pt": round(100 * (fp_acc - ptq["metrics"]["accuracy"]), 2),
+            "ptq": ptq_metrics | ({"measured_by": ptq_by} if ptq_by else {}),
+            "ptq_gap_pt": round(100 * (fp_acc - ptq_metrics["accuracy"]), 2),
             "qlora": _metrics(qlora) | {
                 "steps": summary["steps"], "samples_seen": summary["steps"] * ft.batch_size,
                 "train_seconds": summary["train_seconds"],
                 "vision_token_seconds": summary.get("vision_token_seconds"),
                 "finetune_wall_seconds": round(wall, 1), "finetune_cpu_seconds": round(cpu, 1),
+                "eval_wall_seconds": round(eval_wall, 1), "eval_cpu_seconds": round(eval_cpu, 1),
                 "median_samples_per_s": sorted(rates)[len(rates) // 2] if rates else None,
                 "lora": summary["lora"], "last": summary["last"], "args": asdict(ft),
-                "command": (f"lowbit finetune {packed} --lora {ft.lora} --steps {ft.steps} --batch-size "
-                            f"{ft.batch_size} --lr {ft.lr} --train-samples {ft.train_samples} --warmup-steps "
-                            f"{ft.warmup_steps} --eval-samples 0 --out {run}  # with {args.threads} thread(s)"),
+                "command": finetune_command(ft, args.threads),
             },
             "qlora_gap_pt": round(100 * (fp_acc - acc), 2), "target_gap_pt": LLAVA_TOLERANCE_PT.get(bits),
             "met": LLAVA_TOLERANCE_PT.get(bits) is not None and 100 * (fp_acc - acc) <= LLAVA_TOLERANCE_PT[bits],
+            "load_average": {"start": [round(x, 2) for x in row_load0],
+                             "end": [round(x, 2) for x in os.getloadavg()]},
+            "timing_note": "wall seconds include any pauses of this job by the machine's timing jobs (SIGSTOP); "
+                           "cpu seconds are this process's CPU time (time.process_time), 1 thread",
         }
         snapshot(False)
         if bits == 4 and args.mem_steps:
@@ -215,6 +245,15 @@ def llava_section(args: argparse.Namespace, publish: Callable[[dict[str, Any]], 
             snapshot(False)
     snapshot(True)
     return out
+
+
+def finetune_command(ft: FinetuneArgs, threads: int) -> str:
+    """The ``lowbit finetune`` command line equal to ``ft``."""
+    extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("teacher", ft.teacher),) if v)
+    extra += f" --task-weight {ft.task_weight}" if ft.teacher else ""
+    return (f"lowbit finetune {ft.model} --lora {ft.lora} --steps {ft.steps} --batch-size {ft.batch_size} --lr "
+            f"{ft.lr} --train-samples {ft.train_samples} --warmup-steps {ft.warmup_steps}{extra} --eval-samples 0 "
+            f"--out {ft.out}  # with {threads} thread(s)")
 
 
 def llava_table(fp_acc: float, rows: dict[str, Any]) -> str:
@@ -339,6 +378,8 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, default=3, help="memory probe steps (0: no memory rows)")
     p.add_argument("--memory-probe", choices=("qlora", "full"), help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reuse-baselines", action="store_true",
+                   help="--llava: take fp / PTQ metrics, other widths' rows and the memory rows from --out's section")
     p.add_argument("--log", default=None, help="progress lines appended here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -348,13 +389,14 @@ def main() -> None:
         return
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if args.llava:
-        command = ("flock /work/accuracy.lock flock -s /work/heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python "
-                   "benchmarks/bench_qlora.py " + shlex.join(sys.argv[1:]))
+        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_qlora.py " + shlex.join(sys.argv[1:])
 
         def publish(section: dict[str, Any]) -> None:
             write_json(Path(args.out), {**previous, "llava": section | {"command": command, "env": environment()}})
 
-        llava = llava_section(args, publish)
+        if args.reuse_baselines and "llava" not in previous:
+            raise SystemExit(f"--reuse-baselines: {args.out} has no llava section to take the baselines from")
+        llava = llava_section(args, previous["llava"] if args.reuse_baselines else None, publish)
         print(llava["table"])
         print(json.dumps({k: {"met": r["met"], "gap": r["qlora_gap_pt"]} for k, r in llava["rows"].items()}
                          | {"memory": llava.get("memory", {}).get("ratio")}))

@@ -185,3 +185,49 @@ def test_llava_default_targets_and_gradient_checkpointing(tmp_path: Path) -> Non
     assert kept_recomputed < kept / 2
     for k in plain:
         torch.testing.assert_close(recomputed[k], plain[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_llava_answer_distillation(tmp_path: Path) -> None:
+    """``teacher`` on llava: the loss is ``task_weight * CE + KL(teacher || student)`` of the answer logits (zero
+    KL against the student's own float weights), the adapters train on the KL alone (``task_loss="none"``), and
+    a teacher that cannot be distilled from, or a distillation mode llava lacks, is one line."""
+    from lowbit.train.losses import token_kl_loss
+    from lowbit.workflows.build_llava import answer_logits
+    from lowbit.workflows.finetune import AdapterAnswerLoss, llava_batches
+    from tests.models.llava_tiny import write_tiny_llava
+
+    torch.set_num_threads(1)
+    src = write_tiny_llava(tmp_path / "float", max_positions=512)
+    teacher = lowbit.load(str(src))
+    model = lowbit.load(str(src))
+    L.attach_lora(model, L.LoraConfig(r=2, targets="language/*q_proj"))
+    batches, _, _ = llava_batches(model, "fashion-vqa", 2, 2)
+    batch = next(iter(batches(0, 0, 1)))
+    same = AdapterAnswerLoss(model, teacher, ce_weight=0.5)(batch)
+    assert abs(float(same["kl"])) < 1e-6 and torch.allclose(same["loss"], 0.5 * same["ce"], atol=1e-6)
+
+    lowbit.save(model := lowbit.load(str(src)), tmp_path / "w2",
+                report=lowbit.quantize(model, "language=w2g16", progress=False))
+    packed = lowbit.load(str(tmp_path / "w2"))
+    out = AdapterAnswerLoss(packed, teacher, ce_weight=0.25, temperature=2.0)(batch)
+    with torch.no_grad():
+        s, targets = answer_logits(packed, batch)
+        t, _ = answer_logits(teacher, batch)
+    kl = token_kl_loss(s, t, 2.0)
+    assert float(kl) > 1e-3
+    torch.testing.assert_close(out["kl"], kl)
+    torch.testing.assert_close(out["loss"], 0.25 * torch.nn.functional.cross_entropy(s, targets) + kl)
+
+    opts = {"lora": 2, "targets": "language/*q_proj,language/*v_proj", "steps": 3, "batch_size": 2, "lr": 1e-2,
+            "train_samples": 4, "eval_samples": 0, "ckpt_every": 3, "log_every": 1, "progress": False}
+    summary = lowbit.finetune(str(tmp_path / "w2"), tmp_path / "ft", teacher=str(src), task_loss="none", **opts)
+    assert "KL" in summary["loss"] and summary["loss"].startswith("0 x")
+    log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
+    assert all(h["loss"] == pytest.approx(h["kl"]) and h["kl"] > 0 for h in log if "loss" in h)
+    assert any(float(v.abs().sum()) > 0 for k, v in adapters(tmp_path / "ft").items() if "lora_B" in k)
+    for bad, match in (({"teacher": str(src), "distill": "cosine"}, "accepted: kl, both"),
+                       ({"teacher": "tiny-qat"}, "student's vocabulary"),
+                       ({"task_loss": "none"}, "needs a loss"),
+                       ({"teacher": str(src), "temperature": 0.0}, "temperature must be > 0")):
+        with pytest.raises(LowbitError, match=match):
+            lowbit.finetune(str(tmp_path / "w2"), tmp_path / f"bad{len(match)}", **{**opts, **bad})

@@ -25,7 +25,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, seed=args.seed, train_samples=args.train_samples, eval_every=args.eval_every,
         eval_samples=args.eval_samples, ckpt_every=args.ckpt_every, log_every=args.log_every, teacher=args.teacher,
-        distill=args.distill, task_loss=args.task_loss, task_weight=args.task_weight, turns=args.turns,
+        distill=args.distill, task_loss=args.task_loss, task_weight=args.task_weight, temperature=args.temperature,
+        turns=args.turns,
         merge=args.merge, grad_checkpoint=args.grad_checkpoint, progress=not args.no_progress, overwrite=args.overwrite,
     )
     if is_main_process():
@@ -66,10 +67,15 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-samples", type=int, default=2000, help="training samples (first N of the train split)")
-    p.add_argument("--teacher", default=None, help="float model to distil from (dual encoders), e.g. lit-fashion")
-    p.add_argument("--distill", default="both", choices=["kl", "cosine", "both", "none"])
-    p.add_argument("--task-loss", default="clip", choices=["clip", "siglip", "none"])
-    p.add_argument("--task-weight", type=float, default=0.5)
+    p.add_argument("--teacher", default=None,
+                   help="float model to distil from, e.g. lit-fashion (similarity KL + embedding cosine) or "
+                        "llava-fashion-hd (KL of the answer-token logits)")
+    p.add_argument("--distill", default="both", choices=["kl", "cosine", "both", "none"],
+                   help="distillation terms with --teacher (llava: kl or both, the answer-logit KL)")
+    p.add_argument("--task-loss", default="clip", choices=["clip", "siglip", "none"],
+                   help="dual encoders: the contrastive loss; llava: any but none keeps the answer cross-entropy")
+    p.add_argument("--task-weight", type=float, default=0.5, help="weight of the task loss when distilling")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2)")
     p.add_argument("--turns", type=int, default=1, help="llava: conversation turns per training image")
     p.add_argument("--merge", action="store_true",
                    help="also fold the adapters into a new packed checkpoint OUT/model (re-rounded on each layer's "

@@ -121,6 +121,22 @@ def distill_kl_loss(
     return 0.5 * (kl(student, teacher) + kl(student.T, teacher.T)) * t * t
 
 
+def token_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over rows [N, V] of KL(teacher || student) of next-token distributions at temperature T, times T².
+
+    Answer distillation of a language model: one row per predicted token (Hinton et al., 2015); the teacher's
+    logits are detached here.
+
+    Example:
+        >>> s = torch.randn(3, 7); token_kl_loss(s, s).abs().item() < 1e-6
+        True
+    """
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
 def embedding_cosine_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(student_i, teacher_i) over rows [B, D]; the teacher is detached.
 

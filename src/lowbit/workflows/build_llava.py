@@ -119,6 +119,41 @@ def visual_features(model: LlavaModel, data: VQASet, batch_size: int = 64,
     return feats, scores
 
 
+def answer_logits(m: LlavaModel, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM's logits at the positions that predict an answer token, and those tokens: ([N, V], [N]).
+
+    ``batch``: cached visual tokens (``tokens`` [B, T_v, C], optional ``scores`` / ``prune_ratios``) and encoded
+    conversations (``pre``, ``post``, ``labels``). Two models with the same visual-token count (the same
+    tokenizer and pruning) give logits at the same positions, in the same order (answer distillation)."""
+    raw = batch["tokens"].float()  # [B, T_v, C]
+    ratios = batch.get("prune_ratios") or [0.0] * len(raw)
+    scores = batch.get("scores")  # [B, T_v]: the tower's pruning scores, as at inference
+    if scores is None and any(ratios):
+        raise LowbitError("pruning-aware training needs the vision tower's token scores (batch['scores'])")
+    kept = [t if not r else prune_tokens(t[None], scores[i][None], r)[0]
+            for i, (t, r) in enumerate(zip(raw, ratios, strict=True))]
+    visual = [m.projector(t) for t in kept]  # each [T_i, D], T_i <= T_v
+    rows, labels = [], []
+    for v, pre, post, lab in zip(visual, batch["pre"], batch["post"], batch["labels"], strict=True):
+        rows.append(torch.cat([m.embed_ids(pre), v, m.embed_ids(post)]))  # [T_i, D]
+        labels.append([IGNORE_INDEX] * (len(pre) + v.shape[0]) + lab)
+    longest = max(r.shape[0] for r in rows)
+    embeds = visual[0].new_zeros(len(rows), longest, visual[0].shape[-1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    target = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):  # right padding: positions start at 0
+        embeds[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
+        target[i, : len(lab)] = torch.tensor(lab)
+    # no KV cache: nothing decodes after this forward (and a cache written inside a gradient-checkpointed block
+    # would be written again when the backward recomputes it)
+    hidden = m.language.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                      use_cache=False).last_hidden_state  # [B, T, D]
+    shifted = target[:, 1:]  # token t+1 is predicted at position t
+    keep = shifted != IGNORE_INDEX  # [B, T-1]
+    logits = m.language.get_output_embeddings()(hidden[:, :-1][keep])  # [n_answer_tokens, V]
+    return logits, shifted[keep]
+
+
 class AnswerLoss(nn.Module):
     """Cross-entropy of the LM on answer tokens, given cached visual tokens; only the projector trains."""
 
@@ -128,35 +163,9 @@ class AnswerLoss(nn.Module):
         object.__setattr__(self, "_model", model)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        m = self._model
-        raw = batch["tokens"].float()  # [B, T_v, C]
-        ratios = batch.get("prune_ratios") or [0.0] * len(raw)
-        scores = batch.get("scores")  # [B, T_v]: the tower's pruning scores, as at inference
-        if scores is None and any(ratios):
-            raise LowbitError("pruning-aware training needs the vision tower's token scores (batch['scores'])")
-        kept = [t if not r else prune_tokens(t[None], scores[i][None], r)[0]
-                for i, (t, r) in enumerate(zip(raw, ratios, strict=True))]
-        visual = [m.projector(t) for t in kept]  # each [T_i, D], T_i <= T_v
-        rows, labels = [], []
-        for v, pre, post, lab in zip(visual, batch["pre"], batch["post"], batch["labels"], strict=True):
-            rows.append(torch.cat([m.embed_ids(pre), v, m.embed_ids(post)]))  # [T_i, D]
-            labels.append([IGNORE_INDEX] * (len(pre) + v.shape[0]) + lab)
-        longest = max(r.shape[0] for r in rows)
-        embeds = visual[0].new_zeros(len(rows), longest, visual[0].shape[-1])
-        mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        target = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):  # right padding: positions start at 0
-            embeds[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
-            target[i, : len(lab)] = torch.tensor(lab)
-        # no KV cache: nothing decodes after this forward (and a cache written inside a gradient-checkpointed block
-        # would be written again when the backward recomputes it)
-        hidden = m.language.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
-                                          use_cache=False).last_hidden_state  # [B, T, D]
-        shifted = target[:, 1:]  # token t+1 is predicted at position t
-        keep = shifted != IGNORE_INDEX  # [B, T-1]
-        logits = m.language.get_output_embeddings()(hidden[:, :-1][keep])  # [n_answer_tokens, V]
-        loss = F.cross_entropy(logits.float(), shifted[keep])
-        acc = (logits.argmax(-1) == shifted[keep]).float().mean()
+        logits, targets = answer_logits(self._model, batch)
+        loss = F.cross_entropy(logits.float(), targets)
+        acc = (logits.argmax(-1) == targets).float().mean()
         return {"loss": loss, "token_acc": acc.detach()}
 
 

@@ -10,7 +10,9 @@ adapters and their optimizer state, resume after kill -9, DDP under torchrun):
   model) when one is given;
 - llava: cross-entropy on the answer tokens of generated instruction conversations (``fashion-vqa`` /
   ``shapes-vqa`` train split: images disjoint from the test split), the projector training's loss
-  (``lowbit.workflows.build_llava.AnswerLoss``) with the visual tokens cached.
+  (``lowbit.workflows.build_llava.AnswerLoss``) with the visual tokens cached; with ``teacher`` (the float
+  llava) plus distillation of its answer logits: ``task_weight * CE + T² KL(teacher || student)`` over the
+  answer positions (``task_loss="none"``: the KL alone).
 
 Run directory ``OUT``: ``checkpoints/``, ``train_log.jsonl``, ``finetune_run.json`` (the arguments; a rerun with
 different ones is refused), ``adapters/`` (PEFT format: ``peft.PeftModel.from_pretrained(float_model, OUT/adapters)``
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lowbit.errors import LowbitError, check_options
 from lowbit.io import check_output, prepare_run_dir, register_output_kind, run_dir_kind, write_json
@@ -56,7 +59,8 @@ RUN_FILE = "finetune_run.json"
 ADAPTER_DIR = "adapters"
 MODEL_DIR = "model"
 _RUN_KEYS = ("model", "lora", "alpha", "dropout", "targets", "data", "batch_size", "seed", "train_samples", "teacher",
-             "distill", "task_loss")
+             "distill", "task_loss", "task_weight", "temperature")
+LLAVA_DISTILL = ("kl", "both")  # llava has one distillation term, the answer-logit KL: either name selects it
 register_output_kind(run_dir_kind("finetune-run", RUN_FILE))
 
 
@@ -84,10 +88,10 @@ class FinetuneArgs:
     eval_samples: int = 500
     ckpt_every: int = 50
     log_every: int = 10
-    teacher: str | None = None  # the float model to distil from (dual encoders)
+    teacher: str | None = None  # the float model to distil from
     distill: str = "both"  # with a teacher
-    task_loss: str = "clip"
-    task_weight: float = 0.5
+    task_loss: str = "clip"  # llava: "none" drops the answer cross-entropy (distillation alone)
+    task_weight: float = 0.5  # weight of the task loss when distilling
     temperature: float = 1.0
     turns: int = 1  # llava: conversation turns per image
     merge: bool = False
@@ -106,6 +110,9 @@ class FinetuneArgs:
         if self.distill not in DISTILL_MODES or self.task_loss not in TASK_LOSSES:
             raise LowbitError(f"finetune loss: distill {self.distill!r} (accepted: {', '.join(DISTILL_MODES)}), "
                               f"task_loss {self.task_loss!r} (accepted: {', '.join(TASK_LOSSES)})")
+        if not self.temperature > 0 or not self.task_weight >= 0:
+            raise LowbitError(f"finetune loss: temperature must be > 0 and task_weight >= 0; received "
+                              f"{self.temperature}, {self.task_weight}")
         if self.steps < 1 or self.train_samples < 1 or self.turns < 1:
             raise LowbitError(f"finetune: steps, train_samples and turns must be >= 1; received {self.steps}, "
                               f"{self.train_samples}, {self.turns}")
@@ -151,17 +158,36 @@ class AdapterPair(AdapterState, PairEncoder):
 
 
 class AdapterAnswerLoss(AdapterState, nn.Module):
-    """llava's answer loss with the whole model registered (DDP must see the adapters); eval mode inside."""
+    """llava's answer loss with the whole model registered (DDP must see the adapters); eval mode inside.
 
-    def __init__(self, model: nn.Module) -> None:
-        from lowbit.workflows.build_llava import AnswerLoss
+    With ``teacher`` (a frozen llava with the same tokenizer; not registered, so neither DDP nor checkpoints
+    see it): ``ce_weight * CE + T² KL(teacher || student)`` over the answer positions. The teacher reads the
+    batch's cached visual tokens (the student's tower's) through its own projector."""
 
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, ce_weight: float = 1.0,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.model, self.adapter_root = model, model
-        object.__setattr__(self, "_loss", AnswerLoss(model))
+        self.ce_weight, self.temperature = ce_weight, temperature
+        object.__setattr__(self, "teacher", teacher)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self._loss(batch)
+        from lowbit.train.losses import token_kl_loss
+        from lowbit.workflows.build_llava import answer_logits
+
+        logits, targets = answer_logits(self.model, batch)
+        ce = F.cross_entropy(logits.float(), targets)
+        out = {"token_acc": (logits.argmax(-1) == targets).float().mean().detach()}
+        if self.teacher is None:
+            return {"loss": ce, **out}
+        with torch.no_grad():
+            reference, same = answer_logits(self.teacher, batch)
+        if reference.shape != logits.shape or not torch.equal(same, targets):
+            raise LowbitError(f"answer distillation: the teacher predicts {tuple(reference.shape)} answer logits, "
+                              f"the student {tuple(logits.shape)}; accepted: a teacher with the same tokenizer, "
+                              "vocabulary and visual-token count")
+        kl = token_kl_loss(logits, reference, self.temperature)
+        return {"loss": self.ce_weight * ce + kl, "ce": ce.detach(), "kl": kl.detach(), **out}
 
     def train(self, mode: bool = True) -> AdapterAnswerLoss:
         super().train(mode)
@@ -263,9 +289,35 @@ def checkpoint_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
+def llava_teacher(args: FinetuneArgs, model: nn.Module) -> tuple[nn.Module | None, float]:
+    """The frozen float llava to distil answers from (``args.teacher``, or None) and the cross-entropy's weight;
+    a teacher that is not a llava with the student's vocabulary, or a distillation mode other than the answer
+    KL, is one line."""
+    from lowbit.workflows.load import load
+
+    if not args.teacher:
+        if args.task_loss == "none":
+            raise LowbitError("llava finetune needs a loss: task_loss 'none' without a teacher; accepted: a teacher "
+                              "(answer distillation) or the answer cross-entropy")
+        return None, 1.0
+    if args.distill not in LLAVA_DISTILL:
+        raise LowbitError(f"llava distillation is the KL of the teacher's answer logits: distill {args.distill!r}; "
+                          f"accepted: {', '.join(LLAVA_DISTILL)} (or no teacher)")
+    teacher = load(args.teacher)
+    vocab = [getattr(m.language.config, "vocab_size", None) if _is_llava(m) else None for m in (teacher, model)]
+    if vocab[0] is None or vocab[0] != vocab[1]:
+        raise LowbitError(f"answer distillation needs a llava teacher with the student's vocabulary: "
+                          f"{args.teacher!r} is a {type(teacher).__name__} (vocabulary {vocab[0]}, student's "
+                          f"{vocab[1]}); accepted: the student's float llava, e.g. llava-fashion-hd")
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher, 0.0 if args.task_loss == "none" else args.task_weight
+
+
 def _llava_run(args: FinetuneArgs, model: nn.Module, config: TrainConfig) -> tuple[TrainState, Any]:
     from lowbit.eval import evaluate
 
+    teacher, ce_weight = llava_teacher(args, model)
     name = args.data or "fashion-vqa"
     batches, n_convs, feature_seconds = llava_batches(model, name, args.train_samples, args.batch_size, args.turns,
                                                       args.seed, args.progress)
@@ -277,9 +329,12 @@ def _llava_run(args: FinetuneArgs, model: nn.Module, config: TrainConfig) -> tup
     random.seed(args.seed)
     if args.grad_checkpoint:
         checkpoint_blocks(model)
-    state = train(AdapterAnswerLoss(model), lambda m, b: m(b), batches, config,
+    state = train(AdapterAnswerLoss(model, teacher, ce_weight, args.temperature), lambda m, b: m(b), batches, config,
                   eval_fn=eval_fn if args.eval_samples else None)
-    return state, {"data": name, "task": name, "loss": "answer tokens cross-entropy", "conversations": n_convs,
+    loss = "answer tokens cross-entropy" if teacher is None else (
+        f"{ce_weight:g} x answer cross-entropy + T^2 KL({args.teacher} || student) of the answer logits, "
+        f"T={args.temperature:g}")
+    return state, {"data": name, "task": name, "loss": loss, "conversations": n_convs,
                    "vision_token_seconds": round(feature_seconds, 1)}
 
 
