@@ -20,7 +20,10 @@
 5. ``lowbit finetune`` of each packed checkpoint: rank-``--llava-lora`` adapters on every linear of the LM's decoder
    blocks (the default llava targets: not the tied head, not the vision tower), answer-token cross-entropy on
    generated instructions about Fashion-MNIST *train* images (disjoint from the test images the evaluation asks
-   about); then the checkpoint loaded afresh, the saved adapters attached, evaluated again.
+   about), with ``--llava-teacher`` plus the KL of the float model's answer logits; then the checkpoint loaded
+   afresh, the saved adapters attached, evaluated again. ``--reuse-baselines`` takes the fp and PTQ rows (and
+   the other widths' rows and the memory rows) from the section already in ``--out`` instead of re-measuring
+   them (deterministic: same code, checkpoints and greedy decoding), each with the command that measured it.
 6. Memory: peak resident memory (the process's high-water mark, VmHWM) of ``--mem-steps`` training
    steps at batch ``--llava-batch``, each in its own fresh subprocess on the same loop, data and batch: QLoRA on
    the w4 checkpoint vs full fine-tuning (AdamW on every language-model parameter) of the float model.
@@ -140,7 +143,8 @@ def llava_finetune_args(args: argparse.Namespace, packed: Path, out: Path, steps
     return FinetuneArgs(model=str(packed), out=str(out), lora=args.llava_lora, steps=steps,
                         batch_size=args.llava_batch, lr=args.llava_lr, train_samples=args.llava_train_samples,
                         warmup_steps=min(10, steps), eval_samples=0, ckpt_every=min(50, steps), log_every=10,
-                        progress=False, overwrite=True)
+                        teacher=args.llava_teacher, distill="kl", task_weight=args.llava_task_weight, progress=False,
+                        overwrite=True)
 
 
 def llava_section(args: argparse.Namespace, previous: dict[str, Any] | None,
@@ -375,6 +379,9 @@ def main() -> None:
     p.add_argument("--llava-batch", type=int, default=8)
     p.add_argument("--llava-train-samples", type=int, default=2000)
     p.add_argument("--llava-dir", default="/tmp/qlora-llava")
+    p.add_argument("--llava-teacher", default=None,
+                   help="distil the answer logits of this float llava (e.g. llava-fashion-hd) on top of the CE")
+    p.add_argument("--llava-task-weight", type=float, default=0.5, help="CE weight when distilling")
     p.add_argument("--mem-steps", type=int, default=3, help="memory probe steps (0: no memory rows)")
     p.add_argument("--memory-probe", choices=("qlora", "full"), help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
