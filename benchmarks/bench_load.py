@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_load.py [--models lit-fashion,llava-fashion-hd] [--json results/load.json]
 
-For each model, the float model is quantized once with the ``w4`` preset's formats (every rule RTN: load cost
-depends on the stored formats, not on how the codes were chosen) and saved under ``$LOWBIT_HOME/bench-load``.
+For each model, the float model is quantized with the ``w4`` preset's formats (every rule RTN: load cost
+depends on the stored formats, not on how the codes were chosen) and saved in a temporary directory (each run
+saves afresh: a checkpoint kept from an older run would measure an older format).
 Then, for the packed directory and for the float model (its built-in load), a FRESH subprocess imports
 everything first, calls ``lowbit.load`` once and reports ``model.lowbit_load``: seconds and the peak RSS
 increase over the RSS before the call (the process's high-water mark, so only a fresh process measures one
@@ -19,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +77,7 @@ def dir_mib(path: Path) -> float:
 def measure(name: str, work: Path) -> list[dict[str, Any]]:
     """The float and the packed load of ``name``, each in a fresh process."""
     ckpt = work / f"{name}-w4"
-    if not (ckpt / "manifest.json").is_file():
-        _python(_PREPARE, name, str(ckpt))
+    _python(_PREPARE, name, str(ckpt))
     rows = []
     for kind, target in (("float", name), ("packed-w4", str(ckpt))):
         load = json.loads(_python(_CHILD, target))
@@ -94,16 +95,14 @@ def measure(name: str, work: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     from lowbit.eval.env import environment
-    from lowbit.paths import lowbit_home
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lit-fashion,llava-fashion-hd")
     parser.add_argument("--json", type=Path, default=RESULTS / "load.json")
     args = parser.parse_args()
-    work = lowbit_home() / "bench-load"
-    work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    rows = [row for name in args.models.split(",") for row in measure(name, work)]
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-load-") as work:
+        rows = [row for name in args.models.split(",") for row in measure(name, Path(work))]
     result = {"rows": rows, "env": environment(), "load_avg_1min": [round(load_before, 2),
                                                                       round(os.getloadavg()[0], 2)],
               "date": time.strftime("%Y-%m-%d %H:%M"), "target": "llava-fashion-hd packed: increase <= 1.3x file"}
