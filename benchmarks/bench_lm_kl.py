@@ -48,7 +48,12 @@ def main() -> None:
     args = parser.parse_args()
 
     name = args.model or default_model()
-    float_model = lowbit.load(name)
+    if name.lower().endswith(".gguf"):  # the float reference: transformers' dequantized weights, not the packed blocks
+        from lowbit.models.causal_lm import load_causal_lm
+
+        float_model = load_causal_lm(name, packed=False)
+    else:
+        float_model = lowbit.load(name)
     base = lowbit.evaluate(float_model, "text", data=args.data, limit=args.windows, footprint=False, progress=False)
     rows = [{"recipe": "float", **base["metrics"]}]
     for recipe in [r.strip() for r in args.recipes.split(";") if r.strip()]:
