@@ -251,6 +251,14 @@ class ActivationCalibrator:
         self._block_cache = {(tower, name): st for name, st in stats.items() if name != module_name}
         return self._context(tower, module_name, module, stats[module_name])
 
+    @torch.no_grad()
+    def stats_for_all(self, tower: str, modules: dict[str, nn.Module]) -> dict[str, QuantContext]:
+        """Every module's statistics from one pass over the calibration data (the model as it is: a search
+        measuring each layer alone on the float model needs no sequential passes; each batch's forward still
+        stops once all have seen their input)."""
+        stats = self._capture(tower, dict(modules))
+        return {name: self._context(tower, name, m, stats[name]) for name, m in modules.items()}
+
     def on_quantized(self, tower: str, module_name: str, new_module: nn.Module) -> None:
         """A layer outside the block in the cache changed: the cached inputs may no longer be what it sees."""
         if self._block_cache and self._block_of(tower, module_name) != self._block_of(*next(iter(self._block_cache))):

@@ -148,6 +148,61 @@ class LanguageProbe:
         return [(lambda: self.lm(**{k: v[:1] for k, v in self.tokens.items()}), "text")]
 
 
+class PromptProbe:
+    """Next-token KL right after each prompt, against the float model: what the first answer token of a
+    question sees (the prompts as the language model's input embeddings, left-padded, e.g. a llava's chat
+    prompts with their visual tokens computed once). Only the last position's logits are computed."""
+
+    def __init__(self, lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, batch_size: int = 8) -> None:
+        self.lm, self.embeds, self.mask, self.batch_size = lm, embeds, mask, batch_size
+        with torch.no_grad():
+            self.reference = self._logits()
+
+    def _last(self, start: int, stop: int) -> torch.Tensor:
+        out = self.lm(inputs_embeds=self.embeds[start:stop], attention_mask=self.mask[start:stop], logits_to_keep=1)
+        return out.logits[:, -1].float()  # [B, V]
+
+    def _logits(self) -> torch.Tensor:
+        n = self.embeds.shape[0]
+        return torch.cat([self._last(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)])
+
+    @torch.no_grad()
+    def loss(self, tower: str) -> float:
+        return _kl(self.reference, self._logits())
+
+    def forwards(self) -> list[tuple[Callable[[], Any], str]]:
+        return [(lambda: self._last(0, 1), "text")]
+
+    def fisher(self, weights: Sequence[torch.Tensor], top_k: int = 4) -> list[torch.Tensor]:
+        """The diagonal Fisher of the probe's next-token distributions for each weight (float64, its shape):
+        mean over prompts of Σ_y p(y) (∂ log p(y) / ∂w)², y over each prompt's ``top_k`` likeliest tokens (the
+        rest of the mass left out; deterministic). At the float model it is the Hessian of the probe's KL, so a
+        perturbation δ of one layer raises the KL by about ½ Σ F δ²."""
+        saved = {p: p.requires_grad for p in self.lm.parameters()}
+        targets = {id(w) for w in weights}
+        acc = [torch.zeros(w.shape, dtype=torch.float64) for w in weights]
+        try:
+            for p in self.lm.parameters():
+                p.requires_grad_(id(p) in targets)
+            for w in weights:
+                w.requires_grad_(True)
+            n = self.embeds.shape[0]
+            for i in range(n):
+                with torch.enable_grad():
+                    logp = F.log_softmax(self._last(i, i + 1)[0], -1)
+                    top = logp.detach().exp().topk(top_k)
+                    for j, (prob, y) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+                        grads = torch.autograd.grad(logp[y], list(weights), retain_graph=j < top_k - 1,
+                                                    allow_unused=True)
+                        for a, g in zip(acc, grads, strict=True):
+                            if g is not None:
+                                a.add_(g.double() ** 2, alpha=prob / n)
+        finally:
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
+        return acc
+
+
 def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over rows of KL(softmax(reference) || softmax(logits))."""
     return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
@@ -155,6 +210,9 @@ def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 # --- sensitivity -------------------------------------------------------------------------------------------------
+SENSITIVITIES = ("kl", "fisher")
+
+
 def input_shapes(probe: Any, modules: dict[int, nn.Module]) -> dict[int, list[int]]:
     """The input shape of each module (by id) at batch 1, from one pass of the probe's forwards."""
     shapes: dict[int, list[int]] = {}
@@ -174,36 +232,117 @@ def input_shapes(probe: Any, modules: dict[int, nn.Module]) -> dict[int, list[in
     return shapes
 
 
+class LayerWeights:
+    """The searched layers' weights at every width, quantized once by the real method (calibration statistics
+    of the float model) and kept packed; ``apply`` puts a whole assignment in place (dequantized), ``restore``
+    puts the float weights back."""
+
+    def __init__(self, planned: Sequence[Any], widths: Sequence[int], method: str, group_size: int | None,
+                 options: dict[str, Any], calibration: Any, chunk: int = 42) -> None:
+        self.planned, self.widths = list(planned), sorted(widths)
+        self.original = [p.module.weight.detach().clone() for p in self.planned]
+        self.packed: list[dict[int, Any]] = []
+        self.proxy: list[dict[int, float]] = []
+        self.applied: list[int | None] = [None] * len(self.planned)  # width in place (None: float)
+        quantizer = get_method(method)
+        for start in range(0, len(self.planned), chunk):  # statistics a chunk at a time: bounded memory
+            part = self.planned[start : start + chunk]
+            contexts = _contexts(part, calibration) if quantizer.needs_calibration else {}
+            for p in part:
+                ctx = contexts.get((p.tower, p.name)) or QuantContext()
+                ctx.tower, ctx.name, ctx.kind = ctx.tower or p.tower, ctx.name or p.name, p.kind
+                weight = p.module.weight.detach().float().reshape(p.module.weight.shape[0], -1)
+                packed, proxy = {}, {}
+                for bits in self.widths:
+                    result = quantizer.quantize_weight(weight.clone(), QuantSpec(bits, group_size, True), ctx,
+                                                       dict(options))
+                    packed[bits] = (result.packed, result.input_scale)
+                    diff = weight - self._dequantized(packed[bits])
+                    proxy[bits] = (float(((diff @ ctx.hessian.float()) * diff).sum()) if ctx.hessian is not None
+                                   else float("nan"))
+                self.packed.append(packed)
+                self.proxy.append(proxy)
+
+    @staticmethod
+    def _dequantized(entry: tuple[Any, torch.Tensor | None]) -> torch.Tensor:
+        packed, input_scale = entry
+        wq = packed.dequantize().float()
+        if input_scale is not None:  # y = (x / s) @ Wqᵀ: the effective weight is Wq / s
+            wq = wq / input_scale.float()[None, :]
+        return wq
+
+    def weight(self, i: int, bits: int) -> torch.Tensor:
+        """Layer ``i``'s effective weight at ``bits`` [N, K] (float32)."""
+        return self._dequantized(self.packed[i][bits])
+
+    @torch.no_grad()
+    def set(self, i: int, bits: int | None) -> None:
+        """Layer ``i`` at ``bits`` (None: float)."""
+        if self.applied[i] == bits:
+            return
+        module, original = self.planned[i].module, self.original[i]
+        value = original if bits is None else self.weight(i, bits).reshape(original.shape).to(original.dtype)
+        module.weight.copy_(value)
+        self.applied[i] = bits
+
+    def apply(self, bits: Sequence[int | None]) -> None:
+        for i, b in enumerate(bits):
+            self.set(i, b)
+
+    def restore(self) -> None:
+        self.apply([None] * len(self.planned))
+
+
+def _contexts(planned: Sequence[Any], calibration: Any) -> dict[tuple[str, str], QuantContext]:
+    """Calibration contexts of ``planned`` (one pass per tower where the provider can; else layer by layer)."""
+    out: dict[tuple[str, str], QuantContext] = {}
+    towers = sorted({p.tower for p in planned})
+    for tower in towers:
+        mine = [p for p in planned if p.tower == tower]
+        if hasattr(calibration, "stats_for_all"):
+            got = calibration.stats_for_all(tower, {p.name: p.module for p in mine})
+            out.update({(tower, name): ctx for name, ctx in got.items()})
+        else:
+            out.update({(tower, p.name): calibration.stats_for(tower, p.name, p.module) for p in mine})
+    return out
+
+
 @torch.no_grad()
 def measure_sensitivity(planned: Sequence[Any], probe: Any, calibration: Any, widths: Sequence[int],
                         method: str, group_size: int | None, options: dict[str, Any],
-                        progress: Callable[[str], None] | None = None) -> list[SearchLayer]:
-    """A ``SearchLayer`` per planned layer (``quant.apply.plan_quantization`` entries): for each width, the
-    layer alone is quantized by ``method`` (its calibration statistics from the float model), its dequantized
-    weight put in place, the probe's loss measured and the float weight restored."""
-    quantizer = get_method(method)
+                        progress: Callable[[str], None] | None = None, sensitivity: str = "kl",
+                        weights: LayerWeights | None = None) -> list[SearchLayer]:
+    """A ``SearchLayer`` per planned layer (``quant.apply.plan_quantization`` entries): each layer is quantized at
+    each width by ``method`` (its calibration statistics from the float model, ``LayerWeights``) and its
+    sensitivity taken with every other layer float: ``kl``, the probe's measured loss with that weight in place;
+    ``fisher``, the second-order estimate of the same loss, ½ Σ F (W - Wq)², F the probe's diagonal Fisher
+    (``probe.fisher``: one backward pass per probe sample and likely token, instead of a forward per layer and
+    width)."""
+    if sensitivity not in SENSITIVITIES:
+        raise LowbitError(f"sensitivity {sensitivity!r}; accepted: {', '.join(SENSITIVITIES)}")
+    weights = weights or LayerWeights(planned, widths, method, group_size, options, calibration)
     shapes = input_shapes(probe, {id(p.module): p.module for p in planned})
+    fisher = None
+    if sensitivity == "fisher":
+        if not hasattr(probe, "fisher"):
+            raise LowbitError(f"sensitivity 'fisher' needs a probe with a Fisher pass (prompts: probe_data); this "
+                              f"probe is a {type(probe).__name__}; accepted: sensitivity='kl'")
+        fisher = probe.fisher([p.module.weight for p in planned])
     layers: list[SearchLayer] = []
     for n, p in enumerate(planned):
-        module = p.module
-        ctx = calibration.stats_for(p.tower, p.name, module) if quantizer.needs_calibration else QuantContext()
-        ctx.tower, ctx.name, ctx.kind = ctx.tower or p.tower, ctx.name or p.name, p.kind
-        shape = tuple(module.weight.shape)
-        original = module.weight.detach().clone()
-        weight = original.float().reshape(shape[0], -1)
-        layer = SearchLayer(p.tower, p.name, p.kind, weight.numel(), list(shape), shapes.get(id(module)))
-        for bits in sorted(widths):
+        shape = tuple(p.module.weight.shape)
+        weight = weights.original[n].float().reshape(shape[0], -1)
+        layer = SearchLayer(p.tower, p.name, p.kind, weight.numel(), list(shape), shapes.get(id(p.module)))
+        for bits in weights.widths:
+            if fisher is not None:
+                diff = weight - weights.weight(n, bits)
+                loss = 0.5 * float((fisher[n].reshape(diff.shape) * diff.double() ** 2).sum())
+            else:
+                weights.set(n, bits)
+                loss = probe.loss(p.tower)
+                weights.set(n, None)
             spec = QuantSpec(bits, group_size, True)
-            result = quantizer.quantize_weight(weight.clone(), spec, ctx, dict(options))
-            wq = result.packed.dequantize()
-            if result.input_scale is not None:  # y = (x / s) @ Wqᵀ: the effective weight is Wq / s
-                wq = wq / result.input_scale.float()[None, :]
-            diff = weight - wq
-            proxy = float(((diff @ ctx.hessian.float()) * diff).sum()) if ctx.hessian is not None else float("nan")
-            module.weight.copy_(wq.reshape(shape).to(original.dtype))
-            loss = probe.loss(p.tower)
-            module.weight.copy_(original)
-            layer.choices.append(Choice(bits, loss, proxy, layer_nbytes(shape, spec)))
+            layer.choices.append(Choice(bits, loss, weights.proxy[n][bits], layer_nbytes(shape, spec)))
         layers.append(layer)
         if progress is not None:
             progress(f"{n + 1}/{len(planned)} {p.tower}/{p.name}: " + ", ".join(
@@ -314,3 +453,90 @@ def summarize(layers: Sequence[SearchLayer], chosen: Sequence[int]) -> dict[str,
             "avg_bits": sum(c.bits * layer.params for layer, c in zip(layers, picked, strict=False)) / max(params, 1),
             "bytes": sum(c.nbytes for c in picked), "ms": None if None in ms else sum(ms),  # type: ignore[arg-type]
             "predicted_loss": sum(c.loss for c in picked), "params_by_width": dict(sorted(histogram.items()))}
+
+
+# --- measured refinement ---------------------------------------------------------------------------------------
+def _moves(layers: Sequence[SearchLayer], chosen: Sequence[int], metric: str, left: float
+           ) -> list[tuple[float, tuple[tuple[int, int], ...]]]:
+    """Moves from ``chosen`` that fit ``left`` (the unspent budget), with their predicted loss decrease from the
+    per-layer sensitivities, best first (ties: earlier layers, narrower widths): one layer widened, or one widened
+    and another narrowed to pay for it. Only moves predicted to help."""
+    ups: list[tuple[float, float, int, int]] = []  # (gain, cost, layer, choice)
+    downs: list[tuple[float, float, int, int]] = []  # (loss increase, freed cost, layer, choice)
+    for li, layer in enumerate(layers):
+        i = chosen[li]
+        here, cost = layer.choices[i].loss, layer.cost(i, metric)
+        for j in range(len(layer.choices)):
+            delta, more = here - layer.choices[j].loss, layer.cost(j, metric) - cost
+            if more > 0 and delta > 0:
+                ups.append((delta, more, li, j))
+            elif more < 0:
+                downs.append((-delta, -more, li, j))
+    out: list[tuple[float, tuple[tuple[int, int], ...]]] = [
+        (g, ((li, j),)) for g, c, li, j in ups if c <= left]
+    if ups and downs:
+        gain = np.array([u[0] for u in ups])[:, None] - np.array([d[0] for d in downs])[None, :]
+        net = np.array([u[1] for u in ups])[:, None] - np.array([d[1] for d in downs])[None, :]
+        same = np.array([u[2] for u in ups])[:, None] == np.array([d[2] for d in downs])[None, :]
+        ok = (gain > 0) & (net <= left) & ~same
+        for a, b in zip(*np.nonzero(ok), strict=True):
+            out.append((float(gain[a, b]), ((ups[a][2], ups[a][3]), (downs[b][2], downs[b][3]))))
+    out.sort(key=lambda m: (-m[0], m[1]))
+    return out
+
+
+def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metric: str, budget: float,
+           measure: Callable[[list[int]], float], max_measures: int,
+           progress: Callable[[str], None] | None = None) -> tuple[list[int], dict[str, Any]]:
+    """A verified refinement of the knapsack: the per-layer sensitivities are each measured alone and summed, but
+    quantization errors of many layers compound, so the whole assignment is measured (``measure``: the probe's
+    loss with every layer at its chosen width). The lowest of ``starts`` (e.g. the knapsack's answer and the
+    uniform recipe) is kept, then moves (``_moves``, best predicted first) are tried one measurement each and a
+    move is accepted only when the measured loss falls; at most ``max_measures`` measurements in all. Every
+    candidate fits the budget exactly; the same inputs give the same answer."""
+    total = lambda c: math.fsum(layers[li].cost(i, metric) for li, i in enumerate(c))  # noqa: E731
+    history: list[dict[str, Any]] = []
+    best: list[int] | None = None
+    best_loss = math.inf
+    for n, start in enumerate(starts):
+        start = list(start)
+        if total(start) > budget or any(start == s for s in starts[:n]):
+            continue
+        loss = measure(start)
+        history.append({"start": n, "loss": loss})
+        if progress is not None:
+            progress(f"refine: start {n} measured {loss:.4g}")
+        if loss < best_loss:
+            best, best_loss = start, loss
+    if best is None:
+        raise LowbitError("refine: no start fits the budget")
+    start_loss, used, tried = best_loss, len(history), set()
+    while used < max_measures:
+        accepted = False
+        for predicted, move in _moves(layers, best, metric, budget - total(best)):
+            key = (tuple(best), move)
+            if key in tried:
+                continue
+            if used >= max_measures:
+                break
+            tried.add(key)
+            trial = list(best)
+            for li, j in move:
+                trial[li] = j
+            if total(trial) > budget:  # rounding of the summed costs: never over
+                continue
+            loss = measure(trial)
+            used += 1
+            ok = loss < best_loss
+            history.append({"move": [[layers[li].name, layers[li].choices[best[li]].bits, layers[li].choices[j].bits]
+                                     for li, j in move], "predicted_gain": predicted, "loss": loss, "accepted": ok})
+            if progress is not None:
+                progress(f"refine {used}/{max_measures}: {history[-1]['move']} -> {loss:.4g} "
+                         f"({'accepted' if ok else 'rejected'}; best {min(loss, best_loss):.4g})")
+            if ok:
+                best, best_loss, accepted = trial, loss, True
+                break
+        if not accepted:
+            break
+    return best, {"measures": used, "start_loss": start_loss, "loss": best_loss,
+                  "accepted": sum(1 for h in history if h.get("accepted")), "history": history}

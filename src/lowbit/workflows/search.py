@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,12 +39,16 @@ from lowbit.quant.defaults import DEFAULT_CALIB_SAMPLES
 from lowbit.quant.methods import get_method
 from lowbit.quant.mixed import (
     SEARCHABLE_KINDS,
+    SENSITIVITIES,
     DualEncoderProbe,
     InfeasibleBudget,
     LanguageProbe,
+    LayerWeights,
+    PromptProbe,
     SearchLayer,
     measure_layer_ms,
     measure_sensitivity,
+    refine,
     solve,
     summarize,
 )
@@ -130,9 +136,27 @@ def _model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _probe(model: nn.Module, provider: Any, n: int) -> Any:
-    """The probe of ``model`` on the first ``n`` calibration samples (a language model: the first batch of
-    token windows)."""
+def _prompt_inputs(model: Any, probe_data: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt embeddings and mask of ``n`` image + question prompts of the VQA set ``probe_data``'s
+    *train* split (evaluation reads its test split: the probe never sees an evaluated question), in the model's
+    chat format, the visual tokens computed once."""
+    from lowbit.data.vqa import load_vqa
+
+    if not (hasattr(model, "prompt_embeddings") and hasattr(model, "visual_embeddings")):
+        raise LowbitError(f"probe_data {probe_data!r} (image + question prompts) needs a llava model; this is a "
+                          f"{type(model).__name__}; accepted: probe_data=None")
+    data = load_vqa(probe_data, "train", limit=n, seed=seed)
+    with torch.no_grad():
+        visual = model.visual_embeddings(model.preprocess(data.images))
+        return model.prompt_embeddings(visual, [turns[0].question for turns in data.turns])
+
+
+def _probe(model: nn.Module, provider: Any, n: int, probe_data: str | None = None, seed: int = 0) -> Any:
+    """The probe of ``model``: on ``probe_data``'s image + question prompts (``PromptProbe``) if given, else on
+    the first ``n`` calibration samples (a language model: the first batch of token windows)."""
+    if probe_data is not None:
+        embeds, mask = _prompt_inputs(model, probe_data, n, seed)
+        return PromptProbe(model.language, embeds, mask)  # type: ignore[arg-type]
     if isinstance(provider, TokenCalibrator):
         return LanguageProbe(getattr(model, "language", model), provider.token_batches()[0])
     towers = model.towers() if isinstance(model, DualEncoder) else {}
@@ -181,14 +205,19 @@ def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
 def sensitivities(model: nn.Module, base: Recipe, method: str, widths: Sequence[int], group_size: int | None,
                   options: dict[str, Any], calib_data: Any, calib_samples: int, probe_samples: int, seed: int,
                   timings: bool = True, cache: bool = True, cache_dir: str | os.PathLike[str] | None = None,
-                  progress: bool = False) -> tuple[list[SearchLayer], dict[str, Any]]:
-    """The searched layers with their measured choices, and the cache record (``cached``: read from disk)."""
+                  progress: bool = False, probe_data: str | None = None, sensitivity: str = "kl",
+                  keep: dict[str, Any] | None = None) -> tuple[list[SearchLayer], dict[str, Any]]:
+    """The searched layers with their measured choices, and the cache record (``cached``: read from disk).
+    ``keep``, when given and the sensitivities are measured here, receives the probe and the quantized weights
+    (``LayerWeights``) so a refinement need not make them again."""
     planned = searched_layers(model, base)
     source = calib_data if calib_data is not None else default_calibration(model)
     key_fields = {"version": CACHE_VERSION, "model": _model_digest(model), "method": method, "options": options,
                   "widths": list(widths), "group_size": group_size, "calibration": str(source),
                   "calib_samples": calib_samples, "probe_samples": probe_samples, "seed": seed,
                   "layers": [f"{p.tower}/{p.name}" for p in planned], "base": base.to_dict()}
+    if probe_data is not None or sensitivity != "kl":  # only then: the keys of earlier caches stay valid
+        key_fields.update(probe_data=probe_data, sensitivity=sensitivity)
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = Path(cache_dir or lowbit_home() / "search") / f"{key}.json"
     if cache and path.is_file():
@@ -197,9 +226,13 @@ def sensitivities(model: nn.Module, base: Recipe, method: str, widths: Sequence[
         if not timings or all(c.ms is not None for layer in layers for c in layer.choices if layer.input_shape):
             return layers, {**data["record"], "cached": True, "cache_file": str(path)}
     provider, calib_record = calibration_provider(model, source, calib_samples, seed)
-    probe = _probe(model, provider, probe_samples)
+    probe = _probe(model, provider, probe_samples, probe_data, seed)
     say = print if progress else None
-    layers = measure_sensitivity(planned, probe, provider, widths, method, group_size, options, progress=say)
+    weights = LayerWeights(planned, widths, method, group_size, options, provider)
+    layers = measure_sensitivity(planned, probe, provider, widths, method, group_size, options, progress=say,
+                                 sensitivity=sensitivity, weights=weights)
+    if keep is not None:
+        keep.update(probe=probe, weights=weights)
     if timings:
         by_name = {(p.tower, p.name): p for p in planned}
         for layer in layers:
@@ -209,7 +242,8 @@ def sensitivities(model: nn.Module, base: Recipe, method: str, widths: Sequence[
             for c in layer.choices:
                 c.ms = measure_layer_ms(p.module, p.kind, layer.input_shape, QuantSpec(c.bits, group_size, True))
     record = {"key": key, "calibration": calib_record, "probe": type(probe).__name__,
-              "probe_samples": probe_samples, "fixed_bytes": _fixed_bytes(model, base, layers),
+              "probe_samples": probe_samples, "probe_data": probe_data, "sensitivity": sensitivity,
+              "fixed_bytes": _fixed_bytes(model, base, layers),
               "threads": torch.get_num_threads()}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +252,8 @@ def sensitivities(model: nn.Module, base: Recipe, method: str, widths: Sequence[
 
 
 def _measured(model: nn.Module, recipe: Recipe, calib_data: Any, calib_samples: int, seed: int,
-              probe_samples: int, task: str | None, limit: int | None, save_dir: Path) -> dict[str, Any]:
+              probe_samples: int, task: str | None, limit: int | None, save_dir: Path,
+              probe_data: str | None = None) -> dict[str, Any]:
     """Quantize a copy with ``recipe`` for real, save, load from disk and measure on the kernels."""
     from lowbit.eval.report import whole_bytes
     from lowbit.eval.tasks import evaluate
@@ -232,10 +267,12 @@ def _measured(model: nn.Module, recipe: Recipe, calib_data: Any, calib_samples: 
     packed = load(str(save_dir))
     source = calib_data if calib_data is not None else default_calibration(model)
     provider, _ = calibration_provider(model, source, calib_samples, seed)
-    probe = _probe(model, provider, probe_samples)
+    probe = _probe(model, provider, probe_samples, probe_data, seed)
     probe.model = packed if isinstance(probe, DualEncoderProbe) else probe.model
-    if isinstance(probe, LanguageProbe):
+    if isinstance(probe, (LanguageProbe, PromptProbe)):
         probe.lm = getattr(packed, "language", packed)
+    if isinstance(probe, PromptProbe):  # the packed model's own visual tokens (its vision tower is quantized too)
+        probe.embeds, probe.mask = _prompt_inputs(packed, probe_data, probe_samples, seed)  # type: ignore[arg-type]
     out: dict[str, Any] = {"probe_loss": probe.loss("*"), "bits_per_weight": report.totals()["total"].get(
         "bits_per_weight")}
     if task is not None:
@@ -256,11 +293,27 @@ def search(model: str | nn.Module, budget_bits: float | None = None, budget_mb: 
            calib_data: Any = None, calib_samples: int = DEFAULT_CALIB_SAMPLES, probe_samples: int = 64,
            seed: int = 0, limit: int | None = None, out: str | os.PathLike[str] | None = None,
            overwrite: bool = False, measure: bool = True, cache: bool = True,
-           cache_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, Any]:
+           cache_dir: str | os.PathLike[str] | None = None, progress: bool = False, probe_data: str | None = None,
+           sensitivity: str = "kl", refine_measures: int = 0) -> dict[str, Any]:
     """Search a mixed-precision recipe under one budget; returns the result (recipe dict, expected costs,
-    measured result) and writes the YAML recipe to ``out`` if given (see the module docstring)."""
+    measured result) and writes the YAML recipe to ``out`` if given (see the module docstring).
+
+    ``probe_data``: a VQA set (``fashion-vqa``, ``shapes-vqa``) whose train-split image + question prompts a
+    llava's probe runs (next-token KL after each prompt) instead of the calibration captions. ``sensitivity``:
+    ``kl`` (measured, one probe run per layer and width) or ``fisher`` (the probe's diagonal Fisher, one pass).
+    ``refine_measures``: if > 0, at most this many measurements of whole assignments on the probe
+    (``quant.mixed.refine``: the better of the knapsack and the widest uniform recipe in budget, then moves
+    accepted only when the measured loss falls)."""
     metric, budget = _cost_budget(budget_bits, budget_mb, budget_ms)
     widths = _check_widths(widths)
+    if sensitivity not in SENSITIVITIES:
+        raise LowbitError(f"search sensitivity {sensitivity!r}; accepted: {', '.join(SENSITIVITIES)}")
+    if isinstance(refine_measures, bool) or not isinstance(refine_measures, int) or refine_measures < 0:
+        raise LowbitError(f"search refine_measures {refine_measures!r}; accepted: an integer >= 0 (0: no refinement)")
+    if probe_data is not None:
+        from lowbit.data.vqa import VQA_SETS
+
+        VQA_SETS.get(probe_data)
     get_method(method)
     if out is not None:
         check_output(out, "search-recipe", overwrite=overwrite, sources=[model if isinstance(model, str) else None])
@@ -275,9 +328,10 @@ def search(model: str | nn.Module, budget_bits: float | None = None, budget_mb: 
         model = load(model)
     base_recipe = load_recipe(base)
     options = dict(DEFAULT_OPTIONS.get(method, {}))
+    keep: dict[str, Any] = {}
     layers, record = sensitivities(model, base_recipe, method, widths, group_size, options, calib_data,
                                    calib_samples, probe_samples, seed, timings=True, cache=cache, cache_dir=cache_dir,
-                                   progress=progress)
+                                   progress=progress, probe_data=probe_data, sensitivity=sensitivity, keep=keep)
     params = sum(layer.params for layer in layers)
     fixed = record["fixed_bytes"]
     total = {"bits": budget * params, "bytes": budget * MB - fixed, "ms": budget}[metric]
@@ -289,6 +343,11 @@ def search(model: str | nn.Module, budget_bits: float | None = None, budget_mb: 
         raise LowbitError(f"budget {budget:g} {unit} cannot be met; the smallest feasible budget is "
                           f"{_ceil(smallest):g} {unit} (every searched layer at its cheapest width, "
                           f"w{min(widths)})") from None
+    refinement = None
+    if refine_measures:
+        chosen, refinement = _refine(model, base_recipe, layers, chosen, metric, total, keep, method, widths,
+                                     group_size, options, calib_data, calib_samples, probe_samples, seed, probe_data,
+                                     refine_measures, progress)
     label = {"bits": f"{budget:g} bits", "bytes": f"{budget:g} MB", "ms": f"{budget:g} ms"}[metric]
     recipe = mixed_recipe(base_recipe, layers, chosen, method, group_size, options, f"search {name} {label}")
     expected = summarize(layers, chosen)
@@ -300,19 +359,53 @@ def search(model: str | nn.Module, budget_bits: float | None = None, budget_mb: 
         "layers": [{"tower": la.tower, "name": la.name, "params": la.params, "bits": la.choices[i].bits}
                    for la, i in zip(layers, chosen, strict=False)],
     }
+    if refinement is not None:
+        result["refinement"] = refinement
     if measure:
         with tempfile.TemporaryDirectory(prefix="lowbit-search-") as tmp:
             result["measured"] = _measured(model, recipe, calib_data, calib_samples, seed, probe_samples, task,
-                                           limit, Path(tmp) / "packed")
+                                           limit, Path(tmp) / "packed", probe_data)
     if out is not None:
         write_recipe(result, out)
     return result
 
 
+def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: list[int], metric: str,
+            total: float, keep: dict[str, Any], method: str, widths: Sequence[int], group_size: int | None,
+            options: dict[str, Any], calib_data: Any, calib_samples: int, probe_samples: int, seed: int,
+            probe_data: str | None, measures: int, progress: bool) -> tuple[list[int], dict[str, Any]]:
+    """``quant.mixed.refine`` from the knapsack's answer and the widest uniform assignment in budget, each
+    assignment measured on the probe with the layers' quantized weights in place (made now if the sensitivities
+    came from the cache)."""
+    if "weights" not in keep:
+        source = calib_data if calib_data is not None else default_calibration(model)
+        provider, _ = calibration_provider(model, source, calib_samples, seed)
+        keep.update(probe=_probe(model, provider, probe_samples, probe_data, seed),
+                    weights=LayerWeights(searched_layers(model, base), widths, method, group_size, options, provider))
+    probe, weights = keep["probe"], keep["weights"]
+    starts = [chosen]
+    for w in sorted(widths, reverse=True):  # the widest uniform assignment in budget
+        uniform = [next(i for i, c in enumerate(layer.choices) if c.bits == w) for layer in layers]
+        if math.fsum(layer.cost(i, metric) for layer, i in zip(layers, uniform, strict=True)) <= total:
+            starts.append(uniform)
+            break
+
+    def measure(assignment: list[int]) -> float:
+        weights.apply([layer.choices[i].bits for layer, i in zip(layers, assignment, strict=True)])
+        return probe.loss("*")
+
+    c0 = time.process_time()
+    try:
+        best, record = refine(layers, starts, metric, total, measure, measures, progress=print if progress else None)
+    finally:
+        weights.restore()
+    record.update(cpu_seconds=round(time.process_time() - c0, 1), probe=type(probe).__name__,
+                  probe_data=probe_data, starts=["knapsack", *(["uniform"] if len(starts) > 1 else [])])
+    return best, record
+
+
 def _ceil(x: float, digits: int = 4) -> float:
     """``x`` rounded up at ``digits`` decimals (a smallest budget that still fits when typed back)."""
-    import math
-
     return math.ceil(x * 10**digits - 1e-9) / 10**digits
 
 
