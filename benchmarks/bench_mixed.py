@@ -80,17 +80,22 @@ LLAVA_BASE = "language@embedding=w8g32,language=w4g32:gptq,vision=w8,projector=w
 LLAVA_CALIB = 64  # image+question sequences, as bench_vlm.py / bench_bytes.py
 
 
-def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int]) -> dict[str, Any]:
+def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int], probe: dict[str, Any]) -> dict[str, Any]:
     """llava-fashion-hd's language model: a searched mix at ``budget`` average bits against uniform w4 GPTQ with the
     same options (the search's own recipe with every layer at 4 bits), mean KL of the first answer token against
-    full precision on the same held-out fashion-vqa questions, after save + load."""
+    full precision on the same held-out fashion-vqa questions (test split; a ``probe_data`` probe reads the train
+    split), after save + load. ``probe``: the search's probe options (probe_data, probe_samples, sensitivity,
+    refine_measures)."""
     model = lowbit.load("llava-fashion-hd")
+    c0 = _cpu()
     reference = lowbit.evaluate(model, "fashion-vqa", limit=n_vqa, progress=False)
-    common = {"base": LLAVA_BASE, "calib_data": TASK, "calib_samples": LLAVA_CALIB, "probe_samples": 16,
-              "measure": False, "progress": True, "widths": widths}
+    print(f"reference: {reference['metrics']['accuracy']} ({_cpu() - c0:.0f} s CPU)", flush=True)
+    common = {"base": LLAVA_BASE, "calib_data": TASK, "calib_samples": LLAVA_CALIB, "measure": False,
+              "progress": True, "widths": widths, **probe}
     c0 = _cpu()
     found = search(model, budget_bits=budget, **common)
     search_cpu = round(_cpu() - c0, 1)
+    print(f"search: {search_cpu} s CPU; {json.dumps(found['expected']['params_by_width'])}", flush=True)
     # The baseline is the search's own recipe with every searched layer at 4 bits (same method, options, groups)
     searched_params = sum(layer["params"] for layer in found["layers"])
     uniform = {"recipe": uniform_recipe(load_recipe(LLAVA_BASE), 4, "gptq", 32, DEFAULT_OPTIONS["gptq"],
@@ -98,6 +103,7 @@ def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int]) -> dict
                "expected": {"avg_bits": 4.0, "params_by_width": {"w4": searched_params}}}
     rows = []
     for label, chosen in ((f"searched {budget:g} bits", found), ("uniform w4 gptq", uniform)):
+        c0 = _cpu()
         quant = copy.deepcopy(model)
         recipe = Recipe.from_dict(chosen["recipe"], name=label)
         report = lowbit.quantize(quant, recipe, calib_data=TASK, calib_samples=LLAVA_CALIB, progress=False)
@@ -111,14 +117,27 @@ def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int]) -> dict
                      "kl": (result.get("fidelity") or {}).get("kl"),
                      "file_bytes": whole_bytes(result.get("footprint") or {}),
                      "avg_bits_searched": chosen["expected"]["avg_bits"],
-                     "params_by_width": chosen["expected"]["params_by_width"]})
+                     "params_by_width": chosen["expected"]["params_by_width"],
+                     "cpu_seconds": round(_cpu() - c0, 1)})
         print(json.dumps(rows[-1]), flush=True)
         del packed
     return {"model": "llava-fashion-hd (language model searched)", "vqa": n_vqa, "base": LLAVA_BASE,
             "full_precision_accuracy": reference["metrics"]["accuracy"], "rows": rows, "search_cpu_seconds": search_cpu,
+            "search": {**probe, "sensitivity_record": found["sensitivity"], "expected": found["expected"],
+                       "refinement": found.get("refinement")},
+            "layers_by_width": _by_width(found["layers"]),
             "target": "searched mix <= 4.0 average bits with lower mean KL than uniform w4 GPTQ",
             "met": bool(rows[0]["avg_bits_searched"] <= 4.0 and rows[0]["kl"] < rows[1]["kl"]),
             "layers": found["layers"]}
+
+
+def _by_width(layers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How many layers of each kind (q_proj, down_proj, ...) the search put at each width."""
+    out: dict[str, dict[str, int]] = {}
+    for la in layers:
+        kind = la["name"].rsplit(".", 1)[-1]
+        out.setdefault(f"w{la['bits']}", {})[kind] = out.get(f"w{la['bits']}", {}).get(kind, 0) + 1
+    return {w: dict(sorted(k.items())) for w, k in sorted(out.items())}
 
 
 def plot(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None:
@@ -160,6 +179,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="Fashion-MNIST test images (default: all 10000)")
     parser.add_argument("--llava", type=int, help="instead: llava-fashion-hd's LM on this many fashion-vqa questions")
     parser.add_argument("--widths", default="2,3,4,8", help="widths the search chooses from")
+    parser.add_argument("--probe-data", help="--llava: probe on this VQA set's train-split prompts (fashion-vqa)")
+    parser.add_argument("--probe-samples", type=int, default=16, help="--llava: probe prompts / captions")
+    parser.add_argument("--sensitivity", default="kl", help="--llava: kl (measured) or fisher")
+    parser.add_argument("--refine", type=int, default=0, help="--llava: measured refinement, at most N measurements")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON's rows")
     parser.add_argument("--json", default=str(RESULTS / "mixed.json"))
     args = parser.parse_args()
@@ -168,12 +191,18 @@ def main() -> None:
         plot(saved["rows"], saved["fp32"], Path(args.json).with_suffix(".png"))
         return
     if args.llava:
-        t0, load_avg = time.perf_counter(), os.getloadavg()[0]
+        t0, c0, load_avg = time.perf_counter(), _cpu(), os.getloadavg()[0]
+        probe = {"probe_data": args.probe_data, "probe_samples": args.probe_samples,
+                 "sensitivity": args.sensitivity, "refine_measures": args.refine}
         with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
-            section = llava_rows(args.llava, 4.0, Path(tmp), [int(w) for w in args.widths.split(",")])
-        section.update(seconds=round(time.perf_counter() - t0, 1), load_avg_1min=load_avg,
+            section = llava_rows(args.llava, 4.0, Path(tmp), [int(w) for w in args.widths.split(",")], probe)
+        extra = "".join(f" --{k} {v}" for k, v in (("probe-data", args.probe_data), ("probe-samples",
+                        args.probe_samples), ("sensitivity", args.sensitivity), ("refine", args.refine)) if v)
+        section.update(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(_cpu() - c0, 1),
+                       seconds_note="wall time includes any pauses of the accuracy slot; cpu_seconds is this "
+                                    "process's CPU time", load_avg_1min=load_avg,
                        load_avg_1min_end=os.getloadavg()[0], env=environment(), threads=torch.get_num_threads(),
-                       command=f"benchmarks/bench_mixed.py --llava {args.llava} --widths {args.widths}")
+                       command=f"benchmarks/bench_mixed.py --llava {args.llava} --widths {args.widths}{extra}")
         previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
         write_json(args.json, {**previous, "llava": section})
         print(json.dumps({k: section[k] for k in ("rows", "met")}))

@@ -77,3 +77,98 @@ def test_layer_bytes_are_the_packed_weights_bytes() -> None:
         for gs in (32, None):
             packed = get_method("rtn").quantize_weight(w, QuantSpec(bits, gs), QuantContext(), {}).packed
             assert layer_nbytes(w.shape, QuantSpec(bits, gs)) == packed.nbytes
+
+
+# --- the measured refinement -------------------------------------------------------------------------------------
+def _compounding(layers: list[SearchLayer]):
+    """A measured loss the per-layer sensitivities get wrong: each layer's loss, times 1 + the number of layers
+    below 4 bits (narrow layers compound)."""
+    calls: list[list[int]] = []
+
+    def measure(chosen: list[int]) -> float:
+        calls.append(list(chosen))
+        narrow = sum(1 for la, i in zip(layers, chosen, strict=True) if la.choices[i].bits < 4)
+        return sum(la.choices[i].loss for la, i in zip(layers, chosen, strict=True)) * (1 + narrow)
+
+    return measure, calls
+
+
+def test_refine_keeps_the_budget_accepts_only_measured_gains_and_is_deterministic() -> None:
+    from lowbit.quant.mixed import refine
+
+    layers = _layers(10, 3)
+    params = sum(la.params for la in layers)
+    budget = 4.0 * params
+    knapsack = solve(layers, "bits", budget)
+    uniform = [2] * len(layers)  # every layer at 4 bits: exactly the budget
+    measure, calls = _compounding(layers)
+    best, record = refine(layers, [knapsack, uniform], "bits", budget, measure, max_measures=25)
+    assert len(calls) == record["measures"] <= 25
+    assert sum(la.cost(i, "bits") for la, i in zip(layers, best, strict=True)) <= budget  # never over
+    assert all(sum(la.cost(i, "bits") for la, i in zip(layers, c, strict=True)) <= budget for c in calls)
+    start = min(measure(knapsack), measure(uniform))
+    assert record["start_loss"] == start and record["loss"] == measure(best) <= start
+    accepted = [h["loss"] for h in record["history"] if h.get("accepted")]
+    assert accepted == sorted(accepted, reverse=True) and len(set(accepted)) == len(accepted)  # each strictly lower
+    assert all(h["loss"] >= record["loss"] for h in record["history"])
+    again, record2 = refine(layers, [knapsack, uniform], "bits", budget, _compounding(layers)[0], max_measures=25)
+    assert again == best and record2["history"] == record["history"]
+
+
+def test_refine_from_uniform_trades_bits_where_the_measure_says_so() -> None:
+    from lowbit.quant.mixed import refine
+
+    def layer(name: str, s: float) -> SearchLayer:
+        choices = [Choice(b, s * 4.0 ** -b, float("nan"), layer_nbytes((4, 32), QuantSpec(b, 32))) for b in (3, 4, 5)]
+        return SearchLayer("t", name, "linear", 128, [4, 32], [1, 32], choices)
+
+    layers = [layer("a", 10.0), layer("b", 0.1), layer("c", 0.2)]  # a: sensitive; b, c: not
+    measure, _ = _compounding(layers)
+    best, record = refine(layers, [[1, 1, 1]], "bits", 4.0 * 3 * 128, measure, max_measures=6)
+    assert best == [2, 0, 1] and record["accepted"] == 1  # a widened, paid by the least sensitive, b; no more
+    assert record["loss"] < record["start_loss"] == measure([1, 1, 1])
+
+
+def test_refine_with_one_measurement_returns_the_better_start() -> None:
+    from lowbit.quant.mixed import refine
+
+    layers = _layers(6, 1)
+    budget = 4.0 * sum(la.params for la in layers)
+    knapsack, uniform = solve(layers, "bits", budget), [2] * len(layers)
+    measure, _ = _compounding(layers)
+    best, record = refine(layers, [knapsack, uniform], "bits", budget, measure, max_measures=2)
+    assert record["measures"] == 2 and best == min((knapsack, uniform), key=measure)
+
+
+# --- the prompt probe and its Fisher ----------------------------------------------------------------------------
+def test_prompt_probe_fisher_predicts_the_measured_kl_of_small_perturbations(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.quant.mixed import PromptProbe
+    from tests.models.llava_tiny import write_tiny_lm
+
+    lm = AutoModelForCausalLM.from_pretrained(write_tiny_lm(tmp_path / "lm")).eval()
+    with torch.no_grad():
+        lm.model.norm.weight.mul_(30)  # peaked next-token distributions, as a trained model's (random init: flat)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(6, 9, lm.config.hidden_size, generator=gen)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    probe = PromptProbe(lm, embeds, mask, batch_size=4)
+    assert abs(probe.loss("language")) < 1e-9  # the float model against itself
+    for name in ("mlp.down_proj", "self_attn.v_proj"):
+        layer = lm.model.layers[1].get_submodule(name)
+        full, top = (probe.fisher([layer.weight], top_k=k)[0] for k in (lm.config.vocab_size, 4))
+        assert full.shape == layer.weight.shape and bool((top <= full + 1e-15).all())  # top-k: part of the mass
+        assert float(top.sum()) > 0.5 * float(full.sum())  # ... most of it, on peaked distributions
+        original = layer.weight.detach().clone()
+        measured = predicted = 0.0
+        for _ in range(12):  # the diagonal leaves out cross terms, which average out over random perturbations
+            delta = 0.2 * original.abs().mean() * torch.randn(original.shape, generator=gen)
+            with torch.no_grad():
+                layer.weight.add_(delta)
+            measured += probe.loss("language")
+            with torch.no_grad():
+                layer.weight.copy_(original)
+            predicted += 0.5 * float((full * delta.double() ** 2).sum())
+        assert measured > 0 and 0.7 < predicted / measured < 1.4  # measured 0.93 and 1.18: the KL's Hessian

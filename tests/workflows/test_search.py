@@ -78,3 +78,58 @@ def test_infeasible_budget_is_one_line_naming_the_smallest(tiny: tuple[str, Path
     code = main(["search", name, "--budget-bits", "1.9", "--widths", "2,x", "--out", str(tmp_path / "r.yaml")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--widths" in err
+
+
+# --- a llava: image + question probes, the Fisher sensitivity and the measured refinement -----------------------
+LLAVA = {"base": "language=w4g32:gptq,vision=w8,projector=w8", "calib_data": "shapes", "calib_samples": 8,
+         "probe_data": "shapes-vqa", "probe_samples": 6, "widths": [3, 4, 5, 6, 8], "measure": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    from tests.models.llava_tiny import write_tiny_llava
+
+    root = tmp_path_factory.mktemp("search-llava")
+    return str(write_tiny_llava(root / "model")), root / "cache"
+
+
+def test_llava_search_on_prompts_with_fisher_and_refinement(tiny_llava: tuple[str, Path]) -> None:
+    path, cache = tiny_llava
+    model = api.load(path)
+    result = api.search(model, budget_bits=4.0, sensitivity="fisher", refine_measures=8, cache_dir=cache, **LLAVA)
+    record, refined = result["sensitivity"], result["refinement"]
+    assert record["probe"] == "PromptProbe" and record["sensitivity"] == "fisher"
+    assert refined["probe"] == "PromptProbe" and refined["starts"] == [
+        "knapsack", "knapsack, narrower than w4 x2", "knapsack, narrower than w4 x4", "uniform w4"]
+    assert 1 <= refined["measures"] <= 8 and refined["loss"] <= refined["start_loss"]
+    assert refined["start_loss"] == min(h["loss"] for h in refined["history"] if "start" in h)
+    e = result["expected"]
+    assert e["avg_bits"] <= 4.0  # the budget, exactly
+    assert all(c["loss"] >= 0 for la in json_layers(cache) for c in la["choices"])  # ½ Σ F δ² >= 0
+    # the layers' widths are what the refinement measured last as its best: the same search again agrees
+    again = api.search(model, budget_bits=4.0, sensitivity="fisher", refine_measures=8, cache_dir=cache, **LLAVA)
+    assert again["sensitivity"]["cached"] and again["layers"] == result["layers"]
+    assert again["refinement"]["history"] == refined["history"]  # deterministic, also from the cache
+
+
+def json_layers(cache: Path) -> list[dict]:
+    import json
+
+    return [la for f in sorted(cache.glob("*.json")) for la in json.loads(f.read_text())["layers"]]
+
+
+def test_llava_kl_sensitivity_on_prompts_and_bad_options_are_one_line(tiny_llava: tuple[str, Path],
+                                                                      tiny: tuple[str, Path]) -> None:
+    path, cache = tiny_llava
+    model = api.load(path)
+    result = api.search(model, budget_bits=4.0, cache_dir=cache, **LLAVA)  # measured KL per layer and width
+    assert result["sensitivity"]["probe"] == "PromptProbe" and result["expected"]["avg_bits"] <= 4.0
+    assert "refinement" not in result
+    with pytest.raises(LowbitError, match="accepted: an integer >= 0"):
+        api.search(model, budget_bits=4.0, refine_measures=-1, cache_dir=cache, **LLAVA)
+    with pytest.raises(LowbitError, match="sensitivity 'hessian'; accepted: kl, fisher"):
+        api.search(model, budget_bits=4.0, sensitivity="hessian", cache_dir=cache, **LLAVA)
+    with pytest.raises(LowbitError, match="needs a llava model"):
+        api.search(tiny[0], budget_bits=3.0, probe_data="shapes-vqa", cache_dir=tiny[1], **CALIB)
+    with pytest.raises(LowbitError, match="Fisher pass"):
+        api.search(tiny[0], budget_bits=3.0, sensitivity="fisher", cache=False, measure=False, **CALIB)

@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -238,7 +238,8 @@ class LayerWeights:
     puts the float weights back."""
 
     def __init__(self, planned: Sequence[Any], widths: Sequence[int], method: str, group_size: int | None,
-                 options: dict[str, Any], calibration: Any, chunk: int = 42) -> None:
+                 options: dict[str, Any], calibration: Any, chunk: int = 42,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.planned, self.widths = list(planned), sorted(widths)
         self.original = [p.module.weight.detach().clone() for p in self.planned]
         self.packed: list[dict[int, Any]] = []
@@ -262,6 +263,8 @@ class LayerWeights:
                                    else float("nan"))
                 self.packed.append(packed)
                 self.proxy.append(proxy)
+            if progress is not None:
+                progress(f"quantized {len(self.packed)}/{len(self.planned)} layers at widths {self.widths}")
 
     @staticmethod
     def _dequantized(entry: tuple[Any, torch.Tensor | None]) -> torch.Tensor:
@@ -485,35 +488,44 @@ def _moves(layers: Sequence[SearchLayer], chosen: Sequence[int], metric: str, le
     return out
 
 
+def penalized(layers: Sequence[SearchLayer], below: int, factor: float) -> list[SearchLayer]:
+    """Copies of ``layers`` whose choices narrower than ``below`` bits cost ``factor`` times their sensitivity:
+    narrow layers' errors compound with the others', which sensitivities measured one layer at a time miss."""
+    return [replace(la, choices=[replace(c, loss=c.loss * (factor if c.bits < below else 1.0)) for c in la.choices])
+            for la in layers]
+
+
 def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metric: str, budget: float,
            measure: Callable[[list[int]], float], max_measures: int,
-           progress: Callable[[str], None] | None = None) -> tuple[list[int], dict[str, Any]]:
+           progress: Callable[[str], None] | None = None,
+           rankings: Sequence[Sequence[SearchLayer]] | None = None) -> tuple[list[int], dict[str, Any]]:
     """A verified refinement of the knapsack: the per-layer sensitivities are each measured alone and summed, but
     quantization errors of many layers compound, so the whole assignment is measured (``measure``: the probe's
-    loss with every layer at its chosen width). The lowest of ``starts`` (e.g. the knapsack's answer and the
-    uniform recipe) is kept, then moves (``_moves``, best predicted first) are tried one measurement each and a
-    move is accepted only when the measured loss falls; at most ``max_measures`` measurements in all. Every
-    candidate fits the budget exactly; the same inputs give the same answer."""
+    loss with every layer at its chosen width). The lowest of ``starts`` (e.g. knapsack answers and the uniform
+    recipe) is kept, then moves (``_moves``, best predicted first by the sensitivities of ``rankings[start]``,
+    default ``layers``) are tried one measurement each and a move is accepted only when the measured loss falls;
+    at most ``max_measures`` measurements in all. Every candidate fits the budget exactly; the same inputs give
+    the same answer."""
     total = lambda c: math.fsum(layers[li].cost(i, metric) for li, i in enumerate(c))  # noqa: E731
     history: list[dict[str, Any]] = []
     best: list[int] | None = None
-    best_loss = math.inf
+    best_loss, ranking = math.inf, layers
     for n, start in enumerate(starts):
         start = list(start)
-        if total(start) > budget or any(start == s for s in starts[:n]):
+        if total(start) > budget or any(start == list(s) for s in starts[:n]) or len(history) >= max_measures:
             continue
         loss = measure(start)
         history.append({"start": n, "loss": loss})
         if progress is not None:
             progress(f"refine: start {n} measured {loss:.4g}")
         if loss < best_loss:
-            best, best_loss = start, loss
+            best, best_loss, ranking = start, loss, (rankings[n] if rankings is not None else layers)
     if best is None:
         raise LowbitError("refine: no start fits the budget")
     start_loss, used, tried = best_loss, len(history), set()
     while used < max_measures:
         accepted = False
-        for predicted, move in _moves(layers, best, metric, budget - total(best)):
+        for predicted, move in _moves(ranking, best, metric, budget - total(best)):
             key = (tuple(best), move)
             if key in tried:
                 continue
@@ -539,4 +551,5 @@ def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metri
         if not accepted:
             break
     return best, {"measures": used, "start_loss": start_loss, "loss": best_loss,
+                  "start": next(h["start"] for h in history if "start" in h and h["loss"] == start_loss),
                   "accepted": sum(1 for h in history if h.get("accepted")), "history": history}

@@ -48,6 +48,7 @@ from lowbit.quant.mixed import (
     SearchLayer,
     measure_layer_ms,
     measure_sensitivity,
+    penalized,
     refine,
     solve,
     summarize,
@@ -60,6 +61,7 @@ HEADER = "# lowbit search"
 register_output_kind(OutputKind("search-recipe", is_dir=False, recognize=lambda p: _is_search_recipe(p)))
 CACHE_VERSION = 1
 DEFAULT_WIDTHS = (2, 3, 4, 8)
+PENALTIES = (2.0, 4.0)  # refinement starts: knapsacks with the narrow choices' sensitivities times these
 DEFAULT_OPTIONS = {"gptq": {"act_order": True, "clip_search": True}}  # as the presets
 MB = 10**6
 
@@ -228,7 +230,7 @@ def sensitivities(model: nn.Module, base: Recipe, method: str, widths: Sequence[
     provider, calib_record = calibration_provider(model, source, calib_samples, seed)
     probe = _probe(model, provider, probe_samples, probe_data, seed)
     say = print if progress else None
-    weights = LayerWeights(planned, widths, method, group_size, options, provider)
+    weights = LayerWeights(planned, widths, method, group_size, options, provider, progress=say)
     layers = measure_sensitivity(planned, probe, provider, widths, method, group_size, options, progress=say,
                                  sensitivity=sensitivity, weights=weights)
     if keep is not None:
@@ -383,11 +385,19 @@ def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: l
         keep.update(probe=_probe(model, provider, probe_samples, probe_data, seed),
                     weights=LayerWeights(searched_layers(model, base), widths, method, group_size, options, provider))
     probe, weights = keep["probe"], keep["weights"]
-    starts = [chosen]
+    names, starts, rankings = ["knapsack"], [chosen], [layers]
     for w in sorted(widths, reverse=True):  # the widest uniform assignment in budget
         uniform = [next(i for i, c in enumerate(layer.choices) if c.bits == w) for layer in layers]
         if math.fsum(layer.cost(i, metric) for layer, i in zip(layers, uniform, strict=True)) <= total:
+            # knapsacks charging the layers below that width more (their errors compound), then the uniform one
+            for factor in PENALTIES:
+                penal = penalized(layers, w, factor)
+                names.append(f"knapsack, narrower than w{w} x{factor:g}")
+                starts.append(solve(penal, metric, total))
+                rankings.append(penal)
+            names.append(f"uniform w{w}")
             starts.append(uniform)
+            rankings.append(penalized(layers, w, PENALTIES[0]))
             break
 
     def measure(assignment: list[int]) -> float:
@@ -396,11 +406,12 @@ def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: l
 
     c0 = time.process_time()
     try:
-        best, record = refine(layers, starts, metric, total, measure, measures, progress=print if progress else None)
+        best, record = refine(layers, starts, metric, total, measure, measures, progress=print if progress else None,
+                              rankings=rankings)
     finally:
         weights.restore()
     record.update(cpu_seconds=round(time.process_time() - c0, 1), probe=type(probe).__name__,
-                  probe_data=probe_data, starts=["knapsack", *(["uniform"] if len(starts) > 1 else [])])
+                  probe_data=probe_data, starts=names)
     return best, record
 
 
