@@ -11,6 +11,13 @@ one searched mix per ``--budgets`` value (average bits per searched weight: the 
 presets' main rule quantizes, widths 2,3,4,8 in groups of 32, GPTQ with the presets' options; everything else as
 the presets). Sensitivities are measured once (cached under $LOWBIT_HOME/search). Targets: at 3.0 bits a drop
 <= 1 pt (uniform w3: 3.0 pt in bytes.json), at 2.5 bits <= 3 pt, without QAT.
+
+``--llava N`` instead searches llava-fashion-hd's language model at 4.0 average bits and compares it with uniform
+w4 GPTQ (the same recipe at one width) by the mean KL of the first answer token on N held-out fashion-vqa
+questions, after save + load (section ``llava`` of mixed.json, written after each row)::
+
+    /work/wt/bin/accuracy 2 .venv/bin/python benchmarks/bench_mixed.py --llava 200 --widths 3,4,5,6,8 \
+        --probe-data fashion-vqa --probe-samples 32 --sensitivity fisher --refine 24
 """
 
 from __future__ import annotations
@@ -80,12 +87,13 @@ LLAVA_BASE = "language@embedding=w8g32,language=w4g32:gptq,vision=w8,projector=w
 LLAVA_CALIB = 64  # image+question sequences, as bench_vlm.py / bench_bytes.py
 
 
-def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int], probe: dict[str, Any]) -> dict[str, Any]:
+def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int], probe: dict[str, Any],
+               on_row: Any = None) -> dict[str, Any]:
     """llava-fashion-hd's language model: a searched mix at ``budget`` average bits against uniform w4 GPTQ with the
     same options (the search's own recipe with every layer at 4 bits), mean KL of the first answer token against
     full precision on the same held-out fashion-vqa questions (test split; a ``probe_data`` probe reads the train
     split), after save + load. ``probe``: the search's probe options (probe_data, probe_samples, sensitivity,
-    refine_measures)."""
+    refine_measures). ``on_row(section)`` is called with the section so far after each row (a partial record)."""
     model = lowbit.load("llava-fashion-hd")
     c0 = _cpu()
     reference = lowbit.evaluate(model, "fashion-vqa", limit=n_vqa, progress=False)
@@ -121,13 +129,22 @@ def llava_rows(n_vqa: int, budget: float, work: Path, widths: list[int], probe: 
                      "cpu_seconds": round(_cpu() - c0, 1)})
         print(json.dumps(rows[-1]), flush=True)
         del packed
+        if on_row is not None and len(rows) < 2:
+            on_row(_llava_section(n_vqa, reference, rows, search_cpu, probe, found))
+    return _llava_section(n_vqa, reference, rows, search_cpu, probe, found)
+
+
+def _llava_section(n_vqa: int, reference: dict[str, Any], rows: list[dict[str, Any]], search_cpu: float,
+                   probe: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
+    done = len(rows) == 2
     return {"model": "llava-fashion-hd (language model searched)", "vqa": n_vqa, "base": LLAVA_BASE,
             "full_precision_accuracy": reference["metrics"]["accuracy"], "rows": rows, "search_cpu_seconds": search_cpu,
             "search": {**probe, "sensitivity_record": found["sensitivity"], "expected": found["expected"],
                        "refinement": found.get("refinement")},
             "layers_by_width": _by_width(found["layers"]),
             "target": "searched mix <= 4.0 average bits with lower mean KL than uniform w4 GPTQ",
-            "met": bool(rows[0]["avg_bits_searched"] <= 4.0 and rows[0]["kl"] < rows[1]["kl"]),
+            "met": bool(rows[0]["avg_bits_searched"] <= 4.0 and rows[0]["kl"] < rows[1]["kl"]) if done else None,
+            **({} if done else {"partial": "the uniform row is still to be measured"}),
             "layers": found["layers"]}
 
 
@@ -194,17 +211,27 @@ def main() -> None:
         t0, c0, load_avg = time.perf_counter(), _cpu(), os.getloadavg()[0]
         probe = {"probe_data": args.probe_data, "probe_samples": args.probe_samples,
                  "sensitivity": args.sensitivity, "refine_measures": args.refine}
-        with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
-            section = llava_rows(args.llava, 4.0, Path(tmp), [int(w) for w in args.widths.split(",")], probe)
         extra = "".join(f" --{k} {v}" for k, v in (("probe-data", args.probe_data), ("probe-samples",
                         args.probe_samples), ("sensitivity", args.sensitivity), ("refine", args.refine)) if v)
-        section.update(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(_cpu() - c0, 1),
-                       seconds_note="wall time includes any pauses of the accuracy slot; cpu_seconds is this "
-                                    "process's CPU time", load_avg_1min=load_avg,
-                       load_avg_1min_end=os.getloadavg()[0], env=environment(), threads=torch.get_num_threads(),
-                       command=f"benchmarks/bench_mixed.py --llava {args.llava} --widths {args.widths}{extra}")
         previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-        write_json(args.json, {**previous, "llava": section})
+        earlier = previous.get("llava") or {}
+        earlier = earlier.get("previous_run") if earlier.get("partial") else earlier  # a partial one: keep its
+        # predecessor
+
+        def write(section: dict[str, Any]) -> None:
+            section.update(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(_cpu() - c0, 1),
+                           seconds_note="wall time includes any pauses of the accuracy slot; cpu_seconds is this "
+                                        "process's CPU time", load_avg_1min=load_avg,
+                           load_avg_1min_end=os.getloadavg()[0], env=environment(), threads=torch.get_num_threads(),
+                           command=f"benchmarks/bench_mixed.py --llava {args.llava} --widths {args.widths}{extra}")
+            if earlier:
+                section["previous_run"] = {k: earlier.get(k) for k in ("command", "rows", "met", "search_cpu_seconds")}
+            write_json(args.json, {**previous, "llava": section})
+
+        with tempfile.TemporaryDirectory(prefix="lowbit-mixed-") as tmp:
+            section = llava_rows(args.llava, 4.0, Path(tmp), [int(w) for w in args.widths.split(",")], probe,
+                                 on_row=write)
+        write(section)
         print(json.dumps({k: section[k] for k in ("rows", "met")}))
         return
     t0, load_avg = time.perf_counter(), os.getloadavg()[0]

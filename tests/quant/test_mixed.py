@@ -172,3 +172,32 @@ def test_prompt_probe_fisher_predicts_the_measured_kl_of_small_perturbations(tmp
                 layer.weight.copy_(original)
             predicted += 0.5 * float((full * delta.double() ** 2).sum())
         assert measured > 0 and 0.7 < predicted / measured < 1.4  # measured 0.93 and 1.18: the KL's Hessian
+
+
+def test_prompt_probe_gradient_matches_finite_differences(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.quant.mixed import PromptProbe
+    from tests.models.llava_tiny import write_tiny_lm
+
+    lm = AutoModelForCausalLM.from_pretrained(write_tiny_lm(tmp_path / "lm"), torch_dtype=torch.float64).eval()
+    with torch.no_grad():
+        lm.model.norm.weight.mul_(30)
+    gen = torch.Generator().manual_seed(1)
+    probe = PromptProbe(lm, torch.randn(5, 7, lm.config.hidden_size, generator=gen, dtype=torch.float64),
+                        torch.ones(5, 7, dtype=torch.long), batch_size=2)
+    layer = lm.model.layers[0].mlp.up_proj
+    with torch.no_grad():  # away from the float model, where the gradient of the KL vanishes
+        layer.weight.add_(1.5 * layer.weight.abs().mean() * torch.randn(layer.weight.shape, generator=gen,
+                                                                        dtype=torch.float64))
+    assert probe.loss("language") > 1e-5
+    grad = probe.gradient([layer.weight])[0]
+    direction = torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64)
+    eps = 1e-4
+    with torch.no_grad():
+        layer.weight.add_(eps * direction)
+        up = probe.loss("language")
+        layer.weight.sub_(2 * eps * direction)
+        down = probe.loss("language")
+    numeric = (up - down) / (2 * eps)
+    assert abs(float((grad.double() * direction).sum()) - numeric) < 0.02 * abs(numeric)

@@ -160,7 +160,8 @@ class PromptProbe:
 
     def _last(self, start: int, stop: int) -> torch.Tensor:
         out = self.lm(inputs_embeds=self.embeds[start:stop], attention_mask=self.mask[start:stop], logits_to_keep=1)
-        return out.logits[:, -1].float()  # [B, V]
+        logits = out.logits[:, -1]  # [B, V]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _logits(self) -> torch.Tensor:
         n = self.embeds.shape[0]
@@ -178,29 +179,57 @@ class PromptProbe:
         mean over prompts of Σ_y p(y) (∂ log p(y) / ∂w)², y over each prompt's ``top_k`` likeliest tokens (the
         rest of the mass left out; deterministic). At the float model it is the Hessian of the probe's KL, so a
         perturbation δ of one layer raises the KL by about ½ Σ F δ²."""
-        saved = {p: p.requires_grad for p in self.lm.parameters()}
-        targets = {id(w) for w in weights}
         acc = [torch.zeros(w.shape, dtype=torch.float64) for w in weights]
-        try:
-            for p in self.lm.parameters():
-                p.requires_grad_(id(p) in targets)
-            for w in weights:
-                w.requires_grad_(True)
-            n = self.embeds.shape[0]
+        n = self.embeds.shape[0]
+        with _gradients_for(self.lm, weights):
             for i in range(n):
-                with torch.enable_grad():
-                    logp = F.log_softmax(self._last(i, i + 1)[0], -1)
-                    top = logp.detach().exp().topk(top_k)
-                    for j, (prob, y) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
-                        grads = torch.autograd.grad(logp[y], list(weights), retain_graph=j < top_k - 1,
-                                                    allow_unused=True)
-                        for a, g in zip(acc, grads, strict=True):
-                            if g is not None:
-                                a.add_(g.double() ** 2, alpha=prob / n)
-        finally:
-            for p, flag in saved.items():
-                p.requires_grad_(flag)
+                logp = F.log_softmax(self._last(i, i + 1)[0], -1)
+                top = logp.detach().exp().topk(top_k)
+                for j, (prob, y) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+                    grads = torch.autograd.grad(logp[y], list(weights), retain_graph=j < top_k - 1,
+                                                allow_unused=True)
+                    for a, g in zip(acc, grads, strict=True):
+                        if g is not None:
+                            a.add_(g.double() ** 2, alpha=prob / n)
         return acc
+
+    def gradient(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """∂ loss / ∂ w of the probe's KL for each weight (float32) at the weights now in place (e.g. a quantized
+        assignment: first order, how a change of one layer there moves the whole model's KL)."""
+        acc = [torch.zeros(w.shape, dtype=torch.float32) for w in weights]
+        n = self.embeds.shape[0]
+        with _gradients_for(self.lm, weights):
+            for s in range(0, n, self.batch_size):
+                stop = min(s + self.batch_size, n)
+                logits = self._last(s, stop)
+                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(self.reference[s:stop], -1), log_target=True,
+                              reduction="sum") / n
+                for a, g in zip(acc, torch.autograd.grad(kl, list(weights), allow_unused=True), strict=True):
+                    if g is not None:
+                        a.add_(g.float())
+        return acc
+
+
+class _gradients_for:
+    """Gradients enabled for ``weights`` only (every other parameter of ``module`` frozen), restored after."""
+
+    def __init__(self, module: nn.Module, weights: Sequence[torch.Tensor]) -> None:
+        self.module, self.weights = module, weights
+
+    def __enter__(self) -> None:
+        self.saved = {p: p.requires_grad for p in self.module.parameters()}
+        targets = {id(w) for w in self.weights}
+        for p in self.module.parameters():
+            p.requires_grad_(id(p) in targets)
+        for w in self.weights:
+            w.requires_grad_(True)
+        self.grad = torch.enable_grad()
+        self.grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.grad.__exit__(*exc)
+        for p, flag in self.saved.items():
+            p.requires_grad_(flag)
 
 
 def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
@@ -245,6 +274,7 @@ class LayerWeights:
         self.packed: list[dict[int, Any]] = []
         self.proxy: list[dict[int, float]] = []
         self.applied: list[int | None] = [None] * len(self.planned)  # width in place (None: float)
+        self.fisher: list[torch.Tensor] | None = None  # the probe's diagonal Fisher per layer, when computed
         quantizer = get_method(method)
         for start in range(0, len(self.planned), chunk):  # statistics a chunk at a time: bounded memory
             part = self.planned[start : start + chunk]
@@ -331,6 +361,7 @@ def measure_sensitivity(planned: Sequence[Any], probe: Any, calibration: Any, wi
             raise LowbitError(f"sensitivity 'fisher' needs a probe with a Fisher pass (prompts: probe_data); this "
                               f"probe is a {type(probe).__name__}; accepted: sensitivity='kl'")
         fisher = probe.fisher([p.module.weight for p in planned])
+        weights.fisher = [f.float() for f in fisher]  # kept for a refinement's anchored estimates
     layers: list[SearchLayer] = []
     for n, p in enumerate(planned):
         shape = tuple(p.module.weight.shape)
@@ -488,11 +519,22 @@ def _moves(layers: Sequence[SearchLayer], chosen: Sequence[int], metric: str, le
     return out
 
 
-def penalized(layers: Sequence[SearchLayer], below: int, factor: float) -> list[SearchLayer]:
-    """Copies of ``layers`` whose choices narrower than ``below`` bits cost ``factor`` times their sensitivity:
-    narrow layers' errors compound with the others', which sensitivities measured one layer at a time miss."""
-    return [replace(la, choices=[replace(c, loss=c.loss * (factor if c.bits < below else 1.0)) for c in la.choices])
-            for la in layers]
+def anchored(layers: Sequence[SearchLayer], weights: LayerWeights, anchor: int, gradient: Sequence[torch.Tensor],
+             fisher: Sequence[torch.Tensor]) -> list[SearchLayer]:
+    """Copies of ``layers`` whose sensitivities are the probe loss's change from the assignment with every layer
+    at ``anchor`` bits when only that layer moves to another width: gᵀδ + ½ Σ F δ², δ = W_b - W_anchor, g the
+    loss's gradient there and F the diagonal Fisher. Unlike sensitivities measured from the float model, the
+    first-order term sees how a layer's error adds to everyone else's (it is what makes errors compound)."""
+    out = []
+    for n, layer in enumerate(layers):
+        base = weights.weight(n, anchor)
+        g, f = gradient[n].reshape(base.shape).double(), fisher[n].reshape(base.shape).double()
+        choices = []
+        for c in layer.choices:
+            delta = (weights.weight(n, c.bits) - base).double()
+            choices.append(replace(c, loss=float((g * delta).sum() + 0.5 * (f * delta**2).sum())))
+        out.append(replace(layer, choices=choices))
+    return out
 
 
 def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metric: str, budget: float,

@@ -46,9 +46,9 @@ from lowbit.quant.mixed import (
     LayerWeights,
     PromptProbe,
     SearchLayer,
+    anchored,
     measure_layer_ms,
     measure_sensitivity,
-    penalized,
     refine,
     solve,
     summarize,
@@ -61,7 +61,6 @@ HEADER = "# lowbit search"
 register_output_kind(OutputKind("search-recipe", is_dir=False, recognize=lambda p: _is_search_recipe(p)))
 CACHE_VERSION = 1
 DEFAULT_WIDTHS = (2, 3, 4, 8)
-PENALTIES = (2.0, 4.0)  # refinement starts: knapsacks with the narrow choices' sensitivities times these
 DEFAULT_OPTIONS = {"gptq": {"act_order": True, "clip_search": True}}  # as the presets
 MB = 10**6
 
@@ -377,32 +376,40 @@ def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: l
             options: dict[str, Any], calib_data: Any, calib_samples: int, probe_samples: int, seed: int,
             probe_data: str | None, measures: int, progress: bool) -> tuple[list[int], dict[str, Any]]:
     """``quant.mixed.refine`` from the knapsack's answer and the widest uniform assignment in budget, each
-    assignment measured on the probe with the layers' quantized weights in place (made now if the sensitivities
-    came from the cache)."""
+    assignment measured with the layers' quantized weights in place (made now if the sensitivities came from the
+    cache); prompt probes measure on held-out prompts of the same split."""
     if "weights" not in keep:
         source = calib_data if calib_data is not None else default_calibration(model)
         provider, _ = calibration_provider(model, source, calib_samples, seed)
         keep.update(probe=_probe(model, provider, probe_samples, probe_data, seed),
                     weights=LayerWeights(searched_layers(model, base), widths, method, group_size, options, provider))
     probe, weights = keep["probe"], keep["weights"]
+    # the assignments are measured on held-out probe prompts (the next ``probe_samples`` of the same train split):
+    # moves are ranked on the probe's own prompts, so a move kept fits more than the prompts that proposed it
+    check = probe
+    if probe_data is not None:
+        embeds, mask = _prompt_inputs(model, probe_data, 2 * probe_samples, seed)
+        check = PromptProbe(probe.lm, embeds[probe_samples:], mask[probe_samples:])
     names, starts, rankings = ["knapsack"], [chosen], [layers]
     for w in sorted(widths, reverse=True):  # the widest uniform assignment in budget
         uniform = [next(i for i, c in enumerate(layer.choices) if c.bits == w) for layer in layers]
-        if math.fsum(layer.cost(i, metric) for layer, i in zip(layers, uniform, strict=True)) <= total:
-            # knapsacks charging the layers below that width more (their errors compound), then the uniform one
-            for factor in PENALTIES:
-                penal = penalized(layers, w, factor)
-                names.append(f"knapsack, narrower than w{w} x{factor:g}")
-                starts.append(solve(penal, metric, total))
-                rankings.append(penal)
-            names.append(f"uniform w{w}")
-            starts.append(uniform)
-            rankings.append(penalized(layers, w, PENALTIES[0]))
-            break
+        if math.fsum(layer.cost(i, metric) for layer, i in zip(layers, uniform, strict=True)) > total:
+            continue
+        ranking = layers
+        if hasattr(probe, "gradient"):  # moves from it ranked by the loss's change around it (``anchored``)
+            planned = [p.module.weight for p in weights.planned]
+            if weights.fisher is None:
+                weights.fisher = [f.float() for f in probe.fisher(planned)]
+            weights.apply([w] * len(layers))
+            ranking = anchored(layers, weights, w, probe.gradient(planned), weights.fisher)
+        names.append(f"uniform w{w}")
+        starts.append(uniform)
+        rankings.append(ranking)
+        break
 
     def measure(assignment: list[int]) -> float:
         weights.apply([layer.choices[i].bits for layer, i in zip(layers, assignment, strict=True)])
-        return probe.loss("*")
+        return check.loss("*")
 
     c0 = time.process_time()
     try:
@@ -411,7 +418,9 @@ def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: l
     finally:
         weights.restore()
     record.update(cpu_seconds=round(time.process_time() - c0, 1), probe=type(probe).__name__,
-                  probe_data=probe_data, starts=names)
+                  probe_data=probe_data, starts=names, measured_on=(
+                      f"held-out probe prompts ({probe_data} train split, samples {probe_samples}.."
+                      f"{2 * probe_samples - 1})" if probe_data is not None else "the probe"))
     return best, record
 
 
