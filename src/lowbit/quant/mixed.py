@@ -490,6 +490,9 @@ def summarize(layers: Sequence[SearchLayer], chosen: Sequence[int]) -> dict[str,
 
 
 # --- measured refinement ---------------------------------------------------------------------------------------
+REJECTS = 2  # refine: a layer's change that was part of this many rejected moves is not proposed again
+
+
 def _moves(layers: Sequence[SearchLayer], chosen: Sequence[int], metric: str, left: float
            ) -> list[tuple[float, tuple[tuple[int, int], ...]]]:
     """Moves from ``chosen`` that fit ``left`` (the unspent budget), with their predicted loss decrease from the
@@ -565,12 +568,13 @@ def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metri
     if best is None:
         raise LowbitError("refine: no start fits the budget")
     start_loss, used, tried = best_loss, len(history), set()
+    failed: dict[tuple[int, int], int] = {}  # (layer, choice) -> rejected moves it was part of
     while used < max_measures:
         accepted = False
         for predicted, move in _moves(ranking, best, metric, budget - total(best)):
             key = (tuple(best), move)
-            if key in tried:
-                continue
+            if key in tried or any(failed.get(part, 0) >= REJECTS for part in move):
+                continue  # a change in REJECTS rejected moves is left out: its partners were not the problem
             if used >= max_measures:
                 break
             tried.add(key)
@@ -590,6 +594,8 @@ def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metri
             if ok:
                 best, best_loss, accepted = trial, loss, True
                 break
+            for part in move:
+                failed[part] = failed.get(part, 0) + 1
         if not accepted:
             break
     return best, {"measures": used, "start_loss": start_loss, "loss": best_loss,
