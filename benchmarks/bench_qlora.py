@@ -223,6 +223,7 @@ def llava_section(args: argparse.Namespace, previous: dict[str, Any] | None,
         rates = [h["samples_per_s"] for h in log_rows if "samples_per_s" in h]
         rows[f"w{bits}"] = {
             "recipe": llava_recipe(bits), "checkpoint": str(packed), "quantize_seconds": quant_s,
+            "checkpoint_resolved": str(packed.resolve()),  # a --llava-dir may link an earlier run's checkpoint
             "ptq": ptq_metrics | ({"measured_by": ptq_by} if ptq_by else {}),
             "ptq_gap_pt": round(100 * (fp_acc - ptq_metrics["accuracy"]), 2),
             "qlora": _metrics(qlora) | {
