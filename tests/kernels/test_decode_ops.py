@@ -81,3 +81,30 @@ def test_decode_ops_refuse_bad_input() -> None:
         ext.rms_norm(torch.zeros(2, 3), torch.zeros(4), 1e-5)  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="one shape"):
         ext.silu_mul(torch.zeros(3), torch.zeros(4))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_step_equals_the_python_loop(isa: str, threads: int, bits: int) -> None:
+    """The decoder stack's one parallel region per token (TokenPhases) computes every op as the Python loop's
+    separate kernel calls do: bit-equal logits on every ISA, 1 and 2 threads, two rows (B = 2), GQA, odd sizes
+    (hidden 72 and MLP 100: partial K-blocks and groups; vocab 97: a partial tile), the packed head included."""
+    import transformers
+
+    from lowbit.models.lean_decode import LeanDecoder
+    from lowbit.quant.apply import quantize_
+    from lowbit.quant.recipe import Recipe
+
+    torch.manual_seed(bits)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000.0, tie_word_embeddings=True)).eval()
+    quantize_(model, Recipe.from_dict({"version": 1, "name": f"w{bits}", "rules": [
+        {"tower": "*", "pattern": "*", "kinds": ["linear"], "method": "rtn", "bits": bits, "group_size": 32,
+         "symmetric": True}]}), progress=False)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(bits))
+    native = LeanDecoder(model)
+    got = native.generate(ids, max_new_tokens=12, return_logits=True)
+    assert native._stack is not None and native._stack.has_head
+    want = LeanDecoder(model, native=False).generate(ids, max_new_tokens=12, return_logits=True)
+    assert torch.equal(got.tokens, want.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))

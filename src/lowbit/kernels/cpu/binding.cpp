@@ -94,12 +94,69 @@ int64_t act_row_group(const KernelTable* kt, int64_t M) {
 // Bytes between row groups of the int8 activations.
 int64_t act_group_stride(int64_t KB, int64_t rg) { return rg == 1 ? act_row_stride(KB) : rg * KB * lowbit::kBlock; }
 
-// Quantize x, then the matmul, on the work pool.
-void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb, int64_t ab,
-         int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp, const uint16_t* sp,
-         const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N, int64_t T, const float* biasp,
-         float* yp, bool clamp, float lo, float hi, const lowbit::ActStatic* st) {
-  const int threads = at::get_num_threads();
+// One matmul call, planned: the weight tiles, where x's quantized codes go, and the split of the work into
+// units. run() drives it on the work pool (the quantization, then the units); the decoder stack drives the same
+// two pieces from its one parallel region per token (DecoderStack::step), so both compute every output with the
+// same instructions in the same order.
+struct MatmulCall {
+  const KernelTable* kt;
+  const float* x;
+  int64_t M, K, KB, G, gb, ab, ldq, rg;
+  int8_t* xq;
+  float* a;
+  int32_t* isum;
+  float* gsum;
+  float zero_const;
+  bool u8, has_static;
+  lowbit::ActStatic st;
+  lowbit::Tiles tiles;
+  lowbit::Acts acts;
+  const float* bias;
+  float* y;
+  bool small;
+  int64_t row_grain, unit_tiles, unit_rows, row_units, units, grain;
+
+  // Quantize rows [m0, m1) of x.
+  void quantize(int64_t m0, int64_t m1) const {
+    kt->quantize(x, K, K, KB, ab, m0, m1, xq, ldq, rg, a, isum, u8, has_static ? &st : nullptr);
+    // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
+    // point of symmetric formats, so the kernels need no zero-point data for them).
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t kb = g * gb; kb < std::min(KB, (g + 1) * gb); ++kb) {
+          s += a[m * KB + kb] * static_cast<float>(isum[m * KB + kb]);
+        }
+        gsum[m * G + g] = s * zero_const;
+      }
+    }
+  }
+
+  // Work units [u0, u1) of the product (after every row is quantized).
+  void compute_units(int64_t u0, int64_t u1) const {
+    const int64_t T = tiles.T;
+    if (small) {
+      kt->gemm_small(tiles, acts, bias, y, unit_tiles * u0, std::min(T, unit_tiles * u1));
+      return;
+    }
+    // Room for the unpacked weight panel and the row buffer; per thread, reused across calls, 64-byte aligned.
+    const size_t need = static_cast<size_t>(kt->large_scratch(KB)) + 64;
+    thread_local std::vector<uint8_t> scratch;
+    if (scratch.size() < need) scratch.resize(need);
+    uint8_t* sp64 = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) / 64 * 64);
+    for (int64_t u = u0; u < u1; ++u) {  // unit u: tile group u / row_units, row chunk u % row_units
+      const int64_t tg = u / row_units, rc = u % row_units;
+      kt->gemm_large(tiles, acts, bias, y, unit_tiles * tg, std::min(T, unit_tiles * (tg + 1)), unit_rows * rc,
+                     std::min(M, unit_rows * (rc + 1)), sp64);
+    }
+  }
+};
+
+MatmulCall plan_call(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb,
+                     int64_t ab, int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp,
+                     const uint16_t* sp, const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N,
+                     int64_t T, const float* biasp, float* yp, bool clamp, float lo, float hi,
+                     const lowbit::ActStatic* st, int threads) {
   const bool small = M <= lowbit::kSmallMaxM;
   // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
   const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
@@ -112,24 +169,6 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
   // parallel region waits for every thread of the team to arrive, and on a busy machine one that is not
   // running costs more than the quantization (measured at 2 threads, M = 197, K = 768: ~10x the call).
   const int64_t row_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
-  lowbit::parallel_chunks(M, row_grain, threads, [&](int64_t m0, int64_t m1) {
-    kt->quantize(xp, K, K, KB, ab, m0, m1, xqp, ldq, rg, ap, isp, u8, st);
-    // Per-group sums of the dequantized activations, for the zero-point term (times the constant zero
-    // point of symmetric formats, so the kernels need no zero-point data for them).
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.0f;
-        for (int64_t kb = g * gb; kb < std::min(KB, (g + 1) * gb); ++kb) {
-          s += ap[m * KB + kb] * static_cast<float>(isp[m * KB + kb]);
-        }
-        gsp[m * G + g] = s * zero_const;
-      }
-    }
-  });
-
-  const lowbit::Tiles tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte,
-                            N, T, KB, G, gb, clamp, lo, hi};
-  const lowbit::Acts acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg, u8};
   // Work is split in units (the fused path: two tiles; the panel GEMM: the kernel's tile group x at most
   // kLargeMChunk rows, so that small-N layers with many rows, such as pointwise convolutions, still use every
   // thread), claimed in chunks: about 16 chunks per thread for balance (a late or preempted thread only delays
@@ -141,30 +180,19 @@ void run(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t K
   const int64_t unit_macs = unit_tiles * lowbit::kTileRows * KB * lowbit::kBlock * unit_rows;
   const int64_t min_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_macs, 1));
   const int64_t grain = std::max(min_grain, units / (LOWBIT_CHUNKS_PER_THREAD * std::max(threads, 1)));
-  if (small) {
-    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
-      kt->gemm_small(tiles, acts, biasp, yp, unit_tiles * u0, std::min(T, unit_tiles * u1));
-    });
-  } else {
-    const size_t need = static_cast<size_t>(kt->large_scratch(KB)) + 64;
-    lowbit::parallel_chunks(units, grain, threads, [&](int64_t u0, int64_t u1) {
-      // Room for the unpacked weight panel and the row buffer; per thread, reused across calls, 64-byte aligned.
-      thread_local std::vector<uint8_t> scratch;
-      if (scratch.size() < need) scratch.resize(need);
-      uint8_t* sp64 = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) / 64 * 64);
-      for (int64_t u = u0; u < u1; ++u) {  // unit u: tile group u / row_units, row chunk u % row_units
-        const int64_t tg = u / row_units, rc = u % row_units;
-        kt->gemm_large(tiles, acts, biasp, yp, unit_tiles * tg, std::min(T, unit_tiles * (tg + 1)), unit_rows * rc,
-                       std::min(M, unit_rows * (rc + 1)), sp64);
-      }
-    });
-  }
+  MatmulCall c{kt, xp, M, K, KB, G, gb, ab, ldq, rg, xqp, ap, isp, gsp, zero_const, u8, st != nullptr,
+               st != nullptr ? *st : lowbit::ActStatic{0.0f, 0.0f, 0.0f, 0.0f},
+               lowbit::Tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte,
+                             N, T, KB, G, gb, clamp, lo, hi},
+               lowbit::Acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg, u8}, biasp, yp, small, row_grain, unit_tiles,
+               unit_rows, row_units, units, grain};
+  return c;
 }
 
-// Per-thread scratch for the quantized activations: reused across calls (no allocation on the hot path).
-template <class T>
-T* arena(std::vector<int64_t>& buf, size_t offset_bytes) {
-  return reinterpret_cast<T*>(reinterpret_cast<char*>(buf.data()) + offset_bytes);
+// Quantize x, then the matmul, on the work pool.
+void run(const MatmulCall& c, int threads) {
+  lowbit::parallel_chunks(c.M, c.row_grain, threads, [&](int64_t m0, int64_t m1) { c.quantize(m0, m1); });
+  lowbit::parallel_chunks(c.units, c.grain, threads, [&](int64_t u0, int64_t u1) { c.compute_units(u0, u1); });
 }
 
 size_t round64(size_t n) { return (n + 63) / 64 * 64; }
@@ -239,19 +267,37 @@ class Prepared {
                                static_cast<float>(act_hi)};
     if (M <= 0 || N_ <= 0) return;
     const KernelTable* kt = current_table().load();
-    // xq [row groups, group stride] int8 | a [M, KB] float | isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts.
+    thread_local std::vector<int64_t> buf;
+    const size_t total = act_bytes(kt, M);
+    if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
+    const int threads = at::get_num_threads();
+    run(plan(kt, xp, M, yp, buf.data(), threads, clamp, lo, hi, act_scale > 0.0 ? &st : nullptr), threads);
+  }
+
+  // Bytes of the quantized activations of M rows: xq [row groups, group stride] int8 | a [M, KB] float |
+  // isum [M, KB] int32 | gsum [M, G] float, 64-byte aligned parts (plan() lays them out in this order).
+  size_t act_bytes(const KernelTable* kt, int64_t M) const {
+    const int64_t rg = act_row_group(kt, M);
+    return round64(static_cast<size_t>(ceil_div(M, rg) * act_group_stride(KB_, rg))) +
+           2 * round64(static_cast<size_t>(M * KB_) * 4) + round64(static_cast<size_t>(M * G_) * 4);
+  }
+
+  // The call y [M, N] = x [M, K] . W^T (+ bias) with its activations in `act` (act_bytes(kt, M) bytes, 8-byte
+  // aligned), split for `threads` threads.
+  MatmulCall plan(const KernelTable* kt, const float* xp, int64_t M, float* yp, void* act, int threads,
+                  bool clamp = false, double lo = 0.0, double hi = 0.0, const lowbit::ActStatic* st = nullptr) const {
     const int64_t rg = act_row_group(kt, M);
     const size_t o_a = round64(static_cast<size_t>(ceil_div(M, rg) * act_group_stride(KB_, rg)));
     const size_t o_is = o_a + round64(static_cast<size_t>(M * KB_) * 4);
     const size_t o_gs = o_is + round64(static_cast<size_t>(M * KB_) * 4);
-    const size_t total = o_gs + round64(static_cast<size_t>(M * G_) * 4);
-    thread_local std::vector<int64_t> buf;
-    if (buf.size() * 8 < total) buf.resize(total / 8 + 1);
-    run(kt, xp, M, K_, KB_, G_, gb_, ab_, arena<int8_t>(buf, 0), arena<float>(buf, o_a), arena<int32_t>(buf, o_is),
-        arena<float>(buf, o_gs), w_.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
-        zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
-        bias_.defined() ? bias_.data_ptr<float>() : nullptr, yp, clamp, static_cast<float>(lo), static_cast<float>(hi),
-        act_scale > 0.0 ? &st : nullptr);
+    char* base = static_cast<char*>(act);
+    return plan_call(kt, xp, M, K_, KB_, G_, gb_, ab_, reinterpret_cast<int8_t*>(base),
+                     reinterpret_cast<float*>(base + o_a), reinterpret_cast<int32_t*>(base + o_is),
+                     reinterpret_cast<float*>(base + o_gs), w_.data_ptr<uint8_t>(),
+                     reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
+                     zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr, zero_const_, cb_, full_byte_, N_, T_,
+                     bias_.defined() ? bias_.data_ptr<float>() : nullptr, yp, clamp, static_cast<float>(lo),
+                     static_cast<float>(hi), st, threads);
   }
 
   int64_t n() const { return N_; }
@@ -415,36 +461,87 @@ class DecoderStack {
     float *x = parts[0], *qkv = parts[1], *q = parts[2], *attn = parts[3], *gu = parts[4], *act = parts[5], *y = parts[6];
     torch::Tensor h = h_in.contiguous().clone();  // the residual stream, returned
     float* hp = h.data_ptr<float>();
+    torch::Tensor logits = head_ == nullptr ? torch::Tensor() : torch::empty({B, head_->n()}, h.options());
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd_)));
+    const float eps = static_cast<float>(eps_);
+    const int threads = at::get_num_threads();
+    // Every matmul of the token planned up front, all reading their activations from one buffer (a call's codes
+    // are consumed before the next call quantizes).
+    size_t act_total = 0;
     for (int64_t i = 0; i < L; ++i) {
-      const int64_t f = fill[i];
-      kt->rms_norm(hp, in_norms_[i].data_ptr<float>(), D, static_cast<float>(eps_), x, 0, B);
-      qkv_[i]->compute(x, B, qkv);
-      float* kc = k_cache[i].data_ptr<float>();
-      float* vc = v_cache[i].data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        const float* src = qkv + b * row;
-        for (int64_t n = 0; n < H_; ++n) rope(src + n * hd_, q + (b * H_ + n) * hd_);
-        for (int64_t g = 0; g < KV_; ++g) {
-          const int64_t off = ((b * KV_ + g) * max_len + f) * hd_;
-          rope(src + (H_ + g) * hd_, kc + off);
-          std::memcpy(vc + off, src + (H_ + KV_ + g) * hd_, sizeof(float) * hd_);
-        }
-      }
-      attend_heads(lowbit::DecodeAttention{q, kc, vc, attn, H_, KV_, hd_, f + 1, max_len * hd_, scale}, B);
-      o_[i]->compute(attn, B, y);
-      for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];
-      kt->rms_norm(hp, post_norms_[i].data_ptr<float>(), D, static_cast<float>(eps_), x, 0, B);
-      gate_up_[i]->compute(x, B, gu);
-      for (int64_t b = 0; b < B; ++b) kt->silu_mul(gu + b * 2 * F, gu + b * 2 * F + F, F, act + b * F);
-      down_[i]->compute(act, B, y);
-      for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];
+      for (const Prepared* p : {qkv_[i], o_[i], gate_up_[i], down_[i]}) act_total = std::max(act_total, p->act_bytes(kt, B));
     }
-    if (head_ == nullptr) return h;
-    kt->rms_norm(hp, norm_.data_ptr<float>(), D, static_cast<float>(eps_), x, 0, B);
-    auto logits = torch::empty({B, head_->n()}, h.options());
-    head_->compute(x, B, logits.data_ptr<float>());
-    return logits;
+    if (head_ != nullptr) act_total = std::max(act_total, head_->act_bytes(kt, B));
+    if (act_buf_.size() * 8 < act_total) act_buf_.resize(act_total / 8 + 1);
+    plans_.clear();
+    for (int64_t i = 0; i < L; ++i) {
+      plans_.push_back(qkv_[i]->plan(kt, x, B, qkv, act_buf_.data(), threads));
+      plans_.push_back(o_[i]->plan(kt, attn, B, y, act_buf_.data(), threads));
+      plans_.push_back(gate_up_[i]->plan(kt, x, B, gu, act_buf_.data(), threads));
+      plans_.push_back(down_[i]->plan(kt, act, B, y, act_buf_.data(), threads));
+    }
+    if (head_ != nullptr) plans_.push_back(head_->plan(kt, x, B, logits.data_ptr<float>(), act_buf_.data(), threads));
+    float* k_base = k_cache.data_ptr<float>();
+    float* v_base = v_cache.data_ptr<float>();
+    const int64_t layer_stride = B * KV_ * max_len * hd_;
+    // The whole token in one parallel region (work_pool.h: TokenPhases): per layer four serial steps (the small
+    // float ops and each matmul's activation quantization, done by whichever thread claims them) and four
+    // matmuls whose tiles the threads share out -- instead of a parallel region per matmul and attention (~150
+    // per SmolLM2 token), each of which waits for every thread of the team to arrive.
+    phases_.reset(8 * L + 2);
+    lowbit::parallel_team(threads, [&] {
+      lowbit::TokenPhases::Cursor cur(phases_);
+      auto matmul = [&](const MatmulCall& c) {
+        cur.run(c.units, c.grain, [&](int64_t u0, int64_t u1) { c.compute_units(u0, u1); });
+      };
+      for (int64_t i = 0; i < L; ++i) {
+        const MatmulCall* pl = plans_.data() + 4 * i;
+        const int64_t f = fill[i];
+        float* kc = k_base + i * layer_stride;
+        float* vc = v_base + i * layer_stride;
+        cur.serial([&] {
+          if (i > 0) for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];  // the previous layer's MLP
+          kt->rms_norm(hp, in_norms_[i].data_ptr<float>(), D, eps, x, 0, B);
+          pl[0].quantize(0, B);
+        });
+        matmul(pl[0]);
+        cur.serial([&] {
+          for (int64_t b = 0; b < B; ++b) {
+            const float* src = qkv + b * row;
+            for (int64_t n = 0; n < H_; ++n) rope(src + n * hd_, q + (b * H_ + n) * hd_);
+            for (int64_t g = 0; g < KV_; ++g) {
+              const int64_t off = ((b * KV_ + g) * max_len + f) * hd_;
+              rope(src + (H_ + g) * hd_, kc + off);
+              std::memcpy(vc + off, src + (H_ + KV_ + g) * hd_, sizeof(float) * hd_);
+            }
+          }
+          // A few microseconds for all heads (~4 n hd flops each): not worth sharing out.
+          kt->attend(lowbit::DecodeAttention{q, kc, vc, attn, H_, KV_, hd_, f + 1, max_len * hd_, scale}, 0, B * H_);
+          pl[1].quantize(0, B);
+        });
+        matmul(pl[1]);
+        cur.serial([&] {
+          for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];
+          kt->rms_norm(hp, post_norms_[i].data_ptr<float>(), D, eps, x, 0, B);
+          pl[2].quantize(0, B);
+        });
+        matmul(pl[2]);
+        cur.serial([&] {
+          for (int64_t b = 0; b < B; ++b) kt->silu_mul(gu + b * 2 * F, gu + b * 2 * F + F, F, act + b * F);
+          pl[3].quantize(0, B);
+        });
+        matmul(pl[3]);
+      }
+      cur.serial([&] {
+        for (int64_t j = 0; j < B * D; ++j) hp[j] = hp[j] + y[j];
+        if (head_ != nullptr) {
+          kt->rms_norm(hp, norm_.data_ptr<float>(), D, eps, x, 0, B);
+          plans_.back().quantize(0, B);
+        }
+      });
+      if (head_ != nullptr) matmul(plans_.back());
+    });
+    return head_ == nullptr ? h : logits;
   }
 
   bool has_head() const { return head_ != nullptr; }
@@ -456,6 +553,9 @@ class DecoderStack {
   const Prepared* head_ = nullptr;
   torch::Tensor norm_;
   std::vector<float> buf_;
+  std::vector<int64_t> act_buf_;  // the quantized activations of the step's matmuls (one at a time)
+  std::vector<MatmulCall> plans_;
+  lowbit::TokenPhases phases_;
   int64_t H_, KV_, hd_;
   double eps_;
 };

@@ -186,6 +186,19 @@ void parallel_chunks(int64_t n, int64_t grain, int threads, const Body& body) {
 #endif
 }
 
+void parallel_team(int threads, const std::function<void()>& body) {
+  if (threads <= 1) {
+    body();
+    return;
+  }
+#if defined(_OPENMP) && LOWBIT_OMP_POOL
+#pragma omp parallel
+  body();
+#else
+  pool().run(threads, 1, threads, [&](int64_t, int64_t) { body(); });  // a run claimed twice finds the work done
+#endif
+}
+
 PoolStats take_pool_stats() { return pool().take_stats(); }
 
 }  // namespace lowbit
