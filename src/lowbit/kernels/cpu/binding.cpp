@@ -491,8 +491,9 @@ class DecoderStack {
     phases_.reset(8 * L + 2);
     lowbit::parallel_team(threads, [&] {
       lowbit::TokenPhases::Cursor cur(phases_);
+      // One thread takes a matmul whole: the kernels' prefetch of the next tiles stops at a chunk's end.
       auto matmul = [&](const MatmulCall& c) {
-        cur.run(c.units, c.grain, [&](int64_t u0, int64_t u1) { c.compute_units(u0, u1); });
+        cur.run(c.units, threads > 1 ? c.grain : c.units, [&](int64_t u0, int64_t u1) { c.compute_units(u0, u1); });
       };
       for (int64_t i = 0; i < L; ++i) {
         const MatmulCall* pl = plans_.data() + 4 * i;
