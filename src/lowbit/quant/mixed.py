@@ -522,15 +522,15 @@ def _moves(layers: Sequence[SearchLayer], chosen: Sequence[int], metric: str, le
     return out
 
 
-def anchored(layers: Sequence[SearchLayer], weights: LayerWeights, anchor: int, gradient: Sequence[torch.Tensor],
-             fisher: Sequence[torch.Tensor]) -> list[SearchLayer]:
-    """Copies of ``layers`` whose sensitivities are the probe loss's change from the assignment with every layer
-    at ``anchor`` bits when only that layer moves to another width: gᵀδ + ½ Σ F δ², δ = W_b - W_anchor, g the
+def anchored(layers: Sequence[SearchLayer], weights: LayerWeights, anchor: Sequence[int],
+             gradient: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor]) -> list[SearchLayer]:
+    """Copies of ``layers`` whose sensitivities are the probe loss's change from the assignment ``anchor`` (bits
+    per layer) when only that layer moves to another width: gᵀδ + ½ Σ F δ², δ = W_b - W_anchor, g the
     loss's gradient there and F the diagonal Fisher. Unlike sensitivities measured from the float model, the
     first-order term sees how a layer's error adds to everyone else's (it is what makes errors compound)."""
     out = []
     for n, layer in enumerate(layers):
-        base = weights.weight(n, anchor)
+        base = weights.weight(n, anchor[n])
         g, f = gradient[n].reshape(base.shape).double(), fisher[n].reshape(base.shape).double()
         choices = []
         for c in layer.choices:
@@ -543,18 +543,18 @@ def anchored(layers: Sequence[SearchLayer], weights: LayerWeights, anchor: int, 
 def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metric: str, budget: float,
            measure: Callable[[list[int]], float], max_measures: int,
            progress: Callable[[str], None] | None = None,
-           rankings: Sequence[Sequence[SearchLayer]] | None = None) -> tuple[list[int], dict[str, Any]]:
+           rank: Callable[[list[int]], Sequence[SearchLayer]] | None = None) -> tuple[list[int], dict[str, Any]]:
     """A verified refinement of the knapsack: the per-layer sensitivities are each measured alone and summed, but
     quantization errors of many layers compound, so the whole assignment is measured (``measure``: the probe's
     loss with every layer at its chosen width). The lowest of ``starts`` (e.g. knapsack answers and the uniform
-    recipe) is kept, then moves (``_moves``, best predicted first by the sensitivities of ``rankings[start]``,
-    default ``layers``) are tried one measurement each and a move is accepted only when the measured loss falls;
-    at most ``max_measures`` measurements in all. Every candidate fits the budget exactly; the same inputs give
-    the same answer."""
+    recipe) is kept, then moves (``_moves``, best predicted first by the sensitivities ``rank(kept start)``
+    gives, e.g. ``anchored`` ones around it; default ``layers``) are tried one measurement each and a move is
+    accepted only when the measured loss falls; at most ``max_measures`` measurements in all. Every candidate
+    fits the budget exactly; the same inputs give the same answer."""
     total = lambda c: math.fsum(layers[li].cost(i, metric) for li, i in enumerate(c))  # noqa: E731
     history: list[dict[str, Any]] = []
     best: list[int] | None = None
-    best_loss, ranking = math.inf, layers
+    best_loss = math.inf
     for n, start in enumerate(starts):
         start = list(start)
         if total(start) > budget or any(start == list(s) for s in starts[:n]) or len(history) >= max_measures:
@@ -564,10 +564,11 @@ def refine(layers: Sequence[SearchLayer], starts: Sequence[Sequence[int]], metri
         if progress is not None:
             progress(f"refine: start {n} measured {loss:.4g}")
         if loss < best_loss:
-            best, best_loss, ranking = start, loss, (rankings[n] if rankings is not None else layers)
+            best, best_loss = start, loss
     if best is None:
         raise LowbitError("refine: no start fits the budget")
     start_loss, used, tried = best_loss, len(history), set()
+    ranking = rank(best) if rank is not None else layers
     failed: dict[tuple[int, int], int] = {}  # (layer, choice) -> rejected moves it was part of
     while used < max_measures:
         accepted = False

@@ -390,22 +390,24 @@ def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: l
     if probe_data is not None:
         embeds, mask = _prompt_inputs(model, probe_data, 2 * probe_samples, seed)
         check = PromptProbe(probe.lm, embeds[probe_samples:], mask[probe_samples:])
-    names, starts, rankings = ["knapsack"], [chosen], [layers]
+    names, starts = ["knapsack"], [chosen]
     for w in sorted(widths, reverse=True):  # the widest uniform assignment in budget
         uniform = [next(i for i, c in enumerate(layer.choices) if c.bits == w) for layer in layers]
-        if math.fsum(layer.cost(i, metric) for layer, i in zip(layers, uniform, strict=True)) > total:
-            continue
-        ranking = layers
-        if hasattr(probe, "gradient"):  # moves from it ranked by the loss's change around it (``anchored``)
-            planned = [p.module.weight for p in weights.planned]
-            if weights.fisher is None:
-                weights.fisher = [f.float() for f in probe.fisher(planned)]
-            weights.apply([w] * len(layers))
-            ranking = anchored(layers, weights, w, probe.gradient(planned), weights.fisher)
-        names.append(f"uniform w{w}")
-        starts.append(uniform)
-        rankings.append(ranking)
-        break
+        if math.fsum(layer.cost(i, metric) for layer, i in zip(layers, uniform, strict=True)) <= total:
+            names.append(f"uniform w{w}")
+            starts.append(uniform)
+            break
+
+    def rank(assignment: list[int]) -> list[SearchLayer]:
+        """Moves from the kept start ranked by the loss's change around it (``anchored``: the gradient there)."""
+        if not hasattr(probe, "gradient"):
+            return layers
+        planned = [p.module.weight for p in weights.planned]
+        if weights.fisher is None:
+            weights.fisher = [f.float() for f in probe.fisher(planned)]
+        bits = [layer.choices[i].bits for layer, i in zip(layers, assignment, strict=True)]
+        weights.apply(bits)
+        return anchored(layers, weights, bits, probe.gradient(planned), weights.fisher)
 
     def measure(assignment: list[int]) -> float:
         weights.apply([layer.choices[i].bits for layer, i in zip(layers, assignment, strict=True)])
@@ -414,7 +416,7 @@ def _refine(model: nn.Module, base: Recipe, layers: list[SearchLayer], chosen: l
     c0 = time.process_time()
     try:
         best, record = refine(layers, starts, metric, total, measure, measures, progress=print if progress else None,
-                              rankings=rankings)
+                              rank=rank)
     finally:
         weights.restore()
     record.update(cpu_seconds=round(time.process_time() - c0, 1), probe=type(probe).__name__,
