@@ -68,6 +68,118 @@ def interleaved_ttft(models: dict[str, Any], rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _vision_kind(net: Any, name: str, module: torch.nn.Module) -> str:
+    """Which part of the EfficientNet tower a leaf module is (the profile's vision rows)."""
+    if module is getattr(net, "_conv_stem", None):
+        return "stem conv"
+    if module is getattr(net, "_conv_head", None):
+        return "head 1x1 conv"
+    for part, label in (("_depthwise_conv", "depthwise convs"), ("_expand_conv", "expand 1x1 convs"),
+                        ("_project_conv", "project 1x1 convs")):
+        if part in name:
+            return label
+    return "batchnorm" if isinstance(module, torch.nn.BatchNorm2d) else type(module).__name__
+
+
+class _Timer:
+    """Seconds per label, added by wrapped calls (the profile: nested labels are not subtracted)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, label: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
+        return run
+
+
+class _TimedOps:
+    """The kernels' decode ops module seen through a timer: each op's calls under ``lm: <op>``."""
+
+    def __init__(self, ops: Any, timer: _Timer) -> None:
+        self._ops, self._timer = ops, timer
+
+    def __getattr__(self, name: str) -> Any:
+        return self._timer.wrap(f"lm: {name}", getattr(self._ops, name))
+
+
+def profile_ttft(model: Any, repeats: int = 10) -> dict[str, float]:
+    """Where one image -> first token call goes, ms per part (means over ``repeats`` calls after 3 warm-ups):
+    the vision tower per layer kind (forward hooks), projector, prompt assembly, and the LM prefill per part
+    (the lean engine's callables wrapped: projections, attention, RoPE, norms, lm_head); ``other (python)`` is
+    the rest of the total. The wrappers cost ~1 us a call, so the total is a little above the untimed one."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    import lowbit.models.lean_decode as lean
+    from lowbit.data.vqa import load_vqa
+    from lowbit.eval.vqa import first_token_fn
+
+    timer = _Timer()
+    net = getattr(model.vision, "net", model.vision)
+    handles = []
+    for name, module in model.vision.named_modules():
+        if next(module.children(), None) is None:
+            label = "vision: " + _vision_kind(net, name, module)
+            starts: list[float] = []
+            handles.append(module.register_forward_pre_hook(lambda *_, s=starts: s.append(time.perf_counter())))
+
+            def done(*_: Any, s: list[float] = starts, label: str = label) -> None:
+                timer.seconds[label] = timer.seconds.get(label, 0.0) + time.perf_counter() - s.pop()
+
+            handles.append(module.register_forward_hook(done))
+    original_init = lean.LeanDecoder.__init__
+
+    def init(engine: Any, *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter()
+        original_init(engine, *args, **kwargs)
+        timer.seconds["lm: engine set-up"] = timer.seconds.get("lm: engine set-up", 0.0) + time.perf_counter() - t
+        for layer in engine.layers:
+            layer.qkv, layer.o = timer.wrap("lm: q/k/v", layer.qkv), timer.wrap("lm: o", layer.o)
+            layer.gate_up, layer.down = timer.wrap("lm: gate/up", layer.gate_up), timer.wrap("lm: down", layer.down)
+        engine.lm_head = timer.wrap("lm: lm_head", engine.lm_head)
+        engine._rope = timer.wrap("lm: rope", engine._rope)
+        if engine._ops is not None:
+            engine._ops = _TimedOps(engine._ops, timer)
+        else:
+            engine._rms = timer.wrap("lm: rms_norm", engine._rms)
+        engine.reset = timer.wrap("lm: reset (KV cache, rope tables)", engine.reset)
+
+    sample = load_vqa("fashion-vqa", "test", limit=1)
+    call = first_token_fn(model, sample.images[0], sample.turns[0][0].question)
+    stack = contextlib.ExitStack()
+    with stack:
+        stack.callback(lambda: [h.remove() for h in handles])
+        stack.callback(setattr, lean.LeanDecoder, "__init__", original_init)
+        lean.LeanDecoder.__init__ = init  # type: ignore[method-assign]
+        sdpa = F.scaled_dot_product_attention
+        stack.callback(setattr, F, "scaled_dot_product_attention", sdpa)
+        F.scaled_dot_product_attention = timer.wrap("lm: sdpa (torch)", sdpa)
+        for part in ("projector",):
+            module = getattr(model, part)
+            stack.callback(setattr, module, "forward", module.forward)
+            module.forward = timer.wrap(part, module.forward)
+        for method, label in (("prompt_embeddings", "prompt assembly"), ("preprocess", "preprocess")):
+            stack.callback(model.__dict__.pop, method, None)
+            setattr(model, method, timer.wrap(label, getattr(model, method)))
+        for _ in range(3):
+            call()
+        timer.seconds.clear()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        total = time.perf_counter() - t
+    ms = {k: round(v / repeats * 1e3, 3) for k, v in sorted(timer.seconds.items())}
+    ms["other (python)"] = round(total / repeats * 1e3 - sum(ms.values()), 3)
+    ms["total"] = round(total / repeats * 1e3, 3)
+    return ms
+
+
 ROWS = ("prune", "fastv", "kv", "w4", "gptq")  # optional row groups besides "fp" (all by default)
 FASTV_LAYER = 2  # FastV's K for LLaVA-1.5 (32 layers); SmolLM2-135M has 30
 FASTV = {"prune_ratio": 0.5, "prune_layer": FASTV_LAYER}
@@ -110,6 +222,133 @@ def ttft_only(name: str, recipe: str, rounds: int, rows_wanted: tuple[str, ...])
         cuts["w4+prune-0.5_ttft_cut_vs_w4"] = 1 - ttft["w4+prune-0.5"] / ttft["w4-language+w8-vision"]
     return {"model": name, "ttft_interleaved_ms": ttft, "cuts": cuts, "rounds": rounds, "recipe": recipe,
             "load_avg_1min": os.getloadavg()[0], "env": environment(), "threads": torch.get_num_threads()}
+
+
+AB_ROWS = {"w4-language+w8-vision": 0.0, "w4+prune-0.5": 0.5}  # the A/B rows: name -> prune_ratio
+
+
+def _ab_calls(name: str, recipe: str, optimize: bool) -> tuple[dict[str, Any], Any]:
+    """The A/B rows' first-token calls on one quantized model (``optimize``: ``optimize_for_inference_`` first:
+    BatchNorm folded, depthwise convs on the kernel, activations fused) and that model."""
+    from lowbit.data.vqa import load_vqa
+    from lowbit.eval.vqa import first_token_fn
+
+    quant = quantized(name, recipe)
+    if optimize:
+        from lowbit.kernels.inference import optimize_for_inference_
+
+        optimize_for_inference_(quant)
+    sample = load_vqa("fashion-vqa", "test", limit=1)
+    image, question = sample.images[0], sample.turns[0][0].question
+    return {row: first_token_fn(quant.with_config(prune_ratio=ratio), image, question)
+            for row, ratio in AB_ROWS.items()}, quant
+
+
+def _timed_batch(fn: Any, batch: int, gap_s: float = 0.01) -> float:
+    """ms per call of one round's batch, as ``interleaved_times`` times it: an idle gap, two untimed calls."""
+    time.sleep(gap_s)
+    fn()
+    fn()
+    t = time.perf_counter()
+    for _ in range(batch):
+        fn()
+    return (time.perf_counter() - t) / batch * 1e3
+
+
+def worker(name: str, recipe: str) -> None:
+    """The baseline side of ``--baseline-src``: this script run on another checkout's ``lowbit`` (PYTHONPATH),
+    answering one JSON command per stdin line with one ``@@``-prefixed JSON line (other output is ignored)."""
+    import json
+    import sys
+
+    calls, quant = _ab_calls(name, recipe, optimize=False)
+
+    def reply(obj: Any) -> None:
+        print("@@" + json.dumps(obj), flush=True)
+
+    reply({"rows": list(calls), "env": environment()})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "time":
+            reply({"ms": _timed_batch(calls[cmd["row"]], int(cmd["batch"]))})
+        elif cmd["op"] == "profile":
+            reply({"profile": profile_ttft(quant.with_config(prune_ratio=AB_ROWS[cmd["row"]]), cmd["repeats"])})
+        else:
+            return
+
+
+class _Baseline:
+    """The worker process of ``--baseline-src``."""
+
+    def __init__(self, src: str, name: str, recipe: str, threads: int) -> None:
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", "--model", name, "--recipe", recipe,
+                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.ready = self.read()
+
+    def read(self) -> Any:
+        import json
+
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"the baseline worker ended (exit {self.proc.wait()})")
+
+    def ask(self, **cmd: Any) -> Any:
+        import json
+
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def ask_quit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write('{"op": "quit"}\n')
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def ab_ttft(name: str, recipe: str, rounds: int, baseline_src: str, profile_repeats: int = 10) -> dict[str, Any]:
+    """Time to first token of this checkout's w4 rows (optimized for inference) against the same rows of the
+    checkout at ``baseline_src`` (a worker process on its ``lowbit``), in interleaved rounds: each round times
+    every row of both once, so machine noise hits old and new alike. Also each side's ``profile_ttft``."""
+    import os
+
+    threads = torch.get_num_threads()
+    base = _Baseline(baseline_src, name, recipe, threads)
+    try:
+        calls, quant = _ab_calls(name, recipe, optimize=True)
+        batch = 1  # each call takes ~50-200 ms: one call per round (interleaved_times' batch_ms=2 gives 1)
+        times: dict[str, list[float]] = {f"{row} (before)": [] for row in base.ready["rows"]}
+        times.update({row: [] for row in calls})
+        for row, fn in calls.items():  # warm-up of both sides
+            fn()
+            base.ask(op="time", row=row, batch=batch)
+        for _ in range(rounds):
+            for row, fn in calls.items():
+                times[f"{row} (before)"].append(base.ask(op="time", row=row, batch=batch)["ms"])
+                times[row].append(_timed_batch(fn, batch))
+        profiles = {}
+        for row, ratio in AB_ROWS.items():
+            profiles[f"{row} (before)"] = base.ask(op="profile", row=row, repeats=profile_repeats)["profile"]
+            profiles[row] = profile_ttft(quant.with_config(prune_ratio=ratio), profile_repeats)
+    finally:
+        base.ask_quit()
+    ms = {row: statistics.median(t) for row, t in times.items()}
+    before = "w4-language+w8-vision (before)"
+    ratios = {f"{row} / {before}": ms[row] / ms[before] for row in AB_ROWS}
+    return {"model": name, "ttft_interleaved_ms": ms, "ratios": ratios,
+            "targets": {"w4_le_0.5x_before": ratios[f"w4-language+w8-vision / {before}"] <= 0.5,
+                        "w4+prune_le_0.35x_before": ratios[f"w4+prune-0.5 / {before}"] <= 0.35},
+            "rounds": rounds, "recipe": recipe, "baseline": base.ready | {"src": str(baseline_src)},
+            "profile_ms": profiles, "load_avg_1min": os.getloadavg()[0], "env": environment(), "threads": threads}
 
 
 def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: bool,
@@ -208,6 +447,10 @@ def main() -> None:
     parser.add_argument("--ttft-only", action="store_true",
                         help="only re-time time to first token (default JSON benchmarks/results/vlm-ttft.json)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline-src", help="with --ttft-only: time the w4 rows (optimized for inference) "
+                        "against the same rows of the lowbit at this src/ directory (e.g. the commit before a change), "
+                        "interleaved in one run; default JSON benchmarks/results/vlm-ttft.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # --baseline-src's worker
     parser.add_argument("--json", help=f"default benchmarks/results/vlm.json ({DEFAULT_NAME}) or vlm-MODEL.json")
     args = parser.parse_args()
     rows_wanted = tuple(r for r in args.rows.split(",") if r)
@@ -215,6 +458,17 @@ def main() -> None:
         parser.error(f"unknown row groups {sorted(set(rows_wanted) - set(ROWS))}; accepted: {','.join(ROWS)}")
     json_path = args.json or str(RESULTS / ("vlm.json" if args.model == DEFAULT_NAME else f"vlm-{args.model}.json"))
     torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args.model, args.recipe)
+        return
+    if args.ttft_only and args.baseline_src:
+        timing = ab_ttft(args.model, args.recipe, args.rounds, args.baseline_src)
+        timing["command"] = (f"benchmarks/bench_vlm.py --ttft-only --baseline-src {args.baseline_src} --model "
+                             f"{args.model} --recipe '{args.recipe}' --rounds {args.rounds} --threads {args.threads}")
+        path = args.json or str(RESULTS / "vlm-ttft.json")
+        write_json(path, timing)
+        print(timing["ttft_interleaved_ms"], timing["ratios"], f"wrote {path}", sep="\n")
+        return
     if args.ttft_only:
         timing = ttft_only(args.model, args.recipe, args.rounds, rows_wanted)
         timing["command"] = (f"benchmarks/bench_vlm.py --ttft-only --model {args.model} --rows {args.rows} "

@@ -3,6 +3,7 @@ transformers' ``generate``; batches and quantized KV caches keep ``generate``.""
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import pytest
@@ -47,6 +48,17 @@ def test_single_question_runs_lean_and_equals_generate(tiny) -> None:
     assert (calls, hf_calls) == (1, 0)
     assert lean.token_ids == hf.token_ids and len(lean.token_ids[0]) >= 1
     assert torch.allclose(lean.first_logprobs, hf.first_logprobs, atol=1e-5)
+
+
+def test_stop_token_ids_cached_until_the_vocabulary_changes(tiny) -> None:
+    from lowbit.models.llava_generate import stop_token_ids
+
+    tok = copy.deepcopy(tiny.tokenizer)  # its vocabulary is changed below
+    first = stop_token_ids(tok, tiny.language)
+    with mock.patch.object(type(tok), "get_vocab", side_effect=AssertionError("not cached")):
+        assert stop_token_ids(tok, tiny.language) == first  # the second answer does not rebuild the vocabulary
+    tok.add_tokens(["<|im_end|>"], special_tokens=True)  # the vocabulary changes: computed again
+    assert stop_token_ids(tok, tiny.language) == sorted({*first, tok.convert_tokens_to_ids("<|im_end|>")})
 
 
 def test_lean_streaming_sends_the_answer(tiny) -> None:

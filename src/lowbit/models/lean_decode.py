@@ -287,6 +287,7 @@ class LeanDecoder:
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # [T, hd], broadcast over [B, heads, T, hd]
         causal = t > 1
         scores: torch.Tensor | None = None
+        last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune.layer:
                 assert scores is not None
@@ -307,6 +308,12 @@ class LeanDecoder:
             kc[:, :, fill:fill + t] = k
             vc[:, :, fill:fill + t] = v
             self.fill[i] = fill + t
+            trimmed = causal and i == last_layer and (prune is None or prune.layer - 1 != i)
+            if trimmed:
+                # The prefill's last layer: every position's k, v go into the cache (later tokens read them),
+                # but only the last position's output is read (the next token's logits), so its query alone
+                # attends (to all positions: no mask) and o / the MLP run on one row instead of T.
+                q, h, t = q[:, :, -1:], h[:, -1:], 1
             if not causal and self._ops is not None and q.dtype == torch.float32:
                 attn = self._ops.decode_attention(q, kc, vc, fill + t)  # one token: the native step's attention
             else:
@@ -314,7 +321,7 @@ class LeanDecoder:
                     k, v = kc[:, :, :fill + t], vc[:, :, :fill + t]
                 # (a prefill starts at 0: its own k, v are the whole prefix; SDPA is ~3x faster on them than on
                 # the strided cache slice)
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal and not trimmed,
                                                       enable_gqa=self.heads != self.kv_heads)  # [B, H, T, hd]
             if prune is not None and i == prune.layer - 1:
                 scores = attention_received(q, k, prune.start, prune.count)  # [B, count]
