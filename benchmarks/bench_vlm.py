@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_vlm.py                  # -> benchmarks/results/vlm.json
     .venv/bin/python benchmarks/bench_vlm.py --fashion 40 --shapes 20 --quick   # smoke run
     .venv/bin/python benchmarks/bench_vlm.py --ttft-only --rows prune,fastv,w4 --threads 1  # -> vlm-ttft.json
+    .venv/bin/python benchmarks/bench_vlm.py --ttft-only --baseline-src OLD/src --baseline-label COMMIT --threads 1
+                                                  # -> vlm-ttft.json: w4 rows of this checkout vs OLD's, one run
     .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion --rows prune,fastv,kv,w4
                                                   # -> benchmarks/results/vlm-llava-fashion.json
 
@@ -20,6 +22,11 @@ Rows, all measured in this one run on the same held-out questions (the first N t
 - ``fastv-0.5``: half of the visual tokens dropped inside the LM after its first ``FASTV_LAYER`` layers, ranked
   by the attention they receive there (FastV; ``LlavaConfig.prune_layer``);
 - ``kv8`` / ``kv4``: the KV cache stored at 8 / 4 bits.
+
+``--baseline-src`` (issue 19's time-to-first-answer target): the w4 rows of this checkout, optimized for
+inference (``optimize_for_inference_``), against the same rows of another checkout's ``lowbit`` (e.g.
+``git archive COMMIT src``) run plainly in a worker process, one call of each per interleaved round; plus
+``profile_ttft`` of each side: where the time goes (vision per layer kind, projector, LM prefill per part).
 
 Footprint per row: ttft_ms (image -> first token, batch 1, median), decode_tok_s, weight bytes. The pruning
 target's time to first token comes from ``ttft``: the rows timed in interleaved rounds on the same image
@@ -450,6 +457,7 @@ def main() -> None:
     parser.add_argument("--baseline-src", help="with --ttft-only: time the w4 rows (optimized for inference) "
                         "against the same rows of the lowbit at this src/ directory (e.g. the commit before a change), "
                         "interleaved in one run; default JSON benchmarks/results/vlm-ttft.json")
+    parser.add_argument("--baseline-label", default="", help="what --baseline-src is (e.g. its commit), recorded")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # --baseline-src's worker
     parser.add_argument("--json", help=f"default benchmarks/results/vlm.json ({DEFAULT_NAME}) or vlm-MODEL.json")
     args = parser.parse_args()
@@ -463,8 +471,10 @@ def main() -> None:
         return
     if args.ttft_only and args.baseline_src:
         timing = ab_ttft(args.model, args.recipe, args.rounds, args.baseline_src)
-        timing["command"] = (f"benchmarks/bench_vlm.py --ttft-only --baseline-src {args.baseline_src} --model "
-                             f"{args.model} --recipe '{args.recipe}' --rounds {args.rounds} --threads {args.threads}")
+        timing["baseline"]["label"] = args.baseline_label
+        timing["command"] = (f"benchmarks/bench_vlm.py --ttft-only --baseline-src {args.baseline_src} "
+                             f"--baseline-label '{args.baseline_label}' --model {args.model} --recipe '{args.recipe}' "
+                             f"--rounds {args.rounds} --threads {args.threads}")
         path = args.json or str(RESULTS / "vlm-ttft.json")
         write_json(path, timing)
         print(timing["ttft_interleaved_ms"], timing["ratios"], f"wrote {path}", sep="\n")

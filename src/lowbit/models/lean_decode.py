@@ -12,7 +12,8 @@ whole token. ``LeanDecoder`` runs the same model with only what a decoder step n
 * the RMSNorm and rotary formulas of transformers' Llama, op for op (so float results match it bit for bit
   where the same kernels run), ``F.scaled_dot_product_attention`` with GQA: causal for the prefill, plain for
   a one-token step over the filled prefix;
-* prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position; optionally
+* prefill from ``input_ids`` or ``inputs_embeds`` (LLaVA), ``lm_head`` only at the last position (and the
+  last layer's attention, o and MLP too: its other positions only fill the KV cache); optionally
   FastV (``token_pruning.InLayerPrune``): after layer k only the kept prompt positions go on, so each layer's
   KV cache fills from its own offset;
 * greedy or sampled tokens (transformers' temperature / top-k / top-p warpers, a seeded generator), stop

@@ -59,7 +59,8 @@ def stop_token_ids(tokenizer: Any, language: Any) -> list[int]:
     """End-of-sequence ids of the generation config and tokenizer, plus ChatML's end-of-turn if present.
 
     Cached on the tokenizer (keyed by the ids it depends on and the vocabulary size): ``get_vocab()`` builds a
-    dict of the whole vocabulary, ~7 ms of every answer's time to first token on SmolLM2's 49k tokens."""
+    dict of the whole vocabulary (49k entries for SmolLM2), which was most of the ~27 ms of Python in every
+    answer's time to first token (benchmarks/results/vlm-ttft.json, profile_ms)."""
     ids: list[int] = []
     gen_eos = getattr(getattr(language, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, tokenizer.eos_token_id):
