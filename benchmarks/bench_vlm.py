@@ -252,7 +252,10 @@ def _ab_calls(name: str, recipe: str, optimize: bool) -> tuple[dict[str, Any], A
 
 
 def _timed_batch(fn: Any, batch: int, gap_s: float = 0.01) -> float:
-    """ms per call of one round's batch, as ``interleaved_times`` times it: an idle gap, two untimed calls."""
+    """ms per call of one round's batch, as ``interleaved_times`` times it: an idle gap, two untimed calls.
+
+    Not imported from ``workflows.bench_kernels``: the ``--baseline-src`` worker runs this file against an older
+    lowbit, so it may only use what every lowbit version has."""
     time.sleep(gap_s)
     fn()
     fn()
