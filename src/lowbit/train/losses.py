@@ -111,14 +111,8 @@ def distill_kl_loss(
         >>> s = torch.randn(4, 4); distill_kl_loss(s, s).abs().item() < 1e-6
         True
     """
-    t = temperature
-    teacher = teacher_logits.detach().float() / t
-    student = student_logits.float() / t
-
-    def kl(s: torch.Tensor, te: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(te, dim=-1), log_target=True, reduction="batchmean")
-
-    return 0.5 * (kl(student, teacher) + kl(student.T, teacher.T)) * t * t
+    return 0.5 * (token_kl_loss(student_logits, teacher_logits, temperature)  # image -> text rows
+                  + token_kl_loss(student_logits.T, teacher_logits.T, temperature))  # text -> image columns
 
 
 def token_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
