@@ -75,7 +75,8 @@ DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
 ISA_ENV = "LOWBIT_KERNEL_ISA"
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 SOURCES = (
-    "binding.cpp", "work_pool.cpp", "repack.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512vnni.cpp",
+    "binding.cpp", "engine.cpp", "work_pool.cpp", "repack.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp",
+    "kernels_avx512vnni.cpp",
 )
 _EXT_NAME = "lowbit_cpu_kernels"
 
