@@ -151,7 +151,7 @@ def profile_ttft(model: Any, repeats: int = 10) -> dict[str, float]:
             layer.gate_up, layer.down = timer.wrap("lm: gate/up", layer.gate_up), timer.wrap("lm: down", layer.down)
         engine.lm_head = timer.wrap("lm: lm_head", engine.lm_head)
         engine._rope = timer.wrap("lm: rope", engine._rope)
-        if engine._ops is not None:
+        if getattr(engine, "_ops", None) is not None:  # older engines (a --baseline-src worker) have no _ops
             engine._ops = _TimedOps(engine._ops, timer)
         else:
             engine._rms = timer.wrap("lm: rms_norm", engine._rms)

@@ -71,12 +71,37 @@ def test_decode_attention_equals_sdpa(isa: str, threads: int, b: int, heads: int
     assert rel_err(got, want) < REL
 
 
+# (B, heads, kv_heads, hd, T queries, n keys, max_len): T not a multiple of the 16-row block, GQA 3 and 1, hd 64,
+# 32 and odd (vector tails), T == 1 over many keys (the trimmed last layer), T < n (rows past a filled prefix).
+PREFILL = [(1, 9, 3, 64, 181, 181, 200), (1, 9, 3, 64, 1, 181, 181), (1, 3, 3, 32, 37, 37, 40),
+           (2, 4, 2, 32, 16, 16, 16), (1, 2, 1, 12, 9, 20, 31), (1, 1, 1, 20, 33, 33, 33)]
+
+
+@pytest.mark.parametrize(("b", "heads", "kv", "hd", "t", "n", "max_len"), PREFILL)
+def test_prefill_attention_equals_sdpa(isa: str, threads: int, b: int, heads: int, kv: int, hd: int, t: int, n: int,
+                                       max_len: int) -> None:
+    """Causal attention of T query rows over n cached keys (row i sees keys <= i + n - T) equals SDPA with that
+    mask, GQA expanded; q in the strided [B, T, H, hd] -> [B, H, T, hd] layout lean_decode passes."""
+    g = torch.Generator().manual_seed(t * hd + n)
+    q = (torch.randn(b, t, heads, hd, generator=g) * 2).transpose(1, 2)
+    k = torch.randn(b, kv, max_len, hd, generator=g) * 2
+    v = torch.randn(b, kv, max_len, hd, generator=g)
+    k[:, :, n:] = v[:, :, n:] = float("nan")  # entries past n are never read
+    got = fast.extension().prefill_attention(q, k, v, n)  # type: ignore[union-attr]
+    mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+    want = F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask, enable_gqa=heads != kv)
+    assert got.shape == (b, t, heads * hd)
+    assert rel_err(got, want.transpose(1, 2).reshape(b, t, heads * hd)) < REL
+
+
 def test_decode_ops_refuse_bad_input() -> None:
     needs_kernels()
     ext = fast.extension()
     q, k = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 5, 8)
     with pytest.raises(RuntimeError, match="1 <= n <= max_len"):
         ext.decode_attention(q, k, k, 6)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="T <= n <= max_len"):
+        ext.prefill_attention(torch.zeros(1, 4, 3, 8), k, k, 2)  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="float32 x"):
         ext.rms_norm(torch.zeros(2, 3), torch.zeros(4), 1e-5)  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="one shape"):

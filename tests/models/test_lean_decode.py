@@ -97,6 +97,7 @@ def test_packed_model_runs_its_fused_kernels_like_transformers() -> None:
     quantize_(model, recipe, progress=False)
     assert sum(GROUP_ATTR in m.__dict__ for m in model.modules()) == 3 * 5  # q/k/v and gate/up of 3 layers
     engine = LeanDecoder(model, native=False)
+    assert engine._prefill_kernel  # the prefill's attention on the kernels (GQA, causal), not SDPA
     calls = [0]
     group = model.model.layers[0].self_attn.q_proj.__dict__[GROUP_ATTR][0]
     outputs = group.outputs

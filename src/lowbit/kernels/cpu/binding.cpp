@@ -145,6 +145,30 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   return out;
 }
 
+// Causal attention of a prefill's queries q [B, H, T, hd] (float32, any strides with contiguous rows of hd) over
+// the first n >= T entries of a cache layer k, v [B, KV, max_len, hd] (contiguous): query row i sees keys
+// j <= i + n - T (scaled_dot_product_attention with GQA and a causal mask when n == T, none when T == 1).
+// Returns [B, T, H * hd]: the o projection's input, no transpose copy.
+torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v, int64_t n) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && q_in.size(0) == k.size(0) &&
+                  q_in.size(3) == k.size(3) && k.size(1) > 0 && q_in.size(1) % k.size(1) == 0 &&
+                  n >= q_in.size(2) && n <= k.size(2) && k.is_contiguous() && v.is_contiguous() &&
+                  q_in.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+                  v.scalar_type() == torch::kFloat,
+              "lowbit prefill_attention: float32 q [B, H, T, hd], contiguous k, v [B, KV, max_len, hd], T <= n <= max_len");
+  const torch::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), KV = k.size(1);
+  auto out = torch::empty({B, T, H * hd}, q.options());
+  if (out.numel() == 0) return out;
+  const lowbit::PrefillAttention a{q.data_ptr<float>(), q.stride(0), q.stride(2), q.stride(1), k.data_ptr<float>(),
+                                   v.data_ptr<float>(), out.data_ptr<float>(), B, T, H, KV, hd, n, k.size(2) * hd,
+                                   static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
+  const KernelTable* kt = current_table().load();
+  lowbit::parallel_chunks(B * KV * ceil_div(T, lowbit::kPrefillRows), 1, at::get_num_threads(),
+                          [&](int64_t u0, int64_t u1) { kt->prefill_attend(a, u0, u1); });
+  return out;
+}
+
 // One decode step (one new token per row) through a stack of Llama-layout decoder layers whose projections are
 // all prepared packed weights: the core's Decoder (engine.h) on the tensors' memory, so that a token costs one
 // Python call and no tensor per op. With a head (the final norm's weight and the prepared lm_head), step
@@ -319,6 +343,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up, float32", py::arg("gate"), py::arg("up"));
   m.def("decode_attention", &decode_attention, "one query token over the first n KV-cache entries", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("n"));
+  m.def("prefill_attention", &prefill_attention, "causal attention of a prefill's queries over the KV cache",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
   m.def("dwconv", &dwconv, "depthwise conv over channels-last float maps (taps [KH, KW, C])", py::arg("x"),

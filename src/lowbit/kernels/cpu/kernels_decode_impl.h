@@ -147,6 +147,152 @@ void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
   }
 }
 
+// Work units [u0, u1) of a prefill's causal attention (PrefillAttention). Per unit (one KV group, up to
+// kPrefillRows query rows, every head of the group): the query vectors, pre-scaled, in Q [nq][hd] (vector
+// r * rep + head); K transposed into Kt [hd][nk16] so that scores are a broadcast-FMA block S = Q Kt (4 queries x
+// 16 keys); a softmax per query over its own causal prefix (keys past it get probability 0); then O = P V by a
+// block of 4 queries x 16 dims. Blocks run in reverse order of rows: the long ones are claimed first.
+void prefill_attend(const PrefillAttention& a, int64_t u0, int64_t u1) {
+  const int64_t hd = a.hd, rep = a.heads / a.kv_heads, blocks = (a.T + kPrefillRows - 1) / kPrefillRows;
+  const int64_t shift = a.n - a.T;  // query row i sees keys j < i + shift + 1
+  thread_local std::vector<float> qbuf, kbuf, sbuf, inv;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t bg = u / blocks, rb = blocks - 1 - u % blocks, b = bg / a.kv_heads, g = bg % a.kv_heads;
+    const int64_t i0 = rb * kPrefillRows, rows = std::min<int64_t>(kPrefillRows, a.T - i0);
+    const int64_t nk = i0 + rows + shift, nk16 = (nk + 15) / 16 * 16, nq = rows * rep;
+    if (static_cast<int64_t>(qbuf.size()) < nq * hd) qbuf.resize(static_cast<size_t>(nq * hd));
+    if (static_cast<int64_t>(kbuf.size()) < hd * nk16) kbuf.resize(static_cast<size_t>(hd * nk16));
+    if (static_cast<int64_t>(sbuf.size()) < nq * nk16) sbuf.resize(static_cast<size_t>(nq * nk16));
+    if (static_cast<int64_t>(inv.size()) < nq) inv.resize(static_cast<size_t>(nq));
+    float* Q = qbuf.data();
+    float* Kt = kbuf.data();
+    float* S = sbuf.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t hl = 0; hl < rep; ++hl) {
+        const float* src = a.q + b * a.q_sb + (i0 + r) * a.q_st + (g * rep + hl) * a.q_sh;
+        float* dst = Q + (r * rep + hl) * hd;
+        for (int64_t d = 0; d < hd; ++d) dst[d] = src[d] * a.scale;
+      }
+    }
+    const float* k = a.k + (b * a.kv_heads + g) * a.kv_stride;
+    const float* v = a.v + (b * a.kv_heads + g) * a.kv_stride;
+    for (int64_t j = 0; j < nk; ++j) {
+      for (int64_t d = 0; d < hd; ++d) Kt[d * nk16 + j] = k[j * hd + d];
+    }
+    for (int64_t d = 0; d < hd; ++d) std::fill(Kt + d * nk16 + nk, Kt + d * nk16 + nk16, 0.0f);
+    // keys seen by query vector qv: its row's causal prefix
+    auto seen = [&](int64_t qv) { return i0 + qv / rep + shift + 1; };
+    for (int64_t qv = 0; qv < nq; qv += 4) {
+      const int64_t mq = std::min<int64_t>(4, nq - qv), lim = (seen(qv + mq - 1) + 15) / 16 * 16;
+      const float* q0 = Q + qv * hd;
+      const float* q1 = Q + (qv + (mq > 1 ? 1 : 0)) * hd;
+      const float* q2 = Q + (qv + (mq > 2 ? 2 : 0)) * hd;
+      const float* q3 = Q + (qv + (mq > 3 ? 3 : 0)) * hd;
+      for (int64_t j0 = 0; j0 < lim; j0 += 16) {
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+               c31 = c00;
+        const float* kt = Kt + j0;
+        for (int64_t d = 0; d < hd; ++d, kt += nk16) {
+          const __m256 k0 = _mm256_loadu_ps(kt), k1 = _mm256_loadu_ps(kt + 8);
+          __m256 x = _mm256_broadcast_ss(q0 + d);
+          c00 = _mm256_fmadd_ps(x, k0, c00);
+          c01 = _mm256_fmadd_ps(x, k1, c01);
+          x = _mm256_broadcast_ss(q1 + d);
+          c10 = _mm256_fmadd_ps(x, k0, c10);
+          c11 = _mm256_fmadd_ps(x, k1, c11);
+          x = _mm256_broadcast_ss(q2 + d);
+          c20 = _mm256_fmadd_ps(x, k0, c20);
+          c21 = _mm256_fmadd_ps(x, k1, c21);
+          x = _mm256_broadcast_ss(q3 + d);
+          c30 = _mm256_fmadd_ps(x, k0, c30);
+          c31 = _mm256_fmadd_ps(x, k1, c31);
+        }
+        float* s = S + qv * nk16 + j0;
+        _mm256_storeu_ps(s, c00);
+        _mm256_storeu_ps(s + 8, c01);
+        if (mq > 1) _mm256_storeu_ps(s + nk16, c10), _mm256_storeu_ps(s + nk16 + 8, c11);
+        if (mq > 2) _mm256_storeu_ps(s + 2 * nk16, c20), _mm256_storeu_ps(s + 2 * nk16 + 8, c21);
+        if (mq > 3) _mm256_storeu_ps(s + 3 * nk16, c30), _mm256_storeu_ps(s + 3 * nk16 + 8, c31);
+      }
+    }
+    for (int64_t qv = 0; qv < nq; ++qv) {
+      float* p = S + qv * nk16;
+      const int64_t m = seen(qv);
+      __m256 vmx = _mm256_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < m; j += 8) {
+        const __m256 x = load_n(p + j, m - j);
+        vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_castsi256_ps(tail_mask(m - j))));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(h));
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < m; j += 8) {
+        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(load_n(p + j, m - j), mx)),
+                                       _mm256_castsi256_ps(tail_mask(m - j)));
+        store_n(p + j, e, m - j);
+        sum = _mm256_add_ps(sum, e);
+      }
+      std::fill(p + m, p + nk16, 0.0f);  // past the causal prefix (read by the 4-query block of P V)
+      inv[qv] = 1.0f / hsum(sum);
+    }
+    for (int64_t qv = 0; qv < nq; qv += 4) {
+      const int64_t mq = std::min<int64_t>(4, nq - qv), lim = seen(qv + mq - 1);
+      const float* p0 = S + qv * nk16;
+      const float* p1 = S + (qv + (mq > 1 ? 1 : 0)) * nk16;
+      const float* p2 = S + (qv + (mq > 2 ? 2 : 0)) * nk16;
+      const float* p3 = S + (qv + (mq > 3 ? 3 : 0)) * nk16;
+      for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+               c31 = c00;
+        const float* vj = v + d0;
+        if (hd - d0 >= 16) {
+          for (int64_t j = 0; j < lim; ++j, vj += hd) {
+            const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
+            __m256 x = _mm256_broadcast_ss(p0 + j);
+            c00 = _mm256_fmadd_ps(x, v0, c00);
+            c01 = _mm256_fmadd_ps(x, v1, c01);
+            x = _mm256_broadcast_ss(p1 + j);
+            c10 = _mm256_fmadd_ps(x, v0, c10);
+            c11 = _mm256_fmadd_ps(x, v1, c11);
+            x = _mm256_broadcast_ss(p2 + j);
+            c20 = _mm256_fmadd_ps(x, v0, c20);
+            c21 = _mm256_fmadd_ps(x, v1, c21);
+            x = _mm256_broadcast_ss(p3 + j);
+            c30 = _mm256_fmadd_ps(x, v0, c30);
+            c31 = _mm256_fmadd_ps(x, v1, c31);
+          }
+        } else {
+          for (int64_t j = 0; j < lim; ++j, vj += hd) {
+            const __m256 v0 = load_n(vj, hd - d0), v1 = load_n(vj + 8, hd - d0 - 8);
+            __m256 x = _mm256_broadcast_ss(p0 + j);
+            c00 = _mm256_fmadd_ps(x, v0, c00);
+            c01 = _mm256_fmadd_ps(x, v1, c01);
+            x = _mm256_broadcast_ss(p1 + j);
+            c10 = _mm256_fmadd_ps(x, v0, c10);
+            c11 = _mm256_fmadd_ps(x, v1, c11);
+            x = _mm256_broadcast_ss(p2 + j);
+            c20 = _mm256_fmadd_ps(x, v0, c20);
+            c21 = _mm256_fmadd_ps(x, v1, c21);
+            x = _mm256_broadcast_ss(p3 + j);
+            c30 = _mm256_fmadd_ps(x, v0, c30);
+            c31 = _mm256_fmadd_ps(x, v1, c31);
+          }
+        }
+        const __m256 accs[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+        for (int64_t t = 0; t < mq; ++t) {
+          const int64_t qi = qv + t, r = qi / rep, hl = qi % rep;
+          float* o = a.out + ((b * a.T + i0 + r) * a.heads + g * rep + hl) * hd + d0;
+          const __m256 s = _mm256_set1_ps(inv[qi]);
+          store_n(o, _mm256_mul_ps(accs[t][0], s), hd - d0);
+          if (hd - d0 > 8) store_n(o + 8, _mm256_mul_ps(accs[t][1], s), hd - d0 - 8);
+        }
+      }
+    }
+  }
+}
+
 #undef LB_INLINE
 
 }  // namespace

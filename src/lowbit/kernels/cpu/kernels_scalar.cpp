@@ -178,6 +178,37 @@ void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
   }
 }
 
+// Causal prefill attention (PrefillAttention), one query vector at a time.
+void prefill_attend(const PrefillAttention& a, int64_t u0, int64_t u1) {
+  const int64_t hd = a.hd, rep = a.heads / a.kv_heads, blocks = (a.T + kPrefillRows - 1) / kPrefillRows;
+  std::vector<float> p(static_cast<size_t>(a.n));
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t bg = u / blocks, rb = u % blocks, b = bg / a.kv_heads, g = bg % a.kv_heads;
+    const float* k = a.k + (b * a.kv_heads + g) * a.kv_stride;
+    const float* v = a.v + (b * a.kv_heads + g) * a.kv_stride;
+    for (int64_t i = rb * kPrefillRows; i < std::min<int64_t>(a.T, (rb + 1) * kPrefillRows); ++i) {
+      const int64_t m = i + a.n - a.T + 1;  // the causal prefix of row i
+      for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+        const float* q = a.q + b * a.q_sb + i * a.q_st + h * a.q_sh;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < m; ++j) {
+          float s = 0.0f;
+          for (int64_t d = 0; d < hd; ++d) s += q[d] * a.scale * k[j * hd + d];
+          p[j] = s;
+          mx = std::max(mx, s);
+        }
+        for (int64_t j = 0; j < m; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        float* out = a.out + ((b * a.T + i) * a.heads + h) * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          float acc = 0.0f;
+          for (int64_t j = 0; j < m; ++j) acc += p[j] * v[j * hd + d];
+          out[d] = acc / sum;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 float half_to_float(uint16_t h) {
@@ -197,7 +228,7 @@ float half_to_float(uint16_t h) {
 
 const KernelTable* scalar_kernels() {
   static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv,
-                                 /*u8_rows=*/false, rms_norm, silu_mul, attend};
+                                 /*u8_rows=*/false, rms_norm, silu_mul, attend, prefill_attend};
   return &table;
 }
 

@@ -97,6 +97,21 @@ struct DecodeAttention {
   float scale;
 };
 
+// Causal attention of a block of query rows over a KV cache (prefill): query row i (of T) of head h attends the
+// keys j <= i + n - T of its KV group g = h / (heads / kv_heads): out[b, i, h] = softmax_j(q[b, i, h] . k[b, g, j]
+// * scale) . v[b, g, j]. Work units are (b, g, block of kPrefillRows query rows); one unit computes every head
+// of the group on those rows, so each K / V row read serves rows x (heads / kv_heads) query vectors.
+constexpr int kPrefillRows = 16;
+struct PrefillAttention {
+  const float* q;     // q[b, i, h, d] at q + b * q_sb + i * q_st + h * q_sh + d
+  int64_t q_sb, q_st, q_sh;
+  const float* k;     // [B, kv_heads, kv_stride / hd, hd]: entries j < n of each (b, g) are read
+  const float* v;     // like k
+  float* out;         // [B, T, heads, hd], contiguous
+  int64_t B, T, heads, kv_heads, hd, n, kv_stride;
+  float scale;
+};  // work units: B * kv_heads * ceil(T / kPrefillRows), unit u = (b * kv_heads + g) * blocks + row block
+
 struct KernelTable {
   const char* name;
   int large_tiles;  // gemm_large works on groups of this many tiles: threads get whole groups
@@ -125,6 +140,8 @@ struct KernelTable {
   void (*rms_norm)(const float* x, const float* w, int64_t D, float eps, float* y, int64_t r0, int64_t r1) = nullptr;
   void (*silu_mul)(const float* g, const float* u, int64_t n, float* y) = nullptr;
   void (*attend)(const DecodeAttention& a, int64_t h0, int64_t h1) = nullptr;
+  // Work units [u0, u1) of a prefill's causal attention (PrefillAttention).
+  void (*prefill_attend)(const PrefillAttention& a, int64_t u0, int64_t u1) = nullptr;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
