@@ -39,6 +39,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "quant": (4, "quant"),
     "models": (3, "models"),
     "kernels": (2, "kernels"),
+    "runtime": (2, "kernels"),  # the torch-free runtime: the kernels' core without torch (kernels may import it)
     "data": (2, "data"),
     "registry": (1, "base"),
     "errors": (1, "base"),

@@ -39,7 +39,6 @@ built (no compiler, ...) or ``LOWBIT_DISABLE_KERNELS=1`` is set, everything stil
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -65,19 +64,23 @@ from lowbit.kernels.quant_linear import (
 )
 from lowbit.kernels.reference import reference_linear
 from lowbit.paths import lowbit_home
+from lowbit.runtime.native import (  # the torch-free layout constants, sources and flags (one copy)
+    BLOCK,
+    COMPILE_FLAGS,
+    CORE_SOURCES,
+    FALLBACK_FLAGS,
+    SOURCE_DIR,
+    TILE_ROWS,
+    container_bits,
+    default_act_blocks,
+    source_digest,
+)
 
 log = logging.getLogger(__name__)
 
-TILE_ROWS = 8  # output rows per tile (lowbit_kernels.h: kTileRows)
-BLOCK = 32  # inputs per K-block (kBlock)
-MAX_ACT_BLOCKS = 4  # activation quantization blocks span at most this many K-blocks (128 inputs)
 DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
 ISA_ENV = "LOWBIT_KERNEL_ISA"
-SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = (
-    "binding.cpp", "engine.cpp", "work_pool.cpp", "repack.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp",
-    "kernels_avx512vnni.cpp",
-)
+SOURCES = ("binding.cpp", *CORE_SOURCES)  # the torch binding over the torch-free core (lowbit.runtime.native)
 _EXT_NAME = "lowbit_cpu_kernels"
 
 _lock = threading.Lock()
@@ -90,11 +93,8 @@ def _build_dir() -> Path:
     # over each other's extension (and could load the other's). The source directory is in the key too: ninja
     # rebuilds whenever build.ninja names other source paths, so two checkouts alternating on one build
     # directory would recompile at every switch.
-    digest = hashlib.sha1(str(SOURCE_DIR.resolve()).encode() + b"\0")
-    for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
-        digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
     tag = (f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-           f"_{digest.hexdigest()[:12]}")
+           f"_{source_digest()}")
     path = lowbit_home() / "torch_extensions" / f"{_EXT_NAME}_{tag}"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -119,12 +119,12 @@ def _compile() -> ModuleType:
         # -fopenmp: the parallel loops run on torch's own OpenMP team (the extension links the libgomp torch
         # already loaded), see cpu/work_pool.h.
         try:
-            return load(name=_EXT_NAME, sources=sources, extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
+            return load(name=_EXT_NAME, sources=sources, extra_cflags=list(COMPILE_FLAGS),
                         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
         except Exception as first:  # e.g. no OpenMP, or an old compiler without AVX-512: retry plainly
             log.info("lowbit kernels: build failed (%s); retrying without OpenMP and AVX-512", first)
             return load(name=f"{_EXT_NAME}_basic", sources=sources,
-                        extra_cflags=["-O3", "-DNDEBUG", "-DLOWBIT_NO_AVX512", "-DLOWBIT_OMP_POOL=0"],
+                        extra_cflags=list(FALLBACK_FLAGS),
                         build_directory=str(build_dir), verbose=False)
 
 
@@ -309,9 +309,7 @@ def act_blocks_for(group_blocks: int, per_channel: bool, act_block: int | str | 
             return min(blocks, max(1, k_blocks)) if k_blocks else blocks
         raise LowbitError(f"act_block {act_block} neither divides the weight group ({group_blocks * BLOCK} inputs) "
                          f"nor spans the row ({k_blocks * BLOCK}): use a divisor of the group or {ROW_ACT_BLOCK!r}")
-    if per_channel:
-        return MAX_ACT_BLOCKS
-    return max(d for d in range(1, MAX_ACT_BLOCKS + 1) if group_blocks % d == 0)
+    return default_act_blocks(group_blocks, per_channel)
 
 
 def activation_block(packed: PackedWeight, act_block: int | str | None = None) -> int | None:
@@ -323,11 +321,6 @@ def activation_block(packed: PackedWeight, act_block: int | str | None = None) -
     g = packed.scales.shape[1]
     kb = -(-packed.in_features // BLOCK)
     return act_blocks_for(kb if g == 1 else packed.group_size // BLOCK, g == 1, act_block, kb) * BLOCK
-
-
-def container_bits(bits: int) -> int:
-    """Bits per code in the kernel tiles: 3, 5 and 6-bit codes straddle bytes, so they run in 4, 8 and 8 bits."""
-    return {3: 4, 5: 8, 6: 8}.get(bits, bits)
 
 
 def repack(qweight: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
