@@ -15,7 +15,11 @@ and transformers; a llama.cpp row imports only ``llama_cpp`` and numpy), and one
   ``lowbit.load`` in the worker and run by the lean engine (``LeanDecoder``) on the kernels. Every linear at
   the row's format; the tied token table / output head 8-bit groups of 32 (what llama.cpp's Q4_0 and Q8_0 keep
   for it); GPTQ rows calibrated on 64 windows of 128 tokens of Python standard-library docstrings
-  (``bench_export_gguf.docstrings``, block-sequential).
+  (``bench_export_gguf.docstrings``, block-sequential);
+* lowbit-lite rows: the same checkpoints run by the torch-free runtime (``lowbit.runtime.LiteLM``: numpy + ctypes
+  over the same C++ core); the worker never imports torch (asserted, and recorded as ``torch_imported``) and
+  loads the tokenizer too (as llama.cpp's model carries its own). Its agreement is teacher-forced through its
+  prefill + one-token steps (logits at every position of the same 256, as the other rows' full-sequence logits).
 
 Measured per row (median over rounds; best-of-rounds also kept):
 
@@ -24,7 +28,10 @@ Measured per row (median over rounds; best-of-rounds also kept):
 * peak RSS of the worker (VmHWM) and its RSS after the runs;
 * next-token agreement with the full-precision model, teacher-forced on its greedy 128-token continuations of
   both prompts (256 positions); llama.cpp's from its own logits (``bench_export_gguf.llama_logits``);
-* lowbit rows: the lean engine's 32 greedy tokens equal transformers' ``generate`` on the same packed model.
+* lowbit rows: the lean engine's 32 greedy tokens equal transformers' ``generate`` on the same packed model;
+  lowbit-lite rows: its 32 greedy tokens equal the lean engine's (when both rows ran);
+* lowbit-lite rows: where a token's time goes (``step_parts_ms``: the native step call, the embedding lookup,
+  the rest of the Python loop).
 
 ``--profile``: where one lowbit decode step goes (kernels, norms, attention, RoPE, elementwise, Python), with
 the native step (``LeanDecoder(native=True)``, one C++ call per token) and without it (the Python loop).
@@ -69,11 +76,14 @@ LOWBIT = {  # row name -> recipe (None: the float model itself)
 }
 LLAMA = {"F32": None, "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
          "TQ2_0": "LLAMA_FTYPE_MOSTLY_TQ2_0"}
+LITE = "lowbit-lite"  # rows "lowbit-lite <LOWBIT name>": the torch-free runtime on that row's checkpoint
 TARGETS = [  # (lowbit row, llama.cpp row, metric, at least this ratio), at 2 threads
     ("w4g128 RTN", "Q4_0", "decode_tok_s", 1.25), ("w8", "Q8_0", "decode_tok_s", 1.25),
     ("w2g64 RTN", "TQ2_0", "decode_tok_s", 1.5), ("w4g128 RTN", "Q4_0", "prompt_long_tok_s", 1.5),
     ("w4g32 GPTQ", "Q4_0", "decode_tok_s", 1.25),
+    (f"{LITE} w4g128 RTN", "Q4_0", "decode_tok_s", 1.25), (f"{LITE} w4g128 RTN", "Q4_0", "prompt_long_tok_s", 1.5),
 ]
+PEAK_RSS_TARGET = 1.2  # lowbit's w4 peak RSS at most this times llama.cpp Q4_0's (issue 19)
 
 
 def status_mb(field: str) -> float:
@@ -137,8 +147,85 @@ def lowbit_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
             ids = prompts["short"]
             hf = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
                              do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
-        result["tokens_equal_transformers"] = engine.generate(ids, max_new_tokens=32).tokens[0].tolist() == hf.tolist()
+        greedy = engine.generate(ids, max_new_tokens=32).tokens[0].tolist()
+        result["tokens_equal_transformers"] = greedy == hf.tolist()
+        result["greedy_32"] = greedy
         result["native_step"] = engine._stack is not None
+    return result
+
+
+def lite_worker(path: str, task: dict[str, Any]) -> dict[str, Any]:
+    """The torch-free runtime: numpy + ctypes + tokenizers, never torch."""
+    import numpy as np
+
+    from lowbit.runtime import LiteLM, native
+
+    lm = LiteLM.load(path, threads=task["threads"])
+    lm.tokenizer  # noqa: B018 -- loaded as a user would have it (llama.cpp's model holds its own)
+    prompts = task["prompts"]
+    lm.generate(prompts["short"], 8)  # warm-up
+    lm.generate(prompts["long"], 1)
+    out: dict[str, list[float]] = {"prompt_short_tok_s": [], "prompt_long_tok_s": [], "decode_tok_s": []}
+    for _ in range(task["reps"]):
+        stamps = []
+        t0 = time.perf_counter()
+        for _token in lm.stream(prompts["short"], NEW_TOKENS + 1):
+            stamps.append(time.perf_counter())
+        out["prompt_short_tok_s"].append(PROMPTS["short"] / (stamps[0] - t0))
+        out["decode_tok_s"].append(NEW_TOKENS / (stamps[-1] - stamps[0]))
+        t0 = time.perf_counter()
+        lm.generate(prompts["long"], 1)
+        out["prompt_long_tok_s"].append(PROMPTS["long"] / (time.perf_counter() - t0))
+    result: dict[str, Any] = {k: max(v) for k, v in out.items()}
+    result["peak_rss_mb"] = round(status_mb("VmHWM"), 1)
+    result["step_parts_ms"] = lite_step_parts(lm, prompts["short"])
+    result["isa"] = native.current_isa()
+    if task.get("agreement"):
+        hits: list[bool] = []
+        for key, ref in task["references"].items():
+            logits = lm.prefill(prompts[key], max_len=len(prompts[key]) + len(ref))
+            for i, token in enumerate(ref):  # teacher-forced: the logits after each true prefix
+                hits.append(int(np.argmax(logits)) == token)
+                if i + 1 < len(ref):
+                    logits = lm.step(token)
+        result["next_token_agreement"] = sum(hits) / len(hits)
+        result["greedy_32"] = lm.generate(prompts["short"], 32)
+    result["torch_imported"] = "torch" in sys.modules
+    if result["torch_imported"]:
+        raise RuntimeError("the lowbit-lite worker imported torch")
+    return result
+
+
+def lite_step_parts(lm: Any, prompt: list[int]) -> dict[str, float]:
+    """ms per token of the lite decode loop replayed by hand: the embedding lookup (numpy), the native step (one
+    ctypes call: every layer, the final norm and the head), and the rest (argmax, Python) as loop - parts."""
+    import numpy as np
+
+    from lowbit.runtime import native
+
+    stamps = []
+    for _token in lm.stream(prompt, NEW_TOKENS + 1):
+        stamps.append(time.perf_counter())
+    loop = (stamps[-1] - stamps[0]) / NEW_TOKENS
+    embed = call = 0.0
+    token = int(np.argmax(lm.prefill(prompt, max_len=len(prompt) + NEW_TOKENS + 1)))
+    logits = np.empty(lm.config.vocab, np.float32)
+    for _ in range(NEW_TOKENS):
+        t0 = time.perf_counter()
+        h = lm.embed([token])
+        t1 = time.perf_counter()
+        native.check(lm._lib.lowbit_decoder_step(lm._decoder, h.ctypes.data, 1, logits.ctypes.data,
+                                                 lm.k_cache.ctypes.data, lm.v_cache.ctypes.data, lm.max_len,
+                                                 lm.fill.ctypes.data, lm.cos.ctypes.data, lm.sin.ctypes.data, lm.pos))
+        t2 = time.perf_counter()
+        lm.fill += 1
+        lm.pos += 1
+        token = int(np.argmax(logits))
+        embed, call = embed + (t1 - t0), call + (t2 - t1)
+    parts = {"embedding lookup": embed / NEW_TOKENS, "native step (ctypes call)": call / NEW_TOKENS}
+    result = {k: round(v * 1e3, 3) for k, v in parts.items()}
+    result["generate loop"] = round(loop * 1e3, 3)
+    result["rest of the loop (argmax, Python)"] = round((loop - sum(parts.values())) * 1e3, 3)
     return result
 
 
@@ -289,7 +376,7 @@ def step_parts(engine: Any, ids: Any) -> dict[str, float]:
     return result
 
 
-WORKERS = {"lowbit": lowbit_worker, "llama.cpp": llama_worker, "profile": profile_worker}
+WORKERS = {"lowbit": lowbit_worker, LITE: lite_worker, "llama.cpp": llama_worker, "profile": profile_worker}
 
 
 def worker_main(engine: str, path: str, task_file: str) -> None:
@@ -356,7 +443,7 @@ def prepare(work: Path, threads: int, rows: list[str]) -> tuple[dict[str, Path],
     calib.write_text("\n".join(" ".join(t[:600].split()) for t in docstrings(list(CALIB_MODULES), 256)))
     quant: dict[str, Any] = {}
     for name, recipe in LOWBIT.items():
-        if f"lowbit {name}" not in rows:
+        if f"lowbit {name}" not in rows and f"{LITE} {name}" not in rows:
             continue
         out = work / ("lowbit-" + name.replace(" ", "-"))
         if recipe is None:
@@ -374,8 +461,13 @@ def prepare(work: Path, threads: int, rows: list[str]) -> tuple[dict[str, Path],
                                                         "calibration": report.calibration,
                                                         "bits_per_weight": round(total["bits_per_weight"], 3)}))
             del m
-        quant[f"lowbit {name}"] = json.loads((out / "bench.json").read_text())
-        paths[f"lowbit {name}"] = out
+        for row in (f"lowbit {name}", f"{LITE} {name}"):
+            quant[row] = json.loads((out / "bench.json").read_text())
+            paths[row] = out
+    if any(r.startswith(LITE) for r in rows):
+        from lowbit.runtime import native
+
+        native.library()  # built once here, not inside a timed worker
     return paths, {"prompts": prompts, "references": references, "quant": quant}
 
 
@@ -393,6 +485,14 @@ def markdown(result: dict[str, Any]) -> str:
         for r in (r for r in result["rows"] if r["threads"] == threads):
             lines.append(f"| {r['row']} | {r['decode_tok_s']} | {r['prompt_short_tok_s']} | {r['prompt_long_tok_s']} "
                          f"| {r['peak_rss_mb']} | {r.get('next_token_agreement', '')} | {r.get('file_mb', '')} |")
+        lines.append("")
+    lite = [r for r in result["rows"] if r["row"].startswith(LITE)]
+    if lite:
+        lines += [f"## {LITE}: the torch-free runtime", "",
+                  "| row | threads | torch imported | ISA | 32 greedy = lowbit engine's | ms per token: step parts |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['threads']} | {r.get('torch_imported')} | {r.get('isa', '')} | "
+                  f"{r.get('tokens_equal_lowbit_engine', '')} | {r.get('step_parts_ms', '')} |" for r in lite]
         lines.append("")
     lines += ["## targets (ratios in this run)", "",
               "| lowbit | llama.cpp | metric | threads | ratio | target | met |", "|---|---|---|---|---|---|---|"]
@@ -445,7 +545,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for t in threads:
             for row in rows:  # interleaved: every row once per round
-                engine = "llama.cpp" if row.startswith("llama.cpp") else "lowbit"
+                engine = row.split(" ")[0]
                 task = {"threads": t, "reps": args.reps, "agreement": rnd == 0 and t == threads[0], **shared}
                 got = spawn(engine, paths[row], task, args.work)
                 runs[row, t].append(got)
@@ -468,23 +568,31 @@ def main() -> None:
                          "next_token_agreement": round(first["next_token_agreement"], 4) if first else None,
                          **({"tokens_equal_transformers": first["tokens_equal_transformers"],
                              "native_step": first["native_step"]} if "native_step" in first else {}),
+                         **({k: first[k] for k in ("isa", "step_parts_ms", "greedy_32") if k in first}),
+                         **({"torch_imported": any(g["torch_imported"] for g in got)} if row.startswith(LITE) else {}),
                          **({"build": json.loads(builds.pop())} if len(builds) == 1 else {}),
                          "file_mb": round(size / 1e6, 1), "load_averages": [g["load_average_start"] for g in got],
                          **shared["quant"].get(row, {})})
     by = {(r["row"], r["threads"]): r for r in out_rows}
     targets = []
     t2 = 2 if 2 in threads else threads[0]
+    for r in out_rows:  # the torch-free engine's tokens against the torch engine's on the same checkpoint
+        twin = by.get((r["row"].replace(LITE, "lowbit", 1), r["threads"]), {})
+        if r["row"].startswith(LITE) and "greedy_32" in r and "greedy_32" in twin:
+            r["tokens_equal_lowbit_engine"] = r["greedy_32"] == twin["greedy_32"]
     for lb, lc, metric, target in TARGETS:
-        a, b = by.get((f"lowbit {lb}", t2)), by.get((f"llama.cpp {lc}", t2))
+        a, b = by.get((lb if lb.startswith(LITE) else f"lowbit {lb}", t2)), by.get((f"llama.cpp {lc}", t2))
         if a and b:
             ratio = round(a[metric] / b[metric], 3)
             targets.append({"lowbit": lb, "llama.cpp": lc, "metric": metric, "threads": t2, "ratio": ratio,
                             "target": target, "met": ratio >= target})
-    a, b = by.get(("lowbit w4g128 RTN", t2)), by.get(("llama.cpp Q4_0", t2))
-    if a and b:
-        ratio = round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)
-        targets.append({"lowbit": "w4g128 RTN", "llama.cpp": "Q4_0", "metric": "peak_rss_mb (lower is better)",
-                        "threads": t2, "ratio": ratio, "target": 1.2, "met": ratio <= 1.2})
+    for lb in ("w4g128 RTN", f"{LITE} w4g128 RTN"):
+        a, b = by.get((lb if lb.startswith(LITE) else f"lowbit {lb}", t2)), by.get(("llama.cpp Q4_0", t2))
+        if a and b:
+            ratio = round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)
+            targets.append({"lowbit": lb, "llama.cpp": "Q4_0", "metric": "peak_rss_mb (lower is better)",
+                            "threads": t2, "ratio": ratio, "target": PEAK_RSS_TARGET,
+                            "met": ratio <= PEAK_RSS_TARGET})
     q4 = by.get(("llama.cpp Q4_0", threads[0]), {}).get("next_token_agreement")
     for lb in ("w4g128 RTN", "w4g128 GPTQ", "w4g32 GPTQ"):
         mine = by.get((f"lowbit {lb}", threads[0]), {}).get("next_token_agreement")

@@ -20,11 +20,13 @@ if TYPE_CHECKING:
     from lowbit.models.base import DualEncoder
     from lowbit.quant.recipe import Recipe
     from lowbit.quant.report import QuantReport
+    from lowbit.runtime.lite import LiteLM
 
 __all__ = [
     "DEFAULT_CALIB_SAMPLES", "bench_kernels", "bench_model", "build", "chat", "check_checkpoint_output",
     "check_task_and_data", "demo",
-    "evaluate", "export", "finetune", "format_table", "list_models", "load", "markdown_table", "open_image", "qat",
+    "evaluate", "export", "finetune", "format_table", "list_models", "load", "load_lite", "markdown_table",
+    "open_image", "qat",
     "quantize", "quantize_", "save", "search", "serve", "shard_dataset", "sweep", "sweep_table", "train_clip",
 ]
 
@@ -245,6 +247,20 @@ def chat(model: Any, image: Any, question: str, **options: Any) -> str:
     from lowbit.workflows.chat import chat as run
 
     return run(model, image, question, **options)
+
+
+def load_lite(path: str | os.PathLike[str], threads: int | None = None) -> LiteLM:
+    """A packed causal-LM checkpoint (``lowbit.save`` of a llama/mistral/qwen2) on the torch-free runtime: the same
+    kernels from numpy + ctypes, never importing torch (``lowbit.runtime.LiteLM``: ``prefill``, ``step``,
+    ``generate``, ``stream``, ``chat``). ``threads``: the native thread team (default: all cores).
+
+    Example:
+        >>> lm = lowbit.api.load_lite("out/smollm2-w4")  # doctest: +SKIP
+        >>> lm.chat("Name a colour.", max_new_tokens=16)  # doctest: +SKIP
+    """
+    from lowbit.runtime.lite import LiteLM
+
+    return LiteLM.load(path, threads=threads)
 
 
 def export(model: Any, format: str, out: str | os.PathLike[str], recipe: str | None = None,

@@ -385,26 +385,15 @@ register_output_kind(OutputKind("lowbit-safetensors", is_dir=False,
                                 recognize=lambda p: "lowbit" in (safetensors_metadata(p) or {})))
 
 
-def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The tensors of a safetensors file as views of one private memory map, with readahead off.
-
-    Nothing is read until a tensor's pages are touched, and then only those pages: the kernel's readahead
-    (which maps ~64 KB around every touch, so a loader touching hundreds of small tensors pulled in half the
-    file) is disabled with ``MADV_RANDOM``. The map is copy-on-write: tensors may be modified in memory, never
-    on disk. Every offset is checked against the file before any tensor is made (a truncated or garbled file is
-    one ``LowbitError``).
-
-    Example:
-        >>> state = mmap_safetensors("out/w4/model.safetensors")  # doctest: +SKIP
-    """
+def map_safetensors(path: Path, access: int) -> tuple[Any, int, int, Any]:
+    """The checked header (parsed JSON), data start, file size and a memory map (``mmap`` ``access``; None for a
+    file without data) of a safetensors file, readahead off (``MADV_RANDOM``: only the pages touched are read).
+    Shared by ``mmap_safetensors`` and the torch-free runtime (``lowbit.runtime.checkpoint``)."""
     import mmap
     import struct
 
-    import torch
-
     from lowbit.errors import LowbitError
 
-    path = Path(path)
     what = f"{str(path)!r} is not a complete safetensors file"
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -418,9 +407,31 @@ def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise LowbitError(f"{what} (header: {err})") from None
         data_start = 8 + header_len
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else None
+        mapped = mmap.mmap(f.fileno(), 0, access=access) if size > data_start else None
     if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
         mapped.madvise(mmap.MADV_RANDOM)
+    return header, data_start, size, mapped
+
+
+def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The tensors of a safetensors file as views of one private memory map, with readahead off.
+
+    Nothing is read until a tensor's pages are touched, and then only those pages: the kernel's readahead
+    (which maps ~64 KB around every touch, so a loader touching hundreds of small tensors pulled in half the
+    file) is disabled with ``MADV_RANDOM``. The map is copy-on-write: tensors may be modified in memory, never
+    on disk. Every offset is checked against the file before any tensor is made (a truncated or garbled file is
+    one ``LowbitError``).
+
+    Example:
+        >>> state = mmap_safetensors("out/w4/model.safetensors")  # doctest: +SKIP
+    """
+    import mmap
+
+    import torch
+
+    path = Path(path)
+    what = f"{str(path)!r} is not a complete safetensors file"
+    header, data_start, size, mapped = map_safetensors(path, mmap.ACCESS_COPY)
     out: dict[str, Any] = {}
     if mapped is not None:
         import weakref

@@ -43,12 +43,13 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
-def tiny_causal_lm(model_type: str, seed: int = 0) -> torch.nn.Module:
+def tiny_causal_lm(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """``overrides``: config fields replacing the common ones (e.g. odd widths)."""
     import transformers
 
     config_name, model_name, extra = FAMILIES[model_type]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_name)(**COMMON, **extra)
+    config = getattr(transformers, config_name)(**(COMMON | extra | overrides))
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():  # random init is near zero everywhere: widen it so greedy tokens are not all ties
         for p in model.parameters():
@@ -57,8 +58,8 @@ def tiny_causal_lm(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save_tiny_causal_lm(model_type: str, out: Path, seed: int = 0) -> Path:
+def save_tiny_causal_lm(model_type: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     """A transformers directory (config, safetensors, tokenizer with chat template) of a tiny random model."""
-    tiny_causal_lm(model_type, seed).save_pretrained(out)
+    tiny_causal_lm(model_type, seed, **overrides).save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
     return out

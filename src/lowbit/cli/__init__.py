@@ -90,6 +90,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Ask a generative MODEL a question: a llava about an image (--image), a language model text only."""
+    if args.lite:
+        return chat_lite(args)
     image = api.open_image(args.image) if args.image else None  # a bad image fails before seconds of loading
     options = {k: v for k, v in (("prune_ratio", args.prune_ratio), ("prune_layer", args.prune_layer),
                                  ("kv_bits", args.kv_bits)) if v is not None}
@@ -101,6 +103,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
     answer = api.chat(model, image, args.question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                       stream=None if args.no_stream else show)
+    print(answer if args.no_stream else "")
+
+
+def chat_lite(args: argparse.Namespace) -> None:
+    """`chat --lite`: a packed causal-LM checkpoint on the torch-free runtime (lowbit.api.load_lite)."""
+    refused = [flag for flag, value in (("--image", args.image), ("--prune-ratio", args.prune_ratio),
+                                        ("--prune-layer", args.prune_layer), ("--kv-bits", args.kv_bits)) if value]
+    if refused:
+        raise LowbitError(f"--lite runs text-only packed causal LMs; it does not take {', '.join(refused)}")
+    lm = api.load_lite(args.model)
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    answer = lm.chat(args.question, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature if args.sample else 0.0, top_p=args.top_p, top_k=args.top_k,
+                     seed=args.seed, stream=None if args.no_stream else show)
     print(answer if args.no_stream else "")
 
 
@@ -146,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-layer", type=int, help="prune inside the LM after its first K layers instead (FastV)")
     p.add_argument("--kv-bits", type=int, choices=[8, 4], help="store the KV cache at 8 or 4 bits")
     p.add_argument("--no-stream", action="store_true", help="print the answer once at the end")
+    p.add_argument("--lite", action="store_true", help="run a packed causal-LM checkpoint (llama/mistral/qwen2) on the "
+                                                       "torch-free runtime (lowbit.runtime: a much smaller process)")
 
     p = verb("demo", cmd_demo)
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")

@@ -1,8 +1,9 @@
 """Reading a lowbit packed checkpoint without torch: the safetensors file memory-mapped into numpy views, the
 manifest and the architecture's config (docs/PACKED_FORMAT.md is the contract).
 
-``SafeTensors`` parses the header itself (8-byte little-endian length + JSON), checks every tensor's bytes lie in
-the file, maps the file read-only (readahead off) and hands out ``np.frombuffer`` views; ``release`` drops a
+``SafeTensors`` reads the header (``lowbit.io.map_safetensors``: 8-byte little-endian length + JSON, checked),
+checks every tensor's bytes lie in the file, maps the file read-only (readahead off) and hands out
+``np.frombuffer`` views; ``release`` drops a
 view's resident pages (``MADV_DONTNEED``) once it has been copied into another form, so that a loader holds each
 weight once.
 """
@@ -11,17 +12,16 @@ from __future__ import annotations
 
 import json
 import mmap
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.io import map_safetensors
 
 DTYPES = {"U8": np.uint8, "I8": np.int8, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32,
           "I64": np.int64, "BOOL": np.bool_}
-MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not one lowbit wrote
 
 
 class SafeTensors:
@@ -29,23 +29,9 @@ class SafeTensors:
 
     def __init__(self, path: Path) -> None:
         what = f"{str(path)!r} is not a complete safetensors file"
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            if size < 8:
-                raise LowbitError(f"{what} ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > min(MAX_HEADER, size - 8):
-                raise LowbitError(f"{what} (header of {header_len} bytes in a {size}-byte file)")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise LowbitError(f"{what} (header: {err})") from None
-            if not isinstance(header, dict):
-                raise LowbitError(f"{what} (the header is not a mapping)")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
-        if self._map is not None and hasattr(mmap, "MADV_RANDOM"):
-            self._map.madvise(mmap.MADV_RANDOM)  # read only the pages touched (see lowbit.io.mmap_safetensors)
-        self._start = 8 + header_len
+        header, self._start, size, self._map = map_safetensors(path, mmap.ACCESS_READ)
+        if not isinstance(header, dict):
+            raise LowbitError(f"{what} (the header is not a mapping)")
         self._info: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
         for key, info in header.items():
             if key == "__metadata__":

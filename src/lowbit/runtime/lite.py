@@ -22,8 +22,8 @@ tiles, not tiles + source. Embedding lookups dequantize only the gathered rows.
 Numbers: a one-token step is bit-equal to the torch engine's native step on the same state (the same core
 code; ``tests/runtime/test_lite.py``); the prefill runs the same matmuls (the panel GEMM for > 4 rows) with the
 kernels' one-token attention per query row instead of torch's SDPA, so its logits equal the torch prefill's to
-float32 rounding, not bit for bit. RoPE tables are computed in float64 and rounded once (torch computes cos/sin
-in float32: an entry may differ by one ulp).
+float32 rounding, not bit for bit. RoPE tables take transformers' float32 angles and round their cos / sin once
+(torch's float32 cos may differ by an ulp).
 
 Example:
     >>> lm = LiteLM.load("out/w4")  # doctest: +SKIP
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,10 +451,19 @@ class LiteLM:
                                               eos_token=_token_text(cfg.get("eos_token")) or "")
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def chat(self, messages: str | list[dict[str, str]], max_new_tokens: int = 128, **sampling: Any) -> str:
-        """The reply to ``messages`` (``chat_ids``), stopping at end-of-sequence; special tokens dropped."""
-        stops = self.stop_ids()
-        out = self.generate(self.chat_ids(messages), max_new_tokens, stop_ids=stops, **sampling)
+    def chat(self, messages: str | list[dict[str, str]], max_new_tokens: int = 128,
+             stream: Callable[[str], None] | None = None, **sampling: Any) -> str:
+        """The reply to ``messages`` (``chat_ids``), stopping at end-of-sequence; special tokens dropped.
+        ``stream`` receives the text as it grows, piece by piece; ``sampling``: ``stream``'s options."""
+        out: list[int] = []
+        shown = ""
+        for token in self.stream(self.chat_ids(messages), max_new_tokens, stop_ids=self.stop_ids(), **sampling):
+            out.append(token)
+            if stream is not None:
+                text = str(self.tokenizer.decode(out, skip_special_tokens=True))
+                if text.startswith(shown) and len(text) > len(shown):  # a piece ends on a whole character
+                    stream(text[len(shown):])
+                    shown = text
         return str(self.tokenizer.decode(out, skip_special_tokens=True))
 
 
@@ -507,12 +516,15 @@ def _token_text(token: Any) -> str | None:
 
 
 def rope_tables(theta: float, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin float32 [positions, head_dim] of the default RoPE (transformers' Llama: inv_freq over the even
-    dimensions, the two halves repeated), sin with rotate_half's sign folded in (-sin on the first half), as
-    lowbit.models.lean_decode keeps it. Computed in float64 and rounded once."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    freqs = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    emb = np.concatenate([freqs, freqs], axis=1)
+    """cos, sin float32 [positions, head_dim] of the default RoPE as transformers' Llama computes it (inv_freq over
+    the even dimensions and the angles position * inv_freq in float32, the two halves repeated), sin with
+    rotate_half's sign folded in (-sin on the first half), as lowbit.models.lean_decode keeps it. The angles are
+    torch's float32 values (at position ~200 their rounding moves cos by ~1e-6, which the model was trained with);
+    their cos / sin are taken in float64 and rounded once (torch's float32 cos may be one ulp off that)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32))
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # float32 products, as torch
+    emb = np.concatenate([angles, angles], axis=1).astype(np.float64)
     half = head_dim // 2
     sin = np.sin(emb)
     sin[:, :half] = -sin[:, :half]

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,6 +50,23 @@ int guarded(F&& body) {
     return err.empty() ? 0 : fail(err);
   } catch (const std::exception& e) {
     return fail(std::string("lowbit: ") + e.what());
+  }
+}
+
+// A new T set up by init(T&) (returning "" or the error): the handle, or nullptr with the error.
+template <class T, class F>
+void* created(F&& init) {
+  try {
+    auto p = std::make_unique<T>();
+    const std::string err = init(*p);
+    if (!err.empty()) {
+      fail(err);
+      return nullptr;
+    }
+    return p.release();
+  } catch (const std::exception& e) {
+    fail(std::string("lowbit: ") + e.what());
+    return nullptr;
   }
 }
 
@@ -109,19 +127,9 @@ int lowbit_repack(const uint8_t* qweight, int64_t row_bytes, int bits, int64_t N
 void* lowbit_weight_new(const uint8_t* w, int64_t w_bytes, const uint16_t* scales, int64_t T, int64_t G,
                         const uint8_t* zeros, const float* bias, double zero_const, int cb, int full_byte, int64_t N,
                         int64_t K, int64_t gb, int64_t ab) {
-  auto* p = new (std::nothrow) lowbit::PreparedWeight();
-  if (p == nullptr) {
-    fail("lowbit: out of memory");
-    return nullptr;
-  }
-  const std::string err =
-      p->init(w, w_bytes, scales, T, G, lowbit::kTileRows, zeros, bias, zero_const, cb, full_byte != 0, N, K, gb, ab);
-  if (!err.empty()) {
-    delete p;
-    fail(err);
-    return nullptr;
-  }
-  return p;
+  return created<lowbit::PreparedWeight>([&](lowbit::PreparedWeight& p) {
+    return p.init(w, w_bytes, scales, T, G, lowbit::kTileRows, zeros, bias, zero_const, cb, full_byte != 0, N, K, gb, ab);
+  });
 }
 
 void lowbit_weight_free(void* w) { delete static_cast<lowbit::PreparedWeight*>(w); }
@@ -161,18 +169,7 @@ void* lowbit_decoder_new(int64_t L, void* const* qkv, void* const* o, void* cons
     w.in_norms.push_back(in_norms[i]);
     w.post_norms.push_back(post_norms[i]);
   }
-  auto* d = new (std::nothrow) lowbit::Decoder();
-  if (d == nullptr) {
-    fail("lowbit: out of memory");
-    return nullptr;
-  }
-  const std::string err = d->init(std::move(w));
-  if (!err.empty()) {
-    delete d;
-    fail(err);
-    return nullptr;
-  }
-  return d;
+  return created<lowbit::Decoder>([&](lowbit::Decoder& d) { return d.init(std::move(w)); });
 }
 
 void lowbit_decoder_free(void* d) { delete static_cast<lowbit::Decoder*>(d); }
