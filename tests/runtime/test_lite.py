@@ -98,17 +98,20 @@ def test_step_is_bit_equal_to_the_torch_engines_native_step(checkpoints: dict[st
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_prefill_matches_and_greedy_tokens_equal(checkpoints: dict[str, Path], name: str) -> None:
-    """The lite prefill (its own RoPE tables, the kernels' attention per query row) equals the torch prefill
-    (SDPA) to float32 rounding; 24 greedy tokens are the torch engine's."""
+    """The lite prefill runs the torch engine's prefill ops on the same kernels (panel GEMM, the kernels' causal
+    prefill attention): bit-equal logits and KV cache given the same RoPE tables; with its own tables (at most
+    one ulp from torch's float32 cos / sin) equal to float32 rounding. 24 greedy tokens are the torch engine's."""
     lm = LiteLM.load(checkpoints[name])
     engine = lean(checkpoints[name])
     ids = torch.tensor([PROMPT])
     want = engine.prefill(ids, max_len=64)[0].numpy()
     got = lm.prefill(PROMPT, max_len=64)
     assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-4
-    # RoPE: transformers' float32 angles, cos rounded once here, torch's float32 cos: at most one ulp apart
-    cos = engine.cos.numpy()[:lm.cos.shape[0]]
+    cos, sin = engine.cos.numpy(), engine.sin.numpy()
     assert np.all(np.abs(lm.cos[:len(cos)] - cos) <= np.spacing(np.abs(cos)))
+    lm.cos, lm.sin = cos.copy(), sin.copy()  # torch's tables: the prefill is then the torch prefill, bit for bit
+    assert np.array_equal(lm.prefill(PROMPT, max_len=64), want)
+    assert np.array_equal(lm.k_cache[:, :, :, :len(PROMPT)], engine.k_cache[:, :, :, :len(PROMPT)].numpy())
     new = engine.generate(ids, max_new_tokens=24).tokens[0].tolist()
     assert lm.generate(PROMPT, 24) == new
     assert list(lm.stream(PROMPT, 24)) == new

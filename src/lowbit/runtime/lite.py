@@ -19,11 +19,11 @@ Loading repacks each weight into the kernels' tiles through the C repack (q/k/v 
 each, as the torch engine fuses them), then drops the memory-mapped source pages, so the resident set is the
 tiles, not tiles + source. Embedding lookups dequantize only the gathered rows.
 
-Numbers: a one-token step is bit-equal to the torch engine's native step on the same state (the same core
-code; ``tests/runtime/test_lite.py``); the prefill runs the same matmuls (the panel GEMM for > 4 rows) with the
-kernels' one-token attention per query row instead of torch's SDPA, so its logits equal the torch prefill's to
-float32 rounding, not bit for bit. RoPE tables take transformers' float32 angles and round their cos / sin once
-(torch's float32 cos may differ by an ulp).
+Numbers (``tests/runtime/test_lite.py``): a one-token step is bit-equal to the torch engine's native step on the
+same state (the same core code), and the prefill to the torch engine's prefill on the same RoPE tables (the same
+ops on the same kernels: the panel GEMM for > 4 rows, the kernels' causal prefill attention). The tables here take
+transformers' float32 angles and round their cos / sin once, where torch's float32 cos / sin may be one ulp off
+(in ~5% of entries), so from a prompt alone the logits equal the torch engine's to float32 rounding.
 
 Example:
     >>> lm = LiteLM.load("out/w4")  # doctest: +SKIP

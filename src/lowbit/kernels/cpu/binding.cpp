@@ -163,9 +163,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& 
   const lowbit::PrefillAttention a{q.data_ptr<float>(), q.stride(0), q.stride(2), q.stride(1), k.data_ptr<float>(),
                                    v.data_ptr<float>(), out.data_ptr<float>(), B, T, H, KV, hd, n, k.size(2) * hd,
                                    static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))};
-  const KernelTable* kt = current_table().load();
-  lowbit::parallel_chunks(B * KV * ceil_div(T, lowbit::kPrefillRows), 1, at::get_num_threads(),
-                          [&](int64_t u0, int64_t u1) { kt->prefill_attend(a, u0, u1); });
+  lowbit::prefill_attention(a, at::get_num_threads());
   return out;
 }
 

@@ -229,6 +229,12 @@ void attend_heads(const DecodeAttention& a, int64_t B, int threads) {
   parallel_chunks(heads, grain, threads, [&](int64_t h0, int64_t h1) { kt->attend(a, h0, h1); });
 }
 
+void prefill_attention(const PrefillAttention& a, int threads) {
+  const KernelTable* kt = current_table().load();
+  parallel_chunks(a.B * a.kv_heads * ceil_div(a.T, kPrefillRows), 1, threads,
+                  [&](int64_t u0, int64_t u1) { kt->prefill_attend(a, u0, u1); });
+}
+
 // --- the decoder --------------------------------------------------------------------------------------------
 namespace {
 
@@ -418,16 +424,9 @@ std::string Decoder::prefill(float* hp, int64_t M, float* logits, float* k_base,
     // The last layer's other rows only fill the cache: its attention, o and MLP run on the last row alone.
     const int64_t r0 = i == L - 1 ? M - 1 : 0, rows = M - r0;
     float* hr = hp + r0 * D;
-    // Causal attention: row m over entries 0..m, one (row, head) per unit; a unit costs ~4 (m + 1) hd flops.
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, (M / 2 + 1) * hd));
-    parallel_chunks(rows * H, grain, threads, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1;) {
-        const int64_t m = r0 + u / H, h0 = u % H, h1 = std::min(H, h0 + (u1 - u));
-        kt->attend(DecodeAttention{q + m * H * hd, kc, vc, attn + (m - r0) * H * hd, H, KV, hd, m + 1, max_len * hd,
-                                   scale}, h0, h1);
-        u += h1 - h0;
-      }
-    });
+    // Causal attention over entries 0..M-1 (row m sees 0..m; the trimmed last layer's one row sees them all).
+    prefill_attention(PrefillAttention{q + r0 * H * hd, M * H * hd, H * hd, hd, kc, vc, attn, 1, rows, H, KV, hd, M,
+                                       max_len * hd, scale}, threads);
     w_.o[i]->compute(attn, rows, y, threads);
     for (int64_t j = 0; j < rows * D; ++j) hr[j] = hr[j] + y[j];
     kt->rms_norm(hr, w_.post_norms[i], D, eps, x, 0, rows);

@@ -98,6 +98,9 @@ void repack_weight(const uint8_t* qweight, int64_t row_bytes, int bits, int64_t 
 // Heads of one query token over a KV cache on the current kernels, on the work pool when they are worth it.
 void attend_heads(const DecodeAttention& a, int64_t B, int threads);
 
+// A prefill's causal attention (lowbit_kernels.h: PrefillAttention) on the current kernels, on the work pool.
+void prefill_attention(const PrefillAttention& a, int threads);
+
 // --- the decoder --------------------------------------------------------------------------------------------
 // Llama-layout decoder layers whose projections are all prepared weights (q/k/v fused in one call, gate/up in
 // one), RMSNorm weights float32 [D]; with a head, the final norm and the packed lm_head. Pointers only: the
@@ -128,7 +131,8 @@ class Decoder {
   // The prompt of one row: h [M, D] (its embeddings; the residual stream, updated) at positions 0..M-1, every
   // layer's K/V written to entries 0..M-1 of a batch-1 cache. The matmuls run on all M rows (the panel GEMM when
   // M > 4), attention is causal (row m over entries 0..m); the last layer's attention, o and MLP run on the last
-  // row only (the others only fill the cache), and with a head, logits [V] of that row. "" or the error.
+  // row only (the others only fill the cache), and with a head, logits [V] of that row: lean_decode.py's prefill on
+  // the kernels (their prefill attention included), the same ops in the same order. "" or the error.
   std::string prefill(float* h, int64_t M, float* logits, float* k_cache, float* v_cache, int64_t max_len,
                       const float* cos, const float* sin, int threads);
 
