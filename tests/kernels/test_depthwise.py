@@ -5,6 +5,10 @@ rounding: asserted at 1e-5 relative to the output's scale, on every ISA, over od
 not a multiple of the vector width, maps smaller than the kernel, asymmetric padding, strides 1-3) and with 1
 and 2 threads; and the swapped modules (float, packed, TF-"same" padding at stride 1 and 2) equal their own
 forward.
+
+Packed per-channel convs run the int8 form (int8 activations per image and channel x the exact integer taps):
+within ``int8_error_bound`` (the activation rounding) plus float32 rounding, on every ISA, over the same shapes
+(symmetric and asymmetric codes, 8 and 4 bits), 1 and 2 threads bit-equal.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from torch import nn
 
 import lowbit.models  # noqa: F401  (the lit spec registers EfficientNet's same-padding convs)
 from lowbit.kernels import fast
-from lowbit.kernels.depthwise import DepthwiseKernel, conv_padding, depthwise_kernels_, tf_same_padding
+from lowbit.kernels.depthwise import (
+    DepthwiseKernel,
+    conv_padding,
+    depthwise_kernels_,
+    int8_error_bound,
+    int8_taps,
+    tf_same_padding,
+)
 from lowbit.kernels.quant_linear import QuantWeightParam
 from lowbit.kernels.static_padding import static_same_padding_
 from lowbit.quant.primitives import QuantSpec, to_packed
@@ -76,6 +87,58 @@ def test_kernel_matches_conv2d(isa: str, case: tuple) -> None:
     _close(_kernel(xcl, weight, None, s, pads, clamp=(0.0, 6.0)), _torch(x, weight, None, s, pads).clamp(0, 6))
 
 
+def _within_int8_bound(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    assert y.shape == ref.shape
+    slack = REL * max(ref.abs().max().item(), 1e-30)  # float32 rounding of the sums and the write-out
+    assert bool(((y - ref).abs() <= int8_error_bound(x, weight) + slack).all())
+
+
+def _packed_conv(c: int, kh: int, kw: int, spec: QuantSpec) -> nn.Conv2d:
+    conv = nn.Conv2d(c, c, (kh, kw), groups=c)
+    QuantWeightParam.attach(conv, to_packed(conv.weight.detach() * 3, spec))
+    return conv
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, symmetric=False)],
+                         ids=["w8", "w8-asym", "w4-asym"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}k{c[4]}s{c[5]}")
+def test_int8_kernel_within_its_bound(isa: str, case: tuple, spec: QuantSpec) -> None:
+    b, c, h, w, k, s, pads = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (s, s) if isinstance(s, int) else s
+    conv = _packed_conv(c, kh, kw, spec)
+    taps, steps = int8_taps(conv)  # type: ignore[misc]
+    weight = conv.weight.detach()  # the dequantized reference
+    assert torch.equal((taps << 16 >> 16).permute(2, 0, 1).unsqueeze(1).float() * steps.view(-1, 1, 1, 1), weight)
+    x = torch.randn(b, c, h, w, generator=GEN) * torch.rand(1, c, 1, 1, generator=GEN) * 4  # channel ranges differ
+    if c > 1:
+        x[:, :1] = 0.0  # an all-zero channel: scale 0
+    pt, pb, pl, pr = pads
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    ext = fast.extension()
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = ext.dwconv_int8(x, taps, steps, conv.bias, sh, sw, pt, pl, oh, ow, False, 0.0, 0.0)  # type: ignore[union-attr]
+        finally:
+            torch.set_num_threads(before)
+        if threads == 1:
+            y1 = y
+    assert torch.equal(y1, y)
+    ref = _torch(x, weight, conv.bias.detach(), s, pads)
+    _within_int8_bound(y, ref, x, weight)
+    assert (y - ref).abs().max() > 0  # it is the int8 form (float would match to rounding)
+    clamped = ext.dwconv_int8(x, taps, steps, None, sh, sw, pt, pl, oh, ow, True, 0.0, 0.5)  # type: ignore[union-attr]
+    _within_int8_bound(clamped, _torch(x, weight, None, s, pads).clamp(0, 0.5), x, weight)
+
+
+def test_int8_taps_only_for_weights_they_hold_exactly() -> None:
+    assert int8_taps(nn.Conv2d(8, 8, 3, groups=8)) is None  # float: the float kernel
+    assert int8_taps(_packed_conv(8, 3, 3, QuantSpec(8, group_size=3))) is None  # grouped along the taps
+    assert int8_taps(_packed_conv(8, 3, 3, QuantSpec(8))) is not None
+
+
 def test_thread_count_does_not_change_results() -> None:
     needs_kernels()
     x = torch.randn(4, 72, 24, 24, generator=GEN)
@@ -112,6 +175,10 @@ def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             calls.append(1)
             return ext.dwconv(*args)
 
+        def dwconv_int8(self, *args: object) -> torch.Tensor:
+            calls.append(8)
+            return ext.dwconv_int8(*args)
+
     monkeypatch.setattr(fast, "extension", lambda: Counting())
     return calls
 
@@ -140,10 +207,11 @@ def test_swapped_convs_equal_their_own_forward(kind: str, stride: int, packed: b
         assert depthwise_kernels_(model) == 1 and depthwise_kernels_(model) == 0  # idempotent
         assert isinstance(conv, DepthwiseKernel) and isinstance(conv, QuantWeightParam) == packed
         assert sorted(conv.state_dict()) == keys
-        _close(conv(x), before)
+        check = (lambda y: _within_int8_bound(y, before, x, conv.weight)) if packed else (lambda y: _close(y, before))
+        check(conv(x))
         with torch.inference_mode():
-            _close(conv(x), before)
-    assert calls == [1, 1]  # both ran on the kernel, not the class's own forward
+            check(conv(x))
+    assert calls == [8 if packed else 1] * 2  # both ran on the kernel (packed: its int8 form), not the own forward
     # Autograd recording runs the class's own forward (gradients flow).
     xg = x.clone().requires_grad_(True)
     conv(xg).sum().backward()
@@ -189,7 +257,7 @@ def test_packed_weight_change_refreshes_the_taps() -> None:
     with torch.no_grad():
         conv(x)
         conv.load_state_dict(other.state_dict())  # new packed codes copied into the same buffers
-        _close(conv(x), F.conv2d(x, other.weight, other.bias, 1, 1, 1, 16))
+        _within_int8_bound(conv(x), F.conv2d(x, other.weight, other.bias, 1, 1, 1, 16), x, other.weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -20,6 +20,15 @@ float32 with each output's taps summed in a fixed order, so it matches ``F.conv2
 (tested). Where the kernel cannot run (extension unavailable, autograd recording, a non-CPU or non-4-D
 input) the class's own forward runs.
 
+Packed convs (int8 towers: ``QuantWeightParam`` on the default "cpu" backend, per-channel, no ``input_scale``;
+the "reference" backend keeps the float kernel on the dequantized taps) run the kernel's int8 form
+instead (``DwConvQ``): the taps are the packed codes minus their zero point, exact (so the weight is the
+dequantized reference's own), the input map is quantized per image and channel to int8 (a[b, c] = max |x| /
+127 over the image's pixels, round half to even), products are summed in int32 and the write-out applies
+a[b, c] * s[c], the bias and a fused clamp. Per-channel scales cost nothing here (a depthwise output reads one
+channel) and keep a channel of small values from losing its precision to a large one. Error: only the
+activation rounding, |y - y_ref| <= a[b, c] / 2 * sum |w[c]| (``int8_error_bound``) plus float32 rounding.
+
 Example:
     >>> depthwise_kernels_(model.vision)  # doctest: +SKIP
     16
@@ -35,16 +44,42 @@ from torch import nn
 
 from lowbit.kernels import fast
 from lowbit.kernels.class_swap import mixed_class
-from lowbit.kernels.quant_linear import clamp_output
+from lowbit.kernels.formats import PackedWeight, symmetric_zero
+from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
 from lowbit.kernels.static_padding import registered_same_padding
 
 _TAPS = "_lowbit_dw_taps"  # instance attribute: (identity of the weight's tensors, taps [KH, KW, C], the tensors)
+_INT_TAPS = "_lowbit_dw_int_taps"  # likewise for the int8 form: (state, (taps, steps) or None, the tensors)
+
+
+def int8_taps(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 kernel's weight of a packed depthwise ``conv``: integer taps int32 [KH, KW, C] (codes minus zero
+    point in the low 16 bits, high 16 bits 0: see lowbit_kernels.h, DwConvQ) and steps float32 [C]; None for a
+    weight it cannot hold exactly (float, grouped along the taps, 1-bit, an ``input_scale``, a variant format)."""
+    if not isinstance(conv, QuantWeightParam) or conv._buffers.get("input_scale") is not None:
+        return None
+    packed = conv.packed
+    if type(packed) is not PackedWeight or packed.bits == 1 or packed.scales.shape[1] != 1:
+        return None
+    kh, kw = packed.shape[2:]
+    codes = packed.codes().to(torch.int32)  # [C, KH * KW]
+    zero = packed.zeros.to(torch.int32) if packed.zeros is not None else int(symmetric_zero(packed.bits))
+    taps = (codes - zero).t().reshape(kh, kw, -1).contiguous() & 0xFFFF
+    return taps, packed.scales[:, 0].to(torch.float32).contiguous()
+
+
+def int8_error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Bound [B, C, 1, 1] on |int8 kernel - F.conv2d on the dequantized weight| of a depthwise conv (besides
+    float32 rounding): the input's rounding to a[b, c] = max |x[b, c]| / 127 steps, at most a / 2 per tap."""
+    a = x.abs().amax(dim=(2, 3), keepdim=True) / 127  # [B, C, 1, 1]
+    return a / 2 * weight.abs().sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
 
 
 def _forward_owner(cls: type) -> type:
-    """The class whose ``forward`` instances of ``cls`` run, ignoring ``DepthwiseKernel`` itself (the forward whose
-    padding the kernel reproduces) and mixins without a forward."""
-    return next(c for c in cls.__mro__ if "forward" in c.__dict__ and c is not DepthwiseKernel)
+    """The class whose ``forward`` instances of ``cls`` run, ignoring the kernel mixins themselves (marked
+    ``_reproduces_padding``: ``DepthwiseKernel``, ``conv_gemm.ConvGemmKernel``; the forward whose padding they
+    reproduce) and mixins without a forward."""
+    return next(c for c in cls.__mro__ if "forward" in c.__dict__ and not c.__dict__.get("_reproduces_padding"))
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -84,6 +119,8 @@ def is_depthwise(conv: nn.Module) -> bool:
 class DepthwiseKernel:
     """Mixin placed before a depthwise conv class: its forward runs on ``cpu/kernels_dwconv_impl.h``."""
 
+    _reproduces_padding = True  # conv_padding reads the padding of the class's own forward
+
     @classmethod
     def kernel_class(cls, base: type) -> type:
         """The (cached) ``Dw<base>`` class."""
@@ -107,6 +144,17 @@ class DepthwiseKernel:
         self.__dict__[_TAPS] = (key, taps, param, list(self._buffers.values()))  # type: ignore[attr-defined]
         return taps
 
+    def _int8_taps(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``int8_taps(self)``, cached until the packed buffers change."""
+        key = fast.buffer_state(self)  # type: ignore[arg-type]
+        hit = self.__dict__.get(_INT_TAPS)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            value = int8_taps(self)  # type: ignore[arg-type]
+        self.__dict__[_INT_TAPS] = (key, value, list(self._buffers.values()))  # type: ignore[attr-defined]
+        return value
+
     # (lo, hi) of an activation fused into the conv (``lowbit.kernels.fuse_act``): clamped before the store.
     output_clamp: tuple[float, float] | None = None
 
@@ -123,6 +171,11 @@ class DepthwiseKernel:
         (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
         oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
         lo, hi = self.output_clamp or (0.0, 0.0)
+        int_taps = (self._int8_taps() if isinstance(self, QuantWeightParam) and self.backend == "cpu"
+                    and x.dtype == torch.float32 else None)
+        if int_taps is not None:
+            return ext.dwconv_int8(x, *int_taps, conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
+                                   self.output_clamp is not None, lo, hi)
         y = ext.dwconv(x, self._taps(), conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
                        self.output_clamp is not None, lo, hi)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -10,7 +10,10 @@ per-call "same" padding copy). This applies, in place and from outside the model
 3. ``inplace_activations_`` (``lowbit.kernels.inplace_act``): activations whose input nothing else reads clamp
    it in place (exact);
 4. ``depthwise_kernels_`` (``lowbit.kernels.depthwise``): depthwise convs run on lowbit's channels-last kernel,
-   any padding (including stride-2 TF "same") without a padded copy (float32 rounding);
+   any padding (including stride-2 TF "same") without a padded copy (float convs: float32 rounding; packed
+   ones on its int8 form: int8 activations per image and channel, ``depthwise.int8_error_bound``); and
+   ``conv_gemm_kernels_`` (``lowbit.kernels.conv_gemm``): packed dense convs with a spatial kernel (a CNN's
+   stem) run im2col + the packed int8 GEMM (the kernels' activation rounding);
 5. ``fuse_activations_`` (``lowbit.kernels.fuse_act``): ReLU / ReLU6 / Hardtanh whose every call site reads a
    kernel layer's fresh output are clamped in that layer's write-out and pass their input through (exact).
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lowbit.kernels.conv_gemm import conv_gemm_kernels_
 from lowbit.kernels.depthwise import depthwise_kernels_
 from lowbit.kernels.fold_bn import FoldReport, fold_batchnorm_
 from lowbit.kernels.fuse_act import fuse_activations_
@@ -42,14 +46,15 @@ from lowbit.kernels.static_padding import static_same_padding_
 @dataclass(frozen=True)
 class InferenceReport:
     """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding,
-    the activation modules made in-place, the depthwise convs put on the kernel and the activation modules fused
-    into the layers feeding them."""
+    the activation modules made in-place, the depthwise convs put on the kernel, the activation modules fused
+    into the layers feeding them and the packed spatial convs put on the GEMM."""
 
     batchnorm: FoldReport
     static_padding: int
     inplace_activations: int
     depthwise_kernels: int = 0
     fused_activations: int = 0
+    conv_gemm_kernels: int = 0
 
 
 def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, static_padding: bool = True,
@@ -63,5 +68,6 @@ def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, stati
     padded = static_same_padding_(model) if static_padding else 0
     inplace = inplace_activations_(model) if inplace_activations else 0
     depthwise = depthwise_kernels_(model) if depthwise_kernels else 0
+    gemm_convs = conv_gemm_kernels_(model) if depthwise_kernels else 0
     fused = fuse_activations_(model) if fuse_activations else 0  # last: it reads which convs are on the kernel
-    return InferenceReport(report, padded, inplace, depthwise, fused)
+    return InferenceReport(report, padded, inplace, depthwise, fused, gemm_convs)

@@ -338,7 +338,11 @@ class QuantWeightParam(_PackedMixin):
         scales:      float16 [N, G];  zeros: uint8 [N, G] (asymmetric only).
         input_scale: float32 [K] (optional), folded into the dequantized weight (W_q / input_scale).
     The module's own ``bias`` and other parameters/buffers are untouched.
+    ``backend`` (``set_backend``): "cpu" lets the kernel transforms run such a conv on the kernels' int8 forms
+    (``depthwise``, ``conv_gemm``); any other value keeps them on the dequantized weight in float.
     """
+
+    backend: str = DEFAULT_BACKEND
 
     @classmethod
     def quant_class(cls, base: type) -> type:
@@ -387,10 +391,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    """Route every ``QuantLinear`` in ``model`` through ``LINEAR_BACKENDS[backend]``."""
+    """Route every ``QuantLinear`` in ``model`` through ``LINEAR_BACKENDS[backend]`` (and tell packed convs:
+    ``QuantWeightParam.backend``)."""
     LINEAR_BACKENDS.get(backend)  # validate the name once, with the standard error
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantWeightParam)):
             m.backend = backend
 
 

@@ -11,6 +11,12 @@
 // once for all PX pixels; zero padding is never materialised: the taps outside the image are skipped (per
 // output row for kh, per pixel at the left and right edges for kw), so any (asymmetric) padding is free.
 // Bias and an output clamp (ReLU / ReLU6) are applied in registers before the one store.
+//
+// The int8 form (DwConvQ, packed int8 vision towers) runs the same loops on other lanes (traits DwQVec): int8
+// activation codes (quantized per image and channel by dw_quantize) widened to int32 lanes, integer taps in the
+// low 16 bits of int32 lanes (high half 0), one pmaddwd / vpdpwssd per tap and channel vector: the lane's high
+// halves multiply to 0, the low ones give xq * tap exactly in int32. The write-out converts the sums once and
+// applies the channel's product scale a[b, c] * s[c], the bias and the clamp.
 
 #ifndef LOWBIT_ISA_NS
 #error "kernels_dwconv_impl.h needs LOWBIT_ISA_NS (include it after kernels_simd_impl.h)"
@@ -36,6 +42,41 @@ struct DwVec {
   static LB_INLINE V set1(float v) { return _mm512_set1_ps(v); }
   static LB_INLINE V zero() { return _mm512_setzero_ps(); }
   static LB_INLINE V clamp(V v, V lo, V hi) { return _mm512_min_ps(_mm512_max_ps(v, lo), hi); }
+  // the lane traits dw_block reads (float: the map and taps are float, the accumulators hold the result)
+  using X = float;
+  using Wt = float;
+  using A = V;
+  static constexpr bool kInt = false;
+  static LB_INLINE A load_x(const float* p) { return load(p); }
+  static LB_INLINE A load_x(const float* p, Mask m, int) { return load(p, m); }
+  static LB_INLINE A load_w(const float* p) { return load(p); }
+  static LB_INLINE A load_w(const float* p, Mask m) { return load(p, m); }
+  static LB_INLINE A mac(A acc, A x, A w) { return fma(x, w, acc); }
+  static LB_INLINE V abs(V v) { return _mm512_abs_ps(v); }
+  static LB_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static LB_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  // n lanes of v rounded half to even, saturated to int8, stored at p
+  static LB_INLINE void store_i8(int8_t* p, V v, int n) {
+    _mm_mask_storeu_epi8(p, mask(n), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+};
+struct DwQVec {  // int8 codes x integer taps (see the top): int32 lanes, vpdpwssd
+  using V = __m512;
+  using Mask = __mmask16;
+  using X = int8_t;
+  using Wt = int32_t;
+  using A = __m512i;
+  static constexpr int L = 16;
+  static constexpr bool kInt = true;
+  static LB_INLINE A load_x(const int8_t* p) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static LB_INLINE A load_x(const int8_t* p, Mask m, int) { return _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)); }
+  static LB_INLINE A load_w(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static LB_INLINE A load_w(const int32_t* p, Mask m) { return _mm512_maskz_loadu_epi32(m, p); }
+  static LB_INLINE A mac(A acc, A x, A w) { return _mm512_dpwssd_epi32(acc, x, w); }
+  static LB_INLINE A azero() { return _mm512_setzero_si512(); }
+  static LB_INLINE V to_float(A acc) { return _mm512_cvtepi32_ps(acc); }
 };
 #else
 struct DwVec {
@@ -53,6 +94,52 @@ struct DwVec {
   static LB_INLINE V set1(float v) { return _mm256_set1_ps(v); }
   static LB_INLINE V zero() { return _mm256_setzero_ps(); }
   static LB_INLINE V clamp(V v, V lo, V hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
+  using X = float;
+  using Wt = float;
+  using A = V;
+  static constexpr bool kInt = false;
+  static LB_INLINE A load_x(const float* p) { return load(p); }
+  static LB_INLINE A load_x(const float* p, Mask m, int) { return load(p, m); }
+  static LB_INLINE A load_w(const float* p) { return load(p); }
+  static LB_INLINE A load_w(const float* p, Mask m) { return load(p, m); }
+  static LB_INLINE A mac(A acc, A x, A w) { return fma(x, w, acc); }
+  static LB_INLINE V abs(V v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+  static LB_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static LB_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static LB_INLINE void store_i8(int8_t* p, V v, int n) {
+    const __m256i i = _mm256_cvtps_epi32(v);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    const __m128i b8 = _mm_packs_epi16(w16, w16);
+    if (n >= 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b8);
+    } else {
+      int8_t tmp[16];
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), b8);
+      std::memcpy(p, tmp, static_cast<size_t>(n));
+    }
+  }
+};
+struct DwQVec {  // int8 codes x integer taps (see the top): int32 lanes, pmaddwd
+  using V = __m256;
+  using Mask = __m256i;
+  using X = int8_t;
+  using Wt = int32_t;
+  using A = __m256i;
+  static constexpr int L = 8;
+  static constexpr bool kInt = true;
+  static LB_INLINE A load_x(const int8_t* p) {
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static LB_INLINE A load_x(const int8_t* p, Mask, int n) {  // no byte-masked load in AVX2: the n bytes via a copy
+    int64_t v = 0;
+    std::memcpy(&v, p, static_cast<size_t>(std::max(0, std::min(n, 8))));
+    return _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v));
+  }
+  static LB_INLINE A load_w(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static LB_INLINE A load_w(const int32_t* p, Mask m) { return _mm256_maskload_epi32(p, m); }
+  static LB_INLINE A mac(A acc, A x, A w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+  static LB_INLINE A azero() { return _mm256_setzero_si256(); }
+  static LB_INLINE V to_float(A acc) { return _mm256_cvtepi32_ps(acc); }
 };
 #endif
 
@@ -60,35 +147,45 @@ struct DwVec {
 // xr: input row of the first valid kh at column 0 (channel 0); wk: the weights of that kh ([KH, KW, C]); nkh
 // valid kernel rows; iw0: input column of pixel 0's tap kw = 0. KWC > 0 fixes the kernel width at compile time
 // (the tap loop unrolls), 0 reads it from p. Guard: taps outside [0, W) are skipped (image edges, PX = 1);
-// without it every tap of every pixel is inside (the caller checks).
-template <int PX, int NV, bool Tail, int KWC, bool Guard>
-LB_INLINE void dw_block(const DwConv& p, const float* xr, const float* wk, int nkh, int64_t iw0, int64_t c,
-                        float* yp) {
+// without it every tap of every pixel is inside (the caller checks). Q: the lane traits (DwVec: float; DwQVec:
+// int8, then `sc` is the image's product scales [C]).
+template <class Q, int PX, int NV, bool Tail, int KWC, bool Guard, class P>
+LB_INLINE void dw_block(const P& p, const typename Q::X* xr, const typename Q::Wt* wk, int nkh, int64_t iw0,
+                        int64_t c, float* yp, const float* sc) {
   using D = DwVec;
   using V = typename D::V;
+  using A = typename Q::A;
   const int64_t C = p.C, rowC = p.W * C, sC = p.SW * C;
   const int KW = KWC > 0 ? KWC : p.KW;
-  const typename D::Mask m = D::mask(static_cast<int>(C - c - (NV - 1) * D::L));
-  auto ld = [&](const float* q, auto vc) __attribute__((always_inline)) {
+  const int tail_n = static_cast<int>(C - c - (NV - 1) * D::L);
+  const typename D::Mask m = D::mask(tail_n);
+  auto ldf = [&](const float* q, auto vc) __attribute__((always_inline)) {
     return Tail && decltype(vc)::value == NV - 1 ? D::load(q, m) : D::load(q);
   };
-  V acc[NV][PX];
+  A acc[NV][PX];
   static_for<0, NV>([&](auto v) __attribute__((always_inline)) {
     constexpr int vi = decltype(v)::value;
-    const V b = p.bias != nullptr ? ld(p.bias + c + vi * D::L, v) : D::zero();
+    A b;
+    if constexpr (Q::kInt) {
+      b = Q::azero();
+    } else {
+      b = p.bias != nullptr ? ldf(p.bias + c + vi * D::L, v) : D::zero();
+    }
     static_for<0, PX>([&](auto i) __attribute__((always_inline)) { acc[vi][decltype(i)::value] = b; });
   });
   for (int kh = 0; kh < nkh; ++kh) {
-    const float* xk = xr + kh * rowC + iw0 * C + c;
-    const float* wr = wk + kh * KW * C + c;
+    const typename Q::X* xk = xr + kh * rowC + iw0 * C + c;
+    const typename Q::Wt* wr = wk + kh * KW * C + c;
     auto tap = [&](int kw) __attribute__((always_inline)) {
       if (Guard && (iw0 + kw < 0 || iw0 + kw >= p.W)) return;
       static_for<0, NV>([&](auto v) __attribute__((always_inline)) {
         constexpr int vi = decltype(v)::value;
-        const V wv = ld(wr + kw * C + vi * D::L, v);
+        constexpr bool part = Tail && vi == NV - 1;
+        const A wv = part ? Q::load_w(wr + kw * C + vi * D::L, m) : Q::load_w(wr + kw * C + vi * D::L);
         static_for<0, PX>([&](auto i) __attribute__((always_inline)) {
           constexpr int px = decltype(i)::value;
-          acc[vi][px] = D::fma(ld(xk + px * sC + kw * C + vi * D::L, v), wv, acc[vi][px]);
+          const typename Q::X* xp = xk + px * sC + kw * C + vi * D::L;
+          acc[vi][px] = Q::mac(acc[vi][px], part ? Q::load_x(xp, m, tail_n) : Q::load_x(xp), wv);
         });
       });
     };
@@ -101,9 +198,20 @@ LB_INLINE void dw_block(const DwConv& p, const float* xr, const float* wk, int n
   const V lo = D::set1(p.lo), hi = D::set1(p.hi);
   static_for<0, NV>([&](auto v) __attribute__((always_inline)) {
     constexpr int vi = decltype(v)::value;
+    V s = D::zero(), b = D::zero();
+    if constexpr (Q::kInt) {
+      s = ldf(sc + c + vi * D::L, v);
+      if (p.bias != nullptr) b = ldf(p.bias + c + vi * D::L, v);
+    }
     static_for<0, PX>([&](auto i) __attribute__((always_inline)) {
       constexpr int px = decltype(i)::value;
-      const V o = p.clamp ? D::clamp(acc[vi][px], lo, hi) : acc[vi][px];
+      V o;
+      if constexpr (Q::kInt) {
+        o = D::fma(Q::to_float(acc[vi][px]), s, b);
+      } else {
+        o = acc[vi][px];
+      }
+      if (p.clamp) o = D::clamp(o, lo, hi);
       float* dst = yp + px * C + c + vi * D::L;
       if constexpr (Tail && vi == NV - 1) {
         D::store(dst, o, m);
@@ -117,22 +225,22 @@ LB_INLINE void dw_block(const DwConv& p, const float* xr, const float* wk, int n
 // One output row, channels [c, c + NV vectors): edge pixels one by one with guarded taps, the interior PX at a
 // time. The channel group is the outer loop of a row so that its weights (KH * KW * NV vectors) stay in L1
 // across the row's pixels (a 5x5 kernel over 672 channels is 67 KB of weights).
-template <int NV, bool Tail, int KWC>
-LB_INLINE void dw_row(const DwConv& p, const float* xr, const float* wk, int nkh, int64_t ow_lo, int64_t ow_hi,
-                      int64_t c, float* yr) {
+template <class Q, int NV, bool Tail, int KWC, class P>
+LB_INLINE void dw_row(const P& p, const typename Q::X* xr, const typename Q::Wt* wk, int nkh, int64_t ow_lo,
+                      int64_t ow_hi, int64_t c, float* yr, const float* sc) {
   constexpr int PX = 4;
   const int64_t C = p.C;
   int64_t ow = 0;
-  for (; ow < ow_lo; ++ow) dw_block<1, NV, Tail, KWC, true>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C);
+  for (; ow < ow_lo; ++ow) dw_block<Q, 1, NV, Tail, KWC, true>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C, sc);
   for (; ow + PX <= ow_hi; ow += PX) {
-    dw_block<PX, NV, Tail, KWC, false>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C);
+    dw_block<Q, PX, NV, Tail, KWC, false>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C, sc);
   }
-  for (; ow < ow_hi; ++ow) dw_block<1, NV, Tail, KWC, false>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C);
-  for (; ow < p.OW; ++ow) dw_block<1, NV, Tail, KWC, true>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C);
+  for (; ow < ow_hi; ++ow) dw_block<Q, 1, NV, Tail, KWC, false>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C, sc);
+  for (; ow < p.OW; ++ow) dw_block<Q, 1, NV, Tail, KWC, true>(p, xr, wk, nkh, ow * p.SW - p.PL, c, yr + ow * C, sc);
 }
 
-template <int KWC>
-void dwconv_rows(const DwConv& p, int64_t r0, int64_t r1) {
+template <class Q, int KWC, class P>
+void dwconv_rows(const P& p, int64_t r0, int64_t r1) {
   constexpr int NV = 2;  // channel vectors per step: with PX = 4 pixels, 8 independent FMA chains
   const int64_t C = p.C, H = p.H, W = p.W, L = DwVec::L;
   // Output columns whose taps are all inside the image: ow * SW - PL >= 0 and ow * SW - PL + KW - 1 < W.
@@ -145,20 +253,57 @@ void dwconv_rows(const DwConv& p, int64_t r0, int64_t r1) {
     const int nkh = std::max(0, static_cast<int>(std::min<int64_t>(p.KH, H - ih)) - kh0);
     float* yr = p.y + r * p.OW * C;
     // With nkh = 0 (the kernel wholly in the padding) no tap reads xr: the outputs are the bias.
-    const float* xr = p.x + ((b * H) + (nkh > 0 ? ih + kh0 : 0)) * W * C;
-    const float* wk = p.w + int64_t{kh0} * p.KW * C;
+    const typename Q::X* xr = p.x + ((b * H) + (nkh > 0 ? ih + kh0 : 0)) * W * C;
+    const typename Q::Wt* wk = p.w + int64_t{kh0} * p.KW * C;
+    const float* sc = nullptr;
+    if constexpr (Q::kInt) sc = p.scale + b * C;
     int64_t c = 0;
-    for (; c + NV * L <= C; c += NV * L) dw_row<NV, false, KWC>(p, xr, wk, nkh, ow_lo, ow_hi, c, yr);
-    for (; c + L <= C; c += L) dw_row<1, false, KWC>(p, xr, wk, nkh, ow_lo, ow_hi, c, yr);
-    if (c < C) dw_row<1, true, KWC>(p, xr, wk, nkh, ow_lo, ow_hi, c, yr);
+    for (; c + NV * L <= C; c += NV * L) dw_row<Q, NV, false, KWC>(p, xr, wk, nkh, ow_lo, ow_hi, c, yr, sc);
+    for (; c + L <= C; c += L) dw_row<Q, 1, false, KWC>(p, xr, wk, nkh, ow_lo, ow_hi, c, yr, sc);
+    if (c < C) dw_row<Q, 1, true, KWC>(p, xr, wk, nkh, ow_lo, ow_hi, c, yr, sc);
   }
 }
 
-void dwconv(const DwConv& p, int64_t r0, int64_t r1) {
+template <class Q, class P>
+void dwconv_any(const P& p, int64_t r0, int64_t r1) {
   switch (p.KW) {  // the common kernel widths unroll their tap loop
-    case 3: dwconv_rows<3>(p, r0, r1); break;
-    case 5: dwconv_rows<5>(p, r0, r1); break;
-    default: dwconv_rows<0>(p, r0, r1);
+    case 3: dwconv_rows<Q, 3>(p, r0, r1); break;
+    case 5: dwconv_rows<Q, 5>(p, r0, r1); break;
+    default: dwconv_rows<Q, 0>(p, r0, r1);
+  }
+}
+
+void dwconv(const DwConv& p, int64_t r0, int64_t r1) { dwconv_any<DwVec>(p, r0, r1); }
+
+void dwconv_q(const DwConvQ& p, int64_t r0, int64_t r1) { dwconv_any<DwQVec>(p, r0, r1); }
+
+// Images [b0, b1) of channels-last maps x [B, P pixels, C] to int8 codes per (image, channel): a[b, c] =
+// max_p |x| / 127, xq = x * (127 / max) rounded half to even (0 for an all-zero channel). Two passes over the
+// image: the channel maxima (kept in a [C] buffer), then the codes.
+void dw_quantize(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int64_t b0, int64_t b1) {
+  using D = DwVec;
+  constexpr int L = D::L;
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < C + L) buf.resize(static_cast<size_t>(C + L));
+  float* mx = buf.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xb = x + b * P * C;
+    int8_t* qb = xq + b * P * C;
+    std::fill(mx, mx + C, 0.0f);
+    for (int64_t px = 0; px < P; ++px) {
+      int64_t c = 0;
+      for (; c + L <= C; c += L) D::store(mx + c, D::max(D::load(mx + c), D::abs(D::load(xb + px * C + c))));
+      for (; c < C; ++c) mx[c] = std::max(mx[c], std::fabs(xb[px * C + c]));
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      a[b * C + c] = mx[c] / 127.0f;
+      mx[c] = mx[c] > 0.0f ? 127.0f / mx[c] : 0.0f;
+    }
+    for (int64_t px = 0; px < P; ++px) {
+      int64_t c = 0;
+      for (; c + L <= C; c += L) D::store_i8(qb + px * C + c, D::mul(D::load(xb + px * C + c), D::load(mx + c)), L);
+      for (; c < C; ++c) qb[px * C + c] = static_cast<int8_t>(std::nearbyint(xb[px * C + c] * mx[c]));
+    }
   }
 }
 

@@ -139,6 +139,49 @@ void dwconv(const DwConv& p, int64_t r0, int64_t r1) {
   }
 }
 
+// The int8 depthwise conv (DwConvQ) and its input quantization, plainly (same arithmetic as the SIMD ones).
+void dwconv_q(const DwConvQ& p, int64_t r0, int64_t r1) {
+  const int64_t C = p.C;
+  std::vector<int32_t> acc(static_cast<size_t>(C));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.OH, oh = r % p.OH;
+    for (int64_t ow = 0; ow < p.OW; ++ow) {
+      std::fill(acc.begin(), acc.end(), 0);
+      for (int kh = 0; kh < p.KH; ++kh) {
+        const int64_t ih = oh * p.SH - p.PT + kh;
+        if (ih < 0 || ih >= p.H) continue;
+        for (int kw = 0; kw < p.KW; ++kw) {
+          const int64_t iw = ow * p.SW - p.PL + kw;
+          if (iw < 0 || iw >= p.W) continue;
+          const int8_t* xp = p.x + ((b * p.H + ih) * p.W + iw) * C;
+          const int32_t* wp = p.w + (int64_t{kh} * p.KW + kw) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<int32_t>(xp[c]) * static_cast<int16_t>(wp[c] & 0xffff);
+        }
+      }
+      float* yp = p.y + (r * p.OW + ow) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float o = static_cast<float>(acc[c]) * p.scale[b * C + c] + (p.bias != nullptr ? p.bias[c] : 0.0f);
+        yp[c] = p.clamp ? std::min(std::max(o, p.lo), p.hi) : o;
+      }
+    }
+  }
+}
+
+void dw_quantize(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int64_t b0, int64_t b1) {
+  std::vector<float> inv(static_cast<size_t>(C));
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      float mx = 0.0f;
+      for (int64_t px = 0; px < P; ++px) mx = std::max(mx, std::fabs(x[(b * P + px) * C + c]));
+      a[b * C + c] = mx / 127.0f;
+      inv[c] = mx > 0.0f ? 127.0f / mx : 0.0f;
+    }
+    for (int64_t i = b * P * C; i < (b + 1) * P * C; ++i) {
+      xq[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv[i % C]));
+    }
+  }
+}
+
 // The small float ops of a decode step (lowbit_kernels.h), plainly: same formulas as kernels_decode_impl.h
 // (std::exp instead of its polynomial, sums in another order).
 void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y, int64_t r0, int64_t r1) {
@@ -228,7 +271,8 @@ float half_to_float(uint16_t h) {
 
 const KernelTable* scalar_kernels() {
   static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv,
-                                 /*u8_rows=*/false, rms_norm, silu_mul, attend, prefill_attend};
+                                 /*u8_rows=*/false, rms_norm, silu_mul, attend, prefill_attend,
+                                 dwconv_q, dw_quantize};
   return &table;
 }
 

@@ -77,6 +77,22 @@ struct DwConv {
   float lo, hi;
 };
 
+// The int8 form of DwConv (packed int8 towers): activation codes xq [B, H, W, C] quantized per image and channel
+// (x ~= a[b, c] * xq, KernelTable::dw_quantize), integer taps [KH, KW, C] (the packed weight's codes minus its
+// zero point, |tap| < 2^15) stored in the low 16 bits of int32 lanes with the high 16 bits 0, int32 sums; then
+// y[b, oh, ow, c] = scale[b, c] * sum + bias[c] (scale = a[b, c] * s[c], s the channel's weight step), clamped.
+struct DwConvQ {
+  const int8_t* x;
+  const int32_t* w;
+  const float* scale;  // [B, C]
+  const float* bias;   // [C], or nullptr
+  float* y;
+  int64_t B, H, W, C, OH, OW;
+  int KH, KW, SH, SW, PT, PL;
+  bool clamp;
+  float lo, hi;
+};
+
 // A precomputed (static) activation scale: x is rounded to clamp(x * inv, lo, hi) with one scale for the whole
 // tensor (no per-row maximum pass); lo/hi are integers within [-127, 127] (a4: [-7, 7], an asymmetric grid with
 // zero point z: [-z, 2^bits - 1 - z]). Passed as nullptr for the dynamic per-row / per-block quantization.
@@ -142,6 +158,10 @@ struct KernelTable {
   void (*attend)(const DecodeAttention& a, int64_t h0, int64_t h1) = nullptr;
   // Work units [u0, u1) of a prefill's causal attention (PrefillAttention).
   void (*prefill_attend)(const PrefillAttention& a, int64_t u0, int64_t u1) = nullptr;
+  // The int8 depthwise conv (DwConvQ), output rows [r0, r1) of B * OH; and the quantization of its input:
+  // images [b0, b1) of x [B, P pixels, C] -> xq (round half to even of x * 127 / max), a[b, c] = max_p |x| / 127.
+  void (*dwconv_q)(const DwConvQ& p, int64_t r0, int64_t r1) = nullptr;
+  void (*dw_quantize)(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int64_t b0, int64_t b1) = nullptr;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
