@@ -24,8 +24,8 @@ from lowbit.quant.primitives import QuantSpec, to_packed
 GEN = torch.Generator().manual_seed(0)
 
 
-def _packed(conv: nn.Conv2d, spec: QuantSpec = QuantSpec(8)) -> nn.Conv2d:
-    QuantWeightParam.attach(conv, to_packed(conv.weight.detach(), spec))
+def _packed(conv: nn.Conv2d) -> nn.Conv2d:
+    QuantWeightParam.attach(conv, to_packed(conv.weight.detach(), QuantSpec(8)))
     return conv
 
 

@@ -6,7 +6,8 @@ not a multiple of the vector width, maps smaller than the kernel, asymmetric pad
 and 2 threads; and the swapped modules (float, packed, TF-"same" padding at stride 1 and 2) equal their own
 forward.
 
-Packed per-channel convs run the int8 form (int8 activations per image and channel x the exact integer taps):
+Packed per-channel convs run the int8 form (int8 activations per image and channel x the exact integer taps,
+both as pairs of adjacent columns):
 within ``int8_error_bound`` (the activation rounding) plus float32 rounding, on every ISA, over the same shapes
 (symmetric and asymmetric codes, 8 and 4 bits), 1 and 2 threads bit-equal.
 """
@@ -109,7 +110,8 @@ def test_int8_kernel_within_its_bound(isa: str, case: tuple, spec: QuantSpec) ->
     conv = _packed_conv(c, kh, kw, spec)
     taps, steps = int8_taps(conv)  # type: ignore[misc]
     weight = conv.weight.detach()  # the dequantized reference
-    assert torch.equal((taps << 16 >> 16).permute(2, 0, 1).unsqueeze(1).float() * steps.view(-1, 1, 1, 1), weight)
+    unpaired = torch.stack([taps << 16 >> 16, taps >> 16], dim=2).flatten(1, 2)[:, :kw]  # [KH, KW, C]
+    assert torch.equal(unpaired.permute(2, 0, 1).unsqueeze(1).float() * steps.view(-1, 1, 1, 1), weight)
     x = torch.randn(b, c, h, w, generator=GEN) * torch.rand(1, c, 1, 1, generator=GEN) * 4  # channel ranges differ
     if c > 1:
         x[:, :1] = 0.0  # an all-zero channel: scale 0
@@ -120,7 +122,7 @@ def test_int8_kernel_within_its_bound(isa: str, case: tuple, spec: QuantSpec) ->
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            y = ext.dwconv_int8(x, taps, steps, conv.bias, sh, sw, pt, pl, oh, ow, False, 0.0, 0.0)  # type: ignore[union-attr]
+            y = ext.dwconv_int8(x, taps, kw, steps, conv.bias, sh, sw, pt, pl, oh, ow, False, 0.0, 0.0)  # type: ignore[union-attr]
         finally:
             torch.set_num_threads(before)
         if threads == 1:
@@ -129,7 +131,7 @@ def test_int8_kernel_within_its_bound(isa: str, case: tuple, spec: QuantSpec) ->
     ref = _torch(x, weight, conv.bias.detach(), s, pads)
     _within_int8_bound(y, ref, x, weight)
     assert (y - ref).abs().max() > 0  # it is the int8 form (float would match to rounding)
-    clamped = ext.dwconv_int8(x, taps, steps, None, sh, sw, pt, pl, oh, ow, True, 0.0, 0.5)  # type: ignore[union-attr]
+    clamped = ext.dwconv_int8(x, taps, kw, steps, None, sh, sw, pt, pl, oh, ow, True, 0.0, 0.5)  # type: ignore[union-attr]
     _within_int8_bound(clamped, _torch(x, weight, None, s, pads).clamp(0, 0.5), x, weight)
 
 

@@ -85,7 +85,12 @@ class ConvGemmKernel:
         h, w = x.shape[-2] + pt + pb, x.shape[-1] + pl + pr
         oh, ow = (h - kh) // stride[0] + 1, (w - kw) // stride[1] + 1
         padded = F.pad(x, (pl, pr, pt, pb)) if any(pads) else x  # type: ignore[arg-type]
-        cols = F.unfold(padded, (kh, kw), stride=stride).transpose(1, 2)  # [B, OH * OW, C * KH * KW]
+        k = conv.in_channels * kh * kw
+        onehot = self.__dict__.get("_lowbit_onehot")
+        if onehot is None or onehot.shape[0] != k:  # filter i picks input i of the weight's flattening
+            onehot = self.__dict__["_lowbit_onehot"] = torch.eye(k).view(k, conv.in_channels, kh, kw)
+        cols = F.conv2d(padded.contiguous(memory_format=torch.channels_last), onehot, None, stride)  # [B, K, OH, OW]
+        cols = cols.permute(0, 2, 3, 1).reshape(x.shape[0], oh * ow, k)  # a view when channels-last
         clamp = getattr(self, "output_clamp", None)
         y = handle.call(cols) if clamp is None else handle.call(cols, True, *clamp)  # [B, OH * OW, N]
         return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)

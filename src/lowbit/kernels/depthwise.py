@@ -24,8 +24,9 @@ Packed convs (int8 towers: ``QuantWeightParam`` on the default "cpu" backend, pe
 the "reference" backend keeps the float kernel on the dequantized taps) run the kernel's int8 form
 instead (``DwConvQ``): the taps are the packed codes minus their zero point, exact (so the weight is the
 dequantized reference's own), the input map is quantized per image and channel to int8 (a[b, c] = max |x| /
-127 over the image's pixels, round half to even), products are summed in int32 and the write-out applies
-a[b, c] * s[c], the bias and a fused clamp. Per-channel scales cost nothing here (a depthwise output reads one
+127 over the image's pixels, round half to even) into pairs of adjacent pixels, so one pmaddwd / vpdpwssd
+multiplies two taps at once; products are summed in int32 and the write-out applies a[b, c] * s[c], the bias
+and a fused clamp. Per-channel scales cost nothing here (a depthwise output reads one
 channel) and keep a channel of small values from losing its precision to a large one. Error: only the
 activation rounding, |y - y_ref| <= a[b, c] / 2 * sum |w[c]| (``int8_error_bound``) plus float32 rounding.
 
@@ -53,9 +54,10 @@ _INT_TAPS = "_lowbit_dw_int_taps"  # likewise for the int8 form: (state, (taps, 
 
 
 def int8_taps(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The int8 kernel's weight of a packed depthwise ``conv``: integer taps int32 [KH, KW, C] (codes minus zero
-    point in the low 16 bits, high 16 bits 0: see lowbit_kernels.h, DwConvQ) and steps float32 [C]; None for a
-    weight it cannot hold exactly (float, grouped along the taps, 1-bit, an ``input_scale``, a variant format)."""
+    """The int8 kernel's weight of a packed depthwise ``conv``: integer tap pairs int32 [KH, ceil(KW / 2), C] (codes
+    minus zero point; taps 2t / 2t + 1 in the low / high 16 bits: see lowbit_kernels.h, DwConvQ) and steps float32
+    [C]; None for a weight it cannot hold exactly (float, grouped along the taps, 1-bit, an ``input_scale``, a
+    variant format)."""
     if not isinstance(conv, QuantWeightParam) or conv._buffers.get("input_scale") is not None:
         return None
     packed = conv.packed
@@ -64,8 +66,11 @@ def int8_taps(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     kh, kw = packed.shape[2:]
     codes = packed.codes().to(torch.int32)  # [C, KH * KW]
     zero = packed.zeros.to(torch.int32) if packed.zeros is not None else int(symmetric_zero(packed.bits))
-    taps = (codes - zero).t().reshape(kh, kw, -1).contiguous() & 0xFFFF
-    return taps, packed.scales[:, 0].to(torch.float32).contiguous()
+    taps = (codes - zero).t().reshape(kh, kw, -1)  # [KH, KW, C]
+    if kw % 2:
+        taps = torch.cat([taps, torch.zeros_like(taps[:, :1])], dim=1)  # the odd last pair's high half: 0
+    pairs = (taps[:, 0::2] & 0xFFFF) | (taps[:, 1::2] << 16)  # int32 wraps: the high half's bits, as stored
+    return pairs.contiguous(), packed.scales[:, 0].to(torch.float32).contiguous()
 
 
 def int8_error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -174,7 +179,7 @@ class DepthwiseKernel:
         int_taps = (self._int8_taps() if isinstance(self, QuantWeightParam) and self.backend == "cpu"
                     and x.dtype == torch.float32 else None)
         if int_taps is not None:
-            return ext.dwconv_int8(x, *int_taps, conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
+            return ext.dwconv_int8(x, int_taps[0], kw, int_taps[1], conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
                                    self.output_clamp is not None, lo, hi)
         y = ext.dwconv(x, self._taps(), conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
                        self.output_clamp is not None, lo, hi)

@@ -311,15 +311,17 @@ torch::Tensor dwconv(const torch::Tensor& x_in, const torch::Tensor& w_in, const
 }
 
 // The int8 depthwise conv (lowbit_kernels.h: DwConvQ) of a float map x [B, C, H, W] (made channels-last):
-// quantized per image and channel, then integer taps [KH, KW, C] (int32 lanes, low 16 bits) with steps s [C].
-torch::Tensor dwconv_int8(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& s,
+// quantized per image and channel into pixel pairs, then tap pairs [KH, ceil(KW / 2), C] with steps s [C];
+// kw: the kernel width.
+torch::Tensor dwconv_int8(const torch::Tensor& x_in, const torch::Tensor& w, int64_t kw, const torch::Tensor& s,
                           const c10::optional<torch::Tensor>& bias, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                           int64_t oh, int64_t ow, bool clamp, double lo, double hi) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == torch::kFloat && w.dim() == 3 &&
                   w.scalar_type() == torch::kInt && w.is_contiguous() && w.size(2) == x_in.size(1) &&
+                  kw >= 1 && w.size(1) == (kw + 1) / 2 &&
                   s.scalar_type() == torch::kFloat && s.numel() == x_in.size(1) && sh >= 1 && sw >= 1 && pt >= 0 &&
                   pl >= 0 && oh >= 0 && ow >= 0,
-              "lowbit dwconv_int8: float32 x [B, C, H, W], int32 taps [KH, KW, C], float32 steps [C], geometry");
+              "lowbit dwconv_int8: float32 x [B, C, H, W], int32 tap pairs [KH, ceil(KW / 2), C], float32 steps [C], geometry");
   const torch::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast), sc = s.contiguous();
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(torch::kFloat).contiguous();
@@ -327,20 +329,20 @@ torch::Tensor dwconv_int8(const torch::Tensor& x_in, const torch::Tensor& w, con
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto y = torch::empty({B, C, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  auto xq = torch::empty({B, H * W * C}, x.options().dtype(torch::kChar));
+  auto xq = torch::empty({B, H * (W + 1) * C}, x.options().dtype(torch::kInt));
   auto a = torch::empty({B, C}, x.options());
   const KernelTable* kt = current_table().load();
   const int threads = at::get_num_threads();
   lowbit::parallel_chunks(B, 1, threads, [&](int64_t b0, int64_t b1) {
-    kt->dw_quantize(x.data_ptr<float>(), H * W, C, xq.data_ptr<int8_t>(), a.data_ptr<float>(), b0, b1);
+    kt->dw_quantize(x.data_ptr<float>(), H, W, C, xq.data_ptr<int32_t>(), a.data_ptr<float>(), b0, b1);
   });
   a.mul_(sc);  // the product scale of each (image, channel)
-  const lowbit::DwConvQ p{xq.data_ptr<int8_t>(), w.data_ptr<int32_t>(), a.data_ptr<float>(),
+  const lowbit::DwConvQ p{xq.data_ptr<int32_t>(), w.data_ptr<int32_t>(), a.data_ptr<float>(),
                           b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), B, H, W, C, oh, ow,
-                          static_cast<int>(w.size(0)), static_cast<int>(w.size(1)), static_cast<int>(sh),
+                          static_cast<int>(w.size(0)), static_cast<int>(kw), static_cast<int>(sh),
                           static_cast<int>(sw), static_cast<int>(pt), static_cast<int>(pl), clamp,
                           static_cast<float>(lo), static_cast<float>(hi)};
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, ow * C * w.size(0) * w.size(1)));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, ow * C * w.size(0) * kw));
   lowbit::parallel_chunks(B * oh, grain, threads, [&](int64_t r0, int64_t r1) { kt->dwconv_q(p, r0, r1); });
   return y;
 }
@@ -377,7 +379,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query token over the first n KV-cache entries", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("n"));
   m.def("dwconv_int8", &dwconv_int8, "int8 depthwise conv: per-(image, channel) int8 activations x integer taps",
-        py::arg("x"), py::arg("taps"), py::arg("steps"), py::arg("bias"), py::arg("sh"), py::arg("sw"), py::arg("pt"),
+        py::arg("x"), py::arg("taps"), py::arg("kw"), py::arg("steps"), py::arg("bias"), py::arg("sh"), py::arg("sw"), py::arg("pt"),
         py::arg("pl"), py::arg("oh"), py::arg("ow"), py::arg("clamp"), py::arg("lo"), py::arg("hi"));
   m.def("prefill_attention", &prefill_attention, "causal attention of a prefill's queries over the KV cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n"));

@@ -12,11 +12,12 @@
 // output row for kh, per pixel at the left and right edges for kw), so any (asymmetric) padding is free.
 // Bias and an output clamp (ReLU / ReLU6) are applied in registers before the one store.
 //
-// The int8 form (DwConvQ, packed int8 vision towers) runs the same loops on other lanes (traits DwQVec): int8
-// activation codes (quantized per image and channel by dw_quantize) widened to int32 lanes, integer taps in the
-// low 16 bits of int32 lanes (high half 0), one pmaddwd / vpdpwssd per tap and channel vector: the lane's high
-// halves multiply to 0, the low ones give xq * tap exactly in int32. The write-out converts the sums once and
-// applies the channel's product scale a[b, c] * s[c], the bias and the clamp.
+// The int8 form (DwConvQ, packed int8 vision towers) runs the same loops on other lanes (traits DwQVec): each
+// int32 lane holds a pair of int16 values, the int8 codes of two horizontally adjacent input pixels (written
+// once per image by dw_quantize) against the pair of taps (kw, kw + 1) of a channel, so one pmaddwd /
+// vpdpwssd does two taps exactly in int32 with no widening in the loop: ceil(KW / 2) instructions per kernel
+// row instead of KW FMAs. The write-out converts the sums once and applies the channel's product scale
+// a[b, c] * s[c], the bias and the clamp.
 
 #ifndef LOWBIT_ISA_NS
 #error "kernels_dwconv_impl.h needs LOWBIT_ISA_NS (include it after kernels_simd_impl.h)"
@@ -47,6 +48,8 @@ struct DwVec {
   using Wt = float;
   using A = V;
   static constexpr bool kInt = false;
+  static constexpr int kPad = 0, kStep = 1;  // map columns before pixel 0; input columns per tap step
+  static constexpr int taps(int kw) { return kw; }
   static LB_INLINE A load_x(const float* p) { return load(p); }
   static LB_INLINE A load_x(const float* p, Mask m, int) { return load(p, m); }
   static LB_INLINE A load_w(const float* p) { return load(p); }
@@ -55,28 +58,29 @@ struct DwVec {
   static LB_INLINE V abs(V v) { return _mm512_abs_ps(v); }
   static LB_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
   static LB_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  // n lanes of v rounded half to even, saturated to int8, stored at p
-  static LB_INLINE void store_i8(int8_t* p, V v, int n) {
-    _mm_mask_storeu_epi8(p, mask(n), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
-  }
 };
-struct DwQVec {  // int8 codes x integer taps (see the top): int32 lanes, vpdpwssd
+struct DwQVec {  // int8 code pairs x tap pairs (see the top): int32 lanes, vpdpwssd
   using V = __m512;
   using Mask = __mmask16;
-  using X = int8_t;
+  using X = int32_t;
   using Wt = int32_t;
   using A = __m512i;
   static constexpr int L = 16;
   static constexpr bool kInt = true;
-  static LB_INLINE A load_x(const int8_t* p) {
-    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static LB_INLINE A load_x(const int8_t* p, Mask m, int) { return _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)); }
+  static constexpr int kPad = 1, kStep = 2;
+  static constexpr int taps(int kw) { return (kw + 1) / 2; }
+  static LB_INLINE A load_x(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static LB_INLINE A load_x(const int32_t* p, Mask m, int) { return _mm512_maskz_loadu_epi32(m, p); }
   static LB_INLINE A load_w(const int32_t* p) { return _mm512_loadu_si512(p); }
   static LB_INLINE A load_w(const int32_t* p, Mask m) { return _mm512_maskz_loadu_epi32(m, p); }
   static LB_INLINE A mac(A acc, A x, A w) { return _mm512_dpwssd_epi32(acc, x, w); }
   static LB_INLINE A azero() { return _mm512_setzero_si512(); }
   static LB_INLINE V to_float(A acc) { return _mm512_cvtepi32_ps(acc); }
+  static LB_INLINE A cvt(V v) { return _mm512_cvtps_epi32(v); }  // round half to even
+  static LB_INLINE A pair(A lo, A hi) {
+    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(hi, 16));
+  }
+  static LB_INLINE void store(int32_t* p, A v) { _mm512_storeu_si512(p, v); }
 };
 #else
 struct DwVec {
@@ -98,6 +102,8 @@ struct DwVec {
   using Wt = float;
   using A = V;
   static constexpr bool kInt = false;
+  static constexpr int kPad = 0, kStep = 1;  // map columns before pixel 0; input columns per tap step
+  static constexpr int taps(int kw) { return kw; }
   static LB_INLINE A load_x(const float* p) { return load(p); }
   static LB_INLINE A load_x(const float* p, Mask m, int) { return load(p, m); }
   static LB_INLINE A load_w(const float* p) { return load(p); }
@@ -106,40 +112,29 @@ struct DwVec {
   static LB_INLINE V abs(V v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
   static LB_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
   static LB_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static LB_INLINE void store_i8(int8_t* p, V v, int n) {
-    const __m256i i = _mm256_cvtps_epi32(v);
-    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-    const __m128i b8 = _mm_packs_epi16(w16, w16);
-    if (n >= 8) {
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b8);
-    } else {
-      int8_t tmp[16];
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), b8);
-      std::memcpy(p, tmp, static_cast<size_t>(n));
-    }
-  }
 };
-struct DwQVec {  // int8 codes x integer taps (see the top): int32 lanes, pmaddwd
+struct DwQVec {  // int8 code pairs x tap pairs (see the top): int32 lanes, pmaddwd
   using V = __m256;
   using Mask = __m256i;
-  using X = int8_t;
+  using X = int32_t;
   using Wt = int32_t;
   using A = __m256i;
   static constexpr int L = 8;
   static constexpr bool kInt = true;
-  static LB_INLINE A load_x(const int8_t* p) {
-    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  }
-  static LB_INLINE A load_x(const int8_t* p, Mask, int n) {  // no byte-masked load in AVX2: the n bytes via a copy
-    int64_t v = 0;
-    std::memcpy(&v, p, static_cast<size_t>(std::max(0, std::min(n, 8))));
-    return _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v));
-  }
+  static constexpr int kPad = 1, kStep = 2;
+  static constexpr int taps(int kw) { return (kw + 1) / 2; }
+  static LB_INLINE A load_x(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static LB_INLINE A load_x(const int32_t* p, Mask m, int) { return _mm256_maskload_epi32(p, m); }
   static LB_INLINE A load_w(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static LB_INLINE A load_w(const int32_t* p, Mask m) { return _mm256_maskload_epi32(p, m); }
   static LB_INLINE A mac(A acc, A x, A w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
   static LB_INLINE A azero() { return _mm256_setzero_si256(); }
   static LB_INLINE V to_float(A acc) { return _mm256_cvtepi32_ps(acc); }
+  static LB_INLINE A cvt(V v) { return _mm256_cvtps_epi32(v); }
+  static LB_INLINE A pair(A lo, A hi) {
+    return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(hi, 16));
+  }
+  static LB_INLINE void store(int32_t* p, A v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 };
 #endif
 
@@ -155,8 +150,8 @@ LB_INLINE void dw_block(const P& p, const typename Q::X* xr, const typename Q::W
   using D = DwVec;
   using V = typename D::V;
   using A = typename Q::A;
-  const int64_t C = p.C, rowC = p.W * C, sC = p.SW * C;
-  const int KW = KWC > 0 ? KWC : p.KW;
+  const int64_t C = p.C, rowC = (p.W + Q::kPad) * C, sC = p.SW * C;
+  const int KW = Q::taps(KWC > 0 ? KWC : p.KW);  // tap steps of a kernel row
   const int tail_n = static_cast<int>(C - c - (NV - 1) * D::L);
   const typename D::Mask m = D::mask(tail_n);
   auto ldf = [&](const float* q, auto vc) __attribute__((always_inline)) {
@@ -174,23 +169,23 @@ LB_INLINE void dw_block(const P& p, const typename Q::X* xr, const typename Q::W
     static_for<0, PX>([&](auto i) __attribute__((always_inline)) { acc[vi][decltype(i)::value] = b; });
   });
   for (int kh = 0; kh < nkh; ++kh) {
-    const typename Q::X* xk = xr + kh * rowC + iw0 * C + c;
+    const typename Q::X* xk = xr + kh * rowC + (iw0 + Q::kPad) * C + c;
     const typename Q::Wt* wr = wk + kh * KW * C + c;
     auto tap = [&](int kw) __attribute__((always_inline)) {
-      if (Guard && (iw0 + kw < 0 || iw0 + kw >= p.W)) return;
+      if (Guard && (iw0 + Q::kStep * kw < -Q::kPad || iw0 + Q::kStep * kw >= p.W)) return;
       static_for<0, NV>([&](auto v) __attribute__((always_inline)) {
         constexpr int vi = decltype(v)::value;
         constexpr bool part = Tail && vi == NV - 1;
         const A wv = part ? Q::load_w(wr + kw * C + vi * D::L, m) : Q::load_w(wr + kw * C + vi * D::L);
         static_for<0, PX>([&](auto i) __attribute__((always_inline)) {
           constexpr int px = decltype(i)::value;
-          const typename Q::X* xp = xk + px * sC + kw * C + vi * D::L;
+          const typename Q::X* xp = xk + px * sC + Q::kStep * kw * C + vi * D::L;
           acc[vi][px] = Q::mac(acc[vi][px], part ? Q::load_x(xp, m, tail_n) : Q::load_x(xp), wv);
         });
       });
     };
     if constexpr (KWC > 0) {
-      static_for<0, KWC>([&](auto kw) __attribute__((always_inline)) { tap(decltype(kw)::value); });
+      static_for<0, Q::taps(KWC)>([&](auto kw) __attribute__((always_inline)) { tap(decltype(kw)::value); });
     } else {
       for (int kw = 0; kw < KW; ++kw) tap(kw);
     }
@@ -253,8 +248,8 @@ void dwconv_rows(const P& p, int64_t r0, int64_t r1) {
     const int nkh = std::max(0, static_cast<int>(std::min<int64_t>(p.KH, H - ih)) - kh0);
     float* yr = p.y + r * p.OW * C;
     // With nkh = 0 (the kernel wholly in the padding) no tap reads xr: the outputs are the bias.
-    const typename Q::X* xr = p.x + ((b * H) + (nkh > 0 ? ih + kh0 : 0)) * W * C;
-    const typename Q::Wt* wk = p.w + int64_t{kh0} * p.KW * C;
+    const typename Q::X* xr = p.x + ((b * H) + (nkh > 0 ? ih + kh0 : 0)) * (W + Q::kPad) * C;
+    const typename Q::Wt* wk = p.w + int64_t{kh0} * Q::taps(p.KW) * C;
     const float* sc = nullptr;
     if constexpr (Q::kInt) sc = p.scale + b * C;
     int64_t c = 0;
@@ -277,18 +272,19 @@ void dwconv(const DwConv& p, int64_t r0, int64_t r1) { dwconv_any<DwVec>(p, r0, 
 
 void dwconv_q(const DwConvQ& p, int64_t r0, int64_t r1) { dwconv_any<DwQVec>(p, r0, r1); }
 
-// Images [b0, b1) of channels-last maps x [B, P pixels, C] to int8 codes per (image, channel): a[b, c] =
-// max_p |x| / 127, xq = x * (127 / max) rounded half to even (0 for an all-zero channel). Two passes over the
-// image: the channel maxima (kept in a [C] buffer), then the codes.
-void dw_quantize(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int64_t b0, int64_t b1) {
+// Images [b0, b1) of channels-last maps x [B, H, W, C] to the int8 kernel's input (DwConvQ): a[b, c] = max |x| /
+// 127 over the image, codes x * (127 / max) rounded half to even (0 for an all-zero channel), stored as pairs:
+// xq [B, H, W + 1, C] int32, entry j of a row = (code of pixel j - 1, code of pixel j), 0 outside the row.
+void dw_quantize(const float* x, int64_t H, int64_t W, int64_t C, int32_t* xq, float* a, int64_t b0, int64_t b1) {
   using D = DwVec;
+  using Q = DwQVec;
   constexpr int L = D::L;
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < C + L) buf.resize(static_cast<size_t>(C + L));
   float* mx = buf.data();
+  const int64_t P = H * W;
   for (int64_t b = b0; b < b1; ++b) {
     const float* xb = x + b * P * C;
-    int8_t* qb = xq + b * P * C;
     std::fill(mx, mx + C, 0.0f);
     for (int64_t px = 0; px < P; ++px) {
       int64_t c = 0;
@@ -299,10 +295,28 @@ void dw_quantize(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int
       a[b * C + c] = mx[c] / 127.0f;
       mx[c] = mx[c] > 0.0f ? 127.0f / mx[c] : 0.0f;
     }
-    for (int64_t px = 0; px < P; ++px) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* xr = xb + h * W * C;
+      int32_t* qr = xq + ((b * H) + h) * (W + 1) * C;
       int64_t c = 0;
-      for (; c + L <= C; c += L) D::store_i8(qb + px * C + c, D::mul(D::load(xb + px * C + c), D::load(mx + c)), L);
-      for (; c < C; ++c) qb[px * C + c] = static_cast<int8_t>(std::nearbyint(xb[px * C + c] * mx[c]));
+      for (; c + L <= C; c += L) {
+        const typename D::V inv = D::load(mx + c);
+        typename Q::A prev = Q::azero();
+        for (int64_t j = 0; j < W; ++j) {
+          const typename Q::A cur = Q::cvt(D::mul(D::load(xr + j * C + c), inv));
+          Q::store(qr + j * C + c, Q::pair(prev, cur));
+          prev = cur;
+        }
+        Q::store(qr + W * C + c, Q::pair(prev, Q::azero()));
+      }
+      for (; c < C; ++c) {
+        int32_t prev = 0;
+        for (int64_t j = 0; j <= W; ++j) {
+          const int32_t cur = j < W ? static_cast<int32_t>(std::nearbyint(xr[j * C + c] * mx[c])) : 0;
+          qr[j * C + c] = static_cast<int32_t>((static_cast<uint32_t>(prev) & 0xffffu) | (static_cast<uint32_t>(cur) << 16));
+          prev = cur;
+        }
+      }
     }
   }
 }

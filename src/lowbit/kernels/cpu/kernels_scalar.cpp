@@ -139,9 +139,15 @@ void dwconv(const DwConv& p, int64_t r0, int64_t r1) {
   }
 }
 
-// The int8 depthwise conv (DwConvQ) and its input quantization, plainly (same arithmetic as the SIMD ones).
+// The int8 depthwise conv (DwConvQ) and its input quantization, plainly (same arithmetic as the SIMD ones:
+// each int32 lane is a pair of int16 values, one pmaddwd = lo * lo + hi * hi).
+int32_t madd_pair(int32_t x, int32_t w) {
+  return static_cast<int32_t>(static_cast<int16_t>(x & 0xffff)) * static_cast<int16_t>(w & 0xffff) +
+         static_cast<int32_t>(static_cast<int16_t>((x >> 16) & 0xffff)) * static_cast<int16_t>((w >> 16) & 0xffff);
+}
+
 void dwconv_q(const DwConvQ& p, int64_t r0, int64_t r1) {
-  const int64_t C = p.C;
+  const int64_t C = p.C, KP = (p.KW + 1) / 2;
   std::vector<int32_t> acc(static_cast<size_t>(C));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.OH, oh = r % p.OH;
@@ -150,12 +156,12 @@ void dwconv_q(const DwConvQ& p, int64_t r0, int64_t r1) {
       for (int kh = 0; kh < p.KH; ++kh) {
         const int64_t ih = oh * p.SH - p.PT + kh;
         if (ih < 0 || ih >= p.H) continue;
-        for (int kw = 0; kw < p.KW; ++kw) {
-          const int64_t iw = ow * p.SW - p.PL + kw;
-          if (iw < 0 || iw >= p.W) continue;
-          const int8_t* xp = p.x + ((b * p.H + ih) * p.W + iw) * C;
-          const int32_t* wp = p.w + (int64_t{kh} * p.KW + kw) * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<int32_t>(xp[c]) * static_cast<int16_t>(wp[c] & 0xffff);
+        for (int64_t t = 0; t < KP; ++t) {
+          const int64_t iw = ow * p.SW - p.PL + 2 * t;  // the pair covers input columns iw, iw + 1
+          if (iw < -1 || iw >= p.W) continue;
+          const int32_t* xp = p.x + ((b * p.H + ih) * (p.W + 1) + iw + 1) * C;
+          const int32_t* wp = p.w + (int64_t{kh} * KP + t) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += madd_pair(xp[c], wp[c]);
         }
       }
       float* yp = p.y + (r * p.OW + ow) * C;
@@ -167,8 +173,9 @@ void dwconv_q(const DwConvQ& p, int64_t r0, int64_t r1) {
   }
 }
 
-void dw_quantize(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int64_t b0, int64_t b1) {
+void dw_quantize(const float* x, int64_t H, int64_t W, int64_t C, int32_t* xq, float* a, int64_t b0, int64_t b1) {
   std::vector<float> inv(static_cast<size_t>(C));
+  const int64_t P = H * W;
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t c = 0; c < C; ++c) {
       float mx = 0.0f;
@@ -176,8 +183,16 @@ void dw_quantize(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int
       a[b * C + c] = mx / 127.0f;
       inv[c] = mx > 0.0f ? 127.0f / mx : 0.0f;
     }
-    for (int64_t i = b * P * C; i < (b + 1) * P * C; ++i) {
-      xq[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv[i % C]));
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t c = 0; c < C; ++c) {
+        auto code = [&](int64_t j) -> uint32_t {
+          if (j < 0 || j >= W) return 0;
+          return static_cast<uint32_t>(static_cast<int32_t>(std::nearbyint(x[((b * H + h) * W + j) * C + c] * inv[c])));
+        };
+        for (int64_t j = 0; j <= W; ++j) {
+          xq[((b * H + h) * (W + 1) + j) * C + c] = static_cast<int32_t>((code(j - 1) & 0xffffu) | (code(j) << 16));
+        }
+      }
     }
   }
 }

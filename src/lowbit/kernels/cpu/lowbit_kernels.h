@@ -77,12 +77,15 @@ struct DwConv {
   float lo, hi;
 };
 
-// The int8 form of DwConv (packed int8 towers): activation codes xq [B, H, W, C] quantized per image and channel
-// (x ~= a[b, c] * xq, KernelTable::dw_quantize), integer taps [KH, KW, C] (the packed weight's codes minus its
-// zero point, |tap| < 2^15) stored in the low 16 bits of int32 lanes with the high 16 bits 0, int32 sums; then
-// y[b, oh, ow, c] = scale[b, c] * sum + bias[c] (scale = a[b, c] * s[c], s the channel's weight step), clamped.
+// The int8 form of DwConv (packed int8 towers): the input map quantized per image and channel to int8 codes
+// (x ~= a[b, c] * code, KernelTable::dw_quantize) and stored as pairs of horizontally adjacent pixels, xq
+// [B, H, W + 1, C] int32: entry j of a row holds (code of pixel j - 1) in the low and (code of pixel j) in the
+// high 16 bits, 0 outside the row; taps as pairs (kw = 2t, 2t + 1) the same way, w [KH, ceil(KW / 2), C] (the
+// packed weight's codes minus its zero point, |tap| < 2^15; the odd last pair's high half 0). A pmaddwd of the
+// two gives both taps' products in int32; y[b, oh, ow, c] = scale[b, c] * sum + bias[c] (scale = a[b, c] * s[c],
+// s the channel's weight step), then clamped.
 struct DwConvQ {
-  const int8_t* x;
+  const int32_t* x;
   const int32_t* w;
   const float* scale;  // [B, C]
   const float* bias;   // [C], or nullptr
@@ -159,9 +162,10 @@ struct KernelTable {
   // Work units [u0, u1) of a prefill's causal attention (PrefillAttention).
   void (*prefill_attend)(const PrefillAttention& a, int64_t u0, int64_t u1) = nullptr;
   // The int8 depthwise conv (DwConvQ), output rows [r0, r1) of B * OH; and the quantization of its input:
-  // images [b0, b1) of x [B, P pixels, C] -> xq (round half to even of x * 127 / max), a[b, c] = max_p |x| / 127.
+  // images [b0, b1) of x [B, H, W, C] -> xq pairs (round half to even of x * 127 / max), a[b, c] = max |x| / 127.
   void (*dwconv_q)(const DwConvQ& p, int64_t r0, int64_t r1) = nullptr;
-  void (*dw_quantize)(const float* x, int64_t P, int64_t C, int8_t* xq, float* a, int64_t b0, int64_t b1) = nullptr;
+  void (*dw_quantize)(const float* x, int64_t H, int64_t W, int64_t C, int32_t* xq, float* a, int64_t b0,
+                      int64_t b1) = nullptr;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
