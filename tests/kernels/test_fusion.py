@@ -139,3 +139,29 @@ def test_incompatible_siblings_stay_apart(second: str) -> None:
         b = QuantLinear.from_packed(to_packed(w, QuantSpec(4, 32)), None, torch.rand(64) + 0.5)
     pair = Pair(a, b)
     assert fuse_shared_inputs(pair) == 0 and GROUP_ATTR not in a.__dict__
+
+
+def test_offset_siblings_fuse_and_equal_their_own_outputs() -> None:
+    """``minmax`` (offset storage: w = q * s + m) q/k/v and gate/up fuse too: one kernel call plus one group-term
+    product for all siblings, equal to each layer's own kernel + group term (float32 rounding of the product)."""
+    needs_kernels()
+    model = tiny_llama()
+    quantize_(model, Recipe.from_dict({"version": 1, "rules": [{"tower": "*", "pattern": "*", "kinds": ["linear"],
+                                                                "method": "minmax", "bits": 4, "group_size": 32}]}),
+              progress=False)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.__dict__[GROUP_ATTR][0]
+    assert [m.__dict__[GROUP_ATTR] for m in (attn.q_proj, attn.k_proj, attn.v_proj)] == [(group, i) for i in range(3)]
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(2)) * 3
+    unfused = copy.deepcopy(model)
+    unfuse_shared_inputs(unfused)
+    alone = unfused.model.layers[0].self_attn
+    with torch.inference_mode():
+        fused = group.outputs(x)
+        assert fused is not None
+        for m, y in zip((alone.q_proj, alone.k_proj, alone.v_proj), fused, strict=True):
+            want = m(x)
+            assert y.shape == want.shape
+            assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+        # A sibling called through its module gets the group's output (one call for the three).
+        assert torch.equal(attn.q_proj(x), fused[0]) and torch.equal(attn.k_proj(x), fused[1])

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, expand_groups, num_groups, symmetric_zero
-from lowbit.kernels.quant_linear import reference_backend
+from lowbit.kernels.quant_linear import GROUP_ATTR, reference_backend
 from lowbit.kernels.variants import ExtraPackedMixin, ShapeSpec, variant_family
 
 
@@ -102,6 +102,11 @@ class _OffsetMixin(ExtraPackedMixin):
 
         if self.backend == "reference" or x.requires_grad or not x.is_cpu:  # type: ignore[attr-defined]
             return reference_backend(self, x)  # type: ignore[arg-type]  # the full dequantized weight, cached
+        shared = self.__dict__.get(GROUP_ATTR)  # fused siblings (kernels.fusion): one call serves them all
+        if shared is not None:
+            y = shared[0].output(shared[1], x)
+            if y is not None:
+                return y
         handle: Any = self._cached("offset_fast", lambda: fast.prepare(self.packed.base()))  # type: ignore[arg-type,return-value]
         if handle.tiles is None:  # kernels unavailable or shape unsupported
             return reference_backend(self, x)  # type: ignore[arg-type]
