@@ -265,6 +265,27 @@ def _timed_batch(fn: Any, batch: int, gap_s: float = 0.01) -> float:
     return (time.perf_counter() - t) / batch * 1e3
 
 
+def accuracy_side(name: str, quant: Any, n: int) -> dict[str, Any]:
+    """One side of ``--accuracy N``: ``quant``'s greedy 8-token answers on the lean engine (``forced_tokens``: what
+    time to first token runs) for the first ``n`` fashion-vqa test questions, and ``lowbit.evaluate`` of the float
+    model and ``quant`` on them (accuracy; KL and agreement of ``quant`` against the float model). Uses only what
+    every lowbit version has (the worker runs it on an older one)."""
+    import lowbit
+    from lowbit.data.vqa import load_vqa
+    from lowbit.models import load_model
+    from lowbit.models.llava_generate import forced_tokens
+
+    data = load_vqa("fashion-vqa", "test", limit=n)
+    with torch.inference_mode():
+        answers = [forced_tokens(quant, quant.preprocess([image]), turns[0].question, 8)[0].tolist()
+                   for image, turns in zip(data.images, data.turns, strict=True)]
+    fp = lowbit.evaluate(load_model(name), "fashion-vqa", limit=n, progress=False)
+    q = lowbit.evaluate(quant, "fashion-vqa", limit=n, reference=fp, progress=False)
+    keep = ("accuracy", "kl", "agreement")
+    return {"answers": answers, "fp": {k: fp["metrics"].get(k) for k in keep},
+            "w4": {k: q["metrics"].get(k) for k in keep}}
+
+
 def worker(name: str, recipe: str) -> None:
     """The baseline side of ``--baseline-src``: this script run on another checkout's ``lowbit`` (PYTHONPATH),
     answering one JSON command per stdin line with one ``@@``-prefixed JSON line (other output is ignored)."""
@@ -281,6 +302,8 @@ def worker(name: str, recipe: str) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "time":
             reply({"ms": _timed_batch(calls[cmd["row"]], int(cmd["batch"]))})
+        elif cmd["op"] == "accuracy":
+            reply(accuracy_side(name, quant, int(cmd["n"])))
         elif cmd["op"] == "profile":
             reply({"profile": profile_ttft(quant.with_config(prune_ratio=AB_ROWS[cmd["row"]]), cmd["repeats"])})
         else:
@@ -325,10 +348,13 @@ class _Baseline:
         self.proc.wait()
 
 
-def ab_ttft(name: str, recipe: str, rounds: int, baseline_src: str, profile_repeats: int = 10) -> dict[str, Any]:
+def ab_ttft(name: str, recipe: str, rounds: int, baseline_src: str, profile_repeats: int = 10,
+            accuracy: int = 0) -> dict[str, Any]:
     """Time to first token of this checkout's w4 rows (optimized for inference) against the same rows of the
     checkout at ``baseline_src`` (a worker process on its ``lowbit``), in interleaved rounds: each round times
-    every row of both once, so machine noise hits old and new alike. Also each side's ``profile_ttft``."""
+    every row of both once, so machine noise hits old and new alike. Also each side's ``profile_ttft``; with
+    ``accuracy`` N, each side's ``accuracy_side`` on N questions (after the timing) and how many greedy answers
+    are identical."""
     import os
 
     threads = torch.get_num_threads()
@@ -349,6 +375,12 @@ def ab_ttft(name: str, recipe: str, rounds: int, baseline_src: str, profile_repe
         for row, ratio in AB_ROWS.items():
             profiles[f"{row} (before)"] = base.ask(op="profile", row=row, repeats=profile_repeats)["profile"]
             profiles[row] = profile_ttft(quant.with_config(prune_ratio=ratio), profile_repeats)
+        check: dict[str, Any] = {}
+        if accuracy:
+            before, after = base.ask(op="accuracy", n=accuracy), accuracy_side(name, quant, accuracy)
+            same = sum(a == b for a, b in zip(before.pop("answers"), after.pop("answers"), strict=True))
+            check = {"questions": accuracy, "before": before, "after (optimized)": after,
+                     "identical_greedy_8_token_answers": same}
     finally:
         base.ask_quit()
     ms = {row: statistics.median(t) for row, t in times.items()}
@@ -358,7 +390,8 @@ def ab_ttft(name: str, recipe: str, rounds: int, baseline_src: str, profile_repe
             "targets": {"w4_le_0.5x_before": ratios[f"w4-language+w8-vision / {before}"] <= 0.5,
                         "w4+prune_le_0.35x_before": ratios[f"w4+prune-0.5 / {before}"] <= 0.35},
             "rounds": rounds, "recipe": recipe, "baseline": base.ready | {"src": str(baseline_src)},
-            "profile_ms": profiles, "load_avg_1min": os.getloadavg()[0], "env": environment(), "threads": threads}
+            "profile_ms": profiles, "accuracy_check": check, "load_avg_1min": os.getloadavg()[0],
+            "env": environment(), "threads": threads}
 
 
 def run(n_fashion: int, n_shapes: int, recipe: str, generic_recipe: str, quick: bool,
@@ -461,6 +494,8 @@ def main() -> None:
                         "against the same rows of the lowbit at this src/ directory (e.g. the commit before a change), "
                         "interleaved in one run; default JSON benchmarks/results/vlm-ttft.json")
     parser.add_argument("--baseline-label", default="", help="what --baseline-src is (e.g. its commit), recorded")
+    parser.add_argument("--accuracy", type=int, default=0, help="with --baseline-src: after the timing, both sides' "
+                        "greedy answers and fashion-vqa accuracy / KL / agreement on this many questions")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # --baseline-src's worker
     parser.add_argument("--json", help=f"default benchmarks/results/vlm.json ({DEFAULT_NAME}) or vlm-MODEL.json")
     args = parser.parse_args()
@@ -473,11 +508,12 @@ def main() -> None:
         worker(args.model, args.recipe)
         return
     if args.ttft_only and args.baseline_src:
-        timing = ab_ttft(args.model, args.recipe, args.rounds, args.baseline_src)
+        timing = ab_ttft(args.model, args.recipe, args.rounds, args.baseline_src, accuracy=args.accuracy)
         timing["baseline"]["label"] = args.baseline_label
+        timing["targets"]["ratios_against"] = args.baseline_label or args.baseline_src  # the issue names its baseline
         timing["command"] = (f"benchmarks/bench_vlm.py --ttft-only --baseline-src {args.baseline_src} "
                              f"--baseline-label '{args.baseline_label}' --model {args.model} --recipe '{args.recipe}' "
-                             f"--rounds {args.rounds} --threads {args.threads}")
+                             f"--rounds {args.rounds} --threads {args.threads} --accuracy {args.accuracy}")
         path = args.json or str(RESULTS / "vlm-ttft.json")
         write_json(path, timing)
         print(timing["ttft_interleaved_ms"], timing["ratios"], f"wrote {path}", sep="\n")

@@ -120,9 +120,18 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w_in, dou
 torch::Tensor silu_mul(const torch::Tensor& g_in, const torch::Tensor& u_in) {
   TORCH_CHECK(g_in.scalar_type() == torch::kFloat && u_in.scalar_type() == torch::kFloat &&
                   g_in.sizes() == u_in.sizes(), "lowbit silu_mul: float32 gate and up of one shape");
-  const torch::Tensor g = g_in.contiguous(), u = u_in.contiguous();
-  auto y = torch::empty_like(g);
-  if (g.numel() > 0) current_table().load()->silu_mul(g.data_ptr<float>(), u.data_ptr<float>(), g.numel(), y.data_ptr<float>());
+  if (g_in.numel() == 0) return torch::empty(g_in.sizes(), g_in.options());
+  // Rows of D values (views of one fused gate/up output have a row stride of 2D: read in place, no copy).
+  const int64_t D = g_in.dim() == 0 ? 1 : g_in.size(-1);
+  torch::Tensor g = g_in.reshape({-1, D}), u = u_in.reshape({-1, D});
+  if (g.stride(1) != 1) g = g.contiguous();
+  if (u.stride(1) != 1) u = u.contiguous();
+  auto y = torch::empty(g_in.sizes(), g_in.options());
+  const KernelTable* kt = current_table().load();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < g.size(0); ++r) {
+    kt->silu_mul(g.data_ptr<float>() + r * g.stride(0), u.data_ptr<float>() + r * u.stride(0), D, yp + r * D);
+  }
   return y;
 }
 
