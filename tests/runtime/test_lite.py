@@ -214,3 +214,37 @@ def test_cli_chat_lite_and_its_refusals(checkpoints: dict[str, Path], capsys: py
     err = capsys.readouterr().err
     assert "does not take --image" in err and len(err.strip().splitlines()) == 1
     assert main(["chat", path + "-missing", "hi", "--lite"]) == 2
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric"), [(4, 64, True), (8, None, True), (3, 32, False)])
+def test_c_abi_weight_equals_the_torch_binding(bits: int, group: int | None, symmetric: bool) -> None:
+    """A weight made through the C ABI over fast.prepare's tiles computes the binding's outputs bit for bit (odd
+    N = 37 and K = 100: a partial tile and K-block), one row (the fused path) and seven (the panel GEMM)."""
+    from lowbit.kernels import fast
+    from lowbit.quant.methods import QuantContext, QuantSpec, get_method
+
+    g = torch.Generator().manual_seed(bits)
+    packed = get_method("rtn").quantize_weight(torch.randn(37, 100, generator=g), QuantSpec(bits, group, symmetric),
+                                               QuantContext(), {}).packed
+    handle = fast.prepare(packed)
+    if handle.call is None:
+        pytest.skip(f"kernels unavailable: {handle.reason}")
+    lib = native.library()
+    tiles, scales = handle.tiles.numpy(), handle.scales.view(torch.int16).numpy()
+    zeros = None if handle.zeros is None else handle.zeros.numpy()
+    weight = lib.lowbit_weight_new(tiles.ctypes.data, tiles.size, scales.ctypes.data, scales.shape[0],
+                                   scales.shape[1], None if zeros is None else zeros.ctypes.data, None,
+                                   handle.zero_const, handle.cb, int(handle.full_byte), 37, 100, handle.group_blocks,
+                                   handle.act_blocks)
+    native.check(weight)
+    try:
+        for m in (1, 7):
+            x = torch.randn(m, 100, generator=g)
+            y = np.empty((m, 37), np.float32)
+            native.check(lib.lowbit_weight_compute(weight, x.numpy().ctypes.data, m, y.ctypes.data))
+            assert np.array_equal(y, handle.call(x).numpy())
+    finally:
+        lib.lowbit_weight_free(weight)
+    with pytest.raises(LowbitError, match="group blocks do not tile K"):
+        native.check(lib.lowbit_weight_new(tiles.ctypes.data, tiles.size, scales.ctypes.data, scales.shape[0],
+                                           scales.shape[1], None, None, 8.0, handle.cb, 0, 37, 100, 0, 1))

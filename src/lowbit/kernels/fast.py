@@ -69,6 +69,7 @@ from lowbit.runtime.native import (  # the torch-free layout constants, sources 
     COMPILE_FLAGS,
     CORE_SOURCES,
     FALLBACK_FLAGS,
+    ISA_ENV,
     SOURCE_DIR,
     TILE_ROWS,
     container_bits,
@@ -79,7 +80,6 @@ from lowbit.runtime.native import (  # the torch-free layout constants, sources 
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
-ISA_ENV = "LOWBIT_KERNEL_ISA"
 SOURCES = ("binding.cpp", *CORE_SOURCES)  # the torch binding over the torch-free core (lowbit.runtime.native)
 _EXT_NAME = "lowbit_cpu_kernels"
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 from lowbit.errors import LowbitError
@@ -38,6 +39,7 @@ COMPILE_FLAGS = ("-O3", "-DNDEBUG", "-fopenmp")
 FALLBACK_FLAGS = ("-O3", "-DNDEBUG", "-DLOWBIT_NO_AVX512", "-DLOWBIT_OMP_POOL=0")
 LIB_NAME = "liblowbit_lite.so"
 COMPILER_ENV = "CXX"
+ISA_ENV = "LOWBIT_KERNEL_ISA"  # forces an instruction set (scalar / avx2 / avx512vnni), here and in kernels.fast
 
 TILE_ROWS = 8  # output rows per tile (lowbit_kernels.h: kTileRows)
 BLOCK = 32  # inputs per K-block (kBlock)
@@ -166,6 +168,10 @@ def library() -> ctypes.CDLL:
             for name, (restype, argtypes) in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, list(argtypes)
+            wanted = os.environ.get(ISA_ENV)
+            if wanted and lib.lowbit_set_isa(wanted.encode()) != 0:
+                warnings.warn(f"lowbit: {ISA_ENV}={wanted!r} is not available here; using "
+                              f"{lib.lowbit_get_isa().decode()!r}", RuntimeWarning, stacklevel=2)
             _lib.append(lib)
     return _lib[0]
 
