@@ -94,6 +94,28 @@ def test_prefill_attention_equals_sdpa(isa: str, threads: int, b: int, heads: in
     assert rel_err(got, want.transpose(1, 2).reshape(b, t, heads * hd)) < REL
 
 
+@pytest.mark.parametrize(("b", "t", "heads", "kv", "hd", "fill"), [(1, 37, 9, 3, 64, 0), (2, 5, 4, 2, 12, 3)])
+def test_rope_cache_equals_the_python_formula(threads: int, b: int, t: int, heads: int, kv: int, hd: int,
+                                              fill: int) -> None:
+    """RoPE of q and k rows (two products, one sum: torch's) and the cache write, from strided views of one fused
+    q/k/v output, bit-equal to lean_decode's ``_rope`` on the transposed heads."""
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(b, t, (heads + 2 * kv) * hd, generator=g)
+    q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], dim=-1)
+    cos, sin = torch.randn(t, hd, generator=g), torch.randn(t, hd, generator=g)
+    kc, vc = torch.zeros(b, kv, fill + t + 2, hd), torch.zeros(b, kv, fill + t + 2, hd)
+    got = fast.extension().rope_cache(q, k, v, cos, sin, kc, vc, fill, heads)  # type: ignore[union-attr]
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # lean_decode.LeanDecoder._rope on [B, n, T, hd]
+        swapped = x.reshape(*x.shape[:3], 2, hd // 2).flip(-2).reshape(x.shape)
+        return x * cos + swapped * sin
+
+    heads_of = lambda x, n: x.reshape(b, t, n, hd).transpose(1, 2)  # noqa: E731
+    assert got.shape == (b, heads, t, hd) and torch.equal(got, rope(heads_of(q, heads)))
+    assert torch.equal(kc[:, :, fill:fill + t], rope(heads_of(k, kv))) and not kc[:, :, :fill].any()
+    assert torch.equal(vc[:, :, fill:fill + t], heads_of(v, kv)) and not vc[:, :, fill + t:].any()
+
+
 def test_decode_ops_refuse_bad_input() -> None:
     needs_kernels()
     ext = fast.extension()

@@ -276,3 +276,22 @@ def test_fastv_bad_settings_give_one_line() -> None:
         engine.generate(ids, prune=InLayerPrune(layer=3, start=1, count=3, keep=1))
     with pytest.raises(LowbitError, match="at least one token after it"):
         engine.generate(ids, prune=InLayerPrune(layer=1, start=4, count=3, keep=1))
+
+
+def test_kv_buffers_reused_only_after_their_engine_is_gone() -> None:
+    import gc
+
+    model = tiny_lm()
+    ids = prompt()
+    first = LeanDecoder(model)
+    first.prefill(ids)
+    alive = LeanDecoder(model)
+    alive.prefill(ids)  # the first engine is alive: its buffers are not shared
+    assert alive.k_cache.data_ptr() != first.k_cache.data_ptr()  # type: ignore[union-attr]
+    ptr = alive.k_cache.data_ptr()  # type: ignore[union-attr]
+    logits = alive.prefill(ids)
+    del alive
+    gc.collect()
+    again = LeanDecoder(model)
+    assert torch.equal(again.prefill(ids), logits)  # same results on the reused (uncleared) buffers
+    assert again.k_cache.data_ptr() == ptr  # type: ignore[union-attr]

@@ -32,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +64,12 @@ SILU_CLASSES = ("torch.nn.modules.activation.SiLU", "transformers.activations.Si
 
 # RoPE types whose cos/sin depend only on the position (dynamic / longrope rescale with the sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# The KV buffers of the last engine that allocated some, kept for the next engine of the same shape once the
+# first is gone (weakref dead: nothing reads them any more). LLaVA builds an engine per answer; fresh 20 MB
+# buffers page-faulted on their first write, ~3 ms of a 1-thread time to first token.
+_KV_SPARE: list[Any] = [None]  # (owner weakref, shape, dtype, k, v) or None
+_KV_LOCK = threading.Lock()
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 Projections = Callable[[torch.Tensor], Sequence[torch.Tensor]]
@@ -222,7 +230,7 @@ class LeanDecoder:
         ]
         self.native = native
         self._ops = _decode_ops(model)  # the kernels' decode ops (float32 rows), or None: torch's ops
-        # the prefill's attention on the kernels (float32 packed models) instead of torch's SDPA
+        # the prefill's attention (and RoPE + cache writes) on the kernels (float32 packed models) instead of torch's
         self._prefill_kernel = self._ops is not None and hasattr(self._ops, "prefill_attention")
         self._silu = [qualname(type(layer.act)) in SILU_CLASSES for layer in self.layers]
         self._stack: Any = None  # the kernels' DecoderStack for one-token steps (bound by reset), or None
@@ -243,8 +251,7 @@ class LeanDecoder:
         dtype = self.norm.dtype
         shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
         if self.k_cache is None or self.k_cache.shape != shape or self.k_cache.dtype != dtype:
-            self.k_cache = torch.empty(shape, dtype=dtype)
-            self.v_cache = torch.empty(shape, dtype=dtype)
+            self.k_cache, self.v_cache = _kv_buffers(self, shape, dtype)
         if self._rope_len < max_len:
             # The model's rotary module: same formula, theta and scaling as its forward. [max_len, head_dim] each
             cos, sin = self.rotary(self.k_cache, torch.arange(max_len).unsqueeze(0))
@@ -301,16 +308,21 @@ class LeanDecoder:
                 t = keep.shape[1]
             x = self._rms(h, layer.in_norm)
             q, k, v = layer.qkv(x)
-            q, k = q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None:  # Qwen3's QK-norm: an RMSNorm over each head's vector, before RoPE
-                q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)  # type: ignore[arg-type]
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, KV, T, hd]
-            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = self.k_cache[i], self.v_cache[i]  # [B, KV, max_len, hd]
             fill = self.fill[i]
-            kc[:, :, fill:fill + t] = k
-            vc[:, :, fill:fill + t] = v
+            if self._prefill_kernel and layer.q_norm is None and cos.dim() == 2 and q.dtype == torch.float32:
+                # the kernels' RoPE of every row, k and v written into the cache in the same pass: q [B, H, T, hd]
+                q = self._ops.rope_cache(q, k, v, cos, sin, kc, vc, fill, self.heads)
+                k = kc[:, :, fill:fill + t]  # (read by FastV's attention scores)
+            else:
+                q, k = q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim)
+                if layer.q_norm is not None:  # Qwen3's QK-norm: an RMSNorm over each head's vector, before RoPE
+                    q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)  # type: ignore[arg-type]
+                q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, KV, T, hd]
+                v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                kc[:, :, fill:fill + t] = k
+                vc[:, :, fill:fill + t] = v
             self.fill[i] = fill + t
             trimmed = causal and i == last_layer and (prune is None or prune.layer - 1 != i)
             if trimmed:
@@ -423,6 +435,18 @@ class LeanDecoder:
                 break
             logits = self.step(tokens)
         return LeanGeneration(out[:, :n], kept)
+
+
+def _kv_buffers(engine: LeanDecoder, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty K and V caches of ``shape``: the spare ones of a dead engine when they fit, else new (see _KV_SPARE)."""
+    with _KV_LOCK:
+        spare = _KV_SPARE[0]
+        if spare is not None and spare[0]() is None and spare[1] == shape and spare[2] == dtype:
+            k, v = spare[3], spare[4]
+        else:
+            k, v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        _KV_SPARE[0] = (weakref.ref(engine), shape, dtype, k, v)
+    return k, v
 
 
 def _decode_ops(model: nn.Module) -> Any:

@@ -176,6 +176,53 @@ torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& 
   return out;
 }
 
+// RoPE of a forward's q and k rows and the KV-cache write (lean_decode.py, float32): q, k, v [B, T, width] (rows of
+// heads x hd, any row stride, contiguous in a row: the fused q/k/v call's views), cos / sin [T, hd] (contiguous,
+// sin with the rotate-half sign folded in); RoPE'd k and v go to entries fill .. fill + T - 1 of the cache layer
+// kc, vc [B, KV, max_len, hd]; the RoPE'd q is returned as [B, H, T, hd] (a view of [B, T, H, hd] memory, the
+// layout prefill_attention reads). The transposes, the two RoPE passes and the cache copies as one op.
+torch::Tensor rope_cache(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                         const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc,
+                         const torch::Tensor& vc, int64_t fill, int64_t heads) {
+  const int64_t KV = kc.dim() == 4 ? kc.size(1) : 0, hd = kc.dim() == 4 ? kc.size(3) : 0;
+  const bool f32 = q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+                   v.scalar_type() == torch::kFloat && cos.scalar_type() == torch::kFloat &&
+                   sin.scalar_type() == torch::kFloat && kc.scalar_type() == torch::kFloat &&
+                   vc.scalar_type() == torch::kFloat;
+  TORCH_CHECK(f32 && q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && kc.dim() == 4 && kc.sizes() == vc.sizes() &&
+                  kc.is_contiguous() && vc.is_contiguous() && q.size(2) == heads * hd && k.size(2) == KV * hd &&
+                  v.size(2) == KV * hd && k.sizes().slice(0, 2) == q.sizes().slice(0, 2) &&
+                  v.sizes().slice(0, 2) == q.sizes().slice(0, 2) && kc.size(0) == q.size(0) &&
+                  q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && cos.dim() == 2 &&
+                  cos.sizes() == sin.sizes() && cos.size(0) == q.size(1) && cos.size(1) == hd && cos.is_contiguous() &&
+                  sin.is_contiguous() && fill >= 0 && fill + q.size(1) <= kc.size(2),
+              "lowbit rope_cache: float32 q, k, v [B, T, heads * hd] (rows contiguous), cos / sin [T, hd], "
+              "caches [B, KV, max_len, hd] with room for T entries after fill");
+  const int64_t B = q.size(0), T = q.size(1), H = heads, max_len = kc.size(2);
+  auto out = torch::empty({B, T, H, hd}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
+  lowbit::parallel_chunks(B * T, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (H + 2 * KV) * hd)),
+                          at::get_num_threads(), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const float* c = cp + t * hd;
+      const float* s = sp + t * hd;
+      const float* qr = qp + b * q.stride(0) + t * q.stride(1);
+      for (int64_t n = 0; n < H; ++n) lowbit::rope(qr + n * hd, c, s, hd, op + (r * H + n) * hd);
+      const float* kr = kp + b * k.stride(0) + t * k.stride(1);
+      const float* vr = vp + b * v.stride(0) + t * v.stride(1);
+      for (int64_t g = 0; g < KV; ++g) {
+        const int64_t off = ((b * KV + g) * max_len + fill + t) * hd;
+        lowbit::rope(kr + g * hd, c, s, hd, kcp + off);
+        std::memcpy(vcp + off, vr + g * hd, sizeof(float) * hd);
+      }
+    }
+  });
+  return out.transpose(1, 2);
+}
+
 // One decode step (one new token per row) through a stack of Llama-layout decoder layers whose projections are
 // all prepared packed weights: the core's Decoder (engine.h) on the tensors' memory, so that a token costs one
 // Python call and no tensor per op. With a head (the final norm's weight and the prepared lm_head), step
@@ -390,6 +437,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_int8", &dwconv_int8, "int8 depthwise conv: per-(image, channel) int8 activations x integer taps",
         py::arg("x"), py::arg("taps"), py::arg("kw"), py::arg("steps"), py::arg("bias"), py::arg("sh"), py::arg("sw"), py::arg("pt"),
         py::arg("pl"), py::arg("oh"), py::arg("ow"), py::arg("clamp"), py::arg("lo"), py::arg("hi"));
+  m.def("rope_cache", &rope_cache, "RoPE of q and k rows, k and v into the KV cache; q as [B, H, T, hd]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("kc"), py::arg("vc"),
+        py::arg("fill"), py::arg("heads"));
   m.def("prefill_attention", &prefill_attention, "causal attention of a prefill's queries over the KV cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),

@@ -236,19 +236,13 @@ void prefill_attention(const PrefillAttention& a, int threads) {
 }
 
 // --- the decoder --------------------------------------------------------------------------------------------
-namespace {
-
 // x * cos + swap_halves(x) * sin, elementwise as torch computes it (two products, one sum).
+// The two halves as separate loops: each vectorizes (one index expression per loop).
 void rope(const float* x, const float* c, const float* s, int64_t hd, float* out) {
   const int64_t half = hd / 2;
-  for (int64_t j = 0; j < hd; ++j) {
-    const float a = x[j] * c[j];
-    const float b = x[j < half ? j + half : j - half] * s[j];
-    out[j] = a + b;
-  }
+  for (int64_t j = 0; j < half; ++j) out[j] = x[j] * c[j] + x[j + half] * s[j];
+  for (int64_t j = half; j < hd; ++j) out[j] = x[j] * c[j] + x[j - half] * s[j];
 }
-
-}  // namespace
 
 std::string Decoder::init(DecoderWeights w) {
   const size_t L = w.qkv.size();

@@ -101,6 +101,10 @@ void attend_heads(const DecodeAttention& a, int64_t B, int threads);
 // A prefill's causal attention (lowbit_kernels.h: PrefillAttention) on the current kernels, on the work pool.
 void prefill_attention(const PrefillAttention& a, int threads);
 
+// RoPE of one head vector: out = x * cos + swap_halves(x) * sin (sin with the rotate-half sign folded in), two
+// products and one sum per value, as torch computes lean_decode.py's formula.
+void rope(const float* x, const float* c, const float* s, int64_t hd, float* out);
+
 // --- the decoder --------------------------------------------------------------------------------------------
 // Llama-layout decoder layers whose projections are all prepared weights (q/k/v fused in one call, gate/up in
 // one), RMSNorm weights float32 [D]; with a head, the final norm and the packed lm_head. Pointers only: the
