@@ -147,22 +147,112 @@ void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
   }
 }
 
+// Lanes of the prefill attention (AttnVec): ymm (AVX2) or, in the AVX-512 build, zmm, which doubles the FMAs
+// and exps per instruction (Zen 5, Sapphire Rapids: full-width 512-bit units).
+struct AttnVec8 {
+  using V = __m256;
+  static constexpr int L = 8;
+  static LB_INLINE V zero() { return _mm256_setzero_ps(); }
+  static LB_INLINE V set1(float v) { return _mm256_set1_ps(v); }
+  static LB_INLINE V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static LB_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static LB_INLINE V load_n(const float* p, int64_t left) { return lowbit::LOWBIT_ISA_NS::load_n(p, left); }
+  static LB_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static LB_INLINE void store_n(float* p, V v, int64_t left) { lowbit::LOWBIT_ISA_NS::store_n(p, v, left); }
+  static LB_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static LB_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static LB_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static LB_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static LB_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static LB_INLINE V exp(V x) { return exp_ps(x); }
+  // lanes [left, L) -> fill (left < L)
+  static LB_INLINE V keep_n(V v, int64_t left, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(tail_mask(left)));
+  }
+  static LB_INLINE float hsum(V v) { return lowbit::LOWBIT_ISA_NS::hsum(v); }
+  static LB_INLINE float hmax(V v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+};
+#if LOWBIT_USE_VNNI
+struct AttnVec16 {
+  using V = __m512;
+  static constexpr int L = 16;
+  static LB_INLINE __mmask16 mask(int64_t left) {
+    return static_cast<__mmask16>(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1u);
+  }
+  static LB_INLINE V zero() { return _mm512_setzero_ps(); }
+  static LB_INLINE V set1(float v) { return _mm512_set1_ps(v); }
+  static LB_INLINE V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static LB_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static LB_INLINE V load_n(const float* p, int64_t left) {
+    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask(left), p);
+  }
+  static LB_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static LB_INLINE void store_n(float* p, V v, int64_t left) {
+    if (left >= 16) {
+      _mm512_storeu_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, mask(left), v);
+    }
+  }
+  static LB_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static LB_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static LB_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static LB_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static LB_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static LB_INLINE V exp(V x) {  // exp_ps, 16 lanes (same constants and steps)
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i ni = _mm512_cvtps_epi32(n);
+    const __m512i h1 = _mm512_srai_epi32(ni, 1), h2 = _mm512_sub_epi32(ni, h1);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h1, _mm512_set1_epi32(127)), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h2, _mm512_set1_epi32(127)), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+  }
+  static LB_INLINE V keep_n(V v, int64_t left, float fill) {
+    return _mm512_mask_blend_ps(mask(left), _mm512_set1_ps(fill), v);
+  }
+  static LB_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static LB_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+};
+using AttnVec = AttnVec16;
+#else
+using AttnVec = AttnVec8;
+#endif
+
 // Work units [u0, u1) of a prefill's causal attention (PrefillAttention). Per unit (one KV group, up to
 // kPrefillRows query rows, every head of the group): the query vectors, pre-scaled, in Q [nq][hd] (vector
-// r * rep + head); K transposed into Kt [hd][nk16] so that scores are a broadcast-FMA block S = Q Kt (4 queries x
-// 16 keys); a softmax per query over its own causal prefix (keys past it get probability 0); then O = P V by a
-// block of 4 queries x 16 dims. Blocks run in reverse order of rows: the long ones are claimed first.
+// r * rep + head); K transposed into Kt [hd][nkp] (nkp: keys padded to 2 vectors) so that scores are a
+// broadcast-FMA block S = Q Kt (4 queries x 2 vectors of keys); a softmax per query over its own causal prefix
+// (keys past it get probability 0); then O = P V by a block of 4 queries x 2 vectors of dims. Blocks run in
+// reverse order of rows: the long ones are claimed first.
 void prefill_attend(const PrefillAttention& a, int64_t u0, int64_t u1) {
+  using D = AttnVec;
+  using V = D::V;
+  constexpr int L = D::L, W = 2 * L;
   const int64_t hd = a.hd, rep = a.heads / a.kv_heads, blocks = (a.T + kPrefillRows - 1) / kPrefillRows;
   const int64_t shift = a.n - a.T;  // query row i sees keys j < i + shift + 1
   thread_local std::vector<float> qbuf, kbuf, sbuf, inv;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t bg = u / blocks, rb = blocks - 1 - u % blocks, b = bg / a.kv_heads, g = bg % a.kv_heads;
     const int64_t i0 = rb * kPrefillRows, rows = std::min<int64_t>(kPrefillRows, a.T - i0);
-    const int64_t nk = i0 + rows + shift, nk16 = (nk + 15) / 16 * 16, nq = rows * rep;
+    const int64_t nk = i0 + rows + shift, nkp = (nk + W - 1) / W * W, nq = rows * rep;
     if (static_cast<int64_t>(qbuf.size()) < nq * hd) qbuf.resize(static_cast<size_t>(nq * hd));
-    if (static_cast<int64_t>(kbuf.size()) < hd * nk16) kbuf.resize(static_cast<size_t>(hd * nk16));
-    if (static_cast<int64_t>(sbuf.size()) < nq * nk16) sbuf.resize(static_cast<size_t>(nq * nk16));
+    if (static_cast<int64_t>(kbuf.size()) < hd * nkp) kbuf.resize(static_cast<size_t>(hd * nkp));
+    if (static_cast<int64_t>(sbuf.size()) < nq * nkp) sbuf.resize(static_cast<size_t>(nq * nkp));
     if (static_cast<int64_t>(inv.size()) < nq) inv.resize(static_cast<size_t>(nq));
     float* Q = qbuf.data();
     float* Kt = kbuf.data();
@@ -177,116 +267,98 @@ void prefill_attend(const PrefillAttention& a, int64_t u0, int64_t u1) {
     const float* k = a.k + (b * a.kv_heads + g) * a.kv_stride;
     const float* v = a.v + (b * a.kv_heads + g) * a.kv_stride;
     for (int64_t j = 0; j < nk; ++j) {
-      for (int64_t d = 0; d < hd; ++d) Kt[d * nk16 + j] = k[j * hd + d];
+      for (int64_t d = 0; d < hd; ++d) Kt[d * nkp + j] = k[j * hd + d];
     }
-    for (int64_t d = 0; d < hd; ++d) std::fill(Kt + d * nk16 + nk, Kt + d * nk16 + nk16, 0.0f);
+    for (int64_t d = 0; d < hd; ++d) std::fill(Kt + d * nkp + nk, Kt + d * nkp + nkp, 0.0f);
     // keys seen by query vector qv: its row's causal prefix
     auto seen = [&](int64_t qv) { return i0 + qv / rep + shift + 1; };
     for (int64_t qv = 0; qv < nq; qv += 4) {
-      const int64_t mq = std::min<int64_t>(4, nq - qv), lim = (seen(qv + mq - 1) + 15) / 16 * 16;
+      const int64_t mq = std::min<int64_t>(4, nq - qv), lim = (seen(qv + mq - 1) + W - 1) / W * W;
       const float* q0 = Q + qv * hd;
       const float* q1 = Q + (qv + (mq > 1 ? 1 : 0)) * hd;
       const float* q2 = Q + (qv + (mq > 2 ? 2 : 0)) * hd;
       const float* q3 = Q + (qv + (mq > 3 ? 3 : 0)) * hd;
-      for (int64_t j0 = 0; j0 < lim; j0 += 16) {
-        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
-               c31 = c00;
+      for (int64_t j0 = 0; j0 < lim; j0 += W) {
+        V c00 = D::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
         const float* kt = Kt + j0;
-        for (int64_t d = 0; d < hd; ++d, kt += nk16) {
-          const __m256 k0 = _mm256_loadu_ps(kt), k1 = _mm256_loadu_ps(kt + 8);
-          __m256 x = _mm256_broadcast_ss(q0 + d);
-          c00 = _mm256_fmadd_ps(x, k0, c00);
-          c01 = _mm256_fmadd_ps(x, k1, c01);
-          x = _mm256_broadcast_ss(q1 + d);
-          c10 = _mm256_fmadd_ps(x, k0, c10);
-          c11 = _mm256_fmadd_ps(x, k1, c11);
-          x = _mm256_broadcast_ss(q2 + d);
-          c20 = _mm256_fmadd_ps(x, k0, c20);
-          c21 = _mm256_fmadd_ps(x, k1, c21);
-          x = _mm256_broadcast_ss(q3 + d);
-          c30 = _mm256_fmadd_ps(x, k0, c30);
-          c31 = _mm256_fmadd_ps(x, k1, c31);
+        for (int64_t d = 0; d < hd; ++d, kt += nkp) {
+          const V k0 = D::load(kt), k1 = D::load(kt + L);
+          V x = D::bcast(q0 + d);
+          c00 = D::fma(x, k0, c00);
+          c01 = D::fma(x, k1, c01);
+          x = D::bcast(q1 + d);
+          c10 = D::fma(x, k0, c10);
+          c11 = D::fma(x, k1, c11);
+          x = D::bcast(q2 + d);
+          c20 = D::fma(x, k0, c20);
+          c21 = D::fma(x, k1, c21);
+          x = D::bcast(q3 + d);
+          c30 = D::fma(x, k0, c30);
+          c31 = D::fma(x, k1, c31);
         }
-        float* s = S + qv * nk16 + j0;
-        _mm256_storeu_ps(s, c00);
-        _mm256_storeu_ps(s + 8, c01);
-        if (mq > 1) _mm256_storeu_ps(s + nk16, c10), _mm256_storeu_ps(s + nk16 + 8, c11);
-        if (mq > 2) _mm256_storeu_ps(s + 2 * nk16, c20), _mm256_storeu_ps(s + 2 * nk16 + 8, c21);
-        if (mq > 3) _mm256_storeu_ps(s + 3 * nk16, c30), _mm256_storeu_ps(s + 3 * nk16 + 8, c31);
+        float* s = S + qv * nkp + j0;
+        D::store(s, c00);
+        D::store(s + L, c01);
+        if (mq > 1) D::store(s + nkp, c10), D::store(s + nkp + L, c11);
+        if (mq > 2) D::store(s + 2 * nkp, c20), D::store(s + 2 * nkp + L, c21);
+        if (mq > 3) D::store(s + 3 * nkp, c30), D::store(s + 3 * nkp + L, c31);
       }
     }
     for (int64_t qv = 0; qv < nq; ++qv) {
-      float* p = S + qv * nk16;
+      float* p = S + qv * nkp;
       const int64_t m = seen(qv);
-      __m256 vmx = _mm256_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < m; j += 8) {
-        const __m256 x = load_n(p + j, m - j);
-        vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_castsi256_ps(tail_mask(m - j))));
+      V vmx = D::set1(-INFINITY);
+      int64_t j = 0;
+      for (; j + L <= m; j += L) vmx = D::max(vmx, D::load(p + j));
+      if (j < m) vmx = D::max(vmx, D::keep_n(D::load_n(p + j, m - j), m - j, -INFINITY));
+      const V mx = D::set1(D::hmax(vmx));
+      V sum = D::zero();
+      for (j = 0; j + L <= m; j += L) {
+        const V e = D::exp(D::sub(D::load(p + j), mx));
+        D::store(p + j, e);
+        sum = D::add(sum, e);
       }
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_max_ss(h, _mm_movehdup_ps(h));
-      const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(h));
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < m; j += 8) {
-        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(load_n(p + j, m - j), mx)),
-                                       _mm256_castsi256_ps(tail_mask(m - j)));
-        store_n(p + j, e, m - j);
-        sum = _mm256_add_ps(sum, e);
+      if (j < m) {  // the tail's masked lanes load 0: exp(0 - mx) must not count
+        const V e = D::keep_n(D::exp(D::sub(D::load_n(p + j, m - j), mx)), m - j, 0.0f);
+        D::store_n(p + j, e, m - j);
+        sum = D::add(sum, e);
       }
-      std::fill(p + m, p + nk16, 0.0f);  // past the causal prefix (read by the 4-query block of P V)
-      inv[qv] = 1.0f / hsum(sum);
+      std::fill(p + m, p + nkp, 0.0f);  // past the causal prefix (read by the 4-query block of P V)
+      inv[qv] = 1.0f / D::hsum(sum);
     }
     for (int64_t qv = 0; qv < nq; qv += 4) {
       const int64_t mq = std::min<int64_t>(4, nq - qv), lim = seen(qv + mq - 1);
-      const float* p0 = S + qv * nk16;
-      const float* p1 = S + (qv + (mq > 1 ? 1 : 0)) * nk16;
-      const float* p2 = S + (qv + (mq > 2 ? 2 : 0)) * nk16;
-      const float* p3 = S + (qv + (mq > 3 ? 3 : 0)) * nk16;
-      for (int64_t d0 = 0; d0 < hd; d0 += 16) {
-        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
-               c31 = c00;
+      const float* p0 = S + qv * nkp;
+      const float* p1 = S + (qv + (mq > 1 ? 1 : 0)) * nkp;
+      const float* p2 = S + (qv + (mq > 2 ? 2 : 0)) * nkp;
+      const float* p3 = S + (qv + (mq > 3 ? 3 : 0)) * nkp;
+      for (int64_t d0 = 0; d0 < hd; d0 += W) {
+        V c00 = D::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
         const float* vj = v + d0;
-        if (hd - d0 >= 16) {
-          for (int64_t j = 0; j < lim; ++j, vj += hd) {
-            const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
-            __m256 x = _mm256_broadcast_ss(p0 + j);
-            c00 = _mm256_fmadd_ps(x, v0, c00);
-            c01 = _mm256_fmadd_ps(x, v1, c01);
-            x = _mm256_broadcast_ss(p1 + j);
-            c10 = _mm256_fmadd_ps(x, v0, c10);
-            c11 = _mm256_fmadd_ps(x, v1, c11);
-            x = _mm256_broadcast_ss(p2 + j);
-            c20 = _mm256_fmadd_ps(x, v0, c20);
-            c21 = _mm256_fmadd_ps(x, v1, c21);
-            x = _mm256_broadcast_ss(p3 + j);
-            c30 = _mm256_fmadd_ps(x, v0, c30);
-            c31 = _mm256_fmadd_ps(x, v1, c31);
-          }
-        } else {
-          for (int64_t j = 0; j < lim; ++j, vj += hd) {
-            const __m256 v0 = load_n(vj, hd - d0), v1 = load_n(vj + 8, hd - d0 - 8);
-            __m256 x = _mm256_broadcast_ss(p0 + j);
-            c00 = _mm256_fmadd_ps(x, v0, c00);
-            c01 = _mm256_fmadd_ps(x, v1, c01);
-            x = _mm256_broadcast_ss(p1 + j);
-            c10 = _mm256_fmadd_ps(x, v0, c10);
-            c11 = _mm256_fmadd_ps(x, v1, c11);
-            x = _mm256_broadcast_ss(p2 + j);
-            c20 = _mm256_fmadd_ps(x, v0, c20);
-            c21 = _mm256_fmadd_ps(x, v1, c21);
-            x = _mm256_broadcast_ss(p3 + j);
-            c30 = _mm256_fmadd_ps(x, v0, c30);
-            c31 = _mm256_fmadd_ps(x, v1, c31);
-          }
+        const bool full = hd - d0 >= W;
+        for (int64_t j = 0; j < lim; ++j, vj += hd) {
+          const V v0 = full ? D::load(vj) : D::load_n(vj, hd - d0);
+          const V v1 = full ? D::load(vj + L) : D::load_n(vj + L, hd - d0 - L);
+          V x = D::bcast(p0 + j);
+          c00 = D::fma(x, v0, c00);
+          c01 = D::fma(x, v1, c01);
+          x = D::bcast(p1 + j);
+          c10 = D::fma(x, v0, c10);
+          c11 = D::fma(x, v1, c11);
+          x = D::bcast(p2 + j);
+          c20 = D::fma(x, v0, c20);
+          c21 = D::fma(x, v1, c21);
+          x = D::bcast(p3 + j);
+          c30 = D::fma(x, v0, c30);
+          c31 = D::fma(x, v1, c31);
         }
-        const __m256 accs[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+        const V accs[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
         for (int64_t t = 0; t < mq; ++t) {
           const int64_t qi = qv + t, r = qi / rep, hl = qi % rep;
           float* o = a.out + ((b * a.T + i0 + r) * a.heads + g * rep + hl) * hd + d0;
-          const __m256 s = _mm256_set1_ps(inv[qi]);
-          store_n(o, _mm256_mul_ps(accs[t][0], s), hd - d0);
-          if (hd - d0 > 8) store_n(o + 8, _mm256_mul_ps(accs[t][1], s), hd - d0 - 8);
+          const V sc = D::set1(inv[qi]);
+          D::store_n(o, D::mul(accs[t][0], sc), hd - d0);
+          if (hd - d0 > L) D::store_n(o + L, D::mul(accs[t][1], sc), hd - d0 - L);
         }
       }
     }
