@@ -42,6 +42,9 @@ the native step (``LeanDecoder(native=True)``, one C++ call per token) and witho
     flock /work/heavy.lock .venv/bin/python benchmarks/bench_decode.py          # -> results/decode.json + .md
     .venv/bin/python benchmarks/bench_decode.py --rounds 1 --threads 2 --json /tmp/d.json  # quick
     .venv/bin/python benchmarks/bench_decode.py --profile --json /tmp/profile.json
+    .venv/bin/python benchmarks/bench_decode.py --rounds 1 --reps 2 --threads 2,1 --json results/decode-lite.json \
+        --rows "lowbit w4g128 RTN,lowbit-lite w4g128 RTN,lowbit-lite w4g32 GPTQ,lowbit w4g32 GPTQ,lowbit-lite w8,\
+lowbit w8,llama.cpp Q4_0,llama.cpp Q8_0"   # the torch-free rows beside the torch engine's (decode-lite.json)
 """
 
 from __future__ import annotations

@@ -190,7 +190,11 @@ def test_refusals_are_one_line(checkpoints: dict[str, Path], tmp_path: Path) -> 
     (weights / "model.safetensors").unlink()
     noconfig = edited(src, tmp_path / "noconfig")
     (noconfig / "architecture" / "config.json").unlink()
-    cases += [(weights, "weights are missing"), (noconfig, "config.json is missing")]
+    truncated = edited(src, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:len(data) // 2])
+    cases += [(weights, "weights are missing"), (noconfig, "config.json is missing"),
+              (truncated, "not a complete safetensors file")]
     for path, message in cases:
         with pytest.raises(LowbitError, match=message) as info:
             LiteLM.load(path)
