@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_vlm.py                  # -> benchmarks/results/vlm.json
     .venv/bin/python benchmarks/bench_vlm.py --fashion 40 --shapes 20 --quick   # smoke run
     .venv/bin/python benchmarks/bench_vlm.py --ttft-only --rows prune,fastv,w4 --threads 1  # -> vlm-ttft.json
-    .venv/bin/python benchmarks/bench_vlm.py --ttft-only --baseline-src OLD/src --baseline-label COMMIT --threads 1
-                                                  # -> vlm-ttft.json: w4 rows of this checkout vs OLD's, one run
+    .venv/bin/python benchmarks/bench_vlm.py --ttft-only --baseline-src OLD/src --baseline-label COMMIT --threads 1 \
+        --accuracy 48                             # -> vlm-ttft.json: w4 rows of this checkout vs OLD's, one run
+                                                  #    (+ both sides' answers / accuracy / KL on 48 questions)
     .venv/bin/python benchmarks/bench_vlm.py --model llava-fashion --rows prune,fastv,kv,w4
                                                   # -> benchmarks/results/vlm-llava-fashion.json
 

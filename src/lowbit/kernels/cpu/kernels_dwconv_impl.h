@@ -285,11 +285,26 @@ void dw_quantize(const float* x, int64_t H, int64_t W, int64_t C, int32_t* xq, f
   const int64_t P = H * W;
   for (int64_t b = b0; b < b1; ++b) {
     const float* xb = x + b * P * C;
-    std::fill(mx, mx + C, 0.0f);
-    for (int64_t px = 0; px < P; ++px) {
-      int64_t c = 0;
-      for (; c + L <= C; c += L) D::store(mx + c, D::max(D::load(mx + c), D::abs(D::load(xb + px * C + c))));
-      for (; c < C; ++c) mx[c] = std::max(mx[c], std::fabs(xb[px * C + c]));
+    // Channel maxima: per channel vector, four independent max chains over the pixels (one chain through
+    // memory per pixel was latency-bound: ~3x slower on a 96x96 map).
+    int64_t c0 = 0;
+    for (; c0 + L <= C; c0 += L) {
+      typename D::V m0 = D::zero(), m1 = m0, m2 = m0, m3 = m0;
+      const float* xc = xb + c0;
+      int64_t px = 0;
+      for (; px + 4 <= P; px += 4, xc += 4 * C) {
+        m0 = D::max(m0, D::abs(D::load(xc)));
+        m1 = D::max(m1, D::abs(D::load(xc + C)));
+        m2 = D::max(m2, D::abs(D::load(xc + 2 * C)));
+        m3 = D::max(m3, D::abs(D::load(xc + 3 * C)));
+      }
+      for (; px < P; ++px, xc += C) m0 = D::max(m0, D::abs(D::load(xc)));
+      D::store(mx + c0, D::max(D::max(m0, m1), D::max(m2, m3)));
+    }
+    for (int64_t c = c0; c < C; ++c) {
+      float m = 0.0f;
+      for (int64_t px = 0; px < P; ++px) m = std::max(m, std::fabs(xb[px * C + c]));
+      mx[c] = m;
     }
     for (int64_t c = 0; c < C; ++c) {
       a[b * C + c] = mx[c] / 127.0f;
