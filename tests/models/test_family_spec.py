@@ -106,7 +106,10 @@ def test_gptq_save_reload_runs_on_the_kernels(family_dir: Path, tmp_path: Path) 
     # Clamp6 after each packed 1x1 expand and each depthwise kernel (the stem's k x k conv is no kernel layer)
     assert fast.fused_activations == 2 * VISION_BLOCKS
     assert sum(isinstance(m, FusedActivation) for m in packed.modules()) == fast.fused_activations
-    torch.testing.assert_close(_embeddings(packed, inputs), reloaded, rtol=0, atol=1e-5)  # measured 1.6e-7
+    # The packed depthwise convs (per image and channel) and the stem (on the int8 GEMM) now run int8
+    # activations, where the unoptimized model computes them in float: close, not equal.
+    assert fast.conv_gemm_kernels == 1
+    assert _cosine(_embeddings(packed, inputs), reloaded) > 0.9999  # measured 0.99998
 
 
 def test_block_ap_save_reload_runs_on_the_kernels(family_dir: Path, tmp_path: Path) -> None:
