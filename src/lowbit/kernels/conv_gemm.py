@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels import fast
-from lowbit.kernels.class_swap import mixed_class
+from lowbit.kernels.class_swap import mixed_class, swap_eligible_
 from lowbit.kernels.depthwise import conv_padding
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
@@ -99,9 +99,4 @@ class ConvGemmKernel:
 def conv_gemm_kernels_(model: nn.Module) -> int:
     """Re-class every eligible packed conv of ``model`` to run im2col + the packed GEMM; returns how many.
     Idempotent."""
-    count = 0
-    for m in model.modules():
-        if not isinstance(m, ConvGemmKernel) and is_gemm_conv(m):
-            m.__class__ = ConvGemmKernel.kernel_class(type(m))
-            count += 1
-    return count
+    return swap_eligible_(model, ConvGemmKernel, is_gemm_conv)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels import fast
-from lowbit.kernels.class_swap import mixed_class
+from lowbit.kernels.class_swap import mixed_class, swap_eligible_
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
 from lowbit.kernels.static_padding import registered_same_padding
@@ -189,9 +189,4 @@ class DepthwiseKernel:
 def depthwise_kernels_(model: nn.Module) -> int:
     """Re-class every eligible depthwise conv of ``model`` to run on the kernel; returns how many. Idempotent;
     outputs equal the convs' own to float32 rounding."""
-    count = 0
-    for m in model.modules():
-        if not isinstance(m, DepthwiseKernel) and is_depthwise(m):
-            m.__class__ = DepthwiseKernel.kernel_class(type(m))
-            count += 1
-    return count
+    return swap_eligible_(model, DepthwiseKernel, is_depthwise)
