@@ -45,10 +45,10 @@ def _sample(name: str, gs: int) -> PackedWeight:
 
 
 def _magnitude(packed: PackedWeight) -> torch.Tensor:
-    """|W| as the float32 accumulation sees it (for offsets: the symmetric part and the group constants)."""
+    """|W| as the float32 accumulation sees it (for offsets: the codes' part q * s and the minima, summed apart)."""
     if isinstance(packed, OffsetPacked):
-        consts = expand_groups(packed.group_constants().abs(), K, packed.group_size)
-        return packed.base().dequantize().abs() + consts
+        steps = expand_groups(packed.scales.float(), K, packed.group_size)
+        return packed.codes().float() * steps + expand_groups(packed.offsets.float().abs(), K, packed.group_size)
     return packed.dequantize().abs()
 
 
@@ -62,7 +62,7 @@ def measure(name: str, gs: int, path: str) -> tuple[float, float]:
     if path == "reference":
         layer.backend = "reference"
     elif row.error_bound is not exact_bound:  # a kernel row must really reach the kernels
-        handle = fast.prepare(packed.base() if isinstance(packed, OffsetPacked) else packed)
+        handle = fast.prepare(packed)
         assert handle.tiles is not None, handle.reason
     worst, rel = 0.0, 0.0
     for m in MS:

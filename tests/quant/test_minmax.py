@@ -10,7 +10,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import fast
-from lowbit.kernels.offsets import OffsetLinear, OffsetPacked, group_sums
+from lowbit.kernels.offsets import OffsetLinear, OffsetPacked
 from lowbit.quant.apply import quantize_
 from lowbit.quant.minmax import minmax_pack
 from lowbit.quant.primitives import QuantSpec, fake_quantize
@@ -66,12 +66,6 @@ def test_bad_specs_are_clear_errors() -> None:
         minmax_pack(torch.randn(4, 32), QuantSpec(1, 32))
 
 
-def test_group_sums_pad_the_last_group() -> None:
-    x = torch.arange(10.0).reshape(1, 10)
-    assert group_sums(x, 4).tolist() == [[6.0, 22.0, 17.0]]
-
-
-@pytest.mark.parametrize("m", [1, 3, 17])
 def test_kernel_path_matches_the_reference_within_the_kernel_bound(m: int) -> None:
     if not fast.is_available():
         pytest.skip(f"kernels unavailable: {fast.unavailable_reason()}")

@@ -212,6 +212,8 @@ class FastWeight:
         tiles: uint8 [T, KB, 32*cb] codes in the kernel layout, or None when the fast path is not used.
         scales: float16 [T, G, 8] effective scales s (binary: 2*s).
         zeros: uint8 [T, G, 8] zero points (asymmetric formats), or None.
+        mins: float16 [T, G, 8] group minima of offset storage (``kernels.offsets``: w = q * s + m), or None;
+            the kernels add their term ``m * sum x`` in the write-out (zero_const is then 1).
         zero_const: the constant zero point of symmetric formats (2^(bits-1); 1/2 for binary).
         cb: container bits of ``tiles`` (3-bit codes use 4, 5 and 6-bit codes 8).
         full_byte: codes use all 8 bits (selects the saturation-safe AVX2 dot product).
@@ -236,6 +238,7 @@ class FastWeight:
     reason: str | None
     act_blocks: int = 1
     call: Any = None
+    mins: torch.Tensor | None = None
 
     @property
     def act_block(self) -> int:
@@ -248,8 +251,8 @@ class FastWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernels stream per call (tiles + scales + zeros)."""
-        ts = [t for t in (self.tiles, self.scales, self.zeros) if t is not None]
+        """Bytes the kernels stream per call (tiles + scales + zeros or minima)."""
+        ts = [t for t in (self.tiles, self.scales, self.zeros, self.mins) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -338,7 +341,8 @@ def release_packed(packed: PackedWeight) -> int:
     model does not hold its weights twice. Bytes released."""
     from lowbit.io import release_pages
 
-    return sum(release_pages(t) for t in (packed.qweight, packed.scales, packed.zeros) if t is not None)
+    stored = (packed.qweight, packed.scales, packed.zeros, getattr(packed, "offsets", None))
+    return sum(release_pages(t) for t in stored if t is not None)
 
 
 def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list[int] | None = None,
@@ -361,7 +365,8 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
         reason = unavailable_reason()
     cb = container_bits(bits)
     n, k = packed.out_features, packed.in_features
-    zero_const = symmetric_zero(bits) if packed.zeros is None else 1.0
+    offsets = getattr(packed, "offsets", None)  # offset storage (kernels.offsets, w = q * s + m): fp16 [N, G]
+    zero_const = symmetric_zero(bits) if packed.zeros is None and offsets is None else 1.0
     if reason is not None:
         return FastWeight(packed, None, None, None, zero_const, cb, cb == 8, n, k, 0, reason)
     g = packed.scales.shape[1]
@@ -371,13 +376,14 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
     tiles = repack(packed.qweight, bits, n, k)
     tiled_scales = _tile_rows(scales.to(torch.float16), n)
     zeros = None if packed.zeros is None else _tile_rows(packed.zeros, n)
+    mins = None if offsets is None else _tile_rows(offsets.to(torch.float16), n)
     act_blocks = act_blocks_for(group_blocks, g == 1, act_block, kb)
     call = ext.Prepared(tiles, tiled_scales, zeros, zero_const, bias, cb, cb == 8, n, k,  # type: ignore[union-attr]
-                        group_blocks, act_blocks, list(splits or []))
+                        group_blocks, act_blocks, list(splits or []), mins=mins)
     release_packed(packed)  # the tiles hold the codes now; the reference fallback maps the rows again if needed
     return FastWeight(packed=packed, tiles=tiles, scales=tiled_scales, zeros=zeros, zero_const=zero_const, cb=cb,
                       full_byte=cb == 8, n=n, k=k, group_blocks=group_blocks, reason=None, act_blocks=act_blocks,
-                      call=call)
+                      call=call, mins=mins)
 
 
 def linear(
@@ -398,7 +404,8 @@ def linear(
         return reference_linear(x, handle.packed, bias)
     # Reshaping to [M, K], dtype conversions and the output view all happen in C++ (cheaper per call).
     return ext.linear(x, handle.tiles, handle.scales, handle.zeros, handle.zero_const,  # type: ignore[attr-defined]
-                      bias, handle.cb, handle.full_byte, handle.n, handle.k, handle.group_blocks, handle.act_blocks)
+                      bias, handle.cb, handle.full_byte, handle.n, handle.k, handle.group_blocks, handle.act_blocks,
+                      mins=handle.mins)
 
 def error_bound(x: torch.Tensor, w: torch.Tensor, act_block: int) -> torch.Tensor:
     """The stated elementwise bound of the kernels (module docstring), float64 [M, N]:

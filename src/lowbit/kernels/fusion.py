@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.formats import PackedWeight
-from lowbit.kernels.offsets import OffsetPacked, group_sums
+from lowbit.kernels.offsets import OffsetPacked
 from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
 from lowbit.registry import Registry, qualname
 
@@ -48,16 +48,16 @@ def _is_offset(m: QuantLinear) -> bool:
 
 
 def _fusable(members: list[Any]) -> bool:
-    """Siblings that one prepared weight can serve: plain packed linears of one input width and format, or
-    offset-storage ones (their float group term is added to the one call's output: ``SharedInputGroup``)."""
+    """Siblings that one prepared weight can serve: plain packed linears of one input width and format (offset
+    storage included: the kernels add its group minima's term themselves)."""
     if len(members) < 2 or not all(isinstance(m, QuantLinear) for m in members):
         return False
     first = members[0]
-    matmul = type(first)._matmul
-    if matmul is not QuantLinear._matmul and not _is_offset(first):
+    if type(first)._matmul is not QuantLinear._matmul:
         return False
     return all(
-        type(m)._matmul is matmul  # other variants with their own matmul (e.g. PB-LLM's side) stay apart
+        type(m)._matmul is QuantLinear._matmul  # other variants with their own matmul (e.g. PB-LLM's side) stay apart
+        and _is_offset(m) == _is_offset(first)  # one call has minima for all its rows or for none
         and not m.weight_shape[2:]  # linears, not 1x1 convs
         and m.input_scale is None  # each sibling would divide x itself: no shared input tensor left
         and m.act_spec is None  # each sibling rounds x to its own activation grid
@@ -98,13 +98,15 @@ def unfuse_shared_inputs(model: nn.Module) -> None:
 
 
 def _concat(members: list[QuantLinear]) -> tuple[PackedWeight, torch.Tensor | None]:
-    """The siblings' packed rows stacked along N (same K and format: the stored rows simply concatenate;
-    offset storage: its symmetric ``base()``)."""
-    ps = [m.packed.base() if isinstance(m.packed, OffsetPacked) else m.packed for m in members]
+    """The siblings' packed rows stacked along N (same K and format: the stored rows, and offset storage's
+    minima, simply concatenate)."""
+    ps = [m.packed for m in members]
     zeros = None if ps[0].zeros is None else torch.cat([p.zeros for p in ps])  # type: ignore[misc]
     n = sum(p.out_features for p in ps)
-    packed = PackedWeight(torch.cat([p.qweight for p in ps]), torch.cat([p.scales for p in ps]), zeros,
-                          ps[0].bits, ps[0].group_size, (n, ps[0].in_features))
+    parts = (torch.cat([p.qweight for p in ps]), torch.cat([p.scales for p in ps]), zeros, ps[0].bits,
+             ps[0].group_size, (n, ps[0].in_features))
+    packed = OffsetPacked(*parts, torch.cat([p.offsets for p in ps])) if isinstance(ps[0], OffsetPacked) \
+        else PackedWeight(*parts)  # type: ignore[attr-defined]
     biases = [m.bias for m in members]  # missing biases are zeros of the layer's width
     bias = None if all(b is None for b in biases) else torch.cat([
         torch.zeros(m.out_features) if m.bias is None else m.bias.detach().to(torch.float32) for m in members])
@@ -117,8 +119,6 @@ class SharedInputGroup:
     def __init__(self, members: list[QuantLinear]) -> None:
         self.members = members
         self._prepared: tuple[tuple[Any, ...], Any, list[Any]] | None = None
-        # offset storage: the siblings' group constants [G, N] (``OffsetPacked.group_constants``), else None
-        self._consts: torch.Tensor | None = None
         self._local = threading.local()  # pending outputs are per thread (concurrent forwards stay separate)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -140,21 +140,17 @@ class SharedInputGroup:
         hit = self._prepared
         if hit is not None and hit[0] == state:
             return hit[1]
-        offset = _is_offset(self.members[0])
         with torch.inference_mode(False), torch.no_grad():
             packed, bias = _concat(self.members)
-            # offset storage: one unsplit call, then the group term added to the whole output (see _compute)
-            splits = None if offset else [m.out_features for m in self.members]
-            handle = fast.prepare(packed, bias, splits=splits, act_block=act_block)
-            self._consts = torch.cat([m.packed.group_constants() for m in self.members]).t().contiguous() \
-                if offset else None
+            handle = fast.prepare(packed, bias, splits=[m.out_features for m in self.members], act_block=act_block)
         if handle.call is not None:
             # The group is only ever computed by its call: the stacked copy of the rows is not kept (its
             # description stays, on the meta device), and the siblings' memory-mapped rows, now in the
             # kernels' tiles, leave the resident set.
+            extra = {"offsets": packed.offsets.to("meta")} if isinstance(packed, OffsetPacked) else {}
             handle = dataclasses.replace(handle, packed=dataclasses.replace(
                 packed, qweight=packed.qweight.to("meta"), scales=packed.scales.to("meta"),
-                zeros=None if packed.zeros is None else packed.zeros.to("meta")))
+                zeros=None if packed.zeros is None else packed.zeros.to("meta"), **extra))
             for m in self.members:
                 fast.release_packed(m.packed)
         # The buffers are kept alive with the state: their ids cannot be reused while it is compared.
@@ -162,14 +158,8 @@ class SharedInputGroup:
         return handle
 
     def _compute(self, handle: Any, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every sibling's output for ``x`` from the prepared call (offset storage: plus ``sum_g (x's sum over
-        group g) * c[n, g]``, one [.., G] x [G, N] product for all siblings, as ``offsets`` computes it per layer)."""
-        if self._consts is None:
-            return handle.call.split(x)
-        y = handle.call(x)  # [..., N]: the symmetric part + bias, a fresh tensor
-        sums = group_sums(x, self.members[0].group_size).reshape(-1, self._consts.shape[0])
-        y.view(-1, y.shape[-1]).addmm_(sums.to(y.dtype), self._consts.to(y.dtype))
-        return list(y.split([m.out_features for m in self.members], dim=-1))
+        """Every sibling's output for ``x`` from the prepared call (views of one output)."""
+        return handle.call.split(x)
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """Every sibling's output for ``x`` [..., K] in one kernel call (a caller holding the whole group, e.g.

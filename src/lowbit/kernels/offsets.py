@@ -15,23 +15,22 @@ the min/max grid of any weight is kept as computed:
 ``W[n, k] = q[n, k] * s[n, g] + m[n, g]`` (g = k // group_size) in float32: 5.0 bits per weight at 4 bits,
 group 32 (Q4_1's own size). ``zeros`` is not stored.
 
-The kernels run it unchanged: ``q * s + m = (q - 2^(b-1)) * s + (m + 2^(b-1) * s)``, i.e. the standard
-symmetric weight (``base()``) plus a per-group constant; the constant's share of ``x @ W^T`` is
-``sum_g (x's sum over group g) * c[n, g]``, a [.., G] x [G, N] product computed in float beside the kernel
-(so the kernels' stated activation-quantization bound applies to the symmetric part only).
+The kernels run it as they run asymmetric codes: the minimum's share of ``x @ W^T``, ``sum_g m[n, g] *
+(x's sum over group g)``, is their zero-point term with the factor ``-m`` (``fast.prepare`` hands them the
+minima as ``mins``, cpu/lowbit_kernels.h), applied per group in the same pass over the quantized activations,
+so one call computes the whole product and the kernels' stated activation-quantization bound covers all of it.
+(``base()`` and ``group_constants()`` split the weight into ``(q - 2^(b-1)) * s`` plus a per-group constant, for
+runtimes without a minimum, e.g. the ONNX export.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.formats import PackedWeight, expand_groups, num_groups, symmetric_zero
-from lowbit.kernels.quant_linear import GROUP_ATTR, reference_backend
 from lowbit.kernels.variants import ExtraPackedMixin, ShapeSpec, variant_family
 
 
@@ -72,16 +71,6 @@ class OffsetPacked(PackedWeight):
         return self.codes().float() * s + m
 
 
-def group_sums(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [..., K] -> [..., G]: the sum of each group of ``group_size`` inputs (the last may be shorter)."""
-    k = x.shape[-1]
-    g = num_groups(k, group_size)
-    if g * group_size == k:  # no padding needed: a view, not a padded copy
-        return x.unflatten(-1, (g, group_size)).sum(-1)  # [..., G, gs] -> [..., G]
-    padded = F.pad(x, (0, g * group_size - k))  # [..., G*gs]
-    return padded.unflatten(-1, (g, group_size)).sum(-1)
-
-
 class _OffsetMixin(ExtraPackedMixin):
     EXTRA_FIELDS = {"offsets": "offsets"}
     DROPPED = ("zeros",)
@@ -96,28 +85,6 @@ class _OffsetMixin(ExtraPackedMixin):
         b = self._buffers  # type: ignore[attr-defined]
         return OffsetPacked(b["qweight"], b["scales"], None, self.bits, self.group_size,  # type: ignore[attr-defined]
                             self.weight_shape, b["offsets"])
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        from lowbit.kernels import fast
-
-        if self.backend == "reference" or x.requires_grad or not x.is_cpu:  # type: ignore[attr-defined]
-            return reference_backend(self, x)  # type: ignore[arg-type]  # the full dequantized weight, cached
-        shared = self.__dict__.get(GROUP_ATTR)  # fused siblings (kernels.fusion): one call serves them all
-        if shared is not None:
-            y = shared[0].output(shared[1], x)
-            if y is not None:
-                return y
-        handle: Any = self._cached("offset_fast", lambda: fast.prepare(self.packed.base()))  # type: ignore[arg-type,return-value]
-        if handle.tiles is None:  # kernels unavailable or shape unsupported
-            return reference_backend(self, x)  # type: ignore[arg-type]
-        consts = self._cached("offset_consts", lambda: self.packed.group_constants().t().contiguous())  # [G, N]
-        y = fast.linear(x, handle, self.bias)  # type: ignore[attr-defined]  # [..., N], symmetric part + bias
-        sums = group_sums(x, self.group_size)  # type: ignore[attr-defined]  # [..., G]
-        if y.is_contiguous() and sums.is_contiguous() and sums.dtype == consts.dtype == y.dtype:
-            # accumulated into the kernel's fresh output: no second [.., N] tensor (prefill: 172 x 1536 floats)
-            y.view(-1, y.shape[-1]).addmm_(sums.view(-1, sums.shape[-1]), consts)
-            return y
-        return y + sums @ consts
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offsets"  # type: ignore[misc]

@@ -179,12 +179,6 @@ def act_int8_bound(x: torch.Tensor, packed: PackedWeight, act_block: int) -> tor
     return fast.error_bound(x, packed.dequantize(), act_block)
 
 
-def offset_bound(x: torch.Tensor, packed: PackedWeight, act_block: int) -> torch.Tensor:
-    """The int8-activation bound of the symmetric part ``base()``; the minima's share is computed in float."""
-    assert isinstance(packed, OffsetPacked)
-    return fast.error_bound(x, packed.base().dequantize(), act_block)
-
-
 def exact_bound(x: torch.Tensor, packed: PackedWeight, act_block: int) -> torch.Tensor:
     """Zero: the path is dequantize + float matmul, equal to the reference up to float32 rounding."""
     return torch.zeros(x.shape[0], packed.out_features, dtype=torch.float64)
@@ -302,7 +296,7 @@ for _bits in (8, 4, 3, 2):
         name=f"offset{_bits}", bits=_bits, symmetric=True, layout="offset", code_range=(0, (1 << _bits) - 1),
         bits_per_weight=float(_bits), pack=_pack_bits(_bits), unpack=_unpack_bits(_bits), module=OffsetLinear,
         kinds=OFFSET_KINDS, kernel=f"{_FAST} on base() + float (group sums of x) @ (m + 2^(b-1) s)",
-        bound=f"{INT8_ACT_BOUND}, over the symmetric part base() only", error_bound=offset_bound,
+        bound=INT8_ACT_BOUND, error_bound=act_int8_bound,
         sample=_offset_sampler(_bits), gguf="Q4_1" if _q41 else None, group=32 if _q41 else None,
     ))
 for _bits in (8, 6, 5, 4, 3, 2):  # k-quants: the offset grid with 6-bit group steps and minima (Q4_K's layout at 4)
@@ -311,6 +305,6 @@ for _bits in (8, 6, 5, 4, 3, 2):  # k-quants: the offset grid with 6-bit group s
         code_range=(0, (1 << _bits) - 1), bits_per_weight=float(_bits), pack=_pack_bits(_bits),
         unpack=_unpack_bits(_bits), module=SuperBlockLinear, kinds=SUPERBLOCK_KINDS,
         kernel=f"the offset row's path on the group steps and minima rebuilt once ({_FAST})",
-        bound=f"{INT8_ACT_BOUND}, over the symmetric part base() only", error_bound=offset_bound,
+        bound=INT8_ACT_BOUND, error_bound=act_int8_bound,
         sample=_superblock_sampler(_bits),
     ))

@@ -39,7 +39,7 @@ class Prepared {
  public:
   Prepared(torch::Tensor w, torch::Tensor scales, const c10::optional<torch::Tensor>& zeros, double zero_const,
            const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K, int64_t gb,
-           int64_t ab, std::vector<int64_t> splits)
+           int64_t ab, std::vector<int64_t> splits, const c10::optional<torch::Tensor>& mins = c10::nullopt)
       : w_(std::move(w)), scales_(std::move(scales)), splits_(std::move(splits)) {
     TORCH_CHECK(w_.scalar_type() == torch::kUInt8 && w_.is_contiguous(), "lowbit linear: packed tiles do not match N/K/bits");
     TORCH_CHECK(scales_.scalar_type() == torch::kHalf && scales_.is_contiguous() && scales_.dim() == 3,
@@ -49,6 +49,11 @@ class Prepared {
                   "lowbit linear: zeros must be uint8 shaped like scales");
       zeros_ = *zeros;
     }
+    if (mins.has_value() && mins->defined()) {  // offset storage's group minima (lowbit_kernels.h: Tiles::mins)
+      TORCH_CHECK(mins->scalar_type() == torch::kHalf && mins->is_contiguous() && mins->sizes() == scales_.sizes(),
+                  "lowbit linear: mins must be float16 shaped like scales");
+      mins_ = *mins;
+    }
     if (bias.has_value() && bias->defined()) {
       bias_ = bias->to(torch::kFloat).contiguous();
       TORCH_CHECK(bias_.numel() == N, "lowbit linear: bias must have N elements");
@@ -56,7 +61,8 @@ class Prepared {
     const std::string err = core_.init(
         w_.data_ptr<uint8_t>(), w_.numel(), reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>()),
         scales_.size(0), scales_.size(1), scales_.size(2), zeros_.defined() ? zeros_.data_ptr<uint8_t>() : nullptr,
-        bias_.defined() ? bias_.data_ptr<float>() : nullptr, zero_const, cb, full_byte, N, K, gb, ab);
+        bias_.defined() ? bias_.data_ptr<float>() : nullptr, zero_const, cb, full_byte, N, K, gb, ab,
+        mins_.defined() ? reinterpret_cast<const uint16_t*>(mins_.data_ptr<at::Half>()) : nullptr);
     TORCH_CHECK(err.empty(), err);
     int64_t total = 0;
     for (int64_t n : splits_) total += n;
@@ -98,7 +104,7 @@ class Prepared {
   }
 
  private:
-  torch::Tensor w_, scales_, zeros_, bias_;
+  torch::Tensor w_, scales_, zeros_, bias_, mins_;
   std::vector<int64_t> splits_;
   lowbit::PreparedWeight core_;
 };
@@ -313,8 +319,8 @@ class DecoderStack {
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& zeros, double zero_const,
                      const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K,
-                     int64_t gb, int64_t ab) {
-  return Prepared(w, scales, zeros, zero_const, bias, cb, full_byte, N, K, gb, ab, {}).forward(x);
+                     int64_t gb, int64_t ab, const c10::optional<torch::Tensor>& mins) {
+  return Prepared(w, scales, zeros, zero_const, bias, cb, full_byte, N, K, gb, ab, {}, mins).forward(x);
 }
 
 // Stored bitstream qweight [N, ceil(K*bits/8)] -> tiles [T, KB, 32*cb] (see lowbit_kernels.h).
@@ -409,13 +415,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit packed low-bit linear kernels (CPU)";
   m.def("linear", &linear, "y = x . W^T (+ bias) for prepared low-bit tiles", py::arg("x"), py::arg("w"),
         py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
-        py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"));
+        py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("mins") = py::none());
   py::class_<Prepared>(m, "Prepared", "a validated prepared weight: call(x) -> y, split(x) -> [y_i]")
       .def(py::init<torch::Tensor, torch::Tensor, const c10::optional<torch::Tensor>&, double,
                     const c10::optional<torch::Tensor>&, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                    std::vector<int64_t>>(),
+                    std::vector<int64_t>, const c10::optional<torch::Tensor>&>(),
            py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
-           py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("splits"))
+           py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("splits"),
+           py::arg("mins") = py::none())
       .def("__call__", &Prepared::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
            py::arg("hi") = 0.0, py::arg("act_scale") = 0.0, py::arg("act_lo") = -127.0, py::arg("act_hi") = 127.0)
       .def("split", &Prepared::forward_split, py::arg("x"));

@@ -77,12 +77,12 @@ size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 
 MatmulCall plan_call(const KernelTable* kt, const float* xp, int64_t M, int64_t K, int64_t KB, int64_t G, int64_t gb,
                      int64_t ab, int8_t* xqp, float* ap, int32_t* isp, float* gsp, const uint8_t* wp,
-                     const uint16_t* sp, const uint8_t* zp, float zero_const, int64_t cb, bool full_byte, int64_t N,
-                     int64_t T, const float* biasp, float* yp, bool clamp, float lo, float hi, const ActStatic* st,
-                     int threads) {
+                     const uint16_t* sp, const uint8_t* zp, const uint16_t* mp, float zero_const, int64_t cb,
+                     bool full_byte, int64_t N, int64_t T, const float* biasp, float* yp, bool clamp, float lo,
+                     float hi, const ActStatic* st, int threads) {
   const bool small = M <= kSmallMaxM;
   // Integral constant zero points (symmetric, bits >= 2) go into the integer sums of the SIMD kernels.
-  const int32_t zint = zp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
+  const int32_t zint = zp == nullptr && mp == nullptr && zero_const >= 1.0f && zero_const == static_cast<float>(
                            static_cast<int32_t>(zero_const)) ? static_cast<int32_t>(zero_const) : 0;
   // Grouped weights with such a zero point and one activation scale per row: unsigned activations for the
   // panel GEMM where the kernels take them (the zero point then costs nothing per row).
@@ -105,8 +105,8 @@ MatmulCall plan_call(const KernelTable* kt, const float* xp, int64_t M, int64_t 
   const int64_t grain = std::max(min_grain, units / (LOWBIT_CHUNKS_PER_THREAD * std::max(threads, 1)));
   MatmulCall c{kt, xp, M, K, KB, G, gb, ab, ldq, rg, xqp, ap, isp, gsp, zero_const, u8, st != nullptr,
                st != nullptr ? *st : ActStatic{0.0f, 0.0f, 0.0f, 0.0f},
-               Tiles{wp, sp, zp, zint, zp == nullptr ? zero_const : 1.0f, static_cast<int>(cb), full_byte, N, T, KB,
-                     G, gb, clamp, lo, hi},
+               Tiles{wp, sp, zp, zint, zp == nullptr && mp == nullptr ? zero_const : 1.0f, static_cast<int>(cb),
+                     full_byte, N, T, KB, G, gb, clamp, lo, hi, mp},
                Acts{xqp, ap, isp, gsp, M, KB, G, ldq, ab, rg, u8}, biasp, yp, small, row_grain, unit_tiles,
                unit_rows, row_units, units, grain};
   return c;
@@ -155,7 +155,7 @@ void run(const MatmulCall& c, int threads) {
 std::string PreparedWeight::init(const uint8_t* w_in, int64_t w_bytes, const uint16_t* scales_in, int64_t scales_t,
                                  int64_t scales_g, int64_t scales_r, const uint8_t* zeros_in, const float* bias_in,
                                  double zero_const_in, int64_t cb_in, bool full_byte_in, int64_t N_in, int64_t K_in,
-                                 int64_t gb_in, int64_t ab_in) {
+                                 int64_t gb_in, int64_t ab_in, const uint16_t* mins_in) {
   if (!(cb_in == 1 || cb_in == 2 || cb_in == 4 || cb_in == 8)) return "lowbit linear: container bits must be 1/2/4/8";
   if (N_in < 0 || K_in < 0) return "lowbit linear: N and K must be >= 0";
   const int64_t kb = ceil_div(K_in, kBlock), t = ceil_div(N_in, kTileRows);
@@ -169,11 +169,14 @@ std::string PreparedWeight::init(const uint8_t* w_in, int64_t w_bytes, const uin
   if (ab_in < 1 || !(scales_g == 1 || gb_in % ab_in == 0 || ab_in >= kb)) {
     return "lowbit linear: activation blocks must divide the weight groups or span the whole row";
   }
+  if (zeros_in != nullptr && mins_in != nullptr) return "lowbit linear: zeros and mins exclude each other";
   w = w_in;
   scales = scales_in;
   zeros = zeros_in;
+  mins = mins_in;
   bias = bias_in;
-  zero_const = zeros_in != nullptr ? 1.0f : static_cast<float>(zero_const_in);  // zeros hold the zero points
+  // zeros / mins hold the zero-point term: the group sums are plain sums of the activations
+  zero_const = zeros_in != nullptr || mins_in != nullptr ? 1.0f : static_cast<float>(zero_const_in);
   cb = cb_in;
   full_byte = full_byte_in;
   N = N_in;
@@ -202,7 +205,7 @@ MatmulCall PreparedWeight::plan(const KernelTable* kt, const float* xp, int64_t 
   char* base = static_cast<char*>(act);
   return plan_call(kt, xp, M, K, KB, G, gb, ab, reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + o_a),
                    reinterpret_cast<int32_t*>(base + o_is), reinterpret_cast<float*>(base + o_gs), w, scales, zeros,
-                   zero_const, cb, full_byte, N, T, bias, yp, clamp, lo, hi, st, threads);
+                   mins, zero_const, cb, full_byte, N, T, bias, yp, clamp, lo, hi, st, threads);
 }
 
 void PreparedWeight::compute(const float* xp, int64_t M, float* yp, int threads, bool clamp, float lo, float hi,

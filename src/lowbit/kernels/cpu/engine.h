@@ -67,6 +67,7 @@ struct PreparedWeight {
   const uint8_t* w = nullptr;        // tiles [T, KB, 32 * cb]
   const uint16_t* scales = nullptr;  // fp16 [T, G, 8]
   const uint8_t* zeros = nullptr;    // [T, G, 8] or nullptr (symmetric)
+  const uint16_t* mins = nullptr;    // fp16 [T, G, 8] group minima (offset storage) or nullptr
   const float* bias = nullptr;       // [N] or nullptr
   float zero_const = 0.0f;
   int64_t cb = 0;
@@ -74,10 +75,10 @@ struct PreparedWeight {
   int64_t N = 0, K = 0, KB = 0, T = 0, G = 1, gb = 0, ab = 0;
 
   // Fill and validate: w_bytes / scales_t / scales_g / scales_r are the sizes of the tile and scale buffers
-  // (zeros are shaped like scales). "" when valid, else the error (one line).
+  // (zeros and mins are shaped like scales; at most one of them). "" when valid, else the error (one line).
   std::string init(const uint8_t* w, int64_t w_bytes, const uint16_t* scales, int64_t scales_t, int64_t scales_g,
                    int64_t scales_r, const uint8_t* zeros, const float* bias, double zero_const, int64_t cb,
-                   bool full_byte, int64_t N, int64_t K, int64_t gb, int64_t ab);
+                   bool full_byte, int64_t N, int64_t K, int64_t gb, int64_t ab, const uint16_t* mins = nullptr);
 
   // Bytes of the quantized activations of M rows (plan() lays them out).
   size_t act_bytes(const KernelTable* kt, int64_t M) const;

@@ -198,17 +198,22 @@ constexpr int64_t gemm_panel_bytes(int64_t KB) {
 }
 constexpr int64_t kGroupTableFloats = int64_t{kChunkGroups} * kRowFloats;
 
-// A per-tile [T, G, 8] table (fp16 scales or uint8 zeros) as one vector starting at tile t (2 tiles for zmm;
-// a tile past the end reads as 0).
+// A per-tile [T, G, 8] fp16 table (the scales, or offset storage's minima) as one vector starting at tile t
+// (2 tiles for zmm; a tile past the end reads as 0).
 template <class D>
-LB_INLINE typename D::F vec_scales(const Tiles& w, int64_t t, int64_t g) {
-  const __m256 lo = load_scales(w.scales + (t * w.G + g) * kTileRows);
+LB_INLINE typename D::F vec_half_table(const Tiles& w, const uint16_t* table, int64_t t, int64_t g) {
+  const __m256 lo = load_scales(table + (t * w.G + g) * kTileRows);
   if constexpr (D::kVecTiles == 2) {
-    const __m256 hi = t + 1 < w.T ? load_scales(w.scales + ((t + 1) * w.G + g) * kTileRows) : _mm256_setzero_ps();
+    const __m256 hi = t + 1 < w.T ? load_scales(table + ((t + 1) * w.G + g) * kTileRows) : _mm256_setzero_ps();
     return D::from_halves(lo, hi);
   } else {
     return D::from_halves(lo, lo);
   }
+}
+
+template <class D>
+LB_INLINE typename D::F vec_scales(const Tiles& w, int64_t t, int64_t g) {
+  return vec_half_table<D>(w, w.scales, t, g);
 }
 
 LB_INLINE __m256 tile_zeros(const Tiles& w, int64_t t, int64_t g, float minus) {
@@ -217,10 +222,15 @@ LB_INLINE __m256 tile_zeros(const Tiles& w, int64_t t, int64_t g, float minus) {
   return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8))), _mm256_set1_ps(minus));
 }
 
-// The zero-point factor f with y -= f * gsum: s * (z - kOffset) (zeros given: gsum = sum a*isum), or
-// s * (1 - kOffset / zc) (symmetric: gsum already carries the constant zero point zc).
+// The zero-point factor f with y -= f * gsum: s * (z - kOffset) (zeros given: gsum = sum a*isum),
+// s * (1 - kOffset / zc) (symmetric: gsum already carries the constant zero point zc), or -(m + kOffset * s)
+// (offset storage, s * q + m = s * (q - kOffset) + (m + kOffset * s); gsum = sum a*isum).
 template <class D>
 LB_INLINE typename D::F vec_zero_factor(const Tiles& w, typename D::F s, int64_t t, int64_t g) {
+  if (w.mins != nullptr) {
+    const typename D::F m = vec_half_table<D>(w, w.mins, t, g);
+    return D::fnma(D::fset1(static_cast<float>(D::kOffset)), s, D::mul(m, D::fset1(-1.0f)));
+  }
   if (w.zeros == nullptr) {
     return D::mul(s, D::fset1(1.0f - static_cast<float>(D::kOffset) / w.zconst));
   }

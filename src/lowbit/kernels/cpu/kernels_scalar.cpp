@@ -92,7 +92,8 @@ void gemm(const Tiles& w, const Acts& all, const float* bias, float* y, int64_t 
         if (pc) o *= half_to_float(w.scales[t * kTileRows + r]);
         for (int64_t g = 0; g < G; ++g) {
           const int64_t i = (t * G + g) * kTileRows + r;
-          const float zf = half_to_float(w.scales[i]) * (w.zeros != nullptr ? static_cast<float>(w.zeros[i]) : 1.0f);
+          const float zf = w.mins != nullptr ? -half_to_float(w.mins[i])  // offset storage: + m * sum x
+                           : half_to_float(w.scales[i]) * (w.zeros != nullptr ? static_cast<float>(w.zeros[i]) : 1.0f);
           o -= zf * x.gsum[m * G + g];
         }
         o += bias != nullptr ? bias[n] : 0.0f;

@@ -20,7 +20,7 @@
 //   y = sum_g s_g * sum_b a_b * (q . xq)_b - sum_g s_g * z_g * gsum_g.
 // The int32 block sums are converted to float once per block and scaled by the activation block scale; the
 // weight group scale is applied once per group. Scales are stored as fp16 (F16C converts 8 at a time), zero
-// points as uint8.
+// points as uint8 (offset storage: fp16 minima m, whose term is the zero-point term with the factor -m).
 
 #ifndef LOWBIT_ISA_NS
 #error "kernels_simd_impl.h needs LOWBIT_ISA_NS and LOWBIT_USE_VNNI"
@@ -140,8 +140,10 @@ LB_INLINE __m256 load_scales(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// The per-group zero-point factor s * z (asymmetric) or s (symmetric: z is folded into gsum).
+// The per-group zero-point factor s * z (asymmetric), s (symmetric: z is folded into gsum) or -m (offset
+// storage: s * q + m, gsum = sum x).
 LB_INLINE __m256 zero_factor(const Tiles& w, __m256 s, int64_t off) {
+  if (w.mins != nullptr) return _mm256_sub_ps(_mm256_setzero_ps(), load_scales(w.mins + off));
   if (w.zeros == nullptr) return s;
   int64_t z8;
   std::memcpy(&z8, w.zeros + off, 8);

@@ -17,6 +17,7 @@
 //   scales: fp16 [T, G, 8] effective scale s of each (row, group), zeros: uint8 [T, G, 8] zero points z
 //   (asymmetric formats only), so that W[n, k] = s * (q - z) (binary: s = 2 * s_stored, z = 1/2).
 //   Symmetric formats have a constant z, folded into the activation group sums (Acts::gsum) instead.
+//   Offset storage (W[n, k] = s * q + m) has fp16 minima m [T, G, 8] (Tiles::mins) instead of zeros.
 //
 // Activations are quantized per row and per activation block of Acts::ab 32-blocks (symmetric int8 in
 // [-127, 127]): x ~= a_b * xq; ab divides the weight group's block count gb (any ab for per-channel weights).
@@ -44,6 +45,10 @@ struct Tiles {
   // Output clamp after the bias (a fused ReLU / ReLU6: lowbit/kernels/fuse_act.py), when clamp is set.
   bool clamp = false;
   float lo = 0.0f, hi = 0.0f;
+  // Offset storage (lowbit/kernels/offsets.py: w = q * s + m): fp16 [T, G, 8] group minima m, or nullptr. Its
+  // group term m * sum x is the zero-point term with the factor -m (zeros == nullptr, zint = 0, zconst = 1), so
+  // it costs what an asymmetric format's does and nothing is computed beside the kernel.
+  const uint16_t* mins = nullptr;
 };
 
 struct Acts {
