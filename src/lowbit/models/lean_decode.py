@@ -373,6 +373,12 @@ class LeanDecoder:
             if prune.keep == prune.count:
                 prune = None  # nothing dropped: the plain prefill, bit for bit
         self.reset(h.shape[0], max_len or h.shape[1] + 256)
+        if prune is None and self._stack is not None and h.shape[0] == 1 and h.shape[1] > 1 \
+                and h.dtype == torch.float32 and hasattr(self._stack, "prefill"):
+            # the same ops from C++ in one call (Decoder::prefill), on the stack's own buffers: no tensor per op
+            out = self._stack.prefill(h, self.k_cache, self.v_cache, self.cos, self.sin)
+            self.pos, self.fill = h.shape[1], [h.shape[1]] * len(self.layers)
+            return out if self._stack.has_head else self.lm_head(self._rms(out[:, -1], self.norm))
         return self.lm_head(self._forward(h, prune))
 
     @torch.inference_mode()

@@ -275,6 +275,26 @@ class DecoderStack {
     TORCH_CHECK(err.empty(), err);
   }
 
+  // A prompt of one row, h [1, M, D] float32 at positions 0..M-1 -> the hidden state of its last position after
+  // every layer [1, 1, D], or with a head the logits [1, V] of it (final-normed); entries 0..M-1 of every
+  // layer's cache filled. lowbit::Decoder::prefill: lean_decode.py's prefill on the kernels, the same ops in the
+  // same order, on the stack's own buffers (no tensor allocated per op). Caches, cos / sin as for step().
+  torch::Tensor prefill(const torch::Tensor& h_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                        const torch::Tensor& cos, const torch::Tensor& sin) {
+    TORCH_CHECK(h_in.dim() == 3 && h_in.size(0) == 1 && h_in.size(1) >= 1 && h_in.scalar_type() == torch::kFloat &&
+                    h_in.size(2) == core_.hidden(), "lowbit decoder stack: prefill h [1, M, D] float32");
+    const int64_t M = h_in.size(1);
+    check_caches(k_cache, v_cache, 1);
+    check_rope(cos, sin, M - 1);
+    torch::Tensor h = h_in.contiguous().clone();  // the residual stream
+    torch::Tensor logits = core_.has_head() ? torch::empty({1, core_.vocab()}, h.options()) : torch::Tensor();
+    const std::string err = core_.prefill(h.data_ptr<float>(), M, core_.has_head() ? logits.data_ptr<float>() : nullptr,
+                                          k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(3),
+                                          cos.data_ptr<float>(), sin.data_ptr<float>(), at::get_num_threads());
+    TORCH_CHECK(err.empty(), err);
+    return core_.has_head() ? logits : h.narrow(1, M - 1, 1);
+  }
+
   // h [B, 1, D] float32 at position `pos` -> the hidden state after every layer [B, 1, D], or with a head the
   // logits [B, V] of the final-normed state. Layer i's K/V go to entry fill[i] of k_cache[i] / v_cache[i]
   // ([L, B, KV, max_len, hd], float32, contiguous); cos / sin: [max_len, hd] (sin with the rotate-half sign
@@ -285,16 +305,9 @@ class DecoderStack {
     const int64_t L = core_.layers();
     TORCH_CHECK(h_in.dim() == 3 && h_in.size(1) == 1 && h_in.scalar_type() == torch::kFloat &&
                     h_in.size(2) == core_.hidden(), "lowbit decoder stack: h [B, 1, D] float32");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat &&
-                    v_cache.scalar_type() == torch::kFloat && k_cache.sizes() == v_cache.sizes() &&
-                    k_cache.dim() == 5 && k_cache.size(0) == L && k_cache.size(1) == h_in.size(0) &&
-                    k_cache.size(2) == core_.kv_heads() && k_cache.size(4) == core_.head_dim(),
-                "lowbit decoder stack: caches must be float32 [L, B, KV, max_len, hd]");
+    check_caches(k_cache, v_cache, h_in.size(0));
     TORCH_CHECK(static_cast<int64_t>(fill.size()) == L, "lowbit decoder stack: one fill per layer");
-    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
-                    sin.scalar_type() == torch::kFloat && cos.size(-1) == core_.head_dim() && sin.sizes() == cos.sizes() &&
-                    pos >= 0 && pos < cos.size(0),
-                "lowbit decoder stack: cos/sin [max_len, hd] float32 covering pos");
+    check_rope(cos, sin, pos);
     const int64_t B = h_in.size(0);
     torch::Tensor h = h_in.contiguous().clone();  // the residual stream, returned
     torch::Tensor logits = core_.has_head() ? torch::empty({B, core_.vocab()}, h.options()) : torch::Tensor();
@@ -309,6 +322,21 @@ class DecoderStack {
   bool has_head() const { return core_.has_head(); }
 
  private:
+  void check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t B) const {
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat &&
+                    v_cache.scalar_type() == torch::kFloat && k_cache.sizes() == v_cache.sizes() &&
+                    k_cache.dim() == 5 && k_cache.size(0) == core_.layers() && k_cache.size(1) == B &&
+                    k_cache.size(2) == core_.kv_heads() && k_cache.size(4) == core_.head_dim(),
+                "lowbit decoder stack: caches must be float32 [L, B, KV, max_len, hd]");
+  }
+  // cos / sin [max_len, hd] float32 covering position `last`
+  void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t last) const {
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
+                    sin.scalar_type() == torch::kFloat && cos.size(-1) == core_.head_dim() && sin.sizes() == cos.sizes() &&
+                    last >= 0 && last < cos.size(0),
+                "lowbit decoder stack: cos/sin [max_len, hd] float32 covering pos");
+  }
+
   std::vector<torch::Tensor> in_norms_, post_norms_;
   std::vector<py::object> keep_alive_;
   torch::Tensor norm_;
@@ -435,7 +463,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("norm") = py::none(), py::arg("head") = py::none())
       .def_property_readonly("has_head", &DecoderStack::has_head)
       .def("step", &DecoderStack::step, py::arg("h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("fill"),
-           py::arg("cos"), py::arg("sin"), py::arg("pos"));
+           py::arg("cos"), py::arg("sin"), py::arg("pos"))
+      .def("prefill", &DecoderStack::prefill, py::arg("h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"),
+           py::arg("sin"));
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows (the decode step's)", py::arg("x"), py::arg("w"),
         py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up, float32", py::arg("gate"), py::arg("up"));
