@@ -149,10 +149,9 @@ class Decoder {
   int64_t head_dim() const { return w_.head_dim; }
 
  private:
-  float* buffers(int64_t rows, float** parts);
+  float* buffers(int64_t rows, float** parts);  // a call's temporaries, in the calling thread's arena
   DecoderWeights w_;
   int64_t D_ = 0, F_ = 0, row_ = 0;
-  std::vector<float> buf_;
   std::vector<int64_t> act_buf_;  // the quantized activations of the matmuls (one at a time)
   std::vector<MatmulCall> plans_;
   TokenPhases phases_;
