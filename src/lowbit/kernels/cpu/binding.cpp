@@ -141,6 +141,35 @@ torch::Tensor silu_mul(const torch::Tensor& g_in, const torch::Tensor& u_in) {
   return y;
 }
 
+// A float32 layer on a few rows: x [..., K] (at most kSmallMaxM rows) . w^T (+ bias) with w [N, K] float32
+// contiguous -> [..., N] (KernelTable::gemv_f32, split over N on the work pool).
+torch::Tensor gemv_f32(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat && w.dim() == 2 &&
+                  w.is_contiguous() && x_in.dim() >= 1 && x_in.size(-1) == w.size(1),
+              "lowbit gemv_f32: float32 x [..., K] and contiguous w [N, K]");
+  const int64_t K = w.size(1), N = w.size(0);
+  const torch::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= lowbit::kSmallMaxM, "lowbit gemv_f32: at most 4 rows");
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == N, "lowbit gemv_f32: bias must have N elements");
+  }
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x_in.options());
+  const KernelTable* kt = current_table().load();
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // chunks of >= ~64 KB of weights: below that a parallel region costs more than the rows
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 14) / std::max<int64_t>(1, K));
+  lowbit::parallel_chunks(N, grain, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
+    kt->gemv_f32(xp, M, K, wp, bp, yp, N, n0, n1);
+  });
+  return y;
+}
+
 // One query token q [B, H, 1, hd] over the first n entries of a cache layer k, v [B, KV, max_len, hd] (float32,
 // contiguous): [B, H, 1, hd] (scaled_dot_product_attention with GQA, scale 1/sqrt(hd)).
 torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v, int64_t n) {
@@ -469,6 +498,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows (the decode step's)", py::arg("x"), py::arg("w"),
         py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up, float32", py::arg("gate"), py::arg("up"));
+  m.def("gemv_f32", &gemv_f32, "a float32 layer on at most 4 rows: x . w^T (+ bias)", py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none());
   m.def("decode_attention", &decode_attention, "one query token over the first n KV-cache entries", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("n"));
   m.def("dwconv_int8", &dwconv_int8, "int8 depthwise conv: per-(image, channel) int8 activations x integer taps",

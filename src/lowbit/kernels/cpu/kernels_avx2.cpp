@@ -32,7 +32,8 @@ namespace lowbit {
 const KernelTable* avx2_kernels() {
   static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large, avx2::dwconv, /*u8_rows=*/false,
                                  avx2::rms_norm, avx2::silu_mul, avx2::attend,
-                                 avx2::prefill_attend, avx2::dwconv_q, avx2::dw_quantize};
+                                 avx2::prefill_attend, avx2::dwconv_q, avx2::dw_quantize,
+                                 avx2::gemv_f32};
   return &table;
 }
 }  // namespace lowbit

@@ -34,7 +34,8 @@ const KernelTable* avx512vnni_kernels() {
   static const KernelTable table{"avx512vnni", 2 * avx512vnni::kGemmPairs, avx512vnni::kGemmMB, avx512vnni::gemm_scratch_bytes, avx512vnni::quantize, avx512vnni::gemm_small,
                                  avx512vnni::gemm_large, avx512vnni::dwconv, /*u8_rows=*/true,
                                  avx512vnni::rms_norm, avx512vnni::silu_mul, avx512vnni::attend,
-                                 avx512vnni::prefill_attend, avx512vnni::dwconv_q, avx512vnni::dw_quantize};
+                                 avx512vnni::prefill_attend, avx512vnni::dwconv_q, avx512vnni::dw_quantize,
+                                 avx512vnni::gemv_f32};
   return &table;
 }
 }  // namespace lowbit

@@ -89,15 +89,6 @@ void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y, in
 }
 
 // y = silu(g) * u = g / (1 + exp(-g)) * u over n values.
-void silu_mul(const float* g, const float* u, int64_t n, float* y) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 gv = load_n(g + i, n - i);
-    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-    store_n(y + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), load_n(u + i, n - i)), n - i);
-  }
-}
-
 // Heads [h0, h1) of one query token (DecodeAttention): softmax(q . k_j * scale) over the n cached keys of the
 // head's KV group, then the weighted sum of their values.
 void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
@@ -162,6 +153,7 @@ struct AttnVec8 {
   static LB_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static LB_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static LB_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static LB_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
   static LB_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
   static LB_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
   static LB_INLINE V exp(V x) { return exp_ps(x); }
@@ -201,6 +193,7 @@ struct AttnVec16 {
   static LB_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static LB_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static LB_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static LB_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
   static LB_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
   static LB_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
   static LB_INLINE V exp(V x) {  // exp_ps, 16 lanes (same constants and steps)
@@ -232,6 +225,60 @@ using AttnVec = AttnVec16;
 #else
 using AttnVec = AttnVec8;
 #endif
+
+// y = silu(g) * u = g / (1 + exp(-g)) * u, n values; the full vector width (each lane computes the same
+// operations as at any other width, so the result does not depend on it).
+void silu_mul(const float* g, const float* u, int64_t n, float* y) {
+  using D = AttnVec;
+  const D::V one = D::set1(1.0f);
+  for (int64_t i = 0; i < n; i += D::L) {
+    const D::V gv = D::load_n(g + i, n - i);
+    const D::V e = D::exp(D::sub(D::zero(), gv));
+    D::store_n(y + i, D::mul(D::div(gv, D::add(one, e)), D::load_n(u + i, n - i)), n - i);
+  }
+}
+
+// y[m, n] = bias[n] + x[m] . w[n] for the M rows of x [M, K] and outputs [n0, n1) of a float32 weight w [N, K]
+// (y [M, N]): a float layer's few-row product (a float lm_head at decode or on a prefill's last row), bound by
+// reading w, so R rows of it stream at once (one contiguous run) and each is read once for all M rows.
+template <int M>
+void gemv_rows(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t N, int64_t n0,
+               int64_t n1) {
+  using D = AttnVec;
+  using V = D::V;
+  constexpr int L = D::L, R = 4;
+  int64_t n = n0;
+  auto rows = [&](auto rc) __attribute__((always_inline)) {
+    constexpr int RR = decltype(rc)::value;
+    V acc[M][RR];
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < RR; ++r) acc[m][r] = D::zero();
+    }
+    for (int64_t k = 0; k < K; k += L) {
+      V wv[RR];
+      for (int r = 0; r < RR; ++r) wv[r] = D::load_n(w + (n + r) * K + k, K - k);
+      for (int m = 0; m < M; ++m) {
+        const V xv = D::load_n(x + m * K + k, K - k);
+        for (int r = 0; r < RR; ++r) acc[m][r] = D::fma(wv[r], xv, acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < RR; ++r) y[m * N + n + r] = D::hsum(acc[m][r]) + (bias != nullptr ? bias[n + r] : 0.0f);
+    }
+  };
+  for (; n + R <= n1; n += R) rows(std::integral_constant<int, R>{});
+  for (; n < n1; ++n) rows(std::integral_constant<int, 1>{});
+}
+
+void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N,
+              int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: gemv_rows<1>(x, K, w, bias, y, N, n0, n1); break;
+    case 2: gemv_rows<2>(x, K, w, bias, y, N, n0, n1); break;
+    case 3: gemv_rows<3>(x, K, w, bias, y, N, n0, n1); break;
+    default: gemv_rows<4>(x, K, w, bias, y, N, n0, n1); break;
+  }
+}
 
 // Work units [u0, u1) of a prefill's causal attention (PrefillAttention). Per unit (one KV group, up to
 // kPrefillRows query rows, every head of the group): the query vectors, pre-scaled, in Q [nq][hd] (vector

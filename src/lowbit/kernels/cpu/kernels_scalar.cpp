@@ -213,6 +213,17 @@ void silu_mul(const float* g, const float* u, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N,
+              int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[n * K + k];
+      y[m * N + n] = s + (bias != nullptr ? bias[n] : 0.0f);
+    }
+  }
+}
+
 void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
   std::vector<float> p(static_cast<size_t>(a.n));
   for (int64_t bh = h0; bh < h1; ++bh) {
@@ -288,7 +299,7 @@ float half_to_float(uint16_t h) {
 const KernelTable* scalar_kernels() {
   static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv,
                                  /*u8_rows=*/false, rms_norm, silu_mul, attend, prefill_attend,
-                                 dwconv_q, dw_quantize};
+                                 dwconv_q, dw_quantize, gemv_f32};
   return &table;
 }
 

@@ -171,6 +171,10 @@ struct KernelTable {
   void (*dwconv_q)(const DwConvQ& p, int64_t r0, int64_t r1) = nullptr;
   void (*dw_quantize)(const float* x, int64_t H, int64_t W, int64_t C, int32_t* xq, float* a, int64_t b0,
                       int64_t b1) = nullptr;
+  // y[m, n] = bias[n] + x[m] . w[n] for the M (<= kSmallMaxM) rows of x [M, K] and outputs [n0, n1) of a float32
+  // weight w [N, K] (y [M, N], bias may be nullptr): a float layer at a few rows (e.g. an unquantized lm_head).
+  void (*gemv_f32)(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N,
+                   int64_t n0, int64_t n1) = nullptr;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
