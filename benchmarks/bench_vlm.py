@@ -105,6 +105,18 @@ class _Timer:
         return run
 
 
+class _TimedStack:
+    """The kernels' DecoderStack (a pybind object: its methods cannot be replaced) with its batch-1 prefill timed
+    under ``lm: native prefill (DecoderStack)``: the whole decoder in one C++ call, not split further here."""
+
+    def __init__(self, stack: Any, timer: _Timer) -> None:
+        self._stack = stack
+        self.prefill = timer.wrap("lm: native prefill (DecoderStack)", stack.prefill)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stack, name)
+
+
 class _TimedOps:
     """The kernels' decode ops module seen through a timer: each op's calls under ``lm: <op>``."""
 
@@ -156,7 +168,15 @@ def profile_ttft(model: Any, repeats: int = 10) -> dict[str, float]:
             engine._ops = _TimedOps(engine._ops, timer)
         else:
             engine._rms = timer.wrap("lm: rms_norm", engine._rms)
-        engine.reset = timer.wrap("lm: reset (KV cache, rope tables)", engine.reset)
+        reset = timer.wrap("lm: reset (KV cache, rope tables)", engine.reset)
+
+        def timed_reset(*args: Any, **kwargs: Any) -> None:
+            reset(*args, **kwargs)
+            stack = getattr(engine, "_stack", None)
+            if stack is not None and hasattr(stack, "prefill") and not isinstance(stack, _TimedStack):
+                engine._stack = _TimedStack(engine._stack, timer)
+
+        engine.reset = timed_reset
 
     sample = load_vqa("fashion-vqa", "test", limit=1)
     call = first_token_fn(model, sample.images[0], sample.turns[0][0].question)
