@@ -357,15 +357,18 @@ void quantize(const float* x, int64_t ldx, int64_t K, int64_t KB, int64_t ab, in
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
-    // The 32 inputs of block kb (the last, partial one zero padded).
+    // The 32 inputs of block kb (the last, partial one zero padded by masked loads: a copy through a stack
+    // buffer cost ~20 ns a row, most of a 16-input 1x1 conv's quantization at 48 x 48 pixels).
     auto load_block = [&](int64_t kb, __m256 v[4]) __attribute__((always_inline)) {
-      alignas(32) float tail[kBlock];
       const float* src = xr + kb * kBlock;
-      if ((kb + 1) * kBlock > K) {
-        for (int i = 0; i < kBlock; ++i) tail[i] = kb * kBlock + i < K ? src[i] : 0.0f;
-        src = tail;
+      const int64_t left = K - kb * kBlock;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = left - 8 * i;
+        v[i] = n >= 8 ? _mm256_loadu_ps(src + 8 * i)
+               : n <= 0 ? _mm256_setzero_ps()
+                        : _mm256_maskload_ps(src + 8 * i, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
       }
-      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
     };
     for (int64_t kb0 = 0; kb0 < KB; kb0 += ab) {
       const int64_t kb1 = std::min(KB, kb0 + ab);
