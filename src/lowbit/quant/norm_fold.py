@@ -15,6 +15,7 @@ outputs on a calibration batch before and after.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,20 +84,26 @@ def norm_groups(calibration: Any, towers: dict[str, nn.Module], targets: Sequenc
     change them all)."""
     norms = {id(m): (tower, name, m) for tower, root in towers.items() for name, m in root.named_modules()
              if is_affine_norm(m)}
-    outputs: dict[int, int] = {}  # id(output tensor) -> id(norm), for the batch in flight
+    # id(output tensor) -> (id(norm), weak reference to that tensor): an id is only a memory address, and once a
+    # norm's output is freed a later tensor (an attention output, a residual sum) can get the same one; without
+    # the check that the tensor is still the same object, a linear it feeds would count as fed by the norm, and
+    # folding the norm into it would change the model (seen: repq "changed the model's outputs (relative 0.43)"
+    # in one full test run, depending on what earlier tests left in the allocator)
+    outputs: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
     seen = {k: _Seen(sample_rows, seed + i) for i, k in enumerate(norms)}
     linears = {id(m): m for root in towers.values() for m in root.modules() if isinstance(m, nn.Linear)}
     fed: dict[int, set[int]] = {k: set() for k in linears}  # id(linear) -> ids of the norms feeding it (-1: other)
 
     def norm_hook(key: int) -> Callable[..., None]:
         def hook(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
-            outputs[id(out)] = key
+            outputs[id(out)] = (key, weakref.ref(out))
             seen[key].add(out)
         return hook
 
     def linear_hook(key: int) -> Callable[..., None]:
         def hook(mod: nn.Module, args: Any) -> None:
-            fed[key].add(outputs.get(id(args[0]), -1))
+            entry = outputs.get(id(args[0]))
+            fed[key].add(entry[0] if entry is not None and entry[1]() is args[0] else -1)
         return hook
 
     handles = [m.register_forward_hook(norm_hook(k)) for k, (_, _, m) in norms.items()]
