@@ -25,11 +25,13 @@ from lowbit.runtime import LiteLM, native
 from tests.models.causal_lm_tiny import save_tiny_causal_lm
 
 ODD = {"hidden_size": 72, "intermediate_size": 100, "num_attention_heads": 4, "num_key_value_heads": 2}
-CASES = {  # name -> (model_type, recipe): symmetric / per-channel / asymmetric with biases / 3-bit, untied head
+CASES = {  # name -> (model_type, recipe): symmetric / per-channel / asymmetric with biases / 3-bit, untied head /
+    # codes with float group minima
     "llama-w4g32": ("llama", "language@embedding=w8g32,language=w4g32"),
     "llama-w8": ("llama", "language@embedding=w8g32,language=w8"),
     "qwen2-w2g64a": ("qwen2", "language@embedding=w4g32a,language=w2g64a"),
     "mistral-w3g32": ("mistral", "language@embedding=w8g32,language=w3g32"),
+    "llama-w4g32-minmax": ("llama", "language@embedding=w8g32,language=w4g32:minmax"),  # offset storage (Q4_1's grid)
 }
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 116, 105, 110, 121, 33]  # 13 tokens: the panel GEMM (> 4 rows)
 
@@ -229,16 +231,17 @@ def test_cli_chat_lite_and_its_refusals(checkpoints: dict[str, Path], capsys: py
     assert main(["chat", path + "-missing", "hi", "--lite"]) == 2
 
 
-@pytest.mark.parametrize(("bits", "group", "symmetric"), [(4, 64, True), (8, None, True), (3, 32, False)])
-def test_c_abi_weight_equals_the_torch_binding(bits: int, group: int | None, symmetric: bool) -> None:
+@pytest.mark.parametrize(("bits", "group", "symmetric", "method"),
+                         [(4, 64, True, "rtn"), (8, None, True, "rtn"), (3, 32, False, "rtn"), (4, 32, True, "minmax")])
+def test_c_abi_weight_equals_the_torch_binding(bits: int, group: int | None, symmetric: bool, method: str) -> None:
     """A weight made through the C ABI over fast.prepare's tiles computes the binding's outputs bit for bit (odd
     N = 37 and K = 100: a partial tile and K-block), one row (the fused path) and seven (the panel GEMM)."""
     from lowbit.kernels import fast
     from lowbit.quant.methods import QuantContext, QuantSpec, get_method
 
     g = torch.Generator().manual_seed(bits)
-    packed = get_method("rtn").quantize_weight(torch.randn(37, 100, generator=g), QuantSpec(bits, group, symmetric),
-                                               QuantContext(), {}).packed
+    packed = get_method(method).quantize_weight(torch.randn(37, 100, generator=g), QuantSpec(bits, group, symmetric),
+                                                QuantContext(), {}).packed
     needs_native()
     handle = fast.prepare(packed)
     if handle.call is None:
@@ -246,10 +249,12 @@ def test_c_abi_weight_equals_the_torch_binding(bits: int, group: int | None, sym
     lib = native.library()
     tiles, scales = handle.tiles.numpy(), handle.scales.view(torch.int16).numpy()
     zeros = None if handle.zeros is None else handle.zeros.numpy()
+    mins = None if handle.mins is None else handle.mins.view(torch.int16).numpy()  # minmax: offset storage's minima
+    assert (mins is not None) == (method == "minmax")
     weight = lib.lowbit_weight_new(tiles.ctypes.data, tiles.size, scales.ctypes.data, scales.shape[0],
                                    scales.shape[1], None if zeros is None else zeros.ctypes.data, None,
                                    handle.zero_const, handle.cb, int(handle.full_byte), 37, 100, handle.group_blocks,
-                                   handle.act_blocks)
+                                   handle.act_blocks, None if mins is None else mins.ctypes.data)
     native.check(weight)
     try:
         for m in (1, 7):
@@ -261,4 +266,4 @@ def test_c_abi_weight_equals_the_torch_binding(bits: int, group: int | None, sym
         lib.lowbit_weight_free(weight)
     with pytest.raises(LowbitError, match="group blocks do not tile K"):
         native.check(lib.lowbit_weight_new(tiles.ctypes.data, tiles.size, scales.ctypes.data, scales.shape[0],
-                                           scales.shape[1], None, None, 8.0, handle.cb, 0, 37, 100, 0, 1))
+                                           scales.shape[1], None, None, 8.0, handle.cb, 0, 37, 100, 0, 1, None))

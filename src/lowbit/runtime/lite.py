@@ -10,8 +10,8 @@ What it runs (anything else is refused in one line naming what is accepted):
 * a ``causal-lm`` checkpoint (``lowbit.save`` of a quantized HF causal LM) of ``model_type`` llama, mistral or
   qwen2 (Mistral / Qwen2 within their sliding window), SiLU MLP, RoPE of the default type (``rope_theta``);
 * every q/k/v/o/gate/up/down projection packed (manifest kind ``linear``: symmetric or asymmetric codes of
-  2, 3, 4 or 8 bits, per-channel or groups of a multiple of 32; biases kept), no input scales or activation
-  quantization;
+  2, 3, 4 or 8 bits, per-channel or groups of a multiple of 32; or kind ``offset_linear``, the ``minmax`` grid
+  and GGUF Q4_1's, codes with fp16 group minima; biases kept), no input scales or activation quantization;
 * the token table packed (kind ``embedding``, 2..8 bits) or float, and a packed ``lm_head`` (tied to the table
   or its own).
 
@@ -116,6 +116,7 @@ class _Stored:
     bits: int
     group_size: int
     k: int  # input features
+    offsets: np.ndarray | None = None  # offset storage's fp16 group minima [N, G] (w = q * s + m)
 
 
 def _tile_rows(v: np.ndarray, n: int) -> np.ndarray:
@@ -205,6 +206,11 @@ class LiteLM:
         if entry is None:
             raise LowbitError(f"module {name} is not packed; the lite runtime runs {SUPPORTED}")
         kind, bits = entry.get("kind"), entry.get("bits")
+        if kind == "offset_linear" and "linear" in kinds:  # the kernels add the minima's term themselves
+            kind = "linear"
+            offset = True
+        else:
+            offset = False
         if kind not in kinds:
             raise LowbitError(f"module {name} is stored as kind {kind!r}; the lite runtime runs {SUPPORTED}")
         allowed = WEIGHT_BITS if kind == "linear" else EMBED_BITS
@@ -214,12 +220,17 @@ class LiteLM:
                               f"the lite runtime runs; accepted: {kinds[0]} codes of {allowed} bits without input "
                               "scales or activation quantization")
         base = self._pre + name
-        keys = [self._key(f"{base}.{b}") for b in ("qweight", "scales", "zeros", "bias")]
+        keys = [self._key(f"{base}.{b}") for b in ("qweight", "scales", "zeros", "bias", "offsets")]
         if keys[0] not in self._store or keys[1] not in self._store:
             raise LowbitError(f"the checkpoint lacks {base}.qweight / .scales")
         qweight, scales = self._store.get(keys[0]), self._store.get(keys[1])
         zeros = self._store.get(keys[2]) if keys[2] in self._store else None
         bias = self._store.float32(keys[3]) if keys[3] in self._store else None
+        offsets = self._store.get(keys[4]) if offset and keys[4] in self._store else None
+        if offset and (offsets is None or offsets.dtype != np.float16 or offsets.shape != scales.shape
+                       or zeros is not None):
+            raise LowbitError(f"module {name}: offset storage needs float16 .offsets shaped like its scales and no "
+                              ".zeros")
         n, k = (int(d) for d in entry.get("shape", [0, 0])[:2])
         group = int(entry.get("group_size") or k)
         g = scales.shape[1] if scales.ndim == 2 else 0
@@ -227,14 +238,15 @@ class LiteLM:
                 or (zeros is not None and zeros.shape != scales.shape) or (g > 1 and group % native.BLOCK):
             raise LowbitError(f"module {name}: stored buffers do not match its {bits}-bit [{n}, {k}] group-{group} "
                               f"entry (the lite runtime runs groups of a multiple of {native.BLOCK} or per-channel)")
-        return _Stored([kk for kk in keys if kk in self._store], qweight, scales, zeros, bias, int(bits), group, k)
+        return _Stored([kk for kk in keys if kk in self._store], qweight, scales, zeros, bias, int(bits), group, k,
+                       offsets)
 
     def _prepare(self, parts: list[_Stored]) -> int:
         """One native prepared weight of ``parts`` stacked along N (a fused call), from the C repack; the source
         pages are released afterwards."""
         first = parts[0]
-        if any((p.bits, p.group_size, p.zeros is None, p.k) != (first.bits, first.group_size, first.zeros is None,
-                                                               first.k) for p in parts):
+        if any((p.bits, p.group_size, p.zeros is None, p.offsets is None, p.k) !=
+               (first.bits, first.group_size, first.zeros is None, first.offsets is None, first.k) for p in parts):
             raise LowbitError("fused projections (q/k/v, gate/up) must share one format; the lite runtime fuses "
                               "them as the torch engine does")
         bits = first.bits
@@ -250,19 +262,20 @@ class LiteLM:
                                              tiles.ctypes.data))
         tiled = _tile_rows(scales, n)
         tzeros = None if zeros is None else _tile_rows(zeros, n)
+        tmins = None if first.offsets is None else _tile_rows(np.concatenate([p.offsets for p in parts]), n)
         bias = None
         if any(p.bias is not None for p in parts):
             bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.qweight.shape[0], np.float32)
                                    for p in parts]).astype(np.float32)
         g = tiled.shape[1]
         group_blocks = kb if g == 1 else first.group_size // native.BLOCK
-        zero_const = float(1 << (bits - 1)) if zeros is None else 1.0
+        zero_const = float(1 << (bits - 1)) if zeros is None and tmins is None else 1.0
         handle = self._lib.lowbit_weight_new(tiles.ctypes.data, tiles.size, tiled.ctypes.data, t, g, _ptr(tzeros),
                                              _ptr(bias), zero_const, cb, int(cb == 8), n, k_in, group_blocks,
-                                             native.default_act_blocks(group_blocks, g == 1))
+                                             native.default_act_blocks(group_blocks, g == 1), _ptr(tmins))
         native.check(handle)
         self._weights.append(handle)
-        self._keep += [a for a in (tiles, tiled, tzeros, bias) if a is not None]
+        self._keep += [a for a in (tiles, tiled, tzeros, bias, tmins) if a is not None]
         for p in parts:  # the tiles hold the codes now
             for key in p.keys:
                 self._store.release(key)

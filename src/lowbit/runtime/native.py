@@ -148,7 +148,7 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "lowbit_get_threads": (_I, ()),
     "lowbit_set_threads": (_I, (_I,)),
     "lowbit_repack": (_I, (_P, _I64, _I, _I64, _I64, _I, _P)),
-    "lowbit_weight_new": (_P, (_P, _I64, _P, _I64, _I64, _P, _P, _D, _I, _I, _I64, _I64, _I64, _I64)),
+    "lowbit_weight_new": (_P, (_P, _I64, _P, _I64, _I64, _P, _P, _D, _I, _I, _I64, _I64, _I64, _I64, _P)),
     "lowbit_weight_free": (None, (_P,)),
     "lowbit_weight_compute": (_I, (_P, _P, _I64, _P)),
     "lowbit_decoder_new": (_P, (_I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _D, _P, _P)),

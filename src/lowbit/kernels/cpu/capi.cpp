@@ -123,12 +123,14 @@ int lowbit_repack(const uint8_t* qweight, int64_t row_bytes, int bits, int64_t N
   });
 }
 
-// A prepared weight over caller-owned buffers (lowbit_kernels.h); nullptr on error.
+// A prepared weight over caller-owned buffers (lowbit_kernels.h; mins: offset storage's fp16 group minima
+// [T, G, 8] or null); nullptr on error.
 void* lowbit_weight_new(const uint8_t* w, int64_t w_bytes, const uint16_t* scales, int64_t T, int64_t G,
                         const uint8_t* zeros, const float* bias, double zero_const, int cb, int full_byte, int64_t N,
-                        int64_t K, int64_t gb, int64_t ab) {
+                        int64_t K, int64_t gb, int64_t ab, const uint16_t* mins) {
   return created<lowbit::PreparedWeight>([&](lowbit::PreparedWeight& p) {
-    return p.init(w, w_bytes, scales, T, G, lowbit::kTileRows, zeros, bias, zero_const, cb, full_byte != 0, N, K, gb, ab);
+    return p.init(w, w_bytes, scales, T, G, lowbit::kTileRows, zeros, bias, zero_const, cb, full_byte != 0, N, K, gb, ab,
+                  mins);
   });
 }
 
