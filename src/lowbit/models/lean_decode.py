@@ -396,8 +396,13 @@ class LeanDecoder:
             # the same ops from C++ in one call (Decoder::prefill), on the stack's own buffers: no tensor per op
             out = self._stack.prefill(h, self.k_cache, self.v_cache, self.cos, self.sin)
             self.pos, self.fill = h.shape[1], [h.shape[1]] * len(self.layers)
-            return out if self._stack.has_head else self.lm_head(self._rms(out[:, -1], self.norm))
+            return self._stack_logits(out)
         return self.lm_head(self._forward(h, prune))
+
+    def _stack_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] from a DecoderStack call: its own when it ran the packed head, else the final norm and
+        the lm_head of its last hidden state [B, 1, D] here."""
+        return out if self._stack.has_head else self.lm_head(self._rms(out[:, -1], self.norm))
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -412,9 +417,7 @@ class LeanDecoder:
         out = self._stack.step(h, self.k_cache, self.v_cache, self.fill, self.cos, self.sin, self.pos)
         self.fill = [f + 1 for f in self.fill]
         self.pos += 1
-        if self._stack.has_head:  # the final norm and the packed lm_head ran in the same call: logits [B, V]
-            return out
-        return self.lm_head(self._rms(out[:, -1], self.norm))
+        return self._stack_logits(out)
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -241,18 +241,10 @@ torch::Tensor rope_cache(const torch::Tensor& q, const torch::Tensor& k, const t
   lowbit::parallel_chunks(B * T, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (H + 2 * KV) * hd)),
                           at::get_num_threads(), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / T, t = r % T;
-      const float* c = cp + t * hd;
-      const float* s = sp + t * hd;
-      const float* qr = qp + b * q.stride(0) + t * q.stride(1);
-      for (int64_t n = 0; n < H; ++n) lowbit::rope(qr + n * hd, c, s, hd, op + (r * H + n) * hd);
-      const float* kr = kp + b * k.stride(0) + t * k.stride(1);
-      const float* vr = vp + b * v.stride(0) + t * v.stride(1);
-      for (int64_t g = 0; g < KV; ++g) {
-        const int64_t off = ((b * KV + g) * max_len + fill + t) * hd;
-        lowbit::rope(kr + g * hd, c, s, hd, kcp + off);
-        std::memcpy(vcp + off, vr + g * hd, sizeof(float) * hd);
-      }
+      const int64_t b = r / T, t = r % T, off = (b * KV * max_len + fill + t) * hd;
+      lowbit::rope_token(qp + b * q.stride(0) + t * q.stride(1), kp + b * k.stride(0) + t * k.stride(1),
+                         vp + b * v.stride(0) + t * v.stride(1), cp + t * hd, sp + t * hd, H, KV, hd,
+                         op + r * H * hd, kcp + off, vcp + off, max_len * hd);
     }
   });
   return out.transpose(1, 2);

@@ -239,12 +239,25 @@ void prefill_attention(const PrefillAttention& a, int threads) {
 }
 
 // --- the decoder --------------------------------------------------------------------------------------------
+namespace {
+
 // x * cos + swap_halves(x) * sin, elementwise as torch computes it (two products, one sum).
 // The two halves as separate loops: each vectorizes (one index expression per loop).
 void rope(const float* x, const float* c, const float* s, int64_t hd, float* out) {
   const int64_t half = hd / 2;
   for (int64_t j = 0; j < half; ++j) out[j] = x[j] * c[j] + x[j + half] * s[j];
   for (int64_t j = half; j < hd; ++j) out[j] = x[j] * c[j] + x[j - half] * s[j];
+}
+
+}  // namespace
+
+void rope_token(const float* q, const float* k, const float* v, const float* c, const float* s, int64_t H,
+                int64_t KV, int64_t hd, float* q_out, float* k_out, float* v_out, int64_t head_stride) {
+  for (int64_t n = 0; n < H; ++n) rope(q + n * hd, c, s, hd, q_out + n * hd);
+  for (int64_t g = 0; g < KV; ++g) {
+    rope(k + g * hd, c, s, hd, k_out + g * head_stride);
+    std::memcpy(v_out + g * head_stride, v + g * hd, sizeof(float) * hd);
+  }
 }
 
 std::string Decoder::init(DecoderWeights w) {
@@ -357,12 +370,9 @@ std::string Decoder::step(float* hp, int64_t B, float* logits, float* k_base, fl
       cur.serial([&] {
         for (int64_t b = 0; b < B; ++b) {
           const float* src = qkv + b * row;
-          for (int64_t n = 0; n < H; ++n) rope(src + n * hd, c, s, hd, q + (b * H + n) * hd);
-          for (int64_t g = 0; g < KV; ++g) {
-            const int64_t off = ((b * KV + g) * max_len + f) * hd;
-            rope(src + (H + g) * hd, c, s, hd, kc + off);
-            std::memcpy(vc + off, src + (H + KV + g) * hd, sizeof(float) * hd);
-          }
+          const int64_t off = (b * KV * max_len + f) * hd;
+          rope_token(src, src + H * hd, src + (H + KV) * hd, c, s, H, KV, hd, q + b * H * hd, kc + off, vc + off,
+                     max_len * hd);
         }
         // A few microseconds for all heads (~4 n hd flops each): not worth sharing out.
         kt->attend(DecodeAttention{q, kc, vc, attn, H, KV, hd, f + 1, max_len * hd, scale}, 0, B * H);
@@ -413,13 +423,8 @@ std::string Decoder::prefill(float* hp, int64_t M, float* logits, float* k_base,
     parallel_chunks(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, row)), threads, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const float* src = qkv + m * row;
-        const float* c = cos + m * hd;
-        const float* s = sin + m * hd;
-        for (int64_t n = 0; n < H; ++n) rope(src + n * hd, c, s, hd, q + (m * H + n) * hd);
-        for (int64_t g = 0; g < KV; ++g) {
-          rope(src + (H + g) * hd, c, s, hd, kc + (g * max_len + m) * hd);
-          std::memcpy(vc + (g * max_len + m) * hd, src + (H + KV + g) * hd, sizeof(float) * hd);
-        }
+        rope_token(src, src + H * hd, src + (H + KV) * hd, cos + m * hd, sin + m * hd, H, KV, hd, q + m * H * hd,
+                   kc + m * hd, vc + m * hd, max_len * hd);
       }
     });
     // The last layer's other rows only fill the cache: its attention, o and MLP run on the last row alone.

@@ -102,9 +102,12 @@ void attend_heads(const DecodeAttention& a, int64_t B, int threads);
 // A prefill's causal attention (lowbit_kernels.h: PrefillAttention) on the current kernels, on the work pool.
 void prefill_attention(const PrefillAttention& a, int threads);
 
-// RoPE of one head vector: out = x * cos + swap_halves(x) * sin (sin with the rotate-half sign folded in), two
-// products and one sum per value, as torch computes lean_decode.py's formula.
-void rope(const float* x, const float* c, const float* s, int64_t hd, float* out);
+// One token's q / k / v rows (H, KV and KV heads of hd values) at the position of cos / sin: its query heads
+// RoPE'd (x * cos + swap_halves(x) * sin, sin with the rotate-half sign folded in, two products and one sum per
+// value, as torch computes lean_decode.py's formula) into q_out [H, hd], its key heads RoPE'd and its value heads copied to k_out / v_out + g * head_stride
+// (the KV-cache entries of head g). What the decoder step, its prefill and the binding's rope_cache share.
+void rope_token(const float* q, const float* k, const float* v, const float* c, const float* s, int64_t H,
+                int64_t KV, int64_t hd, float* q_out, float* k_out, float* v_out, int64_t head_stride);
 
 // --- the decoder --------------------------------------------------------------------------------------------
 // Llama-layout decoder layers whose projections are all prepared weights (q/k/v fused in one call, gate/up in

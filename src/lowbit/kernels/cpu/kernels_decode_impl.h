@@ -25,25 +25,23 @@ LB_INLINE float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-LB_INLINE __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // 2^n: n in [-126, 128] after the clamp; 2^128 would overflow the exponent, so scale in two halves.
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+// exp(x) in float32 lanes of D (FloatVec8 / FloatVec16 below): the clamp to float's range, n = round(x log2 e),
+// r = x - n ln 2 in two steps, a degree-6 polynomial, then p * 2^n (D::ldexp2). One body for both widths, so
+// every lane computes the same operations at either width.
+template <class D>
+LB_INLINE typename D::V exp_poly(typename D::V x) {
+  x = D::min(D::max(x, D::set1(-87.33654f)), D::set1(88.72283f));
+  const typename D::V n = D::round(D::mul(x, D::set1(1.44269504088896341f)));
+  typename D::V r = D::fnma(n, D::set1(0.693359375f), x);
+  r = D::fnma(n, D::set1(-2.12194440e-4f), r);
+  typename D::V p = D::set1(1.9875691500e-4f);
+  p = D::fma(p, r, D::set1(1.3981999507e-3f));
+  p = D::fma(p, r, D::set1(8.3334519073e-3f));
+  p = D::fma(p, r, D::set1(4.1665795894e-2f));
+  p = D::fma(p, r, D::set1(1.6666665459e-1f));
+  p = D::fma(p, r, D::set1(5.0000001201e-1f));
+  p = D::fma(p, D::mul(r, r), D::add(r, D::set1(1.0f)));
+  return D::ldexp2(p, n);
 }
 
 // Elements [0, n) as whole vectors plus a masked tail (the tail lanes read / write nothing past n).
@@ -63,6 +61,97 @@ LB_INLINE void store_n(float* p, __m256 v, int64_t left) {
     _mm256_maskstore_ps(p, tail_mask(left), v);
   }
 }
+
+// Float lanes (FloatVec) of the prefill attention, silu * up and the float GEMV: ymm (AVX2) or, in the AVX-512
+// build, zmm, which doubles the FMAs and exps per instruction (Zen 5, Sapphire Rapids: full-width 512-bit units).
+struct FloatVec8 {
+  using V = __m256;
+  static constexpr int L = 8;
+  static LB_INLINE V zero() { return _mm256_setzero_ps(); }
+  static LB_INLINE V set1(float v) { return _mm256_set1_ps(v); }
+  static LB_INLINE V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static LB_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static LB_INLINE V load_n(const float* p, int64_t left) { return lowbit::LOWBIT_ISA_NS::load_n(p, left); }
+  static LB_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static LB_INLINE void store_n(float* p, V v, int64_t left) { lowbit::LOWBIT_ISA_NS::store_n(p, v, left); }
+  static LB_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static LB_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static LB_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static LB_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static LB_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static LB_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static LB_INLINE V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static LB_INLINE V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static LB_INLINE V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n, n integral in [-126, 128]: 2^128 would overflow the exponent, so scaled in two halves
+  static LB_INLINE V ldexp2(V p, V n) {
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  }
+  static LB_INLINE V exp(V x) { return exp_poly<FloatVec8>(x); }
+  // lanes [left, L) -> fill (left < L)
+  static LB_INLINE V keep_n(V v, int64_t left, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(tail_mask(left)));
+  }
+  static LB_INLINE float hsum(V v) { return lowbit::LOWBIT_ISA_NS::hsum(v); }
+  static LB_INLINE float hmax(V v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+};
+#if LOWBIT_USE_VNNI
+struct FloatVec16 {
+  using V = __m512;
+  static constexpr int L = 16;
+  static LB_INLINE __mmask16 mask(int64_t left) {
+    return static_cast<__mmask16>(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1u);
+  }
+  static LB_INLINE V zero() { return _mm512_setzero_ps(); }
+  static LB_INLINE V set1(float v) { return _mm512_set1_ps(v); }
+  static LB_INLINE V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static LB_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static LB_INLINE V load_n(const float* p, int64_t left) {
+    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask(left), p);
+  }
+  static LB_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static LB_INLINE void store_n(float* p, V v, int64_t left) {
+    if (left >= 16) {
+      _mm512_storeu_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, mask(left), v);
+    }
+  }
+  static LB_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static LB_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static LB_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static LB_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static LB_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static LB_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static LB_INLINE V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static LB_INLINE V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static LB_INLINE V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static LB_INLINE V ldexp2(V p, V n) {  // as FloatVec8's
+    const __m512i ni = _mm512_cvtps_epi32(n);
+    const __m512i h1 = _mm512_srai_epi32(ni, 1), h2 = _mm512_sub_epi32(ni, h1);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h1, _mm512_set1_epi32(127)), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h2, _mm512_set1_epi32(127)), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+  }
+  static LB_INLINE V exp(V x) { return exp_poly<FloatVec16>(x); }
+  static LB_INLINE V keep_n(V v, int64_t left, float fill) {
+    return _mm512_mask_blend_ps(mask(left), _mm512_set1_ps(fill), v);
+  }
+  static LB_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static LB_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+};
+using FloatVec = FloatVec16;
+#else
+using FloatVec = FloatVec8;
+#endif
 
 // y = x * rsqrt(mean(x^2) + eps) * w over rows [r0, r1) of D values (LlamaRMSNorm; y may be x).
 void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y, int64_t r0, int64_t r1) {
@@ -117,7 +206,7 @@ void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
     __m256 sum = _mm256_setzero_ps();
     const __m256 vmx = _mm256_set1_ps(mx);
     for (int64_t j = 0; j < n; j += 8) {
-      const __m256 e = exp_ps(_mm256_sub_ps(load_n(p + j, n - j), vmx));
+      const __m256 e = FloatVec8::exp(_mm256_sub_ps(load_n(p + j, n - j), vmx));
       store_n(p + j, e, n - j);
       // masked lanes of the tail load 0, exp(0 - mx) must not count: zero them.
       sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(tail_mask(n - j))));
@@ -138,98 +227,11 @@ void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
   }
 }
 
-// Lanes of the prefill attention (AttnVec): ymm (AVX2) or, in the AVX-512 build, zmm, which doubles the FMAs
-// and exps per instruction (Zen 5, Sapphire Rapids: full-width 512-bit units).
-struct AttnVec8 {
-  using V = __m256;
-  static constexpr int L = 8;
-  static LB_INLINE V zero() { return _mm256_setzero_ps(); }
-  static LB_INLINE V set1(float v) { return _mm256_set1_ps(v); }
-  static LB_INLINE V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static LB_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
-  static LB_INLINE V load_n(const float* p, int64_t left) { return lowbit::LOWBIT_ISA_NS::load_n(p, left); }
-  static LB_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static LB_INLINE void store_n(float* p, V v, int64_t left) { lowbit::LOWBIT_ISA_NS::store_n(p, v, left); }
-  static LB_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static LB_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static LB_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static LB_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
-  static LB_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static LB_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static LB_INLINE V exp(V x) { return exp_ps(x); }
-  // lanes [left, L) -> fill (left < L)
-  static LB_INLINE V keep_n(V v, int64_t left, float fill) {
-    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(tail_mask(left)));
-  }
-  static LB_INLINE float hsum(V v) { return lowbit::LOWBIT_ISA_NS::hsum(v); }
-  static LB_INLINE float hmax(V v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-  }
-};
-#if LOWBIT_USE_VNNI
-struct AttnVec16 {
-  using V = __m512;
-  static constexpr int L = 16;
-  static LB_INLINE __mmask16 mask(int64_t left) {
-    return static_cast<__mmask16>(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1u);
-  }
-  static LB_INLINE V zero() { return _mm512_setzero_ps(); }
-  static LB_INLINE V set1(float v) { return _mm512_set1_ps(v); }
-  static LB_INLINE V bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static LB_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
-  static LB_INLINE V load_n(const float* p, int64_t left) {
-    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask(left), p);
-  }
-  static LB_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static LB_INLINE void store_n(float* p, V v, int64_t left) {
-    if (left >= 16) {
-      _mm512_storeu_ps(p, v);
-    } else {
-      _mm512_mask_storeu_ps(p, mask(left), v);
-    }
-  }
-  static LB_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static LB_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static LB_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static LB_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
-  static LB_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static LB_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static LB_INLINE V exp(V x) {  // exp_ps, 16 lanes (same constants and steps)
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i ni = _mm512_cvtps_epi32(n);
-    const __m512i h1 = _mm512_srai_epi32(ni, 1), h2 = _mm512_sub_epi32(ni, h1);
-    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h1, _mm512_set1_epi32(127)), 23));
-    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h2, _mm512_set1_epi32(127)), 23));
-    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
-  }
-  static LB_INLINE V keep_n(V v, int64_t left, float fill) {
-    return _mm512_mask_blend_ps(mask(left), _mm512_set1_ps(fill), v);
-  }
-  static LB_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
-  static LB_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
-};
-using AttnVec = AttnVec16;
-#else
-using AttnVec = AttnVec8;
-#endif
 
 // y = silu(g) * u = g / (1 + exp(-g)) * u, n values; the full vector width (each lane computes the same
 // operations as at any other width, so the result does not depend on it).
 void silu_mul(const float* g, const float* u, int64_t n, float* y) {
-  using D = AttnVec;
+  using D = FloatVec;
   const D::V one = D::set1(1.0f);
   for (int64_t i = 0; i < n; i += D::L) {
     const D::V gv = D::load_n(g + i, n - i);
@@ -244,7 +246,7 @@ void silu_mul(const float* g, const float* u, int64_t n, float* y) {
 template <int M>
 void gemv_rows(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t N, int64_t n0,
                int64_t n1) {
-  using D = AttnVec;
+  using D = FloatVec;
   using V = D::V;
   constexpr int L = D::L, R = 4;
   int64_t n = n0;
@@ -287,7 +289,7 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, const float*
 // (keys past it get probability 0); then O = P V by a block of 4 queries x 2 vectors of dims. Blocks run in
 // reverse order of rows: the long ones are claimed first.
 void prefill_attend(const PrefillAttention& a, int64_t u0, int64_t u1) {
-  using D = AttnVec;
+  using D = FloatVec;
   using V = D::V;
   constexpr int L = D::L, W = 2 * L;
   const int64_t hd = a.hd, rep = a.heads / a.kv_heads, blocks = (a.T + kPrefillRows - 1) / kPrefillRows;
