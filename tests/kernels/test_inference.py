@@ -17,6 +17,7 @@ from lowbit.kernels import fast
 from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.fold_bn import SCALE_ABS_BOUND, SCALE_REL_BOUND, FoldedBatchNorm
 from lowbit.kernels.inference import optimize_for_inference_
+from lowbit.kernels.planned import planned
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, clamp_output, set_backend
 from lowbit.quant.recipe import Recipe
 
@@ -65,8 +66,10 @@ def test_fp32_fold_matches(lit_model: Any, pixels: torch.Tensor) -> None:
     assert sum(isinstance(m, DepthwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_DEPTHWISE
     # Float 1x1 convs are not kernel layers: only block 0's ReLU6 (after its depthwise conv alone) is fused.
     assert report.fused_activations == 1
+    assert report.planned_forwards == 1 and planned(folded.vision) is not None  # the image tower
     with torch.no_grad():
         assert _rel(folded.encode_image(pixels), lit_model.encode_image(pixels)) < 1e-5
+        assert torch.equal(folded.vision(pixels), type(folded.vision).forward(folded.vision, pixels))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -78,6 +81,11 @@ def test_packed_fold_on_both_backends_within_bound(lit_model: Any, pixels: torch
     assert report.batchnorm.folded == EFFICIENTNET_LITE0_BNS and not report.batchnorm.skipped
     assert report.static_padding > 0 and report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
     assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE  # every block's ReLU6 (stem/head: float stem)
+    # The planned image tower: every packed 1x1 conv and depthwise conv called directly, bit-equal to the modules
+    plan = planned(folded.vision).current()  # type: ignore[union-attr]
+    assert plan is not None and plan.lowered >= 32 + EFFICIENTNET_LITE0_DEPTHWISE
+    with torch.no_grad():
+        assert torch.equal(folded.vision(pixels), type(folded.vision).forward(folded.vision, pixels))
 
     # Every folded packed conv: dequantized weight within 2^-11 (relative; 2^-25 * |q - z| for subnormal
     # scales) of the exact a * W_q, and its codes unchanged.

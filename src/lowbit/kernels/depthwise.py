@@ -46,6 +46,7 @@ from torch import nn
 from lowbit.kernels import fast
 from lowbit.kernels.class_swap import mixed_class, swap_eligible_
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
+from lowbit.kernels.lowering import Lowered, register_lowering
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
 from lowbit.kernels.static_padding import registered_same_padding
 
@@ -168,22 +169,59 @@ class DepthwiseKernel:
         ext: Any = fast.extension()
         recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
         # None also when the padding mode or class changed since the swap
-        pads = conv_padding(conv, x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
-        if ext is None or recording or pads is None or not x.is_cpu or not x.is_floating_point():
+        geometry = _geometry(conv, x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
+        if ext is None or recording or geometry is None or not x.is_cpu or not x.is_floating_point():
             return clamp_output(self, super().forward(x))  # type: ignore[misc]
-        pt, pb, pl, pr = pads
-        h, w = x.shape[-2:]
-        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-        oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-        lo, hi = self.output_clamp or (0.0, 0.0)
         int_taps = (self._int8_taps() if isinstance(self, QuantWeightParam) and self.backend == "cpu"
                     and x.dtype == torch.float32 else None)
-        if int_taps is not None:
-            return ext.dwconv_int8(x, int_taps[0], kw, int_taps[1], conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
-                                   self.output_clamp is not None, lo, hi)
-        y = ext.dwconv(x, self._taps(), conv.bias, sh, sw, pt, pl, max(oh, 0), max(ow, 0),
-                       self.output_clamp is not None, lo, hi)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return _run(ext, conv, x, geometry, int_taps, None if int_taps is not None else self._taps())
+
+
+def _geometry(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int, int, int] | None:
+    """(top pad, left pad, output height, output width) of the kernel call for an [.., h, w] input, None where
+    the padding is unknown."""
+    pads = conv_padding(conv, h, w)
+    if pads is None:
+        return None
+    pt, pb, pl, pr = pads
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    return pt, pl, max((h + pt + pb - kh) // sh + 1, 0), max((w + pl + pr - kw) // sw + 1, 0)
+
+
+def _run(ext: Any, conv: Any, x: torch.Tensor, geometry: tuple[int, int, int, int],
+         int_taps: tuple[torch.Tensor, torch.Tensor] | None, taps: torch.Tensor | None) -> torch.Tensor:
+    """The kernel call: the int8 form on ``int_taps`` (float32 ``x``), else the float one on ``taps``."""
+    pt, pl, oh, ow = geometry
+    (sh, sw), kw = conv.stride, conv.kernel_size[1]
+    lo, hi = conv.output_clamp or (0.0, 0.0)
+    clamp = conv.output_clamp is not None
+    if int_taps is not None:
+        return ext.dwconv_int8(x, int_taps[0], kw, int_taps[1], conv.bias, sh, sw, pt, pl, oh, ow, clamp, lo, hi)
+    y = ext.dwconv(x, taps, conv.bias, sh, sw, pt, pl, oh, ow, clamp, lo, hi)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@register_lowering(DepthwiseKernel)
+def lowered_depthwise(conv: Any) -> Lowered | None:
+    """The conv's forward as its kernel call (``lowbit.kernels.lowering``) on float32 inputs, the taps and each
+    input size's geometry resolved once; other inputs take the forward."""
+    ext = fast.extension()
+    if ext is None:
+        return None
+    int_taps = conv._int8_taps() if isinstance(conv, QuantWeightParam) and conv.backend == "cpu" else None
+    taps = None if int_taps is not None else conv._taps()
+    sizes: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
+
+    def depthwise_call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.dtype != torch.float32:
+            return conv.forward(x)
+        hw = (x.shape[2], x.shape[3])
+        geometry = sizes.get(hw) if hw in sizes else sizes.setdefault(hw, _geometry(conv, *hw))
+        if geometry is None:
+            return conv.forward(x)
+        return _run(ext, conv, x, geometry, int_taps, taps)
+
+    return Lowered(depthwise_call, ("backend", "output_clamp", "stride", "kernel_size", "padding", "padding_mode"))
 
 
 def depthwise_kernels_(model: nn.Module) -> int:

@@ -54,10 +54,12 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant
 from lowbit.kernels.formats import PackedWeight, symmetric_zero, unpack_codes
+from lowbit.kernels.lowering import Lowered, register_lowering
 from lowbit.kernels.quant_linear import (
     GROUP_ATTR,
     LINEAR_BACKENDS,
     ROW_ACT_BLOCK,
+    QuantConv2d1x1,
     QuantLinear,
     check_act_block,
     reference_backend,
@@ -481,3 +483,36 @@ def cpu_backend(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 LINEAR_BACKENDS.register("cpu")(cpu_backend)
+
+
+@register_lowering(QuantLinear)
+def lowered_linear(layer: QuantLinear) -> Lowered | None:
+    """The layer's forward on the "cpu" backend as one call of its prepared weight (``lowbit.kernels.lowering``):
+    the call ``cpu_backend`` makes, with the input scale, clamp and (for ``QuantConv2d1x1``) the channels-last view
+    and memory format of its forward. None for what ``cpu_backend`` routes elsewhere (variants with their own
+    matmul, activation quantization, fused siblings, another backend, the reference fallback)."""
+    cls = type(layer)
+    if cls._matmul is not QuantLinear._matmul or cls.forward not in (QuantLinear.forward, QuantConv2d1x1.forward) \
+            or layer.backend != "cpu" or layer.act_spec is not None or GROUP_ATTR in layer.__dict__:
+        return None
+    call = prepared(layer).call
+    if call is None or not is_available():
+        return None
+    extra = () if layer.output_clamp is None else (True, *layer.output_clamp)
+    scale = layer._buffers["input_scale"]
+    reads = ("backend", "act_spec", "output_clamp", "act_block", GROUP_ATTR)
+    if not isinstance(layer, QuantConv2d1x1):
+        def linear_call(x: torch.Tensor) -> torch.Tensor:
+            return call(x if scale is None else x / scale, *extra)
+
+        return Lowered(linear_call, reads)
+
+    def conv1x1_call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return layer.forward(x)  # its error
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        rows = x.permute(0, 2, 3, 1)
+        y = call(rows if scale is None else rows / scale, *extra).permute(0, 3, 1, 2)
+        return y if channels_last else y.contiguous()
+
+    return Lowered(conv1x1_call, reads)

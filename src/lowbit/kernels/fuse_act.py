@@ -33,6 +33,7 @@ from torch import nn
 from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.graph import called_outside, fresh_source, module_graphs
+from lowbit.kernels.lowering import IDENTITY, Lowered, register_lowering
 from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
 from lowbit.registry import Registry
 
@@ -67,6 +68,11 @@ class FusedActivation:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x  # already clamped by the layer that produced it
+
+
+@register_lowering(FusedActivation)
+def _lowered_fused(act: nn.Module) -> Lowered:
+    return IDENTITY  # its forward returns its input
 
 
 def fuse_activations_(model: nn.Module) -> int:

@@ -56,6 +56,11 @@ class ModuleGraph:
         return join(self.prefix, str(node.target))
 
 
+def trace_module(root: nn.Module, wanted: Callable[[nn.Module], bool]) -> fx.Graph:
+    """The fx graph of ``root``'s forward with the ``wanted`` modules as leaves (raises where it does not trace)."""
+    return _LeafTracer(wanted).trace(root)
+
+
 def join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -88,7 +93,7 @@ def module_graphs(model: nn.Module, wanted: Callable[[nn.Module], bool],
     if not any(wanted(m) for m in model.modules()):
         return [], []
     try:
-        return [ModuleGraph(prefix, model, _LeafTracer(wanted).trace(model))], []
+        return [ModuleGraph(prefix, model, trace_module(model, wanted))], []
     except Exception:  # noqa: BLE001 - any forward fx cannot trace (data-dependent control flow, ...): go down
         graphs: list[ModuleGraph] = []
         untraced: list[str] = []

@@ -15,7 +15,10 @@ per-call "same" padding copy). This applies, in place and from outside the model
    ``conv_gemm_kernels_`` (``lowbit.kernels.conv_gemm``): packed dense convs with a spatial kernel (a CNN's
    stem) run im2col + the packed int8 GEMM (the kernels' activation rounding);
 5. ``fuse_activations_`` (``lowbit.kernels.fuse_act``): ReLU / ReLU6 / Hardtanh whose every call site reads a
-   kernel layer's fresh output are clamped in that layer's write-out and pass their input through (exact).
+   kernel layer's fresh output are clamped in that layer's write-out and pass their input through (exact);
+6. ``plan_forwards_`` (``lowbit.kernels.planned``): each traceable subtree holding a conv kernel layer (a CNN
+   tower) runs its fx graph as straight-line code calling the kernels directly, identities removed (the same
+   calls: bit-equal; guarded, rebuilt when the model changes).
 
 The same call works on a float model (an honest "fp32 with the same graph optimisations" baseline) and on a
 packed one. A folded model is for inference only: ``lowbit.save`` refuses it, so checkpoints keep their
@@ -25,8 +28,8 @@ loaded model is exactly the saved one).
 Example:
     >>> r = optimize_for_inference_(model)  # doctest: +SKIP
     >>> (r.batchnorm.folded, r.static_padding, r.inplace_activations,  # doctest: +SKIP
-    ...  r.depthwise_kernels, r.fused_activations)
-    (49, 12, 17, 16, 16)
+    ...  r.depthwise_kernels, r.fused_activations, r.planned_forwards)
+    (49, 12, 17, 16, 16, 1)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lowbit.kernels.depthwise import depthwise_kernels_
 from lowbit.kernels.fold_bn import FoldReport, fold_batchnorm_
 from lowbit.kernels.fuse_act import fuse_activations_
 from lowbit.kernels.inplace_act import inplace_activations_
+from lowbit.kernels.planned import plan_forwards_
 from lowbit.kernels.static_padding import static_same_padding_
 
 
@@ -47,7 +51,8 @@ from lowbit.kernels.static_padding import static_same_padding_
 class InferenceReport:
     """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding,
     the activation modules made in-place, the depthwise convs put on the kernel, the activation modules fused
-    into the layers feeding them and the packed spatial convs put on the GEMM."""
+    into the layers feeding them, the packed spatial convs put on the GEMM and the subtrees given a planned
+    forward."""
 
     batchnorm: FoldReport
     static_padding: int
@@ -55,19 +60,22 @@ class InferenceReport:
     depthwise_kernels: int = 0
     fused_activations: int = 0
     conv_gemm_kernels: int = 0
+    planned_forwards: int = 0
 
 
 def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, static_padding: bool = True,
                             inplace_activations: bool = True, depthwise_kernels: bool = True,
-                            fuse_activations: bool = True) -> InferenceReport:
+                            fuse_activations: bool = True, plan_forwards: bool = True) -> InferenceReport:
     """Fold BatchNorms, make stride-1 same-padding static, safe activations in-place, depthwise convs run on
-    the kernel and clamp activations fuse into the kernel layers before them in ``model``, in place (see the
-    module docstring). Raises ``LowbitError`` (before changing anything) if a BatchNorm2d is in training mode.
+    the kernel, clamp activations fuse into the kernel layers before them and CNN towers run planned forwards in
+    ``model``, in place (see the module docstring). Raises ``LowbitError`` (before changing anything) if a
+    BatchNorm2d is in training mode.
     """
     report = fold_batchnorm_(model) if fold_batchnorm else FoldReport()  # first: BNs between conv and activation
     padded = static_same_padding_(model) if static_padding else 0
     inplace = inplace_activations_(model) if inplace_activations else 0
     depthwise = depthwise_kernels_(model) if depthwise_kernels else 0
     gemm_convs = conv_gemm_kernels_(model) if depthwise_kernels else 0
-    fused = fuse_activations_(model) if fuse_activations else 0  # last: it reads which convs are on the kernel
-    return InferenceReport(report, padded, inplace, depthwise, fused, gemm_convs)
+    fused = fuse_activations_(model) if fuse_activations else 0  # it reads which convs are on the kernel
+    planned = plan_forwards_(model) if plan_forwards else 0  # last: it lowers the layers as the steps left them
+    return InferenceReport(report, padded, inplace, depthwise, fused, gemm_convs, planned)

@@ -230,6 +230,7 @@ class QuantLinear(_PackedMixin, nn.Module):
     output_clamp: tuple[float, float] | None = None
     act_block: int | str | None = None
     act_spec: act_quant.ActSpec | None = None  # activation quantization (lowbit.kernels.act_quant), None: a16
+    _lowbit_shared: Any = None  # GROUP_ATTR's default (fusion sets it in the instance): a plain attribute read
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels.class_swap import mixed_class
+from lowbit.kernels.lowering import Lowered, register_lowering
 from lowbit.registry import Registry
 
 # "module.QualName" of a conv class whose forward applies TF "same" padding (total (k-1)*d at stride 1, low side
@@ -63,6 +64,20 @@ class StaticSamePadding:
         if pad is None:
             return super().forward(x)  # type: ignore[misc]
         return F.conv2d(x, conv.weight, conv.bias, 1, pad, conv.dilation, conv.groups)
+
+
+@register_lowering(StaticSamePadding)
+def lowered_static_padding(conv: nn.Module) -> Lowered | None:
+    """The padded ``F.conv2d`` of the forward (``lowbit.kernels.lowering``) while the padding is static."""
+    pad = _symmetric_padding(conv)  # type: ignore[arg-type]
+    if pad is None:
+        return None
+    w, b, dilation, groups = conv.weight, conv.bias, conv.dilation, conv.groups
+
+    def static_conv(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, b, 1, pad, dilation, groups)
+
+    return Lowered(static_conv, ("stride", "padding", "kernel_size", "dilation", "groups"))
 
 
 def static_same_padding_(model: nn.Module) -> int:
