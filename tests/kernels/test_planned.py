@@ -144,6 +144,12 @@ def test_plan_follows_changes_to_the_model() -> None:
         assert torch.equal(model(PIXELS), _own(model, PIXELS))
         set_backend(model, "cpu")
 
+        # an attribute the lowering captured (lowbit's classes invalidate plans when one is set)
+        model.head.output_clamp = (0.0, 0.5)
+        clamped = model(PIXELS)
+        assert torch.equal(clamped, _own(model, PIXELS)) and clamped.max() <= 0.5
+        model.head.output_clamp = None
+
         # a hook added to a lowered layer sees its calls
         seen: list[tuple[int, ...]] = []
         handle = model.blocks[0].dw.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))

@@ -46,7 +46,7 @@ from torch import nn
 from lowbit.kernels import fast
 from lowbit.kernels.class_swap import mixed_class, swap_eligible_
 from lowbit.kernels.formats import PackedWeight, symmetric_zero
-from lowbit.kernels.lowering import Lowered, register_lowering
+from lowbit.kernels.lowering import Lowered, PlanWatched, register_lowering
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
 from lowbit.kernels.static_padding import registered_same_padding
 
@@ -122,10 +122,12 @@ def is_depthwise(conv: nn.Module) -> bool:
             and tuple(conv.dilation) == (1, 1) and conv_padding(conv, 1, 1) is not None)
 
 
-class DepthwiseKernel:
+class DepthwiseKernel(PlanWatched):
     """Mixin placed before a depthwise conv class: its forward runs on ``cpu/kernels_dwconv_impl.h``."""
 
     _reproduces_padding = True  # conv_padding reads the padding of the class's own forward
+    # what its lowering (lowered_depthwise) captures: setting one invalidates planned forwards
+    _plan_reads = frozenset({"backend", "output_clamp", "stride", "kernel_size", "padding", "padding_mode", "bias"})
 
     @classmethod
     def kernel_class(cls, base: type) -> type:
@@ -221,7 +223,7 @@ def lowered_depthwise(conv: Any) -> Lowered | None:
             return conv.forward(x)
         return _run(ext, conv, x, geometry, int_taps, taps)
 
-    return Lowered(depthwise_call, ("backend", "output_clamp", "stride", "kernel_size", "padding", "padding_mode"))
+    return Lowered(depthwise_call)
 
 
 def depthwise_kernels_(model: nn.Module) -> int:

@@ -488,9 +488,10 @@ LINEAR_BACKENDS.register("cpu")(cpu_backend)
 @register_lowering(QuantLinear)
 def lowered_linear(layer: QuantLinear) -> Lowered | None:
     """The layer's forward on the "cpu" backend as one call of its prepared weight (``lowbit.kernels.lowering``):
-    the call ``cpu_backend`` makes, with the input scale, clamp and (for ``QuantConv2d1x1``) the channels-last view
-    and memory format of its forward. None for what ``cpu_backend`` routes elsewhere (variants with their own
-    matmul, activation quantization, fused siblings, another backend, the reference fallback)."""
+    the call ``cpu_backend`` makes, with the input scale, clamp and (for ``QuantConv2d1x1``) the channels-last
+    view and memory format of its forward (what it captures: ``QuantLinear._plan_reads``). None for what
+    ``cpu_backend`` routes elsewhere (variants with their own matmul, activation quantization, fused siblings,
+    another backend, the reference fallback)."""
     cls = type(layer)
     if cls._matmul is not QuantLinear._matmul or cls.forward not in (QuantLinear.forward, QuantConv2d1x1.forward) \
             or layer.backend != "cpu" or layer.act_spec is not None or GROUP_ATTR in layer.__dict__:
@@ -500,12 +501,11 @@ def lowered_linear(layer: QuantLinear) -> Lowered | None:
         return None
     extra = () if layer.output_clamp is None else (True, *layer.output_clamp)
     scale = layer._buffers["input_scale"]
-    reads = ("backend", "act_spec", "output_clamp", "act_block", GROUP_ATTR)
     if not isinstance(layer, QuantConv2d1x1):
         def linear_call(x: torch.Tensor) -> torch.Tensor:
             return call(x if scale is None else x / scale, *extra)
 
-        return Lowered(linear_call, reads)
+        return Lowered(linear_call)
 
     def conv1x1_call(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
@@ -515,4 +515,4 @@ def lowered_linear(layer: QuantLinear) -> Lowered | None:
         y = call(rows if scale is None else rows / scale, *extra).permute(0, 3, 1, 2)
         return y if channels_last else y.contiguous()
 
-    return Lowered(conv1x1_call, reads)
+    return Lowered(conv1x1_call)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.formats import PackedWeight
+from lowbit.kernels.lowering import invalidate_plans
 from lowbit.kernels.offsets import OffsetPacked
 from lowbit.kernels.quant_linear import GROUP_ATTR, QuantLinear
 from lowbit.registry import Registry, qualname
@@ -87,6 +88,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
             group = SharedInputGroup(members)
             for i, m in enumerate(members):
                 m.__dict__[GROUP_ATTR] = (group, i)
+            invalidate_plans()  # a planned forward may have lowered a member on its own
             groups += 1
     return groups
 
@@ -95,6 +97,7 @@ def unfuse_shared_inputs(model: nn.Module) -> None:
     """Every packed linear of ``model`` computes on its own again."""
     for m in model.modules():
         m.__dict__.pop(GROUP_ATTR, None)
+    invalidate_plans()
 
 
 def _concat(members: list[QuantLinear]) -> tuple[PackedWeight, torch.Tensor | None]:

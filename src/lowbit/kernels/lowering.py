@@ -9,14 +9,21 @@ through their MRO, nearest first) to a rule ``rule(module) -> Lowered | None``: 
 forward, ``IDENTITY`` drops a module that returns its input. Rules live beside the forward they mirror (the
 kernel layers in ``fast``, ``depthwise``, ``static_padding``, ``fuse_act``); torch's own plain modules are here.
 
-A ``Lowered`` names the attributes its function read (``reads``): the plan re-checks them, with the identity and
-version of the module's tensors, before every call, and is rebuilt when one changed.
+What a lowered function captured must not change unseen. Tensors: the plan re-checks their versions before each
+call, and any parameter, buffer or submodule assignment anywhere bumps ``plan_epoch`` (torch's global
+registration hooks). Attributes: lowbit's kernel classes declare the ones their lowering reads
+(``PlanWatched._plan_reads``) and bump the epoch when one is set; a torch module's lowering names its instance
+attributes in ``Lowered.reads``, re-checked per call. Hooks: a lowered module's hook dicts become ``WatchedHooks``,
+which bump the epoch when a hook is added or removed. A bumped epoch makes every plan rebuild at its next call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +31,66 @@ from torch import nn
 
 from lowbit.registry import Registry, qualname
 
+_EPOCH = [1]
+
+
+def plan_epoch() -> int:
+    """The current epoch: a plan made in an earlier one is rebuilt before it runs."""
+    return _EPOCH[0]
+
+
+def invalidate_plans(*_: Any) -> None:
+    """Make every plan rebuild at its next call (also the signature of torch's registration hooks)."""
+    _EPOCH[0] += 1
+
+
+@contextmanager
+def unobserved() -> Iterator[None]:
+    """Assignments made inside invalidate no plan (a plan's own ``fx.GraphModule`` being assembled)."""
+    epoch = _EPOCH[0]
+    try:
+        yield
+    finally:
+        _EPOCH[0] = epoch
+
+
+class WatchedHooks(OrderedDict):  # type: ignore[type-arg]
+    """A module's forward (pre-)hook dict that invalidates plans when a hook is added or removed."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        invalidate_plans()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        invalidate_plans()
+        super().__delitem__(key)
+
+
+def watch_hooks(module: nn.Module) -> None:
+    """Swap ``module``'s hook dicts for ``WatchedHooks`` (same content) once."""
+    for name in ("_forward_hooks", "_forward_pre_hooks"):
+        hooks = module.__dict__[name]
+        if not isinstance(hooks, WatchedHooks):
+            module.__dict__[name] = WatchedHooks(hooks)
+
+
+class PlanWatched:
+    """Base of lowbit's kernel classes with a lowering: setting one of ``_plan_reads`` (the attributes the lowering
+    captured) invalidates plans."""
+
+    _plan_reads: frozenset[str] = frozenset()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._plan_reads:
+            invalidate_plans()
+        super().__setattr__(name, value)
+
 
 @dataclass(frozen=True)
 class Lowered:
     """A module's forward as a function of its one input (None for ``IDENTITY``: the input itself), valid while
-    the attributes ``reads`` (read with ``getattr(module, name, None)``) and the module's tensors are unchanged."""
+    the module's tensors and the instance attributes ``reads`` are unchanged (lowbit's own classes leave
+    ``reads`` empty: they are ``PlanWatched``)."""
 
     fn: Callable[[torch.Tensor], torch.Tensor] | None
     reads: tuple[str, ...] = ()

@@ -13,10 +13,10 @@ same arguments in the same order, so outputs are bit-equal (tested).
 The plan is the subtree's ``forward`` (an instance attribute, ``PlannedCall``, over its class's own forward:
 the module's class, state dict and repr are unchanged). It runs only where the module's forward would run the
 kernels: eval mode, CPU float32 tensor inputs, no autograd recording (grad mode off, or nothing requiring
-grad), no tracing (torch.jit / ONNX export, fx, dynamo), no global module hooks. Before each call it checks
-that every module it calls is still in place, the lowered modules' tensors (identity, version, data pointer),
-the attributes their lowering read and their hooks (a hook added later is seen: the plan is rebuilt without
-lowering that module); when something changed it rebuilds itself. Python attributes of the traced-through
+grad), no tracing (torch.jit / ONNX export, fx, dynamo), no global module hooks. It rebuilds itself when the
+model changed (``lowbit.kernels.lowering``: any parameter, buffer or submodule assigned, a captured attribute
+set, a hook added to a lowered module (then kept as a module call, so the hook sees it), or, checked per call,
+an in-place write to a lowered module's tensor or a changed attribute of a lowered torch module). Python attributes of the traced-through
 modules (branches such as a block's ``expand_ratio``) are taken as they were when planned, as fx records them;
 re-run ``plan_forwards_`` (or ``optimize_for_inference_``) after changing those. Copies (``deepcopy``, pickle)
 plan again at their first call.
@@ -39,7 +39,16 @@ from torch import nn
 from lowbit.kernels.conv_gemm import ConvGemmKernel
 from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.graph import module_graphs, trace_module
-from lowbit.kernels.lowering import IDENTITY, LOWERINGS, Lowered, lowering_of
+from lowbit.kernels.lowering import (
+    IDENTITY,
+    LOWERINGS,
+    Lowered,
+    invalidate_plans,
+    lowering_of,
+    plan_epoch,
+    unobserved,
+    watch_hooks,
+)
 from lowbit.kernels.quant_linear import QuantConv2d1x1
 
 _FAILED = "failed"  # PlannedCall.plan after a build that could not plan (not retried until planned again)
@@ -55,61 +64,54 @@ def _leaf(module: nn.Module) -> bool:
 
 
 _VERSION = operator.attrgetter("_version")
-_EPOCH = [0]  # bumped whenever any module anywhere gets a parameter, buffer or submodule assigned
-
-
-def _bump_epoch(*_: Any) -> None:
-    _EPOCH[0] += 1
+_WATCHING = [False]
 
 
 def _watch_assignments() -> None:
-    """Install (once per process) torch's global registration hooks that bump ``_EPOCH``: a plan made before an
+    """Install (once per process) torch's global registration hooks that invalidate plans: a plan made before an
     assignment (``module.weight = ...``, ``register_buffer``, a replaced submodule) is rebuilt."""
-    if not _EPOCH[0]:
-        _EPOCH[0] = 1
-        nn.modules.module.register_module_parameter_registration_hook(_bump_epoch)
-        nn.modules.module.register_module_buffer_registration_hook(_bump_epoch)
-        nn.modules.module.register_module_module_registration_hook(_bump_epoch)
+    if not _WATCHING[0]:
+        _WATCHING[0] = True
+        nn.modules.module.register_module_parameter_registration_hook(invalidate_plans)
+        nn.modules.module.register_module_buffer_registration_hook(invalidate_plans)
+        nn.modules.module.register_module_module_registration_hook(invalidate_plans)
 
 
 class _Guard:
-    """What a plan assumed, re-checked before each call in C-level passes (~10 us for lit-fashion's tower): no
-    parameter, buffer or submodule assigned anywhere since (``_EPOCH``), the versions of the lowered modules'
-    tensors (in-place writes, ``load_state_dict``), the attributes their lowering read, and no hooks on them."""
+    """What a plan assumed beyond the epoch (``lowbit.kernels.lowering``), re-checked before each call in C-level
+    passes: the versions of the lowered modules' tensors (in-place writes, ``load_state_dict``) and the values of
+    the torch modules' attributes their lowering read."""
 
     def __init__(self) -> None:
         _watch_assignments()
         self.epoch = 0
         self.versioned: list[torch.Tensor] = []  # inference tensors have no version counter
         self.params: list[torch.Tensor] = []  # parameters the lowered functions hold (the autograd check)
-        self.owners: list[nn.Module] = []
+        self.dicts: list[dict[str, Any]] = []  # instance dicts and names of the attributes read
         self.names: list[str] = []
-        self.hooks: list[dict[Any, Any]] = []
         self.versions: list[int] = []
         self.values: list[Any] = []
 
     def lowered(self, module: nn.Module, reads: tuple[str, ...]) -> None:
-        # attributes it has (an absent one would take nn.Module's __getattr__ and an exception per check)
-        reads = tuple(n for n in reads if hasattr(module, n))
         for t in (*module._parameters.values(), *module._buffers.values()):
             if t is not None and not t.is_inference():
                 self.versioned.append(t)
             if isinstance(t, nn.Parameter):
                 self.params.append(t)
-        self.owners += [module] * len(reads)
-        self.names += reads
-        self.hooks += [module._forward_hooks, module._forward_pre_hooks]
+        for name in reads:
+            if name in module.__dict__:  # instance attributes (class-level ones are not per-module settings)
+                self.dicts.append(module.__dict__)
+                self.names.append(name)
+        watch_hooks(module)
 
     def seal(self) -> None:
-        self.epoch = _EPOCH[0]
+        self.epoch = plan_epoch()
         self.versions = list(map(_VERSION, self.versioned))
-        self.values = list(map(getattr, self.owners, self.names, [None] * len(self.names)))
-        self.defaults = [None] * len(self.names)
+        self.values = list(map(dict.get, self.dicts, self.names))
 
     def holds(self) -> bool:
-        return (self.epoch == _EPOCH[0] and list(map(_VERSION, self.versioned)) == self.versions
-                and list(map(getattr, self.owners, self.names, self.defaults)) == self.values
-                and not any(self.hooks))
+        return (self.epoch == plan_epoch() and list(map(_VERSION, self.versioned)) == self.versions
+                and list(map(dict.get, self.dicts, self.names)) == self.values)
 
 
 @dataclass
@@ -153,9 +155,8 @@ def build_plan(root: nn.Module) -> ForwardPlan | None:
     if lowered == 0:
         return None
     graph.lint()
-    epoch = _EPOCH[0]
-    module = fx.GraphModule(root, graph)
-    _EPOCH[0] = epoch  # its own submodule assignments change no model (nor other models' plans)
+    with unobserved():  # the GraphModule's own submodule assignments change no model
+        module = fx.GraphModule(root, graph)
     guard.seal()
     return ForwardPlan(module.forward, guard, lowered, dropped, kept)
 

@@ -33,6 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels import act_quant
 from lowbit.kernels.class_swap import mixed_class
 from lowbit.kernels.formats import PackedWeight, check_bits, num_groups, packed_row_bytes
+from lowbit.kernels.lowering import PlanWatched
 from lowbit.registry import Registry
 
 # act_scale / act_zero: calibrated static activation scales (lowbit.kernels.act_quant), stored float32 as they are
@@ -207,7 +208,7 @@ class _PackedMixin:
 
 
 # --- linear and pointwise conv ----------------------------------------------------------------------------
-class QuantLinear(_PackedMixin, nn.Module):
+class QuantLinear(PlanWatched, _PackedMixin, nn.Module):
     """A linear layer with a packed low-bit weight.
 
     Buffers (state-dict keys under the module prefix):
@@ -231,6 +232,8 @@ class QuantLinear(_PackedMixin, nn.Module):
     act_block: int | str | None = None
     act_spec: act_quant.ActSpec | None = None  # activation quantization (lowbit.kernels.act_quant), None: a16
     _lowbit_shared: Any = None  # GROUP_ATTR's default (fusion sets it in the instance): a plain attribute read
+    # what its lowering (fast.lowered_linear) captures: setting one invalidates planned forwards
+    _plan_reads = frozenset({"backend", "act_spec", "output_clamp", "act_block", "input_scale"})
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels.class_swap import mixed_class
-from lowbit.kernels.lowering import Lowered, register_lowering
+from lowbit.kernels.lowering import Lowered, PlanWatched, register_lowering
 from lowbit.registry import Registry
 
 # "module.QualName" of a conv class whose forward applies TF "same" padding (total (k-1)*d at stride 1, low side
@@ -50,8 +50,11 @@ def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return (kh - 1) * conv.dilation[0] // 2, (kw - 1) * conv.dilation[1] // 2
 
 
-class StaticSamePadding:
+class StaticSamePadding(PlanWatched):
     """Mixin placed before a registered class: stride-1 odd-kernel forwards pad inside ``F.conv2d``."""
+
+    # what its lowering (lowered_static_padding) captures: setting one invalidates planned forwards
+    _plan_reads = frozenset({"stride", "padding", "kernel_size", "dilation", "groups"})
 
     @classmethod
     def static_class(cls, base: type) -> type:
@@ -77,7 +80,7 @@ def lowered_static_padding(conv: nn.Module) -> Lowered | None:
     def static_conv(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, b, 1, pad, dilation, groups)
 
-    return Lowered(static_conv, ("stride", "padding", "kernel_size", "dilation", "groups"))
+    return Lowered(static_conv)
 
 
 def static_same_padding_(model: nn.Module) -> int:
