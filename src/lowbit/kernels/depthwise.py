@@ -193,14 +193,21 @@ def _geometry(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int, int, int] | No
 def _run(ext: Any, conv: Any, x: torch.Tensor, geometry: tuple[int, int, int, int],
          int_taps: tuple[torch.Tensor, torch.Tensor] | None, taps: torch.Tensor | None) -> torch.Tensor:
     """The kernel call: the int8 form on ``int_taps`` (float32 ``x``), else the float one on ``taps``."""
+    kernel, args = _call(ext, conv, geometry, int_taps, taps)
+    y = kernel(x, *args)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _call(ext: Any, conv: Any, geometry: tuple[int, int, int, int], int_taps: tuple[torch.Tensor, torch.Tensor] | None,
+          taps: torch.Tensor | None) -> tuple[Any, tuple[Any, ...]]:
+    """The extension function and its arguments after the input map."""
     pt, pl, oh, ow = geometry
     (sh, sw), kw = conv.stride, conv.kernel_size[1]
     lo, hi = conv.output_clamp or (0.0, 0.0)
-    clamp = conv.output_clamp is not None
+    epilogue = (conv.bias, sh, sw, pt, pl, oh, ow, conv.output_clamp is not None, lo, hi)
     if int_taps is not None:
-        return ext.dwconv_int8(x, int_taps[0], kw, int_taps[1], conv.bias, sh, sw, pt, pl, oh, ow, clamp, lo, hi)
-    y = ext.dwconv(x, taps, conv.bias, sh, sw, pt, pl, oh, ow, clamp, lo, hi)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return ext.dwconv_int8, (int_taps[0], kw, int_taps[1], *epilogue)
+    return ext.dwconv, (taps, *epilogue)
 
 
 @register_lowering(DepthwiseKernel)
@@ -212,16 +219,17 @@ def lowered_depthwise(conv: Any) -> Lowered | None:
         return None
     int_taps = conv._int8_taps() if isinstance(conv, QuantWeightParam) and conv.backend == "cpu" else None
     taps = None if int_taps is not None else conv._taps()
-    sizes: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
+    calls: dict[tuple[int, int], tuple[Any, tuple[Any, ...]] | None] = {}  # per input size: the kernel call
 
     def depthwise_call(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.dtype != torch.float32:
             return conv.forward(x)
         hw = (x.shape[2], x.shape[3])
-        geometry = sizes.get(hw) if hw in sizes else sizes.setdefault(hw, _geometry(conv, *hw))
-        if geometry is None:
-            return conv.forward(x)
-        return _run(ext, conv, x, geometry, int_taps, taps)
+        call = calls.get(hw)
+        if call is None and hw not in calls:
+            geometry = _geometry(conv, *hw)
+            call = calls[hw] = None if geometry is None else _call(ext, conv, geometry, int_taps, taps)
+        return conv.forward(x) if call is None else call[0](x, *call[1])
 
     return Lowered(depthwise_call)
 

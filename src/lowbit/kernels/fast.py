@@ -499,20 +499,20 @@ def lowered_linear(layer: QuantLinear) -> Lowered | None:
     call = prepared(layer).call
     if call is None or not is_available():
         return None
-    extra = () if layer.output_clamp is None else (True, *layer.output_clamp)
+    clamp = layer.output_clamp
     scale = layer._buffers["input_scale"]
     if not isinstance(layer, QuantConv2d1x1):
+        extra = () if clamp is None else (True, *clamp)
+
         def linear_call(x: torch.Tensor) -> torch.Tensor:
             return call(x if scale is None else x / scale, *extra)
 
         return Lowered(linear_call)
+    conv_args = (scale, clamp is not None, *(clamp or (0.0, 0.0)))
 
     def conv1x1_call(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             return layer.forward(x)  # its error
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        rows = x.permute(0, 2, 3, 1)
-        y = call(rows if scale is None else rows / scale, *extra).permute(0, 3, 1, 2)
-        return y if channels_last else y.contiguous()
+        return call.conv1x1(x, *conv_args)  # QuantConv2d1x1.forward's permutes and memory format, in C++
 
     return Lowered(conv1x1_call)

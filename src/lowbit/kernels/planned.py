@@ -14,12 +14,12 @@ The plan is the subtree's ``forward`` (an instance attribute, ``PlannedCall``, o
 the module's class, state dict and repr are unchanged). It runs only where the module's forward would run the
 kernels: eval mode, CPU float32 tensor inputs, no autograd recording (grad mode off, or nothing requiring
 grad), no tracing (torch.jit / ONNX export, fx, dynamo), no global module hooks. It rebuilds itself when the
-model changed (``lowbit.kernels.lowering``: any parameter, buffer or submodule assigned, a captured attribute
+model changed (``lowbit.kernels.lowering``): any parameter, buffer or submodule assigned, a captured attribute
 set, a hook added to a lowered module (then kept as a module call, so the hook sees it), or, checked per call,
-an in-place write to a lowered module's tensor or a changed attribute of a lowered torch module). Python attributes of the traced-through
-modules (branches such as a block's ``expand_ratio``) are taken as they were when planned, as fx records them;
-re-run ``plan_forwards_`` (or ``optimize_for_inference_``) after changing those. Copies (``deepcopy``, pickle)
-plan again at their first call.
+an in-place write to a lowered module's tensor or a changed attribute of a lowered torch module. Python
+attributes of the traced-through modules (branches such as a block's ``expand_ratio``) are taken as they were
+when planned, as fx records them; re-run ``plan_forwards_`` (or ``optimize_for_inference_``) after changing
+those. Copies (``deepcopy``, pickle) plan again at their first call.
 
 Example:
     >>> plan_forwards_(model)  # doctest: +SKIP

@@ -96,6 +96,19 @@ class Prepared {
     return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
   }
 
+  // A 1x1 conv (QuantConv2d1x1's forward in one call, for planned forwards): x [B, C, H, W] -> y [B, N, H, W], the
+  // rows [B, H, W, C] read in place and y left channels-last when x is channels-last, else y contiguous; x divided
+  // by input_scale [C] first when given.
+  torch::Tensor conv1x1(const torch::Tensor& x, const c10::optional<torch::Tensor>& input_scale, bool clamp,
+                        double lo, double hi) const {
+    TORCH_CHECK(x.dim() == 4, "lowbit conv1x1: x must be [B, C, H, W]; received ", x.dim(), " dimensions");
+    const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+    torch::Tensor rows = x.permute({0, 2, 3, 1});
+    if (input_scale.has_value() && input_scale->defined()) rows = rows / input_scale->to(rows.scalar_type());
+    torch::Tensor y = forward(rows, clamp, lo, hi).permute({0, 3, 1, 2});
+    return channels_last ? y : y.contiguous();
+  }
+
   const lowbit::PreparedWeight& core() const { return core_; }
 
   // The outputs of the layers sharing this call: views [..., splits[i]] of one [..., N] result.
@@ -474,6 +487,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("mins") = py::none())
       .def("__call__", &Prepared::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
            py::arg("hi") = 0.0, py::arg("act_scale") = 0.0, py::arg("act_lo") = -127.0, py::arg("act_hi") = 127.0)
+      .def("conv1x1", &Prepared::conv1x1, py::arg("x"), py::arg("input_scale"), py::arg("clamp"), py::arg("lo"),
+           py::arg("hi"))
       .def("split", &Prepared::forward_split, py::arg("x"));
   py::class_<DecoderStack>(m, "DecoderStack", "Llama-layout decoder layers on prepared weights: step(...) -> h")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<py::object>,
