@@ -19,6 +19,11 @@ Timed, interleaved in the same rounds (median and 10th percentile per batch size
   ConvInteger / MatMulInteger) — issue 19's baseline; ``ort_int8_static``: ORT's static QDQ quantization
   (per-channel int8 weights, uint8 activations calibrated on 64 training images; QLinearConv) — its fast int8.
 
+Each timed call follows a 10 ms idle gap (a request reaching an idle process: caches and clocks partly cold,
+which adds about the same 1-2 ms to every engine here); the targets are read from these. At batch 1 the engines
+are also timed back to back (``back_to_back``: blocks of consecutive calls, blocks interleaved), a stream of
+requests, recorded beside them (``*_b1_back_to_back``).
+
 Every session and model runs on ``threads`` threads; ORT's spinning stops when ``run()`` returns (see
 ``workflows/bench_kernels._ort_session``). Cosines against the float model are recorded for every variant.
 """
@@ -123,6 +128,30 @@ def ort_sessions(fp32: Any, work: Path, threads: int) -> tuple[dict[str, Any], d
             "ort_int8_static": ort_session(static, threads)}, info
 
 
+def back_to_back(calls: dict[str, Callable[[], torch.Tensor]], blocks: int = 5, per_block: int = 20) -> dict[str, Any]:
+    """Each engine's calls back to back (a stream of requests; caches and clocks warm): blocks of ``per_block``
+    consecutive timed calls after two untimed ones, the engines' blocks interleaved; median and 10th percentile
+    per engine and the ratios of w4_folded to the baselines."""
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    for _ in range(blocks):
+        for n, fn in calls.items():
+            fn()
+            fn()
+            for _ in range(per_block):
+                t = time.perf_counter()
+                fn()
+                times[n].append((time.perf_counter() - t) * 1e3)
+    out: dict[str, Any] = {}
+    for n, v in times.items():
+        v.sort()
+        out[f"{n}_b1_back_to_back"] = {"median_ms": round(statistics.median(v), 3), "p10_ms": round(v[len(v) // 10], 3),
+                                       "calls": len(v)}
+    for base in BASELINES:
+        out[f"ratio_w4_folded_vs_{base}_b1_back_to_back_median_ms"] = round(
+            out["w4_folded_b1_back_to_back"]["median_ms"] / out[f"{base}_b1_back_to_back"]["median_ms"], 3)
+    return out
+
+
 def run(threads: int, batch_sizes: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -161,6 +190,8 @@ def run(threads: int, batch_sizes: tuple[int, ...] = (1, 32)) -> dict[str, Any]:
                         t = time.perf_counter()
                         fn()
                         times[n].append((time.perf_counter() - t) * 1e3)
+                if b == 1:
+                    results.update(back_to_back(calls))
             for n, v in times.items():
                 v.sort()
                 results[f"{n}_b{b}"] = {"median_ms": round(statistics.median(v), 3),

@@ -126,6 +126,9 @@ def test_plan_follows_changes_to_the_model() -> None:
         first = call.current()
         before = model(PIXELS)
         assert call.current() is first  # unchanged model: the same plan
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))  # modules built elsewhere (e.g. per request) change nothing
+        model(PIXELS)
+        assert call.current() is first
 
         # in-place writes (load_state_dict copies into the same tensors)
         state = model.state_dict()

@@ -9,19 +9,21 @@ through their MRO, nearest first) to a rule ``rule(module) -> Lowered | None``: 
 forward, ``IDENTITY`` drops a module that returns its input. Rules live beside the forward they mirror (the
 kernel layers in ``fast``, ``depthwise``, ``static_padding``, ``fuse_act``); torch's own plain modules are here.
 
-What a lowered function captured must not change unseen. Tensors: the plan re-checks their versions before each
-call, and any parameter, buffer or submodule assignment anywhere bumps ``plan_epoch`` (torch's global
-registration hooks). Attributes: lowbit's kernel classes declare the ones their lowering reads
-(``PlanWatched._plan_reads``) and bump the epoch when one is set; a torch module's lowering names its instance
-attributes in ``Lowered.reads``, re-checked per call. Hooks: a lowered module's hook dicts become ``WatchedHooks``,
-which bump the epoch when a hook is added or removed. A bumped epoch makes every plan rebuild at its next call.
+What a lowered function captured must not change unseen. The modules of planned subtrees are *watched*
+(``watch_modules``). Tensors: the plan re-checks their versions before each call, and a parameter, buffer or
+submodule assigned to a watched module bumps ``plan_epoch`` (torch's global registration hooks; modules being
+built elsewhere, e.g. per request, are not watched and change nothing). Attributes: lowbit's kernel classes declare
+the ones their lowering reads (``PlanWatched._plan_reads``) and bump the epoch when a watched one's is set; a torch
+module's lowering names its instance attributes in ``Lowered.reads``, re-checked per call. Hooks: a lowered
+module's hook dicts become ``WatchedHooks``, which bump the epoch when a hook is added or removed. A bumped epoch
+makes every plan rebuild at its next call.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +46,23 @@ def invalidate_plans(*_: Any) -> None:
     _EPOCH[0] += 1
 
 
-@contextmanager
-def unobserved() -> Iterator[None]:
-    """Assignments made inside invalidate no plan (a plan's own ``fx.GraphModule`` being assembled)."""
-    epoch = _EPOCH[0]
-    try:
-        yield
-    finally:
-        _EPOCH[0] = epoch
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the modules of planned subtrees
+_HOOKED = [False]
+
+
+def watch_modules(modules: Iterable[nn.Module]) -> None:
+    """Watch ``modules`` (a planned subtree's): assignments to them invalidate plans from now on."""
+    if not _HOOKED[0]:  # once per process: torch's global registration hooks
+        _HOOKED[0] = True
+        nn.modules.module.register_module_parameter_registration_hook(_assigned)
+        nn.modules.module.register_module_buffer_registration_hook(_assigned)
+        nn.modules.module.register_module_module_registration_hook(_assigned)
+    _WATCHED.update(modules)
+
+
+def _assigned(module: nn.Module, name: str, value: Any) -> None:
+    if module in _WATCHED:
+        invalidate_plans()
 
 
 class WatchedHooks(OrderedDict):  # type: ignore[type-arg]
@@ -81,7 +92,7 @@ class PlanWatched:
     _plan_reads: frozenset[str] = frozenset()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in self._plan_reads:
+        if name in self._plan_reads and self in _WATCHED:
             invalidate_plans()
         super().__setattr__(name, value)
 

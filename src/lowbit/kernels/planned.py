@@ -14,7 +14,7 @@ The plan is the subtree's ``forward`` (an instance attribute, ``PlannedCall``, o
 the module's class, state dict and repr are unchanged). It runs only where the module's forward would run the
 kernels: eval mode, CPU float32 tensor inputs, no autograd recording (grad mode off, or nothing requiring
 grad), no tracing (torch.jit / ONNX export, fx, dynamo), no global module hooks. It rebuilds itself when the
-model changed (``lowbit.kernels.lowering``): any parameter, buffer or submodule assigned, a captured attribute
+model changed (``lowbit.kernels.lowering``): a parameter, buffer or submodule assigned in it, a captured attribute
 set, a hook added to a lowered module (then kept as a module call, so the hook sees it), or, checked per call,
 an in-place write to a lowered module's tensor or a changed attribute of a lowered torch module. Python
 attributes of the traced-through modules (branches such as a block's ``expand_ratio``) are taken as they were
@@ -43,11 +43,10 @@ from lowbit.kernels.lowering import (
     IDENTITY,
     LOWERINGS,
     Lowered,
-    invalidate_plans,
     lowering_of,
     plan_epoch,
-    unobserved,
     watch_hooks,
+    watch_modules,
 )
 from lowbit.kernels.quant_linear import QuantConv2d1x1
 
@@ -64,26 +63,14 @@ def _leaf(module: nn.Module) -> bool:
 
 
 _VERSION = operator.attrgetter("_version")
-_WATCHING = [False]
-
-
-def _watch_assignments() -> None:
-    """Install (once per process) torch's global registration hooks that invalidate plans: a plan made before an
-    assignment (``module.weight = ...``, ``register_buffer``, a replaced submodule) is rebuilt."""
-    if not _WATCHING[0]:
-        _WATCHING[0] = True
-        nn.modules.module.register_module_parameter_registration_hook(invalidate_plans)
-        nn.modules.module.register_module_buffer_registration_hook(invalidate_plans)
-        nn.modules.module.register_module_module_registration_hook(invalidate_plans)
 
 
 class _Guard:
     """What a plan assumed beyond the epoch (``lowbit.kernels.lowering``), re-checked before each call in C-level
     passes: the versions of the lowered modules' tensors (in-place writes, ``load_state_dict``) and the values of
-    the torch modules' attributes their lowering read."""
+    the torch modules' attributes their lowering read (~17 us on lit-fashion's image tower)."""
 
     def __init__(self) -> None:
-        _watch_assignments()
         self.epoch = 0
         self.versioned: list[torch.Tensor] = []  # inference tensors have no version counter
         self.params: list[torch.Tensor] = []  # parameters the lowered functions hold (the autograd check)
@@ -155,8 +142,8 @@ def build_plan(root: nn.Module) -> ForwardPlan | None:
     if lowered == 0:
         return None
     graph.lint()
-    with unobserved():  # the GraphModule's own submodule assignments change no model
-        module = fx.GraphModule(root, graph)
+    module = fx.GraphModule(root, graph)
+    watch_modules(root.modules())  # assignments to them invalidate the plan (lowbit.kernels.lowering)
     guard.seal()
     return ForwardPlan(module.forward, guard, lowered, dropped, kept)
 

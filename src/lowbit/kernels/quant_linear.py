@@ -231,7 +231,6 @@ class QuantLinear(PlanWatched, _PackedMixin, nn.Module):
     output_clamp: tuple[float, float] | None = None
     act_block: int | str | None = None
     act_spec: act_quant.ActSpec | None = None  # activation quantization (lowbit.kernels.act_quant), None: a16
-    _lowbit_shared: Any = None  # GROUP_ATTR's default (fusion sets it in the instance): a plain attribute read
     # what its lowering (fast.lowered_linear) captures: setting one invalidates planned forwards
     _plan_reads = frozenset({"backend", "act_spec", "output_clamp", "act_block", "input_scale"})
 
