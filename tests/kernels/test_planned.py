@@ -126,7 +126,7 @@ def test_plan_follows_changes_to_the_model() -> None:
         first = call.current()
         before = model(PIXELS)
         assert call.current() is first  # unchanged model: the same plan
-        nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))  # modules built elsewhere (e.g. per request) change nothing
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))  # modules built elsewhere (per request) change nothing
         model(PIXELS)
         assert call.current() is first
 
