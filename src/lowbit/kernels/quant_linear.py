@@ -232,7 +232,7 @@ class QuantLinear(PlanWatched, _PackedMixin, nn.Module):
     act_block: int | str | None = None
     act_spec: act_quant.ActSpec | None = None  # activation quantization (lowbit.kernels.act_quant), None: a16
     # what its lowering (fast.lowered_linear) captures: setting one invalidates planned forwards
-    _plan_reads = frozenset({"backend", "act_spec", "output_clamp", "act_block", "input_scale"})
+    _plan_reads = frozenset({"backend", "act_spec", "output_clamp", "act_block"})  # input_scale: a buffer (watched)
 
     def __init__(
         self,
