@@ -2,8 +2,9 @@
 
 The own forward is F.conv2d on the dequantized weight; the GEMM rounds each im2col row (C * KH * KW inputs) to
 int8, so the two agree within ``fast.error_bound`` of those rows (plus float32 rounding), on every ISA: an
-EfficientNet stem (TF-"same" 3x3 stride 2 over 3 channels, asymmetric padding), a plain padded conv, a
-non-square kernel and stride; the fused clamp; only eligible convs are swapped.
+EfficientNet stem (TF-"same" 3x3 stride 2 over 3 channels, asymmetric padding; at its 340 rows the small
+weight takes the kernels' float path, ``fast.DENSE_MIN_ROWS``), a plain padded conv, a non-square kernel and
+stride; the fused clamp; only eligible convs are swapped.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ def test_gemm_conv_within_the_kernel_bound(isa: str, kind: str) -> None:
         slack = 1e-5 * ref.abs().max().item()
         err = (y - ref).abs().reshape(ref.shape[0], ref.shape[1], -1)
         assert bool((err <= _bound(conv, x) + slack).all())
-        assert err.max() > 0  # the int8 GEMM, not the float conv
+        rows = ref.shape[0] * ref.shape[2] * ref.shape[3]
+        if conv._prepared().call.dense_at(rows):  # a small weight at many rows: the float path, exact to rounding
+            assert bool((err <= slack).all())
+        else:
+            assert err.max() > 0  # the int8 GEMM, not the float conv
         conv.output_clamp = (0.0, 0.5)  # a fused activation: clamped in the write-out
         clamped = conv(x)
         assert clamped.max() <= 0.5 and clamped.min() >= 0.0

@@ -84,6 +84,10 @@ log = logging.getLogger(__name__)
 DISABLE_ENV = "LOWBIT_DISABLE_KERNELS"
 SOURCES = ("binding.cpp", *CORE_SOURCES)  # the torch binding over the torch-free core (lowbit.runtime.native)
 _EXT_NAME = "lowbit_cpu_kernels"
+# The float path of small weights (cpu/kernels_dense_impl.h): weights of at most DENSE_MAX_WEIGHTS entries keep a
+# dequantized float32 copy (K x N x 4 bytes) and calls of at least DENSE_MIN_ROWS rows run on it.
+DENSE_MAX_WEIGHTS = 1 << 14
+DENSE_MIN_ROWS = 128
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "ext": None, "reason": None}
@@ -380,8 +384,10 @@ def prepare(packed: PackedWeight, bias: torch.Tensor | None = None, splits: list
     zeros = None if packed.zeros is None else _tile_rows(packed.zeros, n)
     mins = None if offsets is None else _tile_rows(offsets.to(torch.float16), n)
     act_blocks = act_blocks_for(group_blocks, g == 1, act_block, kb)
+    dense = packed.dequantize().float() if n * k <= DENSE_MAX_WEIGHTS else None
     call = ext.Prepared(tiles, tiled_scales, zeros, zero_const, bias, cb, cb == 8, n, k,  # type: ignore[union-attr]
-                        group_blocks, act_blocks, list(splits or []), mins=mins)
+                        group_blocks, act_blocks, list(splits or []), mins=mins, dense=dense,
+                        dense_min_rows=DENSE_MIN_ROWS)
     release_packed(packed)  # the tiles hold the codes now; the reference fallback maps the rows again if needed
     return FastWeight(packed=packed, tiles=tiles, scales=tiled_scales, zeros=zeros, zero_const=zero_const, cb=cb,
                       full_byte=cb == 8, n=n, k=k, group_blocks=group_blocks, reason=None, act_blocks=act_blocks,

@@ -39,8 +39,9 @@ class Prepared {
  public:
   Prepared(torch::Tensor w, torch::Tensor scales, const c10::optional<torch::Tensor>& zeros, double zero_const,
            const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K, int64_t gb,
-           int64_t ab, std::vector<int64_t> splits, const c10::optional<torch::Tensor>& mins = c10::nullopt)
-      : w_(std::move(w)), scales_(std::move(scales)), splits_(std::move(splits)) {
+           int64_t ab, std::vector<int64_t> splits, const c10::optional<torch::Tensor>& mins = c10::nullopt,
+           const c10::optional<torch::Tensor>& dense = c10::nullopt, int64_t dense_min_rows = 0)
+      : w_(std::move(w)), scales_(std::move(scales)), splits_(std::move(splits)), dense_min_rows_(dense_min_rows) {
     TORCH_CHECK(w_.scalar_type() == torch::kUInt8 && w_.is_contiguous(), "lowbit linear: packed tiles do not match N/K/bits");
     TORCH_CHECK(scales_.scalar_type() == torch::kHalf && scales_.is_contiguous() && scales_.dim() == 3,
                 "lowbit linear: scales must be float16 [T, G, 8]");
@@ -64,6 +65,16 @@ class Prepared {
         bias_.defined() ? bias_.data_ptr<float>() : nullptr, zero_const, cb, full_byte, N, K, gb, ab,
         mins_.defined() ? reinterpret_cast<const uint16_t*>(mins_.data_ptr<at::Half>()) : nullptr);
     TORCH_CHECK(err.empty(), err);
+    if (dense.has_value() && dense->defined()) {  // the dequantized weight [N, K] for the float path (DenseF32)
+      TORCH_CHECK(dense->scalar_type() == torch::kFloat && dense->dim() == 2 && dense->size(0) == N &&
+                      dense->size(1) == K && dense_min_rows_ > 0,
+                  "lowbit linear: dense must be the float32 weight [N, K], with dense_min_rows > 0");
+      const int64_t np = (N + 15) / 16 * 16;
+      dense_wt_ = torch::zeros({K, np}, torch::kFloat);
+      dense_wt_.narrow(1, 0, N).copy_(dense->t());
+      dense_bias_ = torch::zeros({np}, torch::kFloat);
+      if (bias_.defined()) dense_bias_.narrow(0, 0, N).copy_(bias_);
+    }
     int64_t total = 0;
     for (int64_t n : splits_) total += n;
     TORCH_CHECK(splits_.empty() || total == N, "lowbit linear: output splits must sum to N");
@@ -88,6 +99,10 @@ class Prepared {
                     act_lo <= 0.0 && act_hi >= 0.0 && act_lo == std::nearbyint(act_lo) && act_hi == std::nearbyint(act_hi),
                 "lowbit linear: a static activation scale must be finite and >= 0 with integer limits "
                 "-127 <= act_lo <= 0 <= act_hi <= 127");
+    if (act_scale == 0.0 && dense_wt_.defined() && M >= dense_min_rows_) {
+      dense(x.data_ptr<float>(), M, y.data_ptr<float>(), clamp, static_cast<float>(lo), static_cast<float>(hi));
+      return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+    }
     const float sc = static_cast<float>(act_scale);
     const lowbit::ActStatic st{sc, sc > 0.0f ? 1.0f / sc : 0.0f, static_cast<float>(act_lo),
                                static_cast<float>(act_hi)};
@@ -111,14 +126,28 @@ class Prepared {
 
   const lowbit::PreparedWeight& core() const { return core_; }
 
+  // Whether calls of M rows run the float path (dense_f32) rather than the int8 GEMM.
+  bool dense_at(int64_t M) const { return dense_wt_.defined() && M >= dense_min_rows_; }
+
   // The outputs of the layers sharing this call: views [..., splits[i]] of one [..., N] result.
   std::vector<torch::Tensor> forward_split(const torch::Tensor& x) const {
     return forward(x).split_with_sizes(splits_, -1);
   }
 
  private:
-  torch::Tensor w_, scales_, zeros_, bias_, mins_;
+  // y [M, N] = x [M, K] . W^T + bias on the dequantized weight, in float (lowbit_kernels.h: DenseF32).
+  void dense(const float* x, int64_t M, float* y, bool clamp, float lo, float hi) const {
+    const lowbit::KernelTable* kt = current_table().load();
+    const lowbit::DenseF32 p{x, dense_wt_.data_ptr<float>(), dense_bias_.data_ptr<float>(), y, core_.K, core_.N,
+                             core_.K, core_.N, dense_wt_.size(1), clamp, lo, hi};
+    // ~2 K N flops per row: chunks of at least ~64K MACs, so a parallel region pays for itself
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, core_.K * core_.N));
+    lowbit::parallel_chunks(M, grain, at::get_num_threads(), [&](int64_t m0, int64_t m1) { kt->dense_f32(p, m0, m1); });
+  }
+
+  torch::Tensor w_, scales_, zeros_, bias_, mins_, dense_wt_, dense_bias_;
   std::vector<int64_t> splits_;
+  int64_t dense_min_rows_ = 0;
   lowbit::PreparedWeight core_;
 };
 
@@ -481,15 +510,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Prepared>(m, "Prepared", "a validated prepared weight: call(x) -> y, split(x) -> [y_i]")
       .def(py::init<torch::Tensor, torch::Tensor, const c10::optional<torch::Tensor>&, double,
                     const c10::optional<torch::Tensor>&, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                    std::vector<int64_t>, const c10::optional<torch::Tensor>&>(),
+                    std::vector<int64_t>, const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&,
+                    int64_t>(),
            py::arg("w"), py::arg("scales"), py::arg("zeros"), py::arg("zero_const"), py::arg("bias"), py::arg("cb"),
            py::arg("full_byte"), py::arg("N"), py::arg("K"), py::arg("gb"), py::arg("ab"), py::arg("splits"),
-           py::arg("mins") = py::none())
+           py::arg("mins") = py::none(), py::arg("dense") = py::none(), py::arg("dense_min_rows") = 0)
       .def("__call__", &Prepared::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
            py::arg("hi") = 0.0, py::arg("act_scale") = 0.0, py::arg("act_lo") = -127.0, py::arg("act_hi") = 127.0)
       .def("conv1x1", &Prepared::conv1x1, py::arg("x"), py::arg("input_scale"), py::arg("clamp"), py::arg("lo"),
            py::arg("hi"))
-      .def("split", &Prepared::forward_split, py::arg("x"));
+      .def("split", &Prepared::forward_split, py::arg("x"))
+      .def("dense_at", &Prepared::dense_at, py::arg("M"));
   py::class_<DecoderStack>(m, "DecoderStack", "Llama-layout decoder layers on prepared weights: step(...) -> h")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<py::object>,
                     std::vector<py::object>, std::vector<py::object>, std::vector<py::object>, int64_t, int64_t,

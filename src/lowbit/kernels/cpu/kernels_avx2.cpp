@@ -22,6 +22,7 @@
 #include "kernels_simd_impl.h"
 #include "kernels_gemm_impl.h"
 #include "kernels_dwconv_impl.h"
+#include "kernels_dense_impl.h"
 #include "kernels_decode_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
@@ -33,7 +34,7 @@ const KernelTable* avx2_kernels() {
   static const KernelTable table{"avx2", 2 * avx2::kGemmPairs, avx2::kGemmMB, avx2::gemm_scratch_bytes, avx2::quantize, avx2::gemm_small, avx2::gemm_large, avx2::dwconv, /*u8_rows=*/false,
                                  avx2::rms_norm, avx2::silu_mul, avx2::attend,
                                  avx2::prefill_attend, avx2::dwconv_q, avx2::dw_quantize,
-                                 avx2::gemv_f32};
+                                 avx2::gemv_f32, avx2::dense_f32};
   return &table;
 }
 }  // namespace lowbit

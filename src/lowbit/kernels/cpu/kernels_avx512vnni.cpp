@@ -23,6 +23,7 @@
 #include "kernels_simd_impl.h"
 #include "kernels_gemm_impl.h"
 #include "kernels_dwconv_impl.h"
+#include "kernels_dense_impl.h"
 #include "kernels_decode_impl.h"
 #undef LOWBIT_USE_VNNI
 #undef LOWBIT_ISA_NS
@@ -35,7 +36,7 @@ const KernelTable* avx512vnni_kernels() {
                                  avx512vnni::gemm_large, avx512vnni::dwconv, /*u8_rows=*/true,
                                  avx512vnni::rms_norm, avx512vnni::silu_mul, avx512vnni::attend,
                                  avx512vnni::prefill_attend, avx512vnni::dwconv_q, avx512vnni::dw_quantize,
-                                 avx512vnni::gemv_f32};
+                                 avx512vnni::gemv_f32, avx512vnni::dense_f32};
   return &table;
 }
 }  // namespace lowbit

@@ -224,6 +224,16 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* w, const float*
   }
 }
 
+void dense_f32(const DenseF32& p, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t n = 0; n < p.N; ++n) {
+      float s = p.bias != nullptr ? p.bias[n] : 0.0f;
+      for (int64_t k = 0; k < p.K; ++k) s += p.x[m * p.ldx + k] * p.wt[k * p.NP + n];
+      p.y[m * p.ldy + n] = p.clamp ? std::min(std::max(s, p.lo), p.hi) : s;
+    }
+  }
+}
+
 void attend(const DecodeAttention& a, int64_t h0, int64_t h1) {
   std::vector<float> p(static_cast<size_t>(a.n));
   for (int64_t bh = h0; bh < h1; ++bh) {
@@ -299,7 +309,7 @@ float half_to_float(uint16_t h) {
 const KernelTable* scalar_kernels() {
   static const KernelTable table{"scalar", 1, 1, no_scratch, quantize, gemm_small, gemm_large, dwconv,
                                  /*u8_rows=*/false, rms_norm, silu_mul, attend, prefill_attend,
-                                 dwconv_q, dw_quantize, gemv_f32};
+                                 dwconv_q, dw_quantize, gemv_f32, dense_f32};
   return &table;
 }
 

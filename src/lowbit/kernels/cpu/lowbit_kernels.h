@@ -82,6 +82,19 @@ struct DwConv {
   float lo, hi;
 };
 
+// A float32 GEMM over a small dequantized weight (kernels_dense_impl.h): y[m, n] = bias[n] + sum_k x[m, k] *
+// wt[k, n] for rows m of x, then clamped to [lo, hi] if clamp. wt [K, NP] and bias [NP] are zero-padded to NP
+// (a multiple of 16) columns; y's rows hold N valid columns.
+struct DenseF32 {
+  const float* x;     // [M, ldx]
+  const float* wt;    // [K, NP]
+  const float* bias;  // [NP], or nullptr
+  float* y;           // [M, ldy]
+  int64_t ldx, ldy, K, N, NP;
+  bool clamp;
+  float lo, hi;
+};
+
 // The int8 form of DwConv (packed int8 towers): the input map quantized per image and channel to int8 codes
 // (x ~= a[b, c] * code, KernelTable::dw_quantize) and stored as pairs of horizontally adjacent pixels, xq
 // [B, H, W + 1, C] int32: entry j of a row holds (code of pixel j - 1) in the low and (code of pixel j) in the
@@ -175,6 +188,8 @@ struct KernelTable {
   // weight w [N, K] (y [M, N], bias may be nullptr): a float layer at a few rows (e.g. an unquantized lm_head).
   void (*gemv_f32)(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N,
                    int64_t n0, int64_t n1) = nullptr;
+  // Rows [m0, m1) of a DenseF32 (all its columns).
+  void (*dense_f32)(const DenseF32& p, int64_t m0, int64_t m1) = nullptr;
 };
 
 // Repack rows of a docs/PACKED_FORMAT.md bitstream (qweight [N, row_bytes], `bits`-bit codes) into the tile
