@@ -19,7 +19,8 @@ from tests.kernels.test_fast import make_packed
 
 # (N, K): one vector, vector tails, several blocks of vectors with a tail, K of one input to several groups
 SHAPES = ((16, 32), (37, 24), (96, 16), (24, 144), (130, 70), (8, 1))
-ROWS = (fast.DENSE_MIN_ROWS, fast.DENSE_MIN_ROWS + 1, fast.DENSE_MIN_ROWS + 3, fast.DENSE_MIN_ROWS + 5, 3 * fast.DENSE_MIN_ROWS + 7)
+# rows: the threshold, the register-block tails, several parallel chunks
+ROWS = tuple(fast.DENSE_MIN_ROWS + d for d in (0, 1, 3, 5, 2 * fast.DENSE_MIN_ROWS + 7))
 
 
 def float_slack(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -245,15 +245,20 @@ def test_failed_export_leaves_nothing_under_the_name(tiny_dirs, tmp_path, monkey
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lit-fashion", "clip-vit-tiny-fashion"])
-def test_builtin_model_ort_matches_lowbit(name, tmp_path):
+def test_builtin_model_ort_matches_lowbit(name, tmp_path, monkeypatch):
     """On 500 Fashion-MNIST images and every prompt, the issue's bounds for the default export (float compute):
     ORT's embeddings equal lowbit's quantized model (reference backend) and give the same top-1. At
     accuracy_level 4 (int8 activations in lowbit's own blocks) ORT stays as close to lowbit's kernels as int8
-    rounding through EfficientNet allows: lowbit's own output moves as far under a 1e-7 input perturbation."""
+    rounding through EfficientNet allows: lowbit's own output moves as far under a 1e-7 input perturbation.
+    The kernels' float path of small weights is off here (ORT's level 4 rounds every layer's activations; with
+    it on, lit-fashion's first blocks are exact on lowbit's side: min cosine 0.990 to ORT's int8)."""
     import lowbit
     from lowbit.data.resolve import resolve_dataset
+    from lowbit.kernels import fast
     from lowbit.kernels.quant_linear import set_backend
     from lowbit.quant.recipe import Recipe
+
+    monkeypatch.setattr(fast, "DENSE_MAX_WEIGHTS", 0)
 
     model = lowbit.load(name)
     lowbit.quantize(model, Recipe.from_dict(W4_RTN, "w4-rtn"), progress=False)

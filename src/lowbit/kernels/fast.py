@@ -28,6 +28,13 @@ one scale per row (``"row"``) gives about 0.75-0.9% on Gaussian inputs, and an o
 whole row. In exchange the large-M GEMM converts its integer sums to float 2x less often (per-channel) and,
 for grouped symmetric weights on AVX-512 VNNI, needs no zero-point work per row (``cpu/kernels_gemm_impl.h``).
 
+Small weights at many rows: a weight of at most ``DENSE_MAX_WEIGHTS`` entries (a mobile CNN's first 1x1 convs:
+K and N of 16-144 at thousands of pixels) also keeps its dequantized float32 copy, and calls of at least
+``DENSE_MIN_ROWS`` rows compute in float on it (``cpu/kernels_dense_impl.h``): at those shapes the int8 path's
+per-row quantization and per-output conversions cost more than the products (lit-fashion's blocks 0-5 at 96 px,
+1 thread: 0.35-0.85x of the int8 GEMM's time), and the result is the reference's to float32 rounding (no
+activation rounding). A static activation scale (activation quantization) always takes the int8 path.
+
 Supported: bits 1 (binary), 2 (int2 / ternary), 3 (run in a 4-bit container), 4, 5 and 6 (run in an 8-bit container)
 and 8, symmetric or with zero
 points, per-channel or group sizes that are multiples of 32; any K (tails are zero padded) and any N. Other
