@@ -352,17 +352,29 @@ void gemm_block(const Tiles& w, const Acts& x, const BlockIO& io, int64_t m0, in
     auto convert = [&](auto stage_c, auto z_c) __attribute__((always_inline)) {
       constexpr int STAGE = decltype(stage_c)::value;
       constexpr bool Z = decltype(z_c)::value;
+      // The block's group scales and zero-point factors, and the rows' activation scales / group sums as
+      // running pointers, loaded before the row loop: per-row index arithmetic here made GCC spill its pointers
+      // (to the stack and xmm registers), and that scalar work cost more than the float conversions (perf, a
+      // 4-bit g32 prefill on Zen 5).
+      F gvv[CV], gzv[CV];
+      static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
+        if constexpr (!PC) gvv[v] = D::fload(gsc + gl * kRowFloats + v * L);
+        if constexpr (Z) gzv[v] = D::fload(gzf + gl * kRowFloats + v * L);
+      });
+      const float* xam = xa + m0 * KB + a0;
+      const float* gsm = Z ? x.gsum + m0 * G + g : nullptr;
       static_for<0, MB>([&](auto m) __attribute__((always_inline)) {
         const int64_t row = m0 + m;
-        const F am = D::fset1(ROW ? 0.0f : xa[row * KB + a0]);
-        const F gs = D::fset1(Z ? x.gsum[row * G + g] : 0.0f);
+        const F am = D::fset1(ROW ? 0.0f : *xam);
+        const F gs = D::fset1(Z ? *gsm : 0.0f);
+        xam += KB;
+        if constexpr (Z) gsm += G;
         static_for<0, CV>([&](auto v) __attribute__((always_inline)) {
           float* o = ob + m * kRowFloats + v * L;
-          const float* gv = gsc + gl * kRowFloats + v * L;
-          const F c = PC ? am : ROW ? D::fload(gv) : D::mul(am, D::fload(gv));
+          const F c = PC ? am : ROW ? gvv[v] : D::mul(am, gvv[v]);
           const F part = D::to_float(acc[m][v]);
           F r = (STAGE & 1) ? D::mul(part, c) : D::fma(part, c, D::fload(o));
-          if constexpr (Z) r = D::fnma(D::fload(gzf + gl * kRowFloats + v * L), gs, r);
+          if constexpr (Z) r = D::fnma(gzv[v], gs, r);
           if constexpr (!(STAGE & 2)) {
             D::fstore(o, r);
           } else if (ep.valid[v] > 0) {
