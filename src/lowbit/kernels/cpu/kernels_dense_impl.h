@@ -18,8 +18,6 @@ namespace lowbit {
 namespace LOWBIT_ISA_NS {
 namespace {
 
-#define LB_INLINE inline __attribute__((always_inline))
-
 // Registers: MR x NV accumulators + NV weight vectors + one broadcast. zmm (32): 6 x 4 = 24 + 5;
 // ymm (16): 4 x 2 = 8 + 3 (4 x 3 spilled under GCC).
 #if LOWBIT_USE_VNNI
@@ -78,8 +76,6 @@ void dense_rows(const DenseF32& p, int64_t m) {
     });
   }
 }
-
-#undef LB_INLINE
 
 }  // namespace
 
