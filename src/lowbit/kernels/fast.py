@@ -29,7 +29,8 @@ whole row. In exchange the large-M GEMM converts its integer sums to float 2x le
 for grouped symmetric weights on AVX-512 VNNI, needs no zero-point work per row (``cpu/kernels_gemm_impl.h``).
 
 Small weights at many rows: a weight of at most ``DENSE_MAX_WEIGHTS`` entries (a mobile CNN's first 1x1 convs:
-K and N of 16-144 at thousands of pixels) also keeps its dequantized float32 copy, and calls of at least
+K and N of 16-144 at thousands of pixels) also keeps its dequantized float32 copy in its handle's ``call`` (what
+the layers, fused groups and planned forwards run; ``linear`` keeps the int8 path), and calls of at least
 ``DENSE_MIN_ROWS`` rows compute in float on it (``cpu/kernels_dense_impl.h``): at those shapes the int8 path's
 per-row quantization and per-output conversions cost more than the products (lit-fashion's blocks 0-5 at 96 px,
 1 thread: 0.35-0.85x of the int8 GEMM's time), and the result is the reference's to float32 rounding (no

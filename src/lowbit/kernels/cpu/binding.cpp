@@ -99,7 +99,7 @@ class Prepared {
                     act_lo <= 0.0 && act_hi >= 0.0 && act_lo == std::nearbyint(act_lo) && act_hi == std::nearbyint(act_hi),
                 "lowbit linear: a static activation scale must be finite and >= 0 with integer limits "
                 "-127 <= act_lo <= 0 <= act_hi <= 127");
-    if (act_scale == 0.0 && dense_wt_.defined() && M >= dense_min_rows_) {
+    if (act_scale == 0.0 && dense_at(M)) {
       dense(x.data_ptr<float>(), M, y.data_ptr<float>(), clamp, static_cast<float>(lo), static_cast<float>(hi));
       return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
     }
