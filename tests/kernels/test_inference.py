@@ -18,12 +18,14 @@ from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.fold_bn import SCALE_ABS_BOUND, SCALE_REL_BOUND, FoldedBatchNorm
 from lowbit.kernels.inference import optimize_for_inference_
 from lowbit.kernels.planned import planned
+from lowbit.kernels.pointwise import PointwiseKernel
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantLinear, QuantWeightParam, clamp_output, set_backend
 from lowbit.quant.recipe import Recipe
 
 pytestmark = pytest.mark.slow
 EFFICIENTNET_LITE0_BNS = 49  # stem + 16 MBConv blocks (2 or 3 each) + head
 EFFICIENTNET_LITE0_DEPTHWISE = 16  # one per MBConv block
+EFFICIENTNET_LITE0_POINTWISE = 32  # 15 expand + 16 project convs + the head conv
 
 
 def _recipe(bits: int) -> Recipe:
@@ -64,8 +66,10 @@ def test_fp32_fold_matches(lit_model: Any, pixels: torch.Tensor) -> None:
     assert report.inplace_activations == 17  # every block's ReLU6 and the stem/head one: all their inputs fresh
     assert report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
     assert sum(isinstance(m, DepthwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_DEPTHWISE
-    # Float 1x1 convs are not kernel layers: only block 0's ReLU6 (after its depthwise conv alone) is fused.
-    assert report.fused_activations == 1
+    # Every float 1x1 conv runs on the dense kernel (the stem is 3x3, so the stem's activation stays separate)
+    assert report.pointwise_kernels == EFFICIENTNET_LITE0_POINTWISE
+    assert sum(isinstance(m, PointwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_POINTWISE
+    assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE  # every block's ReLU6, as in a packed tower
     assert report.planned_forwards == 1 and planned(folded.vision) is not None  # the image tower
     with torch.no_grad():
         assert _rel(folded.encode_image(pixels), lit_model.encode_image(pixels)) < 1e-5

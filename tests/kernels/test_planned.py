@@ -18,6 +18,7 @@ from lowbit.kernels.fold_bn import FoldedBatchNorm
 from lowbit.kernels.graph import trace_module
 from lowbit.kernels.inference import optimize_for_inference_
 from lowbit.kernels.planned import PlannedCall, is_conv_kernel, planned
+from lowbit.kernels.pointwise import PointwiseKernel
 from lowbit.kernels.quant_linear import QuantConv2d1x1, QuantWeightParam, set_backend
 from lowbit.quant.primitives import QuantSpec, to_packed
 from tests.kernels.conftest import needs_kernels
@@ -113,9 +114,11 @@ def test_float_tower_plans_too() -> None:
     assert optimize_for_inference_(model).planned_forwards == 1
     with torch.no_grad():
         assert torch.equal(model(PIXELS), _own(model, PIXELS))
-    # stem conv + ReLU6, per block: expand, ReLU6, depthwise, ReLU6, project (a float conv's activation is not
-    # fused), the head
-    assert planned(model).current().lowered == 13  # type: ignore[union-attr]
+    # stem conv + ReLU6 (a 3x3 float conv: its activation is not fused), per block: expand, depthwise, project
+    # (their ReLU6s fused into the expand and depthwise kernels), the head
+    plan = planned(model).current()
+    assert plan is not None and plan.lowered == 9
+    assert sum(isinstance(m, PointwiseKernel) for m in model.modules()) == 5
 
 
 def test_plan_follows_changes_to_the_model() -> None:

@@ -13,7 +13,9 @@ per-call "same" padding copy). This applies, in place and from outside the model
    any padding (including stride-2 TF "same") without a padded copy (float convs: float32 rounding; packed
    ones on its int8 form: int8 activations per image and channel, ``depthwise.int8_error_bound``); and
    ``conv_gemm_kernels_`` (``lowbit.kernels.conv_gemm``): packed dense convs with a spatial kernel (a CNN's
-   stem) run im2col + the packed int8 GEMM (the kernels' activation rounding);
+   stem) run im2col + the packed int8 GEMM (the kernels' activation rounding); and ``pointwise_kernels_``
+   (``lowbit.kernels.pointwise``): float 1x1 convs run on lowbit's dense float kernel (float32 rounding), as a
+   packed tower's small 1x1 convs do on their dequantized weights;
 5. ``fuse_activations_`` (``lowbit.kernels.fuse_act``): ReLU / ReLU6 / Hardtanh whose every call site reads a
    kernel layer's fresh output are clamped in that layer's write-out and pass their input through (exact);
 6. ``plan_forwards_`` (``lowbit.kernels.planned``): each traceable subtree holding a conv kernel layer (a CNN
@@ -44,6 +46,7 @@ from lowbit.kernels.fold_bn import FoldReport, fold_batchnorm_
 from lowbit.kernels.fuse_act import fuse_activations_
 from lowbit.kernels.inplace_act import inplace_activations_
 from lowbit.kernels.planned import plan_forwards_
+from lowbit.kernels.pointwise import pointwise_kernels_
 from lowbit.kernels.static_padding import static_same_padding_
 
 
@@ -51,8 +54,8 @@ from lowbit.kernels.static_padding import static_same_padding_
 class InferenceReport:
     """What ``optimize_for_inference_`` changed: the BatchNorm fold's report, the convs given static padding,
     the activation modules made in-place, the depthwise convs put on the kernel, the activation modules fused
-    into the layers feeding them, the packed spatial convs put on the GEMM and the subtrees given a planned
-    forward."""
+    into the layers feeding them, the packed spatial convs put on the GEMM, the subtrees given a planned
+    forward and the float 1x1 convs put on the dense kernel."""
 
     batchnorm: FoldReport
     static_padding: int
@@ -61,21 +64,24 @@ class InferenceReport:
     fused_activations: int = 0
     conv_gemm_kernels: int = 0
     planned_forwards: int = 0
+    pointwise_kernels: int = 0
 
 
 def optimize_for_inference_(model: nn.Module, fold_batchnorm: bool = True, static_padding: bool = True,
                             inplace_activations: bool = True, depthwise_kernels: bool = True,
-                            fuse_activations: bool = True, plan_forwards: bool = True) -> InferenceReport:
-    """Fold BatchNorms, make stride-1 same-padding static, safe activations in-place, depthwise convs run on
-    the kernel, clamp activations fuse into the kernel layers before them and CNN towers run planned forwards in
-    ``model``, in place (see the module docstring). Raises ``LowbitError`` (before changing anything) if a
-    BatchNorm2d is in training mode.
+                            fuse_activations: bool = True, plan_forwards: bool = True,
+                            pointwise_kernels: bool = True) -> InferenceReport:
+    """Fold BatchNorms, make stride-1 same-padding static, safe activations in-place, depthwise and float 1x1
+    convs run on the kernels, clamp activations fuse into the kernel layers before them and CNN towers run
+    planned forwards in ``model``, in place (see the module docstring). Raises ``LowbitError`` (before changing
+    anything) if a BatchNorm2d is in training mode.
     """
     report = fold_batchnorm_(model) if fold_batchnorm else FoldReport()  # first: BNs between conv and activation
     padded = static_same_padding_(model) if static_padding else 0
     inplace = inplace_activations_(model) if inplace_activations else 0
     depthwise = depthwise_kernels_(model) if depthwise_kernels else 0
     gemm_convs = conv_gemm_kernels_(model) if depthwise_kernels else 0
+    pointwise = pointwise_kernels_(model) if pointwise_kernels else 0
     fused = fuse_activations_(model) if fuse_activations else 0  # it reads which convs are on the kernel
     planned = plan_forwards_(model) if plan_forwards else 0  # last: it lowers the layers as the steps left them
-    return InferenceReport(report, padded, inplace, depthwise, fused, gemm_convs, planned)
+    return InferenceReport(report, padded, inplace, depthwise, fused, gemm_convs, planned, pointwise)

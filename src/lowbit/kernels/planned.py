@@ -48,6 +48,7 @@ from lowbit.kernels.lowering import (
     watch_hooks,
     watch_modules,
 )
+from lowbit.kernels.pointwise import PointwiseKernel
 from lowbit.kernels.quant_linear import QuantConv2d1x1
 
 _FAILED = "failed"  # PlannedCall.plan after a build that could not plan (not retried until planned again)
@@ -55,7 +56,7 @@ _FAILED = "failed"  # PlannedCall.plan after a build that could not plan (not re
 
 def is_conv_kernel(module: nn.Module) -> bool:
     """A conv on lowbit's kernels: what makes a subtree worth planning."""
-    return isinstance(module, (DepthwiseKernel, ConvGemmKernel, QuantConv2d1x1))
+    return isinstance(module, (DepthwiseKernel, ConvGemmKernel, PointwiseKernel, QuantConv2d1x1))
 
 
 def _leaf(module: nn.Module) -> bool:

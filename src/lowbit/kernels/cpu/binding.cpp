@@ -32,6 +32,85 @@ void set_isa(const std::string& name) {
               "' is not available on this CPU/build; available: ", c10::Join(", ", lowbit::available_isas()));
 }
 
+// y [..., N] from x [..., K] of any float dtype and layout: `compute(x, M, y)` fills M float32 rows; y has x's dtype.
+template <class Compute>
+torch::Tensor map_rows(const torch::Tensor& x_in, int64_t K, int64_t N, Compute&& compute) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "lowbit linear: x has ", x_in.size(-1),
+              " features, the weight expects K=", K);
+  TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
+  torch::Tensor x = x_in.scalar_type() == torch::kFloat ? x_in : x_in.to(torch::kFloat);
+  if (!x.is_contiguous()) x = x.contiguous();
+  std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = N;
+  auto y = torch::empty(out_sizes, x.options());
+  compute(x.data_ptr<float>(), x.numel() / K, y.data_ptr<float>());
+  return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+// A 1x1 conv as rows: x [B, C, H, W] -> y [B, N, H, W] by `rows_fn` on [B, H, W, C]; the rows are read in place and
+// y left channels-last when x is channels-last, else y is contiguous; x divided by input_scale [C] first when given.
+template <class RowsFn>
+torch::Tensor conv1x1_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& input_scale, RowsFn&& rows_fn) {
+  TORCH_CHECK(x.dim() == 4, "lowbit conv1x1: x must be [B, C, H, W]; received ", x.dim(), " dimensions");
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  torch::Tensor rows = x.permute({0, 2, 3, 1});
+  if (input_scale.has_value() && input_scale->defined()) rows = rows / input_scale->to(rows.scalar_type());
+  torch::Tensor y = rows_fn(rows).permute({0, 3, 1, 2});
+  return channels_last ? y : y.contiguous();
+}
+
+// A float32 weight on the DenseF32 kernel (lowbit_kernels.h): its transposed copy [K, NP] (N padded to 16 columns)
+// and bias [NP]. Float layers (pointwise.py: float 1x1 convs) call it directly; a Prepared weight keeps one for
+// its float path on small weights (fast.py: DENSE_MAX_WEIGHTS), used from min_rows rows.
+class DenseWeight {
+ public:
+  DenseWeight() = default;
+  DenseWeight(const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, int64_t min_rows)
+      : K_(w.dim() == 2 ? w.size(1) : 0), N_(w.dim() == 2 ? w.size(0) : 0), min_rows_(min_rows) {
+    TORCH_CHECK(w.is_floating_point() && w.dim() == 2 && w.device().is_cpu() && min_rows >= 0,
+                "lowbit dense: the weight must be a float CPU matrix [N, K], min_rows >= 0");
+    const int64_t np = (N_ + 15) / 16 * 16;
+    wt_ = torch::zeros({K_, np}, torch::kFloat);
+    wt_.narrow(1, 0, N_).copy_(w.t());
+    bias_ = torch::zeros({np}, torch::kFloat);
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->numel() == N_, "lowbit dense: bias must have N elements");
+      bias_.narrow(0, 0, N_).copy_(bias->reshape({N_}));
+    }
+  }
+
+  bool defined() const { return wt_.defined(); }
+
+  // Whether calls of M rows use it.
+  bool at(int64_t M) const { return wt_.defined() && M >= min_rows_; }
+
+  // y [M, N] = x [M, K] . W^T + bias (clamped to [lo, hi] when clamp), rows split over torch's threads.
+  void run(const float* x, int64_t M, float* y, bool clamp, float lo, float hi) const {
+    const lowbit::KernelTable* kt = current_table().load();
+    const lowbit::DenseF32 p{x, wt_.data_ptr<float>(), bias_.data_ptr<float>(), y, K_, N_, K_, N_, wt_.size(1),
+                             clamp, lo, hi};
+    // ~2 K N flops per row: chunks of at least ~64K MACs, so a parallel region pays for itself
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K_ * N_));
+    lowbit::parallel_chunks(M, grain, at::get_num_threads(), [&](int64_t m0, int64_t m1) { kt->dense_f32(p, m0, m1); });
+  }
+
+  // y [..., N] = x [..., K] . W^T + bias (clamped), x of any float dtype and layout.
+  torch::Tensor forward(const torch::Tensor& x, bool clamp = false, double lo = 0.0, double hi = 0.0) const {
+    return map_rows(x, K_, N_, [&](const float* xp, int64_t M, float* yp) {
+      run(xp, M, yp, clamp, static_cast<float>(lo), static_cast<float>(hi));
+    });
+  }
+
+  // The 1x1 conv of this weight (conv1x1_rows), clamped.
+  torch::Tensor conv1x1(const torch::Tensor& x, bool clamp, double lo, double hi) const {
+    return conv1x1_rows(x, c10::nullopt, [&](const torch::Tensor& rows) { return forward(rows, clamp, lo, hi); });
+  }
+
+ private:
+  torch::Tensor wt_, bias_;
+  int64_t K_ = 0, N_ = 0, min_rows_ = 0;
+};
+
 // A prepared weight (see lowbit_kernels.h): the tensors own the memory, the core's PreparedWeight (validated once)
 // computes. `splits` (output widths summing to N) lets several layers that read the same input share one call
 // (the fused projections of lowbit/kernels/fusion.py); empty for a single layer.
@@ -41,7 +120,7 @@ class Prepared {
            const c10::optional<torch::Tensor>& bias, int64_t cb, bool full_byte, int64_t N, int64_t K, int64_t gb,
            int64_t ab, std::vector<int64_t> splits, const c10::optional<torch::Tensor>& mins = c10::nullopt,
            const c10::optional<torch::Tensor>& dense = c10::nullopt, int64_t dense_min_rows = 0)
-      : w_(std::move(w)), scales_(std::move(scales)), splits_(std::move(splits)), dense_min_rows_(dense_min_rows) {
+      : w_(std::move(w)), scales_(std::move(scales)), splits_(std::move(splits)) {
     TORCH_CHECK(w_.scalar_type() == torch::kUInt8 && w_.is_contiguous(), "lowbit linear: packed tiles do not match N/K/bits");
     TORCH_CHECK(scales_.scalar_type() == torch::kHalf && scales_.is_contiguous() && scales_.dim() == 3,
                 "lowbit linear: scales must be float16 [T, G, 8]");
@@ -67,13 +146,10 @@ class Prepared {
     TORCH_CHECK(err.empty(), err);
     if (dense.has_value() && dense->defined()) {  // the dequantized weight [N, K] for the float path (DenseF32)
       TORCH_CHECK(dense->scalar_type() == torch::kFloat && dense->dim() == 2 && dense->size(0) == N &&
-                      dense->size(1) == K && dense_min_rows_ > 0,
+                      dense->size(1) == K && dense_min_rows > 0,
                   "lowbit linear: dense must be the float32 weight [N, K], with dense_min_rows > 0");
-      const int64_t np = (N + 15) / 16 * 16;
-      dense_wt_ = torch::zeros({K, np}, torch::kFloat);
-      dense_wt_.narrow(1, 0, N).copy_(dense->t());
-      dense_bias_ = torch::zeros({np}, torch::kFloat);
-      if (bias_.defined()) dense_bias_.narrow(0, 0, N).copy_(bias_);
+      dense_ = DenseWeight(*dense, bias_.defined() ? c10::optional<torch::Tensor>(bias_) : c10::nullopt,
+                           dense_min_rows);
     }
     int64_t total = 0;
     for (int64_t n : splits_) total += n;
@@ -85,30 +161,18 @@ class Prepared {
   // [act_lo, act_hi] (lowbit_kernels.h: ActStatic) instead of per-row / per-block scales computed here.
   torch::Tensor forward(const torch::Tensor& x_in, bool clamp = false, double lo = 0.0, double hi = 0.0,
                         double act_scale = 0.0, double act_lo = -127.0, double act_hi = 127.0) const {
-    const int64_t K = core_.K, N = core_.N;
-    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "lowbit linear: x has ", x_in.size(-1),
-                " features, the weight expects K=", K);
-    TORCH_CHECK(x_in.is_floating_point() && x_in.device().is_cpu(), "lowbit linear: x must be a float CPU tensor");
-    torch::Tensor x = x_in.scalar_type() == torch::kFloat ? x_in : x_in.to(torch::kFloat);
-    if (!x.is_contiguous()) x = x.contiguous();
-    const int64_t M = x.numel() / K;
-    std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
-    out_sizes.back() = N;
-    auto y = torch::empty(out_sizes, x.options());
     TORCH_CHECK(act_scale >= 0.0 && std::isfinite(act_scale) && act_lo >= -127.0 && act_hi <= 127.0 &&
                     act_lo <= 0.0 && act_hi >= 0.0 && act_lo == std::nearbyint(act_lo) && act_hi == std::nearbyint(act_hi),
                 "lowbit linear: a static activation scale must be finite and >= 0 with integer limits "
                 "-127 <= act_lo <= 0 <= act_hi <= 127");
-    if (act_scale == 0.0 && dense_at(M)) {
-      dense(x.data_ptr<float>(), M, y.data_ptr<float>(), clamp, static_cast<float>(lo), static_cast<float>(hi));
-      return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
-    }
-    const float sc = static_cast<float>(act_scale);
-    const lowbit::ActStatic st{sc, sc > 0.0f ? 1.0f / sc : 0.0f, static_cast<float>(act_lo),
-                               static_cast<float>(act_hi)};
-    core_.compute(x.data_ptr<float>(), M, y.data_ptr<float>(), at::get_num_threads(), clamp, static_cast<float>(lo),
-                  static_cast<float>(hi), act_scale > 0.0 ? &st : nullptr);
-    return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
+    const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+    return map_rows(x_in, core_.K, core_.N, [&](const float* x, int64_t M, float* y) {
+      if (act_scale == 0.0 && dense_.at(M)) return dense_.run(x, M, y, clamp, flo, fhi);
+      const float sc = static_cast<float>(act_scale);
+      const lowbit::ActStatic st{sc, sc > 0.0f ? 1.0f / sc : 0.0f, static_cast<float>(act_lo),
+                                 static_cast<float>(act_hi)};
+      core_.compute(x, M, y, at::get_num_threads(), clamp, flo, fhi, act_scale > 0.0 ? &st : nullptr);
+    });
   }
 
   // A 1x1 conv (QuantConv2d1x1's forward in one call, for planned forwards): x [B, C, H, W] -> y [B, N, H, W], the
@@ -116,18 +180,13 @@ class Prepared {
   // by input_scale [C] first when given.
   torch::Tensor conv1x1(const torch::Tensor& x, const c10::optional<torch::Tensor>& input_scale, bool clamp,
                         double lo, double hi) const {
-    TORCH_CHECK(x.dim() == 4, "lowbit conv1x1: x must be [B, C, H, W]; received ", x.dim(), " dimensions");
-    const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-    torch::Tensor rows = x.permute({0, 2, 3, 1});
-    if (input_scale.has_value() && input_scale->defined()) rows = rows / input_scale->to(rows.scalar_type());
-    torch::Tensor y = forward(rows, clamp, lo, hi).permute({0, 3, 1, 2});
-    return channels_last ? y : y.contiguous();
+    return conv1x1_rows(x, input_scale, [&](const torch::Tensor& rows) { return forward(rows, clamp, lo, hi); });
   }
 
   const lowbit::PreparedWeight& core() const { return core_; }
 
   // Whether calls of M rows run the float path (dense_f32) rather than the int8 GEMM.
-  bool dense_at(int64_t M) const { return dense_wt_.defined() && M >= dense_min_rows_; }
+  bool dense_at(int64_t M) const { return dense_.at(M); }
 
   // The outputs of the layers sharing this call: views [..., splits[i]] of one [..., N] result.
   std::vector<torch::Tensor> forward_split(const torch::Tensor& x) const {
@@ -135,19 +194,9 @@ class Prepared {
   }
 
  private:
-  // y [M, N] = x [M, K] . W^T + bias on the dequantized weight, in float (lowbit_kernels.h: DenseF32).
-  void dense(const float* x, int64_t M, float* y, bool clamp, float lo, float hi) const {
-    const lowbit::KernelTable* kt = current_table().load();
-    const lowbit::DenseF32 p{x, dense_wt_.data_ptr<float>(), dense_bias_.data_ptr<float>(), y, core_.K, core_.N,
-                             core_.K, core_.N, dense_wt_.size(1), clamp, lo, hi};
-    // ~2 K N flops per row: chunks of at least ~64K MACs, so a parallel region pays for itself
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, core_.K * core_.N));
-    lowbit::parallel_chunks(M, grain, at::get_num_threads(), [&](int64_t m0, int64_t m1) { kt->dense_f32(p, m0, m1); });
-  }
-
-  torch::Tensor w_, scales_, zeros_, bias_, mins_, dense_wt_, dense_bias_;
+  torch::Tensor w_, scales_, zeros_, bias_, mins_;
   std::vector<int64_t> splits_;
-  int64_t dense_min_rows_ = 0;
+  DenseWeight dense_;  // the float path of small weights (fast.py: DENSE_MAX_WEIGHTS), or undefined
   lowbit::PreparedWeight core_;
 };
 
@@ -521,6 +570,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("hi"))
       .def("split", &Prepared::forward_split, py::arg("x"))
       .def("dense_at", &Prepared::dense_at, py::arg("M"));
+  py::class_<DenseWeight>(m, "DenseWeight", "a float32 weight on the dense kernel: call(x) -> y, conv1x1(x) -> y")
+      .def(py::init<const torch::Tensor&, const c10::optional<torch::Tensor>&, int64_t>(), py::arg("w"),
+           py::arg("bias") = py::none(), py::arg("min_rows") = 0)
+      .def("__call__", &DenseWeight::forward, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
+           py::arg("hi") = 0.0)
+      .def("conv1x1", &DenseWeight::conv1x1, py::arg("x"), py::arg("clamp") = false, py::arg("lo") = 0.0,
+           py::arg("hi") = 0.0);
   py::class_<DecoderStack>(m, "DecoderStack", "Llama-layout decoder layers on prepared weights: step(...) -> h")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<py::object>,
                     std::vector<py::object>, std::vector<py::object>, std::vector<py::object>, int64_t, int64_t,
