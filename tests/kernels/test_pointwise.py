@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.kernels import fast
+from lowbit.kernels import fast, pointwise
 from lowbit.kernels.pointwise import PointwiseKernel, is_pointwise, pointwise_kernels_
 from lowbit.kernels.quant_linear import QuantConv2d1x1
 from lowbit.quant.primitives import QuantSpec, to_packed
@@ -111,6 +111,21 @@ def test_falls_back_to_the_own_forward() -> None:
         assert torch.equal(conv(x.detach()[0]), F.conv2d(x.detach()[0], conv.weight, conv.bias))  # 3-D input
         conv.stride = (2, 2)  # changed after the swap: no longer the kernel's
         assert torch.equal(conv(x.detach()), F.conv2d(x.detach(), conv.weight, conv.bias, stride=2))
+
+
+def test_large_calls_run_torchs_conv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past POINTWISE_MAX_MACS (torch's conv is compute-bound and well tuned there) the class's own forward runs,
+    fused clamp included; below it the kernel (float32 rounding, not bit-equal to torch's)."""
+    needs_kernels()
+    conv = _conv(24, 40)
+    pointwise_kernels_(conv)
+    conv.output_clamp = (0.0, 6.0)
+    x = _map(2, 24, 5, 5, True)
+    monkeypatch.setattr(pointwise, "POINTWISE_MAX_MACS", x.numel() * 40 - 1)
+    with torch.no_grad():
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias).clamp(0.0, 6.0))
+        monkeypatch.setattr(pointwise, "POINTWISE_MAX_MACS", x.numel() * 40)
+        assert not torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias).clamp(0.0, 6.0))
 
 
 def test_dense_weight_rejects_mismatched_inputs() -> None:

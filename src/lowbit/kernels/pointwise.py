@@ -10,6 +10,10 @@ subclass of its class: ``isinstance`` and the state dict are unchanged) whose fo
 ``x @ W^T + bias`` over the channels-last rows on that kernel (``DenseWeight``: the weight's transposed float32
 copy, made once and kept until the weight or bias changes; it doubles the memory of these weights).
 
+Only calls of at most ``POINTWISE_MAX_MACS`` multiply-adds take the kernel: past that torch's conv is compute-bound
+and well tuned (AVX-512, batch 32: 0.75-1.24x of the kernel's time per conv; the kernel's AVX2 path against torch's
+AVX-512 one: 0.7-1.0x at batch 1, 1.4-2.4x at batch 32), so a large call runs the class's own forward.
+
 Eligible: an ``nn.Conv2d`` with float weights (not a packed ``QuantWeightParam``), a 1x1 kernel, stride 1, groups 1
 and no padding from its forward (``depthwise.conv_padding``: ``nn.Conv2d``'s own or a registered TF-"same"
 class). The result equals ``F.conv2d``'s to float32 rounding (the sums in another order). Where the kernel
@@ -35,6 +39,8 @@ from lowbit.kernels.depthwise import conv_padding
 from lowbit.kernels.lowering import Lowered, PlanWatched, register_lowering
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
 
+# Largest call (rows x C x N multiply-adds) on the kernel: every 1x1 conv of lit-fashion at batch 1 (at most 3.7M)
+POINTWISE_MAX_MACS = 1 << 22
 _DENSE = "_lowbit_pointwise"  # instance attribute: (identity of weight and bias, DenseWeight, the tensors)
 
 
@@ -79,9 +85,10 @@ class PointwiseKernel(PlanWatched):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        recording = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # type: ignore[attr-defined]
+        weight = self.weight  # type: ignore[attr-defined]
+        recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if fast.extension() is None or recording or x.dim() != 4 or not x.is_cpu or x.dtype != torch.float32 \
-                or not is_pointwise(self):  # type: ignore[arg-type]
+                or x.numel() * weight.shape[0] > POINTWISE_MAX_MACS or not is_pointwise(self):  # type: ignore[arg-type]
             return clamp_output(self, super().forward(x))  # type: ignore[misc]
         clamp = self.output_clamp
         return self._dense().conv1x1(x, clamp is not None, *(clamp or (0.0, 0.0)))
@@ -96,9 +103,10 @@ def lowered_pointwise(conv: Any) -> Lowered | None:
     dense = conv._dense()
     clamp = conv.output_clamp
     args = (clamp is not None, *(clamp or (0.0, 0.0)))
+    max_numel = POINTWISE_MAX_MACS // conv.out_channels  # larger inputs: torch's conv (the forward)
 
     def pointwise_call(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.dtype != torch.float32:
+        if x.dim() != 4 or x.dtype != torch.float32 or x.numel() > max_numel:
             return conv.forward(x)
         return dense.conv1x1(x, *args)
 
