@@ -5,9 +5,10 @@
 Timed, interleaved in the same rounds (median and 10th percentile per batch size, 1 and 32):
 
 * ``fp32``: the float model as loaded; ``fp32_folded``: the same after ``optimize_for_inference_`` (BatchNorm
-  folded into the convs, static same-padding, in-place activations, depthwise convs on lowbit's kernel, clamp
-  activations fused into the kernel layers feeding them) — the honest float baseline with the same graph
-  optimisations.
+  folded into the convs, static same-padding, in-place activations, depthwise convs on lowbit's kernel, float
+  1x1 convs on lowbit's dense float kernel (the one the w4 tower's small 1x1 convs use on their dequantized
+  weights), clamp activations fused into the kernel layers feeding them) — the honest float baseline with the
+  same graph optimisations and kernels.
 * ``w4_folded``: the ``w4`` preset's formats (what ``lowbit quantize lit-fashion w4`` stores: 1x1 convs 8-bit
   groups of 32 with zero points, k x k convs float, linears 4-bit g128, projector 8-bit), folded, on the CPU
   kernels; RTN stands in for the preset's GPTQ, which changes the codes but not the formats, so not the latency.
