@@ -66,10 +66,10 @@ def test_fp32_fold_matches(lit_model: Any, pixels: torch.Tensor) -> None:
     assert report.inplace_activations == 17  # every block's ReLU6 and the stem/head one: all their inputs fresh
     assert report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
     assert sum(isinstance(m, DepthwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_DEPTHWISE
-    # Every float 1x1 conv runs on the dense kernel (the stem is 3x3, so the stem's activation stays separate)
-    assert report.pointwise_kernels == EFFICIENTNET_LITE0_POINTWISE
+    # Every float 1x1 conv runs on the dense kernel, the 3x3 stem on im2col + the same kernel
+    assert report.pointwise_kernels == EFFICIENTNET_LITE0_POINTWISE and report.conv_gemm_kernels == 1
     assert sum(isinstance(m, PointwiseKernel) for m in folded.modules()) == EFFICIENTNET_LITE0_POINTWISE
-    assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE  # every block's ReLU6, as in a packed tower
+    assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE + 1  # every block's ReLU6, the stem/head one
     assert report.planned_forwards == 1 and planned(folded.vision) is not None  # the image tower
     with torch.no_grad():
         assert _rel(folded.encode_image(pixels), lit_model.encode_image(pixels)) < 1e-5
@@ -84,7 +84,7 @@ def test_packed_fold_on_both_backends_within_bound(lit_model: Any, pixels: torch
     report = optimize_for_inference_(folded)
     assert report.batchnorm.folded == EFFICIENTNET_LITE0_BNS and not report.batchnorm.skipped
     assert report.static_padding > 0 and report.depthwise_kernels == EFFICIENTNET_LITE0_DEPTHWISE
-    assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE  # every block's ReLU6 (stem/head: float stem)
+    assert report.fused_activations == EFFICIENTNET_LITE0_DEPTHWISE + 1  # every block's ReLU6, the stem/head one
     # The planned image tower: every packed 1x1 conv and depthwise conv called directly, bit-equal to the modules
     plan = planned(folded.vision).current()  # type: ignore[union-attr]
     assert plan is not None and plan.lowered >= 32 + EFFICIENTNET_LITE0_DEPTHWISE

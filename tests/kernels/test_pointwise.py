@@ -3,6 +3,8 @@ convs qualify, the weight cache, and the fallbacks to the class's own forward.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,20 @@ def test_weight_changes_are_seen() -> None:
         assert torch.allclose(conv(x), F.conv2d(x, conv.weight), atol=1e-4)
         conv.load_state_dict(_conv(24, 40).state_dict())
         assert torch.allclose(conv(x), F.conv2d(x, conv.weight, conv.bias), atol=1e-4)
+
+
+def test_a_copy_rebuilds_its_kernel_weight() -> None:
+    """deepcopy leaves out the cached extension object (it cannot be copied); the copy builds its own."""
+    needs_kernels()
+    conv = _conv(24, 40)
+    pointwise_kernels_(conv)
+    x = _map(1, 24, 4, 4, True)
+    with torch.no_grad():
+        y = conv(x)
+        twin = copy.deepcopy(conv)
+        assert type(twin) is type(conv) and torch.equal(twin(x), y)
+        twin.weight.mul_(2)  # its own tensors and cache
+        assert torch.equal(conv(x), y) and not torch.equal(twin(x), y)
 
 
 def test_falls_back_to_the_own_forward() -> None:

@@ -20,6 +20,19 @@ def mixed_class(mixin: type, base: type, name: str) -> type:
     return _CACHE[key]
 
 
+class DropsCaches:
+    """Mixin: deepcopy and pickle leave out the instance attributes named in ``_cache_attrs`` (extension objects
+    built from the module's tensors, which cannot be copied; a copy rebuilds them on first use)."""
+
+    _cache_attrs: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        for name in self._cache_attrs:
+            state.pop(name, None)
+        return state
+
+
 def swap_eligible_(model: Any, mixin: Any, eligible: Callable[[Any], bool]) -> int:
     """Re-class every module of ``model`` (an ``nn.Module``) for which ``eligible`` holds to
     ``mixin.kernel_class(its class)``; returns how many. Idempotent: modules already mixed are skipped."""

@@ -5,8 +5,8 @@ image tower took 9 of its 63 ms (1 thread, after ``optimize_for_inference_``'s o
 traffic as the 1x1 convs' own output. The kernels can clamp in registers before their single store instead.
 ``fuse_activations_(model)`` finds, in the ``torch.fx`` module graphs of ``lowbit.kernels.graph``, every call
 of a clamp activation whose input is the fresh output of a kernel layer (a plain ``QuantLinear`` /
-``QuantConv2d1x1``, or a float conv on the depthwise or dense kernel: ``DepthwiseKernel``,
-``PointwiseKernel``), possibly through identities
+``QuantConv2d1x1``, or a conv on the depthwise, dense or im2col kernels: ``DepthwiseKernel``,
+``PointwiseKernel``, ``ConvGemmKernel``), possibly through identities
 (``FoldedBatchNorm``), read by nothing else. When every call site of an activation module qualifies (modules
 are often shared: efficientnet's block ``_relu`` serves the expand and the depthwise conv), each feeding
 layer gets ``output_clamp = (lo, hi)`` and the activation is re-classed to ``Fused<Class>``, whose forward
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.class_swap import mixed_class
+from lowbit.kernels.conv_gemm import ConvGemmKernel
 from lowbit.kernels.depthwise import DepthwiseKernel
 from lowbit.kernels.graph import called_outside, fresh_source, module_graphs
 from lowbit.kernels.lowering import IDENTITY, Lowered, register_lowering
@@ -46,8 +47,8 @@ CLAMP_ACTIVATIONS.register("torch.nn.modules.activation.Hardtanh")(
     lambda m: (float(m.min_val), float(m.max_val)))  # type: ignore[attr-defined]
 
 
-# the kernel mixins of float convs, which clamp in their write-out
-FLOAT_KERNEL_LAYERS = (DepthwiseKernel, PointwiseKernel)
+# the kernel mixins of convs (float, or packed outside QuantLinear), which clamp in their write-out
+CONV_KERNEL_LAYERS = (DepthwiseKernel, PointwiseKernel, ConvGemmKernel)
 
 
 def clamp_of(module: nn.Module) -> tuple[float, float] | None:
@@ -61,7 +62,7 @@ def _kernel_layer(m: nn.Module | None) -> bool:
     if isinstance(m, QuantLinear):
         plain = type(m)._matmul is QuantLinear._matmul  # variants with their own matmul add terms after it
         return plain and GROUP_ATTR not in m.__dict__ and m.output_clamp is None
-    return isinstance(m, FLOAT_KERNEL_LAYERS) and m.output_clamp is None  # type: ignore[union-attr]
+    return isinstance(m, CONV_KERNEL_LAYERS) and m.output_clamp is None  # type: ignore[union-attr]
 
 
 class FusedActivation:
@@ -94,7 +95,7 @@ def fuse_activations_(model: nn.Module) -> int:
                 continue
             acts[id(act)] = act
             one_input = len(node.args) == 1 and not node.kwargs
-            src = fresh_source(g, node.args[0], (QuantLinear, *FLOAT_KERNEL_LAYERS)) if one_input else None
+            src = fresh_source(g, node.args[0], (QuantLinear, *CONV_KERNEL_LAYERS)) if one_input else None
             layer = g.module(src)
             ok = src is not None and _kernel_layer(layer) and g.calls[str(src.target)] == 1
             sites = feeders.get(id(act), [])

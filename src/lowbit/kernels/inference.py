@@ -12,8 +12,9 @@ per-call "same" padding copy). This applies, in place and from outside the model
 4. ``depthwise_kernels_`` (``lowbit.kernels.depthwise``): depthwise convs run on lowbit's channels-last kernel,
    any padding (including stride-2 TF "same") without a padded copy (float convs: float32 rounding; packed
    ones on its int8 form: int8 activations per image and channel, ``depthwise.int8_error_bound``); and
-   ``conv_gemm_kernels_`` (``lowbit.kernels.conv_gemm``): packed dense convs with a spatial kernel (a CNN's
-   stem) run im2col + the packed int8 GEMM (the kernels' activation rounding); and ``pointwise_kernels_``
+   ``conv_gemm_kernels_`` (``lowbit.kernels.conv_gemm``): dense convs with a spatial kernel (a CNN's stem) run
+   im2col + one GEMM (packed: the kernels, with their activation rounding; float: the dense float kernel); and
+   ``pointwise_kernels_``
    (``lowbit.kernels.pointwise``): float 1x1 convs run on lowbit's dense float kernel (float32 rounding), as a
    packed tower's small 1x1 convs do on their dequantized weights;
 5. ``fuse_activations_`` (``lowbit.kernels.fuse_act``): ReLU / ReLU6 / Hardtanh whose every call site reads a

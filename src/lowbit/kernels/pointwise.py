@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels import fast
-from lowbit.kernels.class_swap import mixed_class, swap_eligible_
+from lowbit.kernels.class_swap import DropsCaches, mixed_class, swap_eligible_
 from lowbit.kernels.depthwise import conv_padding
 from lowbit.kernels.lowering import Lowered, PlanWatched, register_lowering
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
@@ -55,9 +55,10 @@ def is_pointwise(conv: nn.Module) -> bool:
             and tuple(conv.stride) == (1, 1) and conv.groups == 1 and conv_padding(conv, 1, 1) == (0, 0, 0, 0))
 
 
-class PointwiseKernel(PlanWatched):
+class PointwiseKernel(DropsCaches, PlanWatched):
     """Mixin placed before a float conv class: its 1x1 forward runs on the dense float kernel."""
 
+    _cache_attrs = (_DENSE,)
     _reproduces_padding = True  # conv_padding reads the padding of the class's own forward
     # what its lowering (lowered_pointwise) captures: setting one invalidates planned forwards
     _plan_reads = frozenset({"output_clamp", "stride", "kernel_size", "padding", "padding_mode", "groups",

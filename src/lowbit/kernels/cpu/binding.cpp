@@ -512,6 +512,71 @@ torch::Tensor dwconv(const torch::Tensor& x_in, const torch::Tensor& w_in, const
   return y;
 }
 
+// im2col of a float map x [B, C, H, W] (any layout) for a KH x KW conv at stride (sh, sw) with zero padding pt / pl
+// before the first row / column (and whatever the output size oh x ow needs after the last): rows [B, OH, OW, K],
+// K = C * KH * KW in the weight's own flattening (c, then i, then j), the padding's taps 0. conv_gemm.py multiplies
+// them by the flattened weight [N, K]: a spatial conv (a CNN's stem) as one GEMM, without F.pad's copy.
+torch::Tensor im2col(const torch::Tensor& x_in, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt,
+                     int64_t pl, int64_t oh, int64_t ow) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.is_floating_point() && x_in.device().is_cpu(),
+              "lowbit im2col: x must be a float CPU tensor [B, C, H, W]");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && pt >= 0 && pl >= 0 && oh >= 0 && ow >= 0,
+              "lowbit im2col: bad geometry");
+  // Read in place through the strides (a preprocessed image is often a view: a grey image expanded to 3 channels)
+  const torch::Tensor x = x_in.to(torch::kFloat);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = C * kh * kw;
+  const int64_t s_b = x.stride(0), s_c = x.stride(1), s_h = x.stride(2), s_w = x.stride(3);
+  auto rows = torch::empty({B, oh, ow, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* xp = x.data_ptr<float>();
+  float* rp = rows.data_ptr<float>();
+  // One output row (b, r) of ow pixels per unit; ~K * ow copies each.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, K * ow));
+  // Output pixels q in [q_lo, q_hi) read no column of the left / right padding: their taps are copied unchecked.
+  const int64_t q_lo = std::min(ow, ceil_div(pl, sw));
+  const int64_t q_hi = std::max(q_lo, std::min(ow, W - kw + pl >= 0 ? (W - kw + pl) / sw + 1 : 0));
+  lowbit::parallel_chunks(B * oh, grain, at::get_num_threads(), [&](int64_t u0, int64_t u1) {
+    std::vector<const float*> src(C * kh);  // the input row each (c, i) reads for this output row, or nullptr
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / oh, y0 = (u % oh) * sh - pt;
+      bool all_rows = true;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t y = y0 + i;
+          src[c * kh + i] = y >= 0 && y < H ? xp + b * s_b + c * s_c + y * s_h : nullptr;
+          all_rows = all_rows && src[c * kh + i] != nullptr;
+        }
+      }
+      float* out = rp + u * ow * K;
+      for (int64_t q = 0; q < ow; ++q, out += K) {
+        const int64_t x0 = q * sw - pl;
+        if (all_rows && q >= q_lo && q < q_hi) {  // the common case: contiguous taps, no padding
+          if (kw == 3) {  // a stem's 3x3: the row of 3 unrolled (a runtime-length loop of 3 costs more than it moves)
+            for (int64_t ci = 0; ci < C * kh; ++ci) {
+              const float* in = src[ci] + x0 * s_w;
+              out[ci * 3] = in[0];
+              out[ci * 3 + 1] = in[s_w];
+              out[ci * 3 + 2] = in[2 * s_w];
+            }
+          } else {
+            for (int64_t ci = 0; ci < C * kh; ++ci) {
+              const float* in = src[ci] + x0 * s_w;
+              for (int64_t j = 0; j < kw; ++j) out[ci * kw + j] = in[j * s_w];
+            }
+          }
+          continue;
+        }
+        for (int64_t ci = 0; ci < C * kh; ++ci) {
+          const float* row = src[ci];
+          for (int64_t j = 0; j < kw; ++j) {
+            out[ci * kw + j] = row != nullptr && x0 + j >= 0 && x0 + j < W ? row[(x0 + j) * s_w] : 0.0f;
+          }
+        }
+      }
+    }
+  });
+  return rows;
+}
+
 // The int8 depthwise conv (lowbit_kernels.h: DwConvQ) of a float map x [B, C, H, W] (made channels-last):
 // quantized per image and channel into pixel pairs, then tap pairs [KH, ceil(KW / 2), C] with steps s [C];
 // kw: the kernel width.
@@ -606,6 +671,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n"));
   m.def("repack", &repack, "stored bitstream -> kernel tiles", py::arg("qweight"), py::arg("bits"), py::arg("N"),
         py::arg("K"), py::arg("cb"));
+  m.def("im2col", &im2col, "rows [B, OH, OW, C * KH * KW] of a zero-padded float map, in the weight's order",
+        py::arg("x"), py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("pt"), py::arg("pl"),
+        py::arg("oh"), py::arg("ow"));
   m.def("dwconv", &dwconv, "depthwise conv over channels-last float maps (taps [KH, KW, C])", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("sh"), py::arg("sw"), py::arg("pt"), py::arg("pl"), py::arg("oh"),
         py::arg("ow"), py::arg("clamp"), py::arg("lo"), py::arg("hi"));
