@@ -103,8 +103,8 @@ def test_gptq_save_reload_runs_on_the_kernels(family_dir: Path, tmp_path: Path) 
     # inference transforms: stride-1 same padding made static, depthwise convs on the kernel, clamps fused
     fast = optimize_for_inference_(packed)
     assert fast.static_padding == fast.depthwise_kernels == VISION_BLOCKS  # the 3x3 SameConvs at stride 1
-    # Clamp6 after each packed 1x1 expand and each depthwise kernel (the stem's k x k conv is no kernel layer)
-    assert fast.fused_activations == 2 * VISION_BLOCKS
+    # Clamp6 after each packed 1x1 expand, each depthwise kernel and the stem (its k x k conv on im2col + the GEMM)
+    assert fast.fused_activations == 2 * VISION_BLOCKS + 1
     assert sum(isinstance(m, FusedActivation) for m in packed.modules()) == fast.fused_activations
     # The packed depthwise convs (per image and channel) and the stem (on the int8 GEMM) now run int8
     # activations, where the unoptimized model computes them in float: close, not equal.
