@@ -17,12 +17,10 @@ AVX2 machine's.
 from __future__ import annotations
 
 import os
-import sys
 
-AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-if "--like-avx2-machine" in sys.argv and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
-    # The limits are read when torch loads its libraries: restart before importing it.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+from avx2_env import AVX2_ENV, restart_like_avx2_machine_if_asked
+
+restart_like_avx2_machine_if_asked()  # before torch is imported
 
 import argparse  # noqa: E402
 import platform  # noqa: E402

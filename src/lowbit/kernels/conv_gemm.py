@@ -1,8 +1,9 @@
 """Dense convs with a spatial kernel (a CNN's stem: 3x3, stride 2, over 3 channels) as im2col + one GEMM.
 
 A packed conv that is not 1x1 otherwise runs its class's own forward on the cached dequantized weight, and a
-float one torch's conv: ``F.pad`` + ``F.conv2d`` (lit-fashion's stem at batch 1: ~95 us, as much as its 16
-depthwise convs' largest). ``conv_gemm_kernels_(model)`` re-classes each eligible one in place to
+float one torch's conv: ``F.pad`` + ``F.conv2d`` (lit-fashion's stem at batch 1, 1 thread: 103 us, 74 us this
+way, ``benchmarks/bench_conv_layers.py --kind spatial``; its ReLU6 then also fuses into the write-out).
+``conv_gemm_kernels_(model)`` re-classes each eligible one in place to
 ``Gemm<Class>`` (a subclass of its class: ``isinstance``, the state dict and the packed weight are unchanged):
 im2col (``ext.im2col``: the input unfolded into [B, OH * OW, C * KH * KW] rows, K in the weight's own flattening
 order, the padding's taps zero: no padded copy), then one GEMM, written [B, OH * OW, N] and returned as the

@@ -4,7 +4,7 @@ A depthwise conv does ~10 multiply-adds per value it reads, so at mobile-CNN siz
 96 px: 3x3 and 5x5 kernels, 3x3 to 48x48 maps, 32 to 1152 channels) torch's call (``F.pad`` for the TF
 "same" padding, then mkldnn) is dominated by padding copies, layout reorders and dispatch: lit-fashion's 16
 depthwise convs take 66-173 us each as loaded, 13-40 us on this kernel, 1.50 -> 0.39 ms in all at batch 1 and
-27.1 -> 9.3 ms at batch 32 (1 thread, ``benchmarks/bench_depthwise.py``); before, they were about half of the
+27.1 -> 9.3 ms at batch 32 (1 thread, ``benchmarks/bench_conv_layers.py``); before, they were about half of the
 w4 image embedding at batch 1. ``cpu/kernels_dwconv_impl.h``
 computes them over channels-last maps (channels in the vector lanes), skips the taps that fall in the zero
 padding instead of padding a copy (so the asymmetric TF-"same" padding of stride-2 convs costs nothing) and

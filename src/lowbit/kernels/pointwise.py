@@ -1,18 +1,19 @@
 """Float 1x1 convs on lowbit's dense float kernel (``cpu/kernels_dense_impl.h``): the float model's pointwise convs.
 
 A packed 1x1 conv runs on lowbit's kernels (``QuantConv2d1x1``), and a small one of many pixels on the float path of
-its dequantized weight (``fast.DENSE_MAX_WEIGHTS``). A float model's 1x1 convs ran torch's ``F.conv2d``, which
-on this CPU costs 2-3x the dense kernel at batch 1 (lit-fashion's 32 pointwise convs, 1 thread: 1.9 ms against
-0.70 ms; oneDNN reorders the weight in every call) and about as much at batch 32 (24.7 against 21.6 ms). So
-"fp32 with the same graph optimisations" is only an honest baseline for a packed tower if its float 1x1 convs get
-the same kernel: ``pointwise_kernels_(model)`` re-classes each eligible float conv in place to ``Pw<Class>`` (a
-subclass of its class: ``isinstance`` and the state dict are unchanged) whose forward computes
+its dequantized weight (``fast.DENSE_MAX_WEIGHTS``). A float model's 1x1 convs ran torch's ``F.conv2d``, which at
+batch 1 costs about twice the dense kernel (lit-fashion's 32 pointwise convs, 1 thread,
+``benchmarks/bench_conv_layers.py --kind pointwise``: 2.22 ms against 1.07 ms; oneDNN reorders the weight in
+every call). So "fp32 with the same graph optimisations" is only an honest baseline for a packed tower if its
+float 1x1 convs get the same kernel: ``pointwise_kernels_(model)`` re-classes each eligible float conv in place to
+``Pw<Class>`` (a subclass of its class: ``isinstance`` and the state dict are unchanged) whose forward computes
 ``x @ W^T + bias`` over the channels-last rows on that kernel (``DenseWeight``: the weight's transposed float32
 copy, made once and kept until the weight or bias changes; it doubles the memory of these weights).
 
 Only calls of at most ``POINTWISE_MAX_MACS`` multiply-adds take the kernel: past that torch's conv is compute-bound
-and well tuned (AVX-512, batch 32: 0.75-1.24x of the kernel's time per conv; the kernel's AVX2 path against torch's
-AVX-512 one: 0.7-1.0x at batch 1, 1.4-2.4x at batch 32), so a large call runs the class's own forward.
+and well tuned. Measured per layer (``pointwise*.json``): at batch 1 the kernel takes 0.48x of torch's time
+(AVX-512) and 0.85x with both on AVX2 (``--like-avx2-machine``); at batch 32 (``--no-row-limit``) 0.82x on
+AVX-512 but 1.08x on AVX2, so large calls keep torch's conv on every ISA.
 
 Eligible: an ``nn.Conv2d`` with float weights (not a packed ``QuantWeightParam``), a 1x1 kernel, stride 1, groups 1
 and no padding from its forward (``depthwise.conv_padding``: ``nn.Conv2d``'s own or a registered TF-"same"
