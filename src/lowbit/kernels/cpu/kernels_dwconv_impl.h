@@ -6,7 +6,7 @@
 // Why a kernel of our own: a depthwise conv does ~10 MACs per output and input value, so it is bound by
 // moving the map, and at the sizes of a mobile CNN (a 96-px EfficientNet: 3x3 to 48x48, 32 to 1152 channels)
 // torch's call is dominated by the padding copy, layout reorders and primitive lookup (lit-fashion's 16 layers:
-// 66-173 us each, 13-40 us here; benchmarks/bench_depthwise.py). Here channels are the vector lanes (NHWC: one pixel's channels are contiguous), each
+// 66-173 us each, 13-40 us here; benchmarks/bench_conv_layers.py). Here channels are the vector lanes (NHWC: one pixel's channels are contiguous), each
 // output pixel block keeps PX accumulators per channel vector in registers and reads each tap's weight vector
 // once for all PX pixels; zero padding is never materialised: the taps outside the image are skipped (per
 // output row for kh, per pixel at the left and right edges for kw), so any (asymmetric) padding is free.
