@@ -75,7 +75,7 @@ class ConvGemmKernel(DropsCaches):
         packed = isinstance(self, QuantWeightParam)
         bias = self.bias  # type: ignore[attr-defined]  # a Parameter (or None), kept beside the packed buffers
         tensors = [bias, *self._buffers.values()] if packed else [bias, self.weight]  # type: ignore[attr-defined]
-        key = tuple(None if t is None else (id(t), -1 if t.is_inference() else t._version) for t in tensors)
+        key = tuple(fast.tensor_state(t) for t in tensors)
         hit = self.__dict__.get(_PREPARED)
         if hit is not None and hit[0] == key:
             return hit[1]

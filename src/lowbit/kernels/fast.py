@@ -450,8 +450,13 @@ def buffer_state(layer: QuantLinear) -> tuple[Any, ...]:
     makes new tensors (new ids), an in-place write bumps the version. The cache entry keeps the tensors alive,
     so an id cannot be reused while it is compared.
     """
-    return tuple([None if t is None else (id(t), -1 if t.is_inference() else t._version)
-                  for t in layer._buffers.values()])
+    return tuple([tensor_state(t) for t in layer._buffers.values()])
+
+
+def tensor_state(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """(identity, version) of a tensor (-1 for inference tensors, which have none), None for None: a cache key that
+    changes when the tensor is replaced or written in place."""
+    return None if t is None else (id(t), -1 if t.is_inference() else t._version)
 
 
 def prepared(layer: QuantLinear) -> FastWeight:

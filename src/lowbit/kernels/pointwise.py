@@ -45,10 +45,6 @@ POINTWISE_MAX_MACS = 1 << 22
 _DENSE = "_lowbit_pointwise"  # instance attribute: (identity of weight and bias, DenseWeight, the tensors)
 
 
-def _tensor_state(t: torch.Tensor | None) -> tuple[int, int] | None:
-    return None if t is None else (id(t), -1 if t.is_inference() else t._version)
-
-
 def is_pointwise(conv: nn.Module) -> bool:
     """A float conv the dense kernel computes (see the module docstring)."""
     return (isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantWeightParam)
@@ -75,7 +71,7 @@ class PointwiseKernel(DropsCaches, PlanWatched):
     def _dense(self) -> Any:
         """The weight and bias as an ``ext.DenseWeight``, cached until either changes (their ids and versions)."""
         weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
-        key = (_tensor_state(weight), _tensor_state(bias))
+        key = (fast.tensor_state(weight), fast.tensor_state(bias))
         hit = self.__dict__.get(_DENSE)
         if hit is not None and hit[0] == key:
             return hit[1]
