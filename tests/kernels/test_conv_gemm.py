@@ -17,7 +17,7 @@ from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
 
 import lowbit.models  # noqa: F401  (the lit spec registers EfficientNet's same-padding convs)
-from lowbit.kernels import conv_gemm, fast
+from lowbit.kernels import fast, pointwise
 from lowbit.kernels.conv_gemm import ConvGemmKernel, conv_gemm_kernels_
 from lowbit.kernels.depthwise import conv_padding
 from lowbit.kernels.quant_linear import QuantWeightParam
@@ -129,7 +129,7 @@ def test_float_gemm_conv_matches_conv2d(isa: str, kind: str) -> None:
     xg = x.clone().requires_grad_(True)
     assert torch.equal(conv(xg), ref)  # autograd recording: the class's own forward
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conv_gemm, "POINTWISE_MAX_MACS", 0)
+        patch.setattr(pointwise, "POINTWISE_MAX_MACS", 0)
         assert torch.equal(conv(x), ref)  # a large call: torch's conv
 
 

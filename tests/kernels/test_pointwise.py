@@ -83,11 +83,16 @@ def test_which_convs_qualify() -> None:
     assert set(model[0].state_dict()) == {"weight", "bias"}
 
 
-def test_weight_changes_are_seen() -> None:
+def _on_kernel() -> tuple[nn.Conv2d, torch.Tensor]:
+    """A 24 -> 40 float 1x1 conv put on the kernel, and a channels-last input for it."""
     needs_kernels()
     conv = _conv(24, 40)
     pointwise_kernels_(conv)
-    x = _map(1, 24, 4, 4, True)
+    return conv, _map(1, 24, 4, 4, True)
+
+
+def test_weight_changes_are_seen() -> None:
+    conv, x = _on_kernel()
     with torch.no_grad():
         conv(x)
         conv.weight.mul_(2)  # in place: a new version
@@ -100,10 +105,7 @@ def test_weight_changes_are_seen() -> None:
 
 def test_a_copy_rebuilds_its_kernel_weight() -> None:
     """deepcopy leaves out the cached extension object (it cannot be copied); the copy builds its own."""
-    needs_kernels()
-    conv = _conv(24, 40)
-    pointwise_kernels_(conv)
-    x = _map(1, 24, 4, 4, True)
+    conv, x = _on_kernel()
     with torch.no_grad():
         y = conv(x)
         twin = copy.deepcopy(conv)

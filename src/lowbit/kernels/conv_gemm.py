@@ -35,12 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.kernels import fast
+from lowbit.kernels import fast, pointwise
 from lowbit.kernels.class_swap import DropsCaches, mixed_class, swap_eligible_
 from lowbit.kernels.depthwise import conv_padding
 from lowbit.kernels.formats import PackedWeight
 from lowbit.kernels.lowering import Lowered, register_lowering
-from lowbit.kernels.pointwise import POINTWISE_MAX_MACS
 from lowbit.kernels.quant_linear import QuantWeightParam, clamp_output
 
 _PREPARED = "_lowbit_conv_gemm"  # instance attribute: (tensor states, the GEMM's weight, the tensors)
@@ -92,17 +91,16 @@ class ConvGemmKernel(DropsCaches):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv: nn.Conv2d = self  # type: ignore[assignment]
         pads = conv_padding(conv, x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
-        gemm = None
-        if pads is not None and self._runs_kernel(x):
-            gemm = self._gemm()
-        if gemm is None:
+        if pads is None or not self._runs_kernel(x):
             return clamp_output(self, super().forward(x))  # type: ignore[misc]
-        pt, pb, pl, pr = pads  # type: ignore[misc]
+        pt, pb, pl, pr = pads
         (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
         oh, ow = (x.shape[-2] + pt + pb - kh) // sh + 1, (x.shape[-1] + pl + pr - kw) // sw + 1
-        if not isinstance(self, QuantWeightParam) and x.shape[0] * oh * ow * conv.in_channels * kh * kw \
-                * conv.out_channels > POINTWISE_MAX_MACS:
-            return clamp_output(self, super().forward(x))  # type: ignore[misc]  # torch's conv: compute-bound
+        macs = x.shape[0] * oh * ow * conv.in_channels * kh * kw * conv.out_channels
+        # a large float call keeps torch's conv (compute-bound there; pointwise.POINTWISE_MAX_MACS), unprepared
+        gemm = None if not isinstance(self, QuantWeightParam) and macs > pointwise.POINTWISE_MAX_MACS else self._gemm()
+        if gemm is None:
+            return clamp_output(self, super().forward(x))  # type: ignore[misc]
         rows = fast.extension().im2col(x, kh, kw, sh, sw, pt, pl, oh, ow)  # type: ignore[union-attr]
         clamp = self.output_clamp
         y = gemm(rows, clamp is not None, *(clamp or (0.0, 0.0)))  # [B, OH, OW, N]
